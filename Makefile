@@ -1,0 +1,43 @@
+# Keel: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test test-unit bench pipelines check-pipelines clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv with the pinned dependencies
+
+demo: $(STAMP) ## Run the medical_diagnosis pipeline locally, end to end
+	$(BIN)/keel run medical_diagnosis
+
+test: $(STAMP) ## Run the whole test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## Run the fast unit tests only
+	$(BIN)/pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP) ## Run the benchmarks; each prints a JSON report as its last line
+	@for script in tests/benchmarks/bench_*.py; do \
+		echo "== $$script"; $(BIN)/python $$script; \
+	done
+
+pipelines: $(STAMP) ## Compile every pipeline into pipelines/compiled/
+	$(BIN)/keel pipelines compile
+
+clean: ## Remove local state (.keel/) and the virtualenv
+	rm -rf .keel $(VENV)

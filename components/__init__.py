@@ -1,0 +1,1 @@
+"""KFP components: thin interfaces over keel stage functions, one directory per stage."""

@@ -1,0 +1,20 @@
+"""KFP component for :func:`keel.train.trainer.train`."""
+
+from kfp import dsl
+
+from keel.images import RUNTIME_IMAGE
+
+
+@dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
+def train(splits_uri: str, config: str, run_name: str, job_id: str) -> str:
+    """Train the MLP on Ray Train with per-epoch checkpoints; returns the model directory's URI."""
+    from keel.runs import open_stage
+
+    with open_stage("train", run_name, job_id, config) as run:
+        from keel import storage, tracking
+        from keel.train.trainer import train as run_train
+
+        mlflow_run_id = tracking.pipeline_run(run.settings, run.run_id, run.config.pipeline)
+        run_train(splits_uri, run.config.train, run.output_uri, storage.join(run.run_uri, "checkpoints"),
+                  run.settings, run_name=f"train-{run.run_id}", mlflow_run_id=mlflow_run_id)
+    return run.output_uri

@@ -1,0 +1,25 @@
+"""Keel's pipelines: one directory each, holding the DAG, its config and data contract.
+
+``PIPELINES`` maps a pipeline's name to the module whose ``build()`` returns it;
+the CLI, the compile step and the tests look pipelines up here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from keel.errors import ConfigError
+
+PIPELINES = {
+    "medical_diagnosis": "pipelines.medical_diagnosis.pipeline",
+}
+COMPILED_DIR = Path(__file__).parent / "compiled"
+
+
+def build(name: str, config_override: Path | None = None) -> Any:
+    """The KFP pipeline named ``name``, with ``config_override`` merged into its default config."""
+    if name not in PIPELINES:
+        raise ConfigError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}.")
+    return importlib.import_module(PIPELINES[name]).build(config_override)

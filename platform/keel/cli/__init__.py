@@ -1,0 +1,29 @@
+"""The ``keel`` command: one Typer root, one module per command group.
+
+:func:`main` is the only place that catches :class:`~keel.errors.KeelError`:
+it prints the headline and exits 1, with no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from keel.cli import compile as compile_commands
+from keel.cli import models, run
+from keel.errors import KeelError
+
+app = typer.Typer(name="keel", help="Keel: KFP pipelines, Ray training and an MLflow registry.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command(name="run", help="Run a pipeline locally with kfp.local.")(run.run_pipeline)
+app.add_typer(compile_commands.app, name="pipelines")
+app.add_typer(models.app, name="models")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeelError as e:
+        print(f"keel: error: {e.headline}", file=sys.stderr)
+        sys.exit(1)

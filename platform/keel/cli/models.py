@@ -1,0 +1,47 @@
+"""``keel models``: what the MLflow registry holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
+from keel.settings import load_settings
+
+app = typer.Typer(help="Inspect registered models.", no_args_is_help=True)
+KEY_METRICS = ("test_accuracy", "test_f1_macro", "test_roc_auc")
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every registered model version with its aliases and test metrics, newest first."""
+    from keel import tracking
+
+    client = tracking.mlflow_client(load_settings())
+    rows = []
+    for model in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in client.search_model_versions(f"name='{model.name}'"):
+            metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+            rows.append({"name": model.name, "version": int(version.version),
+                         "aliases": sorted(aliases.get(str(version.version), [])),
+                         "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
+                         "run_id": version.run_id, "created": version.creation_timestamp})
+    return sorted(rows, key=lambda r: (r["name"], -r["version"]))
+
+
+@app.command("list")
+def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
+    """List registered models with versions, aliases and key metrics."""
+    rows = list_models()
+    if output is OutputFormat.json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo("No registered models yet: run `keel run medical_diagnosis` first.")
+        return
+    print_table(["name", "version", "aliases", *KEY_METRICS],
+                [[r["name"], r["version"], ",".join(r["aliases"]) or "-",
+                  *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in KEY_METRICS)] for r in rows])

@@ -1,0 +1,119 @@
+"""``keel run PIPELINE``: run a pipeline end to end on this machine and summarize it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
+from keel.errors import ConfigError
+from keel.settings import KeelSettings, load_settings
+
+HEADLINE_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc")
+
+
+def parse_params(pairs: list[str], accepted: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` pairs into pipeline arguments, rejecting names the pipeline lacks."""
+    arguments = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE, e.g. --param source=data.csv.")
+        if name not in accepted:
+            raise ConfigError(f"--param {name}: the pipeline has no such parameter; it takes {accepted}. "
+                              "Stage settings go in a --config file.")
+        arguments[name] = value
+    return arguments
+
+
+def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """One summary line per stage: its own compute seconds and what it produced."""
+    facts = {
+        "ingest": lambda m: f"{m['rows']} rows from {m['source']}",
+        "validate": lambda m: "contract passed",
+        "preprocess": lambda m: "train/val/test " + "/".join(str(m["rows"][s]) for s in ("train", "val", "test")),
+        "train": lambda m: (f"{m['epochs']} epochs{' (early stop)' if m['stopped_early'] else ''}, "
+                            f"{m['scaling']['num_workers']} worker(s), Ray start {m['ray_startup_s']:.1f} s"),
+        "evaluate": lambda m: f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows",
+        "register": lambda m: f"version {m['version']}{', champion' if m['promoted'] else ''}",
+    }
+    return [[stage, f"{m['duration_s']:.2f}", facts[stage](m)] for stage, m in manifests.items()]
+
+
+def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
+    from keel.runs import stage_manifests
+
+    manifests = stage_manifests(settings, run.run_id)
+    evaluation = manifests.get("evaluate", {})
+    registered = manifests.get("register", {})
+    return {
+        "run_id": run.run_id, "succeeded": run.succeeded, "wall_s": round(run.wall_s, 2),
+        "error": run.error, "log": str(run.log_path),
+        "stages": {stage: m["duration_s"] for stage, m in manifests.items()},
+        "test_metrics": {k: evaluation[k] for k in HEADLINE_METRICS if k in evaluation},
+        "model_uri": registered.get("model_uri"), "champion": registered.get("promoted"),
+        "model_name": registered.get("model_name"),
+        "tracking_uri": settings.mlflow_tracking_uri, "artifacts": f"{settings.artifact_root}/runs/{run.run_id}",
+        "_rows": stage_rows(manifests),
+    }
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    state = "succeeded" if report["succeeded"] else "FAILED"
+    typer.echo(f"\nRun {report['run_id']} {state} in {report['wall_s']:.1f} s\n")
+    print_table(["stage", "seconds", "result"], report["_rows"])
+    if report["test_metrics"]:
+        typer.echo("\nTest metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in report["test_metrics"].items()))
+    if report["model_uri"]:
+        alias = "champion" if report["champion"] else "challenger (the champion stays)"
+        typer.echo(f"Registered model: {report['model_uri']} ({alias})")
+        typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")
+        typer.echo(f"Load it: mlflow.pyfunc.load_model(\"models:/{report['model_name']}@champion\")")
+    typer.echo(f"Artifacts: {report['artifacts']}\nLog: {report['log']}")
+
+
+def _mark_mlflow_run_failed(settings: KeelSettings, run_id: str) -> None:
+    """A failed pipeline leaves its MLflow run FAILED, not RUNNING forever."""
+    from keel import tracking
+
+    client = tracking.mlflow_client(settings)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
+        return
+    for found in client.search_runs([experiment.experiment_id],
+                                    filter_string=f"tags.`{tracking.PIPELINE_RUN_TAG}` = '{run_id}'"):
+        if found.info.status == "RUNNING":
+            client.set_terminated(found.info.run_id, "FAILED")
+
+
+def run_pipeline(
+    pipeline: str = typer.Argument(..., help="Pipeline name, e.g. medical_diagnosis."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Pipeline parameter NAME=VALUE; repeatable."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML merged over the pipeline's config."),
+    run_name: str = typer.Option("", "--run-name", help="Name for this run's artifacts and MLflow run."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every step's output, not only the log file."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Run PIPELINE end to end on this machine (kfp.local, local Ray, MLflow on SQLite by default)."""
+    import pipelines
+    from keel.local import new_run_id, run_local
+
+    settings = load_settings()
+    built = pipelines.build(pipeline, config)
+    accepted = [name for name in built.component_spec.inputs if name not in ("config", "run_name")]
+    arguments = parse_params(param, accepted)
+    run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
+    if not run.succeeded:
+        _mark_mlflow_run_failed(settings, run.run_id)
+    report = summary(run, settings)
+    if output is OutputFormat.json:
+        print_json({k: v for k, v in report.items() if not k.startswith("_")})
+    else:
+        print_summary(report)
+    if not run.succeeded:
+        assert run.error is not None
+        typer.echo(f"keel: error: {run.error['stage']} failed: {run.error['error']}", err=True)
+        sys.exit(1)

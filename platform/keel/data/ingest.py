@@ -1,0 +1,154 @@
+"""Ingest: bring a CSV, Parquet or JSONL file into the artifact store as Parquet.
+
+Parsing happens once, here, so every later stage reads one typed format and
+the manifest's digest pins exactly which bytes a model was trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from keel import storage
+from keel.data.builtin import is_builtin, write_builtin_csv
+from keel.errors import DataError
+from keel.settings import KeelSettings
+
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+DATA_FILE = "data.parquet"
+
+
+def detect_format(uri: str) -> str:
+    """The file format from the URI's extension; a DataError listing the accepted ones."""
+    suffix = Path(storage.filename(uri).split("?", 1)[0]).suffix.lower()
+    if suffix not in FORMATS:
+        accepted = ", ".join(sorted(FORMATS))
+        raise DataError(f"{uri}: unsupported file extension {suffix or '(none)'!r}; expected one of {accepted}.")
+    return FORMATS[suffix]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reject_duplicate_columns(uri: str, columns: list[str]) -> None:
+    duplicated = sorted(name for name, n in Counter(columns).items() if n > 1)
+    if duplicated:
+        raise DataError(f"{uri}: duplicate column name(s) {duplicated}; every column needs a unique name.")
+
+
+def _looks_numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(uri: str, path: Path) -> pd.DataFrame:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{uri}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8.") from e
+    if not header or not any(cell.strip() for cell in header):
+        raise DataError(f"{uri}: empty file or no header row; the first line must name the columns.")
+    if all(_looks_numeric(cell) for cell in header):
+        raise DataError(f"{uri}: the first row holds values, not column names; add a header row.")
+    _reject_duplicate_columns(uri, header)
+    try:
+        return pd.read_csv(path, encoding="utf-8")
+    except pd.errors.ParserError as e:
+        raise DataError(f"{uri}: malformed CSV ({e}).") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{uri}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8.") from e
+
+
+def _read_parquet(uri: str, path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{uri}: not a readable Parquet file ({e}).") from e
+    _reject_duplicate_columns(uri, table.column_names)
+    return table.to_pandas()
+
+
+def _read_jsonl(uri: str, path: Path) -> pd.DataFrame:
+    import json
+
+    records: list[dict[str, Any]] = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{uri}: line {number} is not valid JSON ({e.msg}).") from e
+                if not isinstance(record, dict):
+                    raise DataError(f"{uri}: line {number} is not a JSON object; each line must be one record.")
+                records.append(record)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{uri}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8.") from e
+    return pd.DataFrame.from_records(records)
+
+
+READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
+
+
+def read_table(uri: str, path: Path, file_format: str) -> pd.DataFrame:
+    """Parse a local copy of ``uri``; DataErrors name the file and what is wrong."""
+    frame = READERS[file_format](uri, path)
+    if len(frame.columns) == 0:
+        raise DataError(f"{uri}: no columns found.")
+    if len(frame) == 0:
+        raise DataError(f"{uri}: the file has a header but zero data rows.")
+    unnamed = [c for c in frame.columns if not str(c).strip() or str(c).startswith("Unnamed: ")]
+    if unnamed:
+        raise DataError(f"{uri}: column(s) without a name at position(s) "
+                        f"{[list(frame.columns).index(c) for c in unnamed]}; name every column in the header.")
+    return frame
+
+
+def schema_of(frame: pd.DataFrame) -> dict[str, str]:
+    return {str(name): str(dtype) for name, dtype in frame.dtypes.items()}
+
+
+def ingest(source: str, output_uri: str, settings: KeelSettings) -> dict[str, Any]:
+    """Copy ``source`` into ``output_uri`` as ``data.parquet`` with a manifest.
+
+    Args:
+        source: a local path, ``file://``, ``s3://``, ``http(s)://`` or ``builtin://`` URI.
+        output_uri: where this stage publishes; nothing appears there unless it succeeds.
+        settings: endpoints and credentials for reading and writing.
+
+    Returns:
+        The published manifest: rows, schema, sha256 of the source bytes, format.
+    """
+    with storage.staged_output(output_uri, "ingest", settings) as out, \
+            tempfile.TemporaryDirectory(prefix="keel-ingest-") as scratch:
+        if is_builtin(source):
+            local, file_format = write_builtin_csv(source, Path(scratch) / "source.csv"), "csv"
+        else:
+            storage.parse(source)  # unknown schemes fail before any download
+            file_format = detect_format(source)
+            local = storage.download(source, Path(scratch) / f"source.{file_format}", settings)
+        frame = read_table(source, local, file_format)
+        frame.to_parquet(out.path(DATA_FILE), index=False)
+        out.manifest.update(source=source, format=file_format, rows=len(frame), schema=schema_of(frame),
+                            sha256=sha256_file(local), data=out.uri_of(DATA_FILE))
+    return out.manifest

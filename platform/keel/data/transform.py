@@ -1,0 +1,121 @@
+"""The fitted feature transform that travels with every model.
+
+Training and serving call the same :meth:`FeatureTransform.transform` on raw
+columns, and the fitted state is plain JSON (no pickles), so there is no
+train/serve skew and nothing executable is loaded from an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from keel.data.contract import DataContract
+from keel.errors import DataError
+
+
+class NumericStats(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    median: float
+    mean: float
+    std: float
+
+
+class CategoricalStats(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: str
+    categories: list[str]
+
+
+class FeatureTransform(BaseModel):
+    """Impute, standardize numeric columns and one-hot encode categorical ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str
+    classes: list[str]
+    numeric: dict[str, NumericStats]
+    categorical: dict[str, CategoricalStats]
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+    @property
+    def feature_names(self) -> list[str]:
+        one_hot = [f"{name}={c}" for name, stats in self.categorical.items() for c in stats.categories]
+        return [*self.numeric, *one_hot]
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, contract: DataContract) -> FeatureTransform:
+        """Learn imputation values, scales and categories from the training split only."""
+        numeric, categorical = {}, {}
+        for name in [c for c in frame.columns if c in contract.features]:  # the data's column order
+            spec = contract.columns[name]
+            if spec.is_numeric:
+                values = pd.to_numeric(frame[name], errors="coerce").astype(float)
+                std = float(values.std(ddof=0)) if values.notna().any() else 0.0
+                numeric[name] = NumericStats(
+                    median=float(values.median()) if values.notna().any() else 0.0,
+                    mean=float(values.mean()) if values.notna().any() else 0.0,
+                    std=std if std > 0 and np.isfinite(std) else 1.0,
+                )
+            else:
+                values = frame[name].dropna().astype(str)
+                categories = sorted(values.unique().tolist())
+                mode = str(values.mode().iloc[0]) if len(values) else ""
+                categorical[name] = CategoricalStats(mode=mode, categories=categories)
+        classes = sorted(frame[contract.target].astype(str).unique().tolist())
+        return cls(target=contract.target, classes=classes, numeric=numeric, categorical=categorical)
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Raw columns to a float32 feature matrix; DataError naming missing or non-numeric columns."""
+        missing = [c for c in self.input_columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"input is missing column(s) {missing}; expected {self.input_columns}.")
+        blocks = [self._numeric_block(frame)] if self.numeric else []
+        blocks += [self._one_hot(frame[name], stats) for name, stats in self.categorical.items()]
+        if not blocks:
+            return np.zeros((len(frame), 0), dtype=np.float32)
+        return np.hstack(blocks).astype(np.float32, copy=False)
+
+    def _numeric_block(self, frame: pd.DataFrame) -> np.ndarray:
+        columns = []
+        for name, stats in self.numeric.items():
+            raw = frame[name]
+            values = pd.to_numeric(raw, errors="coerce").astype(float)
+            not_numbers = raw.notna() & values.isna()
+            if not_numbers.any():
+                raise DataError(f"column {name!r}: {int(not_numbers.sum())} value(s) are not numbers, "
+                                f"e.g. {raw[not_numbers].head(3).tolist()}.")
+            if np.isinf(values).any():
+                raise DataError(f"column {name!r}: infinite values cannot be scored.")
+            columns.append(((values.fillna(stats.median) - stats.mean) / stats.std).to_numpy())
+        return np.column_stack(columns)
+
+    @staticmethod
+    def _one_hot(column: pd.Series, stats: CategoricalStats) -> np.ndarray:
+        values = column.where(column.notna(), stats.mode).astype(str).to_numpy()
+        # An unseen category encodes as all zeros rather than failing the request.
+        return (values[:, None] == np.asarray(stats.categories)[None, :]).astype(np.float32)
+
+    def encode_labels(self, labels: pd.Series) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        as_text = labels.astype(str)
+        unknown = sorted(set(as_text) - set(index))
+        if unknown:
+            raise DataError(f"column {self.target!r}: label(s) {unknown[:5]} were not seen in training.")
+        return as_text.map(index).to_numpy(dtype=np.int64)
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureTransform:
+        return cls.model_validate(json.loads(path.read_text()))

@@ -1,0 +1,89 @@
+"""Run a pipeline on this machine with ``kfp.local``, one subprocess per step.
+
+The steps' own output goes to a log file under ``<home>/logs`` (or to the
+terminal too with ``stream``); the first stage error recorded there becomes
+the run's error, so the CLI can print one actionable line instead of a
+traceback from a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+from keel.runs import find_stage_error
+from keel.settings import KeelSettings
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """How a local pipeline run ended."""
+
+    run_id: str
+    succeeded: bool
+    wall_s: float
+    log_path: Path
+    error: dict[str, str] | None = None
+    output: Any = None
+
+
+PROGRESS = re.compile(r"Executing task|finished with status")
+
+
+class _LogStream:
+    """Everything to the log file; progress lines (or everything, when streaming) to the terminal too."""
+
+    def __init__(self, log: TextIO, terminal: TextIO, stream_all: bool) -> None:
+        self._log, self._terminal, self._stream_all = log, terminal, stream_all
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        if self._stream_all or PROGRESS.search(text):
+            self._terminal.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+        self._terminal.flush()
+
+
+def new_run_id(pipeline: str) -> str:
+    """Sortable and unique: the pipeline, a UTC timestamp and a random suffix."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{pipeline.replace('_', '-')}-{stamp}-{secrets.token_hex(3)}"
+
+
+def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: KeelSettings,
+              stream: bool = False) -> LocalRun:
+    """Run ``pipeline`` with ``arguments`` through kfp.local's SubprocessRunner."""
+    import warnings
+
+    from kfp import local
+
+    # kfp.local warns that our image is not a stock Python image; with use_venv=False the
+    # steps run in this interpreter, which has the runtime image's packages installed.
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+    log_path = settings.home / "logs" / f"{run_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(settings.home / "kfp"),
+               raise_on_error=True)
+    started = time.perf_counter()
+    output, failure = None, None
+    with log_path.open("w") as log:
+        with contextlib.redirect_stdout(_LogStream(log, sys.stderr, stream)):  # type: ignore[type-var]
+            try:
+                output = pipeline(**arguments, run_name=run_id).output
+            except RuntimeError as e:  # kfp.local's "Task ... finished with status FAILURE"
+                failure = str(e)
+    wall_s = time.perf_counter() - started
+    if failure is None:
+        return LocalRun(run_id, True, wall_s, log_path, output=output)
+    error = find_stage_error(log_path.read_text()) or {"stage": "?", "error": failure}
+    return LocalRun(run_id, False, wall_s, log_path, error=error)

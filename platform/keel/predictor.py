@@ -1,0 +1,48 @@
+"""Scoring raw rows: the feature transform, then the network.
+
+Evaluation, the MLflow pyfunc and serving all go through :class:`Predictor`,
+so the score a model is promoted on is the score of what users call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import numpy as np
+import pandas as pd
+import torch
+
+from keel.data.preprocess import TRANSFORM_FILE
+from keel.data.transform import FeatureTransform
+from keel.train.model import MLPClassifier, load_model
+
+PREDICTION_COLUMN = "prediction"
+PROBABILITY_PREFIX = "probability_"
+
+
+class Predictor:
+    """A trained network with the transform it was trained behind."""
+
+    def __init__(self, model: MLPClassifier, transform: FeatureTransform) -> None:
+        self.model = model.eval()
+        self.transform = transform
+
+    @classmethod
+    def load(cls, directory: Path) -> Predictor:
+        """Load a published model directory (``model.pt``, ``model.json``, ``transform.json``)."""
+        return cls(load_model(directory), FeatureTransform.load(directory / TRANSFORM_FILE))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.transform.classes
+
+    @torch.no_grad()
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        features = torch.from_numpy(self.transform.transform(frame))
+        return torch.softmax(self.model(features), dim=1).numpy()
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """One row per input: the predicted label and a probability column per class."""
+        probabilities = self.predict_proba(frame)
+        result = pd.DataFrame(probabilities, columns=[f"{PROBABILITY_PREFIX}{c}" for c in self.classes])
+        result.insert(0, PREDICTION_COLUMN, np.asarray(self.classes, dtype=object)[probabilities.argmax(axis=1)])
+        return result

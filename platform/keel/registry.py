@@ -1,0 +1,171 @@
+"""Register: log the model to MLflow as a pyfunc and move the registry aliases.
+
+Every registered version gets the ``challenger`` alias; ``champion`` moves to
+it only when it beats the current champion on the configured metric (or no
+champion exists). A failure after the version was created deletes the
+version again, so a failed run never leaves a model version behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from keel import __version__, storage, tracking
+from keel.config import RegisterConfig
+from keel.data.ingest import DATA_FILE
+from keel.errors import RegistryError
+from keel.evaluate import EVALUATION_FILE, HEADLINE_METRICS
+from keel.predictor import Predictor
+from keel.settings import KeelSettings
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+INPUT_EXAMPLE_ROWS = 5
+
+
+class KeelPyfunc(PythonModel):
+    """MLflow pyfunc flavour: raw input columns in, labels and class probabilities out."""
+
+    MODEL_ARTIFACT = "model"
+
+    def load_context(self, context: Any) -> None:
+        self.predictor = Predictor.load(Path(context.artifacts[self.MODEL_ARTIFACT]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return self.predictor.predict(pd.DataFrame(model_input))
+
+
+def beats(candidate: float, incumbent: float | None, greater_is_better: bool) -> bool:
+    """Whether ``candidate`` should replace ``incumbent`` (always, when there is none)."""
+    if incumbent is None or math.isnan(incumbent):
+        return not math.isnan(candidate)
+    return candidate > incumbent if greater_is_better else candidate < incumbent
+
+
+def champion_metric(client: Any, name: str, metric: str) -> tuple[str | None, float | None]:
+    """The current champion's version and its value of ``metric`` (None, None if no champion)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+    return str(version.version), metrics.get(f"test_{metric}")
+
+
+def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
+    manifest = storage.read_manifest(dataset_uri, settings)
+    frame = storage.read_parquet(storage.join(dataset_uri, DATA_FILE), settings)
+    # The source MLflow records is the ingested copy: exactly the bytes trained on, at a URI
+    # MLflow can resolve. Where they came from is the ``dataset.source`` param.
+    dataset = mlflow.data.from_pandas(frame, source=storage.join(dataset_uri, DATA_FILE), targets=target,
+                                      name=storage.filename(manifest["source"]), digest=manifest["sha256"][:16])
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_params({"dataset.source": manifest["source"], "dataset.sha256": manifest["sha256"],
+                       "dataset.rows": manifest["rows"]})
+
+
+def _log_model(model_dir: Path, raw_test: pd.DataFrame, target: str) -> str:
+    predictor = Predictor.load(model_dir)
+    example = raw_test.drop(columns=[target]).head(INPUT_EXAMPLE_ROWS)
+    signature = mlflow.models.infer_signature(example, predictor.predict(example))
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=KeelPyfunc(), artifacts={KeelPyfunc.MODEL_ARTIFACT: str(model_dir)},
+        signature=signature, input_example=example,
+        pip_requirements=[f"keel=={__version__}", "torch==2.13.0", "pandas", "numpy", "pydantic"],
+    )
+    return str(info.model_uri)
+
+
+def _create_version(client: Any, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    return client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+
+
+def _promote(client: Any, config: RegisterConfig, version: str, metrics: dict[str, float]) -> dict[str, Any]:
+    """Set ``challenger``, and ``champion`` too when the new version wins."""
+    client.set_registered_model_alias(config.model_name, CHALLENGER, version)
+    previous, incumbent = champion_metric(client, config.model_name, config.promotion_metric)
+    candidate = metrics[config.promotion_metric]
+    promoted = beats(candidate, incumbent, config.greater_is_better)
+    if promoted:
+        client.set_registered_model_alias(config.model_name, CHAMPION, version)
+    reason = (f"{config.promotion_metric} {candidate:.4f} vs champion v{previous} {incumbent:.4f}"
+              if previous is not None and incumbent is not None else "no champion yet")
+    return {"promoted": promoted, "previous_champion": previous, "reason": reason}
+
+
+def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: str, config: RegisterConfig,
+             params: dict[str, Any], pipeline_run_id: str, pipeline: str, output_uri: str,
+             settings: KeelSettings) -> dict[str, Any]:
+    """Log params, metrics, dataset and pyfunc model to the pipeline's MLflow run, then register it."""
+    client = tracking.mlflow_client(settings)
+    run_id = tracking.pipeline_run(settings, pipeline_run_id, pipeline)
+    version, previous = None, None
+    try:
+        # Leaving the MLflow block on an exception ends the run as FAILED.
+        with storage.staged_output(output_uri, "register", settings) as out, \
+                tempfile.TemporaryDirectory(prefix="keel-register-") as scratch, mlflow.start_run(run_id=run_id):
+            metrics = _evaluation_metrics(evaluation_uri, config, settings)
+            model_dir = storage.download_directory(model_uri, Path(scratch) / "model", settings)
+            target = Predictor.load(model_dir).transform.target
+            mlflow.log_params(flatten_params(params))
+            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if not math.isnan(v)})
+            _log_dataset(dataset_uri, target, settings)
+            raw_test = storage.read_parquet(storage.read_manifest(splits_uri, settings)["raw_test"], settings)
+            logged_uri = _log_model(model_dir, raw_test, target)
+            version = _create_version(client, config.model_name, logged_uri, run_id,
+                                      {tracking.PIPELINE_RUN_TAG: pipeline_run_id})
+            previous, _ = champion_metric(client, config.model_name, config.promotion_metric)
+            decision = _promote(client, config, str(version.version), metrics)
+            out.manifest.update(model_name=config.model_name, version=str(version.version),
+                                model_uri=f"models:/{config.model_name}/{version.version}",
+                                mlflow_run_id=run_id, tracking_uri=settings.mlflow_tracking_uri, **decision)
+    except BaseException:
+        if version is not None:
+            _withdraw(client, config.model_name, str(version.version), previous)
+        raise
+    return out.manifest
+
+
+def _evaluation_metrics(evaluation_uri: str, config: RegisterConfig, settings: KeelSettings) -> dict[str, float]:
+    evaluation = storage.read_json(storage.join(evaluation_uri, EVALUATION_FILE), settings)
+    mlflow.log_dict(evaluation, EVALUATION_FILE)
+    metrics = {name: float(evaluation[name]) for name in HEADLINE_METRICS}
+    if config.promotion_metric not in metrics:
+        raise RegistryError(f"registry.promotion_metric {config.promotion_metric!r} is not one of {list(metrics)}.")
+    return metrics
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config sections as dotted MLflow params (``train.learning_rate``)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+def _withdraw(client: Any, name: str, version: str, previous_champion: str | None) -> None:
+    """Undo a half-finished registration: delete the version, give the champion alias back."""
+    client.delete_model_version(name, version)
+    if previous_champion is not None:
+        client.set_registered_model_alias(name, CHAMPION, previous_champion)

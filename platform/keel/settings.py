@@ -1,0 +1,110 @@
+"""The one configuration object: it decides local or cluster mode.
+
+Everything comes from ``KEEL_*`` environment variables (a ConfigMap and a
+Secret on a cluster), so a component, a Ray worker and the CLI all see the
+same values without passing them around. Nothing is read or created at import
+time: call :func:`load_settings` where the values are needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from keel.errors import ConfigError
+
+
+class KeelSettings(BaseSettings):
+    """Endpoints and locations, each overridable with ``KEEL_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_", frozen=True, extra="forbid")
+
+    home: Path = Field(
+        default=Path(".keel"),
+        description="Local state directory; relative paths resolve against the working directory.",
+    )
+    artifact_root: str = Field(
+        default="",
+        description="Where stage outputs live: a directory or s3://bucket/prefix. Default: <home>/artifacts.",
+    )
+    mlflow_tracking_uri: str = Field(
+        default="",
+        description="MLflow tracking URI. Default: SQLite at <home>/mlflow.db.",
+    )
+    experiment_name: str = Field(default="keel", description="MLflow experiment for pipeline runs.")
+    s3_endpoint: str = Field(
+        default="",
+        description="S3 API endpoint URL (MinIO, moto, AWS), e.g. http://minio:9000. Empty: AWS default.",
+    )
+    s3_access_key: SecretStr = Field(default=SecretStr(""), description="S3 access key id.")
+    s3_secret_key: SecretStr = Field(default=SecretStr(""), description="S3 secret access key.")
+    s3_region: str = Field(default="us-east-1", description="S3 region name.")
+    ray_address: str = Field(
+        default="",
+        description="Ray cluster address (ray://host:10001 or auto). Empty: start a local Ray.",
+    )
+    kfp_host: str = Field(default="", description="Kubeflow Pipelines API endpoint (cluster mode).")
+    git_commit: str = Field(
+        default="",
+        description="Commit to tag runs with. Empty: ask git in the working directory.",
+    )
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        # Ray workers and KFP subprocesses may run elsewhere: pin the path now.
+        return value.expanduser().resolve()
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint_has_scheme(cls, value: str) -> str:
+        if value and urlparse(value).scheme not in ("http", "https"):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> KeelSettings:
+        if not self.artifact_root:
+            object.__setattr__(self, "artifact_root", str(self.home / "artifacts"))
+        elif "://" not in self.artifact_root:
+            object.__setattr__(self, "artifact_root", str(Path(self.artifact_root).expanduser().resolve()))
+        object.__setattr__(self, "artifact_root", self.artifact_root.rstrip("/"))
+        if not self.mlflow_tracking_uri:
+            object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{self.home / 'mlflow.db'}")
+        return self
+
+    @property
+    def is_cluster(self) -> bool:
+        """True when a KFP host is configured, i.e. pipelines go to Kubeflow."""
+        return bool(self.kfp_host)
+
+    def s3_environment(self) -> dict[str, str]:
+        """Environment variables that make MLflow and boto3 talk to our S3 endpoint."""
+        env = {"AWS_DEFAULT_REGION": self.s3_region}
+        if self.s3_endpoint:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
+            env["AWS_ENDPOINT_URL_S3"] = self.s3_endpoint
+        if self.s3_access_key.get_secret_value():
+            env["AWS_ACCESS_KEY_ID"] = self.s3_access_key.get_secret_value()
+            env["AWS_SECRET_ACCESS_KEY"] = self.s3_secret_key.get_secret_value()
+        return env
+
+
+def load_settings(**overrides: object) -> KeelSettings:
+    """Read ``KEEL_*`` from the environment, turning bad values into a ConfigError."""
+    try:
+        return KeelSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        problems = "; ".join(
+            f"KEEL_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"Invalid Keel settings: {problems}") from e
+
+
+def export_s3_environment(settings: KeelSettings) -> None:
+    """Make libraries that read AWS_* variables (MLflow, boto3) use Keel's S3 endpoint."""
+    os.environ.update(settings.s3_environment())

@@ -1,0 +1,107 @@
+"""MLflow tracking: one MLflow run per pipeline run, shared by every stage.
+
+Stages find the run by the ``keel.pipeline_run_id`` tag instead of passing an
+MLflow run id along the DAG, so any stage can log to it, and a retried stage
+logs to the same run rather than starting another.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+from keel import storage
+from keel.settings import KeelSettings, export_s3_environment
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+PIPELINE_RUN_TAG = "keel.pipeline_run_id"
+PIPELINE_TAG = "keel.pipeline"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+
+def mlflow_client(settings: KeelSettings) -> MlflowClient:
+    """A client for the configured tracking URI, with S3 credentials exported for artifacts."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    export_s3_environment(settings)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    if settings.mlflow_tracking_uri.startswith("sqlite:///"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(settings.mlflow_tracking_uri)
+
+
+def experiment_id(client: MlflowClient, settings: KeelSettings) -> str:
+    """The pipeline experiment, created with its artifacts under Keel's artifact root."""
+    from mlflow.exceptions import MlflowException
+
+    existing = client.get_experiment_by_name(settings.experiment_name)
+    if existing is not None:
+        return str(existing.experiment_id)
+    try:
+        return str(client.create_experiment(
+            settings.experiment_name, artifact_location=storage.join(settings.artifact_root, "mlflow")))
+    except MlflowException:  # created concurrently by another stage or run
+        again = client.get_experiment_by_name(settings.experiment_name)
+        if again is None:
+            raise
+        return str(again.experiment_id)
+
+
+def git_commit(settings: KeelSettings) -> str:
+    """The commit to tag runs with: KEEL_GIT_COMMIT, else git's HEAD, else 'unknown'."""
+    if settings.git_commit:
+        return settings.git_commit
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
+
+
+def pipeline_run(settings: KeelSettings, pipeline_run_id: str, pipeline: str) -> str:
+    """The MLflow run id for this pipeline run, creating the run on first use."""
+    client = mlflow_client(settings)
+    experiment = experiment_id(client, settings)
+    found = client.search_runs([experiment], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'",
+                               max_results=1)
+    if found:
+        return str(found[0].info.run_id)
+    run = client.create_run(experiment, run_name=f"{pipeline}-{pipeline_run_id}", tags={
+        PIPELINE_RUN_TAG: pipeline_run_id, PIPELINE_TAG: pipeline, GIT_COMMIT_TAG: git_commit(settings)})
+    return str(run.info.run_id)
+
+
+class MetricBuffer:
+    """Collects metrics and sends them in one ``log_batch`` call at most every ``interval_s``.
+
+    One MLflow call costs milliseconds (tens against a remote server); logging
+    each epoch's metrics separately would cost more than a small model's epoch.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, interval_s: float = 5.0) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._interval_s = interval_s
+        self._pending: list = []
+        self._last_flush = time.monotonic()
+        self.seconds_spent = 0.0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        self._pending += [Metric(key, float(value), now_ms, step) for key, value in metrics.items()]
+        if time.monotonic() - self._last_flush >= self._interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        started = time.monotonic()
+        for offset in range(0, len(self._pending), 1000):  # MLflow's per-call metric limit
+            self._client.log_batch(self._run_id, metrics=self._pending[offset:offset + 1000])
+        self._pending = []
+        self._last_flush = time.monotonic()
+        self.seconds_spent += self._last_flush - started

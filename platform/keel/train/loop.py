@@ -1,0 +1,178 @@
+"""What each Ray Train worker runs: steps, epochs, early stopping, checkpoints.
+
+Layered as ``train_epoch``/``evaluate_epoch`` -> ``train_loop_per_worker`` so
+the steps can be tested without Ray. The worker state needed to resume after a
+failure (weights, optimizer, epoch, early-stopping counters, best weights) is
+in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from keel.data.preprocess import LABEL
+from keel.train.model import MLPClassifier, MLPSpec
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed worker needs to continue as if nothing happened."""
+
+    epoch: int = 0
+    best_val_loss: float = float("inf")
+    epochs_without_improvement: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    samples_seen: int = 0
+    train_seconds: float = 0.0
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor,
+                labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> float:
+    """One pass over shuffled in-memory data; returns the mean training loss."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    order = torch.randperm(len(labels), generator=generator)
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(features[batch]), labels[batch])
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(batch)
+    return total / max(len(labels), 1)
+
+
+@torch.no_grad()
+def evaluate_epoch(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
+    """Summed loss, correct predictions and count, so workers can all-reduce them."""
+    model.eval()
+    logits = model(features)
+    loss = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+    correct = int((logits.argmax(dim=1) == labels).sum())
+    return loss, correct, len(labels)
+
+
+def _global_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum across workers so every worker takes the same early-stopping decision."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def load_shard(name: str, feature_names: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read this worker's shard of a Ray Dataset into memory once, for the whole run."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    features, labels = [], []
+    for batch in shard.iter_batches(batch_size=65536, batch_format="pandas"):
+        features.append(batch[feature_names].to_numpy(dtype=np.float32))
+        labels.append(batch[LABEL].to_numpy(dtype=np.int64))
+    if not labels:
+        return torch.empty((0, len(feature_names)), device=device), torch.empty(0, dtype=torch.int64, device=device)
+    return (torch.from_numpy(np.concatenate(features)).to(device),
+            torch.from_numpy(np.concatenate(labels)).to(device))
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    _unwrap(model).load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved["state"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _report(metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer,
+            state: TrainState) -> None:
+    """Report the epoch; rank 0 attaches a checkpoint so a failure costs at most one epoch."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+                   Path(directory) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _metric_logger(config: dict[str, Any]) -> Any:
+    """Rank 0 logs to the pipeline's MLflow run; other ranks and untracked runs log nowhere."""
+    import ray.train
+
+    if not config.get("mlflow_run_id") or ray.train.get_context().get_world_rank() != 0:
+        return None
+    from mlflow import MlflowClient
+
+    from keel.tracking import MetricBuffer
+
+    return MetricBuffer(MlflowClient(config["mlflow_tracking_uri"]), config["mlflow_run_id"],
+                        interval_s=config["mlflow_flush_interval_s"])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train with early stopping on validation loss, checkpointing every epoch."""
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(config["threads_per_worker"])
+    device = ray.train.torch.get_device()
+    train_x, train_y = load_shard("train", config["feature_names"], device)
+    val_x, val_y = load_shard("val", config["feature_names"], device)
+    model = ray.train.torch.prepare_model(MLPClassifier(MLPSpec.model_validate(config["spec"])))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"])
+    state = _restore(model, optimizer)
+    generator = torch.Generator().manual_seed(config["seed"] + state.epoch)
+    logger = _metric_logger(config)
+    while not _finished(state, config):
+        started = time.perf_counter()
+        train_loss = train_epoch(model, optimizer, train_x, train_y, config["batch_size"], generator)
+        state.train_seconds += time.perf_counter() - started
+        state.samples_seen += len(train_y)
+        val_loss_sum, correct, count = _global_sum(list(evaluate_epoch(model, val_x, val_y)), device)
+        val_loss = val_loss_sum / max(count, 1)
+        if val_loss < state.best_val_loss - config["min_delta"]:
+            state.best_val_loss, state.epochs_without_improvement = val_loss, 0
+            state.best_weights = copy.deepcopy(_unwrap(model).state_dict())
+        else:
+            state.epochs_without_improvement += 1
+        state.epoch += 1
+        metrics: dict[str, float] = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": correct / max(count, 1),
+                   "epoch": state.epoch}
+        state.history.append(dict(metrics))
+        if logger is not None:
+            logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
+            if _finished(state, config):
+                logger.flush()
+            metrics["mlflow_log_seconds"] = logger.seconds_spent
+        metrics.update(train_seconds=state.train_seconds, samples_seen=state.samples_seen)
+        _report(metrics, model, optimizer, state)
+
+
+def _finished(state: TrainState, config: dict[str, Any]) -> bool:
+    return state.epoch >= config["max_epochs"] or state.epochs_without_improvement >= config["patience"]

@@ -1,0 +1,59 @@
+"""The network: a plain MLP classifier, described by a JSON-serializable spec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+WEIGHTS_FILE = "model.pt"
+SPEC_FILE = "model.json"
+
+
+class MLPSpec(BaseModel):
+    """Everything needed to rebuild the network before loading its weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_dim: int
+    hidden_sizes: list[int]
+    num_classes: int
+    dropout: float = 0.0
+
+
+class MLPClassifier(nn.Module):
+    """Linear layers with ReLU and dropout; outputs logits."""
+
+    def __init__(self, spec: MLPSpec) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = spec.input_dim
+        for hidden in spec.hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(spec.dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, spec.num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def save_model(model: nn.Module, spec: MLPSpec, directory: Path) -> None:
+    """Weights as a state dict (never a pickled module) plus the spec as JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), directory / WEIGHTS_FILE)
+    (directory / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+
+
+def load_model(directory: Path) -> MLPClassifier:
+    spec = MLPSpec.model_validate(json.loads((directory / SPEC_FILE).read_text()))
+    model = MLPClassifier(spec)
+    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return model.eval()

@@ -1,0 +1,186 @@
+"""The train stage: a Ray Train ``TorchTrainer`` over the preprocessed Parquet splits.
+
+Locally it starts (and stops) a Ray instance; with ``KEEL_RAY_ADDRESS`` the
+same code runs on a cluster. The published model directory holds the best
+weights by validation loss, the network spec and the feature transform.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from keel import storage
+from keel.data.preprocess import LABEL, TRANSFORM_FILE
+from keel.data.transform import FeatureTransform
+from keel.errors import TrainingError
+from keel.settings import KeelSettings
+from keel.train.config import ScalingSpec, TrainConfig
+from keel.train.loop import STATE_FILE, TrainState, train_loop_per_worker
+from keel.train.model import MLPClassifier, MLPSpec, parameter_count, save_model
+
+# Ray Train V2 hands a worker's report to the controller through a one-slot
+# queue that the controller drains at this interval. Its default (2 s) would
+# make every per-epoch checkpoint of a small model cost 2 s of waiting.
+REPORT_POLL_INTERVAL_S = "0.05"
+
+# Below this size one worker using every core beats data-parallel workers on a
+# CPU machine: gradient all-reduce costs more than the compute it spreads.
+DATA_PARALLEL_MIN_PARAMS = 5_000_000
+HISTORY_FILE = "history.json"
+
+
+def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int) -> dict[str, Any]:
+    """Concrete worker count, CPUs and GPU use for ``ScalingConfig``."""
+    use_gpu = gpus > 0 if spec.use_gpu == "auto" else spec.use_gpu
+    if use_gpu and gpus == 0:
+        raise TrainingError("scaling.use_gpu is true but the Ray cluster has no GPU; set it to auto or false.")
+    if spec.num_workers != "auto":
+        workers = spec.num_workers
+    elif use_gpu:
+        workers = gpus
+    else:
+        workers = 1 if param_count < DATA_PARALLEL_MIN_PARAMS else max(1, cpus // 2)
+    cpus_per_worker = max(1, cpus // workers) if spec.cpus_per_worker == "auto" else spec.cpus_per_worker
+    if workers * cpus_per_worker > max(cpus, 1):
+        raise TrainingError(f"scaling asks for {workers} worker(s) x {cpus_per_worker} CPU(s) but Ray has "
+                            f"{cpus} CPU(s); lower scaling.num_workers or scaling.cpus_per_worker.")
+    return {"num_workers": workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu}
+
+
+@contextmanager
+def ray_session(settings: KeelSettings) -> Iterator[float]:
+    """Connect to ``KEEL_RAY_ADDRESS`` or start a local Ray; yields the start-up seconds."""
+    import logging
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    owned = not ray.is_initialized()
+    if owned:
+        if settings.ray_address:
+            ray.init(address=settings.ray_address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        yield time.perf_counter() - started
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _datasets(splits: dict[str, str], settings: KeelSettings) -> dict[str, Any]:
+    """Ray Datasets read from the split URIs, materialized before workers claim the CPUs."""
+    import ray.data
+
+    # One worker then sees rows in the same order every run: same seed, same model.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    datasets = {}
+    for name in ("train", "val"):
+        filesystem, path = storage.pyarrow_filesystem(splits[name], settings)
+        datasets[name] = ray.data.read_parquet(path, filesystem=filesystem).materialize()
+    return datasets
+
+
+def build_trainer(config: TrainConfig, loop_config: dict[str, Any], datasets: dict[str, Any],
+                  scaling: dict[str, Any], checkpoint_uri: str, run_name: str, settings: KeelSettings) -> Any:
+    """A ``TorchTrainer`` with its Ray config objects in one place."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Scaling
+    scaling_config = ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
+                                   resources_per_worker={"CPU": scaling["cpus_per_worker"]})
+    # Checkpointing: the latest two, enough to resume after a failure mid-save
+    checkpoint_config = CheckpointConfig(num_to_keep=2)
+    failure_config = FailureConfig(max_failures=config.max_failures)
+    # Storage: under the run's artifact root, local or S3
+    filesystem, path = storage.pyarrow_filesystem(checkpoint_uri, settings)
+    run_config = RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
+                           checkpoint_config=checkpoint_config, failure_config=failure_config)
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling_config,
+                        run_config=run_config, datasets=datasets)
+
+
+def _final_state(result: Any) -> TrainState:
+    if result.error is not None:
+        raise TrainingError(f"training failed after {result.metrics or 'no'} reported metrics: "
+                            f"{result.error}") from result.error
+    if result.checkpoint is None:
+        raise TrainingError("training reported no checkpoint; no model was produced.")
+    with result.checkpoint.as_directory() as directory:
+        state: TrainState = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)["state"]
+    if state.best_weights is None:
+        raise TrainingError("no epoch produced a finite validation loss; check the data and learning rate.")
+    return state
+
+
+def train(splits_uri: str, config: TrainConfig, output_uri: str, checkpoint_uri: str, settings: KeelSettings,
+          run_name: str = "train", mlflow_run_id: str = "") -> dict[str, Any]:
+    """Train the MLP on the splits at ``splits_uri`` and publish the best model at ``output_uri``.
+
+    Args:
+        splits_uri: a published preprocess output (train/val Parquet plus transform.json).
+        config: network, optimiser, early stopping and scaling.
+        output_uri: where the model directory is published.
+        checkpoint_uri: Ray Train storage for per-epoch checkpoints.
+        settings: Ray address, S3 endpoint and MLflow URI.
+        run_name: the Ray Train run name; the same name resumes from its checkpoints.
+        mlflow_run_id: when set, rank 0 logs epoch metrics to this MLflow run.
+    """
+    with storage.staged_output(output_uri, "train", settings) as out, \
+            tempfile.TemporaryDirectory(prefix="keel-train-") as scratch:
+        manifest = storage.read_manifest(splits_uri, settings)
+        transform_path = storage.download(manifest["transform"], Path(scratch) / TRANSFORM_FILE, settings)
+        transform = FeatureTransform.load(transform_path)
+        spec = MLPSpec(input_dim=len(transform.feature_names), hidden_sizes=config.hidden_sizes,
+                       num_classes=len(transform.classes), dropout=config.dropout)
+        with ray_session(settings) as ray_startup_s:
+            fit_started = time.perf_counter()
+            result, scaling = _fit(config, spec, transform, manifest["splits"], checkpoint_uri, run_name,
+                                   mlflow_run_id, settings)
+            fit_s = time.perf_counter() - fit_started
+        state = _final_state(result)
+        model = MLPClassifier(spec)
+        model.load_state_dict(state.best_weights)
+        save_model(model, spec, out.dir)
+        shutil.copyfile(transform_path, out.path(TRANSFORM_FILE))
+        out.write_json(HISTORY_FILE, state.history)
+        out.manifest.update(
+            epochs=state.epoch, best_val_loss=state.best_val_loss,
+            stopped_early=state.epoch < config.max_epochs, parameters=parameter_count(model),
+            scaling=scaling, ray_startup_s=round(ray_startup_s, 3), fit_s=round(fit_s, 3),
+            train_s=round(state.train_seconds, 4), samples_seen=state.samples_seen,
+            samples_per_s=round(state.samples_seen / max(state.train_seconds, 1e-9), 1),
+            mlflow_log_s=round(float(result.metrics.get("mlflow_log_seconds", 0.0)), 4),
+            label_column=LABEL, checkpoints=checkpoint_uri,
+        )
+    return out.manifest
+
+
+def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits: dict[str, str],
+         checkpoint_uri: str, run_name: str, mlflow_run_id: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
+    """Size the workers to the cluster, build the trainer and run it; Ray must be initialized."""
+    import ray
+
+    resources = ray.cluster_resources()
+    scaling = resolve_scaling(config.scaling, parameter_count(MLPClassifier(spec)),
+                              int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
+    loop_config = {
+        **config.model_dump(exclude={"scaling", "max_failures"}), "spec": spec.model_dump(),
+        "feature_names": transform.feature_names, "threads_per_worker": scaling["cpus_per_worker"],
+        "mlflow_run_id": mlflow_run_id, "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+    }
+    trainer = build_trainer(config, loop_config, _datasets(splits, settings), scaling, checkpoint_uri,
+                            run_name, settings)
+    return trainer.fit(), scaling

@@ -1,0 +1,95 @@
+"""Shared fixtures: isolated Keel settings, small data files, a contract factory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from keel.data.contract import DataContract, parse_contract
+from keel.settings import KeelSettings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def keel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private KEEL_HOME per test; no KEEL_* setting leaks in from the environment."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("KEEL_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "keel-home"
+    monkeypatch.setenv("KEEL_HOME", str(home))
+    monkeypatch.setenv("KEEL_GIT_COMMIT", "test-commit")
+    return home
+
+
+@pytest.fixture
+def settings(keel_home: Path) -> KeelSettings:
+    return load_settings()
+
+
+def small_frame(rows: int = 120, seed: int = 0) -> pd.DataFrame:
+    """Two informative numeric columns, one categorical, and a binary label."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 2, rows)
+    return pd.DataFrame({
+        "size": rng.normal(10 + 5 * label, 1.0).round(3),
+        "weight": rng.normal(3 - label, 0.5).round(3),
+        "colour": rng.choice(["red", "green", "blue"], rows),
+        "outcome": np.where(label == 1, "yes", "no"),
+    })
+
+
+SMALL_CONTRACT: dict[str, Any] = {
+    "name": "small",
+    "target": "outcome",
+    "thresholds": {"min_rows": 10, "max_missing_fraction": 0.1},
+    "columns": {
+        "size": {"dtype": "float", "min": 0, "max": 100},
+        "weight": {"dtype": "float", "nullable": True},
+        "colour": {"dtype": "category", "allowed": ["red", "green", "blue"]},
+        "outcome": {"dtype": "category", "allowed": ["yes", "no"]},
+    },
+}
+
+
+@pytest.fixture
+def make_contract() -> Callable[..., DataContract]:
+    """A contract for :func:`small_frame`, with sections overridden by keyword."""
+    def make(**overrides: Any) -> DataContract:
+        payload = json.loads(json.dumps(SMALL_CONTRACT))
+        payload.update(overrides)
+        return parse_contract(payload, "test contract")
+    return make
+
+
+@pytest.fixture
+def write_table(tmp_path: Path) -> Callable[..., Path]:
+    """Write a DataFrame as CSV, Parquet or JSONL and return the path."""
+    def write(frame: pd.DataFrame, name: str = "data.csv") -> Path:
+        path = tmp_path / name
+        if name.endswith(".csv"):
+            frame.to_csv(path, index=False)
+        elif name.endswith(".parquet"):
+            frame.to_parquet(path, index=False)
+        elif name.endswith(".jsonl"):
+            frame.to_json(path, orient="records", lines=True)
+        else:
+            raise ValueError(name)
+        return path
+    return write
+
+
+def artifact_files(settings: KeelSettings) -> list[str]:
+    """Every file under the artifact root: for asserting that nothing was half-written."""
+    root = Path(settings.artifact_root)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []

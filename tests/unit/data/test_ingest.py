@@ -1,0 +1,74 @@
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from keel import storage
+from keel.data.ingest import DATA_FILE, ingest
+from keel.errors import DataError, StorageError
+from keel.settings import KeelSettings
+from tests.conftest import artifact_files, small_frame
+
+
+@pytest.mark.parametrize("name", ["data.csv", "data.parquet", "data.jsonl"])
+def test_ingest_each_format(name: str, write_table: Callable[..., Path], settings: KeelSettings) -> None:
+    frame = small_frame(50)
+    source = write_table(frame, name)
+    output = storage.stage_uri(settings, "r1", "ingest")
+    manifest = ingest(str(source), output, settings)
+    stored = pd.read_parquet(Path(output) / DATA_FILE)
+    assert manifest["rows"] == 50 and len(manifest["sha256"]) == 64
+    assert list(stored.columns) == list(frame.columns)
+    pd.testing.assert_frame_equal(stored[["size", "outcome"]], frame[["size", "outcome"]], check_dtype=False)
+
+
+def test_builtin_source_needs_no_download(settings: KeelSettings) -> None:
+    manifest = ingest("builtin://breast_cancer", storage.stage_uri(settings, "r1", "ingest"), settings)
+    assert manifest["rows"] == 569 and "diagnosis" in manifest["schema"]
+
+
+def test_digest_changes_with_content(write_table: Callable[..., Path], settings: KeelSettings) -> None:
+    first = ingest(str(write_table(small_frame(50, seed=1), "a.csv")), storage.stage_uri(settings, "a", "i"), settings)
+    second = ingest(str(write_table(small_frame(50, seed=2), "b.csv")), storage.stage_uri(settings, "b", "i"), settings)
+    assert first["sha256"] != second["sha256"]
+
+
+def _bad_file(tmp_path: Path, name: str, content: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.csv", b"", "empty file or no header"),
+    ("header_only.csv", b"a,b\n", "zero data rows"),
+    ("no_header.csv", b"1,2\n3,4\n", "first row holds values"),
+    ("dupe.csv", b"a,a\n1,2\n", r"duplicate column name\(s\) \['a'\]"),
+    ("latin1.csv", "name\ncafé\n".encode("latin-1"), "not UTF-8"),
+    ("ragged.csv", b"a,b\n1,2\n3,4,5,6\n", "malformed CSV"),
+    ("corrupt.parquet", b"PAR1 this is not parquet", "not a readable Parquet file"),
+    ("bad.jsonl", b'{"a": 1}\n{"a": \n', "line 2 is not valid JSON"),
+    ("list.jsonl", b"[1, 2]\n", "line 1 is not a JSON object"),
+    ("data.xlsx", b"whatever", "unsupported file extension '.xlsx'"),
+    ("unnamed.csv", b"a,\n1,2\n", "without a name"),
+])
+def test_bad_files_are_rejected_by_name_and_leave_nothing(
+        tmp_path: Path, settings: KeelSettings, name: str, content: bytes, message: str) -> None:
+    path = _bad_file(tmp_path, name, content)
+    with pytest.raises(DataError, match=message) as raised:
+        ingest(str(path), storage.stage_uri(settings, "r1", "ingest"), settings)
+    assert name in str(raised.value)
+    assert artifact_files(settings) == []
+
+
+@pytest.mark.parametrize("source, error", [
+    ("missing.csv", "no such file"),
+    ("ftp://host/data.csv", "unknown URI scheme 'ftp'"),
+    ("http://127.0.0.1:9/data.csv", "cannot download"),
+    ("builtin://nope", "no such bundled dataset"),
+])
+def test_unreadable_sources(settings: KeelSettings, source: str, error: str) -> None:
+    with pytest.raises((DataError, StorageError), match=error):
+        ingest(source, storage.stage_uri(settings, "r1", "ingest"), settings)
+    assert artifact_files(settings) == []

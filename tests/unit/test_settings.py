@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from keel.errors import ConfigError
+from keel.settings import load_settings
+
+
+def test_defaults_live_under_home(keel_home: Path) -> None:
+    settings = load_settings()
+    assert settings.home == keel_home.resolve()
+    assert settings.artifact_root == str(keel_home / "artifacts")
+    assert settings.mlflow_tracking_uri == f"sqlite:///{keel_home / 'mlflow.db'}"
+    assert settings.ray_address == ""
+    assert not settings.is_cluster
+
+
+def test_relative_home_is_pinned_to_the_working_directory(keel_home: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KEEL_HOME", "state")
+    assert load_settings().home == tmp_path / "state"
+
+
+def test_environment_overrides(keel_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_ARTIFACT_ROOT", "s3://bucket/prefix/")
+    monkeypatch.setenv("KEEL_S3_ENDPOINT", "http://127.0.0.1:9000")
+    monkeypatch.setenv("KEEL_S3_ACCESS_KEY", "id")
+    monkeypatch.setenv("KEEL_S3_SECRET_KEY", "hunter2")
+    settings = load_settings()
+    assert settings.artifact_root == "s3://bucket/prefix"
+    assert settings.s3_environment()["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert "hunter2" not in repr(settings)
+
+
+def test_bad_values_name_the_variable(keel_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_S3_ENDPOINT", "minio:9000")
+    with pytest.raises(ConfigError, match="KEEL_S3_ENDPOINT"):
+        load_settings()
+
+
+def test_unknown_fields_are_rejected(keel_home: Path) -> None:
+    with pytest.raises(ConfigError, match="KEEL_MLFLOW_URI"):
+        load_settings(mlflow_uri="sqlite://")
+
+
+def test_settings_are_frozen(keel_home: Path) -> None:
+    settings = load_settings()
+    with pytest.raises(Exception):
+        settings.ray_address = "auto"  # type: ignore[misc]

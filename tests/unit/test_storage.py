@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from keel import storage
+from keel.errors import StorageError
+from keel.settings import KeelSettings
+
+
+@pytest.mark.parametrize("uri, scheme", [("data/x.csv", "file"), ("file:///tmp/x.csv", "file"),
+                                         ("s3://bucket/key.csv", "s3"), ("https://host/x.csv", "https")])
+def test_parse_known_schemes(uri: str, scheme: str) -> None:
+    assert storage.parse(uri).scheme == scheme
+
+
+def test_parse_rejects_unknown_scheme_and_says_what_works() -> None:
+    with pytest.raises(StorageError, match=r"gs://b/x.csv: unknown URI scheme 'gs'.*s3://"):
+        storage.parse("gs://b/x.csv")
+
+
+def test_parse_rejects_s3_without_bucket() -> None:
+    with pytest.raises(StorageError, match="needs a bucket"):
+        storage.parse("s3:///key")
+
+
+def test_write_then_read_roundtrip(tmp_path: Path, settings: KeelSettings) -> None:
+    uri = str(tmp_path / "a" / "b.json")
+    storage.write_json(uri, {"x": 1}, settings)
+    assert storage.read_json(uri, settings) == {"x": 1}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]  # no temp file left
+
+
+def test_missing_file_is_named(tmp_path: Path, settings: KeelSettings) -> None:
+    with pytest.raises(StorageError, match="nope.csv: no such file"):
+        storage.read_bytes(str(tmp_path / "nope.csv"), settings)
+
+
+def test_unreachable_url_is_named(settings: KeelSettings) -> None:
+    with pytest.raises(StorageError, match=r"http://127.0.0.1:9/x.csv: cannot download"):
+        storage.read_bytes("http://127.0.0.1:9/x.csv", settings)
+
+
+def test_staged_output_publishes_whole_on_success(tmp_path: Path, settings: KeelSettings) -> None:
+    target = str(tmp_path / "run" / "stage")
+    with storage.staged_output(target, "stage", settings) as out:
+        out.write_json("result.json", {"ok": True})
+        out.manifest["rows"] = 3
+        assert not Path(target).exists()  # nothing visible before the block ends
+    manifest = storage.read_manifest(target, settings)
+    assert manifest["rows"] == 3 and manifest["stage"] == "stage" and manifest["duration_s"] >= 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["stage"]
+
+
+def test_staged_output_leaves_nothing_on_failure(tmp_path: Path, settings: KeelSettings) -> None:
+    target = tmp_path / "run" / "stage"
+    with pytest.raises(RuntimeError), storage.staged_output(str(target), "stage", settings) as out:
+        out.write_json("half.json", {})
+        raise RuntimeError("stage died")
+    assert not target.exists()
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_republishing_replaces_an_earlier_attempt(tmp_path: Path, settings: KeelSettings) -> None:
+    target = str(tmp_path / "stage")
+    for attempt in ("first", "second"):
+        with storage.staged_output(target, "stage", settings) as out:
+            out.write_json(f"{attempt}.json", {})
+    assert sorted(p.name for p in Path(target).iterdir()) == ["manifest.json", "second.json"]
+
+
+def test_run_ids_cannot_escape_the_runs_folder(settings: KeelSettings) -> None:
+    with pytest.raises(StorageError, match="cannot be used in a path"):
+        storage.run_uri(settings, "../other")

@@ -79,7 +79,7 @@ def _log_model(model_dir: Path, raw_test: pd.DataFrame, target: str) -> str:
     example = raw_test.drop(columns=[target]).head(INPUT_EXAMPLE_ROWS)
     signature = mlflow.models.infer_signature(example, predictor.predict(example))
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=KeelPyfunc(), artifacts={KeelPyfunc.MODEL_ARTIFACT: str(model_dir)},
+        name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts={KeelPyfunc.MODEL_ARTIFACT: str(model_dir)},
         signature=signature, input_example=example,
         pip_requirements=[f"keel=={__version__}", "torch==2.13.0", "pandas", "numpy", "pydantic"],
     )
@@ -116,7 +116,7 @@ def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: 
     """Log params, metrics, dataset and pyfunc model to the pipeline's MLflow run, then register it."""
     client = tracking.mlflow_client(settings)
     run_id = tracking.pipeline_run(settings, pipeline_run_id, pipeline)
-    version, previous = None, None
+    version, previous_aliases = None, {}
     try:
         # Leaving the MLflow block on an exception ends the run as FAILED.
         with storage.staged_output(output_uri, "register", settings) as out, \
@@ -129,16 +129,16 @@ def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: 
             _log_dataset(dataset_uri, target, settings)
             raw_test = storage.read_parquet(storage.read_manifest(splits_uri, settings)["raw_test"], settings)
             logged_uri = _log_model(model_dir, raw_test, target)
+            previous_aliases = _aliases(client, config.model_name)
             version = _create_version(client, config.model_name, logged_uri, run_id,
                                       {tracking.PIPELINE_RUN_TAG: pipeline_run_id})
-            previous, _ = champion_metric(client, config.model_name, config.promotion_metric)
             decision = _promote(client, config, str(version.version), metrics)
             out.manifest.update(model_name=config.model_name, version=str(version.version),
                                 model_uri=f"models:/{config.model_name}/{version.version}",
                                 mlflow_run_id=run_id, tracking_uri=settings.mlflow_tracking_uri, **decision)
     except BaseException:
         if version is not None:
-            _withdraw(client, config.model_name, str(version.version), previous)
+            _withdraw(client, config.model_name, str(version.version), previous_aliases)
         raise
     return out.manifest
 
@@ -164,8 +164,18 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _withdraw(client: Any, name: str, version: str, previous_champion: str | None) -> None:
-    """Undo a half-finished registration: delete the version, give the champion alias back."""
+def _aliases(client: Any, name: str) -> dict[str, str]:
+    """The model's aliases now ({} when the model does not exist yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {alias: str(v) for alias, v in (client.get_registered_model(name).aliases or {}).items()}
+    except MlflowException:
+        return {}
+
+
+def _withdraw(client: Any, name: str, version: str, previous_aliases: dict[str, str]) -> None:
+    """Undo a half-finished registration: delete the version, point the aliases back."""
     client.delete_model_version(name, version)
-    if previous_champion is not None:
-        client.set_registered_model_alias(name, CHAMPION, previous_champion)
+    for alias, previous in previous_aliases.items():
+        client.set_registered_model_alias(name, alias, previous)

@@ -73,8 +73,9 @@ def open_stage(stage: str, run_name: str, job_id: str, config: str) -> Iterator[
 def find_stage_error(log_text: str) -> dict[str, str] | None:
     """The first stage error recorded in a run's log, if any."""
     for line in log_text.splitlines():
-        if line.startswith(ERROR_MARKER):
-            return dict(json.loads(line[len(ERROR_MARKER):]))
+        _, marker, payload = line.partition(ERROR_MARKER)  # kfp.local indents step output
+        if marker:
+            return dict(json.loads(payload))
     return None
 
 

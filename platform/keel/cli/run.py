@@ -52,7 +52,7 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
     return {
         "run_id": run.run_id, "succeeded": run.succeeded, "wall_s": round(run.wall_s, 2),
         "error": run.error, "log": str(run.log_path),
-        "stages": {stage: m["duration_s"] for stage, m in manifests.items()},
+        "stages": [{"stage": stage, "duration_s": m["duration_s"]} for stage, m in manifests.items()],
         "test_metrics": {k: evaluation[k] for k in HEADLINE_METRICS if k in evaluation},
         "model_uri": registered.get("model_uri"), "champion": registered.get("promoted"),
         "model_name": registered.get("model_name"),

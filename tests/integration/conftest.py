@@ -1,0 +1,59 @@
+"""Services the integration tests start themselves, on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 HTTP API (moto's server) on a free loopback port, for the session."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, keel_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """KEEL_* settings for an artifact root in a fresh bucket on the S3 server."""
+    from minio import Minio
+
+    bucket = f"keel-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    env = {"KEEL_S3_ENDPOINT": s3_endpoint, "KEEL_S3_ACCESS_KEY": "testing", "KEEL_S3_SECRET_KEY": "testing",
+           "KEEL_ARTIFACT_ROOT": f"s3://{bucket}/keel"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    Minio(s3_endpoint.split("//")[1], access_key="testing", secret_key="testing", secure=False).make_bucket(bucket)
+    return {**env, "bucket": bucket}

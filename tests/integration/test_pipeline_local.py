@@ -1,0 +1,76 @@
+"""The medical_diagnosis pipeline end to end through `keel run` (kfp.local, local Ray, MLflow on SQLite)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from keel.data.builtin import write_builtin_csv
+from keel.settings import load_settings
+from tests.conftest import artifact_files
+from tests.unit.test_cli import keel
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One successful demo run in a fresh working directory, shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("demo")
+    result = keel("run", "medical_diagnosis", "--output", "json", cwd=workdir,
+                  env={"KEEL_HOME": str(workdir / ".keel"), "KEEL_GIT_COMMIT": "abc123"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, json.loads(result.stdout)
+
+
+def test_demo_trains_a_good_model_and_registers_a_champion(demo: tuple[Path, dict]) -> None:
+    _, report = demo
+    assert report["succeeded"] and report["error"] is None
+    assert [s["stage"] for s in report["stages"]] == ["ingest", "validate", "preprocess", "train", "evaluate", "register"]
+    assert report["test_metrics"]["accuracy"] >= 0.95
+    assert report["model_uri"] == "models:/medical-diagnosis/1" and report["champion"] is True
+
+
+def test_champion_predicts_raw_csv_columns(demo: tuple[Path, dict]) -> None:
+    workdir, report = demo
+    mlflow.set_tracking_uri(report["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/medical-diagnosis@champion")
+    table = pd.read_csv(write_builtin_csv("builtin://breast_cancer", workdir / "raw.csv"))
+    predicted = model.predict(table.drop(columns=["diagnosis"]))
+    assert (predicted["prediction"] == table["diagnosis"]).mean() >= 0.95
+
+
+def test_training_checkpointed_every_epoch_and_logged_metrics_from_rank_0(demo: tuple[Path, dict]) -> None:
+    workdir, report = demo
+    run_dir = Path(report["artifacts"])
+    train = json.loads((run_dir / "train" / "manifest.json").read_text())
+    assert (run_dir / "checkpoints" / f"train-{report['run_id']}").is_dir()
+    assert list((run_dir / "checkpoints" / f"train-{report['run_id']}").glob("checkpoint_*"))
+    client = mlflow.MlflowClient(report["tracking_uri"])
+    version = client.get_model_version("medical-diagnosis", "1")
+    history = client.get_metric_history(version.run_id, "val_loss")
+    assert len(history) == train["epochs"] and [m.step for m in history] == list(range(1, train["epochs"] + 1))
+    assert client.get_run(version.run_id).data.tags["mlflow.source.git.commit"] == "abc123"
+
+
+def test_bad_source_fails_cleanly_and_registers_nothing(demo: tuple[Path, dict]) -> None:
+    workdir, report = demo
+    table = pd.read_csv(write_builtin_csv("builtin://breast_cancer", workdir / "bad.csv"))
+    table.loc[:4, "mean_radius"] = -1.0
+    table.to_csv(workdir / "bad.csv", index=False)
+    env = {"KEEL_HOME": str(workdir / ".keel")}
+    result = keel("run", "medical_diagnosis", "--param", f"source={workdir / 'bad.csv'}", "--output", "json",
+                  cwd=workdir, env=env)
+    assert result.returncode == 1
+    assert "bad.csv" in result.stderr and "column 'mean_radius': 5 value(s) outside" in result.stderr
+    assert "Traceback" not in result.stderr
+    failed = json.loads(result.stdout)
+    assert failed["error"]["stage"] == "validate" and failed["model_uri"] is None
+    assert not any(path.startswith(f"runs/{failed['run_id']}/validate") for path in
+                   artifact_files(load_settings(home=workdir / ".keel")))
+    listed = json.loads(keel("models", "list", "--output", "json", cwd=workdir, env=env).stdout)
+    assert [(m["version"], m["aliases"]) for m in listed] == [(1, ["challenger", "champion"])]

@@ -1,0 +1,62 @@
+"""Build a run's stage outputs in-process, quickly, for tests of the later stages.
+
+Training here is a few epochs of the real steps without Ray: the registry and
+evaluation tests need a real model directory, not a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from keel import storage
+from keel.config import PipelineConfig, parse_pipeline_config
+from keel.data.ingest import ingest
+from keel.data.preprocess import LABEL, TRANSFORM_FILE, preprocess
+from keel.evaluate import evaluate
+from keel.settings import KeelSettings
+from keel.train.loop import train_epoch
+from keel.train.model import MLPClassifier, MLPSpec, save_model
+from tests.conftest import SMALL_CONTRACT, small_frame
+
+
+def small_config(**sections: dict) -> PipelineConfig:
+    return parse_pipeline_config({"pipeline": "small", "contract": SMALL_CONTRACT,
+                                  "registry": {"model_name": "small-model"}, **sections}, "test config")
+
+
+def train_quickly(splits_uri: str, output_uri: str, settings: KeelSettings, epochs: int = 30) -> None:
+    splits = storage.read_manifest(splits_uri, settings)
+    train = pd.read_parquet(splits["splits"]["train"])
+    features = torch.tensor(train.drop(columns=[LABEL]).to_numpy())
+    labels = torch.tensor(train[LABEL].to_numpy())
+    torch.manual_seed(0)
+    spec = MLPSpec(input_dim=features.shape[1], hidden_sizes=[8], num_classes=2)
+    model = MLPClassifier(spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for _ in range(epochs):
+        train_epoch(model, optimizer, features, labels, 32, torch.Generator().manual_seed(0))
+    with storage.staged_output(output_uri, "train", settings) as out:
+        save_model(model, spec, out.dir)
+        shutil.copyfile(splits["transform"], out.path(TRANSFORM_FILE))
+
+
+def run_stages(settings: KeelSettings, run_id: str, source: Path, epochs: int = 30) -> dict[str, str]:
+    """ingest -> preprocess -> quick train -> evaluate; the stage URIs by name."""
+    config = small_config()
+    uris = {stage: storage.stage_uri(settings, run_id, stage) for stage in
+            ("ingest", "preprocess", "train", "evaluate", "register")}
+    ingest(str(source), uris["ingest"], settings)
+    preprocess(uris["ingest"], config.contract, config.preprocess, uris["preprocess"], settings)
+    train_quickly(uris["preprocess"], uris["train"], settings, epochs)
+    evaluate(uris["train"], uris["preprocess"], uris["evaluate"], settings)
+    return uris
+
+
+def write_small_source(directory: Path, rows: int = 200) -> Path:
+    path = directory / "small.csv"
+    small_frame(rows).to_csv(path, index=False)
+    return path

@@ -1,0 +1,54 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keel.cli.run import parse_params
+from keel.errors import ConfigError
+
+
+def keel(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "keel", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_params_are_name_value_pairs() -> None:
+    assert parse_params(["source=s3://b/x.csv"], ["source"]) == {"source": "s3://b/x.csv"}
+    with pytest.raises(ConfigError, match="expected NAME=VALUE"):
+        parse_params(["source"], ["source"])
+    with pytest.raises(ConfigError, match=r"has no such parameter; it takes \['source'\]"):
+        parse_params(["lr=1"], ["source"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope"], "unknown pipeline 'nope'"),
+    (["run", "medical_diagnosis", "--param", "learning_rate=1"], "--param learning_rate"),
+    (["run", "medical_diagnosis", "--config", "missing.yaml"], "missing.yaml: config file not found"),
+])
+def test_user_errors_print_one_line_and_exit_1(args: list[str], message: str, keel_home: Path,
+                                               tmp_path: Path) -> None:
+    result = keel(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert message in result.stderr and result.stderr.startswith("keel: error:")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_config_file_names_the_field(keel_home: Path, tmp_path: Path) -> None:
+    (tmp_path / "override.yaml").write_text("train:\n  learning_rat: 0.1\n")
+    result = keel("run", "medical_diagnosis", "--config", "override.yaml", cwd=tmp_path)
+    assert result.returncode == 1 and "train.learning_rat: Extra inputs are not permitted" in result.stderr
+
+
+def test_models_list_is_empty_json_before_any_run(keel_home: Path, tmp_path: Path) -> None:
+    result = keel("models", "list", "--output", "json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_compile_writes_yaml(tmp_path: Path, keel_home: Path) -> None:
+    result = keel("pipelines", "compile", "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "medical_diagnosis.yaml").read_text().startswith("# PIPELINE DEFINITION")

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from keel.errors import TrainingError
+from keel.train.config import ScalingSpec, TrainConfig
+from keel.train.loop import evaluate_epoch, train_epoch
+from keel.train.model import MLPClassifier, MLPSpec, load_model, parameter_count, save_model
+from keel.train.trainer import DATA_PARALLEL_MIN_PARAMS, resolve_scaling
+
+
+@pytest.mark.parametrize("params, cpus, gpus, expected", [
+    (10_000, 2, 0, {"num_workers": 1, "cpus_per_worker": 2, "use_gpu": False}),
+    (10_000, 16, 0, {"num_workers": 1, "cpus_per_worker": 16, "use_gpu": False}),
+    (DATA_PARALLEL_MIN_PARAMS, 8, 0, {"num_workers": 4, "cpus_per_worker": 2, "use_gpu": False}),
+    (10_000, 8, 2, {"num_workers": 2, "cpus_per_worker": 4, "use_gpu": True}),
+])
+def test_auto_scaling_sizes_workers_by_model_and_hardware(params: int, cpus: int, gpus: int, expected: dict) -> None:
+    assert resolve_scaling(ScalingSpec(), params, cpus, gpus) == expected
+
+
+def test_explicit_scaling_is_kept() -> None:
+    spec = ScalingSpec(num_workers=2, cpus_per_worker=1, use_gpu=False)
+    assert resolve_scaling(spec, 10, 4, 1) == {"num_workers": 2, "cpus_per_worker": 1, "use_gpu": False}
+
+
+def test_impossible_scaling_says_what_to_change() -> None:
+    with pytest.raises(TrainingError, match="has no GPU"):
+        resolve_scaling(ScalingSpec(use_gpu=True), 10, 2, 0)
+    with pytest.raises(TrainingError, match="lower scaling.num_workers"):
+        resolve_scaling(ScalingSpec(num_workers=3, cpus_per_worker=2), 10, 2, 0)
+
+
+def test_config_rejects_unknown_fields() -> None:
+    with pytest.raises(ValueError, match="learning_rat"):
+        TrainConfig.model_validate({"learning_rat": 0.1})
+
+
+def _separable(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(n, 4, generator=generator)
+    return features, (features[:, 0] + features[:, 1] > 0).long()
+
+
+def test_training_steps_learn_a_separable_problem() -> None:
+    torch.manual_seed(0)
+    features, labels = _separable()
+    model = MLPClassifier(MLPSpec(input_dim=4, hidden_sizes=[16], num_classes=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    first = train_epoch(model, optimizer, features, labels, 32, generator)
+    for _ in range(20):
+        last = train_epoch(model, optimizer, features, labels, 32, generator)
+    loss_sum, correct, count = evaluate_epoch(model, features, labels)
+    assert last < first / 2
+    assert count == 256 and correct / count > 0.95 and loss_sum / count < first
+
+
+def test_model_roundtrip_needs_no_pickle(tmp_path) -> None:
+    spec = MLPSpec(input_dim=3, hidden_sizes=[5, 4], num_classes=3, dropout=0.2)
+    model = MLPClassifier(spec)
+    save_model(model, spec, tmp_path)
+    loaded = load_model(tmp_path)
+    inputs = torch.randn(7, 3)
+    assert torch.equal(loaded(inputs), model.eval()(inputs))
+    assert parameter_count(loaded) == 3 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3

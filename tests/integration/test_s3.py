@@ -1,0 +1,74 @@
+"""The s3:// path against a real S3 HTTP API on 127.0.0.1 (moto's server).
+
+In a cluster the same code talks to MinIO; nothing here is moto-specific.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from keel import storage
+from keel.data.ingest import ingest
+from keel.errors import StorageError
+from keel.settings import load_settings
+from tests.conftest import small_frame
+from tests.unit.test_cli import keel
+
+pytestmark = pytest.mark.integration
+
+
+def test_staged_output_roundtrip_on_s3(s3_env: dict[str, str]) -> None:
+    settings = load_settings()
+    target = storage.join(settings.artifact_root, "runs", "r1", "stage")
+    with storage.staged_output(target, "stage", settings) as out:
+        out.write_json("nested/result.json", {"ok": True})
+    assert storage.read_json(storage.join(target, "nested/result.json"), settings) == {"ok": True}
+    assert storage.list_children(storage.join(settings.artifact_root, "runs", "r1"), settings) == ["stage"]
+    with pytest.raises(RuntimeError), storage.staged_output(storage.join(target, "..", "failed"), "x", settings) as o:
+        o.write_json("half.json", {})
+        raise RuntimeError("died")
+    assert storage.list_children(storage.join(settings.artifact_root, "runs", "r1"), settings) == ["stage"]
+
+
+def test_ingest_reads_an_s3_source(s3_env: dict[str, str], tmp_path: Path) -> None:
+    settings = load_settings()
+    frame = small_frame(40)
+    source = f"s3://{s3_env['bucket']}/incoming/data.parquet"
+    frame.to_parquet(tmp_path / "data.parquet", index=False)
+    storage.write_bytes(source, (tmp_path / "data.parquet").read_bytes(), settings)
+    output = storage.stage_uri(settings, "r1", "ingest")
+    assert ingest(source, output, settings)["rows"] == 40
+    stored = storage.read_parquet(storage.join(output, "data.parquet"), settings)
+    pd.testing.assert_frame_equal(stored, frame)
+
+
+def test_missing_s3_object_is_named(s3_env: dict[str, str]) -> None:
+    with pytest.raises(StorageError, match=r"s3://.*/nope.csv: cannot download the object"):
+        ingest(f"s3://{s3_env['bucket']}/nope.csv", storage.stage_uri(load_settings(), "r", "ingest"), load_settings())
+
+
+@pytest.mark.slow
+def test_pipeline_with_artifacts_and_mlflow_models_on_s3(s3_env: dict[str, str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {k: v for k, v in s3_env.items() if k.startswith("KEEL_")}
+    env["KEEL_HOME"] = str(tmp_path / ".keel")
+    result = keel("run", "medical_diagnosis", "--output", "json", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["artifacts"].startswith(f"s3://{s3_env['bucket']}/keel/runs/")
+    assert not (tmp_path / ".keel" / "artifacts").exists()  # nothing went to local disk instead
+    settings = load_settings()
+    children = storage.list_children(report["artifacts"], settings)
+    assert {"ingest", "validate", "preprocess", "train", "evaluate", "register", "checkpoints"} <= set(children)
+    for name, value in settings.s3_environment().items():  # what a user exports to read the model
+        monkeypatch.setenv(name, value)
+    mlflow.set_tracking_uri(report["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/medical-diagnosis@champion")  # downloaded from S3
+    raw = storage.read_parquet(storage.join(report["artifacts"], "preprocess", "test_raw.parquet"), settings)
+    predicted = model.predict(raw.drop(columns=["diagnosis"]))
+    assert (predicted["prediction"] == raw["diagnosis"]).mean() >= 0.9

@@ -35,7 +35,8 @@ class TrainState:
     best_weights: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     samples_seen: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # forward/backward only
+    loop_seconds: float = 0.0  # whole epochs: training, validation, logging, checkpoint and report
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor,
@@ -170,8 +171,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if _finished(state, config):
                 logger.flush()
             metrics["mlflow_log_seconds"] = logger.seconds_spent
-        metrics.update(train_seconds=state.train_seconds, samples_seen=state.samples_seen)
+        state.loop_seconds += time.perf_counter() - started
+        metrics.update(train_seconds=state.train_seconds, loop_seconds=state.loop_seconds,
+                       samples_seen=state.samples_seen)
+        reporting = time.perf_counter()
         _report(metrics, model, optimizer, state)
+        state.loop_seconds += time.perf_counter() - reporting  # counted from the next report on
 
 
 def _finished(state: TrainState, config: dict[str, Any]) -> bool:

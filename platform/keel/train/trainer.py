@@ -160,8 +160,9 @@ def train(splits_uri: str, config: TrainConfig, output_uri: str, checkpoint_uri:
             epochs=state.epoch, best_val_loss=state.best_val_loss,
             stopped_early=state.epoch < config.max_epochs, parameters=parameter_count(model),
             scaling=scaling, ray_startup_s=round(ray_startup_s, 3), fit_s=round(fit_s, 3),
-            train_s=round(state.train_seconds, 4), samples_seen=state.samples_seen,
-            samples_per_s=round(state.samples_seen / max(state.train_seconds, 1e-9), 1),
+            train_s=round(state.train_seconds, 4), loop_s=round(state.loop_seconds, 4),
+            samples_seen=state.samples_seen,
+            samples_per_s=round(state.samples_seen / max(state.loop_seconds, 1e-9), 1),
             mlflow_log_s=round(float(result.metrics.get("mlflow_log_seconds", 0.0)), 4),
             label_column=LABEL, checkpoints=checkpoint_uri,
         )

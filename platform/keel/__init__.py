@@ -1,2 +1,59 @@
-"""Keel."""
+"""Keel: Kubernetes-native MLOps on Kubeflow Pipelines, Ray and MLflow.
+
+Concepts and where they live:
+
+- Settings (:class:`KeelSettings`, :func:`load_settings`): the one
+  configuration object, from ``KEEL_*`` variables; local or cluster mode.
+- Stages, plain functions over URIs and typed configs, one module each:
+  ``keel.data.ingest.ingest`` -> ``keel.data.validate.validate`` ->
+  ``keel.data.preprocess.preprocess`` -> ``keel.train.trainer.train`` ->
+  ``keel.evaluate.evaluate`` -> ``keel.registry.register``.
+- Storage (``keel.storage``): URIs (paths, ``s3://``, ``http(s)://``) and
+  atomic stage outputs; tracking (``keel.tracking``): one MLflow run per
+  pipeline run.
+- Configs: :class:`PipelineConfig` holds a :class:`DataContract`,
+  :class:`PreprocessConfig`, :class:`TrainConfig` and :class:`RegisterConfig`.
+- Scoring: :class:`Predictor` (feature transform + network), which evaluation,
+  the MLflow pyfunc and serving share.
+- Errors: :class:`KeelError` and its subclasses; messages say what to fix.
+
+Names resolve lazily so that ``import keel`` stays cheap: a component that
+only ingests data never imports torch, Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "KeelSettings": "keel.settings",
+    "load_settings": "keel.settings",
+    "KeelError": "keel.errors",
+    "ConfigError": "keel.errors",
+    "DataError": "keel.errors",
+    "DataContractError": "keel.errors",
+    "StorageError": "keel.errors",
+    "TrainingError": "keel.errors",
+    "RegistryError": "keel.errors",
+    "PipelineConfig": "keel.config",
+    "RegisterConfig": "keel.config",
+    "DataContract": "keel.data.contract",
+    "PreprocessConfig": "keel.data.preprocess",
+    "TrainConfig": "keel.train.config",
+    "Predictor": "keel.predictor",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'keel' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""Serving: an HTTP API over a registered model, on Ray Serve or plain FastAPI."""

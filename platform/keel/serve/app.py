@@ -1,0 +1,186 @@
+"""The serving API: Keel's own predict route and the Open Inference Protocol (KServe V2).
+
+:func:`build_app` returns a FastAPI app over one model. Ray Serve mounts it as
+its ingress (see :mod:`keel.serve.deployment`); tests and the plain-FastAPI
+benchmark baseline run it directly. Malformed requests get a 4xx naming the
+field at fault, never a 5xx, and the app keeps serving.
+"""
+
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from keel.errors import DataError
+from keel.predictor import Predictor
+from keel.serve.metrics import ServingMetrics
+from keel.serve.schema import PredictResponse, V2InferRequest, predict_request_model
+
+Scorer = Callable[[pd.DataFrame], Awaitable[np.ndarray]]
+MAX_BODY_BYTES = 1 << 20
+V2_NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+
+
+class RequestError(Exception):
+    """A client error with the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _is_v2(request: Request) -> bool:
+    return request.url.path.startswith("/v2/")
+
+
+def _error(request: Request, status: int, message: str) -> JSONResponse:
+    # The Open Inference Protocol's error body is {"error": ...}; FastAPI's is {"detail": ...}.
+    body = {"error": message} if _is_v2(request) else {"detail": message}
+    return JSONResponse(body, status_code=status)
+
+
+def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
+    """A 400 for unparseable JSON, else a 422 listing each field at fault."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "request body is not valid JSON"
+    problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors[:10]]
+    return 422, "; ".join(problems)
+
+
+def direct_scorer(predictor: Predictor, metrics: ServingMetrics) -> Scorer:
+    """Score each request on its own (no batching): for tests and the plain-FastAPI baseline."""
+    async def score(frame: pd.DataFrame) -> np.ndarray:
+        metrics.observe_batch(len(frame))
+        return predictor.predict_proba(frame)
+    return score
+
+
+def _v2_frame(payload: V2InferRequest, columns: list[str]) -> pd.DataFrame:
+    """One DataFrame column per input tensor; every column of the model must be present."""
+    data: dict[str, list[Any]] = {}
+    rows = None
+    for tensor in payload.inputs:
+        if tensor.name not in columns:
+            raise RequestError(400, f"input {tensor.name!r} is not a model input; expected {columns}")
+        if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+            raise RequestError(400, f"input {tensor.name!r}: shape {tensor.shape} must be [N] or [N, 1]")
+        if tensor.shape[0] != len(tensor.data) or (rows is not None and rows != tensor.shape[0]):
+            raise RequestError(400, f"input {tensor.name!r}: shape {tensor.shape} does not match "
+                                    f"{len(tensor.data)} data element(s) or the other inputs")
+        if tensor.datatype not in V2_NUMERIC | {"BYTES"}:
+            raise RequestError(400, f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r}")
+        rows = tensor.shape[0]
+        data[tensor.name] = tensor.data
+    missing = [c for c in columns if c not in data]
+    if missing:
+        raise RequestError(400, f"missing input(s) {missing}")
+    return pd.DataFrame(data)
+
+
+def build_app(predictor: Predictor, model_name: str, model_version: str, scorer: Scorer | None = None,
+              metrics: ServingMetrics | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The API over one model; ``scorer`` lets Ray Serve batch requests across callers."""
+    metrics = metrics or ServingMetrics(model_name, model_version, predictor.classes)
+    score = scorer or direct_scorer(predictor, metrics)
+    request_model = predict_request_model(predictor.transform)
+    columns = predictor.transform.input_columns
+    classes = predictor.classes
+    app = FastAPI(title=f"Keel model server: {model_name}", version=model_version,
+                  description="Predictions from a Keel model, in Keel's own format and the Open Inference Protocol.")
+
+    def check_name(name: str) -> None:
+        if name != model_name:
+            raise RequestError(404, f"unknown model {name!r}; this server serves {model_name!r}")
+
+    async def predict_frame(frame: pd.DataFrame) -> np.ndarray:
+        try:
+            probabilities = await score(frame)
+        except DataError as e:
+            raise RequestError(422, e.headline) from e
+        metrics.observe_predictions(probabilities)
+        return probabilities
+
+    @app.middleware("http")
+    async def envelope(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            response: Response = _error(request, 413, f"request body over {max_body_bytes} bytes")
+        else:
+            response = await call_next(request)
+        response.headers.update({"x-request-id": request_id, "x-model-name": model_name,
+                                 "x-model-version": model_version})
+        if request.url.path != "/metrics":
+            metrics.observe_request(request.url.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(request, *_describe_validation(list(exc.errors())))
+
+    @app.exception_handler(RequestError)
+    async def rejected(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(request, exc.status, exc.message)
+
+    @app.post(f"/v1/models/{{name}}:predict", response_model=PredictResponse, tags=["keel"],
+              responses={400: {}, 404: {}, 413: {}, 422: {}})
+    async def predict(name: str, body: request_model, request: Request) -> PredictResponse:  # type: ignore[valid-type]
+        check_name(name)
+        frame = pd.DataFrame([r.model_dump() for r in body.records], columns=columns)  # type: ignore[attr-defined]
+        probabilities = await predict_frame(frame)
+        return PredictResponse(model_name=model_name, model_version=model_version,
+                               request_id=request.state.request_id,
+                               predictions=[{"label": classes[int(p.argmax())],
+                                             "probabilities": dict(zip(classes, map(float, p), strict=True))}
+                                            for p in probabilities])
+
+    @app.get("/v2/health/live", tags=["v2"])
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"])
+    async def ready() -> dict[str, bool]:
+        return {"ready": True}
+
+    @app.get("/v2/models/{name}", tags=["v2"], responses={404: {}})
+    async def model_metadata(name: str) -> dict[str, Any]:
+        check_name(name)
+        inputs = [{"name": c, "datatype": "FP64", "shape": [-1]} for c in predictor.transform.numeric]
+        inputs += [{"name": c, "datatype": "BYTES", "shape": [-1]} for c in predictor.transform.categorical]
+        return {"name": model_name, "versions": [model_version], "platform": "keel-pytorch", "inputs": inputs,
+                "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes)]}]}
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}})
+    async def model_ready(name: str) -> dict[str, Any]:
+        check_name(name)
+        return {"name": model_name, "ready": True}
+
+    @app.post("/v2/models/{name}/infer", tags=["v2"], responses={400: {}, 404: {}, 413: {}, 422: {}})
+    async def infer(name: str, body: V2InferRequest) -> dict[str, Any]:
+        check_name(name)
+        probabilities = await predict_frame(_v2_frame(body, columns))
+        labels = [classes[int(i)] for i in probabilities.argmax(axis=1)]
+        return {"model_name": model_name, "model_version": model_version, "id": body.id or uuid.uuid4().hex,
+                "outputs": [{"name": "label", "datatype": "BYTES", "shape": [len(labels)], "data": labels},
+                            {"name": "probabilities", "datatype": "FP32", "shape": list(probabilities.shape),
+                             "data": probabilities.astype(float).ravel().tolist()}]}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def scrape() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.model_name, app.state.model_version = model_name, model_version
+    app.state.metrics = metrics
+    return app

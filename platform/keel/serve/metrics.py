@@ -1,0 +1,59 @@
+"""Serving metrics in Prometheus conventions: ``_total`` counters, ``_seconds`` histograms.
+
+Labels are bounded: model, version, route template and status code; the
+predicted class. No request ids or raw values become labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+
+
+def route_of(path: str) -> str:
+    """The route template a path belongs to, so paths never explode the label set."""
+    for prefix, route in (("/v1/models/", "/v1/models/{name}:predict"), ("/v2/models/", "/v2/models/{name}"),
+                          ("/v2/health/", "/v2/health"), ("/docs", "/docs"), ("/openapi.json", "/openapi.json")):
+        if path.startswith(prefix):
+            return route + ("/infer" if route.startswith("/v2/models") and path.endswith("/infer") else "")
+    return "other"
+
+
+class ServingMetrics:
+    """One model's metrics, in a registry of its own (tests and replicas never collide)."""
+
+    def __init__(self, model: str, version: str, classes: list[str],
+                 registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._labels = {"model": model, "version": version}
+        self._class_names = list(classes)
+        self.requests = Counter("keel_requests_total", "HTTP requests by route and status code.",
+                                ["model", "version", "route", "code"], registry=self.registry)
+        self.latency = Histogram("keel_request_duration_seconds", "Request latency, end to end in the server.",
+                                 ["model", "version", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("keel_batch_size", "Rows scored per model call (after dynamic batching).",
+                                    ["model", "version"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.predictions = Counter("keel_predictions_total", "Predicted rows by class.",
+                                   ["model", "version", "class_name"], registry=self.registry)
+        info = Gauge("keel_model_info", "The model being served (value 1).", ["model", "version"],
+                     registry=self.registry)
+        info.labels(**self._labels).set(1)
+        for name in classes:  # zero-initialised series, so rate() works from the first scrape
+            self.predictions.labels(**self._labels, class_name=name)
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        route = route_of(path)
+        self.requests.labels(**self._labels, route=route, code=str(status)).inc()
+        self.latency.labels(**self._labels, route=route).observe(seconds)
+
+    def observe_batch(self, rows: int) -> None:
+        self.batch_size.labels(**self._labels).observe(rows)
+
+    def observe_predictions(self, probabilities: np.ndarray) -> None:
+        counts = np.bincount(probabilities.argmax(axis=1), minlength=len(self._class_names))
+        for name, count in zip(self._class_names, counts, strict=True):
+            if count:
+                self.predictions.labels(**self._labels, class_name=name).inc(int(count))

@@ -1,0 +1,65 @@
+"""Request and response models derived from the model's own input columns.
+
+The request schema comes from the feature transform that travels with the
+model, so the OpenAPI spec names every raw column with its type, and a
+missing, extra or mistyped field is a 422 naming that field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from keel.data.transform import FeatureTransform
+
+MAX_RECORDS = 1024
+
+
+def record_model(transform: FeatureTransform) -> type[BaseModel]:
+    """One raw input row: numeric columns as finite floats, categorical as strings; null allowed."""
+    fields: dict[str, Any] = {}
+    for name in transform.numeric:
+        fields[name] = (float | None, Field(..., allow_inf_nan=False))
+    for name in transform.categorical:
+        fields[name] = (str | None, Field(...))
+    return create_model("Record", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def predict_request_model(transform: FeatureTransform) -> type[BaseModel]:
+    record = record_model(transform)
+    return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"),
+                        records=(list[record], Field(..., min_length=1, max_length=MAX_RECORDS)))  # type: ignore[valid-type]
+
+
+class Prediction(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    request_id: str
+    predictions: list[Prediction]
+
+
+class V2Tensor(BaseModel):
+    """An Open Inference Protocol tensor: one column of the request, or one output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    inputs: list[V2Tensor] = Field(..., min_length=1)
+    outputs: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] | None = None

@@ -1,0 +1,152 @@
+"""The serving API over a real trained model, without Ray: every malformed request gets a 4xx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from keel.predictor import Predictor
+from keel.serve.app import build_app
+from keel.settings import KeelSettings
+from tests.conftest import small_frame
+from tests.stages import run_stages, write_small_source
+
+NAME, VERSION = "small-model", "3"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+    directory = tmp_path_factory.mktemp("serve")
+    settings = KeelSettings(home=directory / ".keel")
+    uris = run_stages(settings, "serve", write_small_source(directory))
+    return TestClient(build_app(Predictor.load(Path(uris["train"])), NAME, VERSION))
+
+
+def records(rows: int = 3) -> list[dict]:
+    return small_frame(rows).drop(columns=["outcome"]).to_dict(orient="records")
+
+
+def assert_still_serving(client: TestClient) -> None:
+    response = client.post(f"/v1/models/{NAME}:predict", json={"records": records(2)})
+    assert response.status_code == 200, response.text
+
+
+def test_predict_returns_labels_probabilities_and_identity(client: TestClient) -> None:
+    response = client.post(f"/v1/models/{NAME}:predict", json={"records": records(3)},
+                           headers={"x-request-id": "req-1"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model_name"] == NAME and body["model_version"] == VERSION and body["request_id"] == "req-1"
+    assert response.headers["x-model-version"] == VERSION and response.headers["x-request-id"] == "req-1"
+    assert len(body["predictions"]) == 3
+    for prediction in body["predictions"]:
+        assert prediction["label"] in ("yes", "no")
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_nulls_are_imputed(client: TestClient) -> None:
+    record = {**records(1)[0], "weight": None, "colour": None}
+    assert client.post(f"/v1/models/{NAME}:predict", json={"records": [record]}).status_code == 200
+
+
+BAD_V1 = [
+    ("not json", 400, "not valid JSON"),
+    ({"records": []}, 422, "records"),
+    ({"rows": records(1)}, 422, "rows"),
+    ({"records": [{k: v for k, v in records(1)[0].items() if k != "size"}]}, 422, "records.0.size: Field required"),
+    ({"records": [{**records(1)[0], "height": 1}]}, 422, "records.0.height: Extra inputs"),
+    ({"records": [{**records(1)[0], "size": "big"}]}, 422, "records.0.size"),
+    ({"records": [{**records(1)[0], "size": [1, 2]}]}, 422, "records.0.size"),
+    ({"records": [{**records(1)[0], "colour": 5}]}, 422, "records.0.colour"),
+    ({"records": "everything"}, 422, "records"),
+]
+
+
+@pytest.mark.parametrize("payload, status, message", BAD_V1)
+def test_malformed_predict_requests_get_4xx_naming_the_field(client: TestClient, payload, status: int,
+                                                             message: str) -> None:
+    if isinstance(payload, str):
+        response = client.post(f"/v1/models/{NAME}:predict", content=payload,
+                               headers={"content-type": "application/json"})
+    else:
+        response = client.post(f"/v1/models/{NAME}:predict", json=payload)
+    assert response.status_code == status and message in response.json()["detail"], response.text
+    assert_still_serving(client)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_rejected(client: TestClient, literal: str) -> None:
+    body = '{"records": [{"size": %s, "weight": 1.0, "colour": "red"}]}' % literal
+    response = client.post(f"/v1/models/{NAME}:predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "records.0.size" in response.json()["detail"]
+    assert_still_serving(client)
+
+
+def test_unknown_model_is_404(client: TestClient) -> None:
+    response = client.post("/v1/models/other:predict", json={"records": records(1)})
+    assert response.status_code == 404 and "unknown model 'other'" in response.json()["detail"]
+    assert client.get("/v2/models/other").json() == {"error": "unknown model 'other'; this server serves 'small-model'"}
+
+
+def test_oversized_payload_is_413(client: TestClient) -> None:
+    response = client.post(f"/v1/models/{NAME}:predict", content=b"{" + b" " * (2 << 20) + b"}",
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert_still_serving(client)
+
+
+def test_too_many_records_is_422(client: TestClient) -> None:
+    response = client.post(f"/v1/models/{NAME}:predict", json={"records": records(1) * 1025})
+    assert response.status_code == 422 and "records" in response.json()["detail"]
+
+
+def _v2_inputs(rows: int = 2) -> list[dict]:
+    frame = small_frame(rows)
+    return [{"name": "size", "shape": [rows], "datatype": "FP64", "data": frame["size"].tolist()},
+            {"name": "weight", "shape": [rows, 1], "datatype": "FP64", "data": frame["weight"].tolist()},
+            {"name": "colour", "shape": [rows], "datatype": "BYTES", "data": frame["colour"].tolist()}]
+
+
+def test_open_inference_protocol(client: TestClient) -> None:
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get(f"/v2/models/{NAME}/ready").json()["ready"] is True
+    metadata = client.get(f"/v2/models/{NAME}").json()
+    assert metadata["versions"] == [VERSION] and {i["name"] for i in metadata["inputs"]} == {"size", "weight", "colour"}
+    response = client.post(f"/v2/models/{NAME}/infer", json={"id": "abc", "inputs": _v2_inputs(2)})
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert response.json()["id"] == "abc" and outputs["label"]["shape"] == [2]
+    assert outputs["probabilities"]["shape"] == [2, 2] and len(outputs["probabilities"]["data"]) == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: i[:2], "missing input(s) ['colour']"),
+    (lambda i: [*i, {"name": "height", "shape": [2], "datatype": "FP64", "data": [1, 2]}], "'height' is not a model input"),
+    (lambda i: [{**i[0], "shape": [3]}, *i[1:]], "does not match"),
+    (lambda i: [{**i[0], "shape": [2, 2]}, *i[1:]], "must be [N] or [N, 1]"),
+    (lambda i: [{**i[0], "datatype": "COMPLEX"}, *i[1:]], "unsupported datatype"),
+    (lambda i: [{**i[0], "data": ["a", "b"]}, *i[1:]], "column 'size'"),
+])
+def test_malformed_v2_requests_get_an_error_body(client: TestClient, change, message: str) -> None:
+    response = client.post(f"/v2/models/{NAME}/infer", json={"inputs": change(_v2_inputs(2))})
+    assert 400 <= response.status_code < 500 and message in response.json()["error"], response.text
+    assert_still_serving(client)
+
+
+def test_metrics_count_requests_classes_and_batches(client: TestClient) -> None:
+    client.post(f"/v1/models/{NAME}:predict", json={"records": records(4)})
+    client.post("/v1/models/other:predict", json={"records": records(1)})
+    text = client.get("/metrics").text
+    assert f'keel_requests_total{{code="200",model="{NAME}",route="/v1/models/{{name}}:predict",version="{VERSION}"}}' in text
+    assert 'code="404"' in text and "keel_request_duration_seconds_bucket" in text
+    assert "keel_batch_size_bucket" in text and 'keel_model_info{model="small-model",version="3"} 1.0' in text
+    assert 'keel_predictions_total{class_name="yes"' in text
+
+
+def test_openapi_spec_names_the_raw_columns(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    record = spec["components"]["schemas"]["Record"]
+    assert set(record["properties"]) == {"size", "weight", "colour"} and record["additionalProperties"] is False

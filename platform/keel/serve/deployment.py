@@ -1,0 +1,143 @@
+"""Ray Serve deployment of a registered model, with dynamic batching.
+
+Each replica loads the model from the MLflow registry, then mounts the
+FastAPI app of :mod:`keel.serve.app` as its ingress. Concurrent requests are
+scored together (``@serve.batch``): one forward pass over many callers' rows.
+Requests beyond ``max_queued_requests`` get Ray Serve's fast 503, not a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from keel.errors import RegistryError
+from keel.predictor import Predictor
+from keel.settings import KeelSettings
+
+APP_NAME = "keel"
+# Ray Serve's throughput-optimized ingress: HAProxy in front of the replicas
+# (Ray >= 2.55). It must be in the environment before Ray starts.
+HAPROXY_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+class ServeConfig(BaseModel):
+    """Replicas, batching and back-pressure for one served model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    replicas: int = Field(default=1, ge=1)
+    min_replicas: int | None = Field(default=None, ge=0, description="with max_replicas: autoscale")
+    max_replicas: int | None = Field(default=None, ge=1)
+    max_batch_size: int = Field(default=32, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    max_queued_requests: int = Field(default=256, ge=1, description="beyond this, 503 with Retry-After")
+    cpus_per_replica: float = Field(default=1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    predictor: Predictor
+    name: str
+    version: str
+
+
+def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
+    """``models:/name@alias`` or ``models:/name/N`` to (name, version)."""
+    from mlflow.exceptions import MlflowException
+
+    from keel import tracking
+
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"{model_uri}: expected a registry URI such as models:/medical-diagnosis@champion.")
+    reference = model_uri[len("models:/"):]
+    client = tracking.mlflow_client(settings)
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = reference.partition("/")
+        return name, str(client.get_model_version(name, version).version)
+    except MlflowException as e:
+        raise RegistryError(f"{model_uri}: not in the registry at {settings.mlflow_tracking_uri} "
+                            f"({e.message}). `keel models list` shows what is.") from e
+
+
+def load_registered(model_uri: str, settings: KeelSettings) -> LoadedModel:
+    """The Keel predictor inside a registered pyfunc model, with its name and version."""
+    import mlflow
+
+    name, version = resolve_version(model_uri, settings)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    return LoadedModel(pyfunc.unwrap_python_model().predictor, name, version)
+
+
+@serve.ingress()
+class ModelServer:
+    """One replica: the model, its metrics and the HTTP app over them."""
+
+    def __init__(self, model_uri: str, environment: dict[str, str], max_batch_size: int,
+                 batch_wait_timeout_s: float) -> None:
+        from keel.serve.metrics import ServingMetrics
+        from keel.settings import load_settings
+
+        os.environ.update(environment)  # KEEL_* from the deploying process: registry and S3
+        self.model = load_registered(model_uri, load_settings())
+        self.metrics = ServingMetrics(self.model.name, self.model.version, self.model.predictor.classes)
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from keel.serve.app import build_app
+
+        return build_app(self.model.predictor, self.model.name, self.model.version, scorer=self.score,
+                         metrics=self.metrics)
+
+    async def score(self, frame: pd.DataFrame) -> np.ndarray:
+        return await self._score_batch(frame)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _score_batch(self, frames: list[pd.DataFrame]) -> list[np.ndarray]:
+        """Score every waiting request's rows in one forward pass, then split the result back."""
+        combined = pd.concat(frames, ignore_index=True)
+        self.metrics.observe_batch(len(combined))
+        probabilities = self.model.predictor.predict_proba(combined)
+        offsets = np.cumsum([len(f) for f in frames])[:-1]
+        return list(np.split(probabilities, offsets))
+
+
+def keel_environment() -> dict[str, str]:
+    """The KEEL_* variables a replica needs to reach the same registry and S3 endpoint."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("KEEL_", "MLFLOW_", "AWS_"))}
+
+
+def build_application(model_uri: str, config: ServeConfig) -> Any:
+    """The bound Serve application: deployment options from ``config``."""
+    options: dict[str, Any] = {
+        "name": "model", "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "ray_actor_options": {"num_cpus": config.cpus_per_replica},
+    }
+    if config.min_replicas is not None and config.max_replicas is not None:
+        options["autoscaling_config"] = {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                                         "target_ongoing_requests": max(1, config.max_batch_size // 2)}
+    else:
+        options["num_replicas"] = config.replicas
+    deployment = serve.deployment(ModelServer).options(**options)
+    return deployment.bind(model_uri, keel_environment(), config.max_batch_size, config.batch_wait_timeout_s)
+
+
+def deploy(model_uri: str, config: ServeConfig) -> str:
+    """Run the application on the connected Ray cluster; returns the base URL."""
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_application(model_uri, config), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{config.host}:{config.port}"

@@ -1,0 +1,79 @@
+"""A registered model served by real Ray Serve on 127.0.0.1, loaded from a real MLflow registry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keel import storage
+from keel.registry import register
+from keel.serve.deployment import ServeConfig, deploy
+from keel.settings import load_settings
+from tests.conftest import small_frame
+from tests.integration.conftest import free_port
+from tests.stages import run_stages, small_config, write_small_source
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+NAME = "small-model"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    home = tmp_path_factory.mktemp("serve") / ".keel"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KEEL_HOME", str(home))
+    settings = load_settings()
+    uris = run_stages(settings, "serve", write_small_source(home.parent))
+    config = small_config()
+    register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], config.registry, {}, "serve",
+             "small", storage.stage_uri(settings, "serve", "register"), settings)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield deploy(f"models:/{NAME}@champion", ServeConfig(port=free_port(), max_batch_size=16,
+                                                               batch_wait_timeout_s=0.01))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        patch.undo()
+
+
+def records(rows: int) -> list[dict]:
+    return small_frame(rows).drop(columns=["outcome"]).to_dict(orient="records")
+
+
+def test_serves_the_champion_version(served: str) -> None:
+    response = httpx.post(f"{served}/v1/models/{NAME}:predict", json={"records": records(3)}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-model-version"] == "1" and len(response.json()["predictions"]) == 3
+    assert httpx.get(f"{served}/v2/health/ready", timeout=10).json() == {"ready": True}
+
+
+def test_malformed_requests_are_4xx_through_ray_serve(served: str) -> None:
+    bad = httpx.post(f"{served}/v1/models/{NAME}:predict", content=b"{nope", timeout=10,
+                     headers={"content-type": "application/json"})
+    assert bad.status_code == 400
+    missing = httpx.post(f"{served}/v2/models/{NAME}/infer", json={"inputs": [
+        {"name": "size", "shape": [1], "datatype": "FP64", "data": [1.0]}]}, timeout=10)
+    assert missing.status_code == 400 and "missing input(s)" in missing.json()["error"]
+    assert httpx.post(f"{served}/v1/models/{NAME}:predict", json={"records": records(1)}, timeout=10).status_code == 200
+
+
+def test_concurrent_requests_are_batched(served: str) -> None:
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            responses = await asyncio.gather(*(client.post(f"{served}/v1/models/{NAME}:predict",
+                                                           json={"records": records(1)}) for _ in range(48)))
+        return [r.status_code for r in responses]
+
+    assert set(asyncio.run(burst())) == {200}
+    metrics = httpx.get(f"{served}/metrics", timeout=10).text
+    count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("keel_batch_size_count")))
+    total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("keel_batch_size_sum")))
+    assert total / count > 1.5, "concurrent single-row requests should share forward passes"

@@ -47,6 +47,10 @@ class KeelSettings(BaseSettings):
         default="",
         description="Ray cluster address (ray://host:10001 or auto). Empty: start a local Ray.",
     )
+    ray_dashboard_url: str = Field(
+        default="",
+        description="Ray dashboard URL for the Serve REST API (http://head:8265). Empty: a local head.",
+    )
     kfp_host: str = Field(default="", description="Kubeflow Pipelines API endpoint (cluster mode).")
     git_commit: str = Field(
         default="",

@@ -115,9 +115,16 @@ class ModelServer:
         return list(np.split(probabilities, offsets))
 
 
-def keel_environment() -> dict[str, str]:
-    """The KEEL_* variables a replica needs to reach the same registry and S3 endpoint."""
-    return {k: v for k, v in os.environ.items() if k.startswith(("KEEL_", "MLFLOW_", "AWS_"))}
+def keel_environment(settings: KeelSettings) -> dict[str, str]:
+    """What a replica needs to reach the same registry and S3 endpoint, paths made absolute.
+
+    Replicas run in Ray worker processes with their own working directory, so a
+    relative default such as ``./.keel`` would point somewhere else there.
+    """
+    environment = {k: v for k, v in os.environ.items() if k.startswith(("KEEL_", "MLFLOW_", "AWS_"))}
+    environment.update(KEEL_HOME=str(settings.home), KEEL_ARTIFACT_ROOT=settings.artifact_root,
+                       KEEL_MLFLOW_TRACKING_URI=settings.mlflow_tracking_uri)
+    return environment
 
 
 def build_application(model_uri: str, config: ServeConfig) -> Any:
@@ -133,7 +140,10 @@ def build_application(model_uri: str, config: ServeConfig) -> Any:
     else:
         options["num_replicas"] = config.replicas
     deployment = serve.deployment(ModelServer).options(**options)
-    return deployment.bind(model_uri, keel_environment(), config.max_batch_size, config.batch_wait_timeout_s)
+    from keel.settings import load_settings
+
+    return deployment.bind(model_uri, keel_environment(load_settings()), config.max_batch_size,
+                           config.batch_wait_timeout_s)
 
 
 def deploy(model_uri: str, config: ServeConfig) -> str:
@@ -141,3 +151,8 @@ def deploy(model_uri: str, config: ServeConfig) -> str:
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_application(model_uri, config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"
+
+
+def application_builder(args: dict[str, Any]) -> Any:
+    """Entry point for Serve config files, the REST API and RayService ``serveConfigV2``."""
+    return build_application(args["model_uri"], ServeConfig.model_validate(args.get("config", {})))

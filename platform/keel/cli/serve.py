@@ -1,0 +1,107 @@
+"""``keel serve``: deploy a registered model on Ray Serve; ``status`` and ``stop`` manage it."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json
+from keel.settings import load_settings
+
+DEFAULT_MODEL = "models:/medical-diagnosis@champion"
+ACTIONS = ("status", "stop")
+
+
+def sample_request(url: str, model_uri: str) -> str:
+    """A ready-to-paste curl call with one real input row (the model's own input example)."""
+    from keel.serve.deployment import load_registered
+
+    loaded = load_registered(model_uri, load_settings())
+    row = {c: 0.0 for c in loaded.predictor.transform.numeric}
+    row.update({c: s.mode for c, s in loaded.predictor.transform.categorical.items()})
+    body = json.dumps({"records": [row]})
+    return f"curl -s -X POST {url}/v1/models/{loaded.name}:predict -H 'content-type: application/json' -d '{body}'"
+
+
+def serve_command(
+    target: str = typer.Argument(DEFAULT_MODEL, help="A registry URI (models:/NAME@ALIAS or models:/NAME/N), "
+                                                     "or `status` / `stop`."),
+    port: int = typer.Option(8000, "--port", help="HTTP port of the Serve ingress."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the ingress binds (0.0.0.0 in a cluster)."),
+    replicas: int = typer.Option(1, "--replicas", help="Fixed number of replicas."),
+    min_replicas: int | None = typer.Option(None, "--min-replicas", help="Autoscaling lower bound."),
+    max_replicas: int | None = typer.Option(None, "--max-replicas", help="Autoscaling upper bound."),
+    detach: bool = typer.Option(False, "--detach", help="Start a local Ray head and return; `keel serve stop` ends it."),
+    haproxy: bool = typer.Option(True, "--haproxy/--python-proxy", help="Ray Serve's HAProxy ingress (faster)."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Serve a registered model with Ray Serve (local Ray, or the cluster at KEEL_RAY_DASHBOARD_URL)."""
+    from keel.serve import control
+    from keel.serve.deployment import ServeConfig, resolve_version
+
+    settings = load_settings()
+    dashboard = settings.ray_dashboard_url or f"http://127.0.0.1:{control.LOCAL_DASHBOARD_PORT}"
+    if target == "status":
+        print_json(control.status_rest(dashboard)) if output is OutputFormat.json else _print_status(dashboard)
+        return
+    if target == "stop":
+        control.stop_rest(dashboard)
+        if not settings.ray_dashboard_url:
+            control.stop_local_head()
+        typer.echo("Stopped the model server.")
+        return
+    resolve_version(target, settings)  # an unknown model fails here, by name, before anything starts
+    config = ServeConfig(port=port, host=host, replicas=replicas, min_replicas=min_replicas,
+                         max_replicas=max_replicas)
+    if detach or settings.ray_dashboard_url:
+        if not settings.ray_dashboard_url:
+            control.start_local_head(settings, haproxy=haproxy)
+        control.deploy_rest(dashboard, target, config)
+        control.wait_until_running(dashboard)
+        _announce(f"http://{host}:{port}", target, output)
+        return
+    _serve_in_foreground(target, config, haproxy, output)
+
+
+def _announce(url: str, model_uri: str, output: OutputFormat) -> None:
+    if output is OutputFormat.json:
+        print_json({"url": url, "model_uri": model_uri, "metrics": f"{url}/metrics", "openapi": f"{url}/docs"})
+        return
+    typer.echo(f"Serving {model_uri} at {url}  (OpenAPI: {url}/docs, metrics: {url}/metrics)")
+    typer.echo(f"Try it:\n  {sample_request(url, model_uri)}")
+
+
+def _print_status(dashboard: str) -> None:
+    from keel.serve import control
+
+    applications = control.status_rest(dashboard).get("applications", {})
+    if not applications:
+        typer.echo("No model is being served.")
+    for name, application in applications.items():
+        model = application.get("deployed_app_config", {}).get("args", {}).get("model_uri", "?")
+        typer.echo(f"{name}: {application.get('status')}  {model}")
+        for deployment, state in application.get("deployments", {}).items():
+            typer.echo(f"  {deployment}: {state.get('status')} {state.get('replica_states', {})}")
+
+
+def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: OutputFormat) -> None:
+    import os
+    import signal
+
+    import ray
+    from ray import serve
+
+    from keel.serve.deployment import HAPROXY_ENVIRONMENT, deploy
+
+    if haproxy:
+        os.environ.update(HAPROXY_ENVIRONMENT)
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        url = deploy(model_uri, config)  # type: ignore[arg-type]
+        _announce(url, model_uri, output)
+        typer.echo("Press Ctrl-C to stop.")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,118 @@
+"""Deploy, inspect and stop served models through Ray Serve's REST API.
+
+The same API a KubeRay head service exposes (``/api/serve/applications/`` on
+the dashboard port), so ``keel serve --detach`` on a laptop and ``keel serve``
+against a cluster go through one code path. Locally, a Ray head is started
+with ``ray start`` so the model keeps serving after the command exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from keel.errors import KeelError
+from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
+from keel.settings import KeelSettings
+
+APPLICATIONS = "/api/serve/applications/"
+BUILDER = "keel.serve.deployment:application_builder"
+LOCAL_DASHBOARD_PORT = 8265
+REQUEST_TIMEOUT_S = 30
+
+
+class ServeError(KeelError):
+    """Ray Serve could not be reached or refused the request."""
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """Ray's dashboard token, found where Ray's own clients look: RAY_AUTH_TOKEN,
+    the file at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (Ray >= 2.52 enables token auth)."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _call(method: str, url: str, payload: Any = None) -> Any:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **ray_auth_headers()})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:  # noqa: S310
+            body = response.read()
+    except urllib.error.HTTPError as e:
+        raise ServeError(f"{method} {url}: Ray answered HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise ServeError(f"{url}: cannot reach the Ray dashboard ({getattr(e, 'reason', e)}). Is Ray running? "
+                         "Start one with `keel serve --detach`, or set KEEL_RAY_DASHBOARD_URL.") from e
+    return json.loads(body) if body.strip() else None
+
+
+def serve_config_document(model_uri: str, config: ServeConfig) -> dict[str, Any]:
+    """The Serve config (as in a RayService's ``serveConfigV2``) for one model."""
+    return {
+        "http_options": {"host": config.host, "port": config.port},
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": BUILDER,
+                          "args": {"model_uri": model_uri, "config": config.model_dump()}}],
+    }
+
+
+def deploy_rest(dashboard_url: str, model_uri: str, config: ServeConfig) -> None:
+    _call("PUT", dashboard_url.rstrip("/") + APPLICATIONS, serve_config_document(model_uri, config))
+
+
+def status_rest(dashboard_url: str) -> dict[str, Any]:
+    """Serve's view of the applications: status per application and deployment."""
+    return dict(_call("GET", dashboard_url.rstrip("/") + APPLICATIONS) or {})
+
+
+def stop_rest(dashboard_url: str) -> None:
+    _call("DELETE", dashboard_url.rstrip("/") + APPLICATIONS)
+
+
+def wait_until_running(dashboard_url: str, timeout_s: float = 180) -> dict[str, Any]:
+    """Poll until the Keel application is RUNNING; a ServeError with Serve's message if it fails."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        application = status_rest(dashboard_url).get("applications", {}).get(APP_NAME, {})
+        state = application.get("status")
+        if state == "RUNNING":
+            return application
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            details = [d.get("message", "") for d in application.get("deployments", {}).values()]
+            message = " ".join(m for m in [application.get("message", state), *details] if m)
+            raise ServeError(f"the model server failed to start: {message[-2000:]}")
+        time.sleep(1)
+    raise ServeError(f"the model server was not RUNNING after {timeout_s:.0f} s; see `keel serve status`.")
+
+
+def _ray_command() -> str:
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
+def start_local_head(settings: KeelSettings, dashboard_port: int = LOCAL_DASHBOARD_PORT,
+                     haproxy: bool = True) -> str:
+    """``ray start --head`` on this machine, dashboard on 127.0.0.1; returns the dashboard URL."""
+    from keel.serve.deployment import keel_environment
+
+    environment = {**os.environ, **keel_environment(settings), **(HAPROXY_ENVIRONMENT if haproxy else {})}
+    result = subprocess.run([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+                            env=environment, capture_output=True, text=True, timeout=180, check=False)
+    if result.returncode != 0 and "already" not in (result.stdout + result.stderr):
+        raise ServeError(f"`ray start --head` failed: {(result.stderr or result.stdout)[-800:]}")
+    return f"http://127.0.0.1:{dashboard_port}"
+
+
+def stop_local_head() -> None:
+    subprocess.run([_ray_command(), "stop"], capture_output=True, timeout=120, check=False)

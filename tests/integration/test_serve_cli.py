@@ -1,0 +1,72 @@
+"""`keel serve` through Ray Serve's REST API on a real `ray start --head` (what a KubeRay head exposes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keel import storage
+from keel.registry import register
+from keel.settings import load_settings
+from tests.conftest import small_frame
+from tests.integration.conftest import free_port, wait_for_port
+from tests.stages import run_stages, small_config, write_small_source
+from tests.unit.test_cli import keel
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A registered model and a Ray head with its dashboard on 127.0.0.1."""
+    home = tmp_path_factory.mktemp("serve-cli") / ".keel"
+    env = {"KEEL_HOME": str(home)}
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KEEL_HOME", str(home))
+    settings = load_settings()
+    uris = run_stages(settings, "cli", write_small_source(home.parent))
+    register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], small_config().registry, {},
+             "cli", "small", storage.stage_uri(settings, "cli", "register"), settings)
+    dashboard = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray, "start", "--head", "--port=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    "--num-cpus=2", "--disable-usage-stats"], env={**__import__("os").environ, **env},
+                   check=True, capture_output=True, timeout=180)
+    try:
+        wait_for_port(dashboard, timeout_s=60)
+        yield {**env, "KEEL_RAY_DASHBOARD_URL": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        subprocess.run([ray, "stop"], capture_output=True, timeout=120, check=False)
+        patch.undo()
+
+
+def test_serve_status_and_stop_through_the_rest_api(ray_head: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    started = keel("serve", "models:/small-model@champion", "--port", str(port), "--output", "json",
+                   cwd=tmp_path, env=ray_head)
+    assert started.returncode == 0, started.stderr[-3000:]
+    url = json.loads(started.stdout)["url"]
+    assert url == f"http://127.0.0.1:{port}"
+    records = small_frame(2).drop(columns=["outcome"]).to_dict(orient="records")
+    response = httpx.post(f"{url}/v1/models/small-model:predict", json={"records": records}, timeout=30)
+    assert response.status_code == 200 and response.headers["x-model-version"] == "1"
+    status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=ray_head).stdout)
+    application = status["applications"]["keel"]
+    assert application["status"] == "RUNNING"
+    assert application["deployed_app_config"]["args"]["model_uri"] == "models:/small-model@champion"
+    stopped = keel("serve", "stop", cwd=tmp_path, env=ray_head)
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=ray_head).stdout)[
+        "applications"] == {}
+
+
+def test_unknown_model_fails_with_the_registry_message(ray_head: dict[str, str], tmp_path: Path) -> None:
+    result = keel("serve", "models:/nope@champion", "--port", str(free_port()), cwd=tmp_path, env=ray_head)
+    assert result.returncode == 1 and "keel: error:" in result.stderr and "nope" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP) ## Create .venv with the pinned dependencies
 
-demo: $(STAMP) ## Run the medical_diagnosis pipeline locally, end to end
+demo: $(STAMP) ## Run medical_diagnosis end to end, then serve the champion (stop: .venv/bin/keel serve stop)
 	$(BIN)/keel run medical_diagnosis
+	$(BIN)/keel serve --detach
 
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)

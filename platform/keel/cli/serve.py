@@ -14,11 +14,11 @@ ACTIONS = ("status", "stop")
 
 
 def sample_request(url: str, model_uri: str) -> str:
-    """A ready-to-paste curl call with one real input row (the model's own input example)."""
+    """A ready-to-paste curl call with a typical row: training means and most frequent categories."""
     from keel.serve.deployment import load_registered
 
     loaded = load_registered(model_uri, load_settings())
-    row = {c: 0.0 for c in loaded.predictor.transform.numeric}
+    row: dict[str, object] = {c: round(s.mean, 4) for c, s in loaded.predictor.transform.numeric.items()}
     row.update({c: s.mode for c, s in loaded.predictor.transform.categorical.items()})
     body = json.dumps({"records": [row]})
     return f"curl -s -X POST {url}/v1/models/{loaded.name}:predict -H 'content-type: application/json' -d '{body}'"

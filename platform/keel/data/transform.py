@@ -33,6 +33,24 @@ class CategoricalStats(BaseModel):
     categories: list[str]
 
 
+class ReferenceBins(BaseModel):
+    """A numeric column's training distribution: decile edges and each bin's share, for drift (PSI)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    edges: list[float]
+    fractions: list[float]
+
+    @classmethod
+    def of(cls, values: pd.Series, bins: int = 10) -> ReferenceBins:
+        finite = values[np.isfinite(values)]
+        if finite.empty:
+            return cls(edges=[], fractions=[1.0])
+        edges = np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]))
+        counts = np.bincount(np.searchsorted(edges, finite, side="right"), minlength=len(edges) + 1)
+        return cls(edges=edges.tolist(), fractions=(counts / counts.sum()).tolist())
+
+
 class FeatureTransform(BaseModel):
     """Impute, standardize numeric columns and one-hot encode categorical ones."""
 
@@ -42,6 +60,7 @@ class FeatureTransform(BaseModel):
     classes: list[str]
     numeric: dict[str, NumericStats]
     categorical: dict[str, CategoricalStats]
+    reference: dict[str, ReferenceBins] = {}
 
     @property
     def input_columns(self) -> list[str]:
@@ -55,7 +74,7 @@ class FeatureTransform(BaseModel):
     @classmethod
     def fit(cls, frame: pd.DataFrame, contract: DataContract) -> FeatureTransform:
         """Learn imputation values, scales and categories from the training split only."""
-        numeric, categorical = {}, {}
+        numeric, categorical, reference = {}, {}, {}
         for name in [c for c in frame.columns if c in contract.features]:  # the data's column order
             spec = contract.columns[name]
             if spec.is_numeric:
@@ -66,13 +85,15 @@ class FeatureTransform(BaseModel):
                     mean=float(values.mean()) if values.notna().any() else 0.0,
                     std=std if std > 0 and np.isfinite(std) else 1.0,
                 )
+                reference[name] = ReferenceBins.of(values.dropna())
             else:
                 values = frame[name].dropna().astype(str)
                 categories = sorted(values.unique().tolist())
                 mode = str(values.mode().iloc[0]) if len(values) else ""
                 categorical[name] = CategoricalStats(mode=mode, categories=categories)
         classes = sorted(frame[contract.target].astype(str).unique().tolist())
-        return cls(target=contract.target, classes=classes, numeric=numeric, categorical=categorical)
+        return cls(target=contract.target, classes=classes, numeric=numeric, categorical=categorical,
+                   reference=reference)
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         """Raw columns to a float32 feature matrix; DataError naming missing or non-numeric columns."""

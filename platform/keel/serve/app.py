@@ -89,7 +89,8 @@ def _v2_frame(payload: V2InferRequest, columns: list[str]) -> pd.DataFrame:
 def build_app(predictor: Predictor, model_name: str, model_version: str, scorer: Scorer | None = None,
               metrics: ServingMetrics | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The API over one model; ``scorer`` lets Ray Serve batch requests across callers."""
-    metrics = metrics or ServingMetrics(model_name, model_version, predictor.classes)
+    metrics = metrics or ServingMetrics(model_name, model_version, predictor.classes,
+                                        predictor.transform.reference)
     score = scorer or direct_scorer(predictor, metrics)
     request_model = predict_request_model(predictor.transform)
     columns = predictor.transform.input_columns
@@ -107,6 +108,7 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
         except DataError as e:
             raise RequestError(422, e.headline) from e
         metrics.observe_predictions(probabilities)
+        metrics.observe_inputs(frame)
         return probabilities
 
     @app.middleware("http")

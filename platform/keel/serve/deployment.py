@@ -92,7 +92,8 @@ class ModelServer:
 
         os.environ.update(environment)  # KEEL_* from the deploying process: registry and S3
         self.model = load_registered(model_uri, load_settings())
-        self.metrics = ServingMetrics(self.model.name, self.model.version, self.model.predictor.classes)
+        self.metrics = ServingMetrics(self.model.name, self.model.version, self.model.predictor.classes,
+                                      self.model.predictor.transform.reference)
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 

@@ -7,7 +7,11 @@ predicted class. No request ids or raw values become labels.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from keel.data.transform import ReferenceBins
+from keel.monitor.drift import DriftMonitor
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
@@ -26,7 +30,7 @@ class ServingMetrics:
     """One model's metrics, in a registry of its own (tests and replicas never collide)."""
 
     def __init__(self, model: str, version: str, classes: list[str],
-                 registry: CollectorRegistry | None = None) -> None:
+                 reference: dict[str, ReferenceBins] | None = None, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._labels = {"model": model, "version": version}
         self._class_names = list(classes)
@@ -38,6 +42,9 @@ class ServingMetrics:
                                     ["model", "version"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.predictions = Counter("keel_predictions_total", "Predicted rows by class.",
                                    ["model", "version", "class_name"], registry=self.registry)
+        self.drift = Gauge("keel_feature_drift_psi", "PSI of recent inputs against the training data, per column.",
+                           ["model", "version", "feature"], registry=self.registry)
+        self._drift_monitor = DriftMonitor(reference or {})
         info = Gauge("keel_model_info", "The model being served (value 1).", ["model", "version"],
                      registry=self.registry)
         info.labels(**self._labels).set(1)
@@ -57,3 +64,8 @@ class ServingMetrics:
         for name, count in zip(self._class_names, counts, strict=True):
             if count:
                 self.predictions.labels(**self._labels, class_name=name).inc(int(count))
+
+    def observe_inputs(self, frame: pd.DataFrame) -> None:
+        self._drift_monitor.observe(frame)
+        for feature, score in self._drift_monitor.scores().items():
+            self.drift.labels(**self._labels, feature=feature).set(score)

@@ -1,0 +1,1 @@
+"""Monitoring: drift of live inputs, alert rules, a Grafana dashboard, Pushgateway metrics."""

@@ -1,0 +1,55 @@
+"""Population stability index (PSI) of live inputs against the training distribution.
+
+The reference bins travel with the model (``transform.json``); the server
+keeps the bin of each of the last ``window`` rows per column and recomputes
+PSI per batch. PSI above 0.2 is the usual sign of a shifted input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from keel.data.transform import ReferenceBins
+
+EPSILON = 1e-4
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """sum((a - e) * ln(a / e)) over bins, with empty bins floored at EPSILON."""
+    e = np.clip(expected, EPSILON, None)
+    a = np.clip(actual, EPSILON, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+class DriftMonitor:
+    """A sliding window of recent rows' bins per numeric column."""
+
+    def __init__(self, reference: dict[str, ReferenceBins], window: int = 2000) -> None:
+        self.reference = {name: bins for name, bins in reference.items() if bins.edges}
+        self.window = window
+        self._bins = {name: np.full(window, -1, dtype=np.int16) for name in self.reference}
+        self._next = 0
+        self._filled = 0
+
+    def observe(self, frame: pd.DataFrame) -> None:
+        rows = min(len(frame), self.window)
+        positions = (self._next + np.arange(rows)) % self.window
+        for name, bins in self.reference.items():
+            values = pd.to_numeric(frame[name].tail(rows), errors="coerce").to_numpy(dtype=float)
+            indexes = np.searchsorted(np.asarray(bins.edges), values, side="right").astype(np.int16)
+            indexes[~np.isfinite(values)] = -1  # missing values do not count as drift
+            self._bins[name][positions] = indexes
+        self._next = (self._next + rows) % self.window
+        self._filled = min(self._filled + rows, self.window)
+
+    def scores(self) -> dict[str, float]:
+        """PSI per column over the current window ({} before any row)."""
+        result = {}
+        for name, bins in self.reference.items():
+            seen = self._bins[name][:self._filled] if self._filled < self.window else self._bins[name]
+            seen = seen[seen >= 0]
+            if len(seen):
+                actual = np.bincount(seen, minlength=len(bins.fractions)) / len(seen)
+                result[name] = psi(np.asarray(bins.fractions), actual)
+        return result

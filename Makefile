@@ -9,7 +9,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-unit bench pipelines check-pipelines clean
+DEBIAN_PACKAGES := prometheus prometheus-pushgateway
+
+.PHONY: help venv system-deps demo test test-unit bench pipelines clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -26,7 +28,13 @@ demo: $(STAMP) ## Run medical_diagnosis end to end, then serve the champion (sto
 	$(BIN)/keel run medical_diagnosis
 	$(BIN)/keel serve --detach
 
-test: $(STAMP) ## Run the whole test suite
+system-deps: ## Install the Debian packages the tests start (Prometheus, promtool, Pushgateway)
+	@if command -v promtool >/dev/null && command -v prometheus-pushgateway >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+	else echo "Install the Debian packages $(DEBIAN_PACKAGES) (as root: make system-deps)"; exit 1; fi
+
+test: $(STAMP) system-deps ## Run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## Run the fast unit tests only

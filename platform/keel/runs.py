@@ -62,12 +62,26 @@ def open_stage(stage: str, run_name: str, job_id: str, config: str) -> Iterator[
         run = StageRun(stage, resolve_run_id(run_name, job_id),
                        parse_pipeline_config(config, "the pipeline's config parameter"), settings)
         yield run
+        _push_metrics(run)
     except KeelError as e:
         print(ERROR_MARKER + json.dumps({"stage": stage, "error": e.headline}), flush=True)
         print(f"keel: {stage} failed: {e.headline}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
         storage.STAGE_STARTED_AT.reset(clock)
+
+
+def _push_metrics(run: StageRun) -> None:
+    """Best effort: monitoring being down must not fail a pipeline step."""
+    if not run.settings.pushgateway_url:
+        return
+    from keel.monitor.push import push_stage_metrics
+
+    try:
+        push_stage_metrics(run.settings.pushgateway_url, run.config.pipeline, run.stage,
+                           storage.read_manifest(run.output_uri, run.settings))
+    except OSError as e:
+        print(f"keel: warning: could not push metrics to {run.settings.pushgateway_url}: {e}", file=sys.stderr)
 
 
 def find_stage_error(log_text: str) -> dict[str, str] | None:

@@ -51,6 +51,8 @@ class KeelSettings(BaseSettings):
         default="",
         description="Ray dashboard URL for the Serve REST API (http://head:8265). Empty: a local head.",
     )
+    pushgateway_url: str = Field(
+        default="", description="Prometheus Pushgateway (host:port or URL) for pipeline stage metrics. Empty: off.")
     kfp_host: str = Field(default="", description="Kubeflow Pipelines API endpoint (cluster mode).")
     git_commit: str = Field(
         default="",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,3 +58,25 @@ def s3_env(s3_endpoint: str, keel_home: Path, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setenv(name, value)
     Minio(s3_endpoint.split("//")[1], access_key="testing", secret_key="testing", secure=False).make_bucket(bucket)
     return {**env, "bucket": bucket}
+
+
+def start_service(command: list[str], port: int, log_dir: Path) -> subprocess.Popen:
+    """A Debian-packaged service (Prometheus, Pushgateway) on 127.0.0.1:port, logging to log_dir."""
+    binary = shutil.which(command[0])
+    if binary is None:
+        pytest.fail(f"{command[0]} is missing: `make test` installs it from Debian (see Makefile system-deps)")
+    log = (log_dir / f"{Path(command[0]).name}.log").open("w")
+    process = subprocess.Popen([binary, *command[1:]], stdout=log, stderr=subprocess.STDOUT)
+    wait_for_port(port)
+    return process
+
+
+@pytest.fixture
+def pushgateway(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    process = start_service(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"], port, tmp_path)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

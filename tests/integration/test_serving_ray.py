@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,3 +78,38 @@ def test_concurrent_requests_are_batched(served: str) -> None:
     count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("keel_batch_size_count")))
     total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("keel_batch_size_sum")))
     assert total / count > 1.5, "concurrent single-row requests should share forward passes"
+
+
+def test_prometheus_scrapes_the_served_model(served: str, tmp_path: Path) -> None:
+    """A real Prometheus (Debian package) scrapes the server; PromQL sees counters and histograms move."""
+    from tests.integration.conftest import start_service
+
+    target = served.split("//")[1]
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: keel, static_configs: [{{targets: ['{target}']}}]}}]\n")
+    port = free_port()
+    prometheus = start_service(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                               port, tmp_path)
+
+    def query(promql: str) -> float:
+        result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": promql}, timeout=10).json()
+        values = result["data"]["result"]
+        return float(values[0]["value"][1]) if values else 0.0
+
+    try:
+        before = query('sum(keel_requests_total{code="200"})')
+        for _ in range(20):
+            httpx.post(f"{served}/v1/models/{NAME}:predict", json={"records": records(2)}, timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and query('sum(keel_requests_total{code="200"})') < before + 20:
+            time.sleep(1)
+        assert query('sum(keel_requests_total{code="200"})') >= before + 20
+        assert query('sum(keel_request_duration_seconds_count{route="/v1/models/{name}:predict"})') >= 20
+        assert query("sum(keel_predictions_total)") >= 40
+        assert query(f'keel_model_info{{model="{NAME}",version="1"}}') == 1
+        assert query('count(keel_feature_drift_psi)') >= 2
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=10)

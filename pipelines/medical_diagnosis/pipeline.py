@@ -11,6 +11,7 @@ from typing import Any
 
 from kfp import dsl
 
+from components.deploy.component import deploy
 from components.evaluate.component import evaluate
 from components.ingest.component import ingest
 from components.preprocess.component import preprocess
@@ -41,8 +42,8 @@ def build(config_override: Path | None = None) -> Any:
     default_config = load_pipeline_config(CONFIG_FILE, config_override).to_json()
 
     @dsl.pipeline(name=NAME, description="Train, evaluate and register a breast-cancer diagnosis classifier.")
-    def medical_diagnosis(source: str = DEFAULT_SOURCE, run_name: str = "",
-                          config: str = default_config) -> str:
+    def medical_diagnosis(source: str = DEFAULT_SOURCE, run_name: str = "", serve: bool = False,
+                          serve_port: int = 8000, config: str = default_config) -> str:
         run = {"config": config, "run_name": run_name, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         ingested = _configure(ingest(source=source, **run))
         validated = _configure(validate(dataset_uri=ingested.output, **run))
@@ -51,6 +52,9 @@ def build(config_override: Path | None = None) -> Any:
         evaluated = _configure(evaluate(model_uri=trained.output, splits_uri=prepared.output, **run))
         registered = _configure(register(model_uri=trained.output, evaluation_uri=evaluated.outputs["Output"],
                                          dataset_uri=ingested.output, splits_uri=prepared.output, **run))
+        with dsl.If(serve == True, name="serving-requested"):  # noqa: E712 - KFP conditions compare with ==
+            with dsl.If(registered.outputs["promoted"] == True, name="new-champion"):  # noqa: E712
+                _configure(deploy(model_version_uri=registered.outputs["model_version_uri"], port=serve_port, **run))
         return registered.outputs["model_version_uri"]
 
     return medical_diagnosis

@@ -80,7 +80,7 @@ def _push_metrics(run: StageRun) -> None:
     try:
         push_stage_metrics(run.settings.pushgateway_url, run.config.pipeline, run.stage,
                            storage.read_manifest(run.output_uri, run.settings))
-    except OSError as e:
+    except (OSError, KeelError) as e:
         print(f"keel: warning: could not push metrics to {run.settings.pushgateway_url}: {e}", file=sys.stderr)
 
 

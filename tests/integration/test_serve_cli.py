@@ -70,3 +70,21 @@ def test_unknown_model_fails_with_the_registry_message(ray_head: dict[str, str],
     result = keel("serve", "models:/nope@champion", "--port", str(free_port()), cwd=tmp_path, env=ray_head)
     assert result.returncode == 1 and "keel: error:" in result.stderr and "nope" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_path: Path) -> None:
+    """serve=true: the deploy step runs (only) because register promoted a champion; training used a
+    private Ray instance although a head is running on this machine."""
+    port = free_port()
+    env = ray_head  # the CLI and the Ray head share one registry, as in a cluster
+    result = keel("run", "medical_diagnosis", "--param", "serve=true", "--param", f"serve_port={port}",
+                  "--output", "json", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["champion"] is True
+    row = {"mean_radius": 14.0}
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
+                          json={"records": [row]}, timeout=30)
+    assert response.status_code == 422 and "Field required" in response.json()["detail"]  # served, schema enforced
+    status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
+    assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/1"
+    keel("serve", "stop", cwd=tmp_path, env=env)

@@ -113,3 +113,25 @@ def test_prometheus_scrapes_the_served_model(served: str, tmp_path: Path) -> Non
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=10)
+
+
+def test_overload_gets_a_fast_503_with_retry_after(served: str) -> None:
+    """A second app with a one-request queue: the excess is refused at once, the rest served."""
+    from ray import serve
+
+    from keel.serve.deployment import build_application
+
+    config = ServeConfig(max_ongoing_requests=1, max_queued_requests=1, batch_wait_timeout_s=0.05, retry_after_s=2)
+    serve.run(build_application(f"models:/{NAME}@champion", config), name="tight", route_prefix="/tight")
+    url = f"{served}/tight/v1/models/{NAME}:predict"
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.post(url, json={"records": records(1)}) for _ in range(40)))
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 10 and codes.count(200) >= 2
+    assert all(r.headers.get("retry-after") == "2" for r in responses if r.status_code == 503)
+    assert httpx.post(url, json={"records": records(1)}, timeout=30).status_code == 200
+    serve.delete("tight")

@@ -32,6 +32,10 @@ def test_compiled_yaml_is_valid_kfp_ir(name: str) -> None:
     assert component.pipeline_spec.pipeline_info.name == spec["pipelineInfo"]["name"]
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {RUNTIME_IMAGE}
-    for task_name, task in spec["root"]["dag"]["tasks"].items():
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    steps = [(name, task) for dag in dags for name, task in dag["tasks"].items()
+             if "executorLabel" in spec["components"][task["componentRef"]["name"]]]
+    assert len(steps) == len(executors)
+    for task_name, task in steps:
         assert task.get("retryPolicy", {}).get("maxRetryCount", 0) >= 1, f"{task_name} has no retry policy"
         assert task["cachingOptions"] == {}, f"{task_name} caches outputs keyed by another run"

@@ -15,12 +15,16 @@ def keel(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
-def test_params_are_name_value_pairs() -> None:
-    assert parse_params(["source=s3://b/x.csv"], ["source"]) == {"source": "s3://b/x.csv"}
+def test_params_are_typed_name_value_pairs() -> None:
+    accepted = {"source": "String", "serve": "Boolean", "serve_port": "Integer"}
+    assert parse_params(["source=s3://b/x.csv", "serve=true", "serve_port=8080"], accepted) == {
+        "source": "s3://b/x.csv", "serve": True, "serve_port": 8080}
     with pytest.raises(ConfigError, match="expected NAME=VALUE"):
-        parse_params(["source"], ["source"])
-    with pytest.raises(ConfigError, match=r"has no such parameter; it takes \['source'\]"):
-        parse_params(["lr=1"], ["source"])
+        parse_params(["source"], accepted)
+    with pytest.raises(ConfigError, match=r"has no such parameter; it takes \['serve', 'serve_port', 'source'\]"):
+        parse_params(["lr=1"], accepted)
+    with pytest.raises(ConfigError, match="serve_port=eighty: expected an integer"):
+        parse_params(["serve_port=eighty"], accepted)
 
 
 @pytest.mark.parametrize("args, message", [

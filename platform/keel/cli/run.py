@@ -15,17 +15,34 @@ from keel.settings import KeelSettings, load_settings
 HEADLINE_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc")
 
 
-def parse_params(pairs: list[str], accepted: list[str]) -> dict[str, str]:
-    """``NAME=VALUE`` pairs into pipeline arguments, rejecting names the pipeline lacks."""
+def _typed(name: str, value: str, kind: str) -> Any:
+    """A parameter's text as the type the pipeline declares (KFP's Boolean, Integer, Double, String)."""
+    try:
+        if kind == "Boolean":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if kind == "Integer":
+            return int(value)
+        if kind in ("Double", "Float"):
+            return float(value)
+    except ValueError as e:
+        expected = {"Boolean": "true or false", "Integer": "an integer"}.get(kind, "a number")
+        raise ConfigError(f"--param {name}={value}: expected {expected}.") from e
+    return value
+
+
+def parse_params(pairs: list[str], accepted: dict[str, str]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs into typed pipeline arguments, rejecting names the pipeline lacks."""
     arguments = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise ConfigError(f"--param {pair!r}: expected NAME=VALUE, e.g. --param source=data.csv.")
         if name not in accepted:
-            raise ConfigError(f"--param {name}: the pipeline has no such parameter; it takes {accepted}. "
+            raise ConfigError(f"--param {name}: the pipeline has no such parameter; it takes {sorted(accepted)}. "
                               "Stage settings go in a --config file.")
-        arguments[name] = value
+        arguments[name] = _typed(name, value, accepted[name])
     return arguments
 
 
@@ -103,7 +120,8 @@ def run_pipeline(
 
     settings = load_settings()
     built = pipelines.build(pipeline, config)
-    accepted = [name for name in built.component_spec.inputs if name not in ("config", "run_name")]
+    accepted = {name: str(spec.type) for name, spec in built.component_spec.inputs.items()
+                if name not in ("config", "run_name")}
     arguments = parse_params(param, accepted)
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:

@@ -55,11 +55,7 @@ def serve_command(
     config = ServeConfig(port=port, host=host, replicas=replicas, min_replicas=min_replicas,
                          max_replicas=max_replicas)
     if detach or settings.ray_dashboard_url:
-        if not settings.ray_dashboard_url:
-            control.start_local_head(settings, haproxy=haproxy)
-        control.deploy_rest(dashboard, target, config)
-        control.wait_until_running(dashboard)
-        _announce(f"http://{host}:{port}", target, output)
+        _announce(control.deploy_detached(target, config, settings, haproxy=haproxy), target, output)
         return
     _serve_in_foreground(target, config, haproxy, output)
 
@@ -96,7 +92,7 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
 
     if haproxy:
         os.environ.update(HAPROXY_ENVIRONMENT)
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         url = deploy(model_uri, config)  # type: ignore[arg-type]
         _announce(url, model_uri, output)

@@ -116,3 +116,16 @@ def start_local_head(settings: KeelSettings, dashboard_port: int = LOCAL_DASHBOA
 
 def stop_local_head() -> None:
     subprocess.run([_ray_command(), "stop"], capture_output=True, timeout=120, check=False)
+
+
+def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings, haproxy: bool = True) -> str:
+    """Serve ``model_uri`` on the cluster at KEEL_RAY_DASHBOARD_URL, or on a local Ray head started here.
+
+    Returns once the application is RUNNING, with the URL it answers on.
+    """
+    dashboard = settings.ray_dashboard_url
+    if not dashboard:
+        dashboard = start_local_head(settings, haproxy=haproxy)
+    deploy_rest(dashboard, model_uri, config)
+    wait_until_running(dashboard)
+    return f"http://{config.host}:{config.port}"

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from keel.errors import RegistryError
 from keel.predictor import Predictor
@@ -41,6 +42,7 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.002, ge=0)
     max_ongoing_requests: int = Field(default=64, ge=1)
     max_queued_requests: int = Field(default=256, ge=1, description="beyond this, 503 with Retry-After")
+    retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After on a 503 from back-pressure")
     cpus_per_replica: float = Field(default=1.0, gt=0)
 
 
@@ -133,6 +135,8 @@ def build_application(model_uri: str, config: ServeConfig) -> Any:
     options: dict[str, Any] = {
         "name": "model", "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
+        # Back-pressure: a fast 503 with Retry-After rather than an ever longer queue
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
         "ray_actor_options": {"num_cpus": config.cpus_per_replica},
     }
     if config.min_replicas is not None and config.max_replicas is not None:

@@ -71,7 +71,8 @@ def ray_session(settings: KeelSettings) -> Iterator[float]:
         if settings.ray_address:
             ray.init(address=settings.ray_address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            # address="local": a private instance, even when `keel serve --detach` left a head running
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         yield time.perf_counter() - started
     finally:

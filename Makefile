@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 DEBIAN_PACKAGES := prometheus prometheus-pushgateway
 
-.PHONY: help venv system-deps demo test test-unit bench pipelines clean
+.PHONY: help venv system-deps demo test test-unit typecheck bench pipelines clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -34,8 +34,11 @@ system-deps: ## Install the Debian packages the tests start (Prometheus, promtoo
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
 	else echo "Install the Debian packages $(DEBIAN_PACKAGES) (as root: make system-deps)"; exit 1; fi
 
-test: $(STAMP) system-deps ## Run the whole test suite
+test: $(STAMP) system-deps typecheck ## Run the whole test suite (type check included)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+typecheck: $(STAMP) ## mypy over the keel package
+	$(BIN)/mypy platform/keel
 
 test-unit: $(STAMP) ## Run the fast unit tests only
 	$(BIN)/pytest -m "not integration and not slow" $(PYTEST_ARGS)

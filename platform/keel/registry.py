@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.pyfunc import PythonModel
 
 from keel import __version__, storage, tracking
@@ -67,7 +68,7 @@ def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
     frame = storage.read_parquet(storage.join(dataset_uri, DATA_FILE), settings)
     # The source MLflow records is the ingested copy: exactly the bytes trained on, at a URI
     # MLflow can resolve. Where they came from is the ``dataset.source`` param.
-    dataset = mlflow.data.from_pandas(frame, source=storage.join(dataset_uri, DATA_FILE), targets=target,
+    dataset = from_pandas(frame, source=storage.join(dataset_uri, DATA_FILE), targets=target,
                                       name=storage.filename(manifest["source"]), digest=manifest["sha256"][:16])
     mlflow.log_input(dataset, context="training")
     mlflow.log_params({"dataset.source": manifest["source"], "dataset.sha256": manifest["sha256"],

@@ -82,6 +82,7 @@ def _print_status(dashboard: str) -> None:
 
 
 def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: OutputFormat) -> None:
+    import logging
     import os
     import signal
 
@@ -92,7 +93,7 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
 
     if haproxy:
         os.environ.update(HAPROXY_ENVIRONMENT)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         url = deploy(model_uri, config)  # type: ignore[arg-type]
         _announce(url, model_uri, output)

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from keel.errors import DataError
 from keel.predictor import Predictor
 from keel.serve.metrics import ServingMetrics
-from keel.serve.schema import PredictResponse, V2InferRequest, predict_request_model
+from keel.serve.schema import Prediction, PredictResponse, V2InferRequest, predict_request_model
 
 Scorer = Callable[[pd.DataFrame], Awaitable[np.ndarray]]
 MAX_BODY_BYTES = 1 << 20
@@ -143,8 +143,8 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
         probabilities = await predict_frame(frame)
         return PredictResponse(model_name=model_name, model_version=model_version,
                                request_id=request.state.request_id,
-                               predictions=[{"label": classes[int(p.argmax())],
-                                             "probabilities": dict(zip(classes, map(float, p), strict=True))}
+                               predictions=[Prediction(label=classes[int(p.argmax())],
+                                                       probabilities=dict(zip(classes, map(float, p), strict=True)))
                                             for p in probabilities])
 
     @app.get("/v2/health/live", tags=["v2"])

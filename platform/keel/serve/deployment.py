@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -96,8 +96,8 @@ class ModelServer:
         self.model = load_registered(model_uri, load_settings())
         self.metrics = ServingMetrics(self.model.name, self.model.version, self.model.predictor.classes,
                                       self.model.predictor.transform.reference)
-        self._score_batch.set_max_batch_size(max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     def __serve_build_asgi_app__(self) -> Any:
         from keel.serve.app import build_app
@@ -144,7 +144,7 @@ def build_application(model_uri: str, config: ServeConfig) -> Any:
                                          "target_ongoing_requests": max(1, config.max_batch_size // 2)}
     else:
         options["num_replicas"] = config.replicas
-    deployment = serve.deployment(ModelServer).options(**options)
+    deployment = cast(Any, serve.deployment(ModelServer)).options(**options)
     from keel.settings import load_settings
 
     return deployment.bind(model_uri, keel_environment(load_settings()), config.max_batch_size,

@@ -104,7 +104,10 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, nn.Module)
+    return inner
 
 
 def _report(metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -7,6 +7,7 @@ weights by validation loss, the network spec and the feature transform.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -58,7 +59,6 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int) -
 @contextmanager
 def ray_session(settings: KeelSettings) -> Iterator[float]:
     """Connect to ``KEEL_RAY_ADDRESS`` or start a local Ray; yields the start-up seconds."""
-    import logging
     import os
 
     import ray
@@ -72,7 +72,7 @@ def ray_session(settings: KeelSettings) -> Iterator[float]:
             ray.init(address=settings.ray_address, log_to_driver=False)
         else:
             # address="local": a private instance, even when `keel serve --detach` left a head running
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         yield time.perf_counter() - started
     finally:
@@ -152,6 +152,7 @@ def train(splits_uri: str, config: TrainConfig, output_uri: str, checkpoint_uri:
                                    mlflow_run_id, settings)
             fit_s = time.perf_counter() - fit_started
         state = _final_state(result)
+        assert state.best_weights is not None  # _final_state raises otherwise
         model = MLPClassifier(spec)
         model.load_state_dict(state.best_weights)
         save_model(model, spec, out.dir)

@@ -70,9 +70,23 @@ def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
     # MLflow can resolve. Where they came from is the ``dataset.source`` param.
     dataset = from_pandas(frame, source=storage.join(dataset_uri, DATA_FILE), targets=target,
                                       name=storage.filename(manifest["source"]), digest=manifest["sha256"][:16])
-    mlflow.log_input(dataset, context="training")
+    _log_input_retrying(dataset)
     mlflow.log_params({"dataset.source": manifest["source"], "dataset.sha256": manifest["sha256"],
                        "dataset.rows": manifest["rows"]})
+
+
+def _log_input_retrying(dataset: Any, attempts: int = 3) -> None:
+    """MLflow creates a dataset row get-or-create style, not atomically: two runs logging the
+    same data at once can collide on its unique key. The loser retries and links the winner's row."""
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except IntegrityError:
+            if attempt == attempts - 1:
+                raise
 
 
 def _log_model(model_dir: Path, raw_test: pd.DataFrame, target: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from keel import storage
@@ -30,8 +31,32 @@ def mlflow_client(settings: KeelSettings) -> MlflowClient:
     export_s3_environment(settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     if settings.mlflow_tracking_uri.startswith("sqlite:///"):
-        settings.home.mkdir(parents=True, exist_ok=True)
+        return _initialize_sqlite_once(settings.mlflow_tracking_uri)
     return MlflowClient(settings.mlflow_tracking_uri)
+
+
+def _initialize_sqlite_once(tracking_uri: str) -> MlflowClient:
+    """Create or migrate the SQLite store under a file lock.
+
+    MLflow migrates the schema on first connection; two processes doing that
+    at once (two pipeline runs started together on a fresh machine) corrupt
+    the migration, so the first connection is serialized.
+    """
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    database = Path(tracking_uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri)
+            client.search_experiments(max_results=1)  # tracking store: created and migrated here
+            client.search_registered_models(max_results=1)  # registry store, same database
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def experiment_id(client: MlflowClient, settings: KeelSettings) -> str:

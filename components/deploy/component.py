@@ -14,6 +14,6 @@ def deploy(model_version_uri: str, config: str, run_name: str, job_id: str, port
         from keel.serve.control import deploy_detached
         from keel.serve.deployment import ServeConfig
 
-        host = "0.0.0.0" if run.settings.ray_dashboard_url else "127.0.0.1"  # a cluster's Serve pods vs this machine
+        host = "0.0.0.0" if run.settings.serve_dashboard_url else "127.0.0.1"  # a cluster's Serve pods vs this machine
         url = deploy_detached(model_version_uri, ServeConfig(port=port, host=host), run.settings)
     return url

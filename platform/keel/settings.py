@@ -84,6 +84,16 @@ class KeelSettings(BaseSettings):
         return self
 
     @property
+    def serve_dashboard_url(self) -> str:
+        """Where Serve's REST API is: KEEL_RAY_DASHBOARD_URL, else the dashboard of the Ray head at
+        KEEL_RAY_ADDRESS (a KubeRay head service serves ray:// on 10001 and the dashboard on 8265),
+        else empty for a local head."""
+        if self.ray_dashboard_url:
+            return self.ray_dashboard_url.rstrip("/")
+        address = urlparse(self.ray_address) if self.ray_address.startswith("ray://") else None
+        return f"http://{address.hostname}:8265" if address and address.hostname else ""
+
+    @property
     def is_cluster(self) -> bool:
         """True when a KFP host is configured, i.e. pipelines go to Kubeflow."""
         return bool(self.kfp_host)

@@ -48,3 +48,13 @@ def test_settings_are_frozen(keel_home: Path) -> None:
     settings = load_settings()
     with pytest.raises(Exception):
         settings.ray_address = "auto"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("address, dashboard, expected", [
+    ("", "", ""),
+    ("ray://raycluster-head-svc:10001", "", "http://raycluster-head-svc:8265"),
+    ("ray://head:10001", "http://dash:8265/", "http://dash:8265"),
+    ("auto", "", ""),
+])
+def test_serve_dashboard_url(keel_home: Path, address: str, dashboard: str, expected: str) -> None:
+    assert load_settings(ray_address=address, ray_dashboard_url=dashboard).serve_dashboard_url == expected

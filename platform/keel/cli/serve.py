@@ -41,20 +41,20 @@ def serve_command(
     from keel.serve.deployment import ServeConfig, resolve_version
 
     settings = load_settings()
-    dashboard = settings.ray_dashboard_url or f"http://127.0.0.1:{control.LOCAL_DASHBOARD_PORT}"
+    dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{control.LOCAL_DASHBOARD_PORT}"
     if target == "status":
         print_json(control.status_rest(dashboard)) if output is OutputFormat.json else _print_status(dashboard)
         return
     if target == "stop":
         control.stop_rest(dashboard)
-        if not settings.ray_dashboard_url:
+        if not settings.serve_dashboard_url:
             control.stop_local_head()
         typer.echo("Stopped the model server.")
         return
     resolve_version(target, settings)  # an unknown model fails here, by name, before anything starts
     config = ServeConfig(port=port, host=host, replicas=replicas, min_replicas=min_replicas,
                          max_replicas=max_replicas)
-    if detach or settings.ray_dashboard_url:
+    if detach or settings.serve_dashboard_url:
         _announce(control.deploy_detached(target, config, settings, haproxy=haproxy), target, output)
         return
     _serve_in_foreground(target, config, haproxy, output)

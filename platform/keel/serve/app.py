@@ -44,8 +44,9 @@ def _is_v2(request: Request) -> bool:
 
 def _error(request: Request, status: int, message: str) -> JSONResponse:
     # The Open Inference Protocol's error body is {"error": ...}; FastAPI's is {"detail": ...}.
-    body = {"error": message} if _is_v2(request) else {"detail": message}
-    return JSONResponse(body, status_code=status)
+    body: dict[str, str] = {"error": message} if _is_v2(request) else {"detail": message}
+    identity = getattr(request.app.state, "identity", {})
+    return JSONResponse({**body, **identity}, status_code=status)
 
 
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
@@ -183,6 +184,6 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
     async def scrape() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.state.model_name, app.state.model_version = model_name, model_version
+    app.state.identity = {"model_name": model_name, "model_version": model_version}
     app.state.metrics = metrics
     return app

@@ -123,7 +123,7 @@ def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings,
 
     Returns once the application is RUNNING, with the URL it answers on.
     """
-    dashboard = settings.ray_dashboard_url
+    dashboard = settings.serve_dashboard_url
     if not dashboard:
         dashboard = start_local_head(settings, haproxy=haproxy)
     deploy_rest(dashboard, model_uri, config)

@@ -87,7 +87,8 @@ def test_non_finite_numbers_are_rejected(client: TestClient, literal: str) -> No
 def test_unknown_model_is_404(client: TestClient) -> None:
     response = client.post("/v1/models/other:predict", json={"records": records(1)})
     assert response.status_code == 404 and "unknown model 'other'" in response.json()["detail"]
-    assert client.get("/v2/models/other").json() == {"error": "unknown model 'other'; this server serves 'small-model'"}
+    assert client.get("/v2/models/other").json() == {"error": "unknown model 'other'; this server serves 'small-model'",
+                                                     "model_name": NAME, "model_version": VERSION}
 
 
 def test_oversized_payload_is_413(client: TestClient) -> None:

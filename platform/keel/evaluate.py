@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from keel import storage
-from keel.predictor import Predictor
 from keel.settings import KeelSettings
 
 EVALUATION_FILE = "evaluation.json"
@@ -54,6 +53,8 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
 
 def evaluate(model_uri: str, splits_uri: str, output_uri: str, settings: KeelSettings) -> dict[str, Any]:
     """Score the published model at ``model_uri`` on the raw test split; publish ``evaluation.json``."""
+    from keel.predictor import Predictor  # torch: only where a model is scored
+
     with storage.staged_output(output_uri, "evaluate", settings) as out, \
             tempfile.TemporaryDirectory(prefix="keel-evaluate-") as scratch:
         splits = storage.read_manifest(splits_uri, settings)

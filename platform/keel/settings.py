@@ -93,11 +93,6 @@ class KeelSettings(BaseSettings):
         address = urlparse(self.ray_address) if self.ray_address.startswith("ray://") else None
         return f"http://{address.hostname}:8265" if address and address.hostname else ""
 
-    @property
-    def is_cluster(self) -> bool:
-        """True when a KFP host is configured, i.e. pipelines go to Kubeflow."""
-        return bool(self.kfp_host)
-
     def s3_environment(self) -> dict[str, str]:
         """Environment variables that make MLflow and boto3 talk to our S3 endpoint."""
         env = {"AWS_DEFAULT_REGION": self.s3_region}

@@ -11,8 +11,7 @@ def test_defaults_live_under_home(keel_home: Path) -> None:
     assert settings.home == keel_home.resolve()
     assert settings.artifact_root == str(keel_home / "artifacts")
     assert settings.mlflow_tracking_uri == f"sqlite:///{keel_home / 'mlflow.db'}"
-    assert settings.ray_address == ""
-    assert not settings.is_cluster
+    assert settings.ray_address == "" and settings.kfp_host == ""
 
 
 def test_relative_home_is_pinned_to_the_working_directory(keel_home: Path, tmp_path: Path,

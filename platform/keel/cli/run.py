@@ -10,9 +10,8 @@ import typer
 
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.errors import ConfigError
+from keel.evaluate import HEADLINE_METRICS
 from keel.settings import KeelSettings, load_settings
-
-HEADLINE_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc")
 
 
 def _typed(name: str, value: str, kind: str) -> Any:

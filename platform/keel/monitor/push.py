@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
-METRIC_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc")
+from keel.evaluate import HEADLINE_METRICS
 
 
 def stage_registry(pipeline: str, stage: str, manifest: dict[str, Any]) -> CollectorRegistry:
@@ -25,7 +25,7 @@ def stage_registry(pipeline: str, stage: str, manifest: dict[str, Any]) -> Colle
     if isinstance(rows, int | float):
         Gauge("keel_stage_rows", "Rows a pipeline stage produced or scored.", list(labels),
               registry=registry).labels(**labels).set(rows)
-    evaluation = {k: manifest[k] for k in METRIC_KEYS if isinstance(manifest.get(k), int | float)}
+    evaluation = {k: manifest[k] for k in HEADLINE_METRICS if isinstance(manifest.get(k), int | float)}
     if evaluation:
         gauge = Gauge("keel_evaluation_metric", "Test-split metrics of the latest evaluated model.",
                       ["pipeline", "metric"], registry=registry)

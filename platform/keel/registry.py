@@ -78,14 +78,15 @@ def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
 def _log_input_retrying(dataset: Any, attempts: int = 3) -> None:
     """MLflow creates a dataset row get-or-create style, not atomically: two runs logging the
     same data at once can collide on its unique key. The loser retries and links the winner's row."""
+    from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import IntegrityError
 
     for attempt in range(attempts):
         try:
             mlflow.log_input(dataset, context="training")
             return
-        except IntegrityError:
-            if attempt == attempts - 1:
+        except (IntegrityError, MlflowException) as e:  # MLflow sometimes wraps the IntegrityError
+            if "UNIQUE constraint failed" not in str(e) or attempt == attempts - 1:
                 raise
 
 

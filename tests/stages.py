@@ -45,14 +45,14 @@ def train_quickly(splits_uri: str, output_uri: str, settings: KeelSettings, epoc
 
 
 def run_stages(settings: KeelSettings, run_id: str, source: Path, epochs: int = 30) -> dict[str, str]:
-    """ingest -> preprocess -> quick train -> evaluate; the stage URIs by name."""
+    """ingest -> preprocess -> quick train -> evaluate (gated against the registry's champion); the stage URIs."""
     config = small_config()
     uris = {stage: storage.stage_uri(settings, run_id, stage) for stage in
             ("ingest", "preprocess", "train", "evaluate", "register")}
     ingest(str(source), uris["ingest"], settings)
     preprocess(uris["ingest"], config.contract, config.preprocess, uris["preprocess"], settings)
     train_quickly(uris["preprocess"], uris["train"], settings, epochs)
-    evaluate(uris["train"], uris["preprocess"], uris["evaluate"], settings)
+    evaluate(uris["train"], uris["preprocess"], uris["evaluate"], settings, config.evaluate, config.registry)
     return uris
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keel.data.contract import DataContract
 from keel.data.preprocess import PreprocessConfig
@@ -30,6 +30,117 @@ class RegisterConfig(BaseModel):
     greater_is_better: bool = True
 
 
+TUNABLE_FIELDS = ("hidden_sizes", "dropout", "learning_rate", "weight_decay", "batch_size")
+
+
+class SearchDimension(BaseModel):
+    """One hyperparameter's range: ``loguniform``/``uniform`` over [low, high], or a ``choice`` of values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["loguniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds_or_values(self) -> SearchDimension:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} range needs `low` < `high`")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a loguniform range needs `low` > 0")
+        return self
+
+
+class TuneConfig(BaseModel):
+    """Ray Tune search before the final training run; ``num_samples: 0`` trains the config as written."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_samples: int = Field(default=0, ge=0, description="trials; 0 skips tuning")
+    max_epochs: int = Field(default=30, ge=1, description="epochs a trial may run (ASHA's max_t)")
+    grace_period: int = Field(default=3, ge=1, description="epochs every trial gets before ASHA may stop it")
+    reduction_factor: int = Field(default=3, ge=2)
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    max_concurrent_trials: int | Literal["auto"] = "auto"
+    seed: int = 42
+    search_space: dict[str, SearchDimension] = {}
+
+    @model_validator(mode="after")
+    def _tunable_keys(self) -> TuneConfig:
+        unknown = sorted(set(self.search_space) - set(TUNABLE_FIELDS))
+        if unknown:
+            raise ValueError(f"search_space keys {unknown} are not tunable; use some of {list(TUNABLE_FIELDS)}")
+        if self.num_samples and not self.search_space:
+            raise ValueError("num_samples > 0 needs a search_space")
+        return self
+
+
+CompressionMethod = Literal["prune_unstructured", "prune_structured", "int8", "distill"]
+COMPRESSION_METHODS: tuple[CompressionMethod, ...] = ("prune_unstructured", "prune_structured", "int8", "distill")
+
+
+class CompressConfig(BaseModel):
+    """Which compressed variants to build, and the policy that picks the one to register."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    methods: list[CompressionMethod] = list(COMPRESSION_METHODS)
+    prune_amount: float = Field(default=0.5, gt=0, lt=1, description="share of weights zeroed (unstructured)")
+    keep_units: float = Field(default=0.5, gt=0, lt=1, description="share of hidden units kept (structured)")
+    finetune_epochs: int = Field(default=10, ge=0)
+    student_hidden_sizes: list[int] | None = Field(default=None, description="default: a quarter of the teacher's")
+    temperature: float = Field(default=4.0, gt=0)
+    distill_alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the soft-target loss")
+    distill_epochs: int = Field(default=60, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    max_accuracy_drop: float = Field(default=0.01, ge=0)
+    latency_budget_ms: float = Field(default=10.0, gt=0)
+    policy_batch_size: Literal[1, 32] = 1
+    latency_repeats: int = Field(default=200, ge=10)
+    seed: int = 42
+
+
+class SliceSpec(BaseModel):
+    """Rows grouped by a raw column: numeric ``bins`` edges make bands, no bins means one slice per value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    column: str = Field(min_length=1)
+    bins: list[float] | None = Field(default=None, min_length=2)
+
+    @model_validator(mode="after")
+    def _increasing(self) -> SliceSpec:
+        if self.bins is not None and any(b <= a for a, b in zip(self.bins, self.bins[1:])):
+            raise ValueError("bins must be strictly increasing")
+        return self
+
+
+class GateConfig(BaseModel):
+    """When a challenger may replace the champion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tolerance: float = Field(default=0.0, description="overall metric may be this much worse than the champion's")
+    slice_tolerance: float = Field(default=0.05, ge=0)
+    max_demographic_parity_difference: float = Field(default=1.0, ge=0, le=1)
+    max_equalized_odds_difference: float = Field(default=1.0, ge=0, le=1)
+
+
+class EvaluateConfig(BaseModel):
+    """Slices, fairness and the promotion gate."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slices: list[SliceSpec] = []
+    positive_class: str | None = Field(default=None, description="for fairness measures; default the second class")
+    min_slice_rows: int = Field(default=10, ge=1, description="smaller slices are reported, not gated")
+    gate: GateConfig = GateConfig()
+
+
 class PipelineConfig(BaseModel):
     """Every stage's settings for one pipeline run."""
 
@@ -38,7 +149,10 @@ class PipelineConfig(BaseModel):
     pipeline: str
     contract: DataContract
     preprocess: PreprocessConfig = PreprocessConfig()
+    tune: TuneConfig = TuneConfig()
     train: TrainConfig = TrainConfig()
+    compress: CompressConfig = CompressConfig(methods=[])
+    evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig
 
     def to_json(self) -> str:

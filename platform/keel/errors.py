@@ -47,3 +47,15 @@ class TrainingError(KeelError):
 
 class RegistryError(KeelError):
     """The model registry refused an operation or holds no such model."""
+
+
+class TuningError(KeelError):
+    """A hyperparameter search could not produce a configuration."""
+
+
+class CompressionError(KeelError):
+    """No compressed variant satisfies the compression policy."""
+
+
+class EvaluationError(KeelError):
+    """The evaluation config does not fit the model or the test data."""

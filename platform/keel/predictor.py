@@ -13,7 +13,9 @@ import torch
 
 from keel.data.preprocess import TRANSFORM_FILE
 from keel.data.transform import FeatureTransform
-from keel.train.model import MLPClassifier, load_model
+from torch import nn
+
+from keel.train.model import load_model
 
 PREDICTION_COLUMN = "prediction"
 PROBABILITY_PREFIX = "probability_"
@@ -22,7 +24,7 @@ PROBABILITY_PREFIX = "probability_"
 class Predictor:
     """A trained network with the transform it was trained behind."""
 
-    def __init__(self, model: MLPClassifier, transform: FeatureTransform) -> None:
+    def __init__(self, model: nn.Module, transform: FeatureTransform) -> None:
         self.model = model.eval()
         self.transform = transform
 

@@ -1,15 +1,13 @@
 """Register: log the model to MLflow as a pyfunc and move the registry aliases.
 
 Every registered version gets the ``challenger`` alias; ``champion`` moves to
-it only when it beats the current champion on the configured metric (or no
-champion exists). A failure after the version was created deletes the
+it only when the evaluation's promotion gate passed (see :mod:`keel.gate`). A failure after the version was created deletes the
 version again, so a failed run never leaves a model version behind.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,7 @@ from keel.evaluate import EVALUATION_FILE, HEADLINE_METRICS
 from keel.predictor import Predictor
 from keel.settings import KeelSettings
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
+CHAMPION, CHALLENGER = tracking.CHAMPION, tracking.CHALLENGER
 INPUT_EXAMPLE_ROWS = 5
 
 
@@ -42,25 +39,6 @@ class KeelPyfunc(PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self.predictor.predict(pd.DataFrame(model_input))
-
-
-def beats(candidate: float, incumbent: float | None, greater_is_better: bool) -> bool:
-    """Whether ``candidate`` should replace ``incumbent`` (always, when there is none)."""
-    if incumbent is None or math.isnan(incumbent):
-        return not math.isnan(candidate)
-    return candidate > incumbent if greater_is_better else candidate < incumbent
-
-
-def champion_metric(client: Any, name: str, metric: str) -> tuple[str | None, float | None]:
-    """The current champion's version and its value of ``metric`` (None, None if no champion)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None, None
-    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
-    return str(version.version), metrics.get(f"test_{metric}")
 
 
 def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
@@ -113,17 +91,30 @@ def _create_version(client: Any, name: str, model_uri: str, run_id: str, tags: d
     return client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
 
 
-def _promote(client: Any, config: RegisterConfig, version: str, metrics: dict[str, float]) -> dict[str, Any]:
-    """Set ``challenger``, and ``champion`` too when the new version wins."""
+def _current_champion(client: Any, name: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def _promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, Any]) -> dict[str, Any]:
+    """Set ``challenger``; move ``champion`` only when the evaluation's gate passed against the
+    version that is still champion now (another run may have promoted one meanwhile)."""
     client.set_registered_model_alias(config.model_name, CHALLENGER, version)
-    previous, incumbent = champion_metric(client, config.model_name, config.promotion_metric)
-    candidate = metrics[config.promotion_metric]
-    promoted = beats(candidate, incumbent, config.greater_is_better)
+    evaluated_against, current = gate["champion_version"], _current_champion(client, config.model_name)
+    if evaluated_against != current:
+        promoted = False
+        reason = (f"not promoted: the champion changed to v{current} after this model was evaluated against "
+                  f"v{evaluated_against}; run the pipeline again to compare with it")
+    else:
+        promoted = bool(gate["passed"])
+        reason = ("gate passed: " if promoted else "gate failed: ") + "; ".join(gate["failures"] or gate["reasons"])
     if promoted:
         client.set_registered_model_alias(config.model_name, CHAMPION, version)
-    reason = (f"{config.promotion_metric} {candidate:.4f} vs champion v{previous} {incumbent:.4f}"
-              if previous is not None and incumbent is not None else "no champion yet")
-    return {"promoted": promoted, "previous_champion": previous, "reason": reason}
+    return {"promoted": promoted, "previous_champion": current, "reason": reason}
 
 
 def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: str, config: RegisterConfig,
@@ -137,18 +128,22 @@ def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: 
         # Leaving the MLflow block on an exception ends the run as FAILED.
         with storage.staged_output(output_uri, "register", settings) as out, \
                 tempfile.TemporaryDirectory(prefix="keel-register-") as scratch, mlflow.start_run(run_id=run_id):
-            metrics = _evaluation_metrics(evaluation_uri, config, settings)
+            evaluation = _evaluation(evaluation_uri, settings)
+            metrics = {name: float(evaluation[name]) for name in HEADLINE_METRICS}
             model_dir = storage.download_directory(model_uri, Path(scratch) / "model", settings)
             target = Predictor.load(model_dir).transform.target
             mlflow.log_params(flatten_params(params))
-            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if not math.isnan(v)})
+            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if v == v})  # NaN != NaN
             _log_dataset(dataset_uri, target, settings)
             raw_test = storage.read_parquet(storage.read_manifest(splits_uri, settings)["raw_test"], settings)
             logged_uri = _log_model(model_dir, raw_test, target)
             previous_aliases = _aliases(client, config.model_name)
             version = _create_version(client, config.model_name, logged_uri, run_id,
                                       {tracking.PIPELINE_RUN_TAG: pipeline_run_id})
-            decision = _promote(client, config, str(version.version), metrics)
+            decision = _promote(client, config, str(version.version), evaluation["gate"])
+            mlflow.set_tags({"keel.promoted": str(decision["promoted"]).lower(),
+                             "keel.gate": "passed" if evaluation["gate"]["passed"] else "failed",
+                             "keel.promotion_reason": decision["reason"][:5000]})
             out.manifest.update(model_name=config.model_name, version=str(version.version),
                                 model_uri=f"models:/{config.model_name}/{version.version}",
                                 mlflow_run_id=run_id, tracking_uri=settings.mlflow_tracking_uri, **decision)
@@ -159,13 +154,13 @@ def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: 
     return out.manifest
 
 
-def _evaluation_metrics(evaluation_uri: str, config: RegisterConfig, settings: KeelSettings) -> dict[str, float]:
-    evaluation = storage.read_json(storage.join(evaluation_uri, EVALUATION_FILE), settings)
+def _evaluation(evaluation_uri: str, settings: KeelSettings) -> dict[str, Any]:
+    evaluation: dict[str, Any] = storage.read_json(storage.join(evaluation_uri, EVALUATION_FILE), settings)
+    if "gate" not in evaluation:
+        raise RegistryError(f"{evaluation_uri}: the evaluation holds no gate decision; evaluate the model with "
+                            "this Keel version first.")
     mlflow.log_dict(evaluation, EVALUATION_FILE)
-    metrics = {name: float(evaluation[name]) for name in HEADLINE_METRICS}
-    if config.promotion_metric not in metrics:
-        raise RegistryError(f"registry.promotion_metric {config.promotion_metric!r} is not one of {list(metrics)}.")
-    return metrics
+    return evaluation
 
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 PIPELINE_RUN_TAG = "keel.pipeline_run_id"
 PIPELINE_TAG = "keel.pipeline"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+CHAMPION = "champion"  # registry alias of the version serving traffic
+CHALLENGER = "challenger"  # registry alias of the newest registered version
 
 
 def mlflow_client(settings: KeelSettings) -> MlflowClient:

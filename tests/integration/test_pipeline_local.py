@@ -30,7 +30,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_demo_trains_a_good_model_and_registers_a_champion(demo: tuple[Path, dict]) -> None:
     _, report = demo
     assert report["succeeded"] and report["error"] is None
-    assert [s["stage"] for s in report["stages"]] == ["ingest", "validate", "preprocess", "train", "evaluate", "register"]
+    assert [s["stage"] for s in report["stages"]] == ["ingest", "validate", "preprocess", "tune", "train", "compress",
+                                                      "evaluate", "register"]
     assert report["test_metrics"]["accuracy"] >= 0.95
     assert report["model_uri"] == "models:/medical-diagnosis/1" and report["champion"] is True
 
@@ -55,6 +56,38 @@ def test_training_checkpointed_every_epoch_and_logged_metrics_from_rank_0(demo: 
     history = client.get_metric_history(version.run_id, "val_loss")
     assert len(history) == train["epochs"] and [m.step for m in history] == list(range(1, train["epochs"] + 1))
     assert client.get_run(version.run_id).data.tags["mlflow.source.git.commit"] == "abc123"
+
+
+def test_tuned_config_trained_compressed_variant_registered_and_gate_logged(demo: tuple[Path, dict]) -> None:
+    _, report = demo
+    run_dir = Path(report["artifacts"])
+    tuned, train, compressed = (json.loads((run_dir / s / "manifest.json").read_text())
+                                for s in ("tune", "train", "compress"))
+    assert tuned["trials"] == 12 and tuned["best_config"]
+    spec = json.loads((run_dir / "train" / "model.json").read_text())
+    assert spec["hidden_sizes"] == tuned["best_config"]["hidden_sizes"]  # the search's best fed training
+    assert compressed["chosen"] in compressed["variants"] and len(compressed["variants"]) == 5
+    assert compressed["variants"]["int8"]["size_bytes"] * 3.5 < compressed["variants"]["baseline"]["size_bytes"]
+    client = mlflow.MlflowClient(report["tracking_uri"])
+    version = client.get_model_version("medical-diagnosis", "1")
+    run = client.get_run(version.run_id)
+    assert run.data.tags["keel.compression.chosen"] == compressed["chosen"]
+    assert run.data.tags["keel.gate"] == "passed" and run.data.metrics["gate_passed"] == 1.0
+    assert any(k.startswith("slice/mean_radius/") for k in run.data.metrics)
+    logged = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
+    assert {"evaluation/calibration_curve.png", "evaluation/report.html"} <= logged
+    assert {a.path for a in client.list_artifacts(version.run_id, "compression")} >= {
+        "compression/report.json", "compression/accuracy_vs_latency.png"}
+    trials = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{version.run_id}'")
+    assert len(trials) == 12
+    # what was registered is the chosen variant, not the trained teacher
+    served = mlflow.pyfunc.load_model("models:/medical-diagnosis/1").unwrap_python_model().predictor
+    chosen = compressed["variants"][compressed["chosen"]]
+    if compressed["chosen"] != "int8":  # quantized weights are packed, not parameters
+        assert sum(p.numel() for p in served.model.parameters()) == chosen["parameters"]
+    predicted = mlflow.pyfunc.load_model("models:/medical-diagnosis/1").predict(
+        pd.read_parquet(run_dir / "preprocess" / "test_raw.parquet").drop(columns=["diagnosis"]))
+    assert len(predicted) == 114
 
 
 def test_bad_source_fails_cleanly_and_registers_nothing(demo: tuple[Path, dict]) -> None:

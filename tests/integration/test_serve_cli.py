@@ -87,4 +87,18 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert response.status_code == 422 and "Field required" in response.json()["detail"]  # served, schema enforced
     status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
     assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/1"
+
+    # A challenger that fails the gate: registered, not promoted, and the served model stays v1.
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("tune: {num_samples: 0}\ncompress: {methods: []}\nevaluate: {gate: {tolerance: -1.0}}\n")
+    second = keel("run", "medical_diagnosis", "--config", str(strict), "--param", "serve=true", "--param",
+                  f"serve_port={port}", "--output", "json", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rejected = json.loads(second.stdout)
+    assert rejected["champion"] is False and rejected["promotion"].startswith("gate failed: f1_macro")
+    status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
+    assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/1"
+    listed = json.loads(keel("models", "list", "--output", "json", cwd=tmp_path, env=env).stdout)
+    assert {(m["version"], tuple(m["aliases"])) for m in listed if m["name"] == "medical-diagnosis"} == {
+        (1, ("champion",)), (2, ("challenger",))}
     keel("serve", "stop", cwd=tmp_path, env=env)

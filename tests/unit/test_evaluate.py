@@ -35,3 +35,52 @@ def test_kfp_artifacts_carry_the_metrics(tmp_path) -> None:
     assert [c["displayName"] for c in matrix["annotationSpecs"]] == ["n", "p"]
     assert matrix["rows"] == [{"row": [2, 0]}, {"row": [0, 2]}]
     assert classification.metadata["confidenceMetrics"]
+
+
+def test_fairness_by_hand_count() -> None:
+    import pandas as pd
+
+    from keel.evaluate import fairness
+
+    groups = pd.Series(["a"] * 4 + ["b"] * 4)
+    labels = np.array([1, 1, 0, 0, 1, 1, 0, 0])
+    predicted = np.array([1, 1, 1, 0, 1, 0, 0, 0])
+    measures = fairness(groups, labels, predicted, positive=1, min_rows=1)
+    # selection rates a 3/4, b 1/4; TPR a 1, b 1/2; FPR a 1/2, b 0
+    assert measures["demographic_parity_difference"] == pytest.approx(0.5)
+    assert measures["equalized_odds_difference"] == pytest.approx(0.5)
+    assert fairness(groups, labels, predicted, 1, min_rows=5)["groups"] == 0
+
+
+def test_slices_band_a_numeric_column_and_name_a_missing_one() -> None:
+    import pandas as pd
+
+    from keel.config import SliceSpec
+    from keel.errors import EvaluationError
+    from keel.evaluate import slice_groups, slice_metrics
+
+    frame = pd.DataFrame({"age": [20, 35, 50, 70, 120]})
+    groups = slice_groups(frame, SliceSpec(column="age", bins=[0, 40, 100]))
+    assert groups.tolist() == ["[0, 40)", "[0, 40)", "[40, 100)", "[40, 100)", "outside bins"]
+    rows = slice_metrics(groups, "age", np.array([0, 1, 1, 0, 1]),
+                         np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.5, 0.5]]), ["n", "p"], 2)
+    by_slice = {r["slice"]: r for r in rows}
+    assert by_slice["[0, 40)"]["accuracy"] == 1 and by_slice["[40, 100)"]["accuracy"] == 0.5
+    assert by_slice["[0, 40)"]["gated"] and not by_slice["outside bins"]["gated"]
+    with pytest.raises(EvaluationError, match="column 'sex' is not in the test data"):
+        slice_groups(frame, SliceSpec(column="sex"))
+
+
+def test_evaluate_stage_writes_plots_report_and_gate(settings, tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from tests.stages import run_stages, write_small_source
+
+    uris = run_stages(settings, "run-e", write_small_source(tmp_path))
+    evaluation = json.loads((Path(uris["evaluate"]) / "evaluation.json").read_text())
+    assert evaluation["gate"]["passed"] and evaluation["gate"]["champion_version"] is None
+    assert len(evaluation["calibration"]["mean_predicted"]) >= 1 and "pr_curve" in evaluation
+    for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration_curve.png"):
+        assert (Path(uris["evaluate"]) / name).stat().st_size > 1000
+    assert "Promotion gate: PASSED" in (Path(uris["evaluate"]) / "report.html").read_text()

@@ -11,7 +11,7 @@ import pytest
 
 from keel import storage, tracking
 from keel.evaluate import EVALUATION_FILE
-from keel.registry import CHALLENGER, CHAMPION, beats, flatten_params, register
+from keel.registry import CHALLENGER, CHAMPION, flatten_params, register
 from keel.settings import KeelSettings
 from tests.stages import run_stages, small_config, write_small_source
 
@@ -28,12 +28,6 @@ def _register(uris: dict[str, str], settings: KeelSettings, run_id: str = "run-a
     return register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], config.registry,
                     config.model_dump(mode="json", exclude={"contract"}), run_id, "small",
                     storage.stage_uri(settings, run_id, "register"), settings)
-
-
-def _set_f1(uris: dict[str, str], value: float) -> None:
-    path = Path(uris["evaluate"]) / EVALUATION_FILE
-    evaluation = json.loads(path.read_text())
-    path.write_text(json.dumps({**evaluation, "f1_macro": value}))
 
 
 def _aliases(settings: KeelSettings) -> dict[str, str]:
@@ -64,14 +58,33 @@ def test_pyfunc_scores_raw_columns(staged_run: dict, settings: KeelSettings, tmp
     assert model.metadata.get_input_schema().input_names() == list(raw.columns)
 
 
-def test_worse_challenger_leaves_the_champion(settings: KeelSettings, tmp_path: Path) -> None:
-    first = run_stages(settings, "run-a", write_small_source(tmp_path))
-    _set_f1(first, 0.9)
-    _register(first, settings, "run-a")
-    second = run_stages(settings, "run-b", tmp_path / "small.csv")
-    _set_f1(second, 0.8)
-    registered = _register(second, settings, "run-b")
-    assert not registered["promoted"] and "0.8000 vs champion v1 0.9000" in registered["reason"]
+def test_gate_failure_registers_a_challenger_and_leaves_the_champion(settings: KeelSettings,
+                                                                     tmp_path: Path) -> None:
+    _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
+    untrained = run_stages(settings, "run-b", tmp_path / "small.csv", epochs=0)  # scored against v1 here
+    gate = json.loads((Path(untrained["evaluate"]) / EVALUATION_FILE).read_text())["gate"]
+    assert not gate["passed"] and gate["champion_version"] == "1"
+    registered = _register(untrained, settings, "run-b")
+    assert not registered["promoted"] and registered["reason"].startswith("gate failed: f1_macro")
+    assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}
+    run = tracking.mlflow_client(settings).get_run(registered["mlflow_run_id"])
+    assert run.data.tags["keel.promoted"] == "false" and run.data.tags["keel.gate"] == "failed"
+
+
+def test_gate_pass_promotes_an_equal_challenger(settings: KeelSettings, tmp_path: Path) -> None:
+    _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
+    same = run_stages(settings, "run-b", tmp_path / "small.csv")  # same seed: same scores, tolerance 0
+    registered = _register(same, settings, "run-b")
+    assert registered["promoted"] and "vs champion v1" in registered["reason"]
+    assert _aliases(settings) == {CHAMPION: "2", CHALLENGER: "2"}
+
+
+def test_a_champion_promoted_after_evaluation_is_not_overwritten(settings: KeelSettings, tmp_path: Path) -> None:
+    first = run_stages(settings, "run-a", write_small_source(tmp_path))  # evaluated: no champion yet
+    second = run_stages(settings, "run-b", tmp_path / "small.csv")  # evaluated: no champion yet either
+    _register(second, settings, "run-b")
+    registered = _register(first, settings, "run-a")
+    assert not registered["promoted"] and "champion changed to v1" in registered["reason"]
     assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}
 
 
@@ -86,14 +99,6 @@ def test_failure_after_registration_withdraws_the_version(staged_run: dict, sett
     client = tracking.mlflow_client(settings)
     assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
     assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "1"}
-
-
-@pytest.mark.parametrize("candidate, incumbent, greater, expected", [
-    (0.9, None, True, True), (0.9, 0.8, True, True), (0.8, 0.9, True, False),
-    (0.8, 0.9, False, True), (float("nan"), None, True, False), (0.5, float("nan"), True, True),
-])
-def test_beats(candidate: float, incumbent: float | None, greater: bool, expected: bool) -> None:
-    assert beats(candidate, incumbent, greater) is expected
 
 
 def test_flatten_params() -> None:

@@ -45,18 +45,25 @@ def parse_params(pairs: list[str], accepted: dict[str, str]) -> dict[str, Any]:
     return arguments
 
 
+def _short(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
     """One summary line per stage: its own compute seconds and what it produced."""
     facts = {
         "ingest": lambda m: f"{m['rows']} rows from {m['source']}",
         "validate": lambda m: "contract passed",
         "preprocess": lambda m: "train/val/test " + "/".join(str(m["rows"][s]) for s in ("train", "val", "test")),
+        "tune": lambda m: (f"{m['trials']} trials, {m['epochs']} epochs, best {_short(m['best_config'])}"
+                           if m["trials"] else "skipped (tune.num_samples is 0)"),
+        "compress": lambda m: f"registering {m['chosen']}",
         "train": lambda m: (f"{m['epochs']} epochs{' (early stop)' if m['stopped_early'] else ''}, "
                             f"{m['scaling']['num_workers']} worker(s), Ray start {m['ray_startup_s']:.1f} s"),
-        "evaluate": lambda m: f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows",
+        "evaluate": lambda m: f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows; {m['gate']}",
         "register": lambda m: f"version {m['version']}{', champion' if m['promoted'] else ''}",
     }
-    return [[stage, f"{m['duration_s']:.2f}", facts[stage](m)] for stage, m in manifests.items()]
+    return [[stage, f"{m['duration_s']:.2f}", facts[stage](m)] for stage, m in manifests.items() if stage in facts]
 
 
 def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
@@ -71,7 +78,7 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
         "stages": [{"stage": stage, "duration_s": m["duration_s"]} for stage, m in manifests.items()],
         "test_metrics": {k: evaluation[k] for k in HEADLINE_METRICS if k in evaluation},
         "model_uri": registered.get("model_uri"), "champion": registered.get("promoted"),
-        "model_name": registered.get("model_name"),
+        "model_name": registered.get("model_name"), "promotion": registered.get("reason"),
         "tracking_uri": settings.mlflow_tracking_uri, "artifacts": f"{settings.artifact_root}/runs/{run.run_id}",
         "_rows": stage_rows(manifests),
     }
@@ -86,6 +93,7 @@ def print_summary(report: dict[str, Any]) -> None:
     if report["model_uri"]:
         alias = "champion" if report["champion"] else "challenger (the champion stays)"
         typer.echo(f"Registered model: {report['model_uri']} ({alias})")
+        typer.echo(f"Promotion: {report['promotion']}")
         typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")
         typer.echo(f"Load it: mlflow.pyfunc.load_model(\"models:/{report['model_name']}@champion\")")
     typer.echo(f"Artifacts: {report['artifacts']}\nLog: {report['log']}")

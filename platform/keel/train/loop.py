@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,19 +40,31 @@ class TrainState:
     loop_seconds: float = 0.0  # whole epochs: training, validation, logging, checkpoint and report
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor,
-                labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> float:
-    """One pass over shuffled in-memory data; returns the mean training loss."""
+                labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                loss_fn: LossFn | None = None, after_step: Callable[[], None] | None = None) -> float:
+    """One pass over shuffled in-memory data; returns the mean training loss.
+
+    ``loss_fn(logits, batch_indices)`` replaces cross-entropy (distillation
+    needs the teacher's logits of the same rows); ``after_step`` runs after
+    every optimizer step (pruning re-applies its masks there).
+    """
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    cross_entropy = nn.CrossEntropyLoss()
     order = torch.randperm(len(labels), generator=generator)
     total = 0.0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(features[batch]), labels[batch])
+        logits = model(features[batch])
+        loss = cross_entropy(logits, labels[batch]) if loss_fn is None else loss_fn(logits, batch)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += loss.item() * len(batch)
     return total / max(len(labels), 1)
 

@@ -22,6 +22,7 @@ class MLPSpec(BaseModel):
     hidden_sizes: list[int]
     num_classes: int
     dropout: float = 0.0
+    quantized: bool = False  # dynamic int8 Linear layers (see :func:`quantize_int8`)
 
 
 class MLPClassifier(nn.Module):
@@ -45,6 +46,21 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of the Linear layers: int8 weights, activations quantized per call.
+
+    ``torch.ao.quantization`` is deprecated in favour of torchao, which is not
+    part of Keel's stack; its warnings are silenced here, where it is used.
+    """
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
 def save_model(model: nn.Module, spec: MLPSpec, directory: Path) -> None:
     """Weights as a state dict (never a pickled module) plus the spec as JSON."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -52,8 +68,15 @@ def save_model(model: nn.Module, spec: MLPSpec, directory: Path) -> None:
     (directory / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
 
 
-def load_model(directory: Path) -> MLPClassifier:
+def load_model(directory: Path) -> nn.Module:
+    """Rebuild the network from its spec, quantize it when the spec says so, then load the weights."""
+    import warnings
+
     spec = MLPSpec.model_validate(json.loads((directory / SPEC_FILE).read_text()))
-    model = MLPClassifier(spec)
-    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    model: nn.Module = MLPClassifier(spec)
+    if spec.quantized:
+        model = quantize_int8(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors' deprecation notices
+        model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval()

@@ -1,0 +1,87 @@
+"""The promotion gate: whether a challenger may replace the champion, with a reason per check.
+
+Pure functions over two evaluation reports (the challenger's and the
+champion's, scored on the same test rows), so every rule is testable without
+MLflow. The evaluate stage decides; the register stage applies the decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from keel.config import GateConfig
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    champion_version: str | None
+    reasons: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "failed"
+        return f"gate {verdict}: " + "; ".join(self.failures or self.reasons)
+
+
+def _worse_by(candidate: float, incumbent: float, greater_is_better: bool) -> float:
+    """How much worse ``candidate`` is than ``incumbent`` (negative when better)."""
+    return incumbent - candidate if greater_is_better else candidate - incumbent
+
+
+def _check(decision: GateDecision, ok: bool, message: str) -> None:
+    decision.reasons.append(("ok: " if ok else "FAIL: ") + message)
+    if not ok:
+        decision.failures.append(message)
+
+
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, champion_version: str | None,
+           metric: str, greater_is_better: bool, config: GateConfig) -> GateDecision:
+    """Overall metric within ``tolerance`` of the champion's, no gated slice worse by more than
+    ``slice_tolerance``, fairness gaps within their bounds. No champion: only fairness applies."""
+    decision = GateDecision(passed=True, champion_version=champion_version)
+    value = float(challenger[metric])
+    if math.isnan(value):
+        _check(decision, False, f"{metric} is NaN on the test split")
+    elif champion is None:
+        decision.reasons.append(f"no champion yet: {metric} {value:.4f} not compared")
+    else:
+        incumbent = float(champion[metric])
+        gap = _worse_by(value, incumbent, greater_is_better)
+        _check(decision, math.isnan(incumbent) or gap <= config.tolerance + 1e-12,
+               f"{metric} {value:.4f} vs champion v{champion_version} {incumbent:.4f} "
+               f"(worse by {gap:+.4f}, tolerance {config.tolerance})")
+        _check_slices(decision, challenger, champion, metric, greater_is_better, config)
+    _check_fairness(decision, challenger, config)
+    decision.passed = not decision.failures
+    return decision
+
+
+def _check_slices(decision: GateDecision, challenger: dict[str, Any], champion: dict[str, Any], metric: str,
+                  greater_is_better: bool, config: GateConfig) -> None:
+    theirs = {(s["column"], s["slice"]): s for s in champion.get("slices", [])}
+    for mine in challenger.get("slices", []):
+        other = theirs.get((mine["column"], mine["slice"]))
+        if not mine["gated"] or other is None or metric not in mine or math.isnan(mine[metric]) \
+                or math.isnan(other[metric]):
+            continue
+        gap = _worse_by(mine[metric], other[metric], greater_is_better)
+        _check(decision, gap <= config.slice_tolerance + 1e-12,
+               f"slice {mine['column']} {mine['slice']}: {metric} {mine[metric]:.4f} vs champion "
+               f"{other[metric]:.4f} (worse by {gap:+.4f}, slice tolerance {config.slice_tolerance})")
+
+
+def _check_fairness(decision: GateDecision, challenger: dict[str, Any], config: GateConfig) -> None:
+    bounds = {"demographic_parity_difference": config.max_demographic_parity_difference,
+              "equalized_odds_difference": config.max_equalized_odds_difference}
+    for column, measures in challenger.get("fairness", {}).items():
+        for name, bound in bounds.items():
+            value = measures.get(name)
+            if value is not None and not math.isnan(value):
+                _check(decision, value <= bound + 1e-12, f"{name} over {column} {value:.4f} (max {bound})")

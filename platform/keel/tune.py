@@ -1,0 +1,243 @@
+"""Tune: Ray Tune search (Optuna TPE, ASHA early stopping) for the train stage's hyperparameters.
+
+Each trial runs the train stage's own steps (the same network, optimizer,
+epoch and validation functions) on in-memory copies of the splits, reporting
+after every epoch so ASHA can stop the unpromising ones. Trials run as Ray
+tasks, as many at once as the cluster has CPUs (or GPUs), locally or on
+KubeRay. The best configuration is published for the final training run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keel import storage, tracking
+from keel.config import SearchDimension, TuneConfig
+from keel.data.preprocess import LABEL, TRANSFORM_FILE
+from keel.data.transform import FeatureTransform
+from keel.errors import TuningError
+from keel.settings import KeelSettings
+from keel.train.config import TrainConfig
+
+TRIALS_FILE = "trials.json"
+TRIAL_TAG = "keel.tune.trial"
+
+
+# ---- search space ---------------------------------------------------------------------------------------------
+
+def _encodes(values: list[Any]) -> bool:
+    """Optuna's categorical choices must be scalars: lists (hidden sizes) travel as JSON text."""
+    return any(isinstance(v, (list, dict)) for v in values)
+
+
+def ray_search_space(space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """The config's search space as Ray Tune distributions, in a fixed key order."""
+    from ray import tune
+
+    distributions: dict[str, Any] = {}
+    for name in sorted(space):
+        dim = space[name]
+        if dim.type == "choice":
+            assert dim.values is not None
+            values = [json.dumps(v) for v in dim.values] if _encodes(dim.values) else dim.values
+            distributions[name] = tune.choice(values)
+        else:
+            assert dim.low is not None and dim.high is not None  # SearchDimension validates ranges
+            sample = tune.loguniform if dim.type == "loguniform" else tune.uniform
+            distributions[name] = sample(dim.low, dim.high)
+    return distributions
+
+
+def decode_trial(sampled: dict[str, Any], space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """A sampled config back in TrainConfig's types (JSON-encoded choices decoded)."""
+    decoded = {}
+    for name, value in sampled.items():
+        values = space[name].values
+        decoded[name] = json.loads(value) if values is not None and _encodes(values) else value
+    return decoded
+
+
+def tuned_train_config(base: TrainConfig, tuning_manifest: dict[str, Any]) -> TrainConfig:
+    """The train section with the search's best values over it (unchanged when tuning was skipped)."""
+    return TrainConfig.model_validate({**base.model_dump(), **tuning_manifest.get("best_config", {})})
+
+
+# ---- one trial ------------------------------------------------------------------------------------------------
+
+def run_trial(sampled: dict[str, Any], *, data: dict[str, np.ndarray], base: dict[str, Any],
+              space: dict[str, SearchDimension], max_epochs: int, threads: int) -> None:
+    """Train one sampled configuration with the train stage's steps, reporting every epoch to Tune."""
+    import torch
+    from ray import tune
+
+    from keel.train.loop import evaluate_epoch, train_epoch
+    from keel.train.model import MLPClassifier, MLPSpec
+
+    config = TrainConfig.model_validate({**base, **decode_trial(sampled, space)})
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray exposes only this trial's GPU
+    train_x, train_y, val_x, val_y = (torch.from_numpy(data[k]).to(device)
+                                      for k in ("train_x", "train_y", "val_x", "val_y"))
+    spec = MLPSpec(input_dim=train_x.shape[1], hidden_sizes=config.hidden_sizes,
+                   num_classes=int(data["num_classes"]), dropout=config.dropout)
+    model = MLPClassifier(spec).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    best, stale = float("inf"), 0
+    for epoch in range(1, max_epochs + 1):
+        train_loss = train_epoch(model, optimizer, train_x, train_y, config.batch_size, generator)
+        loss_sum, correct, count = evaluate_epoch(model, val_x, val_y)
+        val_loss = loss_sum / max(count, 1)
+        best, stale = (val_loss, 0) if val_loss < best - config.min_delta else (best, stale + 1)
+        tune.report({"val_loss": val_loss, "val_accuracy": correct / max(count, 1), "train_loss": train_loss,
+                     "best_val_loss": best, "epoch": epoch, "reported_at": time.time()})
+        if stale >= config.patience:  # the train stage's own early stopping
+            return
+
+
+def _arrays(splits: dict[str, str], feature_names: list[str], classes: int, settings: KeelSettings) -> dict[str, Any]:
+    arrays: dict[str, Any] = {"num_classes": classes}
+    for name in ("train", "val"):
+        frame = storage.read_parquet(splits[name], settings)
+        arrays[f"{name}_x"] = frame[feature_names].to_numpy(dtype=np.float32, copy=True)
+        arrays[f"{name}_y"] = frame[LABEL].to_numpy(dtype=np.int64, copy=True)
+    return arrays
+
+
+# ---- the search -----------------------------------------------------------------------------------------------
+
+def trial_resources(config: TuneConfig, cpus: int, gpus: int) -> tuple[dict[str, float], int]:
+    """Per-trial resources and how many trials run at once: one trial per GPU, else per CPU."""
+    per_trial: dict[str, float] = {"cpu": 1, "gpu": 1} if gpus else {"cpu": 1}
+    slots = gpus or max(cpus, 1)
+    concurrent = slots if config.max_concurrent_trials == "auto" else config.max_concurrent_trials
+    return per_trial, max(1, min(concurrent, config.num_samples))
+
+
+def build_tuner(config: TuneConfig, base: TrainConfig, data: dict[str, Any], storage_path: str, run_name: str,
+                cpus: int, gpus: int, search: str = "tpe_asha") -> Any:
+    """A ``Tuner`` over :func:`run_trial`: TPE + ASHA (``tpe_asha``) or random search, no early stopping
+    (``random``, the benchmark's baseline)."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    per_trial, concurrent = trial_resources(config, cpus, gpus)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data, base=base.model_dump(), space=config.search_space,
+                             max_epochs=config.max_epochs, threads=1), per_trial)
+    mode = "min" if config.metric == "val_loss" else "max"
+    if search == "tpe_asha":
+        sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(3, config.num_samples // 4))
+        search_alg: Any = OptunaSearch(sampler=sampler)
+        scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=config.max_epochs,
+                                       grace_period=min(config.grace_period, config.max_epochs),
+                                       reduction_factor=config.reduction_factor)
+    else:
+        search_alg, scheduler = BasicVariantGenerator(random_state=config.seed), FIFOScheduler()
+    return tune.Tuner(
+        trainable, param_space=ray_search_space(config.search_space),
+        tune_config=tune.TuneConfig(metric=config.metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=config.num_samples, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=run_name, storage_path=storage_path, verbose=0))
+
+
+def trial_records(results: Any, config: TuneConfig) -> list[dict[str, Any]]:
+    """Per trial: sampled config, epochs run, best score and the per-epoch history with timestamps."""
+    records = []
+    for index, result in enumerate(results):
+        if result.error is not None:
+            raise TuningError(f"tuning trial {index} failed: {result.error}") from result.error
+        history = result.metrics_dataframe
+        if history is None or history.empty:
+            continue
+        column = history[config.metric]
+        best = float(column.min() if config.metric == "val_loss" else column.max())
+        records.append({
+            "trial": index, "config": decode_trial(
+                {k: v for k, v in result.config.items() if k in config.search_space}, config.search_space),
+            "epochs": int(history["training_iteration"].max()), config.metric: best,
+            "history": history[["training_iteration", "reported_at", "time_this_iter_s", "val_loss", "val_accuracy"]]
+            .to_dict(orient="records"),
+        })
+    if not records:
+        raise TuningError("no tuning trial reported a result; check the search space and the data.")
+    return records
+
+
+def best_record(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    return min(records, key=lambda r: r[metric] if metric == "val_loss" else -r[metric])
+
+
+def _log_trials(settings: KeelSettings, parent_run_id: str, records: list[dict[str, Any]], metric: str) -> None:
+    """Each trial as an MLflow run nested under the pipeline's run, with its per-epoch curve."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = tracking.mlflow_client(settings)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    for record in records:
+        run = client.create_run(experiment, run_name=f"trial-{record['trial']}",
+                                tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: str(record["trial"])})
+        points = [Metric(name, float(row[name]), int(row["reported_at"] * 1000), int(row["training_iteration"]))
+                  for row in record["history"] for name in ("val_loss", "val_accuracy")]
+        client.log_batch(run.info.run_id, metrics=points,
+                         params=[Param(k, json.dumps(v)) for k, v in sorted(record["config"].items())],
+                         tags=[RunTag("keel.tune.epochs", str(record["epochs"]))])
+        client.log_metric(run.info.run_id, f"best_{metric}", float(record[metric]))
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def tune(splits_uri: str, train_config: TrainConfig, config: TuneConfig, output_uri: str, settings: KeelSettings,
+         run_name: str = "tune", mlflow_run_id: str = "") -> dict[str, Any]:
+    """Search ``config.search_space`` and publish the best values as ``best_config``.
+
+    With ``num_samples: 0`` nothing is searched and ``best_config`` is empty,
+    so the train stage uses its section as written.
+    """
+    with storage.staged_output(output_uri, "tune", settings) as out:
+        if config.num_samples == 0:
+            out.manifest.update(best_config={}, trials=0, skipped=True)
+            return out.manifest
+        manifest = storage.read_manifest(splits_uri, settings)
+        transform = FeatureTransform.load(storage.download(manifest["transform"], out.path(TRANSFORM_FILE), settings))
+        out.path(TRANSFORM_FILE).unlink()
+        data = _arrays(manifest["splits"], transform.feature_names, len(transform.classes), settings)
+        started = time.perf_counter()
+        records = search(config, train_config, data, run_name, settings)
+        best = best_record(records, config.metric)
+        out.write_json(TRIALS_FILE, records)
+        if mlflow_run_id:
+            _log_trials(settings, mlflow_run_id, records, config.metric)
+        out.manifest.update(best_config=best["config"], best_trial=best["trial"], **{f"best_{config.metric}":
+                            best[config.metric]}, trials=len(records), epochs=sum(r["epochs"] for r in records),
+                            tune_s=round(time.perf_counter() - started, 3), trials_uri=out.uri_of(TRIALS_FILE))
+    return out.manifest
+
+
+def search(config: TuneConfig, train_config: TrainConfig, data: dict[str, Any], run_name: str,
+           settings: KeelSettings, method: str = "tpe_asha") -> list[dict[str, Any]]:
+    """Run the search in a Ray session (local, or ``KEEL_RAY_ADDRESS``) and return the trial records.
+
+    Trials keep no checkpoints (a trial is seconds of work; a lost one is
+    rerun by the stage's retry), so Tune's own results stay in a scratch
+    directory on the driver and only the trial records are published.
+    """
+    import tempfile
+
+    import ray
+
+    from keel.train.trainer import ray_session
+
+    with ray_session(settings), tempfile.TemporaryDirectory(prefix="keel-tune-") as scratch:
+        resources = ray.cluster_resources()
+        tuner = build_tuner(config, train_config, data, str(Path(scratch)), run_name,
+                            int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), method)
+        return trial_records(tuner.fit(), config)

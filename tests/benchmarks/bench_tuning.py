@@ -1,0 +1,84 @@
+"""Tuning: Optuna TPE + ASHA against random search (no early stopping), same trial budget, same run.
+
+Both searches use the medical_diagnosis pipeline's search space and data and
+the tune stage's own trial code. Every epoch of every trial is one report;
+walking the reports in the order they happened, each search is charged the
+epochs (and wall seconds) it spent until a trial first reached random
+search's best validation loss.
+
+Prints one JSON report as its last line. Goal (issue 4): TPE + ASHA needs at
+most one third of random search's epochs to get there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TRIALS = 24
+
+
+def reports_in_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every epoch report of every trial, by the time it was made."""
+    return sorted((row for record in records for row in record["history"]), key=lambda row: row["reported_at"])
+
+
+def cost_to_reach(records: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Epochs and seconds spent (all trials together) until some trial's val_loss reached ``target``."""
+    rows = reports_in_order(records)
+    started = min(row["reported_at"] - row["time_this_iter_s"] for row in rows)
+    for spent, row in enumerate(rows, start=1):
+        if row["val_loss"] <= target + 1e-12:
+            return {"epochs": spent, "wall_s": round(row["reported_at"] - started, 3), "reached": True}
+    return {"epochs": len(rows), "wall_s": round(rows[-1]["reported_at"] - started, 3), "reached": False}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="keel-bench-") as scratch:
+        os.environ["KEEL_HOME"] = str(Path(scratch) / ".keel")
+        from keel import storage
+        from keel.config import load_pipeline_config
+        from keel.data.ingest import ingest
+        from keel.data.preprocess import preprocess
+        from keel.data.transform import FeatureTransform
+        from keel.settings import load_settings
+        from keel.tune import _arrays, search
+        from pipelines.medical_diagnosis.pipeline import CONFIG_FILE, DEFAULT_SOURCE
+
+        settings, config = load_settings(), load_pipeline_config(CONFIG_FILE)
+        tune_config = config.tune.model_copy(update={"num_samples": TRIALS})
+        ingested, splits = storage.stage_uri(settings, "bench", "ingest"), storage.stage_uri(settings, "bench", "prep")
+        ingest(DEFAULT_SOURCE, ingested, settings)
+        manifest = preprocess(ingested, config.contract, config.preprocess, splits, settings)
+        transform = FeatureTransform.load(Path(manifest["transform"]))
+        data = _arrays(manifest["splits"], transform.feature_names, len(transform.classes), settings)
+        records, seconds = {}, {}
+        for method in ("random", "tpe_asha"):
+            started = time.perf_counter()
+            records[method] = search(tune_config, config.train, data, f"bench-{method}", settings, method)
+            seconds[method] = round(time.perf_counter() - started, 2)
+    target = min(r["val_loss"] for r in records["random"])
+    reach = {method: cost_to_reach(found, target) for method, found in records.items()}
+    report = {
+        "benchmark": "tuning", "trials": TRIALS, "max_epochs_per_trial": tune_config.max_epochs,
+        "random_best_val_loss": target,
+        "tpe_asha_best_val_loss": min(r["val_loss"] for r in records["tpe_asha"]),
+        "total_epochs": {m: sum(r["epochs"] for r in found) for m, found in records.items()},
+        "search_wall_s": seconds, "to_reach_random_best": reach,
+        "epochs_to_target_ratio": reach["tpe_asha"]["epochs"] / reach["random"]["epochs"],
+        "wall_to_target_ratio": reach["tpe_asha"]["wall_s"] / max(reach["random"]["wall_s"], 1e-9),
+        "total_epochs_ratio": sum(r["epochs"] for r in records["tpe_asha"]) / sum(r["epochs"] for r in records["random"]),
+        "goals": {"epochs_to_target_ratio": "<= 0.333 (and the target reached)"},
+    }
+    report["goals_met"] = reach["tpe_asha"]["reached"] and report["epochs_to_target_ratio"] <= 1 / 3
+    print(json.dumps(report))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The promotion gate's rules, on hand-made reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from keel.config import GateConfig
+from keel.gate import decide
+
+
+def report(f1: float, slices: dict[str, float] | None = None, dp: float = 0.0, eo: float = 0.0,
+           gated: bool = True) -> dict[str, Any]:
+    return {"f1_macro": f1,
+            "slices": [{"column": "age", "slice": name, "gated": gated, "f1_macro": value}
+                       for name, value in (slices or {}).items()],
+            "fairness": {"age": {"demographic_parity_difference": dp, "equalized_odds_difference": eo}}}
+
+
+GATE = GateConfig(tolerance=0.01, slice_tolerance=0.05, max_demographic_parity_difference=0.2,
+                  max_equalized_odds_difference=0.1)
+
+
+def test_no_champion_passes_on_fairness_alone() -> None:
+    decision = decide(report(0.5), None, None, "f1_macro", True, GATE)
+    assert decision.passed and decision.champion_version is None
+    assert any("no champion yet" in r for r in decision.reasons)
+
+
+@pytest.mark.parametrize("challenger, passed", [(0.905, True), (0.89, True), (0.8899, False)])
+def test_overall_metric_within_tolerance(challenger: float, passed: bool) -> None:
+    decision = decide(report(challenger), report(0.9), "3", "f1_macro", True, GATE)
+    assert decision.passed is passed
+    assert "vs champion v3 0.9000" in decision.reasons[0]
+
+
+def test_lower_is_better_metrics_flip_the_comparison() -> None:
+    assert decide(report(0.30), report(0.31), "1", "f1_macro", False, GATE).passed
+    assert not decide(report(0.33), report(0.31), "1", "f1_macro", False, GATE).passed
+
+
+def test_a_regressing_slice_fails_the_gate_and_is_named() -> None:
+    champion = report(0.9, {"<40": 0.9, ">=40": 0.9})
+    decision = decide(report(0.95, {"<40": 0.99, ">=40": 0.84}), champion, "1", "f1_macro", True, GATE)
+    assert not decision.passed
+    assert decision.failures == ["slice age >=40: f1_macro 0.8400 vs champion 0.9000 "
+                                 "(worse by +0.0600, slice tolerance 0.05)"]
+
+
+def test_small_slices_are_not_gated() -> None:
+    champion = report(0.9, {"<40": 0.9}, gated=False)
+    assert decide(report(0.9, {"<40": 0.1}, gated=False), champion, "1", "f1_macro", True, GATE).passed
+
+
+@pytest.mark.parametrize("dp, eo, failed", [(0.25, 0.0, "demographic_parity"), (0.0, 0.15, "equalized_odds")])
+def test_fairness_bounds(dp: float, eo: float, failed: str) -> None:
+    decision = decide(report(0.9, dp=dp, eo=eo), None, None, "f1_macro", True, GATE)
+    assert not decision.passed and len(decision.failures) == 1 and failed in decision.failures[0]
+    assert decision.summary.startswith("gate failed: ")
+
+
+def test_nan_metric_fails() -> None:
+    assert not decide(report(float("nan")), None, None, "f1_macro", True, GATE).passed

@@ -1,0 +1,75 @@
+"""Tuning: config validation, the search space encoding, and a real (small) Ray Tune search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from keel import storage, tracking
+from keel.config import SearchDimension, TuneConfig
+from keel.errors import ConfigError
+from keel.train.config import TrainConfig
+from keel.tune import decode_trial, ray_search_space, trial_resources, tune, tuned_train_config
+from tests.stages import run_stages, small_config, write_small_source
+
+SPACE = {"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
+         "hidden_sizes": {"type": "choice", "values": [[8], [16, 8]]}}
+
+
+@pytest.mark.parametrize("tune_section, message", [
+    ({"num_samples": 2, "search_space": {"epochs": {"type": "choice", "values": [1]}}}, "not tunable"),
+    ({"num_samples": 2}, "needs a search_space"),
+    ({"search_space": {"dropout": {"type": "uniform", "low": 0.5, "high": 0.1}}}, "tune.search_space.dropout"),
+    ({"search_space": {"learning_rate": {"type": "loguniform", "low": 0, "high": 1}}}, "low` > 0"),
+])
+def test_bad_tune_sections_name_the_field(tune_section: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        small_config(tune=tune_section)
+
+
+def test_list_choices_travel_as_json_and_come_back_as_lists() -> None:
+    space = TuneConfig.model_validate({"search_space": SPACE}).search_space
+    assert ray_search_space(space)["hidden_sizes"].categories == ["[8]", "[16, 8]"]
+    assert decode_trial({"hidden_sizes": "[16, 8]", "learning_rate": 0.01}, space) == {
+        "hidden_sizes": [16, 8], "learning_rate": 0.01}
+
+
+def test_tuned_values_override_the_train_section() -> None:
+    tuned = tuned_train_config(TrainConfig(max_epochs=7), {"best_config": {"hidden_sizes": [4], "dropout": 0.2}})
+    assert (tuned.hidden_sizes, tuned.dropout, tuned.max_epochs) == ([4], 0.2, 7)
+    assert tuned_train_config(TrainConfig(), {"best_config": {}}) == TrainConfig()
+
+
+@pytest.mark.parametrize("cpus, gpus, samples, expected", [(2, 0, 12, ({"cpu": 1}, 2)), (16, 0, 4, ({"cpu": 1}, 4)),
+                                                           (8, 2, 12, ({"cpu": 1, "gpu": 1}, 2))])
+def test_trials_run_one_per_cpu_or_gpu(cpus: int, gpus: int, samples: int, expected: tuple) -> None:
+    config = TuneConfig.model_validate({"num_samples": samples, "search_space": SPACE})
+    assert trial_resources(config, cpus, gpus) == expected
+
+
+def test_zero_samples_skips_the_search(settings, tmp_path: Path) -> None:
+    manifest = tune("unused", TrainConfig(), TuneConfig(), storage.stage_uri(settings, "r", "tune"), settings)
+    assert manifest["best_config"] == {} and manifest["skipped"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_search_logs_nested_trials_and_publishes_the_best(settings, tmp_path: Path) -> None:
+    uris = run_stages(settings, "run-t", write_small_source(tmp_path))
+    parent = tracking.pipeline_run(settings, "run-t", "small")
+    config = TuneConfig.model_validate({"num_samples": 4, "max_epochs": 6, "grace_period": 2, "search_space": SPACE})
+    manifest = tune(uris["preprocess"], TrainConfig(patience=100), config,
+                    storage.stage_uri(settings, "run-t", "tune"), settings, "tune-run-t", parent)
+    trials = json.loads((Path(storage.stage_uri(settings, "run-t", "tune")) / "trials.json").read_text())
+    assert manifest["trials"] == len(trials) == 4
+    assert manifest["best_config"] == min(trials, key=lambda t: t["val_loss"])["config"]
+    assert manifest["best_config"]["hidden_sizes"] in ([8], [16, 8])
+    assert all(1 <= t["epochs"] <= 6 for t in trials) and manifest["epochs"] == sum(t["epochs"] for t in trials)
+    children = mlflow.MlflowClient(settings.mlflow_tracking_uri).search_runs(
+        [tracking.mlflow_client(settings).get_run(parent).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 4 and all(c.data.metrics["best_val_loss"] > 0 for c in children)
+    assert tracking.pipeline_run(settings, "run-t", "small") == parent  # children don't shadow the run

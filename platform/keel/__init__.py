@@ -6,13 +6,17 @@ Concepts and where they live:
   configuration object, from ``KEEL_*`` variables; local or cluster mode.
 - Stages, plain functions over URIs and typed configs, one module each:
   ``keel.data.ingest.ingest`` -> ``keel.data.validate.validate`` ->
-  ``keel.data.preprocess.preprocess`` -> ``keel.train.trainer.train`` ->
-  ``keel.evaluate.evaluate`` -> ``keel.registry.register``.
+  ``keel.data.preprocess.preprocess`` -> ``keel.tune.tune`` ->
+  ``keel.train.trainer.train`` -> ``keel.compress.compress`` ->
+  ``keel.evaluate.evaluate`` (the promotion gate: ``keel.gate.decide``) ->
+  ``keel.registry.register``.
 - Storage (``keel.storage``): URIs (paths, ``s3://``, ``http(s)://``) and
   atomic stage outputs; tracking (``keel.tracking``): one MLflow run per
   pipeline run.
 - Configs: :class:`PipelineConfig` holds a :class:`DataContract`,
-  :class:`PreprocessConfig`, :class:`TrainConfig` and :class:`RegisterConfig`.
+  :class:`PreprocessConfig`, :class:`TuneConfig`, :class:`TrainConfig`,
+  :class:`CompressConfig`, :class:`EvaluateConfig` (with its
+  :class:`GateConfig`) and :class:`RegisterConfig`.
 - Scoring: :class:`Predictor` (feature transform + network), which evaluation,
   the MLflow pyfunc and serving share.
 - Errors: :class:`KeelError` and its subclasses; messages say what to fix.
@@ -38,7 +42,14 @@ _EXPORTS = {
     "StorageError": "keel.errors",
     "TrainingError": "keel.errors",
     "RegistryError": "keel.errors",
+    "TuningError": "keel.errors",
+    "CompressionError": "keel.errors",
+    "EvaluationError": "keel.errors",
     "PipelineConfig": "keel.config",
+    "TuneConfig": "keel.config",
+    "CompressConfig": "keel.config",
+    "EvaluateConfig": "keel.config",
+    "GateConfig": "keel.config",
     "RegisterConfig": "keel.config",
     "DataContract": "keel.data.contract",
     "PreprocessConfig": "keel.data.preprocess",

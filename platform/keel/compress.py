@@ -212,12 +212,14 @@ def measure(name: str, model: nn.Module, spec: MLPSpec, predictor: Predictor, ra
             baseline_accuracy: float | None, repeats: int) -> VariantReport:
     accuracy, f1 = score(model, predictor, raw_test)
     latencies = [latency_p50_ms(model, spec.input_dim, batch, repeats) for batch in LATENCY_BATCHES]
-    counted = model if not spec.quantized else MLPClassifier(spec.model_copy(update={"quantized": False}))
+    if spec.quantized:  # packed int8 weights are not parameters: count the float network they came from
+        parameters = nonzero = parameter_count(MLPClassifier(spec.model_copy(update={"quantized": False})))
+    else:
+        parameters, nonzero = parameter_count(model), nonzero_parameters(model)
     return VariantReport(
         name=name, accuracy=accuracy, f1_macro=f1,
         accuracy_drop=0.0 if baseline_accuracy is None else baseline_accuracy - accuracy,
-        parameters=parameter_count(counted), nonzero_parameters=nonzero_parameters(model) if not spec.quantized
-        else parameter_count(counted), size_bytes=serialized_bytes(model),
+        parameters=parameters, nonzero_parameters=nonzero, size_bytes=serialized_bytes(model),
         latency_p50_ms_batch1=latencies[0], latency_p50_ms_batch32=latencies[1])
 
 

@@ -31,11 +31,14 @@ def _register(home: str, index: int) -> str:
 
 
 def test_eight_concurrent_registrations(keel_home: Path, tmp_path: Path) -> None:
-    run_stages(load_settings(), "base", write_small_source(tmp_path))
+    # The stages' gate looks up a champion; it does so in another store, so the registry stays untouched.
+    run_stages(load_settings(mlflow_tracking_uri=f"sqlite:///{tmp_path}/stages.db"), "base",
+               write_small_source(tmp_path))
     assert not (keel_home / "mlflow.db").exists()  # every process races to create the store
     spawn = multiprocessing.get_context("spawn")  # fork after torch has threads can deadlock
     with ProcessPoolExecutor(8, mp_context=spawn) as pool:
         versions = list(pool.map(_register, [str(keel_home)] * 8, range(8)))
     assert sorted(versions, key=int) == [str(v) for v in range(1, 9)]
     client = tracking.mlflow_client(load_settings())
+    # all eight were gated against "no champion": the first to register is champion, the rest see it changed
     assert str(client.get_model_version_by_alias("small-model", CHAMPION).version) in versions

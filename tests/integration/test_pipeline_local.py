@@ -107,3 +107,19 @@ def test_bad_source_fails_cleanly_and_registers_nothing(demo: tuple[Path, dict])
                    artifact_files(load_settings(home=workdir / ".keel")))
     listed = json.loads(keel("models", "list", "--output", "json", cwd=workdir, env=env).stdout)
     assert [(m["version"], m["aliases"]) for m in listed] == [(1, ["challenger", "champion"])]
+
+
+@pytest.mark.parametrize("name, column", [("nested_object.jsonl", "city"), ("list_cells.parquet", "city"),
+                                          ("giant_field.csv", "city")])
+def test_malformed_corpus_files_fail_keel_run_by_name(demo: tuple[Path, dict], name: str, column: str) -> None:
+    """A few corpus files through the real CLI (all of them go through the stages in tests/unit/data)."""
+    from tests.corpus.malformed import DIRECTORY
+
+    workdir, _ = demo
+    env = {"KEEL_HOME": str(workdir / ".keel")}
+    result = keel("run", "medical_diagnosis", "--param", f"source={DIRECTORY / name}", "--output", "json",
+                  cwd=workdir, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert name in result.stderr and f"column {column!r}" in result.stderr
+    listed = json.loads(keel("models", "list", "--output", "json", cwd=workdir, env=env).stdout)
+    assert [m["version"] for m in listed] == [1]

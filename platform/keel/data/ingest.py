@@ -22,6 +22,7 @@ from keel.settings import KeelSettings
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 DATA_FILE = "data.parquet"
+MAX_FIELD_CHARS = 1_000_000  # one cell; anything longer is a broken export, not a feature
 
 
 def detect_format(uri: str) -> str:
@@ -55,6 +56,18 @@ def _looks_numeric(cell: str) -> bool:
     return True
 
 
+def _reject_null_bytes(uri: str, path: Path) -> None:
+    """pandas reads a NUL as part of a value; it is always a sign of binary or corrupted text."""
+    with path.open("rb") as f:
+        offset = 0
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            position = chunk.find(b"\x00")
+            if position >= 0:
+                raise DataError(f"{uri}: null byte at offset {offset + position}; the file is binary "
+                                "or corrupted, not CSV text.")
+            offset += len(chunk)
+
+
 def _read_csv(uri: str, path: Path) -> pd.DataFrame:
     try:
         with path.open(newline="", encoding="utf-8") as f:
@@ -66,6 +79,7 @@ def _read_csv(uri: str, path: Path) -> pd.DataFrame:
     if all(_looks_numeric(cell) for cell in header):
         raise DataError(f"{uri}: the first row holds values, not column names; add a header row.")
     _reject_duplicate_columns(uri, header)
+    _reject_null_bytes(uri, path)
     try:
         return pd.read_csv(path, encoding="utf-8")
     except pd.errors.ParserError as e:
@@ -79,10 +93,10 @@ def _read_parquet(uri: str, path: Path) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
+        _reject_duplicate_columns(uri, pq.ParquetFile(path).schema_arrow.names)
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{uri}: not a readable Parquet file ({e}).") from e
-    _reject_duplicate_columns(uri, table.column_names)
     return table.to_pandas()
 
 
@@ -121,7 +135,36 @@ def read_table(uri: str, path: Path, file_format: str) -> pd.DataFrame:
     if unnamed:
         raise DataError(f"{uri}: column(s) without a name at position(s) "
                         f"{[list(frame.columns).index(c) for c in unnamed]}; name every column in the header.")
+    _reject_unusable_cells(uri, frame)
+    return _mixed_as_text(frame)
+
+
+def _mixed_as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """A JSON column mixing numbers and text becomes text (missing stays missing), so it can be stored
+    as Parquet and the contract check can name the values that are not numbers."""
+    for name in frame.columns:
+        column = frame[name]
+        if pd.api.types.is_object_dtype(column):
+            kinds = {type(v) for v in column if v is not None and not (isinstance(v, float) and v != v)}
+            if len(kinds) > 1:
+                frame[name] = column.map(lambda v: v if v is None or (isinstance(v, float) and v != v) else str(v))
     return frame
+
+
+def _reject_unusable_cells(uri: str, frame: pd.DataFrame) -> None:
+    """Nested values and giant strings: valid JSON or Parquet, but no feature a model can use."""
+    for name in frame.columns:
+        column = frame[name]
+        if not (pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column)):
+            continue
+        nested = column.map(lambda v: isinstance(v, (list, dict, tuple)) or hasattr(v, "__array__"))
+        if nested.any():
+            raise DataError(f"{uri}: column {str(name)!r} holds lists or mappings ({int(nested.sum())} row(s), first "
+                            f"at row {int(nested.to_numpy().argmax())}); flatten them into scalar columns.")
+        lengths = column.map(lambda v: len(v) if isinstance(v, str) else 0)
+        if lengths.max() > MAX_FIELD_CHARS:
+            raise DataError(f"{uri}: column {str(name)!r} row {int(lengths.to_numpy().argmax())} holds "
+                            f"{int(lengths.max())} characters, over the {MAX_FIELD_CHARS} limit; the export is broken.")
 
 
 def schema_of(frame: pd.DataFrame) -> dict[str, str]:

@@ -112,7 +112,11 @@ def quality_report(frame: pd.DataFrame, contract: DataContract) -> dict[str, Any
     if contract.target in frame.columns:
         shares = frame[contract.target].dropna().astype(str).value_counts(normalize=True)
         balance = {str(k): round(float(v), 4) for k, v in shares.sort_index().items()}
-        if balance and min(balance.values()) < limits.min_class_fraction:
+        if len(balance) == 1:
+            violations.append(f"column {contract.target!r}: only one class ({next(iter(balance))!r}), below "
+                              f"min_class_fraction {limits.min_class_fraction} for any other; a classifier "
+                              "needs at least two")
+        elif balance and min(balance.values()) < limits.min_class_fraction:
             violations.append(f"column {contract.target!r}: smallest class share {min(balance.values())} "
                               f"is below min_class_fraction {limits.min_class_fraction}")
     extra = sorted(str(c) for c in frame.columns if c not in contract.columns)

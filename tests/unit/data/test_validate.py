@@ -4,6 +4,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from keel import storage
 from keel.data.contract import DataContract, load_contract, parse_contract
@@ -93,3 +96,25 @@ def test_validate_stage_publishes_json_and_html(
     validate(dataset, make_contract(), output, settings)
     html = (Path(output) / REPORT_HTML).read_text()
     assert "Data quality: small (passed)" in html and "colour" in html
+
+
+@hypothesis_settings(max_examples=80, deadline=None)
+@given(cells=st.lists(st.one_of(st.none(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                                st.text(max_size=8), st.booleans()), min_size=1, max_size=30))
+def test_any_column_contents_give_a_report_never_a_crash(cells: list) -> None:
+    """Whatever a column holds, validation returns a report, and every violation names a column or
+    a row-level threshold."""
+    import pandas as pd
+
+    from keel.data.contract import parse_contract
+    from keel.data.validate import quality_report
+    from tests.conftest import SMALL_CONTRACT
+
+    frame = pd.DataFrame({"size": pd.Series(cells, dtype=object), "weight": 1.0, "colour": "red",
+                          "outcome": ["yes", "no"] * (len(cells) // 2) + ["yes"] * (len(cells) % 2)})
+    report = quality_report(frame, parse_contract(SMALL_CONTRACT, "test"))
+    assert report["passed"] == (not report["violations"])
+    assert all(v.startswith("column ") or "row(s)" in v for v in report["violations"])
+    numeric = pd.to_numeric(pd.Series(cells, dtype=object), errors="coerce")
+    if numeric.isna().any():  # a missing or non-numeric size is always reported against 'size'
+        assert any(v.startswith("column 'size'") for v in report["violations"])

@@ -33,7 +33,7 @@ from keel.errors import CompressionError
 from keel.predictor import Predictor
 from keel.settings import KeelSettings
 from keel.train.loop import LossFn, evaluate_epoch, train_epoch
-from keel.train.model import MLPClassifier, MLPSpec, parameter_count, quantize_int8, save_model
+from keel.train.model import SPEC_FILE, MLPClassifier, MLPSpec, parameter_count, quantize_int8, save_model
 
 BASELINE = "baseline"
 REPORT_FILE = "report.json"
@@ -321,7 +321,7 @@ def compress(model_uri: str, splits_uri: str, config: CompressConfig, output_uri
         predictor = Predictor.load(teacher_dir)
         teacher = predictor.model
         assert isinstance(teacher, MLPClassifier)
-        spec = MLPSpec.model_validate_json((teacher_dir / "model.json").read_text())
+        spec = MLPSpec.model_validate_json((teacher_dir / SPEC_FILE).read_text())
         splits = storage.read_manifest(splits_uri, settings)
         names = predictor.transform.feature_names
         train, val = (_split(splits["splits"][name], names, settings) for name in ("train", "val"))

@@ -148,10 +148,10 @@ def full_report(raw_test: pd.DataFrame, labels: np.ndarray, probabilities: np.nd
     curve = precision_recall(labels, probabilities)
     if curve is not None:
         report["pr_curve"] = curve
-    positive = classes.index(config.positive_class) if config.positive_class in classes else min(1, len(classes) - 1)
     if config.positive_class is not None and config.positive_class not in classes:
         raise EvaluationError(f"evaluate.positive_class {config.positive_class!r} is not a class; "
                               f"classes are {classes}.")
+    positive = classes.index(config.positive_class) if config.positive_class else min(1, len(classes) - 1)
     report["slices"], report["fairness"] = [], {}
     for spec in config.slices:
         groups = slice_groups(raw_test, spec)
@@ -174,10 +174,8 @@ def champion_probabilities(registry: RegisterConfig, raw_test: pd.DataFrame, cla
 
     from keel.predictor import PROBABILITY_PREFIX
 
-    client = tracking.mlflow_client(settings)
-    try:
-        version = str(client.get_model_version_by_alias(registry.model_name, tracking.CHAMPION).version)
-    except MlflowException:
+    version = tracking.champion_version(tracking.mlflow_client(settings), registry.model_name)
+    if version is None:
         return None, None, "no champion"
     try:
         model = mlflow.pyfunc.load_model(f"models:/{registry.model_name}/{version}")

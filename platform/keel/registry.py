@@ -91,20 +91,11 @@ def _create_version(client: Any, name: str, model_uri: str, run_id: str, tags: d
     return client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
 
 
-def _current_champion(client: Any, name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException:
-        return None
-
-
 def _promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, Any]) -> dict[str, Any]:
     """Set ``challenger``; move ``champion`` only when the evaluation's gate passed against the
     version that is still champion now (another run may have promoted one meanwhile)."""
     client.set_registered_model_alias(config.model_name, CHALLENGER, version)
-    evaluated_against, current = gate["champion_version"], _current_champion(client, config.model_name)
+    evaluated_against, current = gate["champion_version"], tracking.champion_version(client, config.model_name)
     if evaluated_against != current:
         promoted = False
         reason = (f"not promoted: the champion changed to v{current} after this model was evaluated against "

@@ -89,6 +89,16 @@ def git_commit(settings: KeelSettings) -> str:
     return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
 
 
+def champion_version(client: MlflowClient, model_name: str) -> str | None:
+    """The version the ``champion`` alias points at, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
 def pipeline_run(settings: KeelSettings, pipeline_run_id: str, pipeline: str) -> str:
     """The MLflow run id for this pipeline run, creating the run on first use."""
     client = mlflow_client(settings)

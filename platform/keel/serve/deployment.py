@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from keel.errors import RegistryError
+from keel.errors import ConfigError, RegistryError
 from keel.predictor import Predictor
 from keel.settings import KeelSettings
 
@@ -44,6 +44,7 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(default=256, ge=1, description="beyond this, 503 with Retry-After")
     retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After on a 503 from back-pressure")
     cpus_per_replica: float = Field(default=1.0, gt=0)
+    require_token: bool = Field(default=False, description="401 without 'Authorization: Bearer $KEEL_SERVE_TOKEN'")
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,14 @@ class ModelServer:
     """One replica: the model, its metrics and the HTTP app over them."""
 
     def __init__(self, model_uri: str, environment: dict[str, str], max_batch_size: int,
-                 batch_wait_timeout_s: float) -> None:
+                 batch_wait_timeout_s: float, require_token: bool = False) -> None:
         from keel.serve.metrics import ServingMetrics
         from keel.settings import load_settings
 
         os.environ.update(environment)  # KEEL_* from the deploying process: registry and S3
-        self.model = load_registered(model_uri, load_settings())
+        settings = load_settings()
+        self.token = serving_token(settings, require_token)
+        self.model = load_registered(model_uri, settings)
         self.metrics = ServingMetrics(self.model.name, self.model.version, self.model.predictor.classes,
                                       self.model.predictor.transform.reference)
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
@@ -103,7 +106,7 @@ class ModelServer:
         from keel.serve.app import build_app
 
         return build_app(self.model.predictor, self.model.name, self.model.version, scorer=self.score,
-                         metrics=self.metrics)
+                         metrics=self.metrics, token=self.token)
 
     async def score(self, frame: pd.DataFrame) -> np.ndarray:
         return await self._score_batch(frame)
@@ -116,6 +119,15 @@ class ModelServer:
         probabilities = self.model.predictor.predict_proba(combined)
         offsets = np.cumsum([len(f) for f in frames])[:-1]
         return list(np.split(probabilities, offsets))
+
+
+def serving_token(settings: KeelSettings, require_token: bool) -> str:
+    """The bearer token clients must send, or empty when the server is open."""
+    token = settings.serve_token.get_secret_value()
+    if require_token and not token:
+        raise ConfigError("require_token is on but KEEL_SERVE_TOKEN is empty: set it (the chart reads it "
+                               "from the credentials Secret) or turn require_token off.")
+    return token if require_token else ""
 
 
 def keel_environment(settings: KeelSettings) -> dict[str, str]:
@@ -147,8 +159,10 @@ def build_application(model_uri: str, config: ServeConfig) -> Any:
     deployment = cast(Any, serve.deployment(ModelServer)).options(**options)
     from keel.settings import load_settings
 
-    return deployment.bind(model_uri, keel_environment(load_settings()), config.max_batch_size,
-                           config.batch_wait_timeout_s)
+    settings = load_settings()
+    serving_token(settings, config.require_token)  # fail here, not in a replica that restarts forever
+    return deployment.bind(model_uri, keel_environment(settings), config.max_batch_size,
+                           config.batch_wait_timeout_s, config.require_token)
 
 
 def deploy(model_uri: str, config: ServeConfig) -> str:

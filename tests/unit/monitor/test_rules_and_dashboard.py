@@ -1,4 +1,8 @@
-"""The alert rules pass promtool (real Prometheus tooling) and the dashboard only queries real metrics."""
+"""The alert rules pass promtool (real Prometheus tooling) and the dashboard only queries real metrics.
+
+Both live in the chart (helm/keel/files/), which ships them as a PrometheusRule and a Grafana
+dashboard ConfigMap: one copy, tested here.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import keel.monitor
 from keel.serve.metrics import ServingMetrics
 
-MONITOR = Path(keel.monitor.__file__).parent
+MONITOR = Path(__file__).resolve().parents[3] / "helm" / "keel" / "files"
 
 
 def served_metric_names() -> set[str]:

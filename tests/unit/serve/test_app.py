@@ -16,12 +16,61 @@ from tests.stages import run_stages, write_small_source
 NAME, VERSION = "small-model", "3"
 
 
+TOKEN = "s3cr3t-serving-token"
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
     directory = tmp_path_factory.mktemp("serve")
     settings = KeelSettings(home=directory / ".keel")
     uris = run_stages(settings, "serve", write_small_source(directory))
-    return TestClient(build_app(Predictor.load(Path(uris["train"])), NAME, VERSION))
+    return Predictor.load(Path(uris["train"]))
+
+
+@pytest.fixture(scope="module")
+def client(predictor: Predictor) -> TestClient:
+    return TestClient(build_app(predictor, NAME, VERSION))
+
+
+@pytest.fixture(scope="module")
+def guarded(predictor: Predictor) -> TestClient:
+    return TestClient(build_app(predictor, NAME, VERSION, token=TOKEN))
+
+
+@pytest.mark.parametrize("headers, reason", [
+    ({}, "missing bearer token"),
+    ({"authorization": f"Basic {TOKEN}"}, "missing bearer token"),
+    ({"authorization": "Bearer"}, "missing bearer token"),
+    ({"authorization": "Bearer wrong-token"}, "invalid bearer token"),
+    ({"authorization": f"Bearer {TOKEN}x"}, "invalid bearer token"),
+])
+def test_without_the_token_every_model_route_is_401(guarded: TestClient, headers: dict, reason: str) -> None:
+    for method, path, body in [("post", f"/v1/models/{NAME}:predict", {"records": records(1)}),
+                               ("get", f"/v2/models/{NAME}", None), ("get", "/openapi.json", None)]:
+        response = guarded.request(method, path, json=body, headers=headers)
+        assert response.status_code == 401, (path, response.text)
+        message = response.json().get("detail") or response.json()["error"]  # v2 routes answer {"error": ...}
+        assert reason in message and response.headers["www-authenticate"] == "Bearer"
+        assert TOKEN not in response.text
+
+
+def test_with_the_token_requests_are_served_and_probes_stay_open(guarded: TestClient) -> None:
+    response = guarded.post(f"/v1/models/{NAME}:predict", json={"records": records(2)},
+                            headers={"authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 2
+    for path in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+        assert guarded.get(path).status_code == 200, path
+    assert 'code="401"' in guarded.get("/metrics").text  # refusals are counted like any answer
+
+
+def test_a_required_token_that_is_not_set_fails_before_serving(tmp_path: Path) -> None:
+    from keel.errors import ConfigError
+    from keel.serve.deployment import serving_token
+
+    with pytest.raises(ConfigError, match="KEEL_SERVE_TOKEN is empty"):
+        serving_token(KeelSettings(home=tmp_path), require_token=True)
+    assert serving_token(KeelSettings(home=tmp_path, serve_token=TOKEN), require_token=True) == TOKEN
+    assert serving_token(KeelSettings(home=tmp_path, serve_token=TOKEN), require_token=False) == ""
 
 
 def records(rows: int = 3) -> list[dict]:

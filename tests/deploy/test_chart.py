@@ -1,0 +1,347 @@
+"""The chart and the kustomize manifests, checked the way a cluster and a reviewer would.
+
+Each shape (defaults, defaults with the Prometheus operator, every
+helm/keel/ci/*-values.yaml) and each overlay goes through kubernetes-validate
+(built-in kinds), the upstream CRD schemas in ../shared/crds (Ray and
+monitoring kinds), checkov, and our own check of the restricted Pod Security
+profile, which checkov cannot see inside RayCluster and RayService pod templates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.deploy import render
+from tests.deploy.conftest import CI_VALUES, OVERLAYS, SHAPES
+
+ALL = SHAPES + OVERLAYS
+CRDS = Path(os.environ.get("KEEL_CRDS_DIR", render.REPO.parent / "shared" / "crds"))
+CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", re.IGNORECASE)
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return render.documents(path.read_text())
+
+
+def pod_specs(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, pod spec) for every pod a resource creates, Ray pod templates included."""
+    kind, spec = document["kind"], document.get("spec", {})
+    name = f"{kind}/{document['metadata']['name']}"
+    if kind == "Pod":
+        yield name, spec
+    elif kind in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
+        yield name, spec["template"]["spec"]
+    elif kind in ("RayCluster", "RayService"):
+        cluster = spec if kind == "RayCluster" else spec["rayClusterConfig"]
+        yield f"{name} head", cluster["headGroupSpec"]["template"]["spec"]
+        for group in cluster.get("workerGroupSpecs", []):
+            yield f"{name} worker group {group['groupName']}", group["template"]["spec"]
+
+
+def ray_clusters(document: dict[str, Any]) -> list[dict[str, Any]]:
+    if document["kind"] == "RayCluster":
+        return [document["spec"]]
+    return [document["spec"]["rayClusterConfig"]] if document["kind"] == "RayService" else []
+
+
+# -- helm lint and the values schema ------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.stem if v else "default")
+def test_helm_lint_strict(values: Path | None) -> None:
+    command = [render.tool("helm"), "lint", "--strict", str(render.CHART)] + (["--values", str(values)] if values else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["mlflow.replcas=2"], "additional properties 'replcas' not allowed"),
+    (["ray.serving.config.max_batch=4"], "additional properties 'max_batch' not allowed"),
+    (["minio.bucket=Bad_Bucket"], "/minio/bucket"),
+    (["minio.enabled=false"], "set minio.externalEndpoint"),
+    (["mlflow.enabled=false"], "set mlflow.externalUri"),
+    (["postgresql.enabled=false"], "set postgresql.external.host"),
+    (["ray.training.workerGroups.cpu.minReplicas=5"], "minReplicas (5) is above maxReplicas (4)"),
+])
+def test_bad_values_fail_with_a_message_naming_them(settings: list[str], message: str) -> None:
+    command = [render.tool("helm"), "template", "keel", str(render.CHART)]
+    for setting in settings:
+        command += ["--set", setting]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_every_value_is_documented() -> None:
+    """helm-docs style: each key carries a `# --` comment, except inside free-form Kubernetes blocks."""
+    free_form = {"resources", "requests", "limits", "nodeSelector", "tolerations", "workerGroups", "config",
+                 "commonLabels", "selectorLabels"}
+    stack: list[tuple[int, str]] = []
+    undocumented, previous = [], ""
+    for line in (render.CHART / "values.yaml").read_text().splitlines():
+        match = re.match(r"^(\s*)([A-Za-z_][\w]*):", line)
+        if match:
+            indent, key = len(match[1]), match[2]
+            stack = [(i, k) for i, k in stack if i < indent]
+            inside_free_form = any(k in free_form for _, k in stack) and key not in ("config",)
+            nested_block = line.rstrip().endswith(":")
+            if not inside_free_form and not nested_block and not previous.lstrip().startswith("# --"):
+                undocumented.append(".".join([*(k for _, k in stack), key]))
+            stack.append((indent, key))
+        if line.strip() and not line.lstrip().startswith("#") or line.lstrip().startswith("# --"):
+            previous = line
+    assert not undocumented, f"values without a `# --` comment: {undocumented}"
+
+
+# -- every rendered shape -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", ALL)
+def test_built_in_kinds_pass_kubernetes_validate(rendered: dict[str, Path], shape: str) -> None:
+    result = subprocess.run([render.tool("kubernetes-validate"), "--strict", "-k", "1.33.0", "--no-warn",
+                             str(rendered[shape])], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    validated = result.stdout.count(" passed for resource ")
+    built_in = [d for d in documents(rendered[shape]) if not d["apiVersion"].startswith(CUSTOM_GROUPS)]
+    assert validated == len(built_in), result.stdout
+
+
+@pytest.fixture(scope="session")
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    if not CRDS.is_dir():
+        pytest.fail(f"{CRDS}: the upstream CRDs (shared/crds beside the repository) are missing; "
+                    "set KEEL_CRDS_DIR to their folder")
+    schemas = {}
+    for path in CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            api = f"{crd['spec']['group']}/{version['name']}"
+            schemas[(api, crd["spec"]["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def crd_errors(document: dict[str, Any], schemas: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    schema = schemas.get((document["apiVersion"], document["kind"]))
+    if schema is None:
+        return [f"{document['apiVersion']} {document['kind']}: no upstream CRD knows this kind"]
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{document['kind']}/{document['metadata']['name']} {'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(document)]
+
+
+@pytest.mark.parametrize("shape", ALL)
+def test_custom_resources_match_the_upstream_crds(rendered: dict[str, Path], shape: str,
+                                                  crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
+    custom = [d for d in documents(rendered[shape]) if d["apiVersion"].startswith(CUSTOM_GROUPS)]
+    assert {d["kind"] for d in custom} >= {"RayCluster", "RayService"} or shape == "chart-external"
+    errors = [error for document in custom for error in crd_errors(document, crd_schemas)]
+    assert not errors, errors
+
+
+def test_the_crd_check_catches_a_wrong_field(rendered: dict[str, Path],
+                                             crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
+    cluster = next(d for d in documents(rendered["default"]) if d["kind"] == "RayCluster")
+    cluster["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    cluster["spec"]["headGroupSpec"]["rayStartParams"] = ["not", "a", "map"]
+    assert len(crd_errors(cluster, crd_schemas)) == 2
+
+
+@pytest.mark.parametrize("shape", ALL)
+def test_every_pod_runs_under_the_restricted_profile(rendered: dict[str, Path], shape: str) -> None:
+    problems = []
+    for document in documents(rendered[shape]):
+        for where, pod in pod_specs(document):
+            security = pod.get("securityContext", {})
+            if not (security.get("runAsNonRoot") and security.get("seccompProfile", {}).get("type") == "RuntimeDefault"):
+                problems.append(f"{where}: pod securityContext")
+            if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+                problems.append(f"{where}: host namespaces")
+            if any("hostPath" in volume for volume in pod.get("volumes", [])):
+                problems.append(f"{where}: hostPath volume")
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                problems += container_problems(f"{where} {container['name']}", container)
+        for cluster in ray_clusters(document):
+            if cluster.get("enableInTreeAutoscaling"):
+                problems += container_problems(f"{document['kind']} autoscaler", cluster["autoscalerOptions"])
+    assert not problems, problems
+
+
+def container_problems(where: str, container: dict[str, Any]) -> list[str]:
+    security = container.get("securityContext", {})
+    problems = []
+    if security.get("allowPrivilegeEscalation") is not False or security.get("privileged"):
+        problems.append(f"{where}: privilege escalation allowed")
+    if "ALL" not in security.get("capabilities", {}).get("drop", []) or security.get("capabilities", {}).get("add"):
+        problems.append(f"{where}: capabilities not dropped")
+    if not security.get("readOnlyRootFilesystem") or not security.get("runAsNonRoot"):
+        problems.append(f"{where}: writable root filesystem or root user")
+    resources = container.get("resources", {})
+    if not all(resources.get(kind, {}).get(r) for kind in ("requests", "limits") for r in ("cpu", "memory")):
+        problems.append(f"{where}: cpu/memory requests and limits")
+    return problems
+
+
+@pytest.mark.parametrize("shape", ALL)
+def test_no_secret_value_is_in_the_manifests(rendered: dict[str, Path], shape: str) -> None:
+    """Credentials come only from the existing Secret, by reference or as mounted files."""
+    text = rendered[shape].read_text()
+    docs = render.documents(text)
+    assert not [d for d in docs if d["kind"] == "Secret"], "the chart must not create Secrets"
+    leaks = []
+    for document in docs:
+        for where, pod in pod_specs(document):
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                for variable in container.get("env", []):
+                    literal = variable.get("value")
+                    if SECRET_NAME.search(variable["name"]) and literal is not None and not (
+                            variable["name"].endswith(("_FILE", "_PATH")) and literal.startswith("/var/run/secrets/")):
+                        leaks.append(f"{where} {container['name']}: {variable['name']} is a literal")
+    assert not leaks, leaks
+    assert not re.search(r"(?i)(password|secret|token)\s*[:=]\s*['\"]?[A-Za-z0-9+/]{12,}", text.replace("secretKeyRef", ""))
+
+
+def test_checkov_finds_nothing_and_every_skip_says_why(rendered: dict[str, Path], tmp_path: Path) -> None:
+    for shape in ALL:
+        (tmp_path / rendered[shape].name).write_text(rendered[shape].read_text())
+    result = subprocess.run([render.tool("checkov"), "-d", str(tmp_path), "--framework", "kubernetes", "secrets",
+                             "--quiet", "--skip-download", "--compact", "-o", "json"],
+                            capture_output=True, text=True, check=False, timeout=600)
+    reports = json.loads(result.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    kubernetes = next(r for r in reports if r.get("check_type") == "kubernetes")
+    failed = [f"{c['check_id']} {c['resource']}" for r in reports for c in r["results"].get("failed_checks", [])]
+    assert not failed, failed
+    assert kubernetes["summary"]["passed"] > 500 and kubernetes["summary"]["parsing_errors"] == 0
+    skipped = [c for r in reports for c in r["results"].get("skipped_checks", [])]
+    assert all(len(c["check_result"].get("suppress_comment", "")) > 20 for c in skipped), skipped
+
+
+# -- what the resources say ---------------------------------------------------------------------
+
+def by_kind(path: Path, kind: str) -> list[dict[str, Any]]:
+    return [d for d in documents(path) if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rbac_is_least_privilege(rendered: dict[str, Path], shape: str) -> None:
+    assert not by_kind(rendered[shape], "ClusterRole") and not by_kind(rendered[shape], "ClusterRoleBinding")
+    (role,) = by_kind(rendered[shape], "Role")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+        if set(rule["verbs"]) & {"patch", "update", "create", "delete"}:
+            assert rule["resources"] == ["rayservices"] and rule["resourceNames"] == ["keel-serve"], rule
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_keel_pod_is_behind_a_network_policy(rendered: dict[str, Path], shape: str) -> None:
+    policies = by_kind(rendered[shape], "NetworkPolicy")
+    deny_all = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/part-of") == "keel"]
+    assert deny_all and "ingress" not in deny_all[0]["spec"]
+    allowed = {p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") for p in policies}
+    for document in documents(rendered[shape]):
+        for _, pod in pod_specs(document):
+            template = document["spec"].get("template", {})
+            component = template.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component")
+            if document["kind"] in ("Deployment", "StatefulSet"):
+                assert component in allowed, f"{document['kind']}/{document['metadata']['name']} has no allow rule"
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s != "external-values"])
+def test_the_served_config_is_the_one_keel_serve_sends(rendered: dict[str, Path], shape: str) -> None:
+    """serveConfigV2 validates as keel's ServeConfig and equals the document `keel serve` PUTs to Ray."""
+    from keel.serve.control import serve_config_document
+    from keel.serve.deployment import ServeConfig
+
+    (service,) = by_kind(rendered[shape], "RayService")
+    document = yaml.safe_load(service["spec"]["serveConfigV2"])
+    args = document["applications"][0]["args"]
+    config = ServeConfig.model_validate(args["config"])
+    assert config.require_token and config.host == "0.0.0.0"
+    expected = serve_config_document(args["model_uri"], config)
+    expected["applications"][0]["args"]["config"] = args["config"]  # the chart states only what it sets
+    assert document == expected
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_config_map_speaks_keel_settings(rendered: dict[str, Path], shape: str) -> None:
+    from keel.settings import KeelSettings
+
+    (config,) = [c for c in by_kind(rendered[shape], "ConfigMap") if c["metadata"]["name"] == "keel-config"]
+    keel_keys = {k[len("KEEL_"):].lower() for k in config["data"] if k.startswith("KEEL_")}
+    assert keel_keys <= set(KeelSettings.model_fields), keel_keys - set(KeelSettings.model_fields)
+    settings = KeelSettings(**{k: config["data"][f"KEEL_{k.upper()}"] for k in keel_keys})
+    assert settings.artifact_root.startswith("s3://") and settings.mlflow_tracking_uri.startswith("http")
+
+
+def test_monitoring_objects_need_the_operator_and_ship_the_tested_rules(rendered: dict[str, Path]) -> None:
+    monitoring_kinds = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    assert not {d["kind"] for d in documents(rendered["default"])} & monitoring_kinds
+    cluster = by_kind(rendered["default"], "RayCluster")[0]
+    assert cluster["spec"]["headGroupSpec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    with_operator = documents(rendered["default+monitoring"])
+    assert {d["kind"] for d in with_operator} >= monitoring_kinds
+    (rule,) = [d for d in with_operator if d["kind"] == "PrometheusRule"]
+    alerts = yaml.safe_load((render.CHART / "files" / "alerts.yaml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+
+
+def test_the_prod_shape_trains_on_gpus(rendered: dict[str, Path]) -> None:
+    for shape in ("prod-values", "overlays/prod"):
+        (cluster,) = by_kind(rendered[shape], "RayCluster")
+        groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+        gpu = groups["gpu"]["template"]["spec"]
+        assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert gpu["containers"][0]["image"].endswith("-cuda")
+        assert gpu["tolerations"][0]["key"] == "nvidia.com/gpu" and groups["gpu"]["maxReplicas"] == 4
+        assert cluster["spec"]["enableInTreeAutoscaling"] is True
+
+
+# -- manifests: rendered from the chart, applying what helm installs ----------------------------
+
+def test_manifests_are_rendered_from_the_current_chart() -> None:
+    stale = []
+    if (render.MANIFESTS / "base" / "keel.yaml").read_text() != render.base():
+        stale.append("manifests/base/keel.yaml")
+    for name in render.OVERLAYS:
+        for relative, text in render.overlay(name).items():
+            path = render.MANIFESTS / "overlays" / name / relative
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path.relative_to(render.REPO)))
+    assert not stale, f"stale: {stale}; run `make manifests`"
+
+
+@pytest.mark.parametrize("name", render.OVERLAYS)
+def test_an_overlay_applies_what_helm_installs_with_its_values(rendered: dict[str, Path], name: str) -> None:
+    helm = {(d["kind"], d["metadata"]["name"]): d
+            for d in render.documents(render.helm_template(render.CHART / "ci" / f"{name}-values.yaml", (), "--skip-tests"))}
+    kustomized = {(d["kind"], d["metadata"]["name"]): d for d in documents(rendered[f"overlays/{name}"])}
+    assert kustomized == helm
+
+
+# -- the image ----------------------------------------------------------------------------------
+
+DOCKERFILE = render.REPO / "platform" / "runtime.Dockerfile"
+
+
+def test_the_dockerfile_is_clean_under_hadolint() -> None:
+    result = subprocess.run([render.tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_is_non_root_pinned_and_has_a_cuda_variant() -> None:
+    text = DOCKERFILE.read_text()
+    torch_pin = re.search(r'"(torch==[\d.]+)"', (render.REPO / "pyproject.toml").read_text())
+    assert torch_pin and f'"{torch_pin[1]}"' in text
+    assert re.search(r"^USER 10001:10001$", text, re.M) and "ARG TORCH_VARIANT=cpu" in text
+    assert "-c requirements.lock" in text and ":latest" not in text
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms and all(f.startswith("${PYTHON_IMAGE}") for f in froms)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim-\w+$", text, re.M)

@@ -18,8 +18,11 @@ PIPELINES = {
 COMPILED_DIR = Path(__file__).parent / "compiled"
 
 
-def build(name: str, config_override: Path | None = None) -> Any:
-    """The KFP pipeline named ``name``, with ``config_override`` merged into its default config."""
+def build(name: str, config_override: Path | None = None, **options: Any) -> Any:
+    """The KFP pipeline named ``name``, with ``config_override`` merged into its default config.
+
+    ``options`` go to the pipeline module's ``build`` (``retries=0`` for local runs).
+    """
     if name not in PIPELINES:
         raise ConfigError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}.")
-    return importlib.import_module(PIPELINES[name]).build(config_override)
+    return importlib.import_module(PIPELINES[name]).build(config_override, **options)

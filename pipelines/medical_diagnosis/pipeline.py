@@ -11,6 +11,8 @@ from typing import Any
 
 from kfp import dsl
 
+from keel.cluster import CONFIG_MAP, CREDENTIALS_SECRET, attach_cluster_config
+
 from components.deploy.component import deploy
 from components.compress.component import compress
 from components.evaluate.component import evaluate
@@ -28,38 +30,50 @@ CONFIG_FILE = Path(__file__).parent / "config.yaml"
 RETRIES = 2
 
 
-def _configure(task: Any) -> Any:
-    """Outputs are keyed by run, so caching could only skip work that must run; retries absorb flakes."""
+def _configure(task: Any, config_map: Any, credentials: Any, retries: int) -> Any:
+    """Outputs are keyed by run, so caching could only skip work that must run; retries absorb flakes.
+
+    On a cluster each step reads its endpoints from the chart's ConfigMap and its
+    credentials from the Secret (kfp.local ignores both: locally the defaults apply).
+    """
     task.set_caching_options(False)
-    task.set_retry(num_retries=RETRIES, backoff_duration="30s", backoff_factor=2.0)
-    return task
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0)
+    return attach_cluster_config(task, config_map, credentials)
 
 
-def build(config_override: Path | None = None) -> Any:
+def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     """The pipeline with its config baked in, as sorted JSON, as the ``config`` parameter's default.
 
     JSON text rather than a struct parameter: KFP writes struct defaults in
     hash order, which would make the compiled YAML differ on every compile.
+    ``retries=0`` is for kfp.local, which honours retry policies: a bad input
+    there should fail at once, not after minutes of backoff.
     """
     default_config = load_pipeline_config(CONFIG_FILE, config_override).to_json()
 
     @dsl.pipeline(name=NAME, description="Tune, train, compress, evaluate (gated) and register a breast-cancer diagnosis classifier.")
     def medical_diagnosis(source: str = DEFAULT_SOURCE, run_name: str = "", serve: bool = False,
-                          serve_port: int = 8000, config: str = default_config) -> str:
+                          serve_port: int = 8000, gpus: int = 0, config_map: str = CONFIG_MAP,
+                          credentials_secret: str = CREDENTIALS_SECRET, config: str = default_config) -> str:
         run = {"config": config, "run_name": run_name, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
-        ingested = _configure(ingest(source=source, **run))
-        validated = _configure(validate(dataset_uri=ingested.output, **run))
-        prepared = _configure(preprocess(dataset_uri=ingested.output, **run)).after(validated)
-        tuned = _configure(tune(splits_uri=prepared.output, **run))
-        trained = _configure(train(splits_uri=prepared.output, tuning_uri=tuned.output, **run))
-        compressed = _configure(compress(model_uri=trained.output, splits_uri=prepared.output, **run))
+
+        def step(task: Any) -> Any:
+            return _configure(task, config_map, credentials_secret, retries)
+
+        ingested = step(ingest(source=source, **run))
+        validated = step(validate(dataset_uri=ingested.output, **run))
+        prepared = step(preprocess(dataset_uri=ingested.output, **run)).after(validated)
+        tuned = step(tune(splits_uri=prepared.output, gpus=gpus, **run))
+        trained = step(train(splits_uri=prepared.output, tuning_uri=tuned.output, gpus=gpus, **run))
+        compressed = step(compress(model_uri=trained.output, splits_uri=prepared.output, **run))
         chosen = compressed.outputs["model_uri"]
-        evaluated = _configure(evaluate(model_uri=chosen, splits_uri=prepared.output, **run))
-        registered = _configure(register(model_uri=chosen, evaluation_uri=evaluated.outputs["evaluation_uri"],
-                                         dataset_uri=ingested.output, splits_uri=prepared.output, **run))
+        evaluated = step(evaluate(model_uri=chosen, splits_uri=prepared.output, **run))
+        registered = step(register(model_uri=chosen, evaluation_uri=evaluated.outputs["evaluation_uri"],
+                                   dataset_uri=ingested.output, splits_uri=prepared.output, **run))
         with dsl.If(serve == True, name="serving-requested"):  # noqa: E712 - KFP conditions compare with ==
             with dsl.If(registered.outputs["promoted"] == True, name="new-champion"):  # noqa: E712
-                _configure(deploy(model_version_uri=registered.outputs["model_version_uri"], port=serve_port, **run))
+                step(deploy(model_version_uri=registered.outputs["model_version_uri"], port=serve_port, **run))
         return registered.outputs["model_version_uri"]
 
     return medical_diagnosis

@@ -59,3 +59,7 @@ class CompressionError(KeelError):
 
 class EvaluationError(KeelError):
     """The evaluation config does not fit the model or the test data."""
+
+
+class ClusterError(KeelError):
+    """The Kubernetes API, Kubeflow Pipelines or a Ray head could not be reached, or refused a request."""

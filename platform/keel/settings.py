@@ -54,6 +54,8 @@ class KeelSettings(BaseSettings):
     pushgateway_url: str = Field(
         default="", description="Prometheus Pushgateway (host:port or URL) for pipeline stage metrics. Empty: off.")
     kfp_host: str = Field(default="", description="Kubeflow Pipelines API endpoint (cluster mode).")
+    kfp_token: SecretStr = Field(default=SecretStr(""),
+                                 description="Bearer token for the KFP API (e.g. a ServiceAccount token in CI).")
     serve_token: SecretStr = Field(default=SecretStr(""),
                                    description="Bearer token the serving API requires when require_token is on.")
     kube_namespace: str = Field(default="", description="Namespace of Keel's cluster resources (the chart sets it).")
@@ -94,6 +96,8 @@ class KeelSettings(BaseSettings):
         else empty for a local head."""
         if self.ray_dashboard_url:
             return self.ray_dashboard_url.rstrip("/")
+        if self.ray_address.startswith(("http://", "https://")):  # a Job Submission address is the dashboard
+            return self.ray_address.rstrip("/")
         address = urlparse(self.ray_address) if self.ray_address.startswith("ray://") else None
         return f"http://{address.hostname}:8265" if address and address.hostname else ""
 

@@ -222,6 +222,13 @@ def tune(splits_uri: str, train_config: TrainConfig, config: TuneConfig, output_
     return out.manifest
 
 
+def tune_stage(settings: KeelSettings, splits_uri: str, train_config: dict[str, Any], config: dict[str, Any],
+               output_uri: str, run_name: str = "tune", mlflow_run_id: str = "") -> dict[str, Any]:
+    """:func:`tune` with its configs as plain data: what a Ray job receives (:mod:`keel.jobs`)."""
+    return tune(splits_uri, TrainConfig.model_validate(train_config), TuneConfig.model_validate(config), output_uri,
+                settings, run_name=run_name, mlflow_run_id=mlflow_run_id)
+
+
 def search(config: TuneConfig, train_config: TrainConfig, data: dict[str, Any], run_name: str,
            settings: KeelSettings, method: str = "tpe_asha") -> list[dict[str, Any]]:
     """Run the search in a Ray session (local, or ``KEEL_RAY_ADDRESS``) and return the trial records.

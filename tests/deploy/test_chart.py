@@ -345,3 +345,52 @@ def test_the_image_is_non_root_pinned_and_has_a_cuda_variant() -> None:
     froms = re.findall(r"^FROM (\S+)", text, re.M)
     assert froms and all(f.startswith("${PYTHON_IMAGE}") for f in froms)
     assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim-\w+$", text, re.M)
+
+
+# -- the code that talks to what the chart installs --------------------------------------------
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies the deploy step's patch to a RayService."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def test_the_deploy_steps_patch_yields_a_valid_rayservice(rendered: dict[str, Path],
+                                                          crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
+    from keel.cluster import rayservice_patch
+
+    (service,) = by_kind(rendered["default"], "RayService")
+    patched = merge_patch(service, rayservice_patch(service, "models:/medical-diagnosis/7"))
+    assert not crd_errors(patched, crd_schemas)
+    before, after = (yaml.safe_load(s["spec"]["serveConfigV2"]) for s in (service, patched))
+    assert after["applications"][0]["args"]["model_uri"] == "models:/medical-diagnosis/7"
+    after["applications"][0]["args"]["model_uri"] = before["applications"][0]["args"]["model_uri"]
+    assert after == before and patched["spec"]["rayClusterConfig"] == service["spec"]["rayClusterConfig"]
+
+
+def test_pipeline_steps_read_exactly_what_the_chart_provides(rendered: dict[str, Path]) -> None:
+    from keel import cluster
+
+    (config,) = [c for c in by_kind(rendered["default"], "ConfigMap") if c["metadata"]["name"] == cluster.CONFIG_MAP]
+    assert set(config["data"]) == set(cluster.CONFIG_MAP_KEYS)
+    values = yaml.safe_load((render.CHART / "values.yaml").read_text())["credentials"]
+    assert values["existingSecret"] == cluster.CREDENTIALS_SECRET
+    assert set(cluster.S3_CREDENTIALS) == {values["s3AccessKeyKey"], values["s3SecretKeyKey"]}
+    assert set(cluster.RAY_TOKEN) == {values["rayAuthTokenKey"]}
+    (role,) = by_kind(rendered["default"], "Role")
+    (account,) = [a for a in by_kind(rendered["default"], "ServiceAccount") if "pipeline-runner" in a["metadata"]["name"]]
+    from keel.submit import DEFAULT_SERVICE_ACCOUNT
+
+    assert account["metadata"]["name"] == DEFAULT_SERVICE_ACCOUNT and role["metadata"]["name"] == DEFAULT_SERVICE_ACCOUNT
+    compiled = list(yaml.safe_load_all((render.REPO / "pipelines" / "compiled" / "medical_diagnosis.yaml").read_text()))
+    inputs = compiled[0]["root"]["inputDefinitions"]["parameters"]
+    assert inputs["config_map"]["defaultValue"] == cluster.CONFIG_MAP
+    assert inputs["credentials_secret"]["defaultValue"] == cluster.CREDENTIALS_SECRET
+    assert inputs["gpus"]["defaultValue"] == 0

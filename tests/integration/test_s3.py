@@ -57,14 +57,17 @@ def test_pipeline_with_artifacts_and_mlflow_models_on_s3(s3_env: dict[str, str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     env = {k: v for k, v in s3_env.items() if k.startswith("KEEL_")}
     env["KEEL_HOME"] = str(tmp_path / ".keel")
-    result = keel("run", "medical_diagnosis", "--output", "json", cwd=tmp_path, env=env)
+    smaller = tmp_path / "smaller.yaml"  # every stage on S3, with a two-trial search and one compressed variant
+    smaller.write_text("tune: {num_samples: 2}\ncompress: {methods: [int8]}\n")
+    result = keel("run", "medical_diagnosis", "--config", str(smaller), "--output", "json", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["artifacts"].startswith(f"s3://{s3_env['bucket']}/keel/runs/")
     assert not (tmp_path / ".keel" / "artifacts").exists()  # nothing went to local disk instead
     settings = load_settings()
     children = storage.list_children(report["artifacts"], settings)
-    assert {"ingest", "validate", "preprocess", "train", "evaluate", "register", "checkpoints"} <= set(children)
+    assert {"ingest", "validate", "preprocess", "tune", "train", "compress", "evaluate", "register",
+            "checkpoints"} <= set(children)
     for name, value in settings.s3_environment().items():  # what a user exports to read the model
         monkeypatch.setenv(name, value)
     mlflow.set_tracking_uri(report["tracking_uri"])

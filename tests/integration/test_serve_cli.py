@@ -77,8 +77,10 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     private Ray instance although a head is running on this machine."""
     port = free_port()
     env = ray_head  # the CLI and the Ray head share one registry, as in a cluster
-    result = keel("run", "medical_diagnosis", "--param", "serve=true", "--param", f"serve_port={port}",
-                  "--output", "json", cwd=tmp_path, env=env)
+    quick = tmp_path / "quick.yaml"  # the demo's tuning and compression are covered by test_pipeline_local
+    quick.write_text("tune: {num_samples: 0}\ncompress: {methods: [int8]}\n")
+    result = keel("run", "medical_diagnosis", "--config", str(quick), "--param", "serve=true", "--param",
+                  f"serve_port={port}", "--output", "json", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["champion"] is True
     row = {"mean_radius": 14.0}

@@ -28,7 +28,9 @@ def test_compiled_yaml_is_valid_kfp_ir(name: str) -> None:
 
     path = pipelines.COMPILED_DIR / f"{name}.yaml"
     component = load_component_from_file(str(path))  # parses the IR back into a pipeline spec
-    spec = yaml.safe_load(path.read_text())
+    spec, platform = yaml.safe_load_all(path.read_text())  # the pipeline, then its Kubernetes settings
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == set(
+        spec["deploymentSpec"]["executors"])
     assert component.pipeline_spec.pipeline_info.name == spec["pipelineInfo"]["name"]
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {RUNTIME_IMAGE}
@@ -39,3 +41,15 @@ def test_compiled_yaml_is_valid_kfp_ir(name: str) -> None:
     for task_name, task in steps:
         assert task.get("retryPolicy", {}).get("maxRetryCount", 0) >= 1, f"{task_name} has no retry policy"
         assert task["cachingOptions"] == {}, f"{task_name} caches outputs keyed by another run"
+
+
+@pytest.mark.parametrize("name", sorted(pipelines.PIPELINES))
+def test_local_runs_fail_fast_instead_of_retrying(name: str, tmp_path) -> None:
+    """kfp.local honours retry policies; `keel run` builds without them so a bad input fails at once."""
+    from kfp import compiler
+
+    target = tmp_path / "local.yaml"
+    compiler.Compiler().compile(pipelines.build(name, retries=0), str(target))
+    spec = next(yaml.safe_load_all(target.read_text()))
+    tasks = [t for c in [spec["root"], *spec["components"].values()] if "dag" in c for t in c["dag"]["tasks"].values()]
+    assert tasks and not any("retryPolicy" in t for t in tasks)

@@ -126,7 +126,8 @@ def run_pipeline(
     from keel.local import new_run_id, run_local
 
     settings = load_settings()
-    built = pipelines.build(pipeline, config)
+    # kfp.local honours retry policies: locally a failed step is reported at once (the cluster YAML keeps them)
+    built = pipelines.build(pipeline, config, retries=0)
     accepted = {name: str(spec.type) for name, spec in built.component_spec.inputs.items()
                 if name not in ("config", "run_name")}
     arguments = parse_params(param, accepted)

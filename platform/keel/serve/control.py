@@ -129,3 +129,17 @@ def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings,
     deploy_rest(dashboard, model_uri, config)
     wait_until_running(dashboard)
     return f"http://{config.host}:{config.port}"
+
+
+def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
+    """The pipeline's deploy step: roll the chart's RayService on a cluster, else serve on this machine's Ray.
+
+    On a cluster only the model changes: replicas, batching and token auth stay
+    as the chart set them in the RayService.
+    """
+    if settings.ray_service:
+        from keel.cluster import roll_served_model
+
+        return roll_served_model(settings, model_uri)
+    host = "0.0.0.0" if settings.serve_dashboard_url else "127.0.0.1"  # a remote Ray head vs this machine
+    return deploy_detached(model_uri, ServeConfig(port=port, host=host), settings)

@@ -34,3 +34,13 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(default=2, ge=0, description="worker failures to recover from checkpoints")
     mlflow_flush_interval_s: float = Field(default=5.0, ge=0)
     scaling: ScalingSpec = ScalingSpec()
+
+
+def with_gpus(config: TrainConfig, gpus: int) -> TrainConfig:
+    """The pipeline's ``gpus`` parameter: N > 0 trains on N workers with one GPU each; 0 keeps the config."""
+    if gpus < 0:
+        raise ValueError(f"gpus must be 0 or more, got {gpus}")
+    if gpus == 0:
+        return config
+    scaling = ScalingSpec(num_workers=gpus, cpus_per_worker=config.scaling.cpus_per_worker, use_gpu=True)
+    return config.model_copy(update={"scaling": scaling})

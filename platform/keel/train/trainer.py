@@ -171,6 +171,13 @@ def train(splits_uri: str, config: TrainConfig, output_uri: str, checkpoint_uri:
     return out.manifest
 
 
+def train_stage(settings: KeelSettings, splits_uri: str, config: dict[str, Any], output_uri: str,
+                checkpoint_uri: str, run_name: str = "train", mlflow_run_id: str = "") -> dict[str, Any]:
+    """:func:`train` with its config as plain data: what a Ray job receives (:mod:`keel.jobs`)."""
+    return train(splits_uri, TrainConfig.model_validate(config), output_uri, checkpoint_uri, settings,
+                 run_name=run_name, mlflow_run_id=mlflow_run_id)
+
+
 def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits: dict[str, str],
          checkpoint_uri: str, run_name: str, mlflow_run_id: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
     """Size the workers to the cluster, build the trainer and run it; Ray must be initialized."""

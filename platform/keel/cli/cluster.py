@@ -1,0 +1,83 @@
+"""``keel submit``, ``keel schedule`` and ``keel status``: Keel on a Kubernetes cluster."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
+from keel.errors import ConfigError
+from keel.settings import load_settings
+
+HOST_OPTION = typer.Option("", "--host", help="Kubeflow Pipelines API endpoint; default KEEL_KFP_HOST.")
+EXPERIMENT_OPTION = typer.Option("keel", "--experiment", help="KFP experiment to run in.")
+PARAM_OPTION = typer.Option([], "--param", "-p", help="Pipeline parameter NAME=VALUE; repeatable.")
+CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML merged over the pipeline's config.")
+ACCOUNT_OPTION = typer.Option("keel-pipeline-runner", "--service-account",
+                              help="ServiceAccount the steps run as (the chart creates it).")
+
+
+def _submit(pipeline: str, host: str, experiment: str, param: list[str], config: Path | None, cron: str,
+            service_account: str, output: OutputFormat) -> None:
+    import pipelines
+    from keel import submit, tracking
+    from keel.cli.run import parse_params
+
+    settings = load_settings()
+    host = host or settings.kfp_host
+    if not host:
+        raise ConfigError("no Kubeflow Pipelines host: pass --host or set KEEL_KFP_HOST.")
+    built = pipelines.build(pipeline, config)
+    accepted = {name: str(spec.type) for name, spec in built.component_spec.inputs.items() if name != "config"}
+    params = parse_params(param, accepted)
+    client = submit.client_for(host, settings.kfp_token.get_secret_value())
+    result = submit.submit(client, pipeline, host, experiment, params, tracking.git_commit(settings),
+                           config=config, cron=cron, service_account=service_account)
+    if output is OutputFormat.json:
+        print_json(asdict(result))
+        return
+    what = f"Recurring run ({cron})" if cron else "Run"
+    typer.echo(f"{what} {result.run_id} of {pipeline} version {result.version_name} started: {result.url}")
+
+
+def submit_command(
+    pipeline: str = typer.Argument(..., help="Pipeline name, e.g. medical_diagnosis."),
+    host: str = HOST_OPTION,
+    experiment: str = EXPERIMENT_OPTION,
+    param: list[str] = PARAM_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    service_account: str = ACCOUNT_OPTION,
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Compile PIPELINE, upload it as version <keel version>-<commit>, and start a run on Kubeflow Pipelines."""
+    _submit(pipeline, host, experiment, param, config, "", service_account, output)
+
+
+def schedule_command(
+    pipeline: str = typer.Argument(..., help="Pipeline name, e.g. medical_diagnosis."),
+    cron: str = typer.Option(..., "--cron", help="Crontab schedule, e.g. '0 3 * * *' (03:00 daily, UTC)."),
+    host: str = HOST_OPTION,
+    experiment: str = EXPERIMENT_OPTION,
+    param: list[str] = PARAM_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    service_account: str = ACCOUNT_OPTION,
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Create a recurring run of PIPELINE on Kubeflow Pipelines (one at a time, no catch-up)."""
+    from keel.submit import kfp_cron
+
+    kfp_cron(cron)  # a bad expression fails before anything is compiled or uploaded
+    _submit(pipeline, host, experiment, param, config, cron, service_account, output)
+
+
+def status_command(output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Keel's RayClusters, RayService, MLflow, MinIO and PostgreSQL in KEEL_KUBE_NAMESPACE."""
+    from keel.cluster import cluster_status
+
+    rows = cluster_status(load_settings())
+    if output is OutputFormat.json:
+        print_json(rows)
+        return
+    print_table(["KIND", "NAME", "STATE", "DETAIL"], [[r["kind"], r["name"], r["state"], r["detail"]] for r in rows])

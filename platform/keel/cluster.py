@@ -1,0 +1,161 @@
+"""Keel's Kubernetes side: what pipeline steps read, the served model's rollout, and ``keel status``.
+
+The chart (helm/keel) creates a ConfigMap with every endpoint and reads
+credentials from an existing Secret; :func:`attach_cluster_config` wires both
+into each pipeline step with the ``kfp.kubernetes`` helpers. Serving on a
+cluster is a KubeRay ``RayService``: a new champion is rolled out by patching
+its ``serveConfigV2`` (KubeRay then updates the Serve app in place, without
+dropping requests), which is all the pipeline runner's Role may change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from keel.errors import ClusterError
+from keel.settings import KeelSettings
+
+CONFIG_MAP = "keel-config"
+CREDENTIALS_SECRET = "keel-credentials"
+# Keys of the chart's ConfigMap (a test compares them with the rendered chart).
+CONFIG_MAP_KEYS = ("KEEL_MLFLOW_TRACKING_URI", "KEEL_EXPERIMENT_NAME", "KEEL_S3_ENDPOINT", "KEEL_S3_REGION",
+                   "KEEL_ARTIFACT_ROOT", "MLFLOW_S3_ENDPOINT_URL", "KEEL_RAY_ADDRESS", "KEEL_RAY_SERVICE",
+                   "KEEL_KUBE_NAMESPACE", "KEEL_KFP_HOST", "KEEL_PUSHGATEWAY_URL", "KEEL_HOME")
+# Secret key -> variable: S3 credentials for Keel and boto3 (MLflow), required.
+S3_CREDENTIALS = {"s3-access-key": "KEEL_S3_ACCESS_KEY", "s3-secret-key": "KEEL_S3_SECRET_KEY"}
+# Ray's token, for the Job Submission API; optional (clusters without Ray auth have none).
+RAY_TOKEN = {"ray-auth-token": "RAY_AUTH_TOKEN"}
+RAY_GROUP, RAY_VERSION = "ray.io", "v1"
+APP_NAME = "keel"
+
+
+def attach_cluster_config(task: Any, config_map: Any = CONFIG_MAP, secret: Any = CREDENTIALS_SECRET) -> Any:
+    """Endpoints from the ConfigMap, credentials from the Secret, as env on a KFP task."""
+    from kfp import kubernetes
+
+    kubernetes.use_config_map_as_env(task, config_map, {key: key for key in CONFIG_MAP_KEYS}, optional=True)
+    kubernetes.use_secret_as_env(task, secret, S3_CREDENTIALS)
+    kubernetes.use_secret_as_env(task, secret, RAY_TOKEN, optional=True)
+    return task
+
+
+def _load_kube_config() -> None:
+    from kubernetes import config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        config.load_incluster_config()
+    except ConfigException:
+        try:
+            config.load_kube_config()
+        except (ConfigException, OSError) as e:
+            raise ClusterError("no Kubernetes configuration: not running in a pod, and no usable kubeconfig "
+                               f"({e}). Set KUBECONFIG or run inside the cluster.") from e
+
+
+def _api_error(action: str, error: Any) -> ClusterError:
+    status = getattr(error, "status", None)
+    hint = {403: " The pipeline runner's Role allows only what the chart grants (see helm/keel/templates/rbac.yaml).",
+            404: " Is the chart installed in this namespace (KEEL_KUBE_NAMESPACE)?"}.get(status or 0, "")
+    return ClusterError(f"{action}: Kubernetes answered {status} {getattr(error, 'reason', error)}.{hint}")
+
+
+def _require(settings: KeelSettings, *fields: str) -> None:
+    missing = [f"KEEL_{f.upper()}" for f in fields if not getattr(settings, f)]
+    if missing:
+        raise ClusterError(f"{', '.join(missing)} not set: the chart's ConfigMap sets them for pipeline steps.")
+
+
+def rolled_serve_config(serve_config_v2: str, model_uri: str) -> str:
+    """The RayService's Serve config with the Keel app's model swapped, every other setting kept."""
+    document = yaml.safe_load(serve_config_v2) or {}
+    applications = [a for a in document.get("applications", []) if a.get("name") == APP_NAME]
+    if not applications:
+        raise ClusterError(f"the RayService's serveConfigV2 has no {APP_NAME!r} application to roll.")
+    applications[0].setdefault("args", {})["model_uri"] = model_uri
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def rayservice_patch(current: dict[str, Any], model_uri: str) -> dict[str, Any]:
+    """The merge patch that rolls ``current`` (a RayService) to ``model_uri``."""
+    return {"spec": {"serveConfigV2": rolled_serve_config(current["spec"]["serveConfigV2"], model_uri)}}
+
+
+def roll_served_model(settings: KeelSettings, model_uri: str) -> str:
+    """Point the RayService at ``model_uri``; returns the in-cluster URL of the serving API."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    _require(settings, "ray_service", "kube_namespace")
+    _load_kube_config()
+    api = client.CustomObjectsApi()
+    name, namespace = settings.ray_service, settings.kube_namespace
+    try:
+        current = api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name)
+        api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name,
+                                           rayservice_patch(current, model_uri))
+    except ApiException as e:
+        raise _api_error(f"rolling RayService {namespace}/{name} to {model_uri}", e) from e
+    return f"http://{name}-serve-svc.{namespace}.svc.cluster.local:8000"
+
+
+def _condition(status: dict[str, Any], kind: str) -> str:
+    for condition in status.get("conditions", []) or []:
+        if condition.get("type") == kind:
+            return str(condition.get("status"))
+    return "?"
+
+
+def summarize(ray_clusters: list[dict[str, Any]], ray_services: list[dict[str, Any]],
+              workloads: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per resource: kind, name, state, detail; from the objects as the API returns them."""
+    rows = []
+    for cluster in ray_clusters:
+        status = cluster.get("status", {}) or {}
+        rows.append({"kind": "RayCluster", "name": cluster["metadata"]["name"],
+                     "state": str(status.get("state", _condition(status, "Ready"))),
+                     "detail": f"workers {status.get('availableWorkerReplicas', 0)}/"
+                               f"{status.get('desiredWorkerReplicas', 0)}"})
+    for service in ray_services:
+        status = service.get("status", {}) or {}
+        model = "?"
+        for application in (yaml.safe_load(service["spec"].get("serveConfigV2", "")) or {}).get("applications", []):
+            if application.get("name") == APP_NAME:
+                model = application.get("args", {}).get("model_uri", "?")
+        rows.append({"kind": "RayService", "name": service["metadata"]["name"],
+                     "state": str(status.get("serviceStatus") or f"Ready={_condition(status, 'Ready')}"),
+                     "detail": f"serving {model}"})
+    for workload in workloads:
+        status, spec = workload.get("status", {}) or {}, workload.get("spec", {})
+        ready, wanted = status.get("readyReplicas", 0) or 0, spec.get("replicas", 1)
+        rows.append({"kind": workload["kind"], "name": workload["metadata"]["name"],
+                     "state": "Ready" if ready >= wanted else "NotReady", "detail": f"replicas {ready}/{wanted}"})
+    return rows
+
+
+def cluster_status(settings: KeelSettings) -> list[dict[str, str]]:
+    """Keel's Ray clusters, Ray services, MLflow, MinIO and PostgreSQL in ``KEEL_KUBE_NAMESPACE``."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    _require(settings, "kube_namespace")
+    _load_kube_config()
+    namespace, selector = settings.kube_namespace, "app.kubernetes.io/part-of=keel"
+    custom, apps = client.CustomObjectsApi(), client.AppsV1Api()
+    try:
+        clusters = custom.list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayclusters",
+                                                        label_selector=selector)["items"]
+        services = custom.list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices",
+                                                        label_selector=selector)["items"]
+        workloads = [{**client.ApiClient().sanitize_for_serialization(item), "kind": kind}
+                     for kind, listing in (("Deployment", apps.list_namespaced_deployment),
+                                           ("StatefulSet", apps.list_namespaced_stateful_set))
+                     for item in listing(namespace, label_selector=selector).items]
+    except ApiException as e:
+        raise _api_error(f"reading Keel's resources in namespace {namespace}", e) from e
+    except (HTTPError, OSError) as e:  # an API server that does not answer
+        raise ClusterError(f"cannot reach the Kubernetes API server: {e}") from e
+    return summarize(clusters, services, workloads)

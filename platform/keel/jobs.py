@@ -1,0 +1,153 @@
+"""Run Ray stages (train, tune) where the Ray cluster is: here, or on a cluster through Ray Jobs.
+
+When ``KEEL_RAY_ADDRESS`` is an http(s) URL (a KubeRay head's dashboard, as
+the chart sets it), :func:`run_stage` submits the stage as a Ray job through
+the Job Submission API, streams the job's logs into the component's log, and
+raises with the job's own error when it fails. The job's entrypoint is
+``python -m keel.jobs STAGE ARGS_JSON`` in the same image, which calls the
+same stage function with Ray connected to the cluster it runs on. Otherwise
+the stage runs in this process on a local Ray (or a ``ray://`` address).
+
+Credentials never travel in the job: the Ray pods read them from the same
+Secret. Only non-secret ``KEEL_*`` settings are forwarded, so the job sees the
+run's own MLflow experiment and artifact root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from keel.errors import KeelError, TrainingError
+from keel.settings import KeelSettings, load_settings
+
+ENTRYPOINT_MODULE = "keel.jobs"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+LOG_TAIL_CHARS = 4000
+# Settings a job must not inherit from the submitting pod: its own Ray connection, and secrets.
+NOT_FORWARDED = {"ray_address", "ray_dashboard_url", "home"}
+
+
+def is_job_address(address: str) -> bool:
+    """A Job Submission endpoint (a Ray head's dashboard URL) rather than a ray:// or local address."""
+    return address.startswith(("http://", "https://"))
+
+
+def _stage_function(stage: str) -> Callable[..., Any]:
+    if stage == "train":
+        from keel.train.trainer import train_stage
+
+        return train_stage
+    if stage == "tune":
+        from keel.tune import tune_stage
+
+        return tune_stage
+    raise KeelError(f"{stage!r} is not a Ray stage; expected train or tune.")
+
+
+def forwarded_environment(settings: KeelSettings) -> dict[str, str]:
+    """Non-secret KEEL_* settings for the job's runtime_env (SecretStr fields are left out)."""
+    from pydantic import SecretStr
+
+    values = settings.model_dump()
+    return {f"KEEL_{name.upper()}": str(value) for name, value in values.items()
+            if name not in NOT_FORWARDED and not isinstance(value, SecretStr) and value not in ("", None)}
+
+
+def entrypoint(stage: str, arguments: dict[str, Any]) -> str:
+    return f"python -m {ENTRYPOINT_MODULE} {stage} {shlex.quote(json.dumps(arguments, sort_keys=True))}"
+
+
+def run_stage(stage: str, arguments: dict[str, Any], settings: KeelSettings, timeout_s: float = 6 * 3600) -> Any:
+    """Run ``stage`` with JSON-able ``arguments``: as a Ray job on a cluster, else in this process."""
+    if not is_job_address(settings.ray_address):
+        return _stage_function(stage)(settings=settings, **arguments)
+    return submit_and_wait(stage, arguments, settings, timeout_s)
+
+
+def _client(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    from keel.serve.control import ray_auth_headers
+
+    try:
+        return JobSubmissionClient(address, headers=ray_auth_headers())
+    except (ConnectionError, RuntimeError) as e:
+        raise TrainingError(f"cannot reach the Ray Job Submission API at {address} ({e}). Check KEEL_RAY_ADDRESS "
+                            "(the Ray head's dashboard URL, e.g. http://keel-train-head-svc:8265) and that the "
+                            "RayCluster is ready (`keel status`).") from e
+
+
+def submit_and_wait(stage: str, arguments: dict[str, Any], settings: KeelSettings, timeout_s: float) -> Any:
+    """Submit, stream the logs, and return the stage's result (the job prints it as its last line)."""
+    client = _client(settings.ray_address)
+    job_id = client.submit_job(entrypoint=entrypoint(stage, arguments),
+                               runtime_env={"env_vars": forwarded_environment(settings)},
+                               metadata={"keel.stage": stage})
+    print(f"Submitted Ray job {job_id} ({stage}) to {settings.ray_address}", flush=True)
+    logs = asyncio.run(_stream_logs(client, job_id, timeout_s))
+    status = _wait(client, job_id, timeout_s)
+    if status != "SUCCEEDED":
+        info = client.get_job_info(job_id)
+        raise TrainingError(f"Ray job {job_id} ({stage}) ended {status}: {info.message or ''}\n"
+                            f"{logs[-LOG_TAIL_CHARS:]}".rstrip())
+    return _result(logs, job_id)
+
+
+async def _stream_logs(client: Any, job_id: str, timeout_s: float) -> str:
+    collected: list[str] = []
+
+    async def follow() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+            collected.append(lines)
+
+    try:
+        await asyncio.wait_for(follow(), timeout=timeout_s)
+    except TimeoutError:
+        client.stop_job(job_id)
+    return "".join(collected)
+
+
+def _wait(client: Any, job_id: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        time.sleep(1)
+    client.stop_job(job_id)
+    return "TIMED OUT"
+
+
+RESULT_MARKER = "KEEL-JOB-RESULT "
+
+
+def _result(logs: str, job_id: str) -> Any:
+    for line in reversed(logs.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    raise TrainingError(f"Ray job {job_id} succeeded but printed no result line ({RESULT_MARKER.strip()}).")
+
+
+def main(argv: list[str]) -> int:
+    """The job's entrypoint: run the stage against the Ray cluster the job runs on."""
+    stage, arguments = argv[0], json.loads(argv[1])
+    settings = load_settings(ray_address="auto")
+    try:
+        result = _stage_function(stage)(settings=settings, **arguments)
+    except KeelError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

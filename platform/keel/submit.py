@@ -1,0 +1,126 @@
+"""Run pipelines on Kubeflow Pipelines: upload a named version, start a run or a recurring run.
+
+A pipeline version is named ``<keel version>-<commit>``, so the KFP UI shows
+which code every run used and a resubmission of the same commit reuses its
+version. Steps run as the chart's pipeline-runner ServiceAccount and read the
+chart's ConfigMap and Secret (see :func:`keel.cluster.attach_cluster_config`).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keel import __version__
+from keel.errors import ClusterError, ConfigError
+
+HEALTHZ = "/apis/v2beta1/healthz"
+DEFAULT_SERVICE_ACCOUNT = "keel-pipeline-runner"
+CRON_FIELD = re.compile(r"^[\d*/,\-?LW#A-Za-z]+$")
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Where a submitted pipeline lives on KFP."""
+
+    pipeline_id: str
+    version_id: str
+    version_name: str
+    experiment_id: str
+    run_id: str
+    url: str
+
+
+def version_name(commit: str) -> str:
+    """``<keel version>-<12-char commit>``: unique per commit, readable in the KFP UI."""
+    short = re.sub(r"[^0-9a-zA-Z]", "", commit)[:12] or "unknown"
+    return f"{__version__}-{short}"
+
+
+def kfp_cron(expression: str) -> str:
+    """KFP schedules take six fields (seconds first); a five-field crontab line gets second 0."""
+    fields = expression.split()
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    if len(fields) != 6 or not all(CRON_FIELD.match(f) for f in fields):
+        raise ConfigError(f"--cron {expression!r}: expected a crontab expression of 5 fields "
+                          "(minute hour day month weekday), e.g. '0 3 * * *' for 03:00 daily.")
+    return " ".join(fields)
+
+
+def check_reachable(host: str, timeout_s: float = 10) -> None:
+    """Fail fast, naming the host, rather than after kfp.Client's own retries."""
+    url = host.rstrip("/") + HEALTHZ
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the user's own KFP host
+            return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            return  # reachable; kfp.Client brings the credentials
+        raise ClusterError(f"Kubeflow Pipelines at {host} answered HTTP {e.code} on {HEALTHZ}; "
+                           "is --host the KFP API endpoint (e.g. http://ml-pipeline-ui.kubeflow)?") from e
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ClusterError(f"cannot reach Kubeflow Pipelines at {host} ({getattr(e, 'reason', e)}). Check --host or "
+                           "KEEL_KFP_HOST, and port-forward if it is inside the cluster: "
+                           "kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80.") from e
+
+
+def client_for(host: str, token: str = "") -> Any:
+    """A kfp.Client for ``host``; ``token`` (KEEL_KFP_TOKEN) for a KFP behind authentication."""
+    import kfp
+
+    check_reachable(host)
+    return kfp.Client(host=host, existing_token=token or None)
+
+
+def compile_pipeline(pipeline: str, config: Path | None, directory: Path) -> Path:
+    from kfp import compiler
+
+    import pipelines
+
+    target = directory / f"{pipeline}.yaml"
+    compiler.Compiler().compile(pipelines.build(pipeline, config), str(target))
+    return target
+
+
+def upload_version(client: Any, package: Path, pipeline_name: str, version: str) -> tuple[str, str]:
+    """The pipeline's id and the id of ``version`` (uploaded now, or found from an earlier submission)."""
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(package), pipeline_name=pipeline_name).pipeline_id
+    listing = client.list_pipeline_versions(pipeline_id, page_size=100)
+    for existing in listing.pipeline_versions or []:
+        if existing.display_name == version:
+            return pipeline_id, existing.pipeline_version_id
+    uploaded = client.upload_pipeline_version(str(package), pipeline_version_name=version, pipeline_id=pipeline_id)
+    return pipeline_id, uploaded.pipeline_version_id
+
+
+def submit(client: Any, pipeline: str, host: str, experiment: str, params: dict[str, Any], commit: str,
+           config: Path | None = None, cron: str = "", service_account: str = DEFAULT_SERVICE_ACCOUNT) -> Submission:
+    """Compile, upload the version, then start a run (or, with ``cron``, a recurring run)."""
+    import pipelines
+
+    built = pipelines.build(pipeline, config)
+    pipeline_name = built.name
+    version = version_name(commit)
+    with tempfile.TemporaryDirectory(prefix="keel-submit-") as scratch:
+        package = compile_pipeline(pipeline, config, Path(scratch))
+        pipeline_id, version_id = upload_version(client, package, pipeline_name, version)
+    experiment_id = client.create_experiment(experiment).experiment_id
+    if cron:
+        started = client.create_recurring_run(experiment_id, f"{pipeline_name} {version} ({cron})",
+                                              cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True,
+                                              params=params, pipeline_id=pipeline_id, version_id=version_id,
+                                              service_account=service_account)
+        run_id, path = started.recurring_run_id, f"/#/recurringrun/details/{started.recurring_run_id}"
+    else:
+        started = client.run_pipeline(experiment_id, f"{pipeline_name} {version}", params=params,
+                                      pipeline_id=pipeline_id, version_id=version_id, service_account=service_account)
+        run_id, path = started.run_id, f"/#/runs/details/{started.run_id}"
+    return Submission(pipeline_id, version_id, version, experiment_id, run_id, host.rstrip("/") + path)

@@ -1,0 +1,93 @@
+"""Train through the Ray Job Submission API, as the pipeline does on a KubeRay cluster.
+
+The head is a real `ray start --head` on 127.0.0.1: the same dashboard, Job
+Submission API and job supervisor a KubeRay head service exposes. The train
+step submits `python -m keel.jobs train ...`, streams the job's log, and gets
+the published model's manifest back, or the job's own error when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from keel import jobs, storage
+from keel.data.ingest import ingest
+from keel.data.preprocess import preprocess
+from keel.errors import TrainingError
+from keel.settings import KeelSettings
+from keel.train.config import TrainConfig
+from tests.integration.conftest import free_port
+from tests.stages import small_config, write_small_source
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                   "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([RAY, "start", "--head", "--port=0", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={port}", "--disable-usage-stats"],
+                   env=environment, check=True, capture_output=True, timeout=240,
+                   cwd=tmp_path_factory.mktemp("ray-head"))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[KeelSettings, str]:
+    directory = tmp_path_factory.mktemp("jobs")
+    settings = KeelSettings(home=directory / ".keel")
+    config = small_config()
+    dataset, prepared = (storage.stage_uri(settings, "jobs", s) for s in ("ingest", "preprocess"))
+    ingest(str(write_small_source(directory)), dataset, settings)
+    preprocess(dataset, config.contract, config.preprocess, prepared, settings)
+    return settings, prepared
+
+
+def train_arguments(settings: KeelSettings, splits_uri: str, name: str) -> dict:
+    return {"splits_uri": splits_uri, "output_uri": storage.stage_uri(settings, name, "train"),
+            "checkpoint_uri": storage.join(storage.run_uri(settings, name), "checkpoints"),
+            "config": TrainConfig(hidden_sizes=[8], max_epochs=3, batch_size=32).model_dump(), "run_name": name}
+
+
+def test_training_runs_as_a_ray_job_and_publishes_the_model(ray_head: str, splits: tuple[KeelSettings, str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    from keel.serve.control import ray_auth_headers
+
+    local, splits_uri = splits
+    settings = local.model_copy(update={"ray_address": ray_head, "s3_secret_key": SecretStr("very-secret")})
+    arguments = train_arguments(settings, splits_uri, "as-a-job")
+    manifest = jobs.run_stage("train", arguments, settings)
+    assert manifest["epochs"] == 3 and manifest["scaling"]["num_workers"] >= 1
+    assert storage.read_manifest(arguments["output_uri"], settings)["epochs"] == 3  # published where the step looks
+    streamed = capsys.readouterr().out
+    assert f"to {ray_head}" in streamed and jobs.RESULT_MARKER in streamed  # the job's own log reached ours
+    (job,) = [j for j in JobSubmissionClient(ray_head, headers=ray_auth_headers()).list_jobs() if j.metadata.get("keel.stage") == "train"]
+    assert str(job.status.value) == "SUCCEEDED" and "python -m keel.jobs train" in job.entrypoint
+    assert "very-secret" not in json.dumps(job.runtime_env or {})
+
+
+def test_a_failed_job_raises_its_own_error_and_publishes_nothing(ray_head: str, splits: tuple[KeelSettings, str],
+                                                                 tmp_path: Path) -> None:
+    local, _ = splits
+    settings = local.model_copy(update={"ray_address": ray_head})
+    arguments = train_arguments(settings, str(tmp_path / "no-such-splits"), "failing-job")
+    with pytest.raises(TrainingError, match="ended FAILED") as failure:
+        jobs.run_stage("train", arguments, settings)
+    assert "no-such-splits" in str(failure.value)  # the remote stage's message, not just "it failed"
+    assert not storage.exists(arguments["output_uri"], settings)

@@ -1,0 +1,208 @@
+"""Cluster-facing code without a cluster: KFP submission, RayService rollout, status and Ray job plumbing.
+
+What needs a live API server (a real upload, a real patch) runs in `make e2e-cluster`;
+here every decision Keel makes on the way there is checked, and every way of
+not reaching a cluster must end in an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from keel import __version__, cluster, jobs, submit
+from keel.cli import app
+from keel.errors import ClusterError, ConfigError
+from keel.settings import KeelSettings
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- keel submit / schedule ---------------------------------------------------------------------
+
+def test_versions_are_named_by_package_version_and_commit() -> None:
+    assert submit.version_name("0123456789abcdef0123") == f"{__version__}-0123456789ab"
+    assert submit.version_name("") == f"{__version__}-unknown"
+
+
+@pytest.mark.parametrize("given, expected", [("0 3 * * *", "0 0 3 * * *"), ("*/15 * * * * *", "*/15 * * * * *"),
+                                             ("0 0 9 * * MON-FRI", "0 0 9 * * MON-FRI")])
+def test_cron_expressions_become_kfp_six_field_ones(given: str, expected: str) -> None:
+    assert submit.kfp_cron(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["daily", "0 3 * *", "0 3 * * * * *", "0 3 * * ; rm"])
+def test_bad_cron_expressions_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match="expected a crontab expression"):
+        submit.kfp_cron(bad)
+
+
+def test_an_unreachable_kfp_host_is_named_in_the_error() -> None:
+    host = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(ClusterError, match=f"cannot reach Kubeflow Pipelines at {host}"):
+        submit.check_reachable(host, timeout_s=2)
+
+
+def test_keel_submit_to_an_unreachable_host_exits_1_with_the_reason() -> None:
+    host = f"http://127.0.0.1:{closed_port()}"
+    result = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", host, "--param", "gpus=1"])
+    assert result.exit_code == 1 and isinstance(result.exception, ClusterError)
+    assert host in str(result.exception)
+
+
+def test_keel_schedule_refuses_a_bad_cron_before_anything_else() -> None:
+    result = CliRunner().invoke(app, ["schedule", "medical_diagnosis", "--cron", "nightly", "--host", "http://x"])
+    assert result.exit_code == 1 and "crontab" in str(result.exception)
+
+
+class RecordingKfp:
+    """Answers like kfp.Client for one pipeline, recording what Keel asks of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.versions: list[SimpleNamespace] = []
+        self.pipeline_id: str | None = None
+
+    def get_pipeline_id(self, name: str) -> str | None:
+        return self.pipeline_id
+
+    def upload_pipeline(self, path: str, pipeline_name: str) -> SimpleNamespace:
+        with open(path) as package:
+            documents = list(yaml.safe_load_all(package))  # the pipeline spec, then its Kubernetes platform spec
+        self.calls.append(("upload_pipeline", {"name": pipeline_name, "spec": documents[0], "platform": documents[1]}))
+        self.pipeline_id = "p-1"
+        return SimpleNamespace(pipeline_id="p-1")
+
+    def list_pipeline_versions(self, pipeline_id: str, page_size: int) -> SimpleNamespace:
+        return SimpleNamespace(pipeline_versions=self.versions)
+
+    def upload_pipeline_version(self, path: str, pipeline_version_name: str, pipeline_id: str) -> SimpleNamespace:
+        self.calls.append(("upload_pipeline_version", {"name": pipeline_version_name}))
+        self.versions.append(SimpleNamespace(display_name=pipeline_version_name,
+                                             pipeline_version_id=f"v-{len(self.versions) + 1}"))
+        return SimpleNamespace(pipeline_version_id=self.versions[-1].pipeline_version_id)
+
+    def create_experiment(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(experiment_id=f"e-{name}")
+
+    def run_pipeline(self, experiment_id: str, job_name: str, **kwargs: Any) -> SimpleNamespace:
+        self.calls.append(("run_pipeline", {"experiment_id": experiment_id, "job_name": job_name, **kwargs}))
+        return SimpleNamespace(run_id="r-1")
+
+    def create_recurring_run(self, experiment_id: str, job_name: str, **kwargs: Any) -> SimpleNamespace:
+        self.calls.append(("create_recurring_run", {"experiment_id": experiment_id, **kwargs}))
+        return SimpleNamespace(recurring_run_id="rr-1")
+
+
+def test_submit_uploads_a_version_once_and_runs_it_as_the_pipeline_runner() -> None:
+    kfp = RecordingKfp()
+    first = submit.submit(kfp, "medical_diagnosis", "http://kfp", "nightly", {"gpus": 1}, "abcdef1234567890")
+    again = submit.submit(kfp, "medical_diagnosis", "http://kfp", "nightly", {"gpus": 1}, "abcdef1234567890")
+    uploads = [c for c in kfp.calls if c[0].startswith("upload")]
+    assert [c[0] for c in uploads] == ["upload_pipeline", "upload_pipeline_version"]  # the second run reuses it
+    assert uploads[0][1]["spec"]["pipelineInfo"]["name"] == "medical-diagnosis"
+    executors = uploads[0][1]["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(e["secretAsEnv"] and e["configMapAsEnv"] for e in executors.values())  # every step gets both
+    runs = [c[1] for c in kfp.calls if c[0] == "run_pipeline"]
+    assert len(runs) == 2 and runs[0]["version_id"] == again.version_id == first.version_id == "v-1"
+    assert runs[0]["params"] == {"gpus": 1} and runs[0]["service_account"] == "keel-pipeline-runner"
+    assert first.url == "http://kfp/#/runs/details/r-1" and first.version_name.endswith("-abcdef123456")
+
+
+def test_schedule_creates_one_recurring_run_without_catch_up() -> None:
+    kfp = RecordingKfp()
+    scheduled = submit.submit(kfp, "medical_diagnosis", "http://kfp", "keel", {}, "c0ffee", cron="0 3 * * *")
+    (recurring,) = [c[1] for c in kfp.calls if c[0] == "create_recurring_run"]
+    assert recurring["cron_expression"] == "0 0 3 * * *" and recurring["max_concurrency"] == 1
+    assert recurring["no_catchup"] is True and scheduled.run_id == "rr-1"
+
+
+# -- the served model on a cluster --------------------------------------------------------------
+
+SERVE_CONFIG = yaml.safe_dump({"http_options": {"host": "0.0.0.0", "port": 8000}, "applications": [
+    {"name": "keel", "route_prefix": "/", "import_path": "keel.serve.deployment:application_builder",
+     "args": {"model_uri": "models:/m/1", "config": {"replicas": 3, "require_token": True}}}]})
+
+
+def test_a_rollout_changes_the_model_and_keeps_every_serving_setting() -> None:
+    patch = cluster.rayservice_patch({"spec": {"serveConfigV2": SERVE_CONFIG}}, "models:/m/2")
+    assert list(patch) == ["spec"] and list(patch["spec"]) == ["serveConfigV2"]
+    rolled = yaml.safe_load(patch["spec"]["serveConfigV2"])
+    before = yaml.safe_load(SERVE_CONFIG)
+    before["applications"][0]["args"]["model_uri"] = "models:/m/2"
+    assert rolled == before
+
+
+def test_a_rollout_without_the_keel_app_is_refused() -> None:
+    with pytest.raises(ClusterError, match="no 'keel' application"):
+        cluster.rolled_serve_config(yaml.safe_dump({"applications": [{"name": "other"}]}), "models:/m/2")
+
+
+def test_without_a_cluster_the_rollout_and_status_say_what_is_missing(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent-kubeconfig"))
+    settings = KeelSettings(home=tmp_path, ray_service="keel-serve", kube_namespace="keel")
+    with pytest.raises(ClusterError, match="no Kubernetes configuration"):
+        cluster.roll_served_model(settings, "models:/m/2")
+    with pytest.raises(ClusterError, match="no Kubernetes configuration"):
+        cluster.cluster_status(settings)
+    with pytest.raises(ClusterError, match="KEEL_RAY_SERVICE"):
+        cluster.roll_served_model(KeelSettings(home=tmp_path, kube_namespace="keel"), "models:/m/2")
+
+
+def test_status_summarizes_kuberay_and_workload_objects() -> None:
+    rows = cluster.summarize(
+        [{"metadata": {"name": "keel-train"}, "status": {"state": "ready", "availableWorkerReplicas": 2,
+                                                         "desiredWorkerReplicas": 3}}],
+        [{"metadata": {"name": "keel-serve"}, "spec": {"serveConfigV2": SERVE_CONFIG},
+          "status": {"conditions": [{"type": "Ready", "status": "True"}]}}],
+        [{"kind": "Deployment", "metadata": {"name": "keel-mlflow"}, "spec": {"replicas": 2},
+          "status": {"readyReplicas": 1}},
+         {"kind": "StatefulSet", "metadata": {"name": "keel-postgresql"}, "spec": {"replicas": 1},
+          "status": {"readyReplicas": 1}}])
+    assert rows == [
+        {"kind": "RayCluster", "name": "keel-train", "state": "ready", "detail": "workers 2/3"},
+        {"kind": "RayService", "name": "keel-serve", "state": "Ready=True", "detail": "serving models:/m/1"},
+        {"kind": "Deployment", "name": "keel-mlflow", "state": "NotReady", "detail": "replicas 1/2"},
+        {"kind": "StatefulSet", "name": "keel-postgresql", "state": "Ready", "detail": "replicas 1/1"}]
+
+
+# -- Ray jobs -----------------------------------------------------------------------------------
+
+def test_only_http_addresses_go_through_job_submission() -> None:
+    assert jobs.is_job_address("http://keel-train-head-svc:8265") and jobs.is_job_address("https://ray.example")
+    assert not jobs.is_job_address("ray://head:10001") and not jobs.is_job_address("auto")
+    assert not jobs.is_job_address("")
+
+
+def test_jobs_get_settings_but_never_secrets(tmp_path) -> None:
+    settings = KeelSettings(home=tmp_path, s3_endpoint="http://minio:9000", s3_access_key="AKIAEXAMPLE",
+                            s3_secret_key="very-secret", serve_token="tok", ray_address="http://head:8265",
+                            artifact_root="s3://keel/artifacts")
+    environment = jobs.forwarded_environment(settings)
+    assert environment["KEEL_S3_ENDPOINT"] == "http://minio:9000"
+    assert environment["KEEL_ARTIFACT_ROOT"] == "s3://keel/artifacts"
+    assert "KEEL_RAY_ADDRESS" not in environment and "KEEL_HOME" not in environment
+    assert not {v for v in environment.values()} & {"AKIAEXAMPLE", "very-secret", "tok"}
+
+
+def test_the_job_entrypoint_carries_its_arguments_intact() -> None:
+    arguments = {"splits_uri": "s3://b/runs/it's here", "config": {"hidden_sizes": [64, 32]}}
+    command = shlex.split(jobs.entrypoint("train", arguments))
+    assert command[:4] == ["python", "-m", "keel.jobs", "train"] and json.loads(command[4]) == arguments
+
+
+def test_an_unknown_stage_is_refused() -> None:
+    with pytest.raises(Exception, match="not a Ray stage"):
+        jobs.run_stage("evaluate", {}, KeelSettings())

@@ -22,11 +22,13 @@ CREDENTIALS_SECRET = "keel-credentials"
 # Keys of the chart's ConfigMap (a test compares them with the rendered chart).
 CONFIG_MAP_KEYS = ("KEEL_MLFLOW_TRACKING_URI", "KEEL_EXPERIMENT_NAME", "KEEL_S3_ENDPOINT", "KEEL_S3_REGION",
                    "KEEL_ARTIFACT_ROOT", "MLFLOW_S3_ENDPOINT_URL", "KEEL_RAY_ADDRESS", "KEEL_RAY_SERVICE",
-                   "KEEL_KUBE_NAMESPACE", "KEEL_KFP_HOST", "KEEL_PUSHGATEWAY_URL", "KEEL_HOME")
+                   "KEEL_KUBE_NAMESPACE", "KEEL_KFP_HOST", "KEEL_PUSHGATEWAY_URL", "KEEL_HOME",
+                   "MLFLOW_TRACKING_USERNAME")
 # Secret key -> variable: S3 credentials for Keel and boto3 (MLflow), required.
 S3_CREDENTIALS = {"s3-access-key": "KEEL_S3_ACCESS_KEY", "s3-secret-key": "KEEL_S3_SECRET_KEY"}
-# Ray's token, for the Job Submission API; optional (clusters without Ray auth have none).
+# Optional ones: Ray's token for the Job Submission API, MLflow's password when its auth app is on.
 RAY_TOKEN = {"ray-auth-token": "RAY_AUTH_TOKEN"}
+MLFLOW_PASSWORD = {"mlflow-admin-password": "MLFLOW_TRACKING_PASSWORD"}
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 APP_NAME = "keel"
 
@@ -37,7 +39,7 @@ def attach_cluster_config(task: Any, config_map: Any = CONFIG_MAP, secret: Any =
 
     kubernetes.use_config_map_as_env(task, config_map, {key: key for key in CONFIG_MAP_KEYS}, optional=True)
     kubernetes.use_secret_as_env(task, secret, S3_CREDENTIALS)
-    kubernetes.use_secret_as_env(task, secret, RAY_TOKEN, optional=True)
+    kubernetes.use_secret_as_env(task, secret, {**RAY_TOKEN, **MLFLOW_PASSWORD}, optional=True)
     return task
 
 

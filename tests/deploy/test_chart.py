@@ -378,12 +378,16 @@ def test_the_deploy_steps_patch_yields_a_valid_rayservice(rendered: dict[str, Pa
 def test_pipeline_steps_read_exactly_what_the_chart_provides(rendered: dict[str, Path]) -> None:
     from keel import cluster
 
-    (config,) = [c for c in by_kind(rendered["default"], "ConfigMap") if c["metadata"]["name"] == cluster.CONFIG_MAP]
-    assert set(config["data"]) == set(cluster.CONFIG_MAP_KEYS)
+    chart_keys = set()
+    for shape in SHAPES:  # prod turns MLflow auth on, which adds the user name
+        (config,) = [c for c in by_kind(rendered[shape], "ConfigMap") if c["metadata"]["name"] == cluster.CONFIG_MAP]
+        chart_keys |= set(config["data"])
+    assert chart_keys == set(cluster.CONFIG_MAP_KEYS)
     values = yaml.safe_load((render.CHART / "values.yaml").read_text())["credentials"]
     assert values["existingSecret"] == cluster.CREDENTIALS_SECRET
     assert set(cluster.S3_CREDENTIALS) == {values["s3AccessKeyKey"], values["s3SecretKeyKey"]}
     assert set(cluster.RAY_TOKEN) == {values["rayAuthTokenKey"]}
+    assert set(cluster.MLFLOW_PASSWORD) == {values["mlflowAdminPasswordKey"]}
     (role,) = by_kind(rendered["default"], "Role")
     (account,) = [a for a in by_kind(rendered["default"], "ServiceAccount") if "pipeline-runner" in a["metadata"]["name"]]
     from keel.submit import DEFAULT_SERVICE_ACCOUNT

@@ -47,6 +47,9 @@ spec:
           value: /tmp
         {{- include "keel.s3CredentialEnv" $ctx | nindent 8 }}
         {{- include "keel.rayAuthEnv" $ctx | nindent 8 }}
+        {{- if and $ctx.Values.mlflow.enabled $ctx.Values.mlflow.auth.enabled }}
+        {{- include "keel.secretEnv" (dict "ctx" $ctx "env" "MLFLOW_TRACKING_PASSWORD" "key" $ctx.Values.credentials.mlflowAdminPasswordKey) | nindent 8 }}
+        {{- end }}
         {{- if .serving }}
         {{- include "keel.secretEnv" (dict "ctx" $ctx "env" "KEEL_SERVE_TOKEN" "key" $ctx.Values.credentials.serveTokenKey) | nindent 8 }}
         # Ray Serve's HAProxy ingress (keel.serve.deployment.HAPROXY_ENVIRONMENT)

@@ -322,8 +322,11 @@ def staged_output(uri: str, stage: str, settings: KeelSettings) -> Iterator[Stag
     """
     loc = parse(uri)
     if loc.scheme == "file":  # stage beside the target so the final rename is atomic
-        Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=Path(loc.path).parent))
+        parent = Path(loc.path).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".{stage}-*"):  # an earlier attempt of this step, killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=parent))
     else:
         staging = Path(tempfile.mkdtemp(prefix=f"keel-{stage}-"))
     started = STAGE_STARTED_AT.get() or time.time()

@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 
+# moto accepts any key; a distinctive one lets tests look for it in logs, where it must never appear.
+S3_SECRET = "keel-test-s3-secret-5b1e9f"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -52,11 +56,11 @@ def s3_env(s3_endpoint: str, keel_home: Path, monkeypatch: pytest.MonkeyPatch) -
     from minio import Minio
 
     bucket = f"keel-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    env = {"KEEL_S3_ENDPOINT": s3_endpoint, "KEEL_S3_ACCESS_KEY": "testing", "KEEL_S3_SECRET_KEY": "testing",
+    env = {"KEEL_S3_ENDPOINT": s3_endpoint, "KEEL_S3_ACCESS_KEY": "testing", "KEEL_S3_SECRET_KEY": S3_SECRET,
            "KEEL_ARTIFACT_ROOT": f"s3://{bucket}/keel"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    Minio(s3_endpoint.split("//")[1], access_key="testing", secret_key="testing", secure=False).make_bucket(bucket)
+    Minio(s3_endpoint.split("//")[1], access_key="testing", secret_key=S3_SECRET, secure=False).make_bucket(bucket)
     return {**env, "bucket": bucket}
 
 

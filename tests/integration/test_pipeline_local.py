@@ -117,9 +117,11 @@ def test_malformed_corpus_files_fail_keel_run_by_name(demo: tuple[Path, dict], n
 
     workdir, _ = demo
     env = {"KEEL_HOME": str(workdir / ".keel")}
+    before = artifact_files(load_settings(home=workdir / ".keel"))
     result = keel("run", "medical_diagnosis", "--param", f"source={DIRECTORY / name}", "--output", "json",
                   cwd=workdir, env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert name in result.stderr and f"column {column!r}" in result.stderr
+    assert artifact_files(load_settings(home=workdir / ".keel")) == before  # the artifact store is unchanged
     listed = json.loads(keel("models", "list", "--output", "json", cwd=workdir, env=env).stdout)
     assert [m["version"] for m in listed] == [1]

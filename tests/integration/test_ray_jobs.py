@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,14 +31,23 @@ from tests.integration.conftest import free_port
 from tests.stages import small_config, write_small_source
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def ray_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)  # what the chart's pods read from the Secret
 RAY = str(Path(sys.executable).with_name("ray"))
+
+
+RAY_TOKEN = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A head with Ray's token auth on, as the chart configures it (the token would come from the Secret)."""
     port = free_port()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                   "RAY_USAGE_STATS_ENABLED": "0"}
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
     subprocess.run([RAY, "start", "--head", "--port=0", "--num-cpus=2", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={port}", "--disable-usage-stats"],
                    env=environment, check=True, capture_output=True, timeout=240,
@@ -91,3 +103,16 @@ def test_a_failed_job_raises_its_own_error_and_publishes_nothing(ray_head: str, 
         jobs.run_stage("train", arguments, settings)
     assert "no-such-splits" in str(failure.value)  # the remote stage's message, not just "it failed"
     assert not storage.exists(arguments["output_uri"], settings)
+
+
+@pytest.mark.parametrize("authorization, status", [(None, 401), ("Bearer " + "0" * 64, 403)])
+def test_the_job_api_refuses_requests_without_the_token(ray_head: str, authorization: str | None,
+                                                        status: int) -> None:
+    request = urllib.request.Request(f"{ray_head}/api/jobs/", headers={"Authorization": authorization}
+                                     if authorization else {})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == status  # Ray: 401 without a token, 403 with a wrong one
+    with urllib.request.urlopen(urllib.request.Request(f"{ray_head}/api/jobs/", headers={
+            "Authorization": f"Bearer {RAY_TOKEN}"}), timeout=30) as accepted:
+        assert accepted.status == 200

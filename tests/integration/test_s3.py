@@ -17,6 +17,7 @@ from keel.data.ingest import ingest
 from keel.errors import StorageError
 from keel.settings import load_settings
 from tests.conftest import small_frame
+from tests.integration.conftest import S3_SECRET
 from tests.unit.test_cli import keel
 
 pytestmark = pytest.mark.integration
@@ -63,6 +64,8 @@ def test_pipeline_with_artifacts_and_mlflow_models_on_s3(s3_env: dict[str, str],
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["artifacts"].startswith(f"s3://{s3_env['bucket']}/keel/runs/")
+    logs = result.stdout + result.stderr + "".join(p.read_text() for p in (tmp_path / ".keel" / "logs").glob("*.log"))
+    assert len(logs) > 1000 and S3_SECRET not in logs  # every step's log, and the secret in none
     assert not (tmp_path / ".keel" / "artifacts").exists()  # nothing went to local disk instead
     settings = load_settings()
     children = storage.list_children(report["artifacts"], settings)

@@ -60,6 +60,35 @@ def test_staged_output_leaves_nothing_on_failure(tmp_path: Path, settings: KeelS
     assert list((tmp_path / "run").iterdir()) == []
 
 
+def test_a_stage_killed_mid_write_publishes_nothing_and_its_retry_cleans_up(tmp_path: Path,
+                                                                            settings: KeelSettings) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target, ready = tmp_path / "run" / "train", tmp_path / "ready"
+    script = (f"from keel import storage\nfrom keel.settings import KeelSettings\nimport pathlib, time\n"
+              f"with storage.staged_output({str(target)!r}, 'train', KeelSettings(home={str(tmp_path)!r})) as out:\n"
+              f"    out.write_json('weights.json', {{'half': True}})\n"
+              f"    pathlib.Path({str(ready)!r}).touch()\n"
+              f"    time.sleep(60)\n")
+    stage = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not ready.exists() and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stage.send_signal(signal.SIGKILL)
+    stage.wait(timeout=10)
+    assert ready.exists() and not target.exists()  # killed mid-write: nothing at the stage's path
+    assert [p.name.startswith(".train-") for p in (tmp_path / "run").iterdir()] == [True]
+    with pytest.raises(StorageError):
+        storage.read_manifest(str(target), settings)
+    with storage.staged_output(str(target), "train", settings) as out:  # the step's retry
+        out.write_json("weights.json", {"half": False})
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train"]
+    assert storage.read_json(storage.join(str(target), "weights.json"), settings) == {"half": False}
+
+
 def test_republishing_replaces_an_earlier_attempt(tmp_path: Path, settings: KeelSettings) -> None:
     target = str(tmp_path / "stage")
     for attempt in ("first", "second"):

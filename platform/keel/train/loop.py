@@ -38,6 +38,7 @@ class TrainState:
     samples_seen: int = 0
     train_seconds: float = 0.0  # forward/backward only
     loop_seconds: float = 0.0  # whole epochs: training, validation, logging, checkpoint and report
+    resumed_from: list[int] = field(default_factory=list)  # the checkpointed epoch of each restart
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -113,7 +114,9 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
         saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
     _unwrap(model).load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    return saved["state"]
+    state: TrainState = saved["state"]
+    state.resumed_from = [*getattr(state, "resumed_from", []), state.epoch]
+    return state
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -166,7 +166,7 @@ def train(splits_uri: str, config: TrainConfig, output_uri: str, checkpoint_uri:
             samples_seen=state.samples_seen,
             samples_per_s=round(state.samples_seen / max(state.loop_seconds, 1e-9), 1),
             mlflow_log_s=round(float(result.metrics.get("mlflow_log_seconds", 0.0)), 4),
-            label_column=LABEL, checkpoints=checkpoint_uri,
+            label_column=LABEL, checkpoints=checkpoint_uri, resumed_from_epochs=state.resumed_from,
         )
     return out.manifest
 

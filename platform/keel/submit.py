@@ -78,13 +78,10 @@ def client_for(host: str, token: str = "") -> Any:
     return kfp.Client(host=host, existing_token=token or None)
 
 
-def compile_pipeline(pipeline: str, config: Path | None, directory: Path) -> Path:
+def compile_pipeline(built: Any, target: Path) -> Path:
     from kfp import compiler
 
-    import pipelines
-
-    target = directory / f"{pipeline}.yaml"
-    compiler.Compiler().compile(pipelines.build(pipeline, config), str(target))
+    compiler.Compiler().compile(built, str(target))
     return target
 
 
@@ -110,7 +107,7 @@ def submit(client: Any, pipeline: str, host: str, experiment: str, params: dict[
     pipeline_name = built.name
     version = version_name(commit)
     with tempfile.TemporaryDirectory(prefix="keel-submit-") as scratch:
-        package = compile_pipeline(pipeline, config, Path(scratch))
+        package = compile_pipeline(built, Path(scratch) / f"{pipeline}.yaml")
         pipeline_id, version_id = upload_version(client, package, pipeline_name, version)
     experiment_id = client.create_experiment(experiment).experiment_id
     if cron:

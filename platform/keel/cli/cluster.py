@@ -23,15 +23,13 @@ def _submit(pipeline: str, host: str, experiment: str, param: list[str], config:
             service_account: str, output: OutputFormat) -> None:
     import pipelines
     from keel import submit, tracking
-    from keel.cli.run import parse_params
+    from keel.cli.run import parse_params, pipeline_parameters
 
     settings = load_settings()
     host = host or settings.kfp_host
     if not host:
         raise ConfigError("no Kubeflow Pipelines host: pass --host or set KEEL_KFP_HOST.")
-    built = pipelines.build(pipeline, config)
-    accepted = {name: str(spec.type) for name, spec in built.component_spec.inputs.items() if name != "config"}
-    params = parse_params(param, accepted)
+    params = parse_params(param, pipeline_parameters(pipelines.build(pipeline, config), ("config",)))
     client = submit.client_for(host, settings.kfp_token.get_secret_value())
     result = submit.submit(client, pipeline, host, experiment, params, tracking.git_commit(settings),
                            config=config, cron=cron, service_account=service_account)

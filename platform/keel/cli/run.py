@@ -45,6 +45,11 @@ def parse_params(pairs: list[str], accepted: dict[str, str]) -> dict[str, Any]:
     return arguments
 
 
+def pipeline_parameters(built: Any, excluded: tuple[str, ...]) -> dict[str, str]:
+    """The pipeline's parameters a user may set with --param, with their KFP types."""
+    return {name: str(spec.type) for name, spec in built.component_spec.inputs.items() if name not in excluded}
+
+
 def _short(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
@@ -128,9 +133,7 @@ def run_pipeline(
     settings = load_settings()
     # kfp.local honours retry policies: locally a failed step is reported at once (the cluster YAML keeps them)
     built = pipelines.build(pipeline, config, retries=0)
-    accepted = {name: str(spec.type) for name, spec in built.component_spec.inputs.items()
-                if name not in ("config", "run_name")}
-    arguments = parse_params(param, accepted)
+    arguments = parse_params(param, pipeline_parameters(built, ("config", "run_name")))
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:
         _mark_mlflow_run_failed(settings, run.run_id)

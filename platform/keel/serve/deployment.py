@@ -126,7 +126,7 @@ def serving_token(settings: KeelSettings, require_token: bool) -> str:
     token = settings.serve_token.get_secret_value()
     if require_token and not token:
         raise ConfigError("require_token is on but KEEL_SERVE_TOKEN is empty: set it (the chart reads it "
-                               "from the credentials Secret) or turn require_token off.")
+                          "from the credentials Secret) or turn require_token off.")
     return token if require_token else ""
 
 

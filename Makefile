@@ -26,7 +26,7 @@ CUDA ?=
 .PHONY: help venv system-deps tools demo test test-unit typecheck bench pipelines manifests image e2e-cluster clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -72,7 +72,7 @@ bench: $(STAMP) ## Run the benchmarks; each prints a JSON report as its last lin
 pipelines: $(STAMP) ## Compile every pipeline into pipelines/compiled/
 	$(BIN)/keel pipelines compile
 
-manifests: $(TOOLS_STAMP) ## Render manifests/base from the chart (kubectl apply -k manifests/overlays/dev)
+manifests: $(TOOLS_STAMP) ## Render manifests/base and the dev/prod overlays from the chart (kubectl apply -k manifests/overlays/dev)
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m tests.deploy.render write
 
 image: ## Build the runtime image (needs a Docker engine); CUDA=1 for the GPU variant

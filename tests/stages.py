@@ -60,3 +60,13 @@ def write_small_source(directory: Path, rows: int = 200) -> Path:
     path = directory / "small.csv"
     small_frame(rows).to_csv(path, index=False)
     return path
+
+
+def register_small_model(settings: KeelSettings, run_id: str, epochs: int = 30) -> dict[str, str]:
+    """:func:`run_stages` on the small source, then register the model as a version of ``small-model``."""
+    from keel.registry import register
+
+    uris = run_stages(settings, run_id, write_small_source(settings.home.parent), epochs=epochs)
+    register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], small_config().registry, {},
+             run_id, "small", uris["register"], settings)
+    return uris

@@ -24,6 +24,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def ray_actor_pids(class_name: str) -> list[int]:
+    """PIDs of this machine's Ray actor processes of a class (Ray titles them ``ray::<class>...``).
+
+    Read from /proc rather than Ray's state API, which needs the dashboard the tests run without.
+    """
+    marker = f"ray::{class_name}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(marker):
+                    pids.append(int(entry.name))
+            except OSError:  # the process ended while we looked
+                continue
+    return pids
+
+
 def wait_for_port(port: int, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -125,3 +128,48 @@ def test_malformed_corpus_files_fail_keel_run_by_name(demo: tuple[Path, dict], n
     assert artifact_files(load_settings(home=workdir / ".keel")) == before  # the artifact store is unchanged
     listed = json.loads(keel("models", "list", "--output", "json", cwd=workdir, env=env).stdout)
     assert [m["version"] for m in listed] == [1]
+
+
+def test_a_failed_training_step_marks_the_mlflow_run_failed_and_registers_nothing(demo: tuple[Path, dict]) -> None:
+    """The train step fails after tuning opened the MLflow run: that run ends FAILED, no version appears."""
+    workdir, report = demo
+    env = {"KEEL_HOME": str(workdir / ".keel")}
+    impossible = workdir / "impossible.yaml"
+    impossible.write_text("tune: {num_samples: 0}\ncompress: {methods: []}\n"
+                          "train: {scaling: {num_workers: 8, cpus_per_worker: 1}}\n")
+    result = keel("run", "medical_diagnosis", "--config", str(impossible), "--output", "json", cwd=workdir, env=env)
+    assert result.returncode == 1 and "scaling asks for 8 worker(s)" in result.stderr
+    failed = json.loads(result.stdout)
+    assert failed["error"]["stage"] == "train" and failed["model_uri"] is None
+    client = mlflow.MlflowClient(report["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("keel").experiment_id],
+                              f"tags.`keel.pipeline_run_id` = '{failed['run_id']}'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not any(path.startswith(f"runs/{failed['run_id']}/train") for path in
+                   artifact_files(load_settings(home=workdir / ".keel")))
+    assert [v.version for v in client.search_model_versions("name='medical-diagnosis'")] == [1]
+
+
+def test_two_runs_started_at_once_share_no_path_and_register_two_versions(demo: tuple[Path, dict]) -> None:
+    """Each run writes under its own runs/<run>/ and gets its own version, however the two interleave."""
+    workdir, _ = demo
+    quick = workdir / "quick.yaml"
+    quick.write_text("tune: {num_samples: 0}\ncompress: {methods: []}\ntrain: {max_epochs: 5}\n")
+    env = {**os.environ, "KEEL_HOME": str(workdir / ".keel")}
+    runs = [subprocess.Popen([sys.executable, "-m", "keel", "run", "medical_diagnosis", "--config", str(quick),
+                              "--run-name", name, "--output", "json"], cwd=workdir, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in ("concurrent-a", "concurrent-b")]
+    reports = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=900)
+        assert run.returncode == 0, stderr[-3000:]
+        reports.append(json.loads(stdout))
+    assert sorted(r["run_id"] for r in reports) == ["concurrent-a", "concurrent-b"]
+    assert len({r["model_uri"] for r in reports}) == 2
+    files = artifact_files(load_settings(home=workdir / ".keel"))
+    for report in reports:
+        own = {f.split("/")[2] for f in files if f.startswith(f"runs/{report['run_id']}/")}
+        assert own >= {"ingest", "preprocess", "train", "evaluate", "register"}
+        manifest = json.loads((Path(report["artifacts"]) / "train" / "manifest.json").read_text())
+        assert report["run_id"] in manifest["checkpoints"]  # not the other run's checkpoints

@@ -10,13 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keel import storage
-from keel.registry import register
 from keel.serve.deployment import ServeConfig, deploy
 from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import free_port
-from tests.stages import run_stages, small_config, write_small_source
+from tests.stages import register_small_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAME = "small-model"
@@ -31,10 +29,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     patch = pytest.MonkeyPatch()
     patch.setenv("KEEL_HOME", str(home))
     settings = load_settings()
-    uris = run_stages(settings, "serve", write_small_source(home.parent))
-    config = small_config()
-    register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], config.registry, {}, "serve",
-             "small", storage.stage_uri(settings, "serve", "register"), settings)
+    register_small_model(settings, "serve")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield deploy(f"models:/{NAME}@champion", ServeConfig(port=free_port(), max_batch_size=16,

@@ -104,7 +104,10 @@ def build_trainer(config: TrainConfig, loop_config: dict[str, Any], datasets: di
                                    resources_per_worker={"CPU": scaling["cpus_per_worker"]})
     # Checkpointing: the latest two, enough to resume after a failure mid-save
     checkpoint_config = CheckpointConfig(num_to_keep=2)
-    failure_config = FailureConfig(max_failures=config.max_failures)
+    # Workers killed while the group starts count too: Ray's default retries those forever,
+    # so a cluster that can never start the workers would hang the step instead of failing it.
+    failure_config = FailureConfig(max_failures=config.max_failures,  # type: ignore[call-arg]  # V2's; mypy sees V1
+                                   controller_failure_limit=config.max_failures)
     # Storage: under the run's artifact root, local or S3
     filesystem, path = storage.pyarrow_filesystem(checkpoint_uri, settings)
     run_config = RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
@@ -182,6 +185,7 @@ def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits
          checkpoint_uri: str, run_name: str, mlflow_run_id: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
     """Size the workers to the cluster, build the trainer and run it; Ray must be initialized."""
     import ray
+    import ray.train
 
     resources = ray.cluster_resources()
     scaling = resolve_scaling(config.scaling, parameter_count(MLPClassifier(spec)),
@@ -193,4 +197,8 @@ def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits
     }
     trainer = build_trainer(config, loop_config, _datasets(splits, settings), scaling, checkpoint_uri,
                             run_name, settings)
-    return trainer.fit(), scaling
+    try:
+        return trainer.fit(), scaling
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training failed after {config.max_failures} recovery attempt(s) "
+                            f"(train.max_failures): {e}") from e

@@ -86,9 +86,7 @@ def _client(address: str) -> Any:
 def submit_and_wait(stage: str, arguments: dict[str, Any], settings: KeelSettings, timeout_s: float) -> Any:
     """Submit, stream the logs, and return the stage's result (the job prints it as its last line)."""
     client = _client(settings.ray_address)
-    job_id = client.submit_job(entrypoint=entrypoint(stage, arguments),
-                               runtime_env={"env_vars": forwarded_environment(settings)},
-                               metadata={"keel.stage": stage})
+    job_id = _submit(client, stage, arguments, settings)
     print(f"Submitted Ray job {job_id} ({stage}) to {settings.ray_address}", flush=True)
     logs = asyncio.run(_stream_logs(client, job_id, timeout_s))
     status = _wait(client, job_id, timeout_s)
@@ -97,6 +95,25 @@ def submit_and_wait(stage: str, arguments: dict[str, Any], settings: KeelSetting
         raise TrainingError(f"Ray job {job_id} ({stage}) ended {status}: {info.message or ''}\n"
                             f"{logs[-LOG_TAIL_CHARS:]}".rstrip())
     return _result(logs, job_id)
+
+
+# A head that has just started (or a KubeRay head pod just rescheduled) answers this 500 until its
+# job agent registers; it says to try again, so the step does, for a bounded time.
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = 90.0
+
+
+def _submit(client: Any, stage: str, arguments: dict[str, Any], settings: KeelSettings) -> str:
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return str(client.submit_job(entrypoint=entrypoint(stage, arguments),
+                                         runtime_env={"env_vars": forwarded_environment(settings)},
+                                         metadata={"keel.stage": stage}))
+        except RuntimeError as e:
+            if AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 async def _stream_logs(client: Any, job_id: str, timeout_s: float) -> str:

@@ -107,8 +107,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(workspace: tuple[KeelS
 
     def kill_a_worker_mid_run() -> None:
         when(lambda: latest_checkpoint_epoch(checkpoints) >= 3 and bool(ray_train_workers()))
-        killed["checkpointed_epoch"] = latest_checkpoint_epoch(checkpoints)
         killed["pid"] = ray_train_workers()[0]
+        killed["completed_epochs"] = latest_checkpoint_epoch(checkpoints)  # on disk when the worker dies
         os.kill(killed["pid"], signal.SIGKILL)
 
     killer = threading.Thread(target=kill_a_worker_mid_run, daemon=True)
@@ -116,11 +116,14 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(workspace: tuple[KeelS
     manifest, output = run_train(settings, splits, "worker-killed")
     killer.join(timeout=5)
     assert "pid" in killed, "the worker was never killed: training ended first"
-    print(f"worker killed after epoch {killed['checkpointed_epoch']}, resumed from {manifest['resumed_from_epochs']}, "
-          f"accuracy {accuracy(output, splits, settings):.4f} vs {uninterrupted:.4f} uninterrupted")
+    print(f"worker killed with {killed['completed_epochs']} epochs on disk, resumed from "
+          f"{manifest['resumed_from_epochs']}, accuracy {accuracy(output, splits, settings):.4f} vs "
+          f"{uninterrupted:.4f} uninterrupted")
     assert manifest["epochs"] == EPOCHS
     (resumed_at,) = manifest["resumed_from_epochs"]
-    assert resumed_at >= killed["checkpointed_epoch"]  # only the epoch in flight was redone
+    # At most one completed epoch is redone: the newest checkpoint may be on disk but not yet committed
+    # by Ray Train's controller when the worker dies (then Ray resumes from the one before it).
+    assert resumed_at >= killed["completed_epochs"] - 1
     assert abs(accuracy(output, splits, settings) - uninterrupted) <= 0.01
 
 
@@ -143,7 +146,7 @@ def test_a_restarted_driver_resumes_its_run(workspace: tuple[KeelSettings, str],
     when(lambda: not ray_train_workers(), timeout_s=60)
     manifest, _ = run_train(settings, splits, name)
     assert manifest["epochs"] == EPOCHS
-    assert manifest["resumed_from_epochs"] and manifest["resumed_from_epochs"][0] >= checkpointed
+    assert manifest["resumed_from_epochs"] and manifest["resumed_from_epochs"][0] >= checkpointed - 1  # see above
 
 
 def test_failures_beyond_the_budget_fail_the_run_and_publish_nothing(workspace: tuple[KeelSettings, str]) -> None:

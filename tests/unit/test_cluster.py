@@ -206,3 +206,28 @@ def test_the_job_entrypoint_carries_its_arguments_intact() -> None:
 def test_an_unknown_stage_is_refused() -> None:
     with pytest.raises(Exception, match="not a Ray stage"):
         jobs.run_stage("evaluate", {}, KeelSettings())
+
+
+class _HeadStartingUp:
+    """A Job Submission client whose head answers 'no agent yet' a few times (what a fresh head does)."""
+
+    def __init__(self, refusals: int, error: str = jobs.AGENT_NOT_READY) -> None:
+        self.refusals, self.error, self.calls = refusals, error, 0
+
+    def submit_job(self, **_: object) -> str:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise RuntimeError(f"Request failed with status code 500: {self.error}, please try again later..")
+        return "raysubmit_1"
+
+
+def test_submission_waits_for_a_starting_heads_job_agent_but_not_for_other_errors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs.time, "sleep", lambda _: None)
+    settings = KeelSettings(ray_address="http://head:8265")
+    starting = _HeadStartingUp(refusals=2)
+    assert jobs._submit(starting, "train", {}, settings) == "raysubmit_1" and starting.calls == 3
+    broken = _HeadStartingUp(refusals=5, error="entrypoint rejected")
+    with pytest.raises(RuntimeError, match="entrypoint rejected"):
+        jobs._submit(broken, "train", {}, settings)
+    assert broken.calls == 1

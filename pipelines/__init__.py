@@ -13,9 +13,25 @@ from typing import Any
 from keel.errors import ConfigError
 
 PIPELINES = {
+    "ecommerce_recommendations": "pipelines.ecommerce_recommendations.pipeline",
     "medical_diagnosis": "pipelines.medical_diagnosis.pipeline",
 }
 COMPILED_DIR = Path(__file__).parent / "compiled"
+RETRIES = 2
+
+
+def configure_step(task: Any, config_map: Any, credentials: Any, retries: int) -> Any:
+    """Outputs are keyed by run, so caching could only skip work that must run; retries absorb flakes.
+
+    On a cluster each step reads its endpoints from the chart's ConfigMap and its
+    credentials from the Secret (kfp.local ignores both: locally the defaults apply).
+    """
+    from keel.cluster import attach_cluster_config
+
+    task.set_caching_options(False)
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0)
+    return attach_cluster_config(task, config_map, credentials)
 
 
 def build(name: str, config_override: Path | None = None, **options: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 from kfp import dsl
 
-from keel.cluster import CONFIG_MAP, CREDENTIALS_SECRET, attach_cluster_config
+from keel.cluster import CONFIG_MAP, CREDENTIALS_SECRET
 
 from components.deploy.component import deploy
 from components.compress.component import compress
@@ -23,23 +23,11 @@ from components.train.component import train
 from components.tune.component import tune
 from components.validate.component import validate
 from keel.config import load_pipeline_config
+from pipelines import RETRIES, configure_step
 
 NAME = "medical-diagnosis"
 DEFAULT_SOURCE = "builtin://breast_cancer"
 CONFIG_FILE = Path(__file__).parent / "config.yaml"
-RETRIES = 2
-
-
-def _configure(task: Any, config_map: Any, credentials: Any, retries: int) -> Any:
-    """Outputs are keyed by run, so caching could only skip work that must run; retries absorb flakes.
-
-    On a cluster each step reads its endpoints from the chart's ConfigMap and its
-    credentials from the Secret (kfp.local ignores both: locally the defaults apply).
-    """
-    task.set_caching_options(False)
-    if retries:
-        task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0)
-    return attach_cluster_config(task, config_map, credentials)
 
 
 def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
@@ -59,7 +47,7 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
         run = {"config": config, "run_name": run_name, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
 
         def step(task: Any) -> Any:
-            return _configure(task, config_map, credentials_secret, retries)
+            return configure_step(task, config_map, credentials_secret, retries)
 
         ingested = step(ingest(source=source, **run))
         validated = step(validate(dataset_uri=ingested.output, **run))

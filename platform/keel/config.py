@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,9 @@ from keel.data.contract import DataContract
 from keel.data.preprocess import PreprocessConfig
 from keel.errors import ConfigError
 from keel.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from keel.recommend.config import RecommendPipelineConfig
 
 
 class RegisterConfig(BaseModel):
@@ -160,6 +163,10 @@ class PipelineConfig(BaseModel):
         return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 
+# Each pipeline kind validates its own sections; both carry ``pipeline``, ``registry`` and ``to_json``.
+AnyPipelineConfig = Union[PipelineConfig, "RecommendPipelineConfig"]
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """``override`` wins key by key; nested mappings merge instead of being replaced."""
     merged = dict(base)
@@ -185,22 +192,33 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return payload
 
 
-def parse_pipeline_config(payload: dict[str, Any] | str, origin: str) -> PipelineConfig:
+def config_class(payload: dict[str, Any]) -> type[PipelineConfig] | type[RecommendPipelineConfig]:
+    """The config model of the pipeline the payload names: each pipeline kind has its own sections."""
+    if payload.get("pipeline") == "ecommerce_recommendations":
+        from keel.recommend.config import RecommendPipelineConfig
+
+        return RecommendPipelineConfig
+    return PipelineConfig
+
+
+def parse_pipeline_config(payload: dict[str, Any] | str, origin: str) -> AnyPipelineConfig:
     """Validate a config mapping (or its JSON text); errors name ``origin`` and the dotted field path."""
     if isinstance(payload, str):
         try:
             payload = json.loads(payload)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{origin}: not valid JSON ({e}).") from e
+    if not isinstance(payload, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections at the top level.")
     try:
-        return PipelineConfig.model_validate(payload)
+        return config_class(payload).model_validate(payload)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{origin}: invalid pipeline config: {problems}") from e
 
 
-def load_pipeline_config(path: Path, overrides: Path | None = None) -> PipelineConfig:
+def load_pipeline_config(path: Path, overrides: Path | None = None) -> AnyPipelineConfig:
     """A pipeline's own config, with a user's override file merged over it."""
     payload = _read_yaml(path)
     origin = str(path)

@@ -47,7 +47,11 @@ def _stage_function(stage: str) -> Callable[..., Any]:
         from keel.tune import tune_stage
 
         return tune_stage
-    raise KeelError(f"{stage!r} is not a Ray stage; expected train or tune.")
+    if stage == "recommend_train":
+        from keel.recommend.train import train_recommender_stage
+
+        return train_recommender_stage
+    raise KeelError(f"{stage!r} is not a Ray stage; expected train, tune or recommend_train.")
 
 
 def forwarded_environment(settings: KeelSettings) -> dict[str, str]:

@@ -80,7 +80,7 @@ def _log_model(model_dir: Path, raw_test: pd.DataFrame, target: str) -> str:
     return str(info.model_uri)
 
 
-def _create_version(client: Any, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> Any:
+def create_version(client: Any, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -91,7 +91,7 @@ def _create_version(client: Any, name: str, model_uri: str, run_id: str, tags: d
     return client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
 
 
-def _promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, Any]) -> dict[str, Any]:
+def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, Any]) -> dict[str, Any]:
     """Set ``challenger``; move ``champion`` only when the evaluation's gate passed against the
     version that is still champion now (another run may have promoted one meanwhile)."""
     client.set_registered_model_alias(config.model_name, CHALLENGER, version)
@@ -128,10 +128,10 @@ def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: 
             _log_dataset(dataset_uri, target, settings)
             raw_test = storage.read_parquet(storage.read_manifest(splits_uri, settings)["raw_test"], settings)
             logged_uri = _log_model(model_dir, raw_test, target)
-            previous_aliases = _aliases(client, config.model_name)
-            version = _create_version(client, config.model_name, logged_uri, run_id,
+            previous_aliases = aliases(client, config.model_name)
+            version = create_version(client, config.model_name, logged_uri, run_id,
                                       {tracking.PIPELINE_RUN_TAG: pipeline_run_id})
-            decision = _promote(client, config, str(version.version), evaluation["gate"])
+            decision = promote(client, config, str(version.version), evaluation["gate"])
             mlflow.set_tags({"keel.promoted": str(decision["promoted"]).lower(),
                              "keel.gate": "passed" if evaluation["gate"]["passed"] else "failed",
                              "keel.promotion_reason": decision["reason"][:5000]})
@@ -140,7 +140,7 @@ def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: 
                                 mlflow_run_id=run_id, tracking_uri=settings.mlflow_tracking_uri, **decision)
     except BaseException:
         if version is not None:
-            _withdraw(client, config.model_name, str(version.version), previous_aliases)
+            withdraw(client, config.model_name, str(version.version), previous_aliases)
         raise
     return out.manifest
 
@@ -166,7 +166,7 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _aliases(client: Any, name: str) -> dict[str, str]:
+def aliases(client: Any, name: str) -> dict[str, str]:
     """The model's aliases now ({} when the model does not exist yet)."""
     from mlflow.exceptions import MlflowException
 
@@ -176,7 +176,7 @@ def _aliases(client: Any, name: str) -> dict[str, str]:
         return {}
 
 
-def _withdraw(client: Any, name: str, version: str, previous_aliases: dict[str, str]) -> None:
+def withdraw(client: Any, name: str, version: str, previous_aliases: dict[str, str]) -> None:
     """Undo a half-finished registration: delete the version, point the aliases back."""
     client.delete_model_version(name, version)
     for alias, previous in previous_aliases.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keel import storage
-from keel.config import PipelineConfig, parse_pipeline_config
+from keel.config import AnyPipelineConfig, parse_pipeline_config
 from keel.errors import KeelError
 from keel.settings import KeelSettings, load_settings
 
@@ -31,7 +31,7 @@ class StageRun:
 
     stage: str
     run_id: str
-    config: PipelineConfig
+    config: AnyPipelineConfig
     settings: KeelSettings
 
     @property

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -149,27 +146,3 @@ def test_a_failed_training_step_marks_the_mlflow_run_failed_and_registers_nothin
                    artifact_files(load_settings(home=workdir / ".keel")))
     assert [v.version for v in client.search_model_versions("name='medical-diagnosis'")] == [1]
 
-
-def test_two_runs_started_at_once_share_no_path_and_register_two_versions(demo: tuple[Path, dict]) -> None:
-    """Each run writes under its own runs/<run>/ and gets its own version, however the two interleave."""
-    workdir, _ = demo
-    quick = workdir / "quick.yaml"
-    quick.write_text("tune: {num_samples: 0}\ncompress: {methods: []}\ntrain: {max_epochs: 5}\n")
-    env = {**os.environ, "KEEL_HOME": str(workdir / ".keel")}
-    runs = [subprocess.Popen([sys.executable, "-m", "keel", "run", "medical_diagnosis", "--config", str(quick),
-                              "--run-name", name, "--output", "json"], cwd=workdir, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name in ("concurrent-a", "concurrent-b")]
-    reports = []
-    for run in runs:
-        stdout, stderr = run.communicate(timeout=900)
-        assert run.returncode == 0, stderr[-3000:]
-        reports.append(json.loads(stdout))
-    assert sorted(r["run_id"] for r in reports) == ["concurrent-a", "concurrent-b"]
-    assert len({r["model_uri"] for r in reports}) == 2
-    files = artifact_files(load_settings(home=workdir / ".keel"))
-    for report in reports:
-        own = {f.split("/")[2] for f in files if f.startswith(f"runs/{report['run_id']}/")}
-        assert own >= {"ingest", "preprocess", "train", "evaluate", "register"}
-        manifest = json.loads((Path(report["artifacts"]) / "train" / "manifest.json").read_text())
-        assert report["run_id"] in manifest["checkpoints"]  # not the other run's checkpoints

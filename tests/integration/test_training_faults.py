@@ -35,7 +35,7 @@ from tests.integration.conftest import ray_actor_pids
 from tests.stages import small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-EPOCHS = 10
+EPOCHS = 8
 # Big enough that an epoch takes a moment (so a kill lands mid-run), small enough for 2 cores.
 CONFIG = TrainConfig(hidden_sizes=[256, 256], batch_size=32, max_epochs=EPOCHS, patience=100, max_failures=2,
                      mlflow_flush_interval_s=0)
@@ -46,7 +46,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[KeelSettings, s
     directory = tmp_path_factory.mktemp("faults")
     settings = KeelSettings(home=directory / ".keel")
     source = directory / "rows.csv"
-    small_frame(12000, seed=3).to_csv(source, index=False)
+    small_frame(8000, seed=3).to_csv(source, index=False)
     config = small_config()
     dataset, splits = (storage.stage_uri(settings, "faults", s) for s in ("ingest", "preprocess"))
     ingest(str(source), dataset, settings)

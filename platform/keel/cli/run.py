@@ -11,6 +11,8 @@ import typer
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.errors import ConfigError
 from keel.evaluate import HEADLINE_METRICS
+
+RANKING_METRICS = ("recall_at_", "ndcg_at_", "ndcg_lift")
 from keel.settings import KeelSettings, load_settings
 
 
@@ -68,7 +70,9 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
         "evaluate": lambda m: f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows; {m['gate']}",
         "register": lambda m: f"version {m['version']}{', champion' if m['promoted'] else ''}",
     }
-    return [[stage, f"{m['duration_s']:.2f}", facts[stage](m)] for stage, m in manifests.items() if stage in facts]
+    # A stage may state its own line (the recommendation stages do); else the line comes from its manifest.
+    return [[stage, f"{m['duration_s']:.2f}", m.get("summary") or facts[stage](m)]
+            for stage, m in manifests.items() if stage in facts]
 
 
 def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
@@ -81,7 +85,7 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
         "run_id": run.run_id, "succeeded": run.succeeded, "wall_s": round(run.wall_s, 2),
         "error": run.error, "log": str(run.log_path),
         "stages": [{"stage": stage, "duration_s": m["duration_s"]} for stage, m in manifests.items()],
-        "test_metrics": {k: evaluation[k] for k in HEADLINE_METRICS if k in evaluation},
+        "test_metrics": {k: v for k, v in evaluation.items() if k in HEADLINE_METRICS or k.startswith(RANKING_METRICS)},
         "model_uri": registered.get("model_uri"), "champion": registered.get("promoted"),
         "model_name": registered.get("model_name"), "promotion": registered.get("reason"),
         "tracking_uri": settings.mlflow_tracking_uri, "artifacts": f"{settings.artifact_root}/runs/{run.run_id}",

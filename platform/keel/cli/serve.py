@@ -18,6 +18,10 @@ def sample_request(url: str, model_uri: str) -> str:
     from keel.serve.deployment import load_registered
 
     loaded = load_registered(model_uri, load_settings())
+    if loaded.predictor is None:  # a recommender: top 10 for the first two users
+        body = json.dumps({"user_ids": [0, 1], "k": 10})
+        return (f"curl -s -X POST {url}/v1/models/{loaded.name}:recommend -H 'content-type: application/json' "
+                f"-d '{body}'")
     row: dict[str, object] = {c: round(s.mean, 4) for c, s in loaded.predictor.transform.numeric.items()}
     row.update({c: s.mode for c, s in loaded.predictor.transform.categorical.items()})
     body = json.dumps({"records": [row]})

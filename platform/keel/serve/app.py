@@ -102,35 +102,11 @@ def unauthorized(request: Request, token: str) -> str:
     return ""
 
 
-def build_app(predictor: Predictor, model_name: str, model_version: str, scorer: Scorer | None = None,
-              metrics: ServingMetrics | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-              token: str = "") -> FastAPI:
-    """The API over one model; ``scorer`` lets Ray Serve batch requests across callers.
-
-    With a ``token``, every route but health and metrics answers 401 unless the
-    request carries ``Authorization: Bearer <token>``.
-    """
-    metrics = metrics or ServingMetrics(model_name, model_version, predictor.classes,
-                                        predictor.transform.reference)
-    score = scorer or direct_scorer(predictor, metrics)
-    request_model = predict_request_model(predictor.transform)
-    columns = predictor.transform.input_columns
-    classes = predictor.classes
-    app = FastAPI(title=f"Keel model server: {model_name}", version=model_version,
-                  description="Predictions from a Keel model, in Keel's own format and the Open Inference Protocol.")
-
-    def check_name(name: str) -> None:
-        if name != model_name:
-            raise RequestError(404, f"unknown model {name!r}; this server serves {model_name!r}")
-
-    async def predict_frame(frame: pd.DataFrame) -> np.ndarray:
-        try:
-            probabilities = await score(frame)
-        except DataError as e:
-            raise RequestError(422, e.headline) from e
-        metrics.observe_predictions(probabilities)
-        metrics.observe_inputs(frame)
-        return probabilities
+def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token: str = "",
+             max_body_bytes: int = MAX_BODY_BYTES, description: str = "") -> FastAPI:
+    """What every Keel model server has, whatever it predicts: request ids, bearer-token auth, body
+    limits, 4xx errors with a reason, health routes and ``/metrics``. Model routes are added on top."""
+    app = FastAPI(title=f"Keel model server: {model_name}", version=model_version, description=description)
 
     @app.middleware("http")
     async def envelope(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -160,6 +136,58 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
     async def rejected(request: Request, exc: RequestError) -> JSONResponse:
         return _error(request, exc.status, exc.message)
 
+    @app.get("/v2/health/live", tags=["v2"])
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"])
+    async def ready() -> dict[str, bool]:
+        return {"ready": True}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def scrape() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.identity = {"model_name": model_name, "model_version": model_version}
+    app.state.metrics = metrics
+    return app
+
+
+def name_checker(model_name: str) -> Callable[[str], None]:
+    """A 404 naming the served model when a request names another."""
+    def check_name(name: str) -> None:
+        if name != model_name:
+            raise RequestError(404, f"unknown model {name!r}; this server serves {model_name!r}")
+    return check_name
+
+
+def build_app(predictor: Predictor, model_name: str, model_version: str, scorer: Scorer | None = None,
+              metrics: ServingMetrics | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              token: str = "") -> FastAPI:
+    """The API over one model; ``scorer`` lets Ray Serve batch requests across callers.
+
+    With a ``token``, every route but health and metrics answers 401 unless the
+    request carries ``Authorization: Bearer <token>``.
+    """
+    metrics = metrics or ServingMetrics(model_name, model_version, predictor.classes,
+                                        predictor.transform.reference)
+    score = scorer or direct_scorer(predictor, metrics)
+    request_model = predict_request_model(predictor.transform)
+    columns = predictor.transform.input_columns
+    classes = predictor.classes
+    app = base_app(model_name, model_version, metrics, token, max_body_bytes,
+                   "Predictions from a Keel model, in Keel's own format and the Open Inference Protocol.")
+    check_name = name_checker(model_name)
+
+    async def predict_frame(frame: pd.DataFrame) -> np.ndarray:
+        try:
+            probabilities = await score(frame)
+        except DataError as e:
+            raise RequestError(422, e.headline) from e
+        metrics.observe_predictions(probabilities)
+        metrics.observe_inputs(frame)
+        return probabilities
+
     @app.post(f"/v1/models/{{name}}:predict", response_model=PredictResponse, tags=["keel"],
               responses={400: {}, 404: {}, 413: {}, 422: {}})
     async def predict(name: str, body: request_model, request: Request) -> PredictResponse:  # type: ignore[valid-type]
@@ -171,14 +199,6 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
                                predictions=[Prediction(label=classes[int(p.argmax())],
                                                        probabilities=dict(zip(classes, map(float, p), strict=True)))
                                             for p in probabilities])
-
-    @app.get("/v2/health/live", tags=["v2"])
-    async def live() -> dict[str, bool]:
-        return {"live": True}
-
-    @app.get("/v2/health/ready", tags=["v2"])
-    async def ready() -> dict[str, bool]:
-        return {"ready": True}
 
     @app.get("/v2/models/{name}", tags=["v2"], responses={404: {}})
     async def model_metadata(name: str) -> dict[str, Any]:
@@ -204,10 +224,4 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
                             {"name": "probabilities", "datatype": "FP32", "shape": list(probabilities.shape),
                              "data": probabilities.astype(float).ravel().tolist()}]}
 
-    @app.get("/metrics", include_in_schema=False)
-    async def scrape() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    app.state.identity = {"model_name": model_name, "model_version": model_version}
-    app.state.metrics = metrics
     return app

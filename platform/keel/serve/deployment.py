@@ -20,6 +20,7 @@ from ray.serve.config import BackpressureConfig
 
 from keel.errors import ConfigError, RegistryError
 from keel.predictor import Predictor
+from keel.recommend.recommender import Recommender
 from keel.settings import KeelSettings
 
 APP_NAME = "keel"
@@ -49,9 +50,12 @@ class ServeConfig(BaseModel):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    predictor: Predictor
+    """A registered version: a classifier's predictor, or a recommender (the ``ecommerce_recommendations`` kind)."""
+
+    predictor: Predictor | None
     name: str
     version: str
+    recommender: Recommender | None = None
 
 
 def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
@@ -80,8 +84,11 @@ def load_registered(model_uri: str, settings: KeelSettings) -> LoadedModel:
     import mlflow
 
     name, version = resolve_version(model_uri, settings)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    return LoadedModel(pyfunc.unwrap_python_model().predictor, name, version)
+    python_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
+    recommender = getattr(python_model, "recommender", None)
+    if recommender is not None:
+        return LoadedModel(None, name, version, recommender)
+    return LoadedModel(python_model.predictor, name, version)
 
 
 @serve.ingress()
@@ -97,14 +104,21 @@ class ModelServer:
         settings = load_settings()
         self.token = serving_token(settings, require_token)
         self.model = load_registered(model_uri, settings)
-        self.metrics = ServingMetrics(self.model.name, self.model.version, self.model.predictor.classes,
-                                      self.model.predictor.transform.reference)
+        predictor = self.model.predictor
+        self.metrics = ServingMetrics(self.model.name, self.model.version, predictor.classes if predictor else [],
+                                      predictor.transform.reference if predictor else None)
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     def __serve_build_asgi_app__(self) -> Any:
         from keel.serve.app import build_app
 
+        if self.model.recommender is not None:
+            from keel.recommend.serving import build_recommend_app
+
+            return build_recommend_app(self.model.recommender, self.model.name, self.model.version,
+                                       metrics=self.metrics, token=self.token)
+        assert self.model.predictor is not None
         return build_app(self.model.predictor, self.model.name, self.model.version, scorer=self.score,
                          metrics=self.metrics, token=self.token)
 
@@ -116,6 +130,7 @@ class ModelServer:
         """Score every waiting request's rows in one forward pass, then split the result back."""
         combined = pd.concat(frames, ignore_index=True)
         self.metrics.observe_batch(len(combined))
+        assert self.model.predictor is not None  # only the classifier's routes score through here
         probabilities = self.model.predictor.predict_proba(combined)
         offsets = np.cumsum([len(f) for f in frames])[:-1]
         return list(np.split(probabilities, offsets))

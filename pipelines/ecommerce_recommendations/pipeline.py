@@ -1,0 +1,52 @@
+"""ecommerce_recommendations: top-k products for each user from views, carts and purchases.
+
+Wiring only: each step is a component from ``components/``; what a step does
+lives in ``keel.recommend``. The default source is a seeded generator of
+implicit feedback, so the pipeline runs with no download.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from kfp import dsl
+
+from components.deploy.component import deploy
+from components.interactions.component import interactions
+from components.recommender_evaluate.component import recommender_evaluate
+from components.recommender_register.component import recommender_register
+from components.recommender_train.component import recommender_train
+from keel.cluster import CONFIG_MAP, CREDENTIALS_SECRET
+from keel.config import load_pipeline_config
+from keel.recommend.data import BUILTIN_SOURCE
+from pipelines import RETRIES, configure_step
+
+NAME = "ecommerce-recommendations"
+CONFIG_FILE = Path(__file__).parent / "config.yaml"
+
+
+def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
+    """The pipeline with its config baked in as the ``config`` parameter's default (see medical_diagnosis)."""
+    default_config = load_pipeline_config(CONFIG_FILE, config_override).to_json()
+
+    @dsl.pipeline(name=NAME, description="Train, evaluate against a most-popular baseline (gated on NDCG@10) and "
+                                         "register a matrix-factorization recommender.")
+    def ecommerce_recommendations(source: str = BUILTIN_SOURCE, run_name: str = "", serve: bool = False,
+                                  serve_port: int = 8000, config_map: str = CONFIG_MAP,
+                                  credentials_secret: str = CREDENTIALS_SECRET, config: str = default_config) -> str:
+        run = {"config": config, "run_name": run_name, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+
+        def step(task: Any) -> Any:
+            return configure_step(task, config_map, credentials_secret, retries)
+
+        prepared = step(interactions(source=source, **run))
+        trained = step(recommender_train(splits_uri=prepared.output, **run))
+        evaluated = step(recommender_evaluate(model_uri=trained.output, splits_uri=prepared.output, **run))
+        registered = step(recommender_register(model_uri=trained.output,
+                                               evaluation_uri=evaluated.outputs["evaluation_uri"],
+                                               splits_uri=prepared.output, **run))
+        with dsl.If(serve == True, name="serving-requested"):  # noqa: E712 - KFP conditions compare with ==
+            with dsl.If(registered.outputs["promoted"] == True, name="new-champion"):  # noqa: E712
+                step(deploy(model_version_uri=registered.outputs["model_version_uri"], port=serve_port, **run))
+        return registered.outputs["model_version_uri"]
+
+    return ecommerce_recommendations

@@ -1,0 +1,74 @@
+"""The ``ecommerce_recommendations`` pipeline's config: one validated object, like :class:`keel.config.PipelineConfig`."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from keel.config import RegisterConfig
+
+
+class InteractionsConfig(BaseModel):
+    """The seeded generator of implicit feedback (used for ``builtin://ecommerce_interactions``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    users: int = Field(default=5000, ge=10)
+    items: int = Field(default=2000, ge=20)
+    factors: int = Field(default=8, ge=1, description="latent taste dimensions behind the interactions")
+    mean_interactions: float = Field(default=30.0, gt=1, description="per user, drawn log-normally")
+    popularity_skew: float = Field(default=1.0, ge=0, description="Zipf exponent of item popularity")
+    taste_strength: float = Field(default=3.0, ge=0, description="how much taste outweighs popularity")
+    seed: int = 42
+
+
+class SplitConfig(BaseModel):
+    """Each user's latest interactions are the test set; the one before them, validation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    holdout_per_user: int = Field(default=2, ge=1)
+    min_train_interactions: int = Field(default=3, ge=1, description="users with fewer are trained on, not tested")
+
+
+class RecommendTrainConfig(BaseModel):
+    """Matrix factorization with a BPR loss on Ray Train."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    embedding_dim: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=0.01, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0, description="L2 on the embeddings in the batch")
+    batch_size: int = Field(default=1024, ge=1)
+    max_epochs: int = Field(default=30, ge=1)
+    patience: int = Field(default=4, ge=1, description="epochs without a better validation NDCG before stopping")
+    max_failures: int = Field(default=2, ge=0, description="worker failures to recover from checkpoints")
+    seed: int = 42
+
+
+class RecommendEvaluateConfig(BaseModel):
+    """Ranking metrics at ``k`` and the promotion gate on NDCG@k."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    k: int = Field(default=10, ge=1)
+    tolerance: float = Field(default=0.0, description="NDCG@k may be this much worse than the champion's")
+    min_lift_over_popular: float = Field(default=1.0, ge=0, description="NDCG@k must be this multiple of the "
+                                                                      "most-popular baseline's")
+
+
+class RecommendPipelineConfig(BaseModel):
+    """Every stage's settings for one ``ecommerce_recommendations`` run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pipeline: str
+    interactions: InteractionsConfig = InteractionsConfig()
+    split: SplitConfig = SplitConfig()
+    train: RecommendTrainConfig = RecommendTrainConfig()
+    evaluate: RecommendEvaluateConfig = RecommendEvaluateConfig()
+    registry: RegisterConfig
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)

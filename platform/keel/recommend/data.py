@@ -1,0 +1,128 @@
+"""Interactions in, per-user leave-latest-out splits out.
+
+The builtin source is a seeded generator: users and items get latent taste
+vectors, items a Zipf popularity, and each user's events are drawn from
+taste plus popularity, so both a most-popular list and a personalised model
+have something to find. A user's latest interactions are held out: the model
+is scored on what each user did next, as in production.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from keel import storage
+from keel.errors import DataError
+from keel.recommend.config import InteractionsConfig, SplitConfig
+from keel.settings import KeelSettings
+
+BUILTIN_SOURCE = "builtin://ecommerce_interactions"
+COLUMNS = {"user_id": "integer", "item_id": "integer", "event": "text", "timestamp": "integer"}
+EVENTS = ("view", "cart", "purchase")
+SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.parquet"}
+POPULARITY_FILE = "popularity.parquet"
+
+
+def generate_interactions(config: InteractionsConfig) -> pd.DataFrame:
+    """Seeded implicit feedback: one row per (user, item) event, ordered by time within each user."""
+    rng = np.random.default_rng(config.seed)
+    scale = 1.0 / np.sqrt(config.factors)
+    users = rng.normal(0.0, scale, (config.users, config.factors)).astype(np.float32)
+    items = rng.normal(0.0, scale, (config.items, config.factors)).astype(np.float32)
+    popularity = -config.popularity_skew * np.log(rng.permutation(config.items) + 1.0)
+    counts = np.clip(rng.lognormal(np.log(config.mean_interactions), 0.5, config.users).astype(int),
+                     2, config.items // 2)
+    rows = []
+    for user in range(config.users):
+        affinity = config.taste_strength * np.sqrt(config.factors) * (items @ users[user]) + popularity
+        gumbel = -np.log(-np.log(rng.uniform(1e-12, 1.0, config.items)))
+        chosen = np.argpartition(-(affinity + gumbel), counts[user])[:counts[user]]
+        rng.shuffle(chosen)  # the order a user met them in: not by preference
+        strength = 1.0 / (1.0 + np.exp(-affinity[chosen]))
+        draws = rng.uniform(size=len(chosen))
+        events = np.where(draws < 0.15 * strength, 2, np.where(draws < 0.4 * strength, 1, 0))
+        times = np.sort(rng.integers(1_700_000_000, 1_730_000_000, len(chosen)))
+        rows.append(np.column_stack([np.full(len(chosen), user), chosen, events, times]))
+    table = np.concatenate(rows)
+    return pd.DataFrame({"user_id": table[:, 0], "item_id": table[:, 1],
+                         "event": pd.Categorical.from_codes(table[:, 2], EVENTS).astype(str),
+                         "timestamp": table[:, 3]})
+
+
+def check_interactions(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
+    """The columns the stages need, with usable values; a DataError names the column otherwise."""
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{origin}: missing column(s) {missing}; interactions need {list(COLUMNS)}.")
+    for column in ("user_id", "item_id", "timestamp"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = int(values.isna().sum() + (values < 0).sum())
+        if bad or not np.all(np.mod(values.fillna(0), 1) == 0):
+            raise DataError(f"{origin}: column {column!r}: {bad or 'some'} value(s) are not non-negative integers.")
+    unknown = sorted(set(frame["event"].astype(str)) - set(EVENTS))
+    if unknown:
+        raise DataError(f"{origin}: column 'event': unknown value(s) {unknown[:5]}; expected one of {list(EVENTS)}.")
+    return frame.astype({"user_id": "int64", "item_id": "int64", "timestamp": "int64", "event": "str"})
+
+
+def read_interactions(source: str, config: InteractionsConfig, settings: KeelSettings) -> pd.DataFrame:
+    """The builtin generator's table, or a user's Parquet/CSV file with the same columns."""
+    if source == BUILTIN_SOURCE:
+        return generate_interactions(config)
+    if source.startswith("builtin://"):
+        raise DataError(f"{source}: no such bundled dataset; this pipeline knows {BUILTIN_SOURCE}.")
+    with tempfile.TemporaryDirectory(prefix="keel-interactions-") as scratch:
+        local = storage.download(source, Path(scratch) / storage.filename(source), settings)
+        try:
+            frame = pd.read_parquet(local) if local.suffix in (".parquet", ".pq") else pd.read_csv(local)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+            raise DataError(f"{source}: cannot read interactions ({e}).") from e
+    return check_interactions(frame, source)
+
+
+def split_latest(frame: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
+    """Per user by time: the last ``holdout_per_user`` to test, the one before to validation, the rest to train.
+
+    Users with too few interactions stay wholly in train: they still teach the
+    item embeddings, and scoring them on one remaining item would be noise.
+    """
+    ordered = frame.sort_values(["user_id", "timestamp"], kind="stable")
+    position_from_end = ordered.groupby("user_id").cumcount(ascending=False)
+    sizes = ordered.groupby("user_id")["item_id"].transform("size")
+    testable = sizes >= config.holdout_per_user + 1 + config.min_train_interactions
+    test = testable & (position_from_end < config.holdout_per_user)
+    val = testable & (position_from_end == config.holdout_per_user)
+    return {"train": ordered[~(test | val)], "val": ordered[val], "test": ordered[test]}
+
+
+def prepare(source: str, interactions: InteractionsConfig, split: SplitConfig, output_uri: str,
+            settings: KeelSettings) -> dict[str, Any]:
+    """Read or generate the interactions, split them, and publish the splits with item popularity."""
+    frame = read_interactions(source, interactions, settings)
+    frame = frame.drop_duplicates(["user_id", "item_id"], keep="first")  # implicit feedback: seen or not
+    splits = split_latest(frame, split)
+    if splits["test"].empty:
+        raise DataError(f"{source}: no user has the {split.holdout_per_user + 1 + split.min_train_interactions} "
+                        "interactions needed to hold some out; lower split.holdout_per_user or "
+                        "split.min_train_interactions.")
+    popularity = splits["train"]["item_id"].value_counts().rename_axis("item_id").reset_index(name="count")
+    with storage.staged_output(output_uri, "ingest", settings) as out:
+        for name, part in splits.items():
+            part.to_parquet(out.path(SPLIT_FILES[name]), index=False)
+        popularity.to_parquet(out.path(POPULARITY_FILE), index=False)
+        out.manifest.update(
+            source=source, rows=len(frame), users=int(frame["user_id"].max()) + 1,
+            items=int(frame["item_id"].max()) + 1,
+            splits={name: out.uri_of(file) for name, file in SPLIT_FILES.items()},
+            popularity=out.uri_of(POPULARITY_FILE),
+            split_rows={name: len(part) for name, part in splits.items()},
+            events={event: int(n) for event, n in frame["event"].value_counts().items()},
+            summary=(f"{len(frame)} interactions, {frame['user_id'].nunique()} users, "
+                     f"{frame['item_id'].nunique()} items; {len(splits['test'])} held out"),
+        )
+    return out.manifest

@@ -1,0 +1,92 @@
+"""Register the recommender: a pyfunc that answers top-k item ids for user ids, and the aliases.
+
+The version's lifecycle is :mod:`keel.registry`'s: ``challenger`` always,
+``champion`` only when the gate passed, and a failure after the version was
+created withdraws it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from keel import __version__, registry, storage, tracking
+from keel.config import RegisterConfig
+from keel.recommend.evaluate import EVALUATION_FILE
+from keel.recommend.recommender import Recommender
+from keel.settings import KeelSettings
+
+DEFAULT_K = 10
+
+
+class RecommenderPyfunc(PythonModel):
+    """MLflow pyfunc flavour: a ``user_id`` column in; items, scores and the list's source out."""
+
+    ARTIFACT = "recommender"
+
+    def load_context(self, context: Any) -> None:
+        self.recommender = Recommender.load(Path(context.artifacts[self.ARTIFACT]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        k = int((params or {}).get("k", DEFAULT_K))
+        users = [int(u) for u in pd.DataFrame(model_input)["user_id"]]
+        return pd.DataFrame(self.recommender.recommend(users, k))
+
+
+def _log_model(package_dir: Path) -> str:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("long", "user_id")]),
+                               params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)]))
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+        artifacts={RecommenderPyfunc.ARTIFACT: str(package_dir)}, signature=signature,
+        input_example=pd.DataFrame({"user_id": [0, 1]}),
+        pip_requirements=[f"keel=={__version__}", "torch==2.13.0", "pandas", "numpy", "pydantic"])
+    return str(info.model_uri)
+
+
+def register_recommender(model_uri: str, evaluation_uri: str, splits_uri: str, config: RegisterConfig,
+                         params: dict[str, Any], pipeline_run_id: str, pipeline: str, output_uri: str,
+                         settings: KeelSettings) -> dict[str, Any]:
+    """Log params, test metrics and the pyfunc to the pipeline's MLflow run; register a version."""
+    client = tracking.mlflow_client(settings)
+    run_id = tracking.pipeline_run(settings, pipeline_run_id, pipeline)
+    version, previous_aliases = None, {}
+    try:
+        with storage.staged_output(output_uri, "register", settings) as out, \
+                tempfile.TemporaryDirectory(prefix="keel-register-") as scratch, mlflow.start_run(run_id=run_id):
+            evaluation = storage.read_json(storage.join(evaluation_uri, EVALUATION_FILE), settings)
+            mlflow.log_dict(evaluation, EVALUATION_FILE)
+            k = evaluation["k"]
+            mlflow.log_params(registry.flatten_params(params))
+            mlflow.log_metrics({f"test_recall_at_{k}": evaluation[f"recall_at_{k}"],
+                                f"test_ndcg_at_{k}": evaluation[f"ndcg_at_{k}"]})
+            splits = storage.read_manifest(splits_uri, settings)
+            package = Recommender.package(
+                storage.download_directory(model_uri, Path(scratch) / "model", settings),
+                storage.read_parquet(splits["popularity"], settings),
+                storage.read_parquet(splits["splits"]["train"], settings), Path(scratch) / "recommender")
+            logged_uri = _log_model(package)
+            previous_aliases = registry.aliases(client, config.model_name)
+            version = registry.create_version(client, config.model_name, logged_uri, run_id,
+                                              {tracking.PIPELINE_RUN_TAG: pipeline_run_id})
+            decision = registry.promote(client, config, str(version.version), evaluation["gate"])
+            mlflow.set_tags({"keel.promoted": str(decision["promoted"]).lower(),
+                             "keel.gate": "passed" if evaluation["gate"]["passed"] else "failed",
+                             "keel.promotion_reason": decision["reason"][:5000]})
+            out.manifest.update(model_name=config.model_name, version=str(version.version),
+                                model_uri=f"models:/{config.model_name}/{version.version}",
+                                mlflow_run_id=run_id, tracking_uri=settings.mlflow_tracking_uri, **decision,
+                                summary=f"version {version.version}{', champion' if decision['promoted'] else ''}")
+    except BaseException:
+        if version is not None:
+            registry.withdraw(client, config.model_name, str(version.version), previous_aliases)
+        raise
+    return out.manifest

@@ -1,0 +1,64 @@
+"""The serving route for recommenders: user ids in, top-k item ids out.
+
+Mounted on :func:`keel.serve.app.base_app`, so it has the same auth, limits,
+health routes, metrics and 4xx errors as the classifiers' API. An unknown user
+is not an error: the answer is the popular list, marked ``"source": "popular"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from keel.recommend.recommender import MAX_K, Recommender
+from keel.serve.app import MAX_BODY_BYTES, base_app, name_checker
+from keel.serve.metrics import ServingMetrics
+from keel.serve.schema import MAX_RECORDS
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_ids: list[int] = Field(..., min_length=1, max_length=MAX_RECORDS)
+    k: int = Field(default=10, ge=1, le=MAX_K)
+
+
+class Recommendation(BaseModel):
+    user_id: int
+    items: list[int]
+    scores: list[float]
+    known_user: bool
+    source: str
+
+
+class RecommendResponse(BaseModel):
+    model_name: str
+    model_version: str
+    request_id: str
+    recommendations: list[Recommendation]
+
+
+def build_recommend_app(recommender: Recommender, model_name: str, model_version: str,
+                        metrics: ServingMetrics | None = None, token: str = "",
+                        max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    metrics = metrics or ServingMetrics(model_name, model_version, [])
+    app = base_app(model_name, model_version, metrics, token, max_body_bytes,
+                   "Top-k recommendations from a Keel recommender.")
+    check_name = name_checker(model_name)
+
+    @app.post("/v1/models/{name}:recommend", response_model=RecommendResponse, tags=["keel"],
+              responses={400: {}, 404: {}, 413: {}, 422: {}})
+    async def recommend(name: str, body: RecommendRequest, request: Request) -> dict[str, Any]:
+        check_name(name)
+        metrics.observe_batch(len(body.user_ids))
+        return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,
+                "recommendations": recommender.recommend(body.user_ids, body.k)}
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}})
+    async def model_ready(name: str) -> dict[str, Any]:
+        check_name(name)
+        return {"name": model_name, "ready": True}
+
+    return app

@@ -1,0 +1,242 @@
+"""Fit the factorization on Ray Train: BPR steps, validation NDCG@k each epoch, a checkpoint each epoch.
+
+Layered like :mod:`keel.train`: ``bpr_epoch`` and ``validation_ndcg`` run
+without Ray; ``train_loop_per_worker`` adds checkpoints and early stopping;
+``build_trainer`` holds the Ray config objects. The same ``run_name`` resumes
+from its checkpoints after a failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from keel import storage
+from keel.errors import TrainingError
+from keel.recommend.config import RecommendTrainConfig
+from keel.recommend.metrics import ranking_metrics
+from keel.recommend.model import (FactorizationSpec, MatrixFactorization, bpr_loss, sample_negatives,
+                                  save_factorization)
+from keel.settings import KeelSettings
+from keel.train.config import ScalingSpec
+from keel.train.trainer import ray_session, resolve_scaling
+
+STATE_FILE = "state.pt"
+VALIDATION_K = 10
+
+
+@dataclass
+class FactorizationState:
+    """What a resumed worker needs: epoch, early-stopping counters, best weights, history."""
+
+    epoch: int = 0
+    best_ndcg: float = -1.0
+    epochs_without_improvement: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: list[int] = field(default_factory=list)
+
+
+def seen_matrix(pairs: pd.DataFrame, spec: FactorizationSpec) -> torch.Tensor:
+    """A dense users x items mask of training interactions (10 MB at 5,000 x 2,000)."""
+    seen = torch.zeros((spec.users, spec.items), dtype=torch.bool)
+    seen[torch.tensor(pairs["user_id"].to_numpy()), torch.tensor(pairs["item_id"].to_numpy())] = True
+    return seen
+
+
+def bpr_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, users: torch.Tensor, items: torch.Tensor,
+              seen: torch.Tensor, config: dict[str, Any], generator: torch.Generator) -> float:
+    """One shuffled pass over the positive pairs, one sampled negative each; returns the mean loss."""
+    model.train()
+    inner = _unwrap(model)
+    order = torch.randperm(len(users), generator=generator)
+    total = 0.0
+    for start in range(0, len(order), config["batch_size"]):
+        batch = order[start:start + config["batch_size"]]
+        negatives = sample_negatives(users[batch], seen, inner.item.num_embeddings, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = bpr_loss(inner, users[batch], items[batch], negatives, config["weight_decay"])
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(batch)
+    return total / max(len(users), 1)
+
+
+def _unwrap(model: torch.nn.Module) -> MatrixFactorization:
+    """The factorization inside a DistributedDataParallel wrapper (or the model itself)."""
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, MatrixFactorization)
+    return inner
+
+
+def validation_ndcg(model: MatrixFactorization, val: pd.DataFrame, seen: dict[int, np.ndarray], k: int) -> float:
+    model.eval()
+    scores = ranking_metrics(lambda users: model.score_all(torch.from_numpy(users)).numpy(), val, seen, k)
+    return scores[f"ndcg_at_{k}"]
+
+
+def _frame(name: str) -> pd.DataFrame:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    batches = list(shard.iter_batches(batch_size=1 << 20, batch_format="pandas"))
+    return pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=["user_id", "item_id"])
+
+
+def _restore(model: MatrixFactorization, optimizer: torch.optim.Optimizer) -> FactorizationState:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return FactorizationState()
+    with checkpoint.as_directory() as directory:
+        saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state: FactorizationState = saved["state"]
+    state.resumed_from.append(state.epoch)
+    return state
+
+
+def _report(metrics: dict[str, float], model: MatrixFactorization, optimizer: torch.optim.Optimizer,
+            state: FactorizationState) -> None:
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+                   Path(directory) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """BPR epochs with early stopping on validation NDCG@10 (every rank computes the same value)."""
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(config["threads_per_worker"])
+    spec = FactorizationSpec.model_validate(config["spec"])
+    shard, everything, val = _frame("train"), _frame("seen"), _frame("val")
+    users = torch.tensor(shard["user_id"].to_numpy())
+    items = torch.tensor(shard["item_id"].to_numpy())
+    seen = seen_matrix(everything, spec)
+    seen_by_user = {int(u): g.to_numpy() for u, g in everything.groupby("user_id")["item_id"]}
+    model = ray.train.torch.prepare_model(MatrixFactorization(spec))
+    inner = _unwrap(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
+    state = _restore(inner, optimizer)
+    generator = torch.Generator().manual_seed(config["seed"] + state.epoch)
+    while state.epoch < config["max_epochs"] and state.epochs_without_improvement < config["patience"]:
+        started = time.perf_counter()
+        loss = bpr_epoch(model, optimizer, users, items, seen, config, generator)
+        ndcg = validation_ndcg(inner, val, seen_by_user, VALIDATION_K)
+        if ndcg > state.best_ndcg:
+            state.best_ndcg, state.epochs_without_improvement = ndcg, 0
+            state.best_weights = copy.deepcopy(inner.state_dict())
+        else:
+            state.epochs_without_improvement += 1
+        state.epoch += 1
+        metrics = {"bpr_loss": loss, f"val_ndcg_at_{VALIDATION_K}": ndcg, "epoch": state.epoch,
+                   "epoch_s": time.perf_counter() - started}
+        state.history.append(dict(metrics))
+        _report(metrics, inner, optimizer, state)
+
+
+def build_trainer(loop_config: dict[str, Any], datasets: dict[str, Any], scaling: dict[str, Any],
+                  max_failures: int, checkpoint_uri: str, run_name: str, settings: KeelSettings) -> Any:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Scaling
+    scaling_config = ScalingConfig(num_workers=scaling["num_workers"], use_gpu=False,
+                                   resources_per_worker={"CPU": scaling["cpus_per_worker"]})
+    # Checkpointing and failures (worker-group start-up failures count too)
+    checkpoint_config = CheckpointConfig(num_to_keep=2)
+    failure_config = FailureConfig(max_failures=max_failures,  # type: ignore[call-arg]  # V2's; mypy sees V1
+                                   controller_failure_limit=max_failures)
+    # Storage: under the run's artifact root, local or S3
+    filesystem, path = storage.pyarrow_filesystem(checkpoint_uri, settings)
+    run_config = RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
+                           checkpoint_config=checkpoint_config, failure_config=failure_config)
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling_config,
+                        run_config=run_config, datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
+
+
+def train_recommender(splits_uri: str, config: RecommendTrainConfig, output_uri: str, checkpoint_uri: str,
+                      settings: KeelSettings, run_name: str = "train") -> dict[str, Any]:
+    """Train on the published splits and publish the best epoch's model (by validation NDCG@10)."""
+    manifest = storage.read_manifest(splits_uri, settings)
+    spec = FactorizationSpec(users=manifest["users"], items=manifest["items"], embedding_dim=config.embedding_dim)
+    with storage.staged_output(output_uri, "train", settings) as out, ray_session(settings) as ray_startup_s:
+        started = time.perf_counter()
+        result, scaling = _fit(config, spec, manifest["splits"], checkpoint_uri, run_name, settings)
+        state = _final_state(result)
+        assert state.best_weights is not None  # _final_state raises otherwise
+        model = MatrixFactorization(spec)
+        model.load_state_dict(state.best_weights)
+        save_factorization(model, spec, out.dir)
+        out.write_json("history.json", state.history)
+        out.manifest.update(
+            epochs=state.epoch, best_val_ndcg_at_10=state.best_ndcg, scaling=scaling,
+            ray_startup_s=round(ray_startup_s, 3), fit_s=round(time.perf_counter() - started, 3),
+            parameters=sum(p.numel() for p in model.parameters()), checkpoints=checkpoint_uri,
+            resumed_from_epochs=state.resumed_from,
+            summary=(f"{state.epoch} epochs, best val NDCG@10 {state.best_ndcg:.4f}, "
+                     f"{scaling['num_workers']} worker(s)"),
+        )
+    return out.manifest
+
+
+def train_recommender_stage(settings: KeelSettings, splits_uri: str, config: dict[str, Any], output_uri: str,
+                            checkpoint_uri: str, run_name: str = "train") -> dict[str, Any]:
+    """:func:`train_recommender` with its config as plain data: what a Ray job receives (:mod:`keel.jobs`)."""
+    return train_recommender(splits_uri, RecommendTrainConfig.model_validate(config), output_uri, checkpoint_uri,
+                             settings, run_name=run_name)
+
+
+def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str, str], checkpoint_uri: str,
+         run_name: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
+    import ray
+    import ray.data
+    import ray.train
+
+    resources = ray.cluster_resources()
+    params = (spec.users + 2 * spec.items) * spec.embedding_dim
+    scaling = resolve_scaling(ScalingSpec(use_gpu=False), params, int(resources.get("CPU", 1)), 0)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
+    # Materialized before the workers claim the CPUs: a lazy read would wait for a CPU that never frees.
+    datasets = {}
+    for split in ("train", "val"):
+        filesystem, path = storage.pyarrow_filesystem(splits[split], settings)
+        datasets[split] = ray.data.read_parquet(path, filesystem=filesystem, columns=["user_id", "item_id"]).materialize()
+    datasets["seen"] = datasets["train"]  # the whole training set on every worker, for masking
+    loop_config = {**config.model_dump(exclude={"max_failures"}), "spec": spec.model_dump(),
+                   "threads_per_worker": scaling["cpus_per_worker"]}
+    trainer = build_trainer(loop_config, datasets, scaling, config.max_failures, checkpoint_uri, run_name, settings)
+    try:
+        return trainer.fit(), scaling
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training failed after {config.max_failures} recovery attempt(s) "
+                            f"(train.max_failures): {e}") from e
+
+
+def _final_state(result: Any) -> FactorizationState:
+    if result.checkpoint is None:
+        raise TrainingError("training reported no checkpoint; no model was produced.")
+    with result.checkpoint.as_directory() as directory:
+        state: FactorizationState = torch.load(Path(directory) / STATE_FILE, map_location="cpu",
+                                               weights_only=False)["state"]
+    if state.best_weights is None:
+        raise TrainingError("no epoch produced a validation NDCG; check the data.")
+    return state

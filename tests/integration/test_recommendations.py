@@ -1,0 +1,139 @@
+"""ecommerce_recommendations end to end on a reduced config: `keel run`, the registry, Ray Serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from keel.settings import load_settings
+from tests.conftest import artifact_files
+from tests.integration.conftest import free_port
+from tests.unit.test_cli import keel
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+MODEL = "ecommerce-recommendations"
+REDUCED = "interactions: {users: 1500, items: 600}\ntrain: {max_epochs: 12}\n"
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("recommend")
+    (workdir / "reduced.yaml").write_text(REDUCED)
+    result = keel("run", "ecommerce_recommendations", "--config", "reduced.yaml", "--output", "json", cwd=workdir,
+                  env={"KEEL_HOME": str(workdir / ".keel")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, json.loads(result.stdout)
+
+
+def test_the_recommender_beats_the_popular_list_and_becomes_champion(pipeline_run: tuple[Path, dict]) -> None:
+    _, report = pipeline_run
+    assert [s["stage"] for s in report["stages"]] == ["ingest", "train", "evaluate", "register"]
+    evaluation = json.loads((Path(report["artifacts"]) / "evaluate" / "evaluation.json").read_text())
+    assert evaluation["ndcg_lift_over_popular"] >= 2.0, evaluation
+    assert evaluation["recall_at_10"] > evaluation["baseline_popular"]["recall_at_10"]
+    assert report["model_uri"] == f"models:/{MODEL}/1" and report["champion"] is True
+    client = mlflow.MlflowClient(report["tracking_uri"])
+    run = client.get_run(client.get_model_version(MODEL, "1").run_id)
+    assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(evaluation["ndcg_at_10"])
+    assert run.data.metrics["popular_ndcg_at_10"] == pytest.approx(evaluation["baseline_popular"]["ndcg_at_10"])
+    history = client.get_metric_history(run.info.run_id, "eval_ndcg_at_10")
+    assert len(history) == 1
+
+
+def test_the_registered_pyfunc_answers_top_k_and_falls_back_for_strangers(pipeline_run: tuple[Path, dict]) -> None:
+    workdir, report = pipeline_run
+    mlflow.set_tracking_uri(report["tracking_uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    import pandas as pd
+
+    answers = model.predict(pd.DataFrame({"user_id": [3, 10**9]}), params={"k": 5})
+    known, stranger = answers.to_dict(orient="records")
+    assert known["source"] == "personalized" and len(known["items"]) == 5
+    train = pd.read_parquet(Path(report["artifacts"]) / "ingest" / "train.parquet")
+    assert not set(known["items"]) & set(train.loc[train["user_id"] == 3, "item_id"])  # nothing seen is offered
+    assert stranger["source"] == "popular" and not stranger["known_user"]
+
+
+def test_two_runs_at_once_get_their_own_paths_and_versions_and_a_failed_gate_keeps_the_champion(
+        pipeline_run: tuple[Path, dict]) -> None:
+    """Two pipeline runs started together, both with a gate they cannot pass: each writes under its own
+    runs/<run>/ and registers its own version; neither takes the champion alias from version 1."""
+    workdir, _ = pipeline_run
+    (workdir / "strict.yaml").write_text("interactions: {users: 1500, items: 600}\ntrain: {max_epochs: 2}\n"
+                                         "evaluate: {min_lift_over_popular: 1000}\n")
+    env = {**os.environ, "KEEL_HOME": str(workdir / ".keel")}
+    runs = [subprocess.Popen([sys.executable, "-m", "keel", "run", "ecommerce_recommendations", "--config",
+                              "strict.yaml", "--run-name", name, "--output", "json"], cwd=workdir, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in ("concurrent-a", "concurrent-b")]
+    reports = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-3000:]
+        reports.append(json.loads(stdout))
+    assert sorted(r["run_id"] for r in reports) == ["concurrent-a", "concurrent-b"]
+    assert sorted(r["model_uri"] for r in reports) == [f"models:/{MODEL}/2", f"models:/{MODEL}/3"]
+    files = artifact_files(load_settings(home=workdir / ".keel"))
+    for report in reports:
+        assert report["champion"] is False
+        assert "most-popular baseline" in report["promotion"] and "min 1000" in report["promotion"]
+        own = {f.split("/")[2] for f in files if f.startswith(f"runs/{report['run_id']}/")}
+        assert own >= {"ingest", "train", "evaluate", "register", "checkpoints"}
+        manifest = json.loads((Path(report["artifacts"]) / "train" / "manifest.json").read_text())
+        assert report["run_id"] in manifest["checkpoints"]  # not the other run's checkpoints
+    client = mlflow.MlflowClient(reports[0]["tracking_uri"])
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
+
+
+def test_a_bad_interactions_file_fails_by_column_and_writes_nothing(pipeline_run: tuple[Path, dict]) -> None:
+    workdir, _ = pipeline_run
+    (workdir / "clicks.csv").write_text("user_id,item_id,event,timestamp\n1,2,view,5\n1,3,wishlist,6\n")
+    env = {"KEEL_HOME": str(workdir / ".keel")}
+    before = artifact_files(load_settings(home=workdir / ".keel"))
+    result = keel("run", "ecommerce_recommendations", "--param", f"source={workdir / 'clicks.csv'}",
+                  "--output", "json", cwd=workdir, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "clicks.csv" in result.stderr and "column 'event'" in result.stderr and "wishlist" in result.stderr
+    assert artifact_files(load_settings(home=workdir / ".keel")) == before
+
+
+@pytest.fixture
+def served(pipeline_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    from keel.serve.deployment import ServeConfig, deploy
+
+    workdir, _ = pipeline_run
+    monkeypatch.setenv("KEEL_HOME", str(workdir / ".keel"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield deploy(f"models:/{MODEL}@champion", ServeConfig(port=free_port(), cpus_per_replica=0.5))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_ray_serve_answers_recommendations_and_rejects_bad_requests_with_a_reason(served: str) -> None:
+    route = f"{served}/v1/models/{MODEL}:recommend"
+    answer = httpx.post(route, json={"user_ids": [3, 10**9], "k": 4}, timeout=30)
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == "1"
+    known, stranger = answer.json()["recommendations"]
+    assert known["source"] == "personalized" and len(known["items"]) == 4 and known["known_user"]
+    assert stranger["source"] == "popular" and not stranger["known_user"]
+    for body, status, reason in [({"user_ids": []}, 422, "user_ids"), ({"user_ids": [1], "k": 0}, 422, "k"),
+                                 ({"users": [1]}, 422, "users"), ("{not json", 400, "not valid JSON")]:
+        kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+        response = httpx.post(route, timeout=30, headers={"content-type": "application/json"}, **kwargs)
+        assert response.status_code == status and reason in response.json()["detail"], response.text
+    assert httpx.post(f"{served}/v1/models/other:recommend", json={"user_ids": [1]}, timeout=30).status_code == 404
+    metrics = httpx.get(f"{served}/metrics", timeout=30).text
+    assert 'route="/v1/models/{name}:recommend"' in metrics

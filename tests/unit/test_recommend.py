@@ -1,0 +1,123 @@
+"""The recommendation stages without Ray: generator, split, metrics, BPR steps, the top-k answer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from keel.config import parse_pipeline_config
+from keel.errors import ConfigError, DataError
+from keel.recommend.config import InteractionsConfig, RecommendPipelineConfig, RecommendTrainConfig, SplitConfig
+from keel.recommend.data import check_interactions, generate_interactions, split_latest
+from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_items, top_k
+from keel.recommend.model import FactorizationSpec, MatrixFactorization, save_factorization
+from keel.recommend.recommender import Recommender
+from keel.recommend.train import bpr_epoch, seen_matrix, validation_ndcg
+
+SMALL = InteractionsConfig(users=400, items=150, mean_interactions=20, seed=7)
+
+
+@pytest.fixture(scope="module")
+def small_splits() -> dict[str, pd.DataFrame]:
+    return split_latest(generate_interactions(SMALL), SplitConfig())
+
+
+def test_the_default_generator_is_seeded_and_as_large_as_the_pipeline_needs() -> None:
+    config = InteractionsConfig()
+    frame = generate_interactions(config)
+    assert frame["user_id"].nunique() == config.users >= 5000 and frame["item_id"].nunique() >= 0.95 * config.items
+    assert set(frame["event"]) == {"view", "cart", "purchase"}
+    assert generate_interactions(SMALL).equals(generate_interactions(SMALL))
+    counts = frame["item_id"].value_counts()
+    assert counts.head(len(counts) // 100).sum() > 0.05 * len(frame)  # popularity skew: the top 1% of items
+
+
+def test_each_users_latest_interactions_are_held_out(small_splits: dict[str, pd.DataFrame]) -> None:
+    train, val, test = small_splits["train"], small_splits["val"], small_splits["test"]
+    assert test.groupby("user_id").size().eq(2).all() and val.groupby("user_id").size().eq(1).all()
+    latest_train = train.groupby("user_id")["timestamp"].max()
+    assert (val.set_index("user_id")["timestamp"] >= latest_train.reindex(val["user_id"]).to_numpy()).all()
+    assert (test.groupby("user_id")["timestamp"].min() >= val.set_index("user_id")["timestamp"]).all()
+    assert len(train) + len(val) + len(test) == len(generate_interactions(SMALL))
+
+
+def test_users_with_too_few_interactions_stay_in_train() -> None:
+    frame = pd.DataFrame({"user_id": [0, 0, 1, 1, 1, 1, 1, 1], "item_id": [1, 2, 1, 2, 3, 4, 5, 6],
+                          "event": "view", "timestamp": range(8)})
+    splits = split_latest(frame, SplitConfig(holdout_per_user=2, min_train_interactions=3))
+    assert set(splits["test"]["user_id"]) == {1} and (splits["train"]["user_id"] == 0).sum() == 2
+    assert splits["test"]["item_id"].tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"drop": "item_id"}, r"missing column\(s\) \['item_id'\]"),
+    ({"user_id": [-1, 2]}, "column 'user_id': 1 value"),
+    ({"timestamp": ["soon", 3]}, "column 'timestamp'"),
+    ({"event": ["view", "wishlist"]}, r"column 'event': unknown value\(s\) \['wishlist'\]"),
+])
+def test_bad_interaction_files_are_rejected_by_column(change: dict, message: str) -> None:
+    frame = pd.DataFrame({"user_id": [1, 2], "item_id": [3, 4], "event": ["view", "cart"], "timestamp": [5, 6]})
+    if "drop" in change:
+        frame = frame.drop(columns=[change["drop"]])
+    else:
+        frame = frame.assign(**change)
+    with pytest.raises(DataError, match=message):
+        check_interactions(frame, "clicks.csv")
+
+
+def test_recall_and_ndcg_match_a_hand_computed_ranking() -> None:
+    held_out = pd.DataFrame({"user_id": [0, 0, 1], "item_id": [3, 4, 0]})
+    scores = np.array([[0.0, 9.0, 5.0, 8.0, 1.0],   # user 0 ranks 1 (seen, masked), 3, 2, 4, 0
+                       [1.0, 0.0, 0.0, 0.0, 0.0]])  # user 1 ranks 0 first
+    metrics = ranking_metrics(lambda users: scores[users], held_out, {0: np.array([1])}, k=3)
+    # user 0: top 3 = [3, 2, 4]: both relevant items found; DCG 1 + 1/log2(4), ideal 1 + 1/log2(3)
+    user0 = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert metrics["recall_at_3"] == pytest.approx((1.0 + 1.0) / 2)
+    assert metrics["ndcg_at_3"] == pytest.approx((user0 + 1.0) / 2)
+    assert top_k(np.array([[1.0, 3.0, 2.0]]), 2).tolist() == [[1, 2]]
+
+
+def test_bpr_training_beats_the_most_popular_list(small_splits: dict[str, pd.DataFrame]) -> None:
+    train, val = small_splits["train"], small_splits["val"]
+    spec = FactorizationSpec(users=SMALL.users, items=SMALL.items, embedding_dim=16)
+    torch.manual_seed(0)
+    model = MatrixFactorization(spec)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    config = RecommendTrainConfig().model_dump()
+    users, items = (torch.tensor(train[c].to_numpy()) for c in ("user_id", "item_id"))
+    seen = seen_items(train)
+    before = validation_ndcg(model, val, seen, 10)
+    losses = [bpr_epoch(model, optimizer, users, items, seen_matrix(train, spec), config,
+                        torch.Generator().manual_seed(epoch)) for epoch in range(15)]
+    popular = train["item_id"].value_counts().rename_axis("item_id").reset_index(name="count")
+    baseline = ranking_metrics(popularity_scorer(popular, SMALL.items), val, seen, 10)["ndcg_at_10"]
+    after = validation_ndcg(model, val, seen, 10)
+    assert losses[-1] < 0.7 * losses[0] and after > before
+    assert after > 1.3 * baseline, (after, baseline)
+
+
+def test_known_users_get_unseen_items_and_unknown_users_the_popular_list(tmp_path: Path) -> None:
+    spec = FactorizationSpec(users=3, items=6, embedding_dim=2)
+    save_factorization(MatrixFactorization(spec), spec, tmp_path)
+    train = pd.DataFrame({"user_id": [0, 0, 1], "item_id": [0, 1, 2]})
+    popularity = pd.DataFrame({"item_id": [4, 2, 5], "count": [10, 30, 1]})
+    recommender = Recommender.load(Recommender.package(tmp_path, popularity, train, tmp_path / "package"))
+    known, stranger, out_of_range = recommender.recommend([0, 2, 99], k=3)
+    assert known["known_user"] and known["source"] == "personalized" and len(known["items"]) == 3
+    assert not {0, 1} & set(known["items"])
+    assert stranger == out_of_range | {"user_id": 2} and stranger["items"] == [2, 4, 5]
+    assert stranger["source"] == "popular" and not stranger["known_user"]
+    with pytest.raises(ValueError, match="k must be between 1 and 100"):
+        recommender.recommend([0], k=0)
+
+
+def test_the_pipeline_name_picks_its_config_model_and_errors_name_the_field() -> None:
+    payload = {"pipeline": "ecommerce_recommendations", "registry": {"model_name": "recs"}}
+    assert isinstance(parse_pipeline_config(payload, "config.yaml"), RecommendPipelineConfig)
+    with pytest.raises(ConfigError, match=r"config.yaml: invalid pipeline config: train.embeding_dim"):
+        parse_pipeline_config({**payload, "train": {"embeding_dim": 8}}, "config.yaml")

@@ -17,6 +17,12 @@ Concepts and where they live:
   :class:`PreprocessConfig`, :class:`TuneConfig`, :class:`TrainConfig`,
   :class:`CompressConfig`, :class:`EvaluateConfig` (with its
   :class:`GateConfig`) and :class:`RegisterConfig`.
+- Recommendations (``keel.recommend``, the ``ecommerce_recommendations``
+  pipeline): ``keel.recommend.data.prepare`` ->
+  ``keel.recommend.train.train_recommender`` ->
+  ``keel.recommend.evaluate.evaluate_recommender`` ->
+  ``keel.recommend.registry.register_recommender``, configured by
+  :class:`RecommendPipelineConfig`; :class:`Recommender` answers top-k.
 - Scoring: :class:`Predictor` (feature transform + network), which evaluation,
   the MLflow pyfunc and serving share.
 - Errors: :class:`KeelError` and its subclasses; messages say what to fix.
@@ -55,6 +61,8 @@ _EXPORTS = {
     "PreprocessConfig": "keel.data.preprocess",
     "TrainConfig": "keel.train.config",
     "Predictor": "keel.predictor",
+    "RecommendPipelineConfig": "keel.recommend.config",
+    "Recommender": "keel.recommend.recommender",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -46,6 +46,10 @@ def test_the_recommender_beats_the_popular_list_and_becomes_champion(pipeline_ru
     assert run.data.metrics["popular_ndcg_at_10"] == pytest.approx(evaluation["baseline_popular"]["ndcg_at_10"])
     history = client.get_metric_history(run.info.run_id, "eval_ndcg_at_10")
     assert len(history) == 1
+    workdir, _ = pipeline_run
+    listed = json.loads(keel("models", "list", "--output", "json", cwd=workdir,
+                             env={"KEEL_HOME": str(workdir / ".keel")}).stdout)
+    assert listed[0]["metrics"]["test_ndcg_at_10"] == pytest.approx(evaluation["ndcg_at_10"])
 
 
 def test_the_registered_pyfunc_answers_top_k_and_falls_back_for_strangers(pipeline_run: tuple[Path, dict]) -> None:

@@ -10,7 +10,8 @@ from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.settings import load_settings
 
 app = typer.Typer(help="Inspect registered models.", no_args_is_help=True)
-KEY_METRICS = ("test_accuracy", "test_f1_macro", "test_roc_auc")
+# The classifiers' headline metrics, then the recommenders' (each model has one set or the other)
+KEY_METRICS = ("test_accuracy", "test_f1_macro", "test_roc_auc", "test_ndcg_at_10", "test_recall_at_10")
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import torch
 
 from keel import storage, tracking
 from keel.config import GateConfig, RegisterConfig
+from keel.errors import EvaluationError
 from keel.gate import GateDecision, decide
 from keel.recommend.config import RecommendEvaluateConfig
 from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_items
@@ -52,8 +53,6 @@ def gate(metrics: dict[str, float], baseline: dict[str, float], k: int, config: 
          registry: RegisterConfig | None, score_split: Any, settings: KeelSettings) -> tuple[GateDecision, dict | None]:
     metric = registry.promotion_metric if registry else f"ndcg_at_{k}"
     if metric not in metrics:
-        from keel.errors import EvaluationError
-
         raise EvaluationError(f"registry.promotion_metric {metric!r} is not one of {sorted(metrics)}.")
     version, champion, note = (_champion_metrics(registry, score_split, settings) if registry
                                else (None, None, "no registry"))
@@ -91,7 +90,7 @@ def evaluate_recommender(model_uri: str, splits_uri: str, output_uri: str, setti
         decision, champion = gate(metrics, baseline, config.k, config, registry, score_split, settings)
         k = config.k
         report = {**metrics, "baseline_popular": baseline, "k": k,
-                  f"ndcg_lift_over_popular": metrics[f"ndcg_at_{k}"] / max(baseline[f"ndcg_at_{k}"], 1e-12),
+                  "ndcg_lift_over_popular": metrics[f"ndcg_at_{k}"] / max(baseline[f"ndcg_at_{k}"], 1e-12),
                   "gate": decision.to_dict(), "champion": champion, "model_uri": model_uri}
         out.write_json(EVALUATION_FILE, report)
         if mlflow_run_id:

@@ -91,10 +91,29 @@ def create_version(client: Any, name: str, model_uri: str, run_id: str, tags: di
     return client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
 
 
+def set_alias(client: Any, name: str, alias: str, version: str, attempts: int = 5) -> None:
+    """Point ``alias`` at ``version``. MLflow's SQL store inserts a new alias row get-or-create style, so
+    two registrations moving the same alias at once can collide on its unique key; the loser retries
+    and then updates the row the winner created. Either way the alias ends on one version, whole."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except (IntegrityError, MlflowException) as e:
+            if "UNIQUE constraint failed" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, Any]) -> dict[str, Any]:
     """Set ``challenger``; move ``champion`` only when the evaluation's gate passed against the
     version that is still champion now (another run may have promoted one meanwhile)."""
-    client.set_registered_model_alias(config.model_name, CHALLENGER, version)
+    set_alias(client, config.model_name, CHALLENGER, version)
     evaluated_against, current = gate["champion_version"], tracking.champion_version(client, config.model_name)
     if evaluated_against != current:
         promoted = False
@@ -104,7 +123,7 @@ def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, A
         promoted = bool(gate["passed"])
         reason = ("gate passed: " if promoted else "gate failed: ") + "; ".join(gate["failures"] or gate["reasons"])
     if promoted:
-        client.set_registered_model_alias(config.model_name, CHAMPION, version)
+        set_alias(client, config.model_name, CHAMPION, version)
     return {"promoted": promoted, "previous_champion": current, "reason": reason}
 
 
@@ -180,4 +199,4 @@ def withdraw(client: Any, name: str, version: str, previous_aliases: dict[str, s
     """Undo a half-finished registration: delete the version, point the aliases back."""
     client.delete_model_version(name, version)
     for alias, previous in previous_aliases.items():
-        client.set_registered_model_alias(name, alias, previous)
+        set_alias(client, name, alias, previous)

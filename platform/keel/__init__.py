@@ -23,6 +23,12 @@ Concepts and where they live:
   ``keel.recommend.evaluate.evaluate_recommender`` ->
   ``keel.recommend.registry.register_recommender``, configured by
   :class:`RecommendPipelineConfig`; :class:`Recommender` answers top-k.
+- Intents (``keel.intents``, the ``customer_service_intents`` pipeline):
+  ``keel.intents.prepare.prepare_utterances`` (privacy: ``keel.intents.privacy``)
+  -> ``keel.intents.train.train_intents`` ->
+  ``keel.intents.evaluate.evaluate_intents`` (baseline, variants, gate) ->
+  ``keel.intents.registry.register_intents``, configured by
+  :class:`IntentsPipelineConfig`; :class:`IntentModel` answers text.
 - Scoring: :class:`Predictor` (feature transform + network), which evaluation,
   the MLflow pyfunc and serving share.
 - Errors: :class:`KeelError` and its subclasses; messages say what to fix.
@@ -63,6 +69,8 @@ _EXPORTS = {
     "Predictor": "keel.predictor",
     "RecommendPipelineConfig": "keel.recommend.config",
     "Recommender": "keel.recommend.recommender",
+    "IntentsPipelineConfig": "keel.intents.config",
+    "IntentModel": "keel.intents.model",
 }
 
 __all__ = ["__version__", *_EXPORTS]

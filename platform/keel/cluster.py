@@ -29,6 +29,7 @@ S3_CREDENTIALS = {"s3-access-key": "KEEL_S3_ACCESS_KEY", "s3-secret-key": "KEEL_
 # Optional ones: Ray's token for the Job Submission API, MLflow's password when its auth app is on.
 RAY_TOKEN = {"ray-auth-token": "RAY_AUTH_TOKEN"}
 MLFLOW_PASSWORD = {"mlflow-admin-password": "MLFLOW_TRACKING_PASSWORD"}
+PSEUDONYM_KEY = {"pseudonym-key": "KEEL_PSEUDONYM_KEY"}  # customer_service_intents' user-id pseudonyms
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 APP_NAME = "keel"
 
@@ -39,7 +40,7 @@ def attach_cluster_config(task: Any, config_map: Any = CONFIG_MAP, secret: Any =
 
     kubernetes.use_config_map_as_env(task, config_map, {key: key for key in CONFIG_MAP_KEYS}, optional=True)
     kubernetes.use_secret_as_env(task, secret, S3_CREDENTIALS)
-    kubernetes.use_secret_as_env(task, secret, {**RAY_TOKEN, **MLFLOW_PASSWORD}, optional=True)
+    kubernetes.use_secret_as_env(task, secret, {**RAY_TOKEN, **MLFLOW_PASSWORD, **PSEUDONYM_KEY}, optional=True)
     return task
 
 

@@ -64,6 +64,7 @@ class VariantReport:
     size_bytes: int
     latency_p50_ms_batch1: float
     latency_p50_ms_batch32: float
+    f1_macro_drop: float = 0.0
 
     def latency_ms(self, batch: int) -> float:
         return self.latency_p50_ms_batch1 if batch == 1 else self.latency_p50_ms_batch32
@@ -79,19 +80,24 @@ def serialized_bytes(model: nn.Module) -> int:
 
 
 def latency_p50_ms(model: nn.Module, input_dim: int, batch: int, repeats: int) -> float:
-    """Median forward time on one CPU thread: what one serving replica's request costs, without noise
-    from the other core."""
+    """Median forward time of a random batch on one CPU thread (see :func:`p50_ms_one_thread`)."""
+    features = torch.randn(batch, input_dim)
+    return p50_ms_one_thread(lambda: model(features), repeats)
+
+
+def p50_ms_one_thread(call: Callable[[], Any], repeats: int) -> float:
+    """Median time of ``call()`` on one CPU thread: what one serving replica's request costs, without
+    noise from the other core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        features = torch.randn(batch, input_dim)
         timings = []
         with torch.inference_mode():
             for _ in range(max(10, repeats // 10)):  # warm-up: allocator, packed weights
-                model(features)
+                call()
             for _ in range(repeats):
                 started = time.perf_counter()
-                model(features)
+                call()
                 timings.append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
@@ -209,7 +215,7 @@ def build_variants(teacher: MLPClassifier, spec: MLPSpec, train: Split, val: Spl
 
 
 def measure(name: str, model: nn.Module, spec: MLPSpec, predictor: Predictor, raw_test: pd.DataFrame,
-            baseline_accuracy: float | None, repeats: int) -> VariantReport:
+            baseline_accuracy: float | None, repeats: int, baseline_f1: float | None = None) -> VariantReport:
     accuracy, f1 = score(model, predictor, raw_test)
     latencies = [latency_p50_ms(model, spec.input_dim, batch, repeats) for batch in LATENCY_BATCHES]
     if spec.quantized:  # packed int8 weights are not parameters: count the float network they came from
@@ -219,43 +225,65 @@ def measure(name: str, model: nn.Module, spec: MLPSpec, predictor: Predictor, ra
     return VariantReport(
         name=name, accuracy=accuracy, f1_macro=f1,
         accuracy_drop=0.0 if baseline_accuracy is None else baseline_accuracy - accuracy,
+        f1_macro_drop=0.0 if baseline_f1 is None else baseline_f1 - f1,
         parameters=parameters, nonzero_parameters=nonzero, size_bytes=serialized_bytes(model),
         latency_p50_ms_batch1=latencies[0], latency_p50_ms_batch32=latencies[1])
 
 
 # ---- policy ---------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Policy:
+    """Which variant may be registered: ``metric`` lost by at most ``max_drop``, latency within budget."""
+
+    metric: str  # "accuracy" or "f1_macro": a VariantReport field with a ``<metric>_drop`` twin
+    max_drop: float
+    latency_budget_ms: float
+    batch: int
+    settings: str  # the config fields that set the bounds, named in the error when nothing qualifies
+
+
 def choose_variant(reports: list[VariantReport], config: CompressConfig) -> tuple[str, str]:
-    """The fastest variant (at ``policy_batch_size``) within ``max_accuracy_drop`` and ``latency_budget_ms``;
+    """:func:`choose` with the medical pipeline's accuracy policy from ``config``."""
+    return choose(reports, Policy("accuracy", config.max_accuracy_drop, config.latency_budget_ms,
+                                  config.policy_batch_size, "compress.max_accuracy_drop and compress.latency_budget_ms"))
+
+
+def choose(reports: list[VariantReport], policy: Policy) -> tuple[str, str]:
+    """The fastest variant (at ``policy.batch``) within ``max_drop`` and ``latency_budget_ms``;
     the reason names the winner's numbers and why each other variant lost."""
-    batch = config.policy_batch_size
+    batch, metric = policy.batch, policy.metric
+
+    def drop(report: VariantReport) -> float:
+        return float(getattr(report, f"{metric}_drop"))
+
     rejected, eligible = [], []
     for report in reports:
         latency = report.latency_ms(batch)
-        if report.accuracy_drop > config.max_accuracy_drop + 1e-12:
-            rejected.append(f"{report.name}: accuracy drop {report.accuracy_drop:.4f} > {config.max_accuracy_drop}")
-        elif latency > config.latency_budget_ms:
-            rejected.append(f"{report.name}: {latency:.3f} ms > budget {config.latency_budget_ms} ms")
+        if drop(report) > policy.max_drop + 1e-12:
+            rejected.append(f"{report.name}: {metric} drop {drop(report):.4f} > {policy.max_drop}")
+        elif latency > policy.latency_budget_ms:
+            rejected.append(f"{report.name}: {latency:.3f} ms > budget {policy.latency_budget_ms} ms")
         else:
             eligible.append(report)
     if not eligible:
-        raise CompressionError("no model variant meets compress.max_accuracy_drop and compress.latency_budget_ms "
-                               f"(at batch {batch}): " + "; ".join(rejected) + ". Relax a bound or add methods.")
-    # Within 5% of the fastest is a tie (timer noise): the smaller accuracy drop, then the smaller file wins.
+        raise CompressionError(f"no model variant meets {policy.settings} (at batch {batch}): " + "; ".join(rejected)
+                               + ". Relax a bound or add methods.")
+    # Within 5% of the fastest is a tie (timer noise): the smaller drop, then the smaller file wins.
     fastest = min(r.latency_ms(batch) for r in eligible)
     chosen = min((r for r in eligible if r.latency_ms(batch) <= fastest * LATENCY_TIE),
-                 key=lambda r: (r.accuracy_drop, r.size_bytes, r.latency_ms(batch)))
+                 key=lambda r: (drop(r), r.size_bytes, r.latency_ms(batch)))
     slower = [f"{r.name}: slower ({r.latency_ms(batch):.3f} ms)" for r in eligible if r is not chosen]
-    reason = (f"{chosen.name}: fastest at batch {batch} ({chosen.latency_ms(batch):.3f} ms p50) with accuracy "
-              f"drop {chosen.accuracy_drop:.4f} <= {config.max_accuracy_drop} and within the "
-              f"{config.latency_budget_ms} ms budget; " + "; ".join(slower + rejected))
+    budget = f" and within the {policy.latency_budget_ms} ms budget" if policy.latency_budget_ms != float("inf") else ""
+    reason = (f"{chosen.name}: fastest at batch {batch} ({chosen.latency_ms(batch):.3f} ms p50) with {metric} "
+              f"drop {drop(chosen):.4f} <= {policy.max_drop}{budget}; " + "; ".join(slower + rejected))
     return chosen.name, reason.rstrip("; ")
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
 
-def plot_accuracy_vs_latency(reports: list[VariantReport], chosen: str) -> Any:
-    """Accuracy against batch-1 latency, one labelled point per variant."""
+def plot_accuracy_vs_latency(reports: list[VariantReport], chosen: str, metric: str = "accuracy") -> Any:
+    """``metric`` (accuracy or f1_macro) against batch-1 latency, one labelled point per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,12 +291,12 @@ def plot_accuracy_vs_latency(reports: list[VariantReport], chosen: str) -> Any:
 
     figure, axes = pyplot.subplots(figsize=(6, 4))
     for report in reports:
-        axes.scatter(report.latency_p50_ms_batch1, report.accuracy, s=60 if report.name == chosen else 30,
+        axes.scatter(report.latency_p50_ms_batch1, getattr(report, metric), s=60 if report.name == chosen else 30,
                      marker="*" if report.name == chosen else "o")
-        axes.annotate(report.name, (report.latency_p50_ms_batch1, report.accuracy), fontsize=8,
+        axes.annotate(report.name, (report.latency_p50_ms_batch1, getattr(report, metric)), fontsize=8,
                       xytext=(4, 4), textcoords="offset points")
     axes.set_xlabel("latency p50 at batch 1 (ms, 1 CPU thread)")
-    axes.set_ylabel("test accuracy")
+    axes.set_ylabel(f"test {metric}")
     axes.set_title("Compressed variants (star: registered)")
     figure.tight_layout()
     return figure
@@ -285,6 +313,16 @@ def report_html(reports: list[VariantReport], chosen: str, reason: str, png: byt
             f"<tr>{''.join(f'<th>{html.escape(c)}</th>' for c in columns)}</tr>{rows}</table>"
             f"<p><b>Registered:</b> {html.escape(chosen)}. {html.escape(reason)}</p>"
             f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'/></body></html>")
+
+
+def write_report_pages(directory: Path, reports: list[VariantReport], chosen: str, reason: str, metric: str) -> Any:
+    """The plot (PNG) and the HTML page in ``directory``; returns the figure for MLflow."""
+    figure = plot_accuracy_vs_latency(reports, chosen, metric)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    (directory / PLOT_FILE).write_bytes(png.getvalue())
+    (directory / REPORT_HTML).write_text(report_html(reports, chosen, reason, png.getvalue()))
+    return figure
 
 
 def _fmt(value: Any) -> str:
@@ -328,11 +366,13 @@ def compress(model_uri: str, splits_uri: str, config: CompressConfig, output_uri
         raw_test = storage.read_parquet(splits["raw_test"], settings)
 
         reports = []
-        baseline_accuracy = None
+        baseline_accuracy: float | None = None
+        baseline_f1: float | None = None
         for name, (model, variant_spec) in build_variants(teacher, spec, train, val, config).items():
             report = measure(name, model, variant_spec, predictor, raw_test, baseline_accuracy,
-                             config.latency_repeats)
-            baseline_accuracy = report.accuracy if baseline_accuracy is None else baseline_accuracy
+                             config.latency_repeats, baseline_f1)
+            if baseline_accuracy is None:
+                baseline_accuracy, baseline_f1 = report.accuracy, report.f1_macro
             reports.append(report)
             variant_dir = out.dir / VARIANTS_DIR / name
             save_model(model, variant_spec, variant_dir)
@@ -341,11 +381,7 @@ def compress(model_uri: str, splits_uri: str, config: CompressConfig, output_uri
             (variant_dir / storage.MANIFEST).write_text(json.dumps({"stage": "compress", **asdict(report)}))
 
         chosen, reason = choose_variant(reports, config)
-        figure = plot_accuracy_vs_latency(reports, chosen)
-        png = io.BytesIO()
-        figure.savefig(png, format="png", dpi=100)
-        out.path(PLOT_FILE).write_bytes(png.getvalue())
-        out.path(REPORT_HTML).write_text(report_html(reports, chosen, reason, png.getvalue()))
+        figure = write_report_pages(out.dir, reports, chosen, reason, "accuracy")
         out.write_json(REPORT_FILE, {"variants": [asdict(r) for r in reports], "chosen": chosen, "reason": reason,
                                      "policy": config.model_dump(include={"max_accuracy_drop", "latency_budget_ms",
                                                                           "policy_batch_size"})})

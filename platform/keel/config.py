@@ -20,6 +20,7 @@ from keel.errors import ConfigError
 from keel.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from keel.intents.config import IntentsPipelineConfig
     from keel.recommend.config import RecommendPipelineConfig
 
 
@@ -164,7 +165,7 @@ class PipelineConfig(BaseModel):
 
 
 # Each pipeline kind validates its own sections; both carry ``pipeline``, ``registry`` and ``to_json``.
-AnyPipelineConfig = Union[PipelineConfig, "RecommendPipelineConfig"]
+AnyPipelineConfig = Union[PipelineConfig, "RecommendPipelineConfig", "IntentsPipelineConfig"]
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -192,12 +193,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return payload
 
 
-def config_class(payload: dict[str, Any]) -> type[PipelineConfig] | type[RecommendPipelineConfig]:
+def config_class(payload: dict[str, Any]) -> type[PipelineConfig] | type[RecommendPipelineConfig] | \
+        type[IntentsPipelineConfig]:
     """The config model of the pipeline the payload names: each pipeline kind has its own sections."""
     if payload.get("pipeline") == "ecommerce_recommendations":
         from keel.recommend.config import RecommendPipelineConfig
 
         return RecommendPipelineConfig
+    if payload.get("pipeline") == "customer_service_intents":
+        from keel.intents.config import IntentsPipelineConfig
+
+        return IntentsPipelineConfig
     return PipelineConfig
 
 

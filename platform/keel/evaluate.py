@@ -7,6 +7,8 @@ scored on the same rows, so the gate compares like with like.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import base64
 import html
 import re
@@ -186,12 +188,30 @@ def champion_probabilities(registry: RegisterConfig, raw_test: pd.DataFrame, cla
         return version, None, f"champion v{version} could not score this test split ({e}); recorded metrics used"
 
 
-def _recorded_champion(registry: RegisterConfig, version: str, settings: KeelSettings) -> dict[str, Any] | None:
+def recorded_champion(registry: RegisterConfig, version: str, settings: KeelSettings) -> dict[str, Any] | None:
     client = tracking.mlflow_client(settings)
     run_id = client.get_model_version(registry.model_name, version).run_id
     recorded = client.get_run(run_id).data.metrics if run_id else {}
     value = recorded.get(f"test_{registry.promotion_metric}")
     return None if value is None else {registry.promotion_metric: value}
+
+
+def rescored_champion(registry: RegisterConfig, settings: KeelSettings,
+                      rescore: Callable[[Any], dict[str, Any]]) -> tuple[str | None, dict[str, Any] | None, str]:
+    """The champion's metrics from ``rescore(its pyfunc's python model)`` on this run's held-out rows, or its
+    recorded test metric when it cannot score them (another kind of model, other labels, missing files)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    version = tracking.champion_version(tracking.mlflow_client(settings), registry.model_name)
+    if version is None:
+        return None, None, "no champion"
+    try:
+        python_model = mlflow.pyfunc.load_model(f"models:/{registry.model_name}/{version}").unwrap_python_model()
+        return version, rescore(python_model), "rescored"
+    except (MlflowException, AttributeError, IndexError, KeyError, ValueError, OSError) as e:
+        return (version, recorded_champion(registry, version, settings),
+                f"champion v{version} could not score this split ({e}); recorded metrics used")
 
 
 def gate_decision(report: dict[str, Any], raw_test: pd.DataFrame, labels: np.ndarray, classes: list[str],
@@ -205,7 +225,7 @@ def gate_decision(report: dict[str, Any], raw_test: pd.DataFrame, labels: np.nda
     if probabilities is not None:
         champion = full_report(raw_test, labels, probabilities, classes, config)
     elif version is not None:
-        champion = _recorded_champion(registry, version, settings)
+        champion = recorded_champion(registry, version, settings)
     decision = decide(report, champion, version, registry.promotion_metric, registry.greater_is_better, config.gate)
     if note not in ("rescored", "no champion"):
         decision.reasons.append(note)

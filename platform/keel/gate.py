@@ -63,6 +63,12 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, champion
     return decision
 
 
+def require(decision: GateDecision, ok: bool, message: str) -> None:
+    """A pipeline's own rule on top of :func:`decide`: a reason like the others, failing the gate when not met."""
+    _check(decision, ok, message)
+    decision.passed = not decision.failures
+
+
 def _check_slices(decision: GateDecision, challenger: dict[str, Any], champion: dict[str, Any], metric: str,
                   greater_is_better: bool, config: GateConfig) -> None:
     theirs = {(s["column"], s["slice"]): s for s in champion.get("slices", [])}

@@ -51,7 +51,11 @@ def _stage_function(stage: str) -> Callable[..., Any]:
         from keel.recommend.train import train_recommender_stage
 
         return train_recommender_stage
-    raise KeelError(f"{stage!r} is not a Ray stage; expected train, tune or recommend_train.")
+    if stage == "intent_train":
+        from keel.intents.train import train_intents_stage
+
+        return train_intents_stage
+    raise KeelError(f"{stage!r} is not a Ray stage; expected train, tune, recommend_train or intent_train.")
 
 
 def forwarded_environment(settings: KeelSettings) -> dict[str, str]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,49 +130,78 @@ def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, A
     return {"promoted": promoted, "previous_champion": current, "reason": reason}
 
 
-def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: str, config: RegisterConfig,
-             params: dict[str, Any], pipeline_run_id: str, pipeline: str, output_uri: str,
-             settings: KeelSettings) -> dict[str, Any]:
-    """Log params, metrics, dataset and pyfunc model to the pipeline's MLflow run, then register it."""
+@dataclass
+class Registration:
+    """One register step in progress: its MLflow run, private output and scratch, and the version it made."""
+
+    client: Any
+    run_id: str
+    pipeline_run_id: str
+    out: storage.StagedOutput
+    scratch: Path
+    tracking_uri: str
+    version: str | None = None
+    previous_aliases: dict[str, str] = field(default_factory=dict)
+
+    def publish(self, config: RegisterConfig, logged_uri: str, gate: dict[str, Any]) -> dict[str, Any]:
+        """Create the version from the logged model, apply the gate's decision, record it; returns the manifest."""
+        self.previous_aliases = aliases(self.client, config.model_name)
+        self.version = str(create_version(self.client, config.model_name, logged_uri, self.run_id,
+                                          {tracking.PIPELINE_RUN_TAG: self.pipeline_run_id}).version)
+        decision = promote(self.client, config, self.version, gate)
+        mlflow.set_tags({"keel.promoted": str(decision["promoted"]).lower(),
+                         "keel.gate": "passed" if gate["passed"] else "failed",
+                         "keel.promotion_reason": decision["reason"][:5000]})
+        self.out.manifest.update(model_name=config.model_name, version=self.version,
+                                 model_uri=f"models:/{config.model_name}/{self.version}", mlflow_run_id=self.run_id,
+                                 tracking_uri=self.tracking_uri, **decision,
+                                 summary=f"version {self.version}{', champion' if decision['promoted'] else ''}")
+        return self.out.manifest
+
+
+@contextmanager
+def registration(config: RegisterConfig, pipeline_run_id: str, pipeline: str, output_uri: str,
+                 settings: KeelSettings) -> Iterator[Registration]:
+    """The pipeline's MLflow run (FAILED if the block raises) and a private output; a version created inside
+    a block that then fails is withdrawn, so a failed run never leaves a model version behind."""
     client = tracking.mlflow_client(settings)
     run_id = tracking.pipeline_run(settings, pipeline_run_id, pipeline)
-    version, previous_aliases = None, {}
+    current: Registration | None = None
     try:
         # Leaving the MLflow block on an exception ends the run as FAILED.
         with storage.staged_output(output_uri, "register", settings) as out, \
                 tempfile.TemporaryDirectory(prefix="keel-register-") as scratch, mlflow.start_run(run_id=run_id):
-            evaluation = _evaluation(evaluation_uri, settings)
-            metrics = {name: float(evaluation[name]) for name in HEADLINE_METRICS}
-            model_dir = storage.download_directory(model_uri, Path(scratch) / "model", settings)
-            target = Predictor.load(model_dir).transform.target
-            mlflow.log_params(flatten_params(params))
-            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if v == v})  # NaN != NaN
-            _log_dataset(dataset_uri, target, settings)
-            raw_test = storage.read_parquet(storage.read_manifest(splits_uri, settings)["raw_test"], settings)
-            logged_uri = _log_model(model_dir, raw_test, target)
-            previous_aliases = aliases(client, config.model_name)
-            version = create_version(client, config.model_name, logged_uri, run_id,
-                                      {tracking.PIPELINE_RUN_TAG: pipeline_run_id})
-            decision = promote(client, config, str(version.version), evaluation["gate"])
-            mlflow.set_tags({"keel.promoted": str(decision["promoted"]).lower(),
-                             "keel.gate": "passed" if evaluation["gate"]["passed"] else "failed",
-                             "keel.promotion_reason": decision["reason"][:5000]})
-            out.manifest.update(model_name=config.model_name, version=str(version.version),
-                                model_uri=f"models:/{config.model_name}/{version.version}",
-                                mlflow_run_id=run_id, tracking_uri=settings.mlflow_tracking_uri, **decision)
+            current = Registration(client, run_id, pipeline_run_id, out, Path(scratch), settings.mlflow_tracking_uri)
+            yield current
     except BaseException:
-        if version is not None:
-            withdraw(client, config.model_name, str(version.version), previous_aliases)
+        if current is not None and current.version is not None:
+            withdraw(client, config.model_name, current.version, current.previous_aliases)
         raise
-    return out.manifest
 
 
-def _evaluation(evaluation_uri: str, settings: KeelSettings) -> dict[str, Any]:
-    evaluation: dict[str, Any] = storage.read_json(storage.join(evaluation_uri, EVALUATION_FILE), settings)
+def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: str, config: RegisterConfig,
+             params: dict[str, Any], pipeline_run_id: str, pipeline: str, output_uri: str,
+             settings: KeelSettings) -> dict[str, Any]:
+    """Log params, metrics, dataset and pyfunc model to the pipeline's MLflow run, then register it."""
+    with registration(config, pipeline_run_id, pipeline, output_uri, settings) as step:
+        evaluation = read_evaluation(evaluation_uri, EVALUATION_FILE, settings)
+        metrics = {name: float(evaluation[name]) for name in HEADLINE_METRICS}
+        model_dir = storage.download_directory(model_uri, step.scratch / "model", settings)
+        target = Predictor.load(model_dir).transform.target
+        mlflow.log_params(flatten_params(params))
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if v == v})  # NaN != NaN
+        _log_dataset(dataset_uri, target, settings)
+        raw_test = storage.read_parquet(storage.read_manifest(splits_uri, settings)["raw_test"], settings)
+        return step.publish(config, _log_model(model_dir, raw_test, target), evaluation["gate"])
+
+
+def read_evaluation(evaluation_uri: str, file: str, settings: KeelSettings) -> dict[str, Any]:
+    """The evaluate stage's report (logged to the active MLflow run); it must carry a gate decision."""
+    evaluation: dict[str, Any] = storage.read_json(storage.join(evaluation_uri, file), settings)
     if "gate" not in evaluation:
         raise RegistryError(f"{evaluation_uri}: the evaluation holds no gate decision; evaluate the model with "
                             "this Keel version first.")
-    mlflow.log_dict(evaluation, EVALUATION_FILE)
+    mlflow.log_dict(evaluation, file)
     return evaluation
 
 

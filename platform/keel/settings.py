@@ -58,6 +58,9 @@ class KeelSettings(BaseSettings):
                                  description="Bearer token for the KFP API (e.g. a ServiceAccount token in CI).")
     serve_token: SecretStr = Field(default=SecretStr(""),
                                    description="Bearer token the serving API requires when require_token is on.")
+    pseudonym_key: SecretStr = Field(default=SecretStr(""),
+                                     description="HMAC key for pseudonymous user ids. Empty: a random key kept "
+                                                 "in <home>/pseudonym.key (set it on a cluster, from a Secret).")
     kube_namespace: str = Field(default="", description="Namespace of Keel's cluster resources (the chart sets it).")
     ray_service: str = Field(default="", description="RayService serving the champion; when set, deploy patches it.")
     git_commit: str = Field(

@@ -360,6 +360,20 @@ def read_parquet(uri: str, settings: KeelSettings) -> pd.DataFrame:
         raise StorageError(f"{uri}: cannot read Parquet ({e}).") from e
 
 
+def read_table(uri: str, settings: KeelSettings, what: str) -> pd.DataFrame:
+    """A user's Parquet or CSV file (by suffix) as a DataFrame; a DataError naming it and ``what`` otherwise."""
+    import pandas
+
+    from keel.errors import DataError
+
+    with tempfile.TemporaryDirectory(prefix="keel-table-") as scratch:
+        local = download(uri, Path(scratch) / filename(uri), settings)
+        try:
+            return pandas.read_parquet(local) if local.suffix in (".parquet", ".pq") else pandas.read_csv(local)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+            raise DataError(f"{uri}: cannot read {what} ({e}).") from e
+
+
 def run_uri(settings: KeelSettings, run_id: str) -> str:
     """Where one pipeline run keeps its outputs: runs never share an artifact path."""
     if not run_id or "/" in run_id or run_id in (".", ".."):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from keel import storage
-from keel.compress import VariantReport, choose_variant, compress, prune_structured, serialized_bytes
+from keel.compress import Policy, VariantReport, choose, choose_variant, compress, prune_structured, serialized_bytes
 from keel.config import CompressConfig
 from keel.errors import CompressionError
 from keel.predictor import Predictor
@@ -43,6 +43,17 @@ def test_policy_treats_near_equal_latency_as_a_tie_won_by_accuracy() -> None:
 def test_policy_batch_32_uses_batch_32_latency() -> None:
     reports = [variant("a", 0, 0.2), VariantReport(**{**variant("b", 0, 0.3).__dict__, "latency_p50_ms_batch32": 0.1})]
     assert choose_variant(reports, POLICY.model_copy(update={"policy_batch_size": 32}))[0] == "b"
+
+
+def test_an_f1_policy_bounds_the_f1_drop_and_names_its_own_setting() -> None:
+    """The intents pipeline's policy: macro-F1 lost, no latency budget; accuracy drops do not count."""
+    reports = [VariantReport(**{**variant(name, accuracy_drop=0.3, latency=latency).__dict__, "f1_macro_drop": drop})
+               for name, drop, latency in (("fine_tuned", 0.0, 10.0), ("student", 0.01, 3.0), ("tiny", 0.05, 1.0))]
+    policy = Policy("f1_macro", 0.02, float("inf"), 1, "compress.max_f1_drop")
+    chosen, reason = choose(reports, policy)
+    assert chosen == "student" and "tiny: f1_macro drop 0.0500 > 0.02" in reason and "budget" not in reason
+    with pytest.raises(CompressionError, match=r"meets compress.max_f1_drop \(at batch 1\): fine_tuned"):
+        choose([VariantReport(**{**reports[0].__dict__, "f1_macro_drop": 0.5})], policy)
 
 
 def test_no_eligible_variant_is_an_error_naming_the_bounds() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from keel.config import GateConfig
-from keel.gate import decide
+from keel.gate import decide, require
 
 
 def report(f1: float, slices: dict[str, float] | None = None, dp: float = 0.0, eo: float = 0.0,
@@ -62,3 +62,12 @@ def test_fairness_bounds(dp: float, eo: float, failed: str) -> None:
 
 def test_nan_metric_fails() -> None:
     assert not decide(report(float("nan")), None, None, "f1_macro", True, GATE).passed
+
+
+def test_a_pipelines_own_rule_fails_a_passing_gate_and_is_named() -> None:
+    decision = decide({"f1_macro": 0.8}, None, None, "f1_macro", True, GateConfig())
+    require(decision, True, "kept: gain +0.15 over the baseline")
+    assert decision.passed and decision.reasons[-1] == "ok: kept: gain +0.15 over the baseline"
+    require(decision, False, "gain +0.02 over the baseline (min +0.1)")
+    assert not decision.passed and decision.failures == ["gain +0.02 over the baseline (min +0.1)"]
+    assert "gain +0.02" in decision.summary

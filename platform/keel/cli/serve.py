@@ -18,6 +18,10 @@ def sample_request(url: str, model_uri: str) -> str:
     from keel.serve.deployment import load_registered
 
     loaded = load_registered(model_uri, load_settings())
+    if loaded.intents is not None:  # a text classifier: one customer message
+        body = json.dumps({"texts": ["Hi, where is my order ORD-1234567? My email is jane@example.com"]})
+        return (f"curl -s -X POST {url}/v1/models/{loaded.name}:classify -H 'content-type: application/json' "
+                f"-d '{body}'")
     if loaded.predictor is None:  # a recommender: top 10 for the first two users
         body = json.dumps({"user_ids": [0, 1], "k": 10})
         return (f"curl -s -X POST {url}/v1/models/{loaded.name}:recommend -H 'content-type: application/json' "

@@ -9,8 +9,6 @@ is scored on what each user did next, as in production.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,12 +74,7 @@ def read_interactions(source: str, config: InteractionsConfig, settings: KeelSet
         return generate_interactions(config)
     if source.startswith("builtin://"):
         raise DataError(f"{source}: no such bundled dataset; this pipeline knows {BUILTIN_SOURCE}.")
-    with tempfile.TemporaryDirectory(prefix="keel-interactions-") as scratch:
-        local = storage.download(source, Path(scratch) / storage.filename(source), settings)
-        try:
-            frame = pd.read_parquet(local) if local.suffix in (".parquet", ".pq") else pd.read_csv(local)
-        except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-            raise DataError(f"{source}: cannot read interactions ({e}).") from e
+    frame = storage.read_table(source, settings, "interactions")
     return check_interactions(frame, source)
 
 

@@ -17,7 +17,8 @@ import torch
 from keel import storage, tracking
 from keel.config import GateConfig, RegisterConfig
 from keel.errors import EvaluationError
-from keel.gate import GateDecision, decide
+from keel.evaluate import rescored_champion
+from keel.gate import GateDecision, decide, require
 from keel.recommend.config import RecommendEvaluateConfig
 from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_items
 from keel.recommend.model import MatrixFactorization, load_factorization
@@ -30,40 +31,19 @@ def model_scorer(model: MatrixFactorization) -> Any:
     return lambda users: model.score_all(torch.from_numpy(np.asarray(users))).numpy()
 
 
-def _champion_metrics(registry: RegisterConfig, score_split: Any, settings: KeelSettings) -> tuple[str | None, dict | None, str]:
-    """The champion's metrics on these held-out rows, or its recorded ones when it cannot score them."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = tracking.mlflow_client(settings)
-    version = tracking.champion_version(client, registry.model_name)
-    if version is None:
-        return None, None, "no champion"
-    try:
-        champion = mlflow.pyfunc.load_model(f"models:/{registry.model_name}/{version}")
-        return version, score_split(model_scorer(champion.unwrap_python_model().recommender.model)), "rescored"
-    except (MlflowException, AttributeError, IndexError, OSError) as e:
-        run_id = client.get_model_version(registry.model_name, version).run_id
-        value = client.get_run(run_id).data.metrics.get(f"test_{registry.promotion_metric}") if run_id else None
-        recorded = None if value is None else {registry.promotion_metric: value}
-        return version, recorded, f"champion v{version} could not score this split ({e}); recorded metrics used"
-
-
 def gate(metrics: dict[str, float], baseline: dict[str, float], k: int, config: RecommendEvaluateConfig,
          registry: RegisterConfig | None, score_split: Any, settings: KeelSettings) -> tuple[GateDecision, dict | None]:
     metric = registry.promotion_metric if registry else f"ndcg_at_{k}"
     if metric not in metrics:
         raise EvaluationError(f"registry.promotion_metric {metric!r} is not one of {sorted(metrics)}.")
-    version, champion, note = (_champion_metrics(registry, score_split, settings) if registry
-                               else (None, None, "no registry"))
+    version, champion, note = (rescored_champion(
+        registry, settings, lambda python_model: score_split(model_scorer(python_model.recommender.model)))
+        if registry else (None, None, "no registry"))
     decision = decide(metrics, champion, version, metric, True, GateConfig(tolerance=config.tolerance))
     ndcg, popular = metrics[f"ndcg_at_{k}"], baseline[f"ndcg_at_{k}"]
-    lift_ok = ndcg >= config.min_lift_over_popular * popular
-    decision.reasons.append(("ok: " if lift_ok else "FAIL: ") + f"NDCG@{k} {ndcg:.4f} is {ndcg / max(popular, 1e-12):.2f}x "
-                            f"the most-popular baseline's {popular:.4f} (min {config.min_lift_over_popular}x)")
-    if not lift_ok:
-        decision.failures.append(decision.reasons[-1][len("FAIL: "):])
-        decision.passed = False
+    require(decision, ndcg >= config.min_lift_over_popular * popular,
+            f"NDCG@{k} {ndcg:.4f} is {ndcg / max(popular, 1e-12):.2f}x the most-popular baseline's {popular:.4f} "
+            f"(min {config.min_lift_over_popular}x)")
     if note not in ("rescored", "no champion", "no registry"):
         decision.reasons.append(note)
     return decision, champion

@@ -7,7 +7,6 @@ created withdraws it.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from keel import __version__, registry, storage, tracking
+from keel import __version__, registry, storage
 from keel.config import RegisterConfig
 from keel.recommend.evaluate import EVALUATION_FILE
 from keel.recommend.recommender import Recommender
@@ -56,37 +55,15 @@ def register_recommender(model_uri: str, evaluation_uri: str, splits_uri: str, c
                          params: dict[str, Any], pipeline_run_id: str, pipeline: str, output_uri: str,
                          settings: KeelSettings) -> dict[str, Any]:
     """Log params, test metrics and the pyfunc to the pipeline's MLflow run; register a version."""
-    client = tracking.mlflow_client(settings)
-    run_id = tracking.pipeline_run(settings, pipeline_run_id, pipeline)
-    version, previous_aliases = None, {}
-    try:
-        with storage.staged_output(output_uri, "register", settings) as out, \
-                tempfile.TemporaryDirectory(prefix="keel-register-") as scratch, mlflow.start_run(run_id=run_id):
-            evaluation = storage.read_json(storage.join(evaluation_uri, EVALUATION_FILE), settings)
-            mlflow.log_dict(evaluation, EVALUATION_FILE)
-            k = evaluation["k"]
-            mlflow.log_params(registry.flatten_params(params))
-            mlflow.log_metrics({f"test_recall_at_{k}": evaluation[f"recall_at_{k}"],
-                                f"test_ndcg_at_{k}": evaluation[f"ndcg_at_{k}"]})
-            splits = storage.read_manifest(splits_uri, settings)
-            package = Recommender.package(
-                storage.download_directory(model_uri, Path(scratch) / "model", settings),
-                storage.read_parquet(splits["popularity"], settings),
-                storage.read_parquet(splits["splits"]["train"], settings), Path(scratch) / "recommender")
-            logged_uri = _log_model(package)
-            previous_aliases = registry.aliases(client, config.model_name)
-            version = registry.create_version(client, config.model_name, logged_uri, run_id,
-                                              {tracking.PIPELINE_RUN_TAG: pipeline_run_id})
-            decision = registry.promote(client, config, str(version.version), evaluation["gate"])
-            mlflow.set_tags({"keel.promoted": str(decision["promoted"]).lower(),
-                             "keel.gate": "passed" if evaluation["gate"]["passed"] else "failed",
-                             "keel.promotion_reason": decision["reason"][:5000]})
-            out.manifest.update(model_name=config.model_name, version=str(version.version),
-                                model_uri=f"models:/{config.model_name}/{version.version}",
-                                mlflow_run_id=run_id, tracking_uri=settings.mlflow_tracking_uri, **decision,
-                                summary=f"version {version.version}{', champion' if decision['promoted'] else ''}")
-    except BaseException:
-        if version is not None:
-            registry.withdraw(client, config.model_name, str(version.version), previous_aliases)
-        raise
-    return out.manifest
+    with registry.registration(config, pipeline_run_id, pipeline, output_uri, settings) as step:
+        evaluation = registry.read_evaluation(evaluation_uri, EVALUATION_FILE, settings)
+        k = evaluation["k"]
+        mlflow.log_params(registry.flatten_params(params))
+        mlflow.log_metrics({f"test_recall_at_{k}": evaluation[f"recall_at_{k}"],
+                            f"test_ndcg_at_{k}": evaluation[f"ndcg_at_{k}"]})
+        splits = storage.read_manifest(splits_uri, settings)
+        package = Recommender.package(
+            storage.download_directory(model_uri, step.scratch / "model", settings),
+            storage.read_parquet(splits["popularity"], settings),
+            storage.read_parquet(splits["splits"]["train"], settings), step.scratch / "recommender")
+        return step.publish(config, _log_model(package), evaluation["gate"])

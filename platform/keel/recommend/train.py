@@ -2,17 +2,15 @@
 
 Layered like :mod:`keel.train`: ``bpr_epoch`` and ``validation_ndcg`` run
 without Ray; ``train_loop_per_worker`` adds checkpoints and early stopping;
-``build_trainer`` holds the Ray config objects. The same ``run_name`` resumes
+``keel.train.trainer.build_trainer`` holds the Ray config objects. The same ``run_name`` resumes
 from its checkpoints after a failure.
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,16 +18,15 @@ import pandas as pd
 import torch
 
 from keel import storage
-from keel.errors import TrainingError
 from keel.recommend.config import RecommendTrainConfig
 from keel.recommend.metrics import ranking_metrics
 from keel.recommend.model import (FactorizationSpec, MatrixFactorization, bpr_loss, sample_negatives,
                                   save_factorization)
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec
-from keel.train.trainer import ray_session, resolve_scaling
+from keel.train.loop import report, restore, unwrap
+from keel.train.trainer import build_trainer, final_state, fit_or_fail, ray_session, resolve_scaling
 
-STATE_FILE = "state.pt"
 VALIDATION_K = 10
 
 
@@ -71,8 +68,7 @@ def bpr_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, users: t
 
 
 def _unwrap(model: torch.nn.Module) -> MatrixFactorization:
-    """The factorization inside a DistributedDataParallel wrapper (or the model itself)."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     assert isinstance(inner, MatrixFactorization)
     return inner
 
@@ -91,34 +87,6 @@ def _frame(name: str) -> pd.DataFrame:
     return pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=["user_id", "item_id"])
 
 
-def _restore(model: MatrixFactorization, optimizer: torch.optim.Optimizer) -> FactorizationState:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return FactorizationState()
-    with checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    state: FactorizationState = saved["state"]
-    state.resumed_from.append(state.epoch)
-    return state
-
-
-def _report(metrics: dict[str, float], model: MatrixFactorization, optimizer: torch.optim.Optimizer,
-            state: FactorizationState) -> None:
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-                   Path(directory) / STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """BPR epochs with early stopping on validation NDCG@10 (every rank computes the same value)."""
     import ray.train
@@ -135,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(MatrixFactorization(spec))
     inner = _unwrap(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
-    state = _restore(inner, optimizer)
+    state: FactorizationState = restore(inner, optimizer, fresh=FactorizationState)
     generator = torch.Generator().manual_seed(config["seed"] + state.epoch)
     while state.epoch < config["max_epochs"] and state.epochs_without_improvement < config["patience"]:
         started = time.perf_counter()
@@ -150,27 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"bpr_loss": loss, f"val_ndcg_at_{VALIDATION_K}": ndcg, "epoch": state.epoch,
                    "epoch_s": time.perf_counter() - started}
         state.history.append(dict(metrics))
-        _report(metrics, inner, optimizer, state)
-
-
-def build_trainer(loop_config: dict[str, Any], datasets: dict[str, Any], scaling: dict[str, Any],
-                  max_failures: int, checkpoint_uri: str, run_name: str, settings: KeelSettings) -> Any:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    # Scaling
-    scaling_config = ScalingConfig(num_workers=scaling["num_workers"], use_gpu=False,
-                                   resources_per_worker={"CPU": scaling["cpus_per_worker"]})
-    # Checkpointing and failures (worker-group start-up failures count too)
-    checkpoint_config = CheckpointConfig(num_to_keep=2)
-    failure_config = FailureConfig(max_failures=max_failures,  # type: ignore[call-arg]  # V2's; mypy sees V1
-                                   controller_failure_limit=max_failures)
-    # Storage: under the run's artifact root, local or S3
-    filesystem, path = storage.pyarrow_filesystem(checkpoint_uri, settings)
-    run_config = RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
-                           checkpoint_config=checkpoint_config, failure_config=failure_config)
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling_config,
-                        run_config=run_config, datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
+        report(metrics, inner, optimizer, state)
 
 
 def train_recommender(splits_uri: str, config: RecommendTrainConfig, output_uri: str, checkpoint_uri: str,
@@ -181,8 +129,8 @@ def train_recommender(splits_uri: str, config: RecommendTrainConfig, output_uri:
     with storage.staged_output(output_uri, "train", settings) as out, ray_session(settings) as ray_startup_s:
         started = time.perf_counter()
         result, scaling = _fit(config, spec, manifest["splits"], checkpoint_uri, run_name, settings)
-        state = _final_state(result)
-        assert state.best_weights is not None  # _final_state raises otherwise
+        state: FactorizationState = final_state(result, "no epoch produced a validation NDCG; check the data.")
+        assert state.best_weights is not None  # final_state raises otherwise
         model = MatrixFactorization(spec)
         model.load_state_dict(state.best_weights)
         save_factorization(model, spec, out.dir)
@@ -209,7 +157,7 @@ def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str
          run_name: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
     import ray
     import ray.data
-    import ray.train
+    from ray.train import DataConfig
 
     resources = ray.cluster_resources()
     params = (spec.users + 2 * spec.items) * spec.embedding_dim
@@ -223,20 +171,6 @@ def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str
     datasets["seen"] = datasets["train"]  # the whole training set on every worker, for masking
     loop_config = {**config.model_dump(exclude={"max_failures"}), "spec": spec.model_dump(),
                    "threads_per_worker": scaling["cpus_per_worker"]}
-    trainer = build_trainer(loop_config, datasets, scaling, config.max_failures, checkpoint_uri, run_name, settings)
-    try:
-        return trainer.fit(), scaling
-    except ray.train.TrainingFailedError as e:
-        raise TrainingError(f"training failed after {config.max_failures} recovery attempt(s) "
-                            f"(train.max_failures): {e}") from e
-
-
-def _final_state(result: Any) -> FactorizationState:
-    if result.checkpoint is None:
-        raise TrainingError("training reported no checkpoint; no model was produced.")
-    with result.checkpoint.as_directory() as directory:
-        state: FactorizationState = torch.load(Path(directory) / STATE_FILE, map_location="cpu",
-                                               weights_only=False)["state"]
-    if state.best_weights is None:
-        raise TrainingError("no epoch produced a validation NDCG; check the data.")
-    return state
+    trainer = build_trainer(train_loop_per_worker, loop_config, datasets, scaling, config.max_failures,
+                            checkpoint_uri, run_name, settings, dataset_config=DataConfig(datasets_to_split=["train"]))
+    return fit_or_fail(trainer, config.max_failures), scaling

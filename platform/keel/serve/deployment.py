@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from keel.errors import ConfigError, RegistryError
+from keel.intents.model import IntentModel
 from keel.predictor import Predictor
 from keel.recommend.recommender import Recommender
 from keel.settings import KeelSettings
@@ -50,12 +51,13 @@ class ServeConfig(BaseModel):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A registered version: a classifier's predictor, or a recommender (the ``ecommerce_recommendations`` kind)."""
+    """A registered version: a tabular classifier's predictor, a recommender or a text (intent) classifier."""
 
     predictor: Predictor | None
     name: str
     version: str
     recommender: Recommender | None = None
+    intents: IntentModel | None = None
 
 
 def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
@@ -88,6 +90,9 @@ def load_registered(model_uri: str, settings: KeelSettings) -> LoadedModel:
     recommender = getattr(python_model, "recommender", None)
     if recommender is not None:
         return LoadedModel(None, name, version, recommender)
+    intents = getattr(python_model, "intents", None)
+    if intents is not None:
+        return LoadedModel(None, name, version, intents=intents)
     return LoadedModel(python_model.predictor, name, version)
 
 
@@ -118,6 +123,11 @@ class ModelServer:
 
             return build_recommend_app(self.model.recommender, self.model.name, self.model.version,
                                        metrics=self.metrics, token=self.token)
+        if self.model.intents is not None:
+            from keel.intents.serving import build_intents_app
+
+            return build_intents_app(self.model.intents, self.model.name, self.model.version, metrics=self.metrics,
+                                     token=self.token)
         assert self.model.predictor is not None
         return build_app(self.model.predictor, self.model.name, self.model.version, scorer=self.score,
                          metrics=self.metrics, token=self.token)

@@ -19,8 +19,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 
 def route_of(path: str) -> str:
     """The route template a path belongs to, so paths never explode the label set."""
-    if path.startswith("/v1/models/") and path.endswith(":recommend"):
-        return "/v1/models/{name}:recommend"
+    for verb in (":recommend", ":classify"):
+        if path.startswith("/v1/models/") and path.endswith(verb):
+            return "/v1/models/{name}" + verb
     for prefix, route in (("/v1/models/", "/v1/models/{name}:predict"), ("/v2/models/", "/v2/models/{name}"),
                           ("/v2/health/", "/v2/health"), ("/docs", "/docs"), ("/openapi.json", "/openapi.json")):
         if path.startswith(prefix):

@@ -80,7 +80,7 @@ def evaluate_epoch(model: nn.Module, features: torch.Tensor, labels: torch.Tenso
     return loss, correct, len(labels)
 
 
-def _global_sum(values: list[float], device: torch.device) -> list[float]:
+def global_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum across workers so every worker takes the same early-stopping decision."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
@@ -104,30 +104,30 @@ def load_shard(name: str, feature_names: list[str], device: torch.device) -> tup
             torch.from_numpy(np.concatenate(labels)).to(device))
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, fresh: Callable[[], Any] = TrainState) -> Any:
+    """The worker state of the latest checkpoint, weights and optimizer loaded; ``fresh()`` on a first start."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return TrainState()
+        return fresh()
     with checkpoint.as_directory() as directory:
         saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-    _unwrap(model).load_state_dict(saved["model"])
+    unwrap(model).load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    state: TrainState = saved["state"]
+    state = saved["state"]
     state.resumed_from = [*getattr(state, "resumed_from", []), state.epoch]
     return state
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a DistributedDataParallel wrapper (or the network itself)."""
     inner = getattr(model, "module", model)
     assert isinstance(inner, nn.Module)
     return inner
 
 
-def _report(metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer,
-            state: TrainState) -> None:
+def report(metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
     """Report the epoch; rank 0 attaches a checkpoint so a failure costs at most one epoch."""
     import ray.train
 
@@ -135,7 +135,7 @@ def _report(metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+        torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": state},
                    Path(directory) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
@@ -166,37 +166,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_x, val_y = load_shard("val", config["feature_names"], device)
     model = ray.train.torch.prepare_model(MLPClassifier(MLPSpec.model_validate(config["spec"])))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"])
-    state = _restore(model, optimizer)
+    state: TrainState = restore(model, optimizer)
+    fit_epochs(model, optimizer, state, (train_x, train_y, val_x, val_y), config, device, _metric_logger(config))
+
+
+Evaluator = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[float, float, int]]
+
+
+def fit_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+               data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], config: dict[str, Any],
+               device: torch.device, logger: Any = None, evaluate: Evaluator = evaluate_epoch) -> None:
+    """Epochs until ``max_epochs`` or ``patience``: train, validate (summed over workers), keep the best
+    weights, report with a checkpoint. Any model that takes one input tensor fits here."""
+    train_x, train_y, val_x, val_y = data
     generator = torch.Generator().manual_seed(config["seed"] + state.epoch)
-    logger = _metric_logger(config)
-    while not _finished(state, config):
+    while not finished(state, config):
         started = time.perf_counter()
         train_loss = train_epoch(model, optimizer, train_x, train_y, config["batch_size"], generator)
         state.train_seconds += time.perf_counter() - started
         state.samples_seen += len(train_y)
-        val_loss_sum, correct, count = _global_sum(list(evaluate_epoch(model, val_x, val_y)), device)
+        val_loss_sum, correct, count = global_sum(list(evaluate(model, val_x, val_y)), device)
         val_loss = val_loss_sum / max(count, 1)
         if val_loss < state.best_val_loss - config["min_delta"]:
             state.best_val_loss, state.epochs_without_improvement = val_loss, 0
-            state.best_weights = copy.deepcopy(_unwrap(model).state_dict())
+            state.best_weights = copy.deepcopy(unwrap(model).state_dict())
         else:
             state.epochs_without_improvement += 1
         state.epoch += 1
-        metrics: dict[str, float] = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": correct / max(count, 1),
-                   "epoch": state.epoch}
+        metrics: dict[str, float] = {"train_loss": train_loss, "val_loss": val_loss,
+                                     "val_accuracy": correct / max(count, 1), "epoch": state.epoch}
         state.history.append(dict(metrics))
         if logger is not None:
             logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
-            if _finished(state, config):
+            if finished(state, config):
                 logger.flush()
             metrics["mlflow_log_seconds"] = logger.seconds_spent
         state.loop_seconds += time.perf_counter() - started
         metrics.update(train_seconds=state.train_seconds, loop_seconds=state.loop_seconds,
                        samples_seen=state.samples_seen)
         reporting = time.perf_counter()
-        _report(metrics, model, optimizer, state)
+        report(metrics, model, optimizer, state)
         state.loop_seconds += time.perf_counter() - reporting  # counted from the next report on
 
 
-def _finished(state: TrainState, config: dict[str, Any]) -> bool:
+def finished(state: TrainState, config: dict[str, Any]) -> bool:
     return state.epoch >= config["max_epochs"] or state.epochs_without_improvement >= config["patience"]

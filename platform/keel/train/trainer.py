@@ -11,7 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -93,39 +93,58 @@ def _datasets(splits: dict[str, str], settings: KeelSettings) -> dict[str, Any]:
     return datasets
 
 
-def build_trainer(config: TrainConfig, loop_config: dict[str, Any], datasets: dict[str, Any],
-                  scaling: dict[str, Any], checkpoint_uri: str, run_name: str, settings: KeelSettings) -> Any:
-    """A ``TorchTrainer`` with its Ray config objects in one place."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def run_config(run_name: str, checkpoint_uri: str, max_failures: int, settings: KeelSettings) -> Any:
+    """Ray Train's ``RunConfig`` for every Keel trainer: checkpoints under the run, bounded recovery."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    # Scaling
-    scaling_config = ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
-                                   resources_per_worker={"CPU": scaling["cpus_per_worker"]})
     # Checkpointing: the latest two, enough to resume after a failure mid-save
     checkpoint_config = CheckpointConfig(num_to_keep=2)
     # Workers killed while the group starts count too: Ray's default retries those forever,
     # so a cluster that can never start the workers would hang the step instead of failing it.
-    failure_config = FailureConfig(max_failures=config.max_failures,  # type: ignore[call-arg]  # V2's; mypy sees V1
-                                   controller_failure_limit=config.max_failures)
+    failure_config = FailureConfig(max_failures=max_failures,  # type: ignore[call-arg]  # V2's; mypy sees V1
+                                   controller_failure_limit=max_failures)
     # Storage: under the run's artifact root, local or S3
     filesystem, path = storage.pyarrow_filesystem(checkpoint_uri, settings)
-    run_config = RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
-                           checkpoint_config=checkpoint_config, failure_config=failure_config)
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling_config,
-                        run_config=run_config, datasets=datasets)
+    return RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
+                     checkpoint_config=checkpoint_config, failure_config=failure_config)
 
 
-def _final_state(result: Any) -> TrainState:
+def build_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], datasets: dict[str, Any],
+                  scaling: dict[str, Any], max_failures: int, checkpoint_uri: str, run_name: str,
+                  settings: KeelSettings, **trainer_options: Any) -> Any:
+    """A ``TorchTrainer`` running ``loop`` on each worker, with its Ray config objects in one place."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling_config = ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
+                                   resources_per_worker={"CPU": scaling["cpus_per_worker"]})
+    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config,
+                        run_config=run_config(run_name, checkpoint_uri, max_failures, settings), datasets=datasets,
+                        **trainer_options)
+
+
+def fit_or_fail(trainer: Any, max_failures: int) -> Any:
+    """``trainer.fit()``, with Ray's failure after the last recovery attempt as a :class:`TrainingError`."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training failed after {max_failures} recovery attempt(s) "
+                            f"(train.max_failures): {e}") from e
+
+
+def final_state(result: Any, no_best: str) -> Any:
+    """The worker state in the last checkpoint; ``no_best`` is the error when no epoch improved."""
     if result.error is not None:
         raise TrainingError(f"training failed after {result.metrics or 'no'} reported metrics: "
                             f"{result.error}") from result.error
     if result.checkpoint is None:
         raise TrainingError("training reported no checkpoint; no model was produced.")
     with result.checkpoint.as_directory() as directory:
-        state: TrainState = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)["state"]
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)["state"]
     if state.best_weights is None:
-        raise TrainingError("no epoch produced a finite validation loss; check the data and learning rate.")
+        raise TrainingError(no_best)
     return state
 
 
@@ -154,8 +173,9 @@ def train(splits_uri: str, config: TrainConfig, output_uri: str, checkpoint_uri:
             result, scaling = _fit(config, spec, transform, manifest["splits"], checkpoint_uri, run_name,
                                    mlflow_run_id, settings)
             fit_s = time.perf_counter() - fit_started
-        state = _final_state(result)
-        assert state.best_weights is not None  # _final_state raises otherwise
+        state: TrainState = final_state(
+            result, "no epoch produced a finite validation loss; check the data and learning rate.")
+        assert state.best_weights is not None  # final_state raises otherwise
         model = MLPClassifier(spec)
         model.load_state_dict(state.best_weights)
         save_model(model, spec, out.dir)
@@ -185,7 +205,6 @@ def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits
          checkpoint_uri: str, run_name: str, mlflow_run_id: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
     """Size the workers to the cluster, build the trainer and run it; Ray must be initialized."""
     import ray
-    import ray.train
 
     resources = ray.cluster_resources()
     scaling = resolve_scaling(config.scaling, parameter_count(MLPClassifier(spec)),
@@ -195,10 +214,6 @@ def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits
         "feature_names": transform.feature_names, "threads_per_worker": scaling["cpus_per_worker"],
         "mlflow_run_id": mlflow_run_id, "mlflow_tracking_uri": settings.mlflow_tracking_uri,
     }
-    trainer = build_trainer(config, loop_config, _datasets(splits, settings), scaling, checkpoint_uri,
-                            run_name, settings)
-    try:
-        return trainer.fit(), scaling
-    except ray.train.TrainingFailedError as e:
-        raise TrainingError(f"training failed after {config.max_failures} recovery attempt(s) "
-                            f"(train.max_failures): {e}") from e
+    trainer = build_trainer(train_loop_per_worker, loop_config, _datasets(splits, settings), scaling,
+                            config.max_failures, checkpoint_uri, run_name, settings)
+    return fit_or_fail(trainer, config.max_failures), scaling

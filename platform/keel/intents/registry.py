@@ -1,0 +1,63 @@
+"""Register the intent classifier: a pyfunc that takes raw text and answers intent and probability.
+
+The version's lifecycle is :func:`keel.registry.registration`'s: ``challenger``
+always, ``champion`` only when the gate passed, withdrawn if the step fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from keel import __version__, registry, storage
+from keel.config import RegisterConfig
+from keel.intents.evaluate import EVALUATION_FILE, MODEL_DIR
+from keel.intents.model import IntentModel
+from keel.settings import KeelSettings
+
+EXAMPLE = ["where is my order <ORDER_ID>", "I want a refund please"]
+
+
+class IntentPyfunc(PythonModel):
+    """MLflow pyfunc flavour: a ``text`` column in (scrubbed before use); ``intent`` and ``probability`` out."""
+
+    ARTIFACT = "intents"
+
+    def load_context(self, context: Any) -> None:
+        self.intents = IntentModel.load(Path(context.artifacts[self.ARTIFACT]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return pd.DataFrame(self.intents.classify([str(t) for t in pd.DataFrame(model_input)["text"]]))
+
+
+def _log_model(model_dir: Path) -> str:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                               outputs=Schema([ColSpec("string", "intent"), ColSpec("double", "probability")]))
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+        artifacts={IntentPyfunc.ARTIFACT: str(model_dir)}, signature=signature,
+        input_example=pd.DataFrame({"text": EXAMPLE}),
+        pip_requirements=[f"keel=={__version__}", "torch==2.13.0", "transformers==5.24.0", "tokenizers==0.23.3",
+                          "pandas", "pydantic"])
+    return str(info.model_uri)
+
+
+def register_intents(evaluation_uri: str, config: RegisterConfig, params: dict[str, Any], pipeline_run_id: str,
+                     pipeline: str, output_uri: str, settings: KeelSettings) -> dict[str, Any]:
+    """Log params, test metrics and the chosen variant's pyfunc to the pipeline's MLflow run; register it."""
+    with registry.registration(config, pipeline_run_id, pipeline, output_uri, settings) as step:
+        evaluation = registry.read_evaluation(evaluation_uri, EVALUATION_FILE, settings)
+        mlflow.log_params(registry.flatten_params(params))
+        mlflow.log_metrics({"test_f1_macro": evaluation["f1_macro"], "test_accuracy": evaluation["accuracy"],
+                            "test_fine_tuned_f1_macro": evaluation["fine_tuned"]["f1_macro"],
+                            "test_baseline_bow_f1_macro": evaluation["baseline_bag_of_words"]["f1_macro"]})
+        mlflow.set_tag("keel.variant", evaluation["chosen"])
+        model_dir = storage.download_directory(storage.join(evaluation_uri, MODEL_DIR), step.scratch / "model", settings)
+        return step.publish(config, _log_model(model_dir), evaluation["gate"])

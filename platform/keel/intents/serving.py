@@ -1,0 +1,64 @@
+"""The serving route for intent classifiers: raw customer text in, intent and probability out.
+
+Mounted on :func:`keel.serve.app.base_app` (auth, limits, health, metrics,
+4xx reasons). Texts are scrubbed inside :class:`IntentModel` before they are
+tokenized, and no route logs a request body, so personal data in a message
+never reaches the replica's logs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from keel.intents.model import IntentModel
+from keel.serve.app import MAX_BODY_BYTES, base_app, name_checker
+from keel.serve.metrics import ServingMetrics
+from keel.serve.schema import MAX_RECORDS
+
+MAX_TEXT_CHARS = 2000
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Text] = Field(..., min_length=1, max_length=MAX_RECORDS)
+
+
+class IntentPrediction(BaseModel):
+    intent: str
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    model_name: str
+    model_version: str
+    request_id: str
+    predictions: list[IntentPrediction]
+
+
+def build_intents_app(model: IntentModel, model_name: str, model_version: str,
+                      metrics: ServingMetrics | None = None, token: str = "",
+                      max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    metrics = metrics or ServingMetrics(model_name, model_version, model.labels)
+    app = base_app(model_name, model_version, metrics, token, max_body_bytes,
+                   "Customer-service intents from a Keel text classifier.")
+    check_name = name_checker(model_name)
+
+    @app.post("/v1/models/{name}:classify", response_model=ClassifyResponse, tags=["keel"],
+              responses={400: {}, 404: {}, 413: {}, 422: {}})
+    async def classify(name: str, body: ClassifyRequest, request: Request) -> dict[str, Any]:
+        check_name(name)
+        metrics.observe_batch(len(body.texts))
+        return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,
+                "predictions": model.classify(body.texts)}
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}})
+    async def model_ready(name: str) -> dict[str, Any]:
+        check_name(name)
+        return {"name": model_name, "ready": True}
+
+    return app

@@ -1,0 +1,133 @@
+"""The customer-service intents: data, privacy, the data step and the model's saved form."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from keel.errors import DataError
+from keel.intents.config import UtterancesConfig
+from keel.intents.data import FIRST, INTENTS, LAST, generate_utterances
+from keel.intents.model import (IntentModel, IntentSpec, load_tokenizer, pack, pretrained_classifier, pretrained_dir,
+                                save_intent_model, tokenize)
+from keel.intents.prepare import check_utterances, protect, pseudonym_key, split_frames
+from keel.intents.privacy import ScrubReport, pseudonymise, scrub
+from keel.settings import load_settings
+
+
+def test_the_generator_is_seeded_large_enough_and_holds_out_whole_phrasings() -> None:
+    frame = generate_utterances()
+    assert len(frame) >= 3000 and frame["intent"].nunique() == len(INTENTS) >= 12
+    assert frame.equals(generate_utterances())
+    train, held_out = (set(frame.loc[frame["family"] == f, "phrasing"]) for f in ("train", "held_out"))
+    assert held_out and not train & held_out  # no test phrasing is ever trained on
+    assert frame["text"].str.contains("@example.com").any() and frame["text"].str.contains(r"\+44").any()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("refund request, order ORD-4521983, email anna.smith7@example.com",
+     "refund request, order <ORDER_ID>, email <EMAIL>"),
+    ("card 4111 1111 1111 1111 got an error at checkout", "card <CARD> got an error at checkout"),
+    ("can someone call me at +44 7911 123456", "can someone call me at <PHONE>"),
+    ("I need a person, this is Grace Nguyen", "I need a person, this is <NAME>"),
+    ("where is my order #8812345", "where is my order <ORDER_ID>"),
+    ("is this jacket waterproof", "is this jacket waterproof"),
+])
+def test_personal_data_becomes_typed_placeholders(text: str, expected: str) -> None:
+    assert scrub(text) == expected
+
+
+def test_no_email_phone_or_card_survives_scrubbing_the_whole_corpus() -> None:
+    report = ScrubReport()
+    scrubbed = generate_utterances()["text"].map(lambda t: scrub(t, report))
+    leaks = scrubbed[scrubbed.str.contains(r"@|\d{3}|" + "|".join(FIRST + LAST))]
+    assert leaks.empty, leaks.head().tolist()
+    assert {"EMAIL", "PHONE", "CARD", "ORDER_ID", "NAME"} <= set(report.replaced)
+
+
+def test_user_ids_are_pseudonymised_stably_and_only_with_the_key() -> None:
+    first, again, other_key = (pseudonymise("user-42", k) for k in (b"k1", b"k1", b"k2"))
+    assert first == again != other_key and re.fullmatch(r"u_[0-9a-f]{16}", first)
+
+
+# ---- the data step: reading, privacy, splits ---------------------------------------------------------------
+
+def test_a_users_file_missing_a_column_or_with_empty_text_is_refused_by_name() -> None:
+    config = UtterancesConfig()
+    with pytest.raises(DataError, match=r"tickets.csv: missing column\(s\) \['intent'\]"):
+        check_utterances(pd.DataFrame({"text": ["hi"]}), "tickets.csv", config)
+    with pytest.raises(DataError, match=r"tickets.csv: column 'text': 1 empty value\(s\), first at row 1"):
+        check_utterances(pd.DataFrame({"text": ["hi", " "], "intent": ["a", "b"]}), "tickets.csv", config)
+    with pytest.raises(DataError, match=r"column 'split': unknown value\(s\) \['validation'\]"):
+        check_utterances(pd.DataFrame({"text": ["hi"], "intent": ["a"], "split": ["validation"]}), "t.csv", config)
+
+
+def test_a_users_file_without_a_split_column_gets_a_seeded_test_share() -> None:
+    frame = pd.DataFrame({"text": [f"message {i}" for i in range(1000)], "intent": ["a", "b"] * 500})
+    checked = check_utterances(frame, "t.csv", UtterancesConfig(test_fraction=0.2))
+    assert 150 < (checked["split"] == "test").sum() < 250 and set(checked["user_id"]) == {""}
+    assert checked.equals(check_utterances(frame, "t.csv", UtterancesConfig(test_fraction=0.2)))
+
+
+def test_protect_scrubs_text_and_pseudonymises_users_before_anything_is_split() -> None:
+    frame = pd.DataFrame({"user_id": ["user-1", "user-1", ""], "intent": ["refund"] * 3, "split": ["train"] * 3,
+                          "text": ["refund to anna.smith7@example.com", "call +44 7911 123456", "hello"]})
+    protected, report = protect(frame, b"key")
+    assert protected["text"].tolist() == ["refund to <EMAIL>", "call <PHONE>", "hello"]
+    assert protected["user_id"][0] == protected["user_id"][1] != "user-1" and protected["user_id"][2] == ""
+    assert dict(report.replaced) == {"EMAIL": 1, "PHONE": 1}
+
+
+def test_validation_rows_come_from_training_phrasings_and_test_rows_stay_whole(tmp_path: Path) -> None:
+    frame = generate_utterances(per_intent=30)
+    frame = frame.assign(split=frame["family"].map({"train": "train", "held_out": "test"}))
+    splits = split_frames(frame, UtterancesConfig(validation_fraction=0.1))
+    assert len(splits["test"]) == (frame["split"] == "test").sum()
+    assert set(splits["val"]["family"]) == {"train"} and not set(splits["val"].index) & set(splits["train"].index)
+    assert splits["val"]["intent"].nunique() == len(INTENTS)
+
+
+def test_the_local_pseudonym_key_is_created_once_private_and_a_configured_key_wins(tmp_path: Path) -> None:
+    settings = load_settings(home=tmp_path)
+    first = pseudonym_key(settings)
+    assert first == pseudonym_key(settings) and len(first) == 64
+    assert (tmp_path / "pseudonym.key").stat().st_mode & 0o077 == 0
+    assert pseudonym_key(load_settings(home=tmp_path, pseudonym_key="from-a-secret")) == b"from-a-secret"
+
+
+# ---- the model: packing, saving, int8 ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_layer_model() -> tuple:
+    spec = IntentSpec(labels=["refund", "order_status", "cancel_order"], layers=1, max_length=16, dropout=0.0)
+    torch.manual_seed(0)
+    return pretrained_classifier(spec).eval(), spec, load_tokenizer(pretrained_dir())
+
+
+def test_padding_beyond_the_longest_row_does_not_change_the_logits(one_layer_model: tuple) -> None:
+    model, spec, tokenizer = one_layer_model
+    texts = ["where is my order <ORDER_ID>", "refund"]
+    with torch.no_grad():
+        tight = model(pack(tokenize(tokenizer, texts, spec.max_length)))
+        padded = model(pack(tokenize(tokenizer, texts, spec.max_length, pad_to_max=True)))
+    assert torch.allclose(tight, padded, atol=1e-5)
+
+
+def test_a_saved_model_loads_self_contained_and_int8_stays_close(one_layer_model: tuple, tmp_path: Path) -> None:
+    model, spec, tokenizer = one_layer_model
+    save_intent_model(model, spec, tokenizer, tmp_path / "float")
+    save_intent_model(model, spec.model_copy(update={"int8": True}), tokenizer, tmp_path / "int8")
+    texts = ["I want a refund for <ORDER_ID>", "cancel it please", "status of my parcel"]
+    original = IntentModel(model, spec, tokenizer).probabilities(texts)
+    reloaded = IntentModel.load(tmp_path / "float")
+    assert torch.allclose(reloaded.probabilities(texts), original, atol=1e-5)
+    assert len(reloaded.network.encoder.encoder.layer) == 1
+    quantized = IntentModel.load(tmp_path / "int8")
+    assert any("quantized" in type(m).__module__ for m in quantized.network.modules())
+    assert (quantized.probabilities(texts) - original).abs().max() < 0.05
+    answer = reloaded.classify(["email me at jane@example.com"])[0]
+    assert answer["intent"] in spec.labels and 0 < answer["probability"] <= 1

@@ -85,15 +85,15 @@ def latency_p50_ms(model: nn.Module, input_dim: int, batch: int, repeats: int) -
     return p50_ms_one_thread(lambda: model(features), repeats)
 
 
-def p50_ms_one_thread(call: Callable[[], Any], repeats: int) -> float:
+def p50_ms_one_thread(call: Callable[[], Any], repeats: int, warmup: int | None = None) -> float:
     """Median time of ``call()`` on one CPU thread: what one serving replica's request costs, without
-    noise from the other core."""
+    noise from the other core. ``warmup`` calls first (default: a tenth of ``repeats``, at least 10)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         timings = []
         with torch.inference_mode():
-            for _ in range(max(10, repeats // 10)):  # warm-up: allocator, packed weights
+            for _ in range(max(10, repeats // 10) if warmup is None else warmup):  # allocator, packed weights
                 call()
             for _ in range(repeats):
                 started = time.perf_counter()

@@ -108,7 +108,9 @@ def measure(name: str, model: IntentModel, float_network: nn.Module, test: pd.Da
     predicted = torch.cat([model.probabilities(texts[i:i + EVAL_BATCH]).argmax(dim=1)
                            for i in range(0, len(texts), EVAL_BATCH)]).numpy()
     f1, accuracy = macro_f1(labels, predicted)
-    latencies = [p50_ms_one_thread(partial(model.probabilities, texts[:batch]), repeats) for batch in LATENCY_BATCHES]
+    # A transformer call takes milliseconds: three warm-up calls settle it (ten would cost seconds per variant).
+    latencies = [p50_ms_one_thread(partial(model.probabilities, texts[:batch]), repeats, warmup=3)
+                 for batch in LATENCY_BATCHES]
     parameters = sum(p.numel() for p in float_network.parameters())
     return VariantReport(
         name=name, accuracy=accuracy, f1_macro=f1, parameters=parameters, nonzero_parameters=parameters,

@@ -179,6 +179,11 @@ def fit_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainS
     """Epochs until ``max_epochs`` or ``patience``: train, validate (summed over workers), keep the best
     weights, report with a checkpoint. Any model that takes one input tensor fits here."""
     train_x, train_y, val_x, val_y = data
+    if state.resumed_from and finished(state, config):
+        # Restarted after the last epoch was checkpointed (the driver died while publishing): report the
+        # restored state once, so the result says it resumed instead of looking like a fresh run.
+        report(dict(state.history[-1]), model, optimizer, state)
+        return
     generator = torch.Generator().manual_seed(config["seed"] + state.epoch)
     while not finished(state, config):
         started = time.perf_counter()

@@ -71,7 +71,8 @@ def test_two_runs_at_once_get_their_own_paths_and_versions_and_a_failed_gate_kee
     """Two pipeline runs started together, both with a gate they cannot pass: each writes under its own
     runs/<run>/ and registers its own version; neither takes the champion alias from version 1."""
     workdir, _ = pipeline_run
-    (workdir / "strict.yaml").write_text("interactions: {users: 1500, items: 600}\ntrain: {max_epochs: 2}\n"
+    # Small and short: these runs only have to register, never to be good
+    (workdir / "strict.yaml").write_text("interactions: {users: 400, items: 200}\ntrain: {max_epochs: 1}\n"
                                          "evaluate: {min_lift_over_popular: 1000}\n")
     env = {**os.environ, "KEEL_HOME": str(workdir / ".keel")}
     runs = [subprocess.Popen([sys.executable, "-m", "keel", "run", "ecommerce_recommendations", "--config",

@@ -92,7 +92,8 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
 
     # A challenger that fails the gate: registered, not promoted, and the served model stays v1.
     strict = tmp_path / "strict.yaml"
-    strict.write_text("tune: {num_samples: 0}\ncompress: {methods: []}\nevaluate: {gate: {tolerance: -1.0}}\n")
+    strict.write_text("tune: {num_samples: 0}\ntrain: {max_epochs: 2}\ncompress: {methods: []}\n"
+                      "evaluate: {gate: {tolerance: -1.0}}\n")
     second = keel("run", "medical_diagnosis", "--config", str(strict), "--param", "serve=true", "--param",
                   f"serve_port={port}", "--output", "json", cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -18,7 +18,7 @@ import torch
 
 from keel import storage
 from keel.intents.config import IntentTrainConfig
-from keel.intents.model import IntentSpec, pretrained_classifier, save_intent_model
+from keel.intents.model import IntentSpec, pretrained_classifier, pretrained_dir, save_intent_model
 from keel.intents.prepare import tokenizer_of
 from keel.settings import KeelSettings
 from keel.train.loop import TrainState, evaluate_epoch, fit_epochs, restore
@@ -32,7 +32,7 @@ def tokens_of(frame: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, 2, length) token tensor and labels from a tokenized split (pandas or Ray Data numpy batch)."""
     ids = np.stack(list(frame["input_ids"])).astype(np.int64)
     mask = np.stack(list(frame["attention_mask"])).astype(np.int64)
-    return torch.from_numpy(np.stack([ids, mask], axis=1)), torch.as_tensor(np.asarray(frame["label"], dtype=np.int64))
+    return torch.from_numpy(np.stack([ids, mask], axis=1)), torch.from_numpy(np.array(frame["label"], dtype=np.int64))
 
 
 def _shard(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +112,7 @@ def _fit(config: IntentTrainConfig, spec: IntentSpec, splits: dict[str, str], ch
     import ray.data
 
     resources = ray.cluster_resources()
-    parameters = 22_700_000  # all-MiniLM-L6-v2 with a head: above the data-parallel threshold
+    parameters = (pretrained_dir() / "model.safetensors").stat().st_size // 4  # float32 weights: 22.7M
     scaling = resolve_scaling(config.scaling, parameters, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
     datasets = {}

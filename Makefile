@@ -55,8 +55,16 @@ system-deps: ## Install the Debian packages the tests start (Prometheus, promtoo
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
 	else echo "Install the Debian packages $(DEBIAN_PACKAGES) (as root: make system-deps)"; exit 1; fi
 
+# Most tests wait on child processes (pipeline steps, Ray, servers), so they share
+# the cores in TEST_WORKERS pytest-xdist workers (whole files, so module fixtures
+# start once); the tests marked `exclusive` then run alone. Both phases always run.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(TOOLS_STAMP) system-deps typecheck ## Run the whole test suite (type check and chart checks included)
-	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+	@export PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH"; status=0; \
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --phase=shared $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/pytest --phase=exclusive $(PYTEST_ARGS) || status=$$?; \
+	exit $$status
 
 typecheck: $(STAMP) ## mypy over the keel package
 	$(BIN)/mypy platform/keel

@@ -16,6 +16,29 @@ from keel.settings import KeelSettings, load_settings
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--phase", choices=("all", "shared", "exclusive"), default="all",
+        help="shared: only the tests that may run beside others (what `pytest -n` gets); exclusive: only the "
+             "tests marked exclusive, which need the machine to themselves. `make test` runs both, in that order.")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    phase = config.getoption("--phase")
+    if phase == "all":
+        return
+    wanted = phase == "exclusive"
+    keep = [item for item in items if (item.get_closest_marker("exclusive") is not None) == wanted]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A phase with nothing selected (``-k`` picked tests of the other phase only) is not a failure."""
+    if session.config.getoption("--phase") != "all" and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.OK
+
+
 @pytest.fixture
 def keel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private KEEL_HOME per test; no KEEL_* setting leaks in from the environment."""

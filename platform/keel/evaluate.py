@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from keel import storage, tracking
-from keel.config import EvaluateConfig, RegisterConfig, SliceSpec
+from keel.config import EvaluateConfig, GateConfig, RegisterConfig, SliceSpec
 from keel.errors import EvaluationError
-from keel.gate import GateDecision, decide
+from keel.gate import GateDecision, decide, require
 from keel.settings import KeelSettings
 
 EVALUATION_FILE = "evaluation.json"
@@ -212,6 +212,24 @@ def rescored_champion(registry: RegisterConfig, settings: KeelSettings,
     except (MlflowException, AttributeError, IndexError, KeyError, ValueError, OSError) as e:
         return (version, recorded_champion(registry, version, settings),
                 f"champion v{version} could not score this split ({e}); recorded metrics used")
+
+
+def gate_with_rescored_champion(metrics: dict[str, float], default_metric: str, registry: RegisterConfig | None,
+                                settings: KeelSettings, rescore: Callable[[Any], dict[str, Any]], tolerance: float,
+                                rule: tuple[bool, str]) -> tuple[GateDecision, dict[str, Any] | None]:
+    """The gate of a pipeline without slices: the promotion metric (higher is better) within ``tolerance`` of
+    the champion rescored on this run's rows, and the pipeline's own ``rule`` (met, reason), such as a margin
+    over its baseline. Returns the decision and the champion's metrics."""
+    metric = registry.promotion_metric if registry else default_metric
+    if metric not in metrics:
+        raise EvaluationError(f"registry.promotion_metric {metric!r} is not one of {sorted(metrics)}.")
+    version, champion, note = (rescored_champion(registry, settings, rescore) if registry
+                               else (None, None, "no registry"))
+    decision = decide(metrics, champion, version, metric, True, GateConfig(tolerance=tolerance))
+    require(decision, *rule)
+    if note not in ("rescored", "no champion", "no registry"):
+        decision.reasons.append(note)
+    return decision, champion
 
 
 def gate_decision(report: dict[str, Any], raw_test: pd.DataFrame, labels: np.ndarray, classes: list[str],

@@ -30,7 +30,7 @@ from keel.train.config import TrainConfig
 from tests.integration.conftest import free_port
 from tests.stages import small_config, write_small_source
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
 
 
 @pytest.fixture(autouse=True)

@@ -119,7 +119,7 @@ def served(pipeline_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> 
 
     workdir, _ = pipeline_run
     monkeypatch.setenv("KEEL_HOME", str(workdir / ".keel"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield deploy(f"models:/{MODEL}@champion", ServeConfig(port=free_port(), cpus_per_replica=0.5))
     finally:

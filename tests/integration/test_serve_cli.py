@@ -19,7 +19,7 @@ from tests.integration.conftest import free_port, wait_for_port
 from tests.stages import run_stages, small_config, write_small_source
 from tests.unit.test_cli import keel
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from tests.conftest import small_frame
 from tests.integration.conftest import free_port, ray_actor_pids
 from tests.stages import register_small_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
 NAME = "small-model"
 RATE_PER_S = 20
 RECORDS = small_frame(2).drop(columns=["outcome"]).to_dict(orient="records")
@@ -75,7 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = load_settings()
     for run_id in ("v1", "v2"):  # two registered versions to roll between
         register_small_model(settings, run_id, epochs=10 if run_id == "v1" else 20)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = CONFIG.model_copy(update={"port": free_port()})
     try:
         yield deploy(f"models:/{NAME}/1", config)

@@ -30,7 +30,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     patch.setenv("KEEL_HOME", str(home))
     settings = load_settings()
     register_small_model(settings, "serve")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield deploy(f"models:/{NAME}@champion", ServeConfig(port=free_port(), max_batch_size=16,
                                                                batch_wait_timeout_s=0.01))

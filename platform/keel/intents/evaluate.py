@@ -27,10 +27,9 @@ from torch import nn
 from keel import storage, tracking
 from keel.compress import (REPORT_HTML, VariantReport, Policy, choose, p50_ms_one_thread, serialized_bytes,
                            write_report_pages)
-from keel.config import GateConfig, RegisterConfig
-from keel.errors import EvaluationError
-from keel.evaluate import rescored_champion
-from keel.gate import GateDecision, decide, require
+from keel.config import RegisterConfig
+from keel.evaluate import gate_with_rescored_champion
+from keel.gate import GateDecision
 from keel.intents.config import IntentCompressConfig, IntentEvaluateConfig
 from keel.intents.model import IntentClassifier, IntentModel, IntentSpec, keep_layers, load_intent_model, save_intent_model
 from keel.intents.train import EVAL_BATCH, tokens_of
@@ -135,33 +134,27 @@ def rescore(champion: IntentModel, test: pd.DataFrame) -> dict[str, float]:
 
 def gate(chosen: VariantReport, baseline: dict[str, float], config: IntentEvaluateConfig,
          registry: RegisterConfig | None, test: pd.DataFrame, settings: KeelSettings) -> tuple[GateDecision, dict | None]:
-    metrics = {"f1_macro": chosen.f1_macro, "accuracy": chosen.accuracy}
-    metric = registry.promotion_metric if registry else "f1_macro"
-    if metric not in metrics:
-        raise EvaluationError(f"registry.promotion_metric {metric!r} is not one of {sorted(metrics)}.")
-    version, champion, note = (rescored_champion(registry, settings, lambda python_model: rescore(python_model.intents, test))
-                               if registry else (None, None, "no registry"))
-    decision = decide(metrics, champion, version, metric, True, GateConfig(tolerance=config.tolerance))
+    """Macro-F1 against the champion rescored on ``test``, and a margin over the bag-of-words baseline."""
     gain = chosen.f1_macro - baseline["f1_macro"]
-    require(decision, gain >= config.min_gain_over_baseline - 1e-12,
-            f"macro-F1 {chosen.f1_macro:.4f} is {gain:+.4f} over the bag-of-words baseline's "
-            f"{baseline['f1_macro']:.4f} (min {config.min_gain_over_baseline:+})")
-    if note not in ("rescored", "no champion", "no registry"):
-        decision.reasons.append(note)
-    return decision, champion
+    return gate_with_rescored_champion(
+        {"f1_macro": chosen.f1_macro, "accuracy": chosen.accuracy}, "f1_macro", registry, settings,
+        lambda python_model: rescore(python_model.intents, test), config.tolerance,
+        (gain >= config.min_gain_over_baseline - 1e-12,
+         f"macro-F1 {chosen.f1_macro:.4f} is {gain:+.4f} over the bag-of-words baseline's "
+         f"{baseline['f1_macro']:.4f} (min {config.min_gain_over_baseline:+})"))
 
 
 def evaluate_intents(model_uri: str, splits_uri: str, output_uri: str, settings: KeelSettings,
                      compress: IntentCompressConfig, config: IntentEvaluateConfig,
                      registry: RegisterConfig | None = None, mlflow_run_id: str = "") -> dict[str, Any]:
     """Variants, baseline, choice and gate; publishes the chosen model under ``model/`` with the report."""
-    from keel.intents.prepare import read_split
+    from keel.intents.prepare import read_splits
 
     with storage.staged_output(output_uri, "evaluate", settings) as out, \
             tempfile.TemporaryDirectory(prefix="keel-intents-") as scratch:
         network, spec, tokenizer = load_intent_model(storage.download_directory(model_uri, Path(scratch) / "m", settings))
         assert isinstance(network, IntentClassifier)
-        train, test = read_split(splits_uri, "train", settings), read_split(splits_uri, "test", settings)
+        train, test = read_splits(splits_uri, ("train", "test"), settings)
         started = time.perf_counter()
         baseline = bag_of_words_baseline(train, test)
         tokens, labels = tokens_of(train)

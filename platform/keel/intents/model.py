@@ -109,6 +109,15 @@ def pretrained_classifier(spec: IntentSpec) -> IntentClassifier:
     return IntentClassifier(keep_layers(encoder, spec.layers), spec)
 
 
+def classifier_shape(spec: IntentSpec) -> IntentClassifier:
+    """The network of ``spec`` with untrained weights, built from the encoder's config alone: for loading
+    weights trained elsewhere without first reading the 91 MB of pretrained ones."""
+    from transformers import AutoConfig, AutoModel
+
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(pretrained_dir())))
+    return IntentClassifier(keep_layers(encoder, spec.layers), spec)
+
+
 def save_intent_model(model: IntentClassifier, spec: IntentSpec, tokenizer: Any, directory: Path) -> Path:
     """Float weights, encoder config, tokenizer and spec: everything :func:`load_intent_model` needs."""
     directory.mkdir(parents=True, exist_ok=True)

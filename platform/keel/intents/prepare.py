@@ -135,11 +135,12 @@ def prepare_utterances(source: str, config: UtterancesConfig, output_uri: str, s
     return out.manifest
 
 
-def read_split(splits_uri: str, name: str, settings: KeelSettings) -> pd.DataFrame:
+def read_splits(splits_uri: str, names: tuple[str, ...], settings: KeelSettings) -> list[pd.DataFrame]:
+    """The named splits of a published preprocess output, in the order asked."""
     manifest = storage.read_manifest(splits_uri, settings)
-    return storage.read_parquet(manifest["splits"][name], settings)
+    return [storage.read_parquet(manifest["splits"][name], settings) for name in names]
 
 
-def tokenizer_of(splits_uri: str, scratch: Path, settings: KeelSettings) -> Any:
-    manifest = storage.read_manifest(splits_uri, settings)
-    return load_tokenizer(storage.download_directory(manifest["tokenizer"], scratch / TOKENIZER_DIR, settings))
+def tokenizer_of(splits_manifest: dict[str, Any], scratch: Path, settings: KeelSettings) -> Any:
+    """The tokenizer the splits were tokenized with (saved beside them by :func:`prepare_utterances`)."""
+    return load_tokenizer(storage.download_directory(splits_manifest["tokenizer"], scratch / TOKENIZER_DIR, settings))

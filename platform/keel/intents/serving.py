@@ -56,9 +56,4 @@ def build_intents_app(model: IntentModel, model_name: str, model_version: str,
         return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,
                 "predictions": model.classify(body.texts)}
 
-    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}})
-    async def model_ready(name: str) -> dict[str, Any]:
-        check_name(name)
-        return {"name": model_name, "ready": True}
-
     return app

@@ -18,7 +18,7 @@ import torch
 
 from keel import storage
 from keel.intents.config import IntentTrainConfig
-from keel.intents.model import IntentSpec, pretrained_classifier, pretrained_dir, save_intent_model
+from keel.intents.model import IntentSpec, classifier_shape, pretrained_classifier, pretrained_dir, save_intent_model
 from keel.intents.prepare import tokenizer_of
 from keel.settings import KeelSettings
 from keel.train.loop import TrainState, evaluate_epoch, fit_epochs, restore
@@ -82,9 +82,9 @@ def train_intents(splits_uri: str, config: IntentTrainConfig, output_uri: str, c
         result, scaling = _fit(config, spec, manifest["splits"], checkpoint_uri, run_name, settings)
         state: TrainState = final_state(result, "no epoch produced a finite validation loss; lower the learning rate.")
         assert state.best_weights is not None  # final_state raises otherwise
-        model = pretrained_classifier(spec)
+        model = classifier_shape(spec)
         model.load_state_dict(state.best_weights)
-        save_intent_model(model, spec, tokenizer_of(splits_uri, Path(scratch), settings), out.dir)
+        save_intent_model(model, spec, tokenizer_of(manifest, Path(scratch), settings), out.dir)
         out.write_json("history.json", state.history)
         best = min(state.history, key=lambda h: h["val_loss"])
         out.manifest.update(

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from keel import storage, tracking
-from keel.config import GateConfig, RegisterConfig
-from keel.errors import EvaluationError
-from keel.evaluate import rescored_champion
-from keel.gate import GateDecision, decide, require
+from keel.config import RegisterConfig
+from keel.evaluate import gate_with_rescored_champion
+from keel.gate import GateDecision
 from keel.recommend.config import RecommendEvaluateConfig
 from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_items
 from keel.recommend.model import MatrixFactorization, load_factorization
@@ -33,20 +32,14 @@ def model_scorer(model: MatrixFactorization) -> Any:
 
 def gate(metrics: dict[str, float], baseline: dict[str, float], k: int, config: RecommendEvaluateConfig,
          registry: RegisterConfig | None, score_split: Any, settings: KeelSettings) -> tuple[GateDecision, dict | None]:
-    metric = registry.promotion_metric if registry else f"ndcg_at_{k}"
-    if metric not in metrics:
-        raise EvaluationError(f"registry.promotion_metric {metric!r} is not one of {sorted(metrics)}.")
-    version, champion, note = (rescored_champion(
-        registry, settings, lambda python_model: score_split(model_scorer(python_model.recommender.model)))
-        if registry else (None, None, "no registry"))
-    decision = decide(metrics, champion, version, metric, True, GateConfig(tolerance=config.tolerance))
+    """The promotion metric against the champion rescored on this split, and a lift over the popular list."""
     ndcg, popular = metrics[f"ndcg_at_{k}"], baseline[f"ndcg_at_{k}"]
-    require(decision, ndcg >= config.min_lift_over_popular * popular,
-            f"NDCG@{k} {ndcg:.4f} is {ndcg / max(popular, 1e-12):.2f}x the most-popular baseline's {popular:.4f} "
-            f"(min {config.min_lift_over_popular}x)")
-    if note not in ("rescored", "no champion", "no registry"):
-        decision.reasons.append(note)
-    return decision, champion
+    return gate_with_rescored_champion(
+        metrics, f"ndcg_at_{k}", registry, settings,
+        lambda python_model: score_split(model_scorer(python_model.recommender.model)), config.tolerance,
+        (ndcg >= config.min_lift_over_popular * popular,
+         f"NDCG@{k} {ndcg:.4f} is {ndcg / max(popular, 1e-12):.2f}x the most-popular baseline's {popular:.4f} "
+         f"(min {config.min_lift_over_popular}x)"))
 
 
 def evaluate_recommender(model_uri: str, splits_uri: str, output_uri: str, settings: KeelSettings,

@@ -56,9 +56,4 @@ def build_recommend_app(recommender: Recommender, model_name: str, model_version
         return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,
                 "recommendations": recommender.recommend(body.user_ids, body.k)}
 
-    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}})
-    async def model_ready(name: str) -> dict[str, Any]:
-        check_name(name)
-        return {"name": model_name, "ready": True}
-
     return app

@@ -8,7 +8,6 @@ from its checkpoints after a failure.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from keel.recommend.model import (FactorizationSpec, MatrixFactorization, bpr_lo
                                   save_factorization)
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec
-from keel.train.loop import report, restore, unwrap
+from keel.train.loop import keep_best, report, restore, unwrap
 from keel.train.trainer import build_trainer, final_state, fit_or_fail, ray_session, resolve_scaling
 
 VALIDATION_K = 10
@@ -38,6 +37,7 @@ class FactorizationState:
     best_ndcg: float = -1.0
     epochs_without_improvement: int = 0
     best_weights: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
 
@@ -109,12 +109,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         loss = bpr_epoch(model, optimizer, users, items, seen, config, generator)
         ndcg = validation_ndcg(inner, val, seen_by_user, VALIDATION_K)
+        state.epoch += 1
         if ndcg > state.best_ndcg:
             state.best_ndcg, state.epochs_without_improvement = ndcg, 0
-            state.best_weights = copy.deepcopy(inner.state_dict())
+            keep_best(state, inner)
         else:
             state.epochs_without_improvement += 1
-        state.epoch += 1
         metrics = {"bpr_loss": loss, f"val_ndcg_at_{VALIDATION_K}": ndcg, "epoch": state.epoch,
                    "epoch_s": time.perf_counter() - started}
         state.history.append(dict(metrics))

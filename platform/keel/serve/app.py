@@ -105,7 +105,8 @@ def unauthorized(request: Request, token: str) -> str:
 def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token: str = "",
              max_body_bytes: int = MAX_BODY_BYTES, description: str = "") -> FastAPI:
     """What every Keel model server has, whatever it predicts: request ids, bearer-token auth, body
-    limits, 4xx errors with a reason, health routes and ``/metrics``. Model routes are added on top."""
+    limits, 4xx errors with a reason, health and model-ready routes and ``/metrics``. Model routes are added
+    on top."""
     app = FastAPI(title=f"Keel model server: {model_name}", version=model_version, description=description)
 
     @app.middleware("http")
@@ -143,6 +144,13 @@ def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token
     @app.get("/v2/health/ready", tags=["v2"])
     async def ready() -> dict[str, bool]:
         return {"ready": True}
+
+    check_name = name_checker(model_name)
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}})
+    async def model_ready(name: str) -> dict[str, Any]:
+        check_name(name)
+        return {"name": model_name, "ready": True}
 
     @app.get("/metrics", include_in_schema=False)
     async def scrape() -> Response:
@@ -208,11 +216,6 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
         return {"name": model_name, "versions": [model_version], "platform": "keel-pytorch", "inputs": inputs,
                 "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                             {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes)]}]}
-
-    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}})
-    async def model_ready(name: str) -> dict[str, Any]:
-        check_name(name)
-        return {"name": model_name, "ready": True}
 
     @app.post("/v2/models/{name}/infer", tags=["v2"], responses={400: {}, 404: {}, 413: {}, 422: {}})
     async def infer(name: str, body: V2InferRequest) -> dict[str, Any]:

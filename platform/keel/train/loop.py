@@ -3,12 +3,14 @@
 Layered as ``train_epoch``/``evaluate_epoch`` -> ``train_loop_per_worker`` so
 the steps can be tested without Ray. The worker state needed to resume after a
 failure (weights, optimizer, epoch, early-stopping counters, best weights) is
-in every checkpoint.
+in every checkpoint; the best weights only when they are not the checkpoint's
+own weights, so a model that is still improving is not written twice.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ class TrainState:
     best_val_loss: float = float("inf")
     epochs_without_improvement: int = 0
     best_weights: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0  # the epoch whose weights best_weights holds
     history: list[dict[str, float]] = field(default_factory=list)
     samples_seen: int = 0
     train_seconds: float = 0.0  # forward/backward only
@@ -112,12 +115,35 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, fresh: Callable[
     if checkpoint is None:
         return fresh()
     with checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-    unwrap(model).load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    state = saved["state"]
+        weights, optimizer_state, state = read_checkpoint(Path(directory))
+    unwrap(model).load_state_dict(weights)
+    optimizer.load_state_dict(optimizer_state)
     state.resumed_from = [*getattr(state, "resumed_from", []), state.epoch]
     return state
+
+
+def keep_best(state: Any, model: nn.Module) -> None:
+    """Remember the weights of the epoch just finished (``state.epoch``) as the best so far."""
+    state.best_weights = copy.deepcopy(unwrap(model).state_dict())
+    state.best_epoch = state.epoch
+
+
+def write_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
+    """Weights, optimizer and worker state in one file; the best weights are left out when they are the
+    weights being saved (the latest epoch was the best), which halves a checkpoint while a model improves."""
+    if state.best_weights is not None and getattr(state, "best_epoch", None) == state.epoch:
+        state = dataclasses.replace(state, best_weights=None)
+    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+               directory / STATE_FILE)
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
+    """Weights, optimizer state and worker state of :func:`write_checkpoint`, best weights filled back in."""
+    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    state = saved["state"]
+    if state.best_weights is None and state.epoch > 0 and getattr(state, "best_epoch", None) == state.epoch:
+        state.best_weights = copy.deepcopy(saved["model"])
+    return saved["model"], saved["optimizer"], state
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -135,8 +161,7 @@ def report(metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.O
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-                   Path(directory) / STATE_FILE)
+        write_checkpoint(Path(directory), model, optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -192,12 +217,12 @@ def fit_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainS
         state.samples_seen += len(train_y)
         val_loss_sum, correct, count = global_sum(list(evaluate(model, val_x, val_y)), device)
         val_loss = val_loss_sum / max(count, 1)
+        state.epoch += 1
         if val_loss < state.best_val_loss - config["min_delta"]:
             state.best_val_loss, state.epochs_without_improvement = val_loss, 0
-            state.best_weights = copy.deepcopy(unwrap(model).state_dict())
+            keep_best(state, model)
         else:
             state.epochs_without_improvement += 1
-        state.epoch += 1
         metrics: dict[str, float] = {"train_loss": train_loss, "val_loss": val_loss,
                                      "val_accuracy": correct / max(count, 1), "epoch": state.epoch}
         state.history.append(dict(metrics))

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from keel import storage
 from keel.data.preprocess import LABEL, TRANSFORM_FILE
@@ -24,7 +23,7 @@ from keel.data.transform import FeatureTransform
 from keel.errors import TrainingError
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec, TrainConfig
-from keel.train.loop import STATE_FILE, TrainState, train_loop_per_worker
+from keel.train.loop import TrainState, read_checkpoint, train_loop_per_worker
 from keel.train.model import MLPClassifier, MLPSpec, parameter_count, save_model
 
 # Ray Train V2 hands a worker's report to the controller through a one-slot
@@ -142,7 +141,7 @@ def final_state(result: Any, no_best: str) -> Any:
     if result.checkpoint is None:
         raise TrainingError("training reported no checkpoint; no model was produced.")
     with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)["state"]
+        _, _, state = read_checkpoint(Path(directory))
     if state.best_weights is None:
         raise TrainingError(no_best)
     return state

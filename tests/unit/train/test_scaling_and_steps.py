@@ -63,3 +63,31 @@ def test_model_roundtrip_needs_no_pickle(tmp_path) -> None:
     inputs = torch.randn(7, 3)
     assert torch.equal(loaded(inputs), model.eval()(inputs))
     assert parameter_count(loaded) == 3 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3
+
+
+def test_a_checkpoint_holds_the_best_weights_once(tmp_path) -> None:
+    from keel.train.loop import STATE_FILE, TrainState, keep_best, read_checkpoint, write_checkpoint
+
+    model = MLPClassifier(MLPSpec(input_dim=3, hidden_sizes=[64], num_classes=2, dropout=0.0))
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = TrainState(epoch=1)
+    keep_best(state, model)  # epoch 1 is the best so far: its weights are the model's
+    improving, worse = tmp_path / "improving", tmp_path / "worse"
+    improving.mkdir(), worse.mkdir()
+    write_checkpoint(improving, model, optimizer, state)
+    assert torch.load(improving / STATE_FILE, weights_only=False)["state"].best_weights is None
+    assert state.best_weights is not None  # the worker's own state keeps its copy
+    weights, _, restored = read_checkpoint(improving)
+    assert restored.best_epoch == 1 and all(torch.equal(restored.best_weights[k], weights[k]) for k in weights)
+
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    state.epoch = 2  # a worse epoch: the best weights are no longer the model's, so they are written
+    write_checkpoint(worse, model, optimizer, state)
+    weights, _, restored = read_checkpoint(worse)
+    assert all(torch.equal(restored.best_weights[k], best[k]) for k in best)
+    first = next(iter(best))
+    assert not torch.equal(weights[first], best[first])
+    assert (worse / STATE_FILE).stat().st_size > 1.3 * (improving / STATE_FILE).stat().st_size

@@ -13,6 +13,7 @@ import pytest
 
 from keel import storage
 from keel.registry import register
+from keel.serve import control
 from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import free_port, wait_for_port
@@ -34,16 +35,41 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], small_config().registry, {},
              "cli", "small", storage.stage_uri(settings, "cli", "register"), settings)
     dashboard = free_port()
-    ray = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray, "start", "--head", "--port=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    "--num-cpus=2", "--disable-usage-stats"], env={**__import__("os").environ, **env},
-                   check=True, capture_output=True, timeout=180)
+    url = control.start_local_head(settings, dashboard_port=dashboard, haproxy=False)
     try:
         wait_for_port(dashboard, timeout_s=60)
-        yield {**env, "KEEL_RAY_DASHBOARD_URL": f"http://127.0.0.1:{dashboard}"}
+        yield {**env, "KEEL_RAY_DASHBOARD_URL": url}
     finally:
-        subprocess.run([ray, "stop"], capture_output=True, timeout=120, check=False)
+        control.stop_local_head(settings)
         patch.undo()
+
+
+def test_stopping_the_local_head_leaves_other_ray_instances_alone(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`keel serve stop` ends the head Keel started, not every Ray process (as `ray stop` would): a
+    `keel run` training on this machine keeps its private Ray."""
+    monkeypatch.setenv("KEEL_HOME", str(tmp_path / ".keel"))
+    settings = load_settings()
+    other = subprocess.Popen([sys.executable, "-c", "import ray, sys; ray.init(address='local', include_dashboard=False,"
+                              " log_to_driver=False); print('up', flush=True); sys.stdin.readline();"
+                              " print(ray.get(ray.remote(lambda: 'still running').remote()), flush=True)"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout is not None and other.stdin is not None
+        assert other.stdout.readline().strip() == "up"
+        dashboard = free_port()
+        control.start_local_head(settings, dashboard_port=dashboard, haproxy=False)
+        wait_for_port(dashboard, timeout_s=60)
+        assert control.stop_local_head(settings) is True
+        with pytest.raises(TimeoutError):
+            wait_for_port(dashboard, timeout_s=1)
+        assert control.stop_local_head(settings) is False  # nothing recorded any more
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "still running"
+    finally:
+        other.kill()
+        other.wait(timeout=30)
 
 
 def test_serve_status_and_stop_through_the_rest_api(ray_head: dict[str, str], tmp_path: Path) -> None:

@@ -57,8 +57,9 @@ def serve_command(
         return
     if target == "stop":
         control.stop_rest(dashboard)
-        if not settings.serve_dashboard_url:
-            control.stop_local_head()
+        if not settings.serve_dashboard_url and control.stop_local_head(settings):
+            typer.echo("Stopped the model server and the local Ray head it ran on.")
+            return
         typer.echo("Stopped the model server.")
         return
     resolve_version(target, settings)  # an unknown model fails here, by name, before anything starts

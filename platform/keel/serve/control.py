@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -102,20 +103,90 @@ def _ray_command() -> str:
 
 def start_local_head(settings: KeelSettings, dashboard_port: int = LOCAL_DASHBOARD_PORT,
                      haproxy: bool = True) -> str:
-    """``ray start --head`` on this machine, dashboard on 127.0.0.1; returns the dashboard URL."""
+    """``ray start --head`` on this machine, dashboard on 127.0.0.1; returns the dashboard URL.
+
+    The head starts in a process group of its own, recorded in KEEL_HOME, so that
+    :func:`stop_local_head` can end this head and nothing else of Ray's on the machine.
+    """
     from keel.serve.deployment import keel_environment
 
     environment = {**os.environ, **keel_environment(settings), **(HAPROXY_ENVIRONMENT if haproxy else {})}
-    result = subprocess.run([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
-                            env=environment, capture_output=True, text=True, timeout=180, check=False)
-    if result.returncode != 0 and "already" not in (result.stdout + result.stderr):
-        raise ServeError(f"`ray start --head` failed: {(result.stderr or result.stdout)[-800:]}")
+    process = subprocess.Popen([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
+                                f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        _end_process_group(process.pid)
+        raise ServeError("`ray start --head` did not finish within 180 s") from None
+    if process.returncode == 0:
+        _head_record(settings).parent.mkdir(parents=True, exist_ok=True)
+        _head_record(settings).write_text(json.dumps({"process_group": process.pid, "dashboard_port": dashboard_port}))
+    elif "already" not in stdout + stderr:
+        raise ServeError(f"`ray start --head` failed: {(stderr or stdout)[-800:]}")
     return f"http://127.0.0.1:{dashboard_port}"
 
 
-def stop_local_head() -> None:
-    subprocess.run([_ray_command(), "stop"], capture_output=True, timeout=120, check=False)
+def stop_local_head(settings: KeelSettings) -> bool:
+    """End the Ray head that :func:`start_local_head` started, and only it; False when there was none.
+
+    ``ray stop`` would end every Ray process on the machine, a ``keel run``'s
+    training included.
+    """
+    record = _head_record(settings)
+    if not record.is_file():
+        return False
+    group = int(json.loads(record.read_text())["process_group"])
+    stopped = _is_ray_group(group) and _end_process_group(group)
+    record.unlink(missing_ok=True)
+    return stopped
+
+
+def _head_record(settings: KeelSettings) -> Path:
+    return settings.home / "serve" / "ray-head.json"
+
+
+def _is_ray_group(group: int) -> bool:
+    """Whether a live process of ``group`` is Ray's (a recorded group id may have been reused since)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # no /proc (macOS): trust the record
+        return _group_alive(group)
+    for entry in proc.iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == group \
+                    and b"ray" in (entry / "cmdline").read_bytes():
+                return True
+        except OSError:  # the process ended while we looked
+            continue
+    return False
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _end_process_group(group: int, grace_s: float = 5) -> bool:
+    """SIGTERM the group, SIGKILL what is left after ``grace_s`` (as ``ray stop`` does, for one group)."""
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace_s
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(group):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return True
 
 
 def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings, haproxy: bool = True) -> str:

@@ -25,6 +25,7 @@ from keel import jobs, storage
 from keel.data.ingest import ingest
 from keel.data.preprocess import preprocess
 from keel.errors import TrainingError
+from keel.serve.control import end_process_group
 from keel.settings import KeelSettings
 from keel.train.config import TrainConfig
 from tests.integration.conftest import free_port
@@ -48,14 +49,17 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
-    subprocess.run([RAY, "start", "--head", "--port=0", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={port}", "--disable-usage-stats"],
-                   env=environment, check=True, capture_output=True, timeout=240,
-                   cwd=tmp_path_factory.mktemp("ray-head"))
+    # A process group of its own, ended alone afterwards: `ray stop` would end every Ray on the machine.
+    head = subprocess.Popen([RAY, "start", "--head", "--port=0", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={port}", "--disable-usage-stats"],
+                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path_factory.mktemp("ray-head"), start_new_session=True)
     try:
+        log, _ = head.communicate(timeout=240)
+        assert head.returncode == 0, log[-2000:]
         yield f"http://127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, check=False)
+        end_process_group(head.pid)
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def start_local_head(settings: KeelSettings, dashboard_port: int = LOCAL_DASHBOA
     try:
         stdout, stderr = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        _end_process_group(process.pid)
+        end_process_group(process.pid)
         raise ServeError("`ray start --head` did not finish within 180 s") from None
     if process.returncode == 0:
         _head_record(settings).parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def stop_local_head(settings: KeelSettings) -> bool:
     if not record.is_file():
         return False
     group = int(json.loads(record.read_text())["process_group"])
-    stopped = _is_ray_group(group) and _end_process_group(group)
+    stopped = _is_ray_group(group) and end_process_group(group)
     record.unlink(missing_ok=True)
     return stopped
 
@@ -172,7 +172,7 @@ def _group_alive(group: int) -> bool:
     return True
 
 
-def _end_process_group(group: int, grace_s: float = 5) -> bool:
+def end_process_group(group: int, grace_s: float = 5) -> bool:
     """SIGTERM the group, SIGKILL what is left after ``grace_s`` (as ``ray stop`` does, for one group)."""
     try:
         os.killpg(group, signal.SIGTERM)

@@ -142,7 +142,8 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
     state = saved["state"]
     if state.best_weights is None and state.epoch > 0 and getattr(state, "best_epoch", None) == state.epoch:
-        state.best_weights = copy.deepcopy(saved["model"])
+        # The loaded tensors themselves: loading them into a model copies them, so nothing aliases them.
+        state.best_weights = saved["model"]
     return saved["model"], saved["optimizer"], state
 
 

@@ -25,20 +25,35 @@ def free_port() -> int:
 
 
 def ray_actor_pids(class_name: str) -> list[int]:
-    """PIDs of this machine's Ray actor processes of a class (Ray titles them ``ray::<class>...``).
+    """PIDs of this test process's Ray actor processes of a class (Ray titles them ``ray::<class>...``).
 
-    Read from /proc rather than Ray's state API, which needs the dashboard the tests run without.
+    Only descendants of this process (its local Ray's workers), so that a test killing them never hits
+    the Ray of a test running beside it. Read from /proc rather than Ray's state API, which needs the
+    dashboard the tests run without.
     """
     marker = f"ray::{class_name}".encode()
-    pids = []
+    parents: dict[int, int] = {}
+    titled = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
+                # the parent pid is the 2nd field after the ")" closing the command name
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
                 if (entry / "cmdline").read_bytes().startswith(marker):
-                    pids.append(int(entry.name))
-            except OSError:  # the process ended while we looked
+                    titled.append(int(entry.name))
+            except (OSError, IndexError, ValueError):  # the process ended while we looked
                 continue
-    return pids
+    return [pid for pid in titled if _descends_from(pid, os.getpid(), parents)]
+
+
+def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    seen = set()
+    while pid in parents and pid not in seen:
+        seen.add(pid)
+        pid = parents[pid]
+        if pid == ancestor:
+            return True
+    return False
 
 
 def wait_for_port(port: int, timeout_s: float = 30) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from keel.train.config import TrainConfig
 from tests.integration.conftest import free_port
 from tests.stages import small_config, write_small_source
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +52,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
     # A process group of its own, ended alone afterwards: `ray stop` would end every Ray on the machine.
+    # So that another test's head can run beside it: free ports instead of Ray's fixed ones, and a temp dir
+    # of its own (a job's driver finds its cluster as "the latest `ray start`" recorded in the temp dir).
+    temp_dir = tempfile.mkdtemp(prefix="ray-jobs-")  # short: Ray's socket paths live under it
     head = subprocess.Popen([RAY, "start", "--head", "--port=0", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={port}", "--disable-usage-stats"],
+                             f"--dashboard-port={port}", f"--ray-client-server-port={free_port()}",
+                             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
+                             "--disable-usage-stats"],
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp_path_factory.mktemp("ray-head"), start_new_session=True)
     try:
@@ -60,6 +67,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         end_process_group(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

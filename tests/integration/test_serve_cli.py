@@ -20,7 +20,12 @@ from tests.integration.conftest import free_port, wait_for_port
 from tests.stages import run_stages, small_config, write_small_source
 from tests.unit.test_cli import keel
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def private_head_ports() -> control.HeadPorts:
+    """Free ports instead of Ray's fixed defaults, so this head can run beside another test's."""
+    return control.HeadPorts(dashboard=free_port(), client_server=free_port(), dashboard_agent=free_port())
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +39,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     uris = run_stages(settings, "cli", write_small_source(home.parent))
     register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], small_config().registry, {},
              "cli", "small", storage.stage_uri(settings, "cli", "register"), settings)
-    dashboard = free_port()
-    url = control.start_local_head(settings, dashboard_port=dashboard, haproxy=False)
+    ports = private_head_ports()
+    url = control.start_local_head(settings, ports, haproxy=False)
     try:
-        wait_for_port(dashboard, timeout_s=60)
+        wait_for_port(ports.dashboard, timeout_s=60)
         yield {**env, "KEEL_RAY_DASHBOARD_URL": url}
     finally:
         control.stop_local_head(settings)
@@ -57,12 +62,12 @@ def test_stopping_the_local_head_leaves_other_ray_instances_alone(tmp_path: Path
     try:
         assert other.stdout is not None and other.stdin is not None
         assert other.stdout.readline().strip() == "up"
-        dashboard = free_port()
-        control.start_local_head(settings, dashboard_port=dashboard, haproxy=False)
-        wait_for_port(dashboard, timeout_s=60)
+        ports = private_head_ports()
+        control.start_local_head(settings, ports, haproxy=False)
+        wait_for_port(ports.dashboard, timeout_s=60)
         assert control.stop_local_head(settings) is True
         with pytest.raises(TimeoutError):
-            wait_for_port(dashboard, timeout_s=1)
+            wait_for_port(ports.dashboard, timeout_s=1)
         assert control.stop_local_head(settings) is False  # nothing recorded any more
         other.stdin.write("go\n")
         other.stdin.flush()

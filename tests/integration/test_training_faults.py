@@ -35,7 +35,7 @@ from tests.conftest import small_frame
 from tests.integration.conftest import ray_actor_pids
 from tests.stages import small_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EPOCHS = 8
 # Big enough that an epoch takes a moment (so a kill lands mid-run), small enough for 2 cores.
 CONFIG = TrainConfig(hidden_sizes=[256, 256], batch_size=32, max_epochs=EPOCHS, patience=100, max_failures=2,

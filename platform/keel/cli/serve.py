@@ -51,7 +51,7 @@ def serve_command(
     from keel.serve.deployment import ServeConfig, resolve_version
 
     settings = load_settings()
-    dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{control.LOCAL_DASHBOARD_PORT}"
+    dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{control.HeadPorts().dashboard}"
     if target == "status":
         print_json(control.status_rest(dashboard)) if output is OutputFormat.json else _print_status(dashboard)
         return

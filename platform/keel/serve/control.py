@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,17 @@ from keel.settings import KeelSettings
 
 APPLICATIONS = "/api/serve/applications/"
 BUILDER = "keel.serve.deployment:application_builder"
-LOCAL_DASHBOARD_PORT = 8265
 REQUEST_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class HeadPorts:
+    """The fixed ports a ``ray start --head`` listens on; Ray's defaults, which a second head on the machine
+    must change (the other ports Ray picks free itself)."""
+
+    dashboard: int = 8265
+    client_server: int = 10001  # ray://
+    dashboard_agent: int = 52365
 
 
 class ServeError(KeelError):
@@ -101,8 +111,7 @@ def _ray_command() -> str:
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 
-def start_local_head(settings: KeelSettings, dashboard_port: int = LOCAL_DASHBOARD_PORT,
-                     haproxy: bool = True) -> str:
+def start_local_head(settings: KeelSettings, ports: HeadPorts = HeadPorts(), haproxy: bool = True) -> str:
     """``ray start --head`` on this machine, dashboard on 127.0.0.1; returns the dashboard URL.
 
     The head starts in a process group of its own, recorded in KEEL_HOME, so that
@@ -112,7 +121,8 @@ def start_local_head(settings: KeelSettings, dashboard_port: int = LOCAL_DASHBOA
 
     environment = {**os.environ, **keel_environment(settings), **(HAPROXY_ENVIRONMENT if haproxy else {})}
     process = subprocess.Popen([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
-                                f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+                                f"--dashboard-port={ports.dashboard}", f"--ray-client-server-port={ports.client_server}",
+                                f"--dashboard-agent-listen-port={ports.dashboard_agent}", "--disable-usage-stats"],
                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
@@ -122,10 +132,10 @@ def start_local_head(settings: KeelSettings, dashboard_port: int = LOCAL_DASHBOA
         raise ServeError("`ray start --head` did not finish within 180 s") from None
     if process.returncode == 0:
         _head_record(settings).parent.mkdir(parents=True, exist_ok=True)
-        _head_record(settings).write_text(json.dumps({"process_group": process.pid, "dashboard_port": dashboard_port}))
+        _head_record(settings).write_text(json.dumps({"process_group": process.pid, "dashboard_port": ports.dashboard}))
     elif "already" not in stdout + stderr:
         raise ServeError(f"`ray start --head` failed: {(stderr or stdout)[-800:]}")
-    return f"http://127.0.0.1:{dashboard_port}"
+    return f"http://127.0.0.1:{ports.dashboard}"
 
 
 def stop_local_head(settings: KeelSettings) -> bool:

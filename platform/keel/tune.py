@@ -89,14 +89,17 @@ def run_trial(sampled: dict[str, Any], *, data: dict[str, np.ndarray], base: dic
     model = MLPClassifier(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    best, stale = float("inf"), 0
+    best, stale = float("inf"), 0  # early stopping, as in the train stage
+    lowest_loss, best_accuracy = float("inf"), 0.0  # the trial's best epoch so far
     for epoch in range(1, max_epochs + 1):
         train_loss = train_epoch(model, optimizer, train_x, train_y, config.batch_size, generator)
         loss_sum, correct, count = evaluate_epoch(model, val_x, val_y)
-        val_loss = loss_sum / max(count, 1)
+        val_loss, val_accuracy = loss_sum / max(count, 1), correct / max(count, 1)
         best, stale = (val_loss, 0) if val_loss < best - config.min_delta else (best, stale + 1)
-        tune.report({"val_loss": val_loss, "val_accuracy": correct / max(count, 1), "train_loss": train_loss,
-                     "best_val_loss": best, "epoch": epoch, "reported_at": time.time()})
+        lowest_loss, best_accuracy = min(lowest_loss, val_loss), max(best_accuracy, val_accuracy)
+        tune.report({"val_loss": val_loss, "val_accuracy": val_accuracy, "train_loss": train_loss,
+                     "best_val_loss": lowest_loss, "best_val_accuracy": best_accuracy, "epoch": epoch,
+                     "reported_at": time.time()})
         if stale >= config.patience:  # the train stage's own early stopping
             return
 
@@ -118,6 +121,12 @@ def trial_resources(config: TuneConfig, cpus: int, gpus: int) -> tuple[dict[str,
     slots = gpus or max(cpus, 1)
     concurrent = slots if config.max_concurrent_trials == "auto" else config.max_concurrent_trials
     return per_trial, max(1, min(concurrent, config.num_samples))
+
+
+def ranking_metric(metric: str) -> str:
+    """What ASHA and TPE judge a trial by: its best epoch so far (the one the train stage would keep), not its
+    latest, which understates a trial that has begun to overfit and lets one noisy epoch get it stopped."""
+    return f"best_{metric}"
 
 
 def build_tuner(config: TuneConfig, base: TrainConfig, data: dict[str, Any], storage_path: str, run_name: str,
@@ -145,7 +154,7 @@ def build_tuner(config: TuneConfig, base: TrainConfig, data: dict[str, Any], sto
         search_alg, scheduler = BasicVariantGenerator(random_state=config.seed), FIFOScheduler()
     return tune.Tuner(
         trainable, param_space=ray_search_space(config.search_space),
-        tune_config=tune.TuneConfig(metric=config.metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=ranking_metric(config.metric), mode=mode, search_alg=search_alg, scheduler=scheduler,
                                     num_samples=config.num_samples, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=run_name, storage_path=storage_path, verbose=0))
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+
+import numpy as np
 
 import mlflow
 import pytest
@@ -12,7 +15,8 @@ from keel import storage, tracking
 from keel.config import SearchDimension, TuneConfig
 from keel.errors import ConfigError
 from keel.train.config import TrainConfig
-from keel.tune import decode_trial, ray_search_space, trial_resources, tune, tuned_train_config
+from keel.tune import (decode_trial, ranking_metric, ray_search_space, run_trial, trial_resources, tune,
+                       tuned_train_config)
 from tests.stages import run_stages, small_config, write_small_source
 
 SPACE = {"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
@@ -48,6 +52,25 @@ def test_tuned_values_override_the_train_section() -> None:
 def test_trials_run_one_per_cpu_or_gpu(cpus: int, gpus: int, samples: int, expected: tuple) -> None:
     config = TuneConfig.model_validate({"num_samples": samples, "search_space": SPACE})
     assert trial_resources(config, cpus, gpus) == expected
+
+
+def test_trials_report_their_best_epoch_so_far_which_ranks_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An overfitting trial (noisy labels, a large learning rate): its latest epoch is worse than its best,
+    and the best so far is what it reports for ASHA and TPE to rank it by."""
+    reports: list[dict] = []
+    monkeypatch.setattr("ray.tune.report", reports.append)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 6)).astype(np.float32)
+    y = ((x[:, 0] + rng.normal(scale=1.5, size=240)) > 0).astype(np.int64)
+    data = {"num_classes": 2, "train_x": x[:160], "train_y": y[:160], "val_x": x[160:], "val_y": y[160:]}
+    base = TrainConfig(hidden_sizes=[64, 64], learning_rate=0.03, batch_size=16, patience=100).model_dump()
+    run_trial({}, data=data, base=base, space={}, max_epochs=12, threads=1)
+    assert len(reports) == 12
+    assert [r["best_val_loss"] for r in reports] == list(itertools.accumulate((r["val_loss"] for r in reports), min))
+    assert [r["best_val_accuracy"] for r in reports] == list(
+        itertools.accumulate((r["val_accuracy"] for r in reports), max))
+    assert reports[-1]["best_val_loss"] < reports[-1]["val_loss"]  # overfit: the latest epoch is not the best
+    assert all(ranking_metric(metric) in reports[0] for metric in ("val_loss", "val_accuracy"))
 
 
 def test_zero_samples_skips_the_search(settings, tmp_path: Path) -> None:

@@ -154,8 +154,9 @@ def build_tuner(config: TuneConfig, base: TrainConfig, data: dict[str, Any], sto
         search_alg, scheduler = BasicVariantGenerator(random_state=config.seed), FIFOScheduler()
     return tune.Tuner(
         trainable, param_space=ray_search_space(config.search_space),
-        tune_config=tune.TuneConfig(metric=ranking_metric(config.metric), mode=mode, search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=config.num_samples, max_concurrent_trials=concurrent),
+        tune_config=tune.TuneConfig(metric=ranking_metric(config.metric), mode=mode, search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=config.num_samples,
+                                    max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=run_name, storage_path=storage_path, verbose=0))
 
 

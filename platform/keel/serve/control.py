@@ -121,7 +121,8 @@ def start_local_head(settings: KeelSettings, ports: HeadPorts = HeadPorts(), hap
 
     environment = {**os.environ, **keel_environment(settings), **(HAPROXY_ENVIRONMENT if haproxy else {})}
     process = subprocess.Popen([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
-                                f"--dashboard-port={ports.dashboard}", f"--ray-client-server-port={ports.client_server}",
+                                f"--dashboard-port={ports.dashboard}",
+                                f"--ray-client-server-port={ports.client_server}",
                                 f"--dashboard-agent-listen-port={ports.dashboard_agent}", "--disable-usage-stats"],
                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)

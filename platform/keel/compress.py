@@ -208,7 +208,9 @@ def build_variants(teacher: MLPClassifier, spec: MLPSpec, train: Split, val: Spl
     if "prune_structured" in config.methods:
         variants["pruned_structured"] = prune_structured(teacher, spec, train, val, config)
     if "int8" in config.methods:
-        variants["int8"] = (quantize_int8(copy.deepcopy(teacher)), spec.model_copy(update={"quantized": True}))
+        variants["int8"] = (quantize_int8(copy.deepcopy(teacher), config.int8_min_layer_weights),
+                            spec.model_copy(update={"quantized": True,
+                                                    "quantize_min_weights": config.int8_min_layer_weights}))
     if "distill" in config.methods:
         variants["distilled"] = distill(teacher, spec, train, val, config)
     return variants

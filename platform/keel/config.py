@@ -96,6 +96,8 @@ class CompressConfig(BaseModel):
     prune_amount: float = Field(default=0.5, gt=0, lt=1, description="share of weights zeroed (unstructured)")
     keep_units: float = Field(default=0.5, gt=0, lt=1, description="share of hidden units kept (structured)")
     finetune_epochs: int = Field(default=10, ge=0)
+    int8_min_layer_weights: int = Field(default=4096, ge=0, description="smaller Linear layers stay float in the "
+                                        "int8 variant: quantizing them saves a few KB and costs time per call")
     student_hidden_sizes: list[int] | None = Field(default=None, description="default: a quarter of the teacher's")
     temperature: float = Field(default=4.0, gt=0)
     distill_alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the soft-target loss")

@@ -61,16 +61,33 @@ def test_no_eligible_variant_is_an_error_naming_the_bounds() -> None:
         choose_variant([variant("baseline", 0, 2.0)], POLICY)
 
 
-def test_int8_round_trips_through_save_and_load(tmp_path: Path) -> None:
-    spec = MLPSpec(input_dim=16, hidden_sizes=[256, 128], num_classes=3)
-    model = quantize_int8(MLPClassifier(spec))
-    (tmp_path / "model.pt").write_bytes(b"")
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    (tmp_path / "model.json").write_text(spec.model_copy(update={"quantized": True}).model_dump_json())
+def save_int8(model: torch.nn.Module, spec: MLPSpec, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), directory / "model.pt")
+    (directory / "model.json").write_text(spec.model_dump_json(exclude_defaults=True))
+
+
+def test_int8_leaves_the_small_output_layer_in_float_and_round_trips(tmp_path: Path) -> None:
+    spec = MLPSpec(input_dim=16, hidden_sizes=[512, 256], num_classes=3)
+    model = quantize_int8(MLPClassifier(spec), min_weights=CompressConfig().int8_min_layer_weights)
+    hidden, output = model.layers[3], model.layers[-1]
+    assert type(output) is torch.nn.Linear and "quantized" in type(hidden).__module__  # 256 x 3 vs 512 x 256
+    save_int8(model, spec.model_copy(update={"quantized": True, "quantize_min_weights": 4096}), tmp_path)
     loaded = load_model(tmp_path)
     features = torch.randn(5, 16)
     assert torch.equal(loaded(features), model(features))
     assert serialized_bytes(MLPClassifier(spec)) / serialized_bytes(model) > 3.5
+
+
+def test_an_int8_model_saved_before_the_small_layer_rule_still_loads(tmp_path: Path) -> None:
+    """Its spec has no quantize_min_weights and its weights have every Linear layer in int8."""
+    spec = MLPSpec(input_dim=16, hidden_sizes=[256, 128], num_classes=3)
+    model = quantize_int8(MLPClassifier(spec))
+    assert "quantized" in type(model.layers[-1]).__module__
+    save_int8(model, spec.model_copy(update={"quantized": True}), tmp_path)
+    assert "quantize_min_weights" not in (tmp_path / "model.json").read_text()
+    features = torch.randn(5, 16)
+    assert torch.equal(load_model(tmp_path)(features), model(features))
 
 
 def test_structured_pruning_keeps_the_strongest_units_exactly() -> None:

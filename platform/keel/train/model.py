@@ -23,6 +23,7 @@ class MLPSpec(BaseModel):
     num_classes: int
     dropout: float = 0.0
     quantized: bool = False  # dynamic int8 Linear layers (see :func:`quantize_int8`)
+    quantize_min_weights: int = 0  # Linear layers with fewer weights stay float (0: none, as before this field)
 
 
 class MLPClassifier(nn.Module):
@@ -46,9 +47,13 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of the Linear layers: int8 weights, activations quantized per call.
+def quantize_int8(model: nn.Module, min_weights: int = 0) -> nn.Module:
+    """Dynamic int8 quantization of the Linear layers with at least ``min_weights`` weights: int8 weights,
+    activations quantized per call.
 
+    A small layer (an MLP's output layer: hidden width x classes) saves a few
+    kilobytes as int8 but pays the per-call activation quantization like any
+    other, so it is faster, and no larger to speak of, left in float.
     ``torch.ao.quantization`` is deprecated in favour of torchao, which is not
     part of Keel's stack; its warnings are silenced here, where it is used.
     """
@@ -56,9 +61,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
     from torch.ao.quantization import quantize_dynamic
 
+    layers = {name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and module.weight.numel() >= min_weights}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(model.eval(), layers, dtype=torch.qint8)
 
 
 def save_model(model: nn.Module, spec: MLPSpec, directory: Path) -> None:
@@ -75,7 +82,7 @@ def load_model(directory: Path) -> nn.Module:
     spec = MLPSpec.model_validate(json.loads((directory / SPEC_FILE).read_text()))
     model: nn.Module = MLPClassifier(spec)
     if spec.quantized:
-        model = quantize_int8(model)
+        model = quantize_int8(model, spec.quantize_min_weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized tensors' deprecation notices
         model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))

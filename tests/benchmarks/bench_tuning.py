@@ -125,8 +125,8 @@ def main() -> None:
                 seconds[method] = round(time.perf_counter() - started, 2)
             runs.append(compare(records, seconds, seed))
             print(f"seed {seed}: {json.dumps(_json_safe(runs[-1]))}", file=sys.stderr, flush=True)
-    report = {"benchmark": "tuning", "data": DATA, "validation_rows": len(data["val_y"]), "trials": TRIALS, "max_epochs_per_trial": config.tune.max_epochs,
-              "repeats": REPEATS, "runs": runs}
+    report = {"benchmark": "tuning", "data": DATA, "validation_rows": len(data["val_y"]), "trials": TRIALS,
+              "max_epochs_per_trial": config.tune.max_epochs, "repeats": REPEATS, "runs": runs}
     for key in ("epochs_to_target_ratio", "wall_to_target_ratio", "total_epochs_ratio"):
         report[key] = statistics.median(run[key] for run in runs)
     report["target_reached_runs"] = sum(run["to_reach_random_best"]["tpe_asha"]["reached"] for run in runs)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from keel.serve.control import HeadPorts
+
 
 # moto accepts any key; a distinctive one lets tests look for it in logs, where it must never appear.
 S3_SECRET = "keel-test-s3-secret-5b1e9f"
@@ -22,6 +24,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def private_head_ports() -> HeadPorts:
+    """Free ports instead of Ray's fixed defaults, so a test's `ray start --head` can run beside another's."""
+    return HeadPorts(dashboard=free_port(), client_server=free_port(), dashboard_agent=free_port())
 
 
 def ray_actor_pids(class_name: str) -> list[int]:

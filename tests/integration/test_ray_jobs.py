@@ -30,7 +30,7 @@ from keel.errors import TrainingError
 from keel.serve.control import end_process_group
 from keel.settings import KeelSettings
 from keel.train.config import TrainConfig
-from tests.integration.conftest import free_port
+from tests.integration.conftest import private_head_ports
 from tests.stages import small_config, write_small_source
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,7 +48,7 @@ RAY_TOKEN = secrets.token_hex(32)
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A head with Ray's token auth on, as the chart configures it (the token would come from the Secret)."""
-    port = free_port()
+    ports = private_head_ports()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
     # A process group of its own, ended alone afterwards: `ray stop` would end every Ray on the machine.
@@ -56,15 +56,15 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # of its own (a job's driver finds its cluster as "the latest `ray start`" recorded in the temp dir).
     temp_dir = tempfile.mkdtemp(prefix="ray-jobs-")  # short: Ray's socket paths live under it
     head = subprocess.Popen([RAY, "start", "--head", "--port=0", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={port}", f"--ray-client-server-port={free_port()}",
-                             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
+                             f"--dashboard-port={ports.dashboard}", f"--ray-client-server-port={ports.client_server}",
+                             f"--dashboard-agent-listen-port={ports.dashboard_agent}", f"--temp-dir={temp_dir}",
                              "--disable-usage-stats"],
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp_path_factory.mktemp("ray-head"), start_new_session=True)
     try:
         log, _ = head.communicate(timeout=240)
         assert head.returncode == 0, log[-2000:]
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{ports.dashboard}"
     finally:
         end_process_group(head.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -16,16 +16,11 @@ from keel.registry import register
 from keel.serve import control
 from keel.settings import load_settings
 from tests.conftest import small_frame
-from tests.integration.conftest import free_port, wait_for_port
+from tests.integration.conftest import free_port, private_head_ports, wait_for_port
 from tests.stages import run_stages, small_config, write_small_source
 from tests.unit.test_cli import keel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def private_head_ports() -> control.HeadPorts:
-    """Free ports instead of Ray's fixed defaults, so this head can run beside another test's."""
-    return control.HeadPorts(dashboard=free_port(), client_server=free_port(), dashboard_agent=free_port())
 
 
 @pytest.fixture(scope="module")

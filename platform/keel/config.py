@@ -80,7 +80,28 @@ class TuneConfig(BaseModel):
             raise ValueError(f"search_space keys {unknown} are not tunable; use some of {list(TUNABLE_FIELDS)}")
         if self.num_samples and not self.search_space:
             raise ValueError("num_samples > 0 needs a search_space")
+        problems = [problem for name in sorted(self.search_space)
+                    if (problem := _outside_train_field(name, self.search_space[name]))]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+def _outside_train_field(name: str, dim: SearchDimension) -> str:
+    """Why a dimension could sample a value the train section rejects ('' when it can't), so a bad range fails
+    when the config is read instead of in the first trial that draws from it, minutes into the run."""
+    kind = TrainConfig.model_fields[name].annotation
+    if dim.type != "choice" and kind is not float:
+        what = "a whole number, and a range samples fractions" if kind is int else "not a single number"
+        return f"search_space.{name}: train.{name} is {what}; use a choice of values"
+    ends = dim.values if dim.type == "choice" else [dim.low, dim.high]
+    for value in ends or []:
+        try:
+            TrainConfig.model_validate({name: value})
+        except ValidationError as e:
+            label = "value" if dim.type == "choice" else ("low" if value == dim.low else "high")
+            return f"search_space.{name}: {label} {value!r} is not a valid train.{name} ({e.errors()[0]['msg']})"
+    return ""
 
 
 CompressionMethod = Literal["prune_unstructured", "prune_structured", "int8", "distill"]

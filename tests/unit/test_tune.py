@@ -28,6 +28,15 @@ SPACE = {"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
     ({"num_samples": 2}, "needs a search_space"),
     ({"search_space": {"dropout": {"type": "uniform", "low": 0.5, "high": 0.1}}}, "tune.search_space.dropout"),
     ({"search_space": {"learning_rate": {"type": "loguniform", "low": 0, "high": 1}}}, "low` > 0"),
+    # values the train section would reject fail here, not in the first trial that samples them
+    ({"search_space": {"dropout": {"type": "uniform", "low": 0.5, "high": 1.0}}},
+     r"search_space.dropout: high 1.0 is not a valid train.dropout \(Input should be less than 1\)"),
+    ({"search_space": {"batch_size": {"type": "choice", "values": [32, 0]}}},
+     r"search_space.batch_size: value 0 is not a valid train.batch_size"),
+    ({"search_space": {"hidden_sizes": {"type": "choice", "values": [[8], 8]}}},
+     r"search_space.hidden_sizes: value 8 is not a valid train.hidden_sizes"),
+    ({"search_space": {"batch_size": {"type": "uniform", "low": 16, "high": 64}}},
+     r"train.batch_size is a whole number, and a range samples fractions; use a choice"),
 ])
 def test_bad_tune_sections_name_the_field(tune_section: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

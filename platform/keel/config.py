@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from keel.data.contract import DataContract
 from keel.data.preprocess import PreprocessConfig
-from keel.errors import ConfigError
+from keel.errors import ConfigError, validation_problems
 from keel.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -119,7 +119,8 @@ class CompressConfig(BaseModel):
     finetune_epochs: int = Field(default=10, ge=0)
     int8_min_layer_weights: int = Field(default=4096, ge=0, description="smaller Linear layers stay float in the "
                                         "int8 variant: quantizing them saves a few KB and costs time per call")
-    student_hidden_sizes: list[int] | None = Field(default=None, description="default: a quarter of the teacher's")
+    student_hidden_sizes: list[PositiveInt] | None = Field(default=None, min_length=1,
+                                                           description="default: a quarter of the teacher's")
     temperature: float = Field(default=4.0, gt=0)
     distill_alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the soft-target loss")
     distill_epochs: int = Field(default=60, ge=1)
@@ -182,6 +183,20 @@ class PipelineConfig(BaseModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig
 
+    @model_validator(mode="after")
+    def _slices_are_contract_columns(self) -> PipelineConfig:
+        """Evaluation slices the raw test rows by contract columns (preprocess keeps no others), so a slice over
+        any other column fails here, when the config is read, not in the evaluate step after training."""
+        columns = self.contract.columns
+        for index, spec in enumerate(self.evaluate.slices):
+            where = f"evaluate.slices.{index}.column"
+            if spec.column not in columns:
+                raise ValueError(f"{where}: {spec.column!r} is not a contract column; use one of {sorted(columns)}")
+            if spec.bins is not None and not columns[spec.column].is_numeric:
+                raise ValueError(f"{where}: {spec.column!r} is a {columns[spec.column].dtype} column, so it has "
+                                 "no `bins` bands; leave bins out to slice by its values")
+        return self
+
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, unset optional fields left out."""
         return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
@@ -242,9 +257,7 @@ def parse_pipeline_config(payload: dict[str, Any] | str, origin: str) -> AnyPipe
     try:
         return config_class(payload).model_validate(payload)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{origin}: invalid pipeline config: {problems}") from e
+        raise ConfigError(f"{origin}: invalid pipeline config: {validation_problems(e)}") from e
 
 
 def load_pipeline_config(path: Path, overrides: Path | None = None) -> AnyPipelineConfig:

@@ -7,6 +7,11 @@ column at fault and says what to change. The CLI prints the headline and exits
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class KeelError(Exception):
     """A problem with input, configuration or environment that the user can fix."""
@@ -63,3 +68,15 @@ class EvaluationError(KeelError):
 
 class ClusterError(KeelError):
     """The Kubernetes API, Kubeflow Pipelines or a Ray head could not be reached, or refused a request."""
+
+
+def validation_problems(error: ValidationError) -> str:
+    """pydantic's errors as ``dotted.field: message``; a check over a whole model names its own fields, so it
+    stands without a path, and a validator's message loses pydantic's "Value error, " prefix."""
+    problems = []
+    for err in error.errors():
+        message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        path = ".".join(str(p) for p in err["loc"])
+        problems.append(f"{path}: {message}" if path else message)
+    return "; ".join(problems)
+

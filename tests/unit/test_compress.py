@@ -11,12 +11,18 @@ import torch
 from keel import storage
 from keel.compress import Policy, VariantReport, choose, choose_variant, compress, prune_structured, serialized_bytes
 from keel.config import CompressConfig
-from keel.errors import CompressionError
+from keel.errors import CompressionError, ConfigError
 from keel.predictor import Predictor
 from keel.settings import KeelSettings
 from keel.train.model import MLPClassifier, MLPSpec, load_model, quantize_int8
 from tests.conftest import artifact_files
-from tests.stages import run_stages, write_small_source
+from tests.stages import run_stages, small_config, write_small_source
+
+
+def test_a_layer_without_units_fails_when_the_config_is_read() -> None:
+    with pytest.raises(ConfigError, match=r"train.hidden_sizes.1: Input should be greater than 0; "
+                                          r"compress.student_hidden_sizes: List should have at least 1 item"):
+        small_config(train={"hidden_sizes": [64, 0]}, compress={"student_hidden_sizes": []})
 
 
 def variant(name: str, accuracy_drop: float, latency: float, size: int = 100) -> VariantReport:

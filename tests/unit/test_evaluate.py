@@ -71,6 +71,20 @@ def test_slices_band_a_numeric_column_and_name_a_missing_one() -> None:
         slice_groups(frame, SliceSpec(column="sex"))
 
 
+@pytest.mark.parametrize("slices, message", [
+    ([{"column": "size", "bins": [0, 50, 100]}, {"column": "age"}],
+     r"evaluate.slices.1.column: 'age' is not a contract column; use one of \['colour', "),
+    ([{"column": "colour", "bins": [0, 1]}], r"evaluate.slices.0.column: 'colour' is a category column, so it has no"),
+])
+def test_slices_outside_the_contract_fail_when_the_config_is_read(slices: list, message: str) -> None:
+    from keel.errors import ConfigError
+    from tests.stages import small_config
+
+    assert small_config(evaluate={"slices": [{"column": "colour"}, {"column": "size", "bins": [0, 50]}]})
+    with pytest.raises(ConfigError, match=message):
+        small_config(evaluate={"slices": slices})
+
+
 def test_evaluate_stage_writes_plots_report_and_gate(settings, tmp_path) -> None:
     import json
     from pathlib import Path

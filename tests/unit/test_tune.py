@@ -35,6 +35,8 @@ SPACE = {"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
      r"search_space.batch_size: value 0 is not a valid train.batch_size"),
     ({"search_space": {"hidden_sizes": {"type": "choice", "values": [[8], 8]}}},
      r"search_space.hidden_sizes: value 8 is not a valid train.hidden_sizes"),
+    ({"search_space": {"hidden_sizes": {"type": "choice", "values": [[8, 0]]}}},
+     r"search_space.hidden_sizes: value \[8, 0\] is not a valid train.hidden_sizes \(Input should be greater than 0"),
     ({"search_space": {"batch_size": {"type": "uniform", "low": 16, "high": 64}}},
      r"train.batch_size is a whole number, and a range samples fractions; use a choice"),
 ])

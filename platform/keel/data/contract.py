@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from keel.errors import ConfigError
+from keel.errors import ConfigError, validation_problems
 
 DType = Literal["float", "int", "bool", "category", "string"]
 NUMERIC_DTYPES = ("float", "int", "bool")
@@ -80,10 +80,7 @@ def parse_contract(payload: Any, origin: str) -> DataContract:
     try:
         return DataContract.model_validate(payload)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"{origin}: invalid data contract: {problems}") from e
+        raise ConfigError(f"{origin}: invalid data contract: {validation_problems(e)}") from e
 
 
 def load_contract(path: str | Path) -> DataContract:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 
 class ScalingSpec(BaseModel):
@@ -22,7 +22,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    hidden_sizes: list[int] = Field(default=[64, 32], min_length=1)
+    hidden_sizes: list[PositiveInt] = Field(default=[64, 32], min_length=1)
     dropout: float = Field(default=0.1, ge=0, lt=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)

@@ -184,10 +184,15 @@ class PipelineConfig(BaseModel):
     registry: RegisterConfig
 
     @model_validator(mode="after")
-    def _slices_are_contract_columns(self) -> PipelineConfig:
-        """Evaluation slices the raw test rows by contract columns (preprocess keeps no others), so a slice over
-        any other column fails here, when the config is read, not in the evaluate step after training."""
+    def _evaluation_fits_the_contract(self) -> PipelineConfig:
+        """Evaluation slices the raw test rows by contract columns (preprocess keeps no others) and names a
+        target class; what the contract already rules out fails here, not in the evaluate step after training."""
         columns = self.contract.columns
+        allowed = columns[self.contract.target].allowed
+        positive = self.evaluate.positive_class
+        if positive is not None and allowed is not None and positive not in [str(value) for value in allowed]:
+            raise ValueError(f"evaluate.positive_class: {positive!r} is not one of the target "
+                             f"{self.contract.target!r}'s allowed values {allowed}")
         for index, spec in enumerate(self.evaluate.slices):
             where = f"evaluate.slices.{index}.column"
             if spec.column not in columns:

@@ -71,18 +71,22 @@ def test_slices_band_a_numeric_column_and_name_a_missing_one() -> None:
         slice_groups(frame, SliceSpec(column="sex"))
 
 
-@pytest.mark.parametrize("slices, message", [
-    ([{"column": "size", "bins": [0, 50, 100]}, {"column": "age"}],
+@pytest.mark.parametrize("section, message", [
+    ({"slices": [{"column": "size", "bins": [0, 50, 100]}, {"column": "age"}]},
      r"evaluate.slices.1.column: 'age' is not a contract column; use one of \['colour', "),
-    ([{"column": "colour", "bins": [0, 1]}], r"evaluate.slices.0.column: 'colour' is a category column, so it has no"),
+    ({"slices": [{"column": "colour", "bins": [0, 1]}]},
+     r"evaluate.slices.0.column: 'colour' is a category column, so it has no"),
+    ({"positive_class": "maybe"},
+     r"evaluate.positive_class: 'maybe' is not one of the target 'outcome''s allowed values \['yes', 'no'\]"),
 ])
-def test_slices_outside_the_contract_fail_when_the_config_is_read(slices: list, message: str) -> None:
+def test_evaluation_outside_the_contract_fails_when_the_config_is_read(section: dict, message: str) -> None:
     from keel.errors import ConfigError
     from tests.stages import small_config
 
-    assert small_config(evaluate={"slices": [{"column": "colour"}, {"column": "size", "bins": [0, 50]}]})
+    assert small_config(evaluate={"slices": [{"column": "colour"}, {"column": "size", "bins": [0, 50]}],
+                                  "positive_class": "yes"})
     with pytest.raises(ConfigError, match=message):
-        small_config(evaluate={"slices": slices})
+        small_config(evaluate=section)
 
 
 def test_evaluate_stage_writes_plots_report_and_gate(settings, tmp_path) -> None:

@@ -123,6 +123,16 @@ def trial_resources(config: TuneConfig, cpus: int, gpus: int) -> tuple[dict[str,
     return per_trial, max(1, min(concurrent, config.num_samples))
 
 
+def trial_gpus(train_config: TrainConfig, cluster_gpus: int, autoscaling: bool) -> int:
+    """GPUs to spread trials over: the cluster's now or, where the run asked for GPU workers (the pipeline's
+    ``gpus``) on an autoscaling cluster, as many as it asked for: trials that request them bring the
+    scaled-to-zero GPU group up, as the train step's workers do."""
+    scaling = train_config.scaling
+    if autoscaling and scaling.use_gpu is True:
+        return max(cluster_gpus, scaling.num_workers if isinstance(scaling.num_workers, int) else 1)
+    return cluster_gpus
+
+
 def ranking_metric(metric: str) -> str:
     """What ASHA and TPE judge a trial by: its best epoch so far (the one the train stage would keep), not its
     latest, which understates a trial that has begun to overfit and lets one noisy epoch get it stopped."""
@@ -255,6 +265,7 @@ def search(config: TuneConfig, train_config: TrainConfig, data: dict[str, Any], 
 
     with ray_session(settings), tempfile.TemporaryDirectory(prefix="keel-tune-") as scratch:
         resources = ray.cluster_resources()
+        gpus = trial_gpus(train_config, int(resources.get("GPU", 0)), autoscaling=bool(settings.ray_address))
         tuner = build_tuner(config, train_config, data, str(Path(scratch)), run_name,
-                            int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), method)
+                            int(resources.get("CPU", 1)), gpus, method)
         return trial_records(tuner.fit(), config)

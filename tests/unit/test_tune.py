@@ -15,7 +15,7 @@ from keel import storage, tracking
 from keel.config import SearchDimension, TuneConfig
 from keel.errors import ConfigError
 from keel.train.config import TrainConfig
-from keel.tune import (decode_trial, ranking_metric, ray_search_space, run_trial, trial_resources, tune,
+from keel.tune import (decode_trial, ranking_metric, ray_search_space, run_trial, trial_gpus, trial_resources, tune,
                        tuned_train_config)
 from tests.stages import run_stages, small_config, write_small_source
 
@@ -63,6 +63,16 @@ def test_tuned_values_override_the_train_section() -> None:
 def test_trials_run_one_per_cpu_or_gpu(cpus: int, gpus: int, samples: int, expected: tuple) -> None:
     config = TuneConfig.model_validate({"num_samples": samples, "search_space": SPACE})
     assert trial_resources(config, cpus, gpus) == expected
+
+
+def test_trials_wait_for_the_gpus_a_run_asked_for_only_where_an_autoscaler_brings_them() -> None:
+    from keel.train.config import with_gpus
+
+    asked = with_gpus(TrainConfig(), 2)  # the pipeline's gpus=2
+    assert trial_gpus(asked, cluster_gpus=0, autoscaling=True) == 2
+    assert trial_gpus(asked, cluster_gpus=4, autoscaling=True) == 4
+    assert trial_gpus(asked, cluster_gpus=0, autoscaling=False) == 0  # a local Ray gets no GPU node
+    assert trial_gpus(TrainConfig(), cluster_gpus=0, autoscaling=True) == 0  # use_gpu auto: what is there
 
 
 def test_trials_report_their_best_epoch_so_far_which_ranks_them(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,7 +113,8 @@ def _fit(config: IntentTrainConfig, spec: IntentSpec, splits: dict[str, str], ch
 
     resources = ray.cluster_resources()
     parameters = (pretrained_dir() / "model.safetensors").stat().st_size // 4  # float32 weights: 22.7M
-    scaling = resolve_scaling(config.scaling, parameters, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
+    scaling = resolve_scaling(config.scaling, parameters, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)),
+                              autoscaling=bool(settings.ray_address))
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
     datasets = {}
     for split in ("train", "val"):

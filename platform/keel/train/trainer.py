@@ -37,19 +37,30 @@ DATA_PARALLEL_MIN_PARAMS = 5_000_000
 HISTORY_FILE = "history.json"
 
 
-def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int) -> dict[str, Any]:
-    """Concrete worker count, CPUs and GPU use for ``ScalingConfig``."""
+def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int,
+                    autoscaling: bool = False) -> dict[str, Any]:
+    """Concrete worker count, CPUs and GPU use for ``ScalingConfig``.
+
+    ``cpus`` and ``gpus`` are what the cluster has now. With ``autoscaling`` (a
+    cluster at ``KEEL_RAY_ADDRESS``, where KubeRay's autoscaler adds the nodes a
+    request waits for, and the chart's GPU group starts at zero) a request
+    beyond them is what brings those nodes up, so it is not an error; on a
+    local Ray nothing would come, so it fails at once.
+    """
     use_gpu = gpus > 0 if spec.use_gpu == "auto" else spec.use_gpu
-    if use_gpu and gpus == 0:
+    if use_gpu and gpus == 0 and not autoscaling:
         raise TrainingError("scaling.use_gpu is true but the Ray cluster has no GPU; set it to auto or false.")
     if spec.num_workers != "auto":
         workers = spec.num_workers
     elif use_gpu:
-        workers = gpus
+        workers = max(gpus, 1)
     else:
         workers = 1 if param_count < DATA_PARALLEL_MIN_PARAMS else max(1, cpus // 2)
-    cpus_per_worker = max(1, cpus // workers) if spec.cpus_per_worker == "auto" else spec.cpus_per_worker
-    if workers * cpus_per_worker > max(cpus, 1):
+    if spec.cpus_per_worker != "auto":
+        cpus_per_worker = spec.cpus_per_worker
+    else:  # GPU nodes not up yet: their CPUs are unknown, so ask for Ray's default of one
+        cpus_per_worker = 1 if use_gpu and gpus == 0 else max(1, cpus // workers)
+    if workers * cpus_per_worker > max(cpus, 1) and not autoscaling:
         raise TrainingError(f"scaling asks for {workers} worker(s) x {cpus_per_worker} CPU(s) but Ray has "
                             f"{cpus} CPU(s); lower scaling.num_workers or scaling.cpus_per_worker.")
     return {"num_workers": workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu}
@@ -206,8 +217,8 @@ def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits
     import ray
 
     resources = ray.cluster_resources()
-    scaling = resolve_scaling(config.scaling, parameter_count(MLPClassifier(spec)),
-                              int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
+    scaling = resolve_scaling(config.scaling, parameter_count(MLPClassifier(spec)), int(resources.get("CPU", 1)),
+                              int(resources.get("GPU", 0)), autoscaling=bool(settings.ray_address))
     loop_config = {
         **config.model_dump(exclude={"scaling", "max_failures"}), "spec": spec.model_dump(),
         "feature_names": transform.feature_names, "threads_per_worker": scaling["cpus_per_worker"],

@@ -30,6 +30,19 @@ def test_impossible_scaling_says_what_to_change() -> None:
         resolve_scaling(ScalingSpec(num_workers=3, cpus_per_worker=2), 10, 2, 0)
 
 
+def test_on_an_autoscaling_cluster_a_request_beyond_the_nodes_up_waits_for_the_autoscaler() -> None:
+    """gpus=N on the chart's RayCluster, whose GPU group is scaled to zero: the request brings it up."""
+    gpu_job = ScalingSpec(num_workers=2, use_gpu=True)
+    assert resolve_scaling(gpu_job, 10, 4, 0, autoscaling=True) == {"num_workers": 2, "cpus_per_worker": 1,
+                                                                     "use_gpu": True}
+    assert resolve_scaling(ScalingSpec(use_gpu=True), 10, 4, 0, autoscaling=True)["num_workers"] == 1
+    wide = ScalingSpec(num_workers=3, cpus_per_worker=2)
+    assert resolve_scaling(wide, 10, 2, 0, autoscaling=True) == {"num_workers": 3, "cpus_per_worker": 2,
+                                                                 "use_gpu": False}
+    with pytest.raises(TrainingError, match="has no GPU"):  # a local Ray gets no new nodes
+        resolve_scaling(gpu_job, 10, 4, 0, autoscaling=False)
+
+
 def test_config_rejects_unknown_fields() -> None:
     with pytest.raises(ValueError, match="learning_rat"):
         TrainConfig.model_validate({"learning_rat": 0.1})

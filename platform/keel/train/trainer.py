@@ -60,9 +60,16 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int,
         cpus_per_worker = spec.cpus_per_worker
     else:  # GPU nodes not up yet: their CPUs are unknown, so ask for Ray's default of one
         cpus_per_worker = 1 if use_gpu and gpus == 0 else max(1, cpus // workers)
-    if workers * cpus_per_worker > max(cpus, 1) and not autoscaling:
+    beyond_cpus, beyond_gpus = workers * cpus_per_worker > max(cpus, 1), use_gpu and workers > gpus
+    if beyond_cpus and not autoscaling:
         raise TrainingError(f"scaling asks for {workers} worker(s) x {cpus_per_worker} CPU(s) but Ray has "
                             f"{cpus} CPU(s); lower scaling.num_workers or scaling.cpus_per_worker.")
+    if beyond_cpus or beyond_gpus:  # only reached with autoscaling
+        logging.getLogger(__name__).warning(
+            "waiting for the Ray autoscaler: %d worker(s) x %d CPU(s)%s asked for, %d CPU(s) and %d GPU(s) up now. "
+            "A cluster with no worker group that has them never gets them; stop the run and lower the request "
+            "(the pipeline's gpus, scaling.num_workers).", workers, cpus_per_worker,
+            " + 1 GPU each" if use_gpu else "", cpus, gpus)
     return {"num_workers": workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu}
 
 

@@ -30,11 +30,17 @@ def test_impossible_scaling_says_what_to_change() -> None:
         resolve_scaling(ScalingSpec(num_workers=3, cpus_per_worker=2), 10, 2, 0)
 
 
-def test_on_an_autoscaling_cluster_a_request_beyond_the_nodes_up_waits_for_the_autoscaler() -> None:
+def test_on_an_autoscaling_cluster_a_request_beyond_the_nodes_up_waits_for_the_autoscaler(
+        caplog: pytest.LogCaptureFixture) -> None:
     """gpus=N on the chart's RayCluster, whose GPU group is scaled to zero: the request brings it up."""
     gpu_job = ScalingSpec(num_workers=2, use_gpu=True)
     assert resolve_scaling(gpu_job, 10, 4, 0, autoscaling=True) == {"num_workers": 2, "cpus_per_worker": 1,
                                                                      "use_gpu": True}
+    assert "waiting for the Ray autoscaler: 2 worker(s) x 1 CPU(s) + 1 GPU each asked for, 4 CPU(s) and 0 GPU(s)" \
+        in caplog.text
+    caplog.clear()
+    resolve_scaling(ScalingSpec(), 10, 4, 0, autoscaling=True)  # fits what is up: nothing to wait for
+    assert "waiting" not in caplog.text
     assert resolve_scaling(ScalingSpec(use_gpu=True), 10, 4, 0, autoscaling=True)["num_workers"] == 1
     wide = ScalingSpec(num_workers=3, cpus_per_worker=2)
     assert resolve_scaling(wide, 10, 2, 0, autoscaling=True) == {"num_workers": 3, "cpus_per_worker": 2,

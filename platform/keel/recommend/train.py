@@ -24,7 +24,7 @@ from keel.recommend.model import (FactorizationSpec, MatrixFactorization, bpr_lo
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec
 from keel.train.loop import keep_best, report, restore, unwrap
-from keel.train.trainer import build_trainer, final_state, fit_or_fail, ray_session, resolve_scaling
+from keel.train.trainer import build_trainer, final_state, fit_or_fail, node_shape, ray_session, resolve_scaling
 
 VALIDATION_K = 10
 
@@ -161,7 +161,8 @@ def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str
 
     resources = ray.cluster_resources()
     params = (spec.users + 2 * spec.items) * spec.embedding_dim
-    scaling = resolve_scaling(ScalingSpec(use_gpu=False), params, int(resources.get("CPU", 1)), 0)
+    scaling = resolve_scaling(ScalingSpec(use_gpu=False), params, int(resources.get("CPU", 1)), 0,
+                              node_cpus=node_shape(ray.nodes())[0])
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
     # Materialized before the workers claim the CPUs: a lazy read would wait for a CPU that never frees.
     datasets = {}

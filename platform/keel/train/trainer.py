@@ -37,15 +37,27 @@ DATA_PARALLEL_MIN_PARAMS = 5_000_000
 HISTORY_FILE = "history.json"
 
 
-def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int,
-                    autoscaling: bool = False) -> dict[str, Any]:
+def node_shape(nodes: list[dict[str, Any]]) -> tuple[int, int]:
+    """From ``ray.nodes()``: the most CPUs on one live node, and the fewest CPUs per GPU on a live GPU node
+    (0 where there is none). A worker's CPUs must fit on one node, not just in the cluster's total."""
+    alive = [node["Resources"] for node in nodes if node.get("Alive")]
+    most_cpus = max((int(r.get("CPU", 0)) for r in alive), default=0)
+    per_gpu = [int(r.get("CPU", 0) // r["GPU"]) for r in alive if r.get("GPU", 0) >= 1]
+    return most_cpus, min(per_gpu, default=0)
+
+
+def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, autoscaling: bool = False,
+                    node_cpus: int = 0, node_cpus_per_gpu: int = 0) -> dict[str, Any]:
     """Concrete worker count, CPUs and GPU use for ``ScalingConfig``.
 
-    ``cpus`` and ``gpus`` are what the cluster has now. With ``autoscaling`` (a
-    cluster at ``KEEL_RAY_ADDRESS``, where KubeRay's autoscaler adds the nodes a
-    request waits for, and the chart's GPU group starts at zero) a request
-    beyond them is what brings those nodes up, so it is not an error; on a
-    local Ray nothing would come, so it fails at once.
+    ``cpus`` and ``gpus`` are what the cluster has now; ``node_cpus`` and
+    ``node_cpus_per_gpu`` (:func:`node_shape`; 0: unknown) cap a worker's
+    automatic CPUs at what one node can give it: on the prod overlay's two
+    4-CPU pods, one worker asking for all 8 CPUs would never be placed.
+    With ``autoscaling`` (a cluster at ``KEEL_RAY_ADDRESS``, where KubeRay's
+    autoscaler adds the nodes a request waits for, and the chart's GPU group
+    starts at zero) a request beyond them is what brings those nodes up, so it
+    is not an error; on a local Ray nothing would come, so it fails at once.
     """
     use_gpu = gpus > 0 if spec.use_gpu == "auto" else spec.use_gpu
     if use_gpu and gpus == 0 and not autoscaling:
@@ -58,8 +70,11 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int,
         workers = 1 if param_count < DATA_PARALLEL_MIN_PARAMS else max(1, cpus // 2)
     if spec.cpus_per_worker != "auto":
         cpus_per_worker = spec.cpus_per_worker
-    else:  # GPU nodes not up yet: their CPUs are unknown, so ask for Ray's default of one
-        cpus_per_worker = 1 if use_gpu and gpus == 0 else max(1, cpus // workers)
+    elif use_gpu and gpus == 0:  # GPU nodes not up yet: their CPUs are unknown, so ask for Ray's default of one
+        cpus_per_worker = 1
+    else:
+        one_node = node_cpus_per_gpu if use_gpu else node_cpus
+        cpus_per_worker = max(1, min(cpus // workers, one_node) if one_node else cpus // workers)
     beyond_cpus, beyond_gpus = workers * cpus_per_worker > max(cpus, 1), use_gpu and workers > gpus
     if beyond_cpus and not autoscaling:
         raise TrainingError(f"scaling asks for {workers} worker(s) x {cpus_per_worker} CPU(s) but Ray has "
@@ -224,8 +239,10 @@ def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits
     import ray
 
     resources = ray.cluster_resources()
+    node_cpus, node_cpus_per_gpu = node_shape(ray.nodes())
     scaling = resolve_scaling(config.scaling, parameter_count(MLPClassifier(spec)), int(resources.get("CPU", 1)),
-                              int(resources.get("GPU", 0)), autoscaling=bool(settings.ray_address))
+                              int(resources.get("GPU", 0)), autoscaling=bool(settings.ray_address),
+                              node_cpus=node_cpus, node_cpus_per_gpu=node_cpus_per_gpu)
     loop_config = {
         **config.model_dump(exclude={"scaling", "max_failures"}), "spec": spec.model_dump(),
         "feature_names": transform.feature_names, "threads_per_worker": scaling["cpus_per_worker"],

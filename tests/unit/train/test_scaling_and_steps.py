@@ -5,7 +5,7 @@ from keel.errors import TrainingError
 from keel.train.config import ScalingSpec, TrainConfig
 from keel.train.loop import evaluate_epoch, train_epoch
 from keel.train.model import MLPClassifier, MLPSpec, load_model, parameter_count, save_model
-from keel.train.trainer import DATA_PARALLEL_MIN_PARAMS, resolve_scaling
+from keel.train.trainer import DATA_PARALLEL_MIN_PARAMS, node_shape, resolve_scaling
 
 
 @pytest.mark.parametrize("params, cpus, gpus, expected", [
@@ -47,6 +47,21 @@ def test_on_an_autoscaling_cluster_a_request_beyond_the_nodes_up_waits_for_the_a
                                                                  "use_gpu": False}
     with pytest.raises(TrainingError, match="has no GPU"):  # a local Ray gets no new nodes
         resolve_scaling(gpu_job, 10, 4, 0, autoscaling=False)
+
+
+def test_a_worker_asks_for_no_more_cpus_than_one_node_has() -> None:
+    """The prod overlay: two 4-CPU pods in the CPU group, 8-CPU pods with one GPU each in the GPU group."""
+    pod = {"Alive": True, "Resources": {"CPU": 4.0, "memory": 1.0}}
+    gpu_pod = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    head = {"Alive": True, "Resources": {"memory": 1.0}}  # num-cpus 0
+    gone = {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}
+    assert node_shape([head, pod, pod, gone]) == (4, 0)
+    assert node_shape([head, pod, pod, gpu_pod, gpu_pod]) == (8, 8)
+    small_model = resolve_scaling(ScalingSpec(), 10_000, 8, 0, autoscaling=True, node_cpus=4)
+    assert small_model == {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": False}
+    on_gpus = resolve_scaling(ScalingSpec(), 10_000, 24, 2, autoscaling=True, node_cpus=8, node_cpus_per_gpu=8)
+    assert on_gpus == {"num_workers": 2, "cpus_per_worker": 8, "use_gpu": True}
+    assert resolve_scaling(ScalingSpec(), 10_000, 16, 0, node_cpus=16)["cpus_per_worker"] == 16  # one machine
 
 
 def test_config_rejects_unknown_fields() -> None:

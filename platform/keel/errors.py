@@ -79,4 +79,3 @@ def validation_problems(error: ValidationError) -> str:
         path = ".".join(str(p) for p in err["loc"])
         problems.append(f"{path}: {message}" if path else message)
     return "; ".join(problems)
-

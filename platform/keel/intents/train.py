@@ -22,7 +22,7 @@ from keel.intents.model import IntentSpec, classifier_shape, pretrained_classifi
 from keel.intents.prepare import tokenizer_of
 from keel.settings import KeelSettings
 from keel.train.loop import TrainState, evaluate_epoch, fit_epochs, restore
-from keel.train.trainer import build_trainer, final_state, fit_or_fail, node_shape, ray_session, resolve_scaling
+from keel.train.trainer import build_trainer, cluster_scaling, final_state, fit_or_fail, ray_session
 
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "label"]
 EVAL_BATCH = 256
@@ -108,15 +108,10 @@ def train_intents_stage(settings: KeelSettings, splits_uri: str, config: dict[st
 
 def _fit(config: IntentTrainConfig, spec: IntentSpec, splits: dict[str, str], checkpoint_uri: str, run_name: str,
          settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
-    import ray
     import ray.data
 
-    resources = ray.cluster_resources()
     parameters = (pretrained_dir() / "model.safetensors").stat().st_size // 4  # float32 weights: 22.7M
-    node_cpus, node_cpus_per_gpu = node_shape(ray.nodes())
-    scaling = resolve_scaling(config.scaling, parameters, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)),
-                              autoscaling=bool(settings.ray_address), node_cpus=node_cpus,
-                              node_cpus_per_gpu=node_cpus_per_gpu)
+    scaling = cluster_scaling(config.scaling, parameters, settings)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
     datasets = {}
     for split in ("train", "val"):

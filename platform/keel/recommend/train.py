@@ -24,7 +24,7 @@ from keel.recommend.model import (FactorizationSpec, MatrixFactorization, bpr_lo
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec
 from keel.train.loop import keep_best, report, restore, unwrap
-from keel.train.trainer import build_trainer, final_state, fit_or_fail, node_shape, ray_session, resolve_scaling
+from keel.train.trainer import build_trainer, cluster_scaling, final_state, fit_or_fail, ray_session
 
 VALIDATION_K = 10
 
@@ -155,14 +155,11 @@ def train_recommender_stage(settings: KeelSettings, splits_uri: str, config: dic
 
 def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str, str], checkpoint_uri: str,
          run_name: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
-    import ray
     import ray.data
     from ray.train import DataConfig
 
-    resources = ray.cluster_resources()
     params = (spec.users + 2 * spec.items) * spec.embedding_dim
-    scaling = resolve_scaling(ScalingSpec(use_gpu=False), params, int(resources.get("CPU", 1)), 0,
-                              node_cpus=node_shape(ray.nodes())[0])
+    scaling = cluster_scaling(ScalingSpec(use_gpu=False), params, settings)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
     # Materialized before the workers claim the CPUs: a lazy read would wait for a CPU that never frees.
     datasets = {}

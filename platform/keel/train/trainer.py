@@ -88,6 +88,18 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, a
     return {"num_workers": workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu}
 
 
+def cluster_scaling(spec: ScalingSpec, param_count: int, settings: KeelSettings) -> dict[str, Any]:
+    """:func:`resolve_scaling` for the Ray cluster this process is connected to: its resources now, its nodes'
+    shape, and whether an autoscaler can add more (a cluster at ``KEEL_RAY_ADDRESS``)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    node_cpus, node_cpus_per_gpu = node_shape(ray.nodes())
+    return resolve_scaling(spec, param_count, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)),
+                           autoscaling=bool(settings.ray_address), node_cpus=node_cpus,
+                           node_cpus_per_gpu=node_cpus_per_gpu)
+
+
 @contextmanager
 def ray_session(settings: KeelSettings) -> Iterator[float]:
     """Connect to ``KEEL_RAY_ADDRESS`` or start a local Ray; yields the start-up seconds."""
@@ -236,13 +248,7 @@ def train_stage(settings: KeelSettings, splits_uri: str, config: dict[str, Any],
 def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits: dict[str, str],
          checkpoint_uri: str, run_name: str, mlflow_run_id: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
     """Size the workers to the cluster, build the trainer and run it; Ray must be initialized."""
-    import ray
-
-    resources = ray.cluster_resources()
-    node_cpus, node_cpus_per_gpu = node_shape(ray.nodes())
-    scaling = resolve_scaling(config.scaling, parameter_count(MLPClassifier(spec)), int(resources.get("CPU", 1)),
-                              int(resources.get("GPU", 0)), autoscaling=bool(settings.ray_address),
-                              node_cpus=node_cpus, node_cpus_per_gpu=node_cpus_per_gpu)
+    scaling = cluster_scaling(config.scaling, parameter_count(MLPClassifier(spec)), settings)
     loop_config = {
         **config.model_dump(exclude={"scaling", "max_failures"}), "spec": spec.model_dump(),
         "feature_names": transform.feature_names, "threads_per_worker": scaling["cpus_per_worker"],

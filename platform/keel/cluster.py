@@ -21,9 +21,9 @@ CONFIG_MAP = "keel-config"
 CREDENTIALS_SECRET = "keel-credentials"
 # Keys of the chart's ConfigMap (a test compares them with the rendered chart).
 CONFIG_MAP_KEYS = ("KEEL_MLFLOW_TRACKING_URI", "KEEL_EXPERIMENT_NAME", "KEEL_S3_ENDPOINT", "KEEL_S3_REGION",
-                   "KEEL_ARTIFACT_ROOT", "MLFLOW_S3_ENDPOINT_URL", "KEEL_RAY_ADDRESS", "KEEL_RAY_SERVICE",
-                   "KEEL_KUBE_NAMESPACE", "KEEL_KFP_HOST", "KEEL_PUSHGATEWAY_URL", "KEEL_HOME",
-                   "MLFLOW_TRACKING_USERNAME")
+                   "KEEL_ARTIFACT_ROOT", "MLFLOW_S3_ENDPOINT_URL", "KEEL_RAY_ADDRESS", "KEEL_RAY_AUTOSCALING",
+                   "KEEL_RAY_MAX_GPUS", "KEEL_RAY_SERVICE", "KEEL_KUBE_NAMESPACE", "KEEL_KFP_HOST",
+                   "KEEL_PUSHGATEWAY_URL", "KEEL_HOME", "MLFLOW_TRACKING_USERNAME")
 # Secret key -> variable: S3 credentials for Keel and boto3 (MLflow), required.
 S3_CREDENTIALS = {"s3-access-key": "KEEL_S3_ACCESS_KEY", "s3-secret-key": "KEEL_S3_SECRET_KEY"}
 # Optional ones: Ray's token for the Job Submission API, MLflow's password when its auth app is on.

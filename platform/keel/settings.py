@@ -47,6 +47,16 @@ class KeelSettings(BaseSettings):
         default="",
         description="Ray cluster address (ray://host:10001 or auto). Empty: start a local Ray.",
     )
+    ray_autoscaling: bool = Field(
+        default=True,
+        description="Whether the cluster at KEEL_RAY_ADDRESS adds worker nodes for requests that wait (KubeRay's "
+                    "autoscaler; the chart sets it). False: a request beyond the nodes up now fails at once.",
+    )
+    ray_max_gpus: int | None = Field(
+        default=None, ge=0,
+        description="The most GPUs the cluster at KEEL_RAY_ADDRESS can grow to (the chart sums its worker groups). "
+                    "A run asking for more fails at once. Empty: unknown, so such a run waits for the autoscaler.",
+    )
     ray_dashboard_url: str = Field(
         default="",
         description="Ray dashboard URL for the Serve REST API (http://head:8265). Empty: a local head.",
@@ -91,6 +101,12 @@ class KeelSettings(BaseSettings):
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{self.home / 'mlflow.db'}")
         return self
+
+    @property
+    def ray_can_grow(self) -> bool:
+        """A request beyond the Ray nodes up now may still be placed: a cluster whose autoscaler adds the nodes it
+        waits for (the chart's GPU group starts at zero). A local Ray gets no new nodes, so it should fail fast."""
+        return bool(self.ray_address) and self.ray_autoscaling
 
     @property
     def serve_dashboard_url(self) -> str:

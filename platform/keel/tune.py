@@ -23,6 +23,7 @@ from keel.data.transform import FeatureTransform
 from keel.errors import TuningError
 from keel.settings import KeelSettings
 from keel.train.config import TrainConfig
+from keel.train.trainer import check_gpu_capacity
 
 TRIALS_FILE = "trials.json"
 TRIAL_TAG = "keel.tune.trial"
@@ -123,13 +124,16 @@ def trial_resources(config: TuneConfig, cpus: int, gpus: int) -> tuple[dict[str,
     return per_trial, max(1, min(concurrent, config.num_samples))
 
 
-def trial_gpus(train_config: TrainConfig, cluster_gpus: int, autoscaling: bool) -> int:
+def trial_gpus(train_config: TrainConfig, cluster_gpus: int, autoscaling: bool, max_gpus: int | None = None) -> int:
     """GPUs to spread trials over: the cluster's now or, where the run asked for GPU workers (the pipeline's
     ``gpus``) on an autoscaling cluster, as many as it asked for: trials that request them bring the
-    scaled-to-zero GPU group up, as the train step's workers do."""
+    scaled-to-zero GPU group up, as the train step's workers do. More than the cluster can grow to
+    (``max_gpus``) fails here, before any trial waits for them."""
     scaling = train_config.scaling
     if autoscaling and scaling.use_gpu is True:
-        return max(cluster_gpus, scaling.num_workers if isinstance(scaling.num_workers, int) else 1)
+        asked = scaling.num_workers if isinstance(scaling.num_workers, int) else 1
+        check_gpu_capacity(asked, max_gpus)
+        return max(cluster_gpus, asked)
     return cluster_gpus
 
 
@@ -265,7 +269,8 @@ def search(config: TuneConfig, train_config: TrainConfig, data: dict[str, Any], 
 
     with ray_session(settings), tempfile.TemporaryDirectory(prefix="keel-tune-") as scratch:
         resources = ray.cluster_resources()
-        gpus = trial_gpus(train_config, int(resources.get("GPU", 0)), autoscaling=bool(settings.ray_address))
+        gpus = trial_gpus(train_config, int(resources.get("GPU", 0)), autoscaling=settings.ray_can_grow,
+                          max_gpus=settings.ray_max_gpus)
         tuner = build_tuner(config, train_config, data, str(Path(scratch)), run_name,
                             int(resources.get("CPU", 1)), gpus, method)
         return trial_records(tuner.fit(), config)

@@ -302,6 +302,21 @@ def test_the_prod_shape_trains_on_gpus(rendered: dict[str, Path]) -> None:
         assert gpu["containers"][0]["image"].endswith("-cuda")
         assert gpu["tolerations"][0]["key"] == "nvidia.com/gpu" and groups["gpu"]["maxReplicas"] == 4
         assert cluster["spec"]["enableInTreeAutoscaling"] is True
+        (config,) = [c for c in by_kind(rendered[shape], "ConfigMap") if c["metadata"]["name"] == "keel-config"]
+        # gpus x maxReplicas over the groups: a run asking for more fails at once rather than waiting for nodes
+        assert config["data"]["KEEL_RAY_MAX_GPUS"] == "4" and config["data"]["KEEL_RAY_AUTOSCALING"] == "true"
+
+
+@pytest.mark.parametrize("autoscaling, max_gpus", [("true", "6"), ("false", "2")])
+def test_the_config_map_gives_the_gpus_the_cluster_can_grow_to(autoscaling: str, max_gpus: str) -> None:
+    """The prod GPU group at two GPUs per pod, one pod up of at most three (the CPU group has none): six with
+    the autoscaler, the two up without it."""
+    group = "ray.training.workerGroups.gpu."
+    text = render.helm_template(render.CHART / "ci" / "prod-values.yaml", (), "--set",
+                                f"ray.training.autoscaling={autoscaling},{group}replicas=1,{group}maxReplicas=3,"
+                                f"{group}gpus=2")
+    (config,) = [d for d in render.documents(text) if d["metadata"]["name"] == "keel-config"]
+    assert config["data"]["KEEL_RAY_MAX_GPUS"] == max_gpus and config["data"]["KEEL_RAY_AUTOSCALING"] == autoscaling
 
 
 # -- manifests: rendered from the chart, applying what helm installs ----------------------------

@@ -57,3 +57,19 @@ def test_settings_are_frozen(keel_home: Path) -> None:
 ])
 def test_serve_dashboard_url(keel_home: Path, address: str, dashboard: str, expected: str) -> None:
     assert load_settings(ray_address=address, ray_dashboard_url=dashboard).serve_dashboard_url == expected
+
+
+@pytest.mark.parametrize("address, autoscaling, can_grow", [
+    ("", "true", False),  # a local Ray: nothing adds nodes
+    ("auto", "true", True),  # a Ray job on the chart's autoscaling RayCluster
+    ("auto", "false", False),  # the dev overlay's fixed-size cluster
+])
+def test_only_a_cluster_with_an_autoscaler_can_grow(keel_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    address: str, autoscaling: str, can_grow: bool) -> None:
+    monkeypatch.setenv("KEEL_RAY_AUTOSCALING", autoscaling)
+    monkeypatch.setenv("KEEL_RAY_MAX_GPUS", "4")
+    settings = load_settings(ray_address=address)
+    assert settings.ray_can_grow is can_grow and settings.ray_max_gpus == 4
+    monkeypatch.setenv("KEEL_RAY_MAX_GPUS", "-1")
+    with pytest.raises(ConfigError, match="KEEL_RAY_MAX_GPUS"):
+        load_settings()

@@ -13,7 +13,7 @@ import pytest
 
 from keel import storage, tracking
 from keel.config import SearchDimension, TuneConfig
-from keel.errors import ConfigError
+from keel.errors import ConfigError, TrainingError
 from keel.train.config import TrainConfig
 from keel.tune import (decode_trial, ranking_metric, ray_search_space, run_trial, trial_gpus, trial_resources, tune,
                        tuned_train_config)
@@ -73,6 +73,9 @@ def test_trials_wait_for_the_gpus_a_run_asked_for_only_where_an_autoscaler_bring
     assert trial_gpus(asked, cluster_gpus=4, autoscaling=True) == 4
     assert trial_gpus(asked, cluster_gpus=0, autoscaling=False) == 0  # a local Ray gets no GPU node
     assert trial_gpus(TrainConfig(), cluster_gpus=0, autoscaling=True) == 0  # use_gpu auto: what is there
+    assert trial_gpus(asked, cluster_gpus=0, autoscaling=True, max_gpus=2) == 2
+    with pytest.raises(TrainingError, match="can grow to 1 GPU"):  # before any trial waits for a second GPU
+        trial_gpus(asked, cluster_gpus=0, autoscaling=True, max_gpus=1)
 
 
 def test_trials_report_their_best_epoch_so_far_which_ranks_them(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -147,6 +147,18 @@ seccompProfile:
 {{- printf "%s-train-head-svc.%s.svc.cluster.local" (include "keel.fullname" .) .Release.Namespace }}
 {{- end }}
 
+{{/* The most GPUs the training RayCluster can grow to: each group's gpus x maxReplicas (x replicas without the
+autoscaler). Keel fails a run that asks for more at once instead of letting it wait for nodes that never come. */}}
+{{- define "keel.rayMaxGpus" -}}
+{{- $training := .Values.ray.training -}}
+{{- $total := 0 -}}
+{{- range $name, $group := $training.workerGroups -}}
+{{- $pods := ternary $group.maxReplicas $group.replicas $training.autoscaling -}}
+{{- $total = add $total (mul (int $group.gpus) (int $pods)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+
 {{- define "keel.serveName" -}}
 {{- printf "%s-serve" (include "keel.fullname" .) }}
 {{- end }}

@@ -46,8 +46,17 @@ def node_shape(nodes: list[dict[str, Any]]) -> tuple[int, int]:
     return most_cpus, min(per_gpu, default=0)
 
 
+def check_gpu_capacity(requested: int, max_gpus: int | None) -> None:
+    """Fail now where the cluster can never hold ``requested`` GPUs: a request no worker group can meet would
+    otherwise wait for the autoscaler until the step's timeout (6 h). ``None``: the capacity is unknown."""
+    if max_gpus is not None and requested > max_gpus:
+        raise TrainingError(f"the run asks for {requested} GPU worker(s) but the Ray cluster can grow to {max_gpus} "
+                            "GPU(s) (KEEL_RAY_MAX_GPUS, from the chart's ray.training.workerGroups); lower the "
+                            "pipeline's gpus (scaling.num_workers) or give the cluster a GPU worker group.")
+
+
 def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, autoscaling: bool = False,
-                    node_cpus: int = 0, node_cpus_per_gpu: int = 0) -> dict[str, Any]:
+                    node_cpus: int = 0, node_cpus_per_gpu: int = 0, max_gpus: int | None = None) -> dict[str, Any]:
     """Concrete worker count, CPUs and GPU use for ``ScalingConfig``.
 
     ``cpus`` and ``gpus`` are what the cluster has now; ``node_cpus`` and
@@ -57,7 +66,8 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, a
     With ``autoscaling`` (a cluster at ``KEEL_RAY_ADDRESS``, where KubeRay's
     autoscaler adds the nodes a request waits for, and the chart's GPU group
     starts at zero) a request beyond them is what brings those nodes up, so it
-    is not an error; on a local Ray nothing would come, so it fails at once.
+    is not an error, unless it is more than ``max_gpus``, the most the cluster
+    can grow to; on a local Ray nothing would come, so it fails at once.
     """
     use_gpu = gpus > 0 if spec.use_gpu == "auto" else spec.use_gpu
     if use_gpu and gpus == 0 and not autoscaling:
@@ -76,6 +86,11 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, a
         one_node = node_cpus_per_gpu if use_gpu else node_cpus
         cpus_per_worker = max(1, min(cpus // workers, one_node) if one_node else cpus // workers)
     beyond_cpus, beyond_gpus = workers * cpus_per_worker > max(cpus, 1), use_gpu and workers > gpus
+    if use_gpu and autoscaling:
+        check_gpu_capacity(workers, max_gpus)
+    if beyond_gpus and not autoscaling:
+        raise TrainingError(f"scaling asks for {workers} GPU worker(s) but Ray has {gpus} GPU(s); lower "
+                            "scaling.num_workers (the pipeline's gpus).")
     if beyond_cpus and not autoscaling:
         raise TrainingError(f"scaling asks for {workers} worker(s) x {cpus_per_worker} CPU(s) but Ray has "
                             f"{cpus} CPU(s); lower scaling.num_workers or scaling.cpus_per_worker.")
@@ -90,14 +105,14 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, a
 
 def cluster_scaling(spec: ScalingSpec, param_count: int, settings: KeelSettings) -> dict[str, Any]:
     """:func:`resolve_scaling` for the Ray cluster this process is connected to: its resources now, its nodes'
-    shape, and whether an autoscaler can add more (a cluster at ``KEEL_RAY_ADDRESS``)."""
+    shape, whether an autoscaler can add more, and up to how many GPUs (:class:`KeelSettings`)."""
     import ray
 
     resources = ray.cluster_resources()
     node_cpus, node_cpus_per_gpu = node_shape(ray.nodes())
     return resolve_scaling(spec, param_count, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)),
-                           autoscaling=bool(settings.ray_address), node_cpus=node_cpus,
-                           node_cpus_per_gpu=node_cpus_per_gpu)
+                           autoscaling=settings.ray_can_grow, node_cpus=node_cpus,
+                           node_cpus_per_gpu=node_cpus_per_gpu, max_gpus=settings.ray_max_gpus)
 
 
 @contextmanager

@@ -49,6 +49,19 @@ def test_on_an_autoscaling_cluster_a_request_beyond_the_nodes_up_waits_for_the_a
         resolve_scaling(gpu_job, 10, 4, 0, autoscaling=False)
 
 
+def test_a_gpu_request_beyond_what_the_cluster_can_grow_to_fails_at_once() -> None:
+    """The chart writes KEEL_RAY_MAX_GPUS from its worker groups: without it a cluster with no GPU group would
+    leave the step waiting for the autoscaler until its timeout."""
+    gpu_job = ScalingSpec(num_workers=2, use_gpu=True)
+    assert resolve_scaling(gpu_job, 10, 4, 0, autoscaling=True, max_gpus=4)["num_workers"] == 2  # waits, in reach
+    for max_gpus in (0, 1):
+        with pytest.raises(TrainingError, match=f"can grow to {max_gpus} GPU.*KEEL_RAY_MAX_GPUS.*gpus"):
+            resolve_scaling(gpu_job, 10, 4, 0, autoscaling=True, max_gpus=max_gpus)
+    assert resolve_scaling(ScalingSpec(), 10, 4, 0, autoscaling=True, max_gpus=0)["use_gpu"] is False  # auto
+    with pytest.raises(TrainingError, match="asks for 2 GPU worker.*Ray has 1 GPU"):  # nothing will add the second
+        resolve_scaling(gpu_job, 10, 4, 1, autoscaling=False)
+
+
 def test_a_worker_asks_for_no_more_cpus_than_one_node_has() -> None:
     """The prod overlay: two 4-CPU pods in the CPU group, 8-CPU pods with one GPU each in the GPU group."""
     pod = {"Alive": True, "Resources": {"CPU": 4.0, "memory": 1.0}}

@@ -23,7 +23,7 @@ from keel.data.transform import FeatureTransform
 from keel.errors import TuningError
 from keel.settings import KeelSettings
 from keel.train.config import TrainConfig
-from keel.train.trainer import check_gpu_capacity
+from keel.train.trainer import check_gpu_workers
 
 TRIALS_FILE = "trials.json"
 TRIAL_TAG = "keel.tune.trial"
@@ -127,13 +127,13 @@ def trial_resources(config: TuneConfig, cpus: int, gpus: int) -> tuple[dict[str,
 def trial_gpus(train_config: TrainConfig, cluster_gpus: int, autoscaling: bool, max_gpus: int | None = None) -> int:
     """GPUs to spread trials over: the cluster's now or, where the run asked for GPU workers (the pipeline's
     ``gpus``) on an autoscaling cluster, as many as it asked for: trials that request them bring the
-    scaled-to-zero GPU group up, as the train step's workers do. More than the cluster can grow to
-    (``max_gpus``) fails here, before any trial waits for them."""
+    scaled-to-zero GPU group up, as the train step's workers do. GPUs the cluster can never have fail here,
+    before the trials run: the train step after them would fail on them anyway."""
     scaling = train_config.scaling
-    if autoscaling and scaling.use_gpu is True:
+    if scaling.use_gpu is True:
         asked = scaling.num_workers if isinstance(scaling.num_workers, int) else 1
-        check_gpu_capacity(asked, max_gpus)
-        return max(cluster_gpus, asked)
+        check_gpu_workers(asked, cluster_gpus, autoscaling, max_gpus)
+        return max(cluster_gpus, asked) if autoscaling else cluster_gpus
     return cluster_gpus
 
 

@@ -65,13 +65,15 @@ def test_trials_run_one_per_cpu_or_gpu(cpus: int, gpus: int, samples: int, expec
     assert trial_resources(config, cpus, gpus) == expected
 
 
-def test_trials_wait_for_the_gpus_a_run_asked_for_only_where_an_autoscaler_brings_them() -> None:
+def test_trials_wait_for_the_gpus_a_run_asked_for_only_where_an_autoscaler_brings_them_in_reach() -> None:
     from keel.train.config import with_gpus
 
     asked = with_gpus(TrainConfig(), 2)  # the pipeline's gpus=2
     assert trial_gpus(asked, cluster_gpus=0, autoscaling=True) == 2
     assert trial_gpus(asked, cluster_gpus=4, autoscaling=True) == 4
-    assert trial_gpus(asked, cluster_gpus=0, autoscaling=False) == 0  # a local Ray gets no GPU node
+    with pytest.raises(TrainingError, match="has 0 GPU"):  # a local Ray gets no GPU node: fail before the trials
+        trial_gpus(asked, cluster_gpus=0, autoscaling=False)
+    assert trial_gpus(asked, cluster_gpus=3, autoscaling=False) == 3
     assert trial_gpus(TrainConfig(), cluster_gpus=0, autoscaling=True) == 0  # use_gpu auto: what is there
     assert trial_gpus(asked, cluster_gpus=0, autoscaling=True, max_gpus=2) == 2
     with pytest.raises(TrainingError, match="can grow to 1 GPU"):  # before any trial waits for a second GPU

@@ -46,11 +46,16 @@ def node_shape(nodes: list[dict[str, Any]]) -> tuple[int, int]:
     return most_cpus, min(per_gpu, default=0)
 
 
-def check_gpu_capacity(requested: int, max_gpus: int | None) -> None:
-    """Fail now where the cluster can never hold ``requested`` GPUs: a request no worker group can meet would
-    otherwise wait for the autoscaler until the step's timeout (6 h). ``None``: the capacity is unknown."""
-    if max_gpus is not None and requested > max_gpus:
-        raise TrainingError(f"the run asks for {requested} GPU worker(s) but the Ray cluster can grow to {max_gpus} "
+def check_gpu_workers(asked: int, gpus_now: int, can_grow: bool, max_gpus: int | None) -> None:
+    """Fail now where ``asked`` GPU workers can never be placed, before any work waits for them: on a Ray that
+    gets no new nodes, more than it has; on an autoscaling cluster, more than it can grow to (``max_gpus``;
+    ``None``: unknown), which would otherwise wait for the autoscaler until the step's timeout (6 h)."""
+    if not can_grow and asked > gpus_now:
+        raise TrainingError(f"the run asks for {asked} GPU worker(s) but the Ray cluster has {gpus_now} GPU(s) and "
+                            "no autoscaler to add more; lower the pipeline's gpus (0 trains on CPU) or "
+                            "scaling.num_workers, or set scaling.use_gpu to auto.")
+    if can_grow and max_gpus is not None and asked > max_gpus:
+        raise TrainingError(f"the run asks for {asked} GPU worker(s) but the Ray cluster can grow to {max_gpus} "
                             "GPU(s) (KEEL_RAY_MAX_GPUS, from the chart's ray.training.workerGroups); lower the "
                             "pipeline's gpus (scaling.num_workers) or give the cluster a GPU worker group.")
 
@@ -70,8 +75,6 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, a
     can grow to; on a local Ray nothing would come, so it fails at once.
     """
     use_gpu = gpus > 0 if spec.use_gpu == "auto" else spec.use_gpu
-    if use_gpu and gpus == 0 and not autoscaling:
-        raise TrainingError("scaling.use_gpu is true but the Ray cluster has no GPU; set it to auto or false.")
     if spec.num_workers != "auto":
         workers = spec.num_workers
     elif use_gpu:
@@ -85,12 +88,9 @@ def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, a
     else:
         one_node = node_cpus_per_gpu if use_gpu else node_cpus
         cpus_per_worker = max(1, min(cpus // workers, one_node) if one_node else cpus // workers)
+    if use_gpu:
+        check_gpu_workers(workers, gpus, autoscaling, max_gpus)
     beyond_cpus, beyond_gpus = workers * cpus_per_worker > max(cpus, 1), use_gpu and workers > gpus
-    if use_gpu and autoscaling:
-        check_gpu_capacity(workers, max_gpus)
-    if beyond_gpus and not autoscaling:
-        raise TrainingError(f"scaling asks for {workers} GPU worker(s) but Ray has {gpus} GPU(s); lower "
-                            "scaling.num_workers (the pipeline's gpus).")
     if beyond_cpus and not autoscaling:
         raise TrainingError(f"scaling asks for {workers} worker(s) x {cpus_per_worker} CPU(s) but Ray has "
                             f"{cpus} CPU(s); lower scaling.num_workers or scaling.cpus_per_worker.")

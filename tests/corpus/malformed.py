@@ -117,7 +117,11 @@ CASES: list[Case] = [
     _text("null_bytes.csv", GOOD_CSV.replace("Lyon", "Ly\x00on"), "null byte"),
     _text("duplicate_columns.csv", GOOD_CSV.replace("city", "age", 1), "duplicate column name(s) ['age']"),
     _text("unnamed_column.csv", GOOD_CSV.replace("city", "", 1), "without a name at position(s) [2]"),
-    _text("semicolon_delimited.csv", good_frame().to_csv(index=False, sep=";"), "column 'age': missing from the data"),
+    _text("semicolon_delimited.csv", good_frame().to_csv(index=False, sep=";"), "looks semicolon-separated",
+          "re-save it with commas"),
+    _text("renamed_header.csv", GOOD_CSV.replace("age,income", "Age,Income", 1),
+          "2 contract column(s) are in the data under near names", "'Age' -> 'age', 'Income' -> 'income'"),
+    _text("tab_delimited.csv", good_frame().to_csv(index=False, sep="\t"), "looks tab-separated"),
     _text("giant_field.csv", GOOD_CSV.replace("Porto", "P" * GIANT, 1), "column 'city'", "characters"),
     # ---- CSV: contents
     Case("mixed_types.csv", lambda: _csv(_with(age={3: "thirty"})), ("column 'age'", "not numbers", "thirty")),

@@ -68,6 +68,20 @@ def _reject_null_bytes(uri: str, path: Path) -> None:
             offset += len(chunk)
 
 
+OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def _reject_other_delimiters(uri: str, header: list[str]) -> None:
+    """A header read as one column holding another delimiter: the file is not comma-separated. Reading it on
+    would fail later on every contract column at once; guessing the delimiter could misread the values."""
+    if len(header) != 1:
+        return
+    for delimiter, name in OTHER_DELIMITERS.items():
+        if delimiter in header[0]:
+            raise DataError(f"{uri}: the header is one column, {header[0][:60]!r}..., split by {name}s: the file "
+                            f"looks {name}-separated, and Keel reads comma-separated CSV; re-save it with commas.")
+
+
 def _read_csv(uri: str, path: Path) -> pd.DataFrame:
     try:
         with path.open(newline="", encoding="utf-8") as f:
@@ -78,6 +92,7 @@ def _read_csv(uri: str, path: Path) -> pd.DataFrame:
         raise DataError(f"{uri}: empty file or no header row; the first line must name the columns.")
     if all(_looks_numeric(cell) for cell in header):
         raise DataError(f"{uri}: the first row holds values, not column names; add a header row.")
+    _reject_other_delimiters(uri, header)
     _reject_duplicate_columns(uri, header)
     _reject_null_bytes(uri, path)
     try:

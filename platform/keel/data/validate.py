@@ -8,6 +8,7 @@ the quality report as JSON and HTML.
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 import numpy as np
@@ -91,17 +92,38 @@ def _column_report(name: str, column: pd.Series, spec: ColumnSpec, contract: Dat
     return entry, violations
 
 
+def _name_key(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
+
+
+def _missing_column_problems(expected: list[str], found: list[str]) -> list[str]:
+    """One line for the contract columns the data has under near names (case, spaces, punctuation) and one for
+    the rest: a file with another header would otherwise print its whole header once per contract column."""
+    spare = {_name_key(column): column for column in found if column not in expected}
+    missing = [name for name in expected if name not in found]
+    renamed = {name: spare[_name_key(name)] for name in missing if _name_key(name) in spare}
+    absent = [name for name in missing if name not in renamed]
+    problems = []
+    if renamed:
+        renames = ", ".join(f"{near!r} -> {name!r}" for name, near in renamed.items())
+        problems.append(f"{len(renamed)} contract column(s) are in the data under near names; rename them to "
+                        f"match the contract: {renames}")
+    if absent:
+        named = f"column {absent[0]!r}" if len(absent) == 1 else f"columns {absent}"
+        problems.append(f"{named}: missing from the data (found {found})")
+    return problems
+
+
 def quality_report(frame: pd.DataFrame, contract: DataContract) -> dict[str, Any]:
     """Per-column quality figures plus every contract violation found."""
     rows = len(frame)
-    violations: list[str] = []
+    found = sorted(map(str, frame.columns))
+    violations = _missing_column_problems(list(contract.columns), found)
     columns: dict[str, Any] = {}
     for name, spec in contract.columns.items():
-        if name not in frame.columns:
-            violations.append(f"column {name!r}: missing from the data (found {sorted(map(str, frame.columns))})")
-            continue
-        columns[name], problems = _column_report(name, frame[name], spec, contract, rows)
-        violations.extend(problems)
+        if name in frame.columns:
+            columns[name], problems = _column_report(name, frame[name], spec, contract, rows)
+            violations.extend(problems)
     duplicates = int(frame.duplicated().sum())
     limits = contract.thresholds
     if rows < limits.min_rows:

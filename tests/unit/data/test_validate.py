@@ -65,6 +65,17 @@ def test_violations_name_column_and_count(frame, message: str, make_contract: Ca
     assert any(__import__("re").search(message, v) for v in report["violations"]), report["violations"]
 
 
+def test_missing_columns_are_one_line_with_the_header_once(make_contract: Callable[..., DataContract]) -> None:
+    """A file with another header (here: every name upper-cased but one dropped) must not print its whole
+    header once per contract column; columns there under a near name are named with the rename to make."""
+    frame = small_frame(100).drop(columns=["weight"])
+    frame.columns = [name.upper() for name in frame.columns]
+    violations = quality_report(frame, make_contract())["violations"]
+    renamed = [v for v in violations if "near names" in v]
+    assert len(renamed) == 1 and "'SIZE' -> 'size'" in renamed[0] and "'OUTCOME' -> 'outcome'" in renamed[0]
+    assert violations == [*renamed, f"column 'weight': missing from the data (found {sorted(frame.columns)})"]
+
+
 def test_duplicates_beyond_threshold(make_contract: Callable[..., DataContract]) -> None:
     frame = small_frame(50)
     doubled = pd.concat([frame, frame.head(20)], ignore_index=True)

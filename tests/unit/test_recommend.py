@@ -57,7 +57,10 @@ def test_users_with_too_few_interactions_stay_in_train() -> None:
 @pytest.mark.parametrize("change, message", [
     ({"drop": "item_id"}, r"missing column\(s\) \['item_id'\]"),
     ({"user_id": [-1, 2]}, "column 'user_id': 1 value"),
-    ({"timestamp": ["soon", 3]}, "column 'timestamp'"),
+    ({"timestamp": ["soon", 3]}, "column 'timestamp': 1 value.*integers or ISO 8601 date-times"),
+    ({"timestamp": ["2024-05-01T10:00:00Z", "soon"]}, "column 'timestamp': 1 value"),
+    ({"user_id": [10**9, 2]}, r"'user_id' runs up to 1,000,000,000 for 2 distinct ids: number them 0..N-1"),
+    ({"user_id": [60_000, 2], "item_id": [40_000, 4]}, r"60,001 x 40,001 users x items mask \(2.2 GiB"),
     ({"event": ["view", "wishlist"]}, r"column 'event': unknown value\(s\) \['wishlist'\]"),
 ])
 def test_bad_interaction_files_are_rejected_by_column(change: dict, message: str) -> None:
@@ -68,6 +71,16 @@ def test_bad_interaction_files_are_rejected_by_column(change: dict, message: str
         frame = frame.assign(**change)
     with pytest.raises(DataError, match=message):
         check_interactions(frame, "clicks.csv")
+
+
+def test_timestamps_may_be_date_times_and_only_their_order_matters() -> None:
+    """Exports write ISO 8601 text (with or without a zone) or a Parquet timestamp: both become epoch seconds."""
+    frame = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [3, 4, 5], "event": "view",
+                          "timestamp": ["2024-05-01T10:00:00Z", "2024-05-01 09:00:00", "2024-05-01T12:30:00+02:00"]})
+    assert check_interactions(frame, "clicks.csv")["timestamp"].tolist() == [1714557600, 1714554000, 1714559400]
+    typed = frame.assign(timestamp=pd.to_datetime(["2024-05-01T10:00:00", "2024-05-01T09:00:00", "2024-05-01"],
+                                                  format="ISO8601"))
+    assert check_interactions(typed, "clicks.parquet")["timestamp"].tolist() == [1714557600, 1714554000, 1714521600]
 
 
 def test_recall_and_ndcg_match_a_hand_computed_ranking() -> None:

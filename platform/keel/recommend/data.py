@@ -20,7 +20,11 @@ from keel.recommend.config import InteractionsConfig, SplitConfig
 from keel.settings import KeelSettings
 
 BUILTIN_SOURCE = "builtin://ecommerce_interactions"
-COLUMNS = {"user_id": "integer", "item_id": "integer", "event": "text", "timestamp": "integer"}
+COLUMNS = {"user_id": "integer", "item_id": "integer", "event": "text", "timestamp": "integer or date-time"}
+# Training and evaluation hold a users x items mask of what each user has seen, one byte a pair, and an
+# embedding row for every id from 0 to the largest.
+MAX_SEEN_MASK_BYTES = 2 << 30
+SPARSE_IDS_SLACK = 1000  # ids up to twice their count plus this are "numbered from 0" enough
 EVENTS = ("view", "cart", "purchase")
 SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.parquet"}
 POPULARITY_FILE = "popularity.parquet"
@@ -57,15 +61,50 @@ def check_interactions(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{origin}: missing column(s) {missing}; interactions need {list(COLUMNS)}.")
+    frame = frame.assign(timestamp=_epoch_seconds(frame["timestamp"], origin))
     for column in ("user_id", "item_id", "timestamp"):
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = int(values.isna().sum() + (values < 0).sum())
         if bad or not np.all(np.mod(values.fillna(0), 1) == 0):
-            raise DataError(f"{origin}: column {column!r}: {bad or 'some'} value(s) are not non-negative integers.")
+            kinds = "non-negative integers" + (" or ISO 8601 date-times" if column == "timestamp" else "")
+            raise DataError(f"{origin}: column {column!r}: {bad or 'some'} value(s) are not {kinds}.")
     unknown = sorted(set(frame["event"].astype(str)) - set(EVENTS))
     if unknown:
         raise DataError(f"{origin}: column 'event': unknown value(s) {unknown[:5]}; expected one of {list(EVENTS)}.")
-    return frame.astype({"user_id": "int64", "item_id": "int64", "timestamp": "int64", "event": "str"})
+    frame = frame.astype({"user_id": "int64", "item_id": "int64", "timestamp": "int64", "event": "str"})
+    _check_id_range(frame, origin)
+    return frame
+
+
+def _epoch_seconds(column: pd.Series, origin: str) -> pd.Series:
+    """Timestamps as integers (any unit; only their order is used) or as date-times (a Parquet timestamp,
+    or ISO 8601 text as most exports write it), which become seconds since 1970 (UTC when no zone is given)."""
+    if not pd.api.types.is_datetime64_any_dtype(column):
+        if pd.to_numeric(column, errors="coerce").notna().all():
+            return column
+        parsed = pd.to_datetime(column, errors="coerce", utc=True, format="ISO8601")
+        if not parsed.notna().any():  # neither: the caller reports the column
+            return column
+        column = parsed  # the values that are not date-times are now missing, and reported as such
+    if column.dt.tz is None:
+        column = column.dt.tz_localize("UTC")
+    return (column - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+
+
+def _check_id_range(frame: pd.DataFrame, origin: str) -> None:
+    """Ids index the model directly, so ids from a database (sparse, or in the billions) would ask for
+    terabytes at the first training step: refuse them here, saying what to do."""
+    users, items = int(frame["user_id"].max()) + 1, int(frame["item_id"].max()) + 1
+    if users * items <= MAX_SEEN_MASK_BYTES:
+        return
+    sparse = [f"{column!r} runs up to {int(frame[column].max()):,} for {frame[column].nunique():,} distinct ids"
+              for column in ("user_id", "item_id")
+              if frame[column].max() + 1 > 2 * frame[column].nunique() + SPARSE_IDS_SLACK]
+    advice = (f"{' and '.join(sparse)}: number them 0..N-1 before training (keep the mapping to read the answers)"
+              if sparse else "that many users and items is beyond this model; sample users or drop rare items")
+    raise DataError(f"{origin}: the recommender indexes users and items by id and holds a {users:,} x {items:,} "
+                    f"users x items mask ({users * items / 2**30:,.1f} GiB, limit {MAX_SEEN_MASK_BYTES >> 30} GiB); "
+                    f"{advice}.")
 
 
 def read_interactions(source: str, config: InteractionsConfig, settings: KeelSettings) -> pd.DataFrame:

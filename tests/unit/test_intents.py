@@ -16,7 +16,8 @@ from keel.intents.model import (IntentModel, IntentSpec, load_tokenizer, pack, p
                                 save_intent_model, tokenize)
 from keel.intents.prepare import check_utterances, protect, pseudonym_key, split_frames
 from keel.intents.privacy import ScrubReport, pseudonymise, scrub
-from keel.settings import load_settings
+from keel.settings import KeelSettings, load_settings
+from tests.conftest import artifact_files
 
 
 def test_the_generator_is_seeded_large_enough_and_holds_out_whole_phrasings() -> None:
@@ -64,6 +65,22 @@ def test_a_users_file_missing_a_column_or_with_empty_text_is_refused_by_name() -
         check_utterances(pd.DataFrame({"text": ["hi", " "], "intent": ["a", "b"]}), "tickets.csv", config)
     with pytest.raises(DataError, match=r"column 'split': unknown value\(s\) \['validation'\]"):
         check_utterances(pd.DataFrame({"text": ["hi"], "intent": ["a"], "split": ["validation"]}), "t.csv", config)
+
+
+def test_a_file_too_small_to_hold_out_validation_rows_is_refused_and_nothing_written(settings: KeelSettings,
+                                                                                     tmp_path: Path) -> None:
+    """Four training rows per intent at validation_fraction 0.1 leave no validation rows, where early
+    stopping would keep the first epoch on a loss of nothing."""
+    from keel import storage
+    from keel.intents.prepare import prepare_utterances
+
+    source = tmp_path / "tickets.csv"
+    pd.DataFrame({"text": [f"message {i}" for i in range(10)], "intent": ["refund", "delivery"] * 5,
+                  "split": ["train"] * 8 + ["test"] * 2}).to_csv(source, index=False)
+    output = storage.stage_uri(settings, "small", "ingest")
+    with pytest.raises(DataError, match=r"tickets.csv: no validation rows: utterances.validation_fraction \(0.1\)"):
+        prepare_utterances(str(source), UtterancesConfig(), output, settings)
+    assert not artifact_files(settings)
 
 
 def test_a_users_file_without_a_split_column_gets_a_seeded_test_share() -> None:

@@ -114,6 +114,10 @@ def prepare_utterances(source: str, config: UtterancesConfig, output_uri: str, s
     for name in ("train", "test"):
         if splits[name].empty:
             raise DataError(f"{source}: no {name} rows; set column 'split' or utterances.test_fraction.")
+    if splits["val"].empty:  # early stopping would then compare losses of nothing and keep the first epoch
+        raise DataError(f"{source}: no validation rows: utterances.validation_fraction "
+                        f"({config.validation_fraction}) of each intent's training rows rounds to none; raise it "
+                        "or add rows (at least 5 per intent at 0.1).")
     unseen = sorted(set(splits["test"]["intent"]) - set(splits["train"]["intent"]))
     if unseen:
         raise DataError(f"{source}: intent(s) {unseen} appear only in the test rows; nothing could learn them.")

@@ -55,7 +55,7 @@ class KeelSettings(BaseSettings):
     ray_max_gpus: int | None = Field(
         default=None, ge=0,
         description="The most GPUs the cluster at KEEL_RAY_ADDRESS can grow to (the chart sums its worker groups). "
-                    "A run asking for more fails at once. Empty: unknown, so such a run waits for the autoscaler.",
+                    "A run asking for more fails at once. Unset: unknown, so such a run waits for the autoscaler.",
     )
     ray_dashboard_url: str = Field(
         default="",

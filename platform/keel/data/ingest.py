@@ -78,8 +78,9 @@ def _reject_other_delimiters(uri: str, header: list[str]) -> None:
         return
     for delimiter, name in OTHER_DELIMITERS.items():
         if delimiter in header[0]:
-            raise DataError(f"{uri}: the header is one column, {header[0][:60]!r}..., split by {name}s: the file "
-                            f"looks {name}-separated, and Keel reads comma-separated CSV; re-save it with commas.")
+            shown = header[0] if len(header[0]) <= 60 else f"{header[0][:60]}..."
+            raise DataError(f"{uri}: the header is one column, {shown!r}, split by {name}s: the file looks "
+                            f"{name}-separated, and Keel reads comma-separated CSV; re-save it with commas.")
 
 
 def _read_csv(uri: str, path: Path) -> pd.DataFrame:

@@ -61,7 +61,7 @@ def check_interactions(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{origin}: missing column(s) {missing}; interactions need {list(COLUMNS)}.")
-    frame = frame.assign(timestamp=_epoch_seconds(frame["timestamp"], origin))
+    frame = frame.assign(timestamp=_epoch_seconds(frame["timestamp"]))
     for column in ("user_id", "item_id", "timestamp"):
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = int(values.isna().sum() + (values < 0).sum())
@@ -76,7 +76,7 @@ def check_interactions(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     return frame
 
 
-def _epoch_seconds(column: pd.Series, origin: str) -> pd.Series:
+def _epoch_seconds(column: pd.Series) -> pd.Series:
     """Timestamps as integers (any unit; only their order is used) or as date-times (a Parquet timestamp,
     or ISO 8601 text as most exports write it), which become seconds since 1970 (UTC when no zone is given)."""
     if not pd.api.types.is_datetime64_any_dtype(column):

@@ -259,10 +259,11 @@ def parse_pipeline_config(payload: dict[str, Any] | str, origin: str) -> AnyPipe
             raise ConfigError(f"{origin}: not valid JSON ({e}).") from e
     if not isinstance(payload, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections at the top level.")
+    model = config_class(payload)
     try:
-        return config_class(payload).model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as e:
-        raise ConfigError(f"{origin}: invalid pipeline config: {validation_problems(e)}") from e
+        raise ConfigError(f"{origin}: invalid pipeline config: {validation_problems(e, model)}") from e
 
 
 def load_pipeline_config(path: Path, overrides: Path | None = None) -> AnyPipelineConfig:

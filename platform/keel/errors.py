@@ -7,10 +7,10 @@ column at fault and says what to change. The CLI prints the headline and exits
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pydantic import ValidationError
+    from pydantic import BaseModel, ValidationError
 
 
 class KeelError(Exception):
@@ -70,12 +70,52 @@ class ClusterError(KeelError):
     """The Kubernetes API, Kubeflow Pipelines or a Ray head could not be reached, or refused a request."""
 
 
-def validation_problems(error: ValidationError) -> str:
+def validation_problems(error: ValidationError, model: type[BaseModel] | None = None) -> str:
     """pydantic's errors as ``dotted.field: message``; a check over a whole model names its own fields, so it
-    stands without a path, and a validator's message loses pydantic's "Value error, " prefix."""
+    stands without a path, and a validator's message loses pydantic's "Value error, " prefix. Given the
+    ``model`` that was validated, a misspelt field gets the nearest real one (``num_sample`` -> ``num_samples``)."""
     problems = []
     for err in error.errors():
         message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        if err["type"] == "extra_forbidden" and model is not None:
+            message += _did_you_mean(str(err["loc"][-1]), _fields_at(model, tuple(err["loc"][:-1])))
         path = ".".join(str(p) for p in err["loc"])
         problems.append(f"{path}: {message}" if path else message)
     return "; ".join(problems)
+
+
+def _did_you_mean(name: str, fields: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """The field names of the model found at ``path`` (an error's location) inside ``model``; [] if none is."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def nested(annotation: Any) -> Any:
+        """The model a field holds: itself, inside Optional/Union, or the values of a dict or list."""
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        for argument in reversed(typing.get_args(annotation)):
+            found = nested(argument)
+            if found is not None:
+                return found
+        return None
+
+    current: Any = model
+    key_next = False  # after a dict or list field comes a key or an index, even one named like a field
+    for part in path:
+        if key_next or part not in current.model_fields:  # that, or a union member's tag
+            key_next = False
+            continue
+        annotation = current.model_fields[part].annotation
+        key_next = typing.get_origin(annotation) in (dict, list)
+        current = nested(annotation)
+        if current is None:
+            return []
+    return list(current.model_fields)

@@ -43,7 +43,8 @@ def test_user_errors_print_one_line_and_exit_1(args: list[str], message: str, ke
 def test_bad_config_file_names_the_field(keel_home: Path, tmp_path: Path) -> None:
     (tmp_path / "override.yaml").write_text("train:\n  learning_rat: 0.1\n")
     result = keel("run", "medical_diagnosis", "--config", "override.yaml", cwd=tmp_path)
-    assert result.returncode == 1 and "train.learning_rat: Extra inputs are not permitted" in result.stderr
+    assert result.returncode == 1
+    assert "train.learning_rat: Extra inputs are not permitted (did you mean 'learning_rate'?)" in result.stderr
 
 
 def test_models_list_is_empty_json_before_any_run(keel_home: Path, tmp_path: Path) -> None:

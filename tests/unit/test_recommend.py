@@ -132,5 +132,6 @@ def test_known_users_get_unseen_items_and_unknown_users_the_popular_list(tmp_pat
 def test_the_pipeline_name_picks_its_config_model_and_errors_name_the_field() -> None:
     payload = {"pipeline": "ecommerce_recommendations", "registry": {"model_name": "recs"}}
     assert isinstance(parse_pipeline_config(payload, "config.yaml"), RecommendPipelineConfig)
-    with pytest.raises(ConfigError, match=r"config.yaml: invalid pipeline config: train.embeding_dim"):
+    with pytest.raises(ConfigError, match=r"config.yaml: invalid pipeline config: train.embeding_dim: Extra inputs "
+                                          r"are not permitted \(did you mean 'embedding_dim'\?\)"):
         parse_pipeline_config({**payload, "train": {"embeding_dim": 8}}, "config.yaml")

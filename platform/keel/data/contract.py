@@ -80,7 +80,7 @@ def parse_contract(payload: Any, origin: str) -> DataContract:
     try:
         return DataContract.model_validate(payload)
     except ValidationError as e:
-        raise ConfigError(f"{origin}: invalid data contract: {validation_problems(e)}") from e
+        raise ConfigError(f"{origin}: invalid data contract: {validation_problems(e, DataContract)}") from e
 
 
 def load_contract(path: str | Path) -> DataContract:

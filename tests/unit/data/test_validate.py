@@ -28,6 +28,10 @@ def test_repository_contracts_parse() -> None:
     ({"columns": {"outcome": {"dtype": "category", "colour": 1}}}, r"columns.outcome.colour"),
     ({"columns": {"outcome": {"dtype": "float", "min": 5, "max": 1}}}, "min .* greater than max"),
     ({"thresholds": {"max_missing_fraction": 2}}, "thresholds.max_missing_fraction"),
+    # a misspelt key gets the nearest real one, also under a column named like a field ('min')
+    ({"threshold": {}}, r"threshold: Extra inputs are not permitted \(did you mean 'thresholds'\?\)"),
+    ({"columns": {"min": {"dtype": "float", "nullabel": True}}}, r"columns.min.nullabel: .*'nullable'\?"),
+    ({"columns": {"outcome": {"dtype": "category", "alowed": ["a"]}}}, r"columns.outcome.alowed: .*'allowed'\?"),
 ])
 def test_bad_contracts_name_the_field(change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

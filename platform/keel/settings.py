@@ -8,7 +8,10 @@ time: call :func:`load_settings` where the values are needed.
 
 from __future__ import annotations
 
+import difflib
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -132,8 +135,27 @@ class KeelSettings(BaseSettings):
         return env
 
 
+def misnamed_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """``KEEL_*`` variables that name no setting but nearly name one, with that one: pydantic-settings ignores
+    unknown names, so a guessed ``KEEL_MLFLOW_URI`` would leave runs on the local SQLite store without a word.
+    Near: a word left out (all its words are in the setting's) or a typo; other names (tools' own) pass."""
+    fields = list(KeelSettings.model_fields)
+    found = {}
+    for variable in environ:
+        name = variable[len("KEEL_"):].lower() if variable.startswith("KEEL_") else ""
+        if not name or name in fields:
+            continue
+        words = set(name.split("_"))
+        near = [f for f in fields if words < set(f.split("_"))] or difflib.get_close_matches(name, fields, 1, 0.85)
+        if near:
+            found[variable] = f"KEEL_{near[0].upper()}"
+    return found
+
+
 def load_settings(**overrides: object) -> KeelSettings:
     """Read ``KEEL_*`` from the environment, turning bad values into a ConfigError."""
+    for variable, setting in misnamed_variables(os.environ).items():
+        warnings.warn(f"{variable} is not a Keel setting, so it is ignored; did you mean {setting}?", stacklevel=2)
     try:
         return KeelSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:

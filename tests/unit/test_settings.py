@@ -73,3 +73,25 @@ def test_only_a_cluster_with_an_autoscaler_can_grow(keel_home: Path, monkeypatch
     monkeypatch.setenv("KEEL_RAY_MAX_GPUS", "-1")
     with pytest.raises(ConfigError, match="KEEL_RAY_MAX_GPUS"):
         load_settings()
+
+
+def test_a_misnamed_variable_is_named_with_the_setting_it_nearly_is(keel_home: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings ignores unknown KEEL_* names: a guessed one would leave the default in force silently."""
+    import warnings
+
+    monkeypatch.setenv("KEEL_MLFLOW_URI", "http://mlflow:5000")  # a word left out
+    monkeypatch.setenv("KEEL_S3_ENDPIONT", "http://minio:9000")  # a typo
+    with pytest.warns(UserWarning) as caught:
+        settings = load_settings()
+    assert settings.mlflow_tracking_uri.startswith("sqlite://")  # what the warning is about
+    assert sorted(str(w.message) for w in caught) == [
+        "KEEL_MLFLOW_URI is not a Keel setting, so it is ignored; did you mean KEEL_MLFLOW_TRACKING_URI?",
+        "KEEL_S3_ENDPIONT is not a Keel setting, so it is ignored; did you mean KEEL_S3_ENDPOINT?"]
+    for name in ("KEEL_MLFLOW_URI", "KEEL_S3_ENDPIONT"):
+        monkeypatch.delenv(name)
+    for tool_variable in ("KEEL_E2E_KFP_HOST", "KEEL_BENCH_REPEATS", "KEEL_CRDS_DIR", "KEEL_VERSION"):
+        monkeypatch.setenv(tool_variable, "1")  # the test and bench tools' own: not near a setting
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_settings()

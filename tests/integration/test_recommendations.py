@@ -61,8 +61,11 @@ def test_the_registered_pyfunc_answers_top_k_and_falls_back_for_strangers(pipeli
     answers = model.predict(pd.DataFrame({"user_id": [3, 10**9]}), params={"k": 5})
     known, stranger = answers.to_dict(orient="records")
     assert known["source"] == "personalized" and len(known["items"]) == 5
-    train = pd.read_parquet(Path(report["artifacts"]) / "ingest" / "train.parquet")
-    assert not set(known["items"]) & set(train.loc[train["user_id"] == 3, "item_id"])  # nothing seen is offered
+    ingested = Path(report["artifacts"]) / "ingest"  # the splits number users and items by their ids' order
+    train = pd.read_parquet(ingested / "train.parquet")
+    user_ids, item_ids = (pd.read_parquet(ingested / f"{kind}_ids.parquet")["id"] for kind in ("user", "item"))
+    seen = item_ids[train.loc[train["user_id"] == user_ids.tolist().index(3), "item_id"]]
+    assert not set(known["items"]) & set(seen) and set(known["items"]) <= set(item_ids)  # nothing seen is offered
     assert stranger["source"] == "popular" and not stranger["known_user"]
 
 
@@ -108,6 +111,37 @@ def test_a_bad_interactions_file_fails_by_column_and_writes_nothing(pipeline_run
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "clicks.csv" in result.stderr and "column 'event'" in result.stderr and "wishlist" in result.stderr
     assert artifact_files(load_settings(home=workdir / ".keel")) == before
+
+
+def test_a_users_own_database_ids_are_answered_in_those_ids(pipeline_run: tuple[Path, dict]) -> None:
+    """Ids as a database hands them out (sparse, past 2**32) and timestamps as ISO text: the run numbers them for
+    the model, the registered model answers in them, and the champion (trained on other ids) is rescored through
+    them. The gate is set to fail, so the champion stays version 1 for the serving test below."""
+    import pandas as pd
+
+    from keel.recommend.config import InteractionsConfig
+    from keel.recommend.data import generate_interactions
+
+    workdir, _ = pipeline_run
+    frame = generate_interactions(InteractionsConfig(users=400, items=200))
+    frame = frame.assign(user_id=frame["user_id"] * 1_000_003 + 5_000_000_000,
+                         item_id=frame["item_id"] * 7_919 + 10**12,
+                         timestamp=pd.to_datetime(frame["timestamp"], unit="s").dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    frame.to_csv(workdir / "shop.csv", index=False)
+    (workdir / "own.yaml").write_text("train: {max_epochs: 2}\nevaluate: {min_lift_over_popular: 1000}\n")
+    result = keel("run", "ecommerce_recommendations", "--config", "own.yaml", "--param",
+                  f"source={workdir / 'shop.csv'}", "--output", "json", cwd=workdir,
+                  env={"KEEL_HOME": str(workdir / ".keel")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["champion"] is False and "could not score" not in report["promotion"], report["promotion"]
+    mlflow.set_tracking_uri(report["tracking_uri"])
+    user = int(frame["user_id"].iloc[0])
+    answers = mlflow.pyfunc.load_model(report["model_uri"]).predict(pd.DataFrame({"user_id": [user, 3]}),
+                                                                    params={"k": 5})
+    known, stranger = answers.to_dict(orient="records")  # user 3 was a user of the builtin data, not of this
+    assert known["source"] == "personalized" and set(known["items"]) <= set(frame["item_id"])
+    assert stranger["source"] == "popular" and set(stranger["items"]) <= set(frame["item_id"])
 
 
 @pytest.fixture

@@ -5,6 +5,10 @@ vectors, items a Zipf popularity, and each user's events are drawn from
 taste plus popularity, so both a most-popular list and a personalised model
 have something to find. A user's latest interactions are held out: the model
 is scored on what each user did next, as in production.
+
+Ids are the user's own (from a database: sparse, in the billions); the splits
+number users and items 0..N-1 in id order, the row of each in the model, and
+``user_ids.parquet`` / ``item_ids.parquet`` keep the ids to map back.
 """
 
 from __future__ import annotations
@@ -21,10 +25,9 @@ from keel.settings import KeelSettings
 
 BUILTIN_SOURCE = "builtin://ecommerce_interactions"
 COLUMNS = {"user_id": "integer", "item_id": "integer", "event": "text", "timestamp": "integer or date-time"}
-# Training and evaluation hold a users x items mask of what each user has seen, one byte a pair, and an
-# embedding row for every id from 0 to the largest.
+# Training and evaluation hold a users x items mask of what each user has seen, one byte a pair.
 MAX_SEEN_MASK_BYTES = 2 << 30
-SPARSE_IDS_SLACK = 1000  # ids up to twice their count plus this are "numbered from 0" enough
+ID_FILES = {"user_id": "user_ids.parquet", "item_id": "item_ids.parquet"}
 EVENTS = ("view", "cart", "purchase")
 SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.parquet"}
 POPULARITY_FILE = "popularity.parquet"
@@ -72,7 +75,7 @@ def check_interactions(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     if unknown:
         raise DataError(f"{origin}: column 'event': unknown value(s) {unknown[:5]}; expected one of {list(EVENTS)}.")
     frame = frame.astype({"user_id": "int64", "item_id": "int64", "timestamp": "int64", "event": "str"})
-    _check_id_range(frame, origin)
+    _check_size(frame, origin)
     return frame
 
 
@@ -91,20 +94,19 @@ def _epoch_seconds(column: pd.Series) -> pd.Series:
     return (column - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
 
 
-def _check_id_range(frame: pd.DataFrame, origin: str) -> None:
-    """Ids index the model directly, so ids from a database (sparse, or in the billions) would ask for
-    terabytes at the first training step: refuse them here, saying what to do."""
-    users, items = int(frame["user_id"].max()) + 1, int(frame["item_id"].max()) + 1
-    if users * items <= MAX_SEEN_MASK_BYTES:
-        return
-    sparse = [f"{column!r} runs up to {int(frame[column].max()):,} for {frame[column].nunique():,} distinct ids"
-              for column in ("user_id", "item_id")
-              if frame[column].max() + 1 > 2 * frame[column].nunique() + SPARSE_IDS_SLACK]
-    advice = (f"{' and '.join(sparse)}: number them 0..N-1 before training (keep the mapping to read the answers)"
-              if sparse else "that many users and items is beyond this model; sample users or drop rare items")
-    raise DataError(f"{origin}: the recommender indexes users and items by id and holds a {users:,} x {items:,} "
-                    f"users x items mask ({users * items / 2**30:,.1f} GiB, limit {MAX_SEEN_MASK_BYTES >> 30} GiB); "
-                    f"{advice}.")
+def _check_size(frame: pd.DataFrame, origin: str) -> None:
+    """The seen mask must fit: refuse a table beyond it here rather than at the first training step."""
+    users, items = frame["user_id"].nunique(), frame["item_id"].nunique()
+    if users * items > MAX_SEEN_MASK_BYTES:
+        raise DataError(f"{origin}: {users:,} users x {items:,} items need a {users * items / 2**30:,.1f} GiB mask "
+                        f"of what each user has seen (limit {MAX_SEEN_MASK_BYTES >> 30} GiB); sample users or drop "
+                        "rare items.")
+
+
+def number_ids(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Users and items renumbered 0..N-1 in id order (the model's rows), and the ids in that order."""
+    ids = {column: np.sort(frame[column].unique()) for column in ID_FILES}
+    return frame.assign(**{column: np.searchsorted(ids[column], frame[column]) for column in ID_FILES}), ids
 
 
 def read_interactions(source: str, config: InteractionsConfig, settings: KeelSettings) -> pd.DataFrame:
@@ -137,6 +139,7 @@ def prepare(source: str, interactions: InteractionsConfig, split: SplitConfig, o
     """Read or generate the interactions, split them, and publish the splits with item popularity."""
     frame = read_interactions(source, interactions, settings)
     frame = frame.drop_duplicates(["user_id", "item_id"], keep="first")  # implicit feedback: seen or not
+    frame, ids = number_ids(frame)
     splits = split_latest(frame, split)
     if splits["test"].empty:
         raise DataError(f"{source}: no user has the {split.holdout_per_user + 1 + split.min_train_interactions} "
@@ -147,11 +150,12 @@ def prepare(source: str, interactions: InteractionsConfig, split: SplitConfig, o
         for name, part in splits.items():
             part.to_parquet(out.path(SPLIT_FILES[name]), index=False)
         popularity.to_parquet(out.path(POPULARITY_FILE), index=False)
+        for column, file in ID_FILES.items():
+            pd.DataFrame({"id": ids[column]}).to_parquet(out.path(file), index=False)
         out.manifest.update(
-            source=source, rows=len(frame), users=int(frame["user_id"].max()) + 1,
-            items=int(frame["item_id"].max()) + 1,
+            source=source, rows=len(frame), users=len(ids["user_id"]), items=len(ids["item_id"]),
             splits={name: out.uri_of(file) for name, file in SPLIT_FILES.items()},
-            popularity=out.uri_of(POPULARITY_FILE),
+            popularity=out.uri_of(POPULARITY_FILE), ids={c: out.uri_of(file) for c, file in ID_FILES.items()},
             split_rows={name: len(part) for name, part in splits.items()},
             events={event: int(n) for event, n in frame["event"].value_counts().items()},
             summary=(f"{len(frame)} interactions, {frame['user_id'].nunique()} users, "

@@ -31,12 +31,15 @@ def model_scorer(model: MatrixFactorization) -> Any:
 
 
 def gate(metrics: dict[str, float], baseline: dict[str, float], k: int, config: RecommendEvaluateConfig,
-         registry: RegisterConfig | None, score_split: Any, settings: KeelSettings) -> tuple[GateDecision, dict | None]:
-    """The promotion metric against the champion rescored on this split, and a lift over the popular list."""
+         registry: RegisterConfig | None, score_split: Any, ids: dict[str, np.ndarray],
+         settings: KeelSettings) -> tuple[GateDecision, dict | None]:
+    """The promotion metric against the champion rescored on this split (through the ids: the champion may
+    have been trained on other users and items), and a lift over the popular list."""
     ndcg, popular = metrics[f"ndcg_at_{k}"], baseline[f"ndcg_at_{k}"]
     return gate_with_rescored_champion(
         metrics, f"ndcg_at_{k}", registry, settings,
-        lambda python_model: score_split(model_scorer(python_model.recommender.model)), config.tolerance,
+        lambda python_model: score_split(python_model.recommender.scorer(ids["user_id"], ids["item_id"])),
+        config.tolerance,
         (ndcg >= config.min_lift_over_popular * popular,
          f"NDCG@{k} {ndcg:.4f} is {ndcg / max(popular, 1e-12):.2f}x the most-popular baseline's {popular:.4f} "
          f"(min {config.min_lift_over_popular}x)"))
@@ -60,7 +63,8 @@ def evaluate_recommender(model_uri: str, splits_uri: str, output_uri: str, setti
         model = load_factorization(storage.download_directory(model_uri, Path(scratch) / "model", settings))
         metrics = score_split(model_scorer(model))
         baseline = score_split(popularity_scorer(popularity, splits["items"]))
-        decision, champion = gate(metrics, baseline, config.k, config, registry, score_split, settings)
+        ids = {column: storage.read_parquet(uri, settings)["id"].to_numpy() for column, uri in splits["ids"].items()}
+        decision, champion = gate(metrics, baseline, config.k, config, registry, score_split, ids, settings)
         k = config.k
         report = {**metrics, "baseline_popular": baseline, "k": k,
                   "ndcg_lift_over_popular": metrics[f"ndcg_at_{k}"] / max(baseline[f"ndcg_at_{k}"], 1e-12),

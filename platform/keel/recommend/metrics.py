@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-Scorer = Callable[[np.ndarray], np.ndarray]  # user ids -> (users, items) scores
+Scorer = Callable[[np.ndarray], np.ndarray]  # user rows -> (users, items) scores, items by row
 
 
 def seen_items(train: pd.DataFrame) -> dict[int, np.ndarray]:

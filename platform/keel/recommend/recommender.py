@@ -1,8 +1,9 @@
 """Top-k items for user ids: what the registered model and the serving route answer.
 
 A known user gets the factorization's best items they have not interacted
-with; an unknown user (or one outside the trained id range) gets the
-most-popular list, and every answer says which of the two it is.
+with; an unknown user gets the most-popular list, and every answer says which
+of the two it is. Users and items are the caller's own ids; the model's rows
+are their positions in the sorted id lists packaged beside it.
 """
 
 from __future__ import annotations
@@ -16,51 +17,91 @@ import numpy as np
 import pandas as pd
 import torch
 
-from keel.recommend.metrics import seen_items, top_k
+from keel.recommend.data import ID_FILES
+from keel.recommend.metrics import Scorer, seen_items, top_k
 from keel.recommend.model import MatrixFactorization, load_factorization
 
 POPULARITY_FILE = "popularity.parquet"
 SEEN_FILE = "seen.parquet"
 MAX_K = 100
+INT64 = np.iinfo(np.int64)
+
+
+def rows_of(ids: np.ndarray, wanted: Any) -> np.ndarray:
+    """Each wanted id's position in the sorted ``ids`` (its row in the model), -1 where it is not there (ids
+    are never negative; a JSON integer beyond int64 cannot be one either)."""
+    values = np.array([w if INT64.min <= w <= INT64.max else -1 for w in np.asarray(wanted).tolist()], dtype=np.int64)
+    rows = np.searchsorted(ids, values)
+    found = (rows < len(ids)) & (ids[np.minimum(rows, len(ids) - 1)] == values) & (values >= 0)
+    return np.where(found, rows, -1)
 
 
 @dataclass
 class Recommender:
     model: MatrixFactorization
-    popular: np.ndarray  # item ids, most popular first
-    seen: dict[int, np.ndarray]
+    popular: np.ndarray  # item rows, most popular first
+    seen: dict[int, np.ndarray]  # user row -> item rows
+    user_ids: np.ndarray  # the ids of the model's user rows, sorted
+    item_ids: np.ndarray
 
     @classmethod
     def load(cls, directory: Path) -> Recommender:
         popularity = pd.read_parquet(directory / POPULARITY_FILE).sort_values("count", ascending=False, kind="stable")
-        return cls(load_factorization(directory), popularity["item_id"].to_numpy(),
-                   seen_items(pd.read_parquet(directory / SEEN_FILE)))
+        model = load_factorization(directory)
+        rows = {"user_id": model.user.num_embeddings, "item_id": model.item.num_embeddings}
+        ids = {column: pd.read_parquet(directory / file)["id"].to_numpy() if (directory / file).exists()
+               else np.arange(rows[column]) for column, file in ID_FILES.items()}  # packaged before ids were
+        return cls(model, popularity["item_id"].to_numpy(), seen_items(pd.read_parquet(directory / SEEN_FILE)),
+                   ids["user_id"], ids["item_id"])
 
     @staticmethod
-    def package(model_dir: Path, popularity: pd.DataFrame, train: pd.DataFrame, directory: Path) -> Path:
-        """One directory with everything :meth:`load` needs: weights, popularity, training interactions."""
+    def package(model_dir: Path, popularity: pd.DataFrame, train: pd.DataFrame, ids: dict[str, pd.DataFrame],
+                directory: Path) -> Path:
+        """One directory with everything :meth:`load` needs: weights, popularity, training interactions, ids."""
         shutil.copytree(model_dir, directory, dirs_exist_ok=True)
         popularity.to_parquet(directory / POPULARITY_FILE, index=False)
         train[["user_id", "item_id"]].to_parquet(directory / SEEN_FILE, index=False)
+        for column, file in ID_FILES.items():
+            ids[column].to_parquet(directory / file, index=False)
         return directory
 
-    @property
-    def users(self) -> int:
-        return int(self.model.user.num_embeddings)
+    def scorer(self, user_ids: np.ndarray, item_ids: np.ndarray) -> Scorer:
+        """This model's scores in another run's numbering (``user_ids``/``item_ids``: its rows' ids), so a
+        champion is rescored on a challenger's rows: its own scores for users it knows, its popular list's
+        order for the others (what it would answer them), and nothing for items it never saw."""
+        columns = rows_of(self.item_ids, item_ids)
+        has_item = columns >= 0
+        by_popularity = np.full(len(self.item_ids), -np.inf)
+        by_popularity[self.popular] = -np.arange(len(self.popular), dtype=np.float64)
+
+        def score(users: np.ndarray) -> np.ndarray:
+            rows = rows_of(self.user_ids, user_ids[users])
+            own = np.tile(by_popularity, (len(users), 1))
+            known = rows >= 0
+            if known.any():
+                own[known] = self.model.score_all(torch.from_numpy(rows[known])).numpy()
+            scores = np.full((len(users), len(item_ids)), -np.inf)
+            scores[:, has_item] = own[:, columns[has_item]]
+            return scores
+
+        return score
 
     def recommend(self, user_ids: list[int], k: int = 10) -> list[dict[str, Any]]:
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
-        known = [u for u in user_ids if 0 <= u < self.users and u in self.seen]
+        known = {user: int(row) for user, row in zip(user_ids, rows_of(self.user_ids, user_ids))
+                 if row >= 0 and row in self.seen}
         ranked: dict[int, tuple[list[int], list[float]]] = {}
         if known:
-            scores = self.model.score_all(torch.tensor(known)).numpy().astype(np.float64)
-            for row, user in enumerate(known):
-                scores[row, self.seen[user]] = -np.inf
+            rows = list(known.values())
+            scores = self.model.score_all(torch.tensor(rows)).numpy().astype(np.float64)
+            for position, row in enumerate(rows):
+                scores[position, self.seen[row]] = -np.inf
             best = top_k(scores, k)
-            for row, user in enumerate(known):
-                ranked[user] = (best[row].tolist(), [round(float(s), 5) for s in scores[row, best[row]]])
-        popular = self.popular[:k].tolist()
+            for position, user in enumerate(known):
+                ranked[user] = (self.item_ids[best[position]].tolist(),
+                                [round(float(s), 5) for s in scores[position, best[position]]])
+        popular = self.item_ids[self.popular[:k]].tolist()
         return [{"user_id": u, "items": ranked[u][0], "scores": ranked[u][1], "known_user": True,
                  "source": "personalized"} if u in ranked else
                 {"user_id": u, "items": popular, "scores": [], "known_user": False, "source": "popular"}

@@ -65,5 +65,7 @@ def register_recommender(model_uri: str, evaluation_uri: str, splits_uri: str, c
         package = Recommender.package(
             storage.download_directory(model_uri, step.scratch / "model", settings),
             storage.read_parquet(splits["popularity"], settings),
-            storage.read_parquet(splits["splits"]["train"], settings), step.scratch / "recommender")
+            storage.read_parquet(splits["splits"]["train"], settings),
+            {column: storage.read_parquet(uri, settings) for column, uri in splits["ids"].items()},
+            step.scratch / "recommender")
         return step.publish(config, _log_model(package), evaluation["gate"])

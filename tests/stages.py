@@ -17,6 +17,8 @@ from keel.config import PipelineConfig, parse_pipeline_config
 from keel.data.ingest import ingest
 from keel.data.preprocess import LABEL, TRANSFORM_FILE, preprocess
 from keel.evaluate import evaluate
+from keel.recommend.model import FactorizationSpec, MatrixFactorization, save_factorization
+from keel.recommend.recommender import Recommender
 from keel.settings import KeelSettings
 from keel.train.loop import train_epoch
 from keel.train.model import MLPClassifier, MLPSpec, save_model
@@ -70,3 +72,20 @@ def register_small_model(settings: KeelSettings, run_id: str, epochs: int = 30) 
     register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], small_config().registry, {},
              run_id, "small", uris["register"], settings)
     return uris
+
+
+INTEGER_IDS = {"user_id": [10, 20, 30], "item_id": list(range(100, 106))}
+TEXT_IDS = {"user_id": ["A1XK", "B07", "u-30"], "item_id": ["B0001", "B0002", "B0003", "SKU-4", "SKU-5", "SKU-6"]}
+
+
+def packaged_recommender(directory: Path, ids: dict[str, list] = INTEGER_IDS) -> Recommender:
+    """Three users and six items under the given ids (rows 0..2 and 0..5): users 0 and 1 have seen items, user 2
+    has none; popularity ranks item rows 2, 4, 1, 5."""
+    spec = FactorizationSpec(users=3, items=6, embedding_dim=2)
+    torch.manual_seed(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_factorization(MatrixFactorization(spec), spec, directory)
+    train = pd.DataFrame({"user_id": [0, 0, 1], "item_id": [0, 1, 2]})
+    popularity = pd.DataFrame({"item_id": [4, 2, 5, 1], "count": [10, 30, 1, 5]})
+    frames = {column: pd.DataFrame({"id": values}) for column, values in ids.items()}
+    return Recommender.load(Recommender.package(directory, popularity, train, frames, directory / "package"))

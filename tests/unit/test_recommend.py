@@ -15,9 +15,10 @@ from keel.errors import ConfigError, DataError
 from keel.recommend.config import InteractionsConfig, RecommendPipelineConfig, RecommendTrainConfig, SplitConfig
 from keel.recommend.data import check_interactions, generate_interactions, number_ids, split_latest
 from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_items, top_k
-from keel.recommend.model import FactorizationSpec, MatrixFactorization, save_factorization
-from keel.recommend.recommender import Recommender
+from keel.recommend.model import FactorizationSpec, MatrixFactorization
+from keel.recommend.recommender import Recommender, rows_of
 from keel.recommend.train import bpr_epoch, seen_matrix, validation_ndcg
+from tests.stages import INTEGER_IDS, TEXT_IDS, packaged_recommender
 
 SMALL = InteractionsConfig(users=400, items=150, mean_interactions=20, seed=7)
 
@@ -113,15 +114,8 @@ def test_bpr_training_beats_the_most_popular_list(small_splits: dict[str, pd.Dat
     assert after > 1.3 * baseline, (after, baseline)
 
 
-def _packaged(tmp_path: Path) -> Recommender:
-    """Three users and six items under their own ids (10, 20, 30 and 100..105), rows 0..2 and 0..5."""
-    spec = FactorizationSpec(users=3, items=6, embedding_dim=2)
-    torch.manual_seed(0)
-    save_factorization(MatrixFactorization(spec), spec, tmp_path)
-    train = pd.DataFrame({"user_id": [0, 0, 1], "item_id": [0, 1, 2]})
-    popularity = pd.DataFrame({"item_id": [4, 2, 5, 1], "count": [10, 30, 1, 5]})
-    ids = {"user_id": pd.DataFrame({"id": [10, 20, 30]}), "item_id": pd.DataFrame({"id": range(100, 106)})}
-    return Recommender.load(Recommender.package(tmp_path, popularity, train, ids, tmp_path / "package"))
+def _packaged(tmp_path: Path, ids: dict[str, list] = INTEGER_IDS) -> Recommender:
+    return packaged_recommender(tmp_path, ids)
 
 
 def test_known_users_get_unseen_items_and_unknown_users_the_popular_list(tmp_path: Path) -> None:
@@ -145,6 +139,26 @@ def test_a_champion_scores_a_later_runs_rows_through_the_ids(tmp_path: Path) -> 
     assert np.isneginf(scores[:, 2]).all() and scores[2, 0] == -2 and np.isneginf(scores[2, 1])
 
 
+def test_text_ids_are_asked_and_answered_in_text(tmp_path: Path) -> None:
+    """SKUs and account names as the ids: the same rows, the same ranking, the caller's strings back."""
+    by_number, by_text = _packaged(tmp_path / "n"), _packaged(tmp_path / "t", TEXT_IDS)
+    assert by_text.text_ids and not by_number.text_ids
+    numbered, texted = by_number.recommend([10, 99], k=3), by_text.recommend(["A1XK", "nobody"], k=3)
+    to_text = dict(zip(INTEGER_IDS["item_id"], TEXT_IDS["item_id"]))
+    assert texted[0]["items"] == [to_text[item] for item in numbered[0]["items"]]
+    assert texted[0]["scores"] == numbered[0]["scores"] and texted[0]["source"] == "personalized"
+    assert texted[1] == {"user_id": "nobody", "items": ["B0003", "SKU-5", "B0002"], "scores": [], "known_user": False,
+                         "source": "popular"}
+
+
+def test_ids_of_one_kind_are_looked_up_as_the_other() -> None:
+    """A champion with integer ids rescoring a run with text ids (or a request's ids) reads them as its kind."""
+    integers, texts = np.array([5, 42, 7_000_000_000]), np.array(["42", "SKU-1", "b"], dtype=object)
+    assert rows_of(integers, ["42", "7000000000", "SKU-1", "-5", 10**30, -5, 5]).tolist() == [1, 2, -1, -1, -1, -1, 0]
+    assert rows_of(texts, [42, "SKU-1", "sku-1", "c"]).tolist() == [0, 1, -1, -1]
+    assert rows_of(np.array([], dtype=np.int64), [1, "a"]).tolist() == [-1, -1]
+
+
 def test_a_table_whose_seen_mask_would_not_fit_is_refused_first() -> None:
     frame = pd.DataFrame({"user_id": range(50_000), "item_id": range(10**9, 10**9 + 50_000), "event": "view",
                           "timestamp": 1})
@@ -158,6 +172,20 @@ def test_database_ids_are_numbered_from_zero_in_id_order() -> None:
     numbered, ids = number_ids(check_interactions(frame, "clicks.csv"))
     assert numbered["user_id"].tolist() == [1, 0, 0] and numbered["item_id"].tolist() == [0, 1, 0]
     assert ids["user_id"].tolist() == [42, 7_000_000_000] and ids["item_id"].tolist() == [5, 10**12]
+
+
+def test_text_ids_are_kept_as_text_and_a_column_of_numbers_must_be_integers() -> None:
+    """SKUs, UUIDs and account names are ids as they are; a numeric column with a negative is still an error."""
+    frame = pd.DataFrame({"user_id": ["A2SUAM1J3GNN3B", "7", "A2SUAM1J3GNN3B"], "item_id": [5, 10**12, 5],
+                          "event": "view", "timestamp": [1, 2, 3]})
+    checked = check_interactions(frame, "reviews.csv")
+    numbered, ids = number_ids(checked)
+    assert numbered["user_id"].tolist() == [1, 0, 1] and ids["user_id"].tolist() == ["7", "A2SUAM1J3GNN3B"]
+    assert ids["item_id"].tolist() == [5, 10**12]
+    with pytest.raises(DataError, match="reviews.csv: column 'item_id': 1 value.*missing"):
+        check_interactions(frame.assign(item_id=["B01", None, "B02"]), "reviews.csv")
+    with pytest.raises(DataError, match="column 'item_id': 1 value.*non-negative integers"):
+        check_interactions(frame.assign(item_id=[5, -1, 2.5]), "reviews.csv")
 
 
 def test_the_pipeline_name_picks_its_config_model_and_errors_name_the_field() -> None:

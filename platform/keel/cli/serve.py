@@ -22,12 +22,14 @@ def sample_request(url: str, model_uri: str) -> str:
         body = json.dumps({"texts": ["Hi, where is my order ORD-1234567? My email is jane@example.com"]})
         return (f"curl -s -X POST {url}/v1/models/{loaded.name}:classify -H 'content-type: application/json' "
                 f"-d '{body}'")
-    if loaded.predictor is None:  # a recommender: top 10 for the first two users
-        body = json.dumps({"user_ids": [0, 1], "k": 10})
+    predictor = loaded.predictor
+    if predictor is None:  # a recommender: top 10 for its first two users, in the user's own ids
+        users = loaded.recommender.user_ids[:2].tolist() if loaded.recommender is not None else []
+        body = json.dumps({"user_ids": users, "k": 10})
         return (f"curl -s -X POST {url}/v1/models/{loaded.name}:recommend -H 'content-type: application/json' "
                 f"-d '{body}'")
-    row: dict[str, object] = {c: round(s.mean, 4) for c, s in loaded.predictor.transform.numeric.items()}
-    row.update({c: s.mode for c, s in loaded.predictor.transform.categorical.items()})
+    row: dict[str, object] = {c: round(s.mean, 4) for c, s in predictor.transform.numeric.items()}
+    row.update({c: s.mode for c, s in predictor.transform.categorical.items()})
     body = json.dumps({"records": [row]})
     return f"curl -s -X POST {url}/v1/models/{loaded.name}:predict -H 'content-type: application/json' -d '{body}'"
 

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict
 from keel.data.contract import DataContract
 from keel.errors import DataError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class NumericStats(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -117,7 +119,13 @@ class FeatureTransform(BaseModel):
                                 f"e.g. {raw[not_numbers].head(3).tolist()}.")
             if np.isinf(values).any():
                 raise DataError(f"column {name!r}: infinite values cannot be scored.")
-            columns.append(((values.fillna(stats.median) - stats.mean) / stats.std).to_numpy())
+            scaled = ((values.fillna(stats.median) - stats.mean) / stats.std).to_numpy()
+            too_large = np.abs(scaled) > FLOAT32_MAX  # would be infinite in the network, and its answer NaN
+            if too_large.any():
+                raise DataError(f"column {name!r}: {int(too_large.sum())} value(s) are too large to score, e.g. "
+                                f"{raw[too_large].head(3).tolist()}; training saw {stats.mean:.4g} +/- "
+                                f"{stats.std:.4g}.")
+            columns.append(scaled)
         return np.column_stack(columns)
 
     @staticmethod

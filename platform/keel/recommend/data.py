@@ -6,9 +6,10 @@ taste plus popularity, so both a most-popular list and a personalised model
 have something to find. A user's latest interactions are held out: the model
 is scored on what each user did next, as in production.
 
-Ids are the user's own (from a database: sparse, in the billions); the splits
-number users and items 0..N-1 in id order, the row of each in the model, and
-``user_ids.parquet`` / ``item_ids.parquet`` keep the ids to map back.
+Ids are the user's own: integers from a database (sparse, in the billions) or
+text (SKUs, UUIDs). The splits number users and items 0..N-1 in id order, the
+row of each in the model, and ``user_ids.parquet`` / ``item_ids.parquet`` keep
+the ids to map back.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from keel.recommend.config import InteractionsConfig, SplitConfig
 from keel.settings import KeelSettings
 
 BUILTIN_SOURCE = "builtin://ecommerce_interactions"
-COLUMNS = {"user_id": "integer", "item_id": "integer", "event": "text", "timestamp": "integer or date-time"}
+COLUMNS = {"user_id": "integer or text", "item_id": "integer or text", "event": "text",
+           "timestamp": "integer or date-time"}
 # Training and evaluation hold a users x items mask of what each user has seen, one byte a pair.
 MAX_SEEN_MASK_BYTES = 2 << 30
 ID_FILES = {"user_id": "user_ids.parquet", "item_id": "item_ids.parquet"}
@@ -64,19 +66,35 @@ def check_interactions(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{origin}: missing column(s) {missing}; interactions need {list(COLUMNS)}.")
-    frame = frame.assign(timestamp=_epoch_seconds(frame["timestamp"]))
-    for column in ("user_id", "item_id", "timestamp"):
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = int(values.isna().sum() + (values < 0).sum())
-        if bad or not np.all(np.mod(values.fillna(0), 1) == 0):
-            kinds = "non-negative integers" + (" or ISO 8601 date-times" if column == "timestamp" else "")
-            raise DataError(f"{origin}: column {column!r}: {bad or 'some'} value(s) are not {kinds}.")
+    frame = frame.assign(timestamp=_epoch_seconds(frame["timestamp"]),
+                         **{column: _ids(frame[column], origin) for column in ID_FILES})
+    _check_integers(frame["timestamp"], origin, "non-negative integers or ISO 8601 date-times")
     unknown = sorted(set(frame["event"].astype(str)) - set(EVENTS))
     if unknown:
         raise DataError(f"{origin}: column 'event': unknown value(s) {unknown[:5]}; expected one of {list(EVENTS)}.")
-    frame = frame.astype({"user_id": "int64", "item_id": "int64", "timestamp": "int64", "event": "str"})
+    frame = frame.astype({"timestamp": "int64", "event": "str"})
     _check_size(frame, origin)
     return frame
+
+
+def _ids(column: pd.Series, origin: str) -> pd.Series:
+    """Integer ids (all values numbers: each a non-negative integer) or text ids (SKUs, UUIDs: any other
+    column), never missing. A column of numbers with a stray negative or fraction is an error, not text."""
+    missing = int(column.isna().sum())
+    if missing:
+        raise DataError(f"{origin}: column {column.name!r}: {missing} value(s) are missing; every interaction "
+                        "needs a user and an item id.")
+    if pd.to_numeric(column, errors="coerce").notna().all():
+        _check_integers(column, origin, "non-negative integers (or text ids)")
+        return column.astype("int64")
+    return column.astype(str)
+
+
+def _check_integers(column: pd.Series, origin: str, kinds: str) -> None:
+    values = pd.to_numeric(column, errors="coerce")
+    bad = int(values.isna().sum() + (values < 0).sum())
+    if bad or not np.all(np.mod(values.fillna(0), 1) == 0):
+        raise DataError(f"{origin}: column {column.name!r}: {bad or 'some'} value(s) are not {kinds}.")
 
 
 def _epoch_seconds(column: pd.Series) -> pd.Series:
@@ -105,8 +123,9 @@ def _check_size(frame: pd.DataFrame, origin: str) -> None:
 
 def number_ids(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Users and items renumbered 0..N-1 in id order (the model's rows), and the ids in that order."""
-    ids = {column: np.sort(frame[column].unique()) for column in ID_FILES}
-    return frame.assign(**{column: np.searchsorted(ids[column], frame[column]) for column in ID_FILES}), ids
+    numbered = {column: pd.factorize(frame[column], sort=True) for column in ID_FILES}
+    return (frame.assign(**{column: codes for column, (codes, _) in numbered.items()}),
+            {column: np.asarray(ids) for column, (_, ids) in numbered.items()})
 
 
 def read_interactions(source: str, config: InteractionsConfig, settings: KeelSettings) -> pd.DataFrame:

@@ -24,16 +24,30 @@ from keel.recommend.model import MatrixFactorization, load_factorization
 POPULARITY_FILE = "popularity.parquet"
 SEEN_FILE = "seen.parquet"
 MAX_K = 100
+Id = int | str  # a caller's user or item id: integers from a database, or text (SKUs, UUIDs)
 INT64 = np.iinfo(np.int64)
 
 
 def rows_of(ids: np.ndarray, wanted: Any) -> np.ndarray:
-    """Each wanted id's position in the sorted ``ids`` (its row in the model), -1 where it is not there (ids
-    are never negative; a JSON integer beyond int64 cannot be one either)."""
-    values = np.array([w if INT64.min <= w <= INT64.max else -1 for w in np.asarray(wanted).tolist()], dtype=np.int64)
+    """Each wanted id's position in the sorted ``ids`` (its row in the model), -1 where it is not there.
+
+    Wanted ids are read as the kind ``ids`` are: with text ids a number is its text, with integer ids a
+    decimal text is its number; anything else (other text, a negative, a JSON integer beyond int64) is no id.
+    """
+    if not len(ids):
+        return np.full(len(wanted), -1, dtype=np.int64)
+    integers = ids.dtype.kind in "iu"
+    values = np.array([_as_integer_id(w) if integers else str(w) for w in np.asarray(wanted).tolist()],
+                      dtype=np.int64 if integers else object)
     rows = np.searchsorted(ids, values)
-    found = (rows < len(ids)) & (ids[np.minimum(rows, len(ids) - 1)] == values) & (values >= 0)
+    found = (rows < len(ids)) & (ids[np.minimum(rows, len(ids) - 1)] == values)
     return np.where(found, rows, -1)
+
+
+def _as_integer_id(value: Any) -> int:
+    number = int(value) if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.isdecimal()) \
+        else -1
+    return number if 0 <= number <= INT64.max else -1
 
 
 @dataclass
@@ -65,6 +79,11 @@ class Recommender:
             ids[column].to_parquet(directory / file, index=False)
         return directory
 
+    @property
+    def text_ids(self) -> bool:
+        """Whether users are named by text (the API and pyfunc then take strings) or by integers."""
+        return self.user_ids.dtype.kind not in "iu"
+
     def scorer(self, user_ids: np.ndarray, item_ids: np.ndarray) -> Scorer:
         """This model's scores in another run's numbering (``user_ids``/``item_ids``: its rows' ids), so a
         champion is rescored on a challenger's rows: its own scores for users it knows, its popular list's
@@ -86,12 +105,12 @@ class Recommender:
 
         return score
 
-    def recommend(self, user_ids: list[int], k: int = 10) -> list[dict[str, Any]]:
+    def recommend(self, user_ids: list[Id], k: int = 10) -> list[dict[str, Any]]:
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
         known = {user: int(row) for user, row in zip(user_ids, rows_of(self.user_ids, user_ids))
                  if row >= 0 and row in self.seen}
-        ranked: dict[int, tuple[list[int], list[float]]] = {}
+        ranked: dict[Id, tuple[list[Id], list[float]]] = {}
         if known:
             rows = list(known.values())
             scores = self.model.score_all(torch.tensor(rows)).numpy().astype(np.float64)

@@ -16,6 +16,7 @@ from mlflow.pyfunc import PythonModel
 
 from keel import __version__, registry, storage
 from keel.config import RegisterConfig
+from keel.recommend.data import ID_FILES
 from keel.recommend.evaluate import EVALUATION_FILE
 from keel.recommend.recommender import Recommender
 from keel.settings import KeelSettings
@@ -24,7 +25,8 @@ DEFAULT_K = 10
 
 
 class RecommenderPyfunc(PythonModel):
-    """MLflow pyfunc flavour: a ``user_id`` column in; items, scores and the list's source out."""
+    """MLflow pyfunc flavour: a ``user_id`` column (integers or text, as the model's ids) in; items, scores and
+    the list's source out."""
 
     ARTIFACT = "recommender"
 
@@ -33,20 +35,21 @@ class RecommenderPyfunc(PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", DEFAULT_K))
-        users = [int(u) for u in pd.DataFrame(model_input)["user_id"]]
-        return pd.DataFrame(self.recommender.recommend(users, k))
+        return pd.DataFrame(self.recommender.recommend(pd.DataFrame(model_input)["user_id"].tolist(), k))
 
 
 def _log_model(package_dir: Path) -> str:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    signature = ModelSignature(inputs=Schema([ColSpec("long", "user_id")]),
+    user_ids = pd.read_parquet(package_dir / ID_FILES["user_id"])["id"]
+    id_type = "long" if pd.api.types.is_integer_dtype(user_ids) else "string"  # a text-id model is asked in text
+    signature = ModelSignature(inputs=Schema([ColSpec(id_type, "user_id")]),
                                params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)]))
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
         artifacts={RecommenderPyfunc.ARTIFACT: str(package_dir)}, signature=signature,
-        input_example=pd.DataFrame({"user_id": [0, 1]}),
+        input_example=pd.DataFrame({"user_id": user_ids[:2]}),
         pip_requirements=[f"keel=={__version__}", "torch==2.13.0", "pandas", "numpy", "pydantic"])
     return str(info.model_uri)
 

@@ -1,13 +1,14 @@
 """The serving route for recommenders: user ids in, top-k item ids out.
 
+Ids are the model's kind, integers or text, and the OpenAPI schema says which.
+
 Mounted on :func:`keel.serve.app.base_app`, so it has the same auth, limits,
 health routes, metrics and 4xx errors as the classifiers' API. An unknown user
 is not an error: the answer is the popular list, marked ``"source": "popular"``.
 """
 
-from __future__ import annotations
-
-from typing import Any
+# No `from __future__ import annotations`: the route's body type is chosen at run time and FastAPI reads it.
+from typing import Any, Generic, TypeVar
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,27 +18,29 @@ from keel.serve.app import MAX_BODY_BYTES, base_app, name_checker
 from keel.serve.metrics import ServingMetrics
 from keel.serve.schema import MAX_RECORDS
 
+IdT = TypeVar("IdT", int, str)  # the model's kind of id: a text-id model is asked and answers in strings
 
-class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-    user_ids: list[int] = Field(..., min_length=1, max_length=MAX_RECORDS)
+class RecommendRequest(BaseModel, Generic[IdT]):
+    model_config = ConfigDict(extra="forbid", strict=True)  # `true` is no user id, nor "10" a k
+
+    user_ids: list[IdT] = Field(..., min_length=1, max_length=MAX_RECORDS)
     k: int = Field(default=10, ge=1, le=MAX_K)
 
 
-class Recommendation(BaseModel):
-    user_id: int
-    items: list[int]
+class Recommendation(BaseModel, Generic[IdT]):
+    user_id: IdT
+    items: list[IdT]
     scores: list[float]
     known_user: bool
     source: str
 
 
-class RecommendResponse(BaseModel):
+class RecommendResponse(BaseModel, Generic[IdT]):
     model_name: str
     model_version: str
     request_id: str
-    recommendations: list[Recommendation]
+    recommendations: list[Recommendation[IdT]]
 
 
 def build_recommend_app(recommender: Recommender, model_name: str, model_version: str,
@@ -48,9 +51,12 @@ def build_recommend_app(recommender: Recommender, model_name: str, model_version
                    "Top-k recommendations from a Keel recommender.")
     check_name = name_checker(model_name)
 
-    @app.post("/v1/models/{name}:recommend", response_model=RecommendResponse, tags=["keel"],
-              responses={400: {}, 404: {}, 413: {}, 422: {}})
-    async def recommend(name: str, body: RecommendRequest, request: Request) -> dict[str, Any]:
+    id_type = str if recommender.text_ids else int
+    request_type = RecommendRequest[id_type]  # type: ignore[valid-type]
+
+    @app.post("/v1/models/{name}:recommend", response_model=RecommendResponse[id_type],  # type: ignore[valid-type]
+              tags=["keel"], responses={400: {}, 404: {}, 413: {}, 422: {}})
+    async def recommend(name: str, body: request_type, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
         check_name(name)
         metrics.observe_batch(len(body.user_ids))
         return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,

@@ -17,10 +17,13 @@ MAX_RECORDS = 1024
 
 
 def record_model(transform: FeatureTransform) -> type[BaseModel]:
-    """One raw input row: numeric columns as finite floats, categorical as strings; null allowed."""
+    """One raw input row: numeric columns as finite JSON numbers, categorical as strings; null allowed.
+
+    Strict numbers: ``true`` or ``"1.5"`` for a numeric column is a client's mistake, and a 422 says where,
+    rather than a score of 1.0 or a guess."""
     fields: dict[str, Any] = {}
     for name in transform.numeric:
-        fields[name] = (float | None, Field(..., allow_inf_nan=False))
+        fields[name] = (float | None, Field(..., allow_inf_nan=False, strict=True))
     for name in transform.categorical:
         fields[name] = (str | None, Field(...))
     return create_model("Record", __config__=ConfigDict(extra="forbid"), **fields)

@@ -133,6 +133,18 @@ def test_non_finite_numbers_are_rejected(client: TestClient, literal: str) -> No
     assert_still_serving(client)
 
 
+def test_numbers_too_large_for_the_network_are_rejected_not_answered_with_nulls(client: TestClient) -> None:
+    """1e300 is a finite JSON number, but infinite in float32: the answer would be a NaN probability."""
+    response = client.post(f"/v1/models/{NAME}:predict", json={"records": [{**records(1)[0], "weight": -1e300}]})
+    assert response.status_code == 422, response.text
+    assert "column 'weight': 1 value(s) are too large to score" in response.json()["detail"]
+    v2 = _v2_inputs(2)
+    v2[0]["data"] = [1e39, 1.0]
+    response = client.post(f"/v2/models/{NAME}/infer", json={"inputs": v2})
+    assert response.status_code == 422 and "column 'size'" in response.json()["error"], response.text
+    assert_still_serving(client)
+
+
 def test_unknown_model_is_404(client: TestClient) -> None:
     response = client.post("/v1/models/other:predict", json={"records": records(1)})
     assert response.status_code == 404 and "unknown model 'other'" in response.json()["detail"]

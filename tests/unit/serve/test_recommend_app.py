@@ -1,0 +1,45 @@
+"""The recommendation route without Ray: ids of the model's kind in and out, a reason for anything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from keel.recommend.serving import build_recommend_app
+from tests.stages import INTEGER_IDS, TEXT_IDS, packaged_recommender
+
+ROUTE = "/v1/models/recs:recommend"
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TestClient]:
+    directory = tmp_path_factory.mktemp("recommend-app")
+    return {kind: TestClient(build_recommend_app(packaged_recommender(directory / kind, ids), "recs", "2"))
+            for kind, ids in (("integer", INTEGER_IDS), ("text", TEXT_IDS))}
+
+
+def test_a_text_id_model_is_asked_and_answers_in_strings(clients: dict[str, TestClient]) -> None:
+    answer = clients["text"].post(ROUTE, json={"user_ids": ["A1XK", "stranger"], "k": 2})
+    assert answer.status_code == 200, answer.text
+    known, stranger = answer.json()["recommendations"]
+    assert known["user_id"] == "A1XK" and known["source"] == "personalized"
+    assert set(known["items"]) <= {"B0003", "SKU-4", "SKU-5", "SKU-6"}  # not the two items A1XK had
+    assert stranger == {"user_id": "stranger", "items": ["B0003", "SKU-5"], "scores": [], "known_user": False,
+                        "source": "popular"}
+
+
+@pytest.mark.parametrize("kind, user_ids, wrong", [("text", [10], "valid string"),
+                                                   ("integer", ["A1XK"], "valid integer")])
+def test_ids_of_the_other_kind_get_a_422_naming_the_field(clients: dict[str, TestClient], kind: str,
+                                                          user_ids: list, wrong: str) -> None:
+    response = clients[kind].post(ROUTE, json={"user_ids": user_ids})
+    assert response.status_code == 422 and "user_ids" in response.text and wrong in response.text, response.text
+
+
+def test_the_openapi_schema_says_which_kind_of_id(clients: dict[str, TestClient]) -> None:
+    for kind, json_type in (("text", "string"), ("integer", "integer")):
+        schemas = clients[kind].get("/openapi.json").json()["components"]["schemas"]
+        request = next(schema for name, schema in schemas.items() if name.startswith("RecommendRequest"))
+        assert request["properties"]["user_ids"]["items"]["type"] == json_type

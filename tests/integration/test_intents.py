@@ -132,6 +132,26 @@ def test_the_served_champion_takes_raw_text_and_never_logs_it(pipeline_run: tupl
     assert list(pyfunc.predict(pd.DataFrame({"text": [message]})).columns) == ["intent", "probability"]
 
 
+def test_no_classify_request_gets_a_server_error_or_an_undocumented_answer(pipeline_run: tuple[Path, dict],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """schemathesis on the served champion: empty, over-long, unicode and mistyped texts, each a 200 or a 4xx
+    as the OpenAPI schema says (the real tokenizer and model, so fewer cases than the classifier's fuzz)."""
+    import schemathesis
+
+    from keel.intents.serving import build_intents_app
+    from keel.serve.deployment import load_registered
+    from tests.openapi_fuzz import fuzz
+
+    workdir, report = pipeline_run
+    monkeypatch.setenv("KEEL_HOME", str(workdir / ".keel"))
+    mlflow.set_tracking_uri(report["tracking_uri"])
+    loaded = load_registered(f"models:/{MODEL}@champion", load_settings())
+    assert loaded.intents is not None
+    app = build_intents_app(loaded.intents, loaded.name, loaded.version)
+    calls = fuzz(schemathesis.openapi.from_asgi("/openapi.json", app).include(path_regex=":classify$"), 120, MODEL)
+    assert len(calls) >= 100 and 200 in calls and any(400 <= code < 500 for code in calls)
+
+
 def test_the_next_run_is_gated_against_the_champion_rescored_on_its_rows(pipeline_run: tuple[Path, dict],
                                                                          monkeypatch) -> None:
     workdir, report = pipeline_run

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.cli.run import parse_params
+from keel.cli.run import parse_params, print_summary
 from keel.errors import ConfigError
 
 
@@ -57,3 +57,13 @@ def test_compile_writes_yaml(tmp_path: Path, keel_home: Path) -> None:
     result = keel("pipelines", "compile", "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "medical_diagnosis.yaml").read_text().startswith("# PIPELINE DEFINITION")
+
+
+@pytest.mark.parametrize("promoted, loadable", [(True, "models:/recs@champion"), (False, "models:/recs/4")])
+def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: bool, loadable: str,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """A challenger is loaded by its version: the champion alias names another model, or none at all."""
+    print_summary({"run_id": "r", "succeeded": True, "wall_s": 1.0, "_rows": [], "test_metrics": {},
+                   "model_uri": "models:/recs/4", "champion": promoted, "model_name": "recs",
+                   "promotion": "gate failed", "tracking_uri": "sqlite:///x.db", "artifacts": "a", "log": "l"})
+    assert f'Load it: mlflow.pyfunc.load_model("{loadable}")' in capsys.readouterr().out

@@ -104,7 +104,9 @@ def print_summary(report: dict[str, Any]) -> None:
         typer.echo(f"Registered model: {report['model_uri']} ({alias})")
         typer.echo(f"Promotion: {report['promotion']}")
         typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")
-        typer.echo(f"Load it: mlflow.pyfunc.load_model(\"models:/{report['model_name']}@champion\")")
+        # a challenger is loaded by its version: the champion alias may name another model, or none yet
+        loadable = f"models:/{report['model_name']}@champion" if report["champion"] else report["model_uri"]
+        typer.echo(f"Load it: mlflow.pyfunc.load_model(\"{loadable}\")")
     typer.echo(f"Artifacts: {report['artifacts']}\nLog: {report['log']}")
 
 

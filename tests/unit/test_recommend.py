@@ -12,12 +12,14 @@ import torch
 
 from keel.config import parse_pipeline_config
 from keel.errors import ConfigError, DataError
-from keel.recommend.config import InteractionsConfig, RecommendPipelineConfig, RecommendTrainConfig, SplitConfig
-from keel.recommend.data import check_interactions, generate_interactions, number_ids, split_latest
+from keel.recommend.config import (InteractionColumns, InteractionsConfig, RecommendPipelineConfig,
+                                   RecommendTrainConfig, SplitConfig)
+from keel.recommend.data import check_interactions, generate_interactions, number_ids, prepare, split_latest
 from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_items, top_k
 from keel.recommend.model import FactorizationSpec, MatrixFactorization
 from keel.recommend.recommender import Recommender, rows_of
 from keel.recommend.train import bpr_epoch, seen_matrix, validation_ndcg
+from keel.settings import KeelSettings
 from tests.stages import INTEGER_IDS, TEXT_IDS, packaged_recommender
 
 SMALL = InteractionsConfig(users=400, items=150, mean_interactions=20, seed=7)
@@ -194,3 +196,44 @@ def test_the_pipeline_name_picks_its_config_model_and_errors_name_the_field() ->
     with pytest.raises(ConfigError, match=r"config.yaml: invalid pipeline config: train.embeding_dim: Extra inputs "
                                           r"are not permitted \(did you mean 'embedding_dim'\?\)"):
         parse_pipeline_config({**payload, "train": {"embeding_dim": 8}}, "config.yaml")
+
+
+MOVIELENS = pd.DataFrame({"userId": [1, 1, 1, 1, 1, 1, 2, 2], "movieId": [10, 20, 30, 40, 50, 60, 10, 70],
+                          "rating": [4.0, 3.5, 5.0, 1.0, 2.0, 4.5, 3.0, 5.0],
+                          "timestamp": [964982703, 964981247, 964982224, 964983815, 964982931, 964982400, 1, 2]})
+
+
+def test_an_export_with_its_own_column_names_is_read_through_the_config() -> None:
+    """MovieLens' ratings.csv as it comes: userId and movieId, no event column, a rating the stages do not use."""
+    with pytest.raises(DataError, match=r"ratings.csv: missing column\(s\) \['user_id', 'item_id'\]; the file has "
+                                        r"\['userId', 'movieId', 'rating', 'timestamp'\]. Name yours in the config's "
+                                        r"interactions.columns \(user_id: userId, item_id: <your column>\)"):
+        check_interactions(MOVIELENS, "ratings.csv")
+    columns = InteractionColumns(user_id="userId", item_id="movieId")
+    checked = check_interactions(MOVIELENS, "ratings.csv", columns)
+    assert list(checked.columns) == ["user_id", "item_id", "timestamp"] and checked["item_id"].tolist()[:2] == [10, 20]
+    actions, no_events = columns.model_copy(update={"event": "action"}), columns.model_copy(update={"event": None})
+    with pytest.raises(DataError, match="column 'action': unknown value.*interactions.columns.event: null"):
+        check_interactions(MOVIELENS.assign(action="addtocart"), "ratings.csv", actions)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['action'\]"):  # named, so expected
+        check_interactions(MOVIELENS, "ratings.csv", actions)
+    ignored = check_interactions(MOVIELENS.assign(event="addtocart"), "ratings.csv", no_events)
+    assert "event" not in ignored.columns
+
+
+def test_a_file_without_events_is_split_and_published(tmp_path: Path) -> None:
+    MOVIELENS.to_csv(tmp_path / "ratings.csv", index=False)
+    config = InteractionsConfig(columns=InteractionColumns(user_id="userId", item_id="movieId"))
+    manifest = prepare(str(tmp_path / "ratings.csv"), config, SplitConfig(), str(tmp_path / "out"),
+                       KeelSettings(home=tmp_path / ".keel"))
+    assert manifest["events"] == {} and manifest["users"] == 2 and manifest["split_rows"] == {"train": 5, "val": 1,
+                                                                                            "test": 2}
+    test = pd.read_parquet(tmp_path / "out" / "test.parquet")
+    assert test["item_id"].tolist() == [4, 3]  # user 1's two latest, movies 50 then 40, as rows 4 and 3
+
+
+def test_two_columns_cannot_be_read_from_one() -> None:
+    payload = {"pipeline": "ecommerce_recommendations", "registry": {"model_name": "recs"},
+               "interactions": {"columns": {"user_id": "id", "item_id": "id"}}}
+    with pytest.raises(ConfigError, match="interactions.columns: .*each column needs its own name"):
+        parse_pipeline_config(payload, "config.yaml")

@@ -4,15 +4,38 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keel.config import RegisterConfig
 
 
-class InteractionsConfig(BaseModel):
-    """The seeded generator of implicit feedback (used for ``builtin://ecommerce_interactions``)."""
+class InteractionColumns(BaseModel):
+    """A file's own names for the columns the stages read, so an export is used as it is (MovieLens:
+    ``user_id: userId``, ``item_id: movieId``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    event: str | None = Field(default="event", description="view, cart or purchase; a file without it is read as "
+                                                            "it is, and null ignores the column")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> InteractionColumns:
+        names = [name for name in self.model_dump().values() if name is not None]
+        if len(set(names)) < len(names):
+            raise ValueError(f"each column needs its own name, got {self.model_dump()}")
+        return self
+
+
+class InteractionsConfig(BaseModel):
+    """Where interactions come from: a file's column names, or the seeded generator of implicit feedback behind
+    ``builtin://ecommerce_interactions`` (the rest of the fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    columns: InteractionColumns = InteractionColumns()
 
     users: int = Field(default=5000, ge=10)
     items: int = Field(default=2000, ge=20)

@@ -14,6 +14,7 @@ the ids to map back.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,11 @@ import pandas as pd
 
 from keel import storage
 from keel.errors import DataError
-from keel.recommend.config import InteractionsConfig, SplitConfig
+from keel.recommend.config import InteractionColumns, InteractionsConfig, SplitConfig
 from keel.settings import KeelSettings
 
 BUILTIN_SOURCE = "builtin://ecommerce_interactions"
-COLUMNS = {"user_id": "integer or text", "item_id": "integer or text", "event": "text",
-           "timestamp": "integer or date-time"}
+DEFAULT_COLUMNS = InteractionColumns()
 # Training and evaluation hold a users x items mask of what each user has seen, one byte a pair.
 MAX_SEEN_MASK_BYTES = 2 << 30
 ID_FILES = {"user_id": "user_ids.parquet", "item_id": "item_ids.parquet"}
@@ -61,20 +61,42 @@ def generate_interactions(config: InteractionsConfig) -> pd.DataFrame:
                          "timestamp": table[:, 3]})
 
 
-def check_interactions(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
-    """The columns the stages need, with usable values; a DataError names the column otherwise."""
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(f"{origin}: missing column(s) {missing}; interactions need {list(COLUMNS)}.")
+def check_interactions(frame: pd.DataFrame, origin: str, columns: InteractionColumns = DEFAULT_COLUMNS) -> pd.DataFrame:
+    """The columns the stages need, under their names, with usable values; a DataError names the column
+    otherwise."""
+    frame = _our_columns(frame, origin, columns)
     frame = frame.assign(timestamp=_epoch_seconds(frame["timestamp"]),
                          **{column: _ids(frame[column], origin) for column in ID_FILES})
     _check_integers(frame["timestamp"], origin, "non-negative integers or ISO 8601 date-times")
-    unknown = sorted(set(frame["event"].astype(str)) - set(EVENTS))
-    if unknown:
-        raise DataError(f"{origin}: column 'event': unknown value(s) {unknown[:5]}; expected one of {list(EVENTS)}.")
-    frame = frame.astype({"timestamp": "int64", "event": "str"})
+    frame = frame.astype({"timestamp": "int64"})
+    if "event" in frame.columns:
+        unknown = sorted(set(frame["event"].astype(str)) - set(EVENTS))
+        if unknown:
+            raise DataError(f"{origin}: column {columns.event!r}: unknown value(s) {unknown[:5]}; expected one of "
+                            f"{list(EVENTS)} (or set interactions.columns.event: null to ignore the column).")
+        frame = frame.astype({"event": "str"})
     _check_size(frame, origin)
     return frame
+
+
+def _our_columns(frame: pd.DataFrame, origin: str, columns: InteractionColumns) -> pd.DataFrame:
+    """The file's columns under the stages' names (others dropped). A missing one is named with the config key
+    that names it, and a near name in the file (``userId`` for ``user_id``) is suggested."""
+    wanted = {ours: theirs for ours, theirs in columns.model_dump().items() if theirs is not None}
+    if wanted.get("event") == DEFAULT_COLUMNS.event and "event" not in frame.columns:
+        del wanted["event"]  # events are optional: a file without them (MovieLens ratings) is read as it is
+    missing = [ours for ours, theirs in wanted.items() if theirs not in frame.columns]
+    if missing:
+        near = {_loose(column): str(column) for column in frame.columns}
+        keys = ", ".join(f"{ours}: {near.get(_loose(wanted[ours]), '<your column>')}" for ours in missing)
+        raise DataError(f"{origin}: missing column(s) {[wanted[ours] for ours in missing]}; the file has "
+                        f"{[str(c) for c in frame.columns][:20]}. Name yours in the config's interactions.columns "
+                        f"({keys}).")
+    return frame[list(wanted.values())].set_axis(list(wanted), axis=1)
+
+
+def _loose(name: object) -> str:
+    return re.sub(r"[^0-9a-z]", "", str(name).lower())
 
 
 def _ids(column: pd.Series, origin: str) -> pd.Series:
@@ -135,7 +157,7 @@ def read_interactions(source: str, config: InteractionsConfig, settings: KeelSet
     if source.startswith("builtin://"):
         raise DataError(f"{source}: no such bundled dataset; this pipeline knows {BUILTIN_SOURCE}.")
     frame = storage.read_table(source, settings, "interactions")
-    return check_interactions(frame, source)
+    return check_interactions(frame, source, config.columns)
 
 
 def split_latest(frame: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
@@ -176,7 +198,7 @@ def prepare(source: str, interactions: InteractionsConfig, split: SplitConfig, o
             splits={name: out.uri_of(file) for name, file in SPLIT_FILES.items()},
             popularity=out.uri_of(POPULARITY_FILE), ids={c: out.uri_of(file) for c, file in ID_FILES.items()},
             split_rows={name: len(part) for name, part in splits.items()},
-            events={event: int(n) for event, n in frame["event"].value_counts().items()},
+            events={event: int(n) for event, n in frame["event"].value_counts().items()} if "event" in frame else {},
             summary=(f"{len(frame)} interactions, {frame['user_id'].nunique()} users, "
                      f"{frame['item_id'].nunique()} items; {len(splits['test'])} held out"),
         )

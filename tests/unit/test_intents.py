@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from keel.errors import DataError
-from keel.intents.config import UtterancesConfig
+from keel.intents.config import UtteranceColumns, UtterancesConfig
 from keel.intents.data import FIRST, INTENTS, LAST, generate_utterances
 from keel.intents.model import (IntentModel, IntentSpec, load_tokenizer, pack, pretrained_classifier, pretrained_dir,
                                 save_intent_model, tokenize)
@@ -81,6 +81,25 @@ def test_a_file_too_small_to_hold_out_validation_rows_is_refused_and_nothing_wri
     with pytest.raises(DataError, match=r"tickets.csv: no validation rows: utterances.validation_fraction \(0.1\)"):
         prepare_utterances(str(source), UtterancesConfig(), output, settings)
     assert not artifact_files(settings)
+
+
+def test_a_help_desk_export_is_read_under_its_own_column_names() -> None:
+    """Bitext's help-desk set names the message `instruction` and has a `category` beside the intent: the config
+    names the column, and errors then name the file's column, not Keel's."""
+    export = pd.DataFrame({"flags": ["B", "BQZ"], "instruction": ["where is my parcel", " "],
+                           "category": ["ORDER", "REFUND"], "intent": ["track_order", "get_refund"],
+                           "customer": ["c-1", "c-2"]})
+    with pytest.raises(DataError, match=r"missing column\(s\) \['text'\]; the file has \['flags', 'instruction', "
+                                        r".*utterances.columns \(text: <your column>\)"):
+        check_utterances(export, "bitext.csv", UtterancesConfig())
+    columns = UtteranceColumns(text="instruction", user_id="customer")
+    with pytest.raises(DataError, match=r"bitext.csv: column 'instruction': 1 empty value\(s\), first at row 1"):
+        check_utterances(export, "bitext.csv", UtterancesConfig(columns=columns))
+    checked = check_utterances(export.iloc[:1], "bitext.csv", UtterancesConfig(columns=columns))
+    assert list(checked.columns) == ["user_id", "text", "intent", "split"]
+    assert checked.iloc[0][["user_id", "text", "intent"]].tolist() == ["c-1", "where is my parcel", "track_order"]
+    with pytest.raises(DataError, match=r"missing column\(s\) \['fold'\]"):  # named, so expected
+        check_utterances(export, "bitext.csv", UtterancesConfig(columns=columns.model_copy(update={"split": "fold"})))
 
 
 def test_a_users_file_without_a_split_column_gets_a_seeded_test_share() -> None:

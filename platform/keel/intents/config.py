@@ -7,13 +7,29 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.config import RegisterConfig
+from keel.data.columns import ColumnNames
 from keel.train.config import ScalingSpec
 
 
+class UtteranceColumns(ColumnNames):
+    """A file's own names for the columns the data step reads (Bitext's help-desk set: ``text: instruction``;
+    Banking77: ``intent: label``)."""
+
+    OPTIONAL = frozenset({"user_id", "split"})
+
+    text: str = "text"
+    intent: str = "intent"
+    user_id: str | None = Field(default="user_id", description="pseudonymised; optional")
+    split: str | None = Field(default="split", description="train or test per row; optional, else test_fraction")
+
+
 class UtterancesConfig(BaseModel):
-    """The seeded generator behind ``builtin://customer_service_utterances`` and the splits."""
+    """A file's column names, the seeded generator behind ``builtin://customer_service_utterances``, and the
+    splits."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    columns: UtteranceColumns = UtteranceColumns()
 
     per_intent: int = Field(default=240, ge=6, description="utterances per intent (14 intents)")
     typo_rate: float = Field(default=0.15, ge=0, le=1)

@@ -31,7 +31,8 @@ KEY_FILE = "pseudonym.key"
 
 
 def read_utterances(source: str, config: UtterancesConfig, settings: KeelSettings) -> pd.DataFrame:
-    """The builtin generator's utterances, or a user's file with ``text``, ``intent`` and optional columns.
+    """The builtin generator's utterances, or a user's file with ``text``, ``intent`` and optional columns
+    (under the file's own names: ``config.columns``).
 
     Optional: ``user_id``, and ``split`` (``train``/``test``) to fix which rows are held out.
     """
@@ -44,20 +45,21 @@ def read_utterances(source: str, config: UtterancesConfig, settings: KeelSetting
 
 
 def check_utterances(frame: pd.DataFrame, origin: str, config: UtterancesConfig) -> pd.DataFrame:
-    """Text and intent present and non-empty; a ``split`` column, when given, only says train or test."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(f"{origin}: missing column(s) {missing}; utterances need {list(REQUIRED_COLUMNS)}.")
+    """Text and intent present and non-empty; a ``split`` column, when given, only says train or test. Errors
+    name the file's own column."""
+    names = config.columns
+    frame = names.select(frame, origin, "utterances.columns")
     for column in REQUIRED_COLUMNS:
         empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if empty.any():
-            raise DataError(f"{origin}: column {column!r}: {int(empty.sum())} empty value(s), first at row "
-                            f"{int(np.flatnonzero(empty)[0])}.")
+            raise DataError(f"{origin}: column {getattr(names, column)!r}: {int(empty.sum())} empty value(s), "
+                            f"first at row {int(np.flatnonzero(empty)[0])}.")
     frame = frame.astype({"text": "str", "intent": "str"})
     if "split" in frame.columns:
         unknown = sorted(set(frame["split"].astype(str)) - {"train", "test"})
         if unknown:
-            raise DataError(f"{origin}: column 'split': unknown value(s) {unknown[:5]}; expected train or test.")
+            raise DataError(f"{origin}: column {names.split!r}: unknown value(s) {unknown[:5]}; expected train or "
+                            "test.")
     else:
         rng = np.random.default_rng(config.seed)
         frame = frame.assign(split=np.where(rng.random(len(frame)) < config.test_fraction, "test", "train"))

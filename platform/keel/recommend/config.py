@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from keel.config import RegisterConfig
+from keel.data.columns import ColumnNames
 
 
-class InteractionColumns(BaseModel):
-    """A file's own names for the columns the stages read, so an export is used as it is (MovieLens:
-    ``user_id: userId``, ``item_id: movieId``)."""
+class InteractionColumns(ColumnNames):
+    """A file's own names for the columns the stages read (MovieLens: ``user_id: userId``, ``item_id: movieId``)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    OPTIONAL = frozenset({"event"})
 
     user_id: str = "user_id"
     item_id: str = "item_id"
     timestamp: str = "timestamp"
     event: str | None = Field(default="event", description="view, cart or purchase; a file without it is read as "
                                                             "it is, and null ignores the column")
-
-    @model_validator(mode="after")
-    def _distinct(self) -> InteractionColumns:
-        names = [name for name in self.model_dump().values() if name is not None]
-        if len(set(names)) < len(names):
-            raise ValueError(f"each column needs its own name, got {self.model_dump()}")
-        return self
 
 
 class InteractionsConfig(BaseModel):

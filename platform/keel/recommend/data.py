@@ -14,7 +14,6 @@ the ids to map back.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -61,10 +60,11 @@ def generate_interactions(config: InteractionsConfig) -> pd.DataFrame:
                          "timestamp": table[:, 3]})
 
 
-def check_interactions(frame: pd.DataFrame, origin: str, columns: InteractionColumns = DEFAULT_COLUMNS) -> pd.DataFrame:
+def check_interactions(frame: pd.DataFrame, origin: str,
+                       columns: InteractionColumns = DEFAULT_COLUMNS) -> pd.DataFrame:
     """The columns the stages need, under their names, with usable values; a DataError names the column
     otherwise."""
-    frame = _our_columns(frame, origin, columns)
+    frame = columns.select(frame, origin, "interactions.columns")
     frame = frame.assign(timestamp=_epoch_seconds(frame["timestamp"]),
                          **{column: _ids(frame[column], origin) for column in ID_FILES})
     _check_integers(frame["timestamp"], origin, "non-negative integers or ISO 8601 date-times")
@@ -77,26 +77,6 @@ def check_interactions(frame: pd.DataFrame, origin: str, columns: InteractionCol
         frame = frame.astype({"event": "str"})
     _check_size(frame, origin)
     return frame
-
-
-def _our_columns(frame: pd.DataFrame, origin: str, columns: InteractionColumns) -> pd.DataFrame:
-    """The file's columns under the stages' names (others dropped). A missing one is named with the config key
-    that names it, and a near name in the file (``userId`` for ``user_id``) is suggested."""
-    wanted = {ours: theirs for ours, theirs in columns.model_dump().items() if theirs is not None}
-    if wanted.get("event") == DEFAULT_COLUMNS.event and "event" not in frame.columns:
-        del wanted["event"]  # events are optional: a file without them (MovieLens ratings) is read as it is
-    missing = [ours for ours, theirs in wanted.items() if theirs not in frame.columns]
-    if missing:
-        near = {_loose(column): str(column) for column in frame.columns}
-        keys = ", ".join(f"{ours}: {near.get(_loose(wanted[ours]), '<your column>')}" for ours in missing)
-        raise DataError(f"{origin}: missing column(s) {[wanted[ours] for ours in missing]}; the file has "
-                        f"{[str(c) for c in frame.columns][:20]}. Name yours in the config's interactions.columns "
-                        f"({keys}).")
-    return frame[list(wanted.values())].set_axis(list(wanted), axis=1)
-
-
-def _loose(name: object) -> str:
-    return re.sub(r"[^0-9a-z]", "", str(name).lower())
 
 
 def _ids(column: pd.Series, origin: str) -> pd.Series:

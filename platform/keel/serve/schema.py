@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model
 
 from keel.data.transform import FeatureTransform
 
@@ -30,9 +30,13 @@ def record_model(transform: FeatureTransform) -> type[BaseModel]:
 
 
 def predict_request_model(transform: FeatureTransform) -> type[BaseModel]:
+    """``{"records": [...]}``; KServe's V1 protocol (and MLflow's scoring server) send the same rows as
+    ``instances``, so that key is read too (one of the two; both is a 422)."""
     record = record_model(transform)
+    rows = Field(..., min_length=1, max_length=MAX_RECORDS, validation_alias=AliasChoices("records", "instances"),
+                 description="input rows; also read from `instances` (KServe V1)")
     return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"),
-                        records=(list[record], Field(..., min_length=1, max_length=MAX_RECORDS)))  # type: ignore[valid-type]
+                        records=(list[record], rows))  # type: ignore[valid-type]
 
 
 class Prediction(BaseModel):

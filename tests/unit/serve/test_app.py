@@ -95,6 +95,19 @@ def test_predict_returns_labels_probabilities_and_identity(client: TestClient) -
         assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
 
 
+def test_kserve_v1_instances_are_read_as_records(client: TestClient) -> None:
+    """KServe's V1 protocol and MLflow's scoring server send rows as `instances`: the same answer, and errors
+    name the key that was sent."""
+    rows = records(3)
+    as_records = client.post(f"/v1/models/{NAME}:predict", json={"records": rows}).json()["predictions"]
+    as_instances = client.post(f"/v1/models/{NAME}:predict", json={"instances": rows})
+    assert as_instances.status_code == 200 and as_instances.json()["predictions"] == as_records
+    wrong = client.post(f"/v1/models/{NAME}:predict", json={"instances": [{**rows[0], "size": "big"}]})
+    assert wrong.status_code == 422 and "instances.0.size" in wrong.json()["detail"]
+    both = client.post(f"/v1/models/{NAME}:predict", json={"records": rows, "instances": rows})
+    assert both.status_code == 422 and "instances: Extra inputs are not permitted" in both.json()["detail"]
+
+
 def test_nulls_are_imputed(client: TestClient) -> None:
     record = {**records(1)[0], "weight": None, "colour": None}
     assert client.post(f"/v1/models/{NAME}:predict", json={"records": [record]}).status_code == 200

@@ -85,6 +85,21 @@ SMALL_CONTRACT: dict[str, Any] = {
 }
 
 
+def heart_table(rows: int = 120) -> pd.DataFrame:
+    """A table shaped like the UCI heart-disease export: an id, a '?' marker, nulls, text, a 0/1 label."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vessels = rng.integers(0, 4, rows).astype(str).astype(object)
+    vessels[:4] = "?"
+    cholesterol = rng.normal(240, 50, rows).round(1)
+    cholesterol[::10] = np.nan
+    return pd.DataFrame({"patient_id": np.arange(1000, 1000 + rows), "age": rng.integers(29, 78, rows),
+                         "sex": rng.choice(["female", "male"], rows), "chol": cholesterol,
+                         "smoker": rng.choice([True, False], rows), "ca": vessels,
+                         "notes": [f"visit note {i}" for i in range(rows)], "target": rng.integers(0, 2, rows)})
+
+
 @pytest.fixture
 def make_contract() -> Callable[..., DataContract]:
     """A contract for :func:`small_frame`, with sections overridden by keyword."""

@@ -223,6 +223,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping, with a ``contract: FILE`` (relative to it) read in."""
     try:
         payload = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as e:
@@ -234,6 +235,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if isinstance(payload.get("contract"), str):  # a contract file, relative to this config
         payload["contract"] = _read_yaml(path.parent / payload["contract"])
     return payload
+
+
+def _names_a_contract_file(path: Path) -> bool:
+    payload = yaml.safe_load(path.read_text()) or {}
+    return isinstance(payload, dict) and isinstance(payload.get("contract"), str)
 
 
 def config_class(payload: dict[str, Any]) -> type[PipelineConfig] | type[RecommendPipelineConfig] | \
@@ -267,10 +273,14 @@ def parse_pipeline_config(payload: dict[str, Any] | str, origin: str) -> AnyPipe
 
 
 def load_pipeline_config(path: Path, overrides: Path | None = None) -> AnyPipelineConfig:
-    """A pipeline's own config, with a user's override file merged over it."""
+    """A pipeline's own config, with a user's override file merged over it. An inline ``contract:`` mapping
+    merges too (to relax a threshold); ``contract: FILE`` is another table's contract and replaces it."""
     payload = _read_yaml(path)
     origin = str(path)
     if overrides is not None:
-        payload = deep_merge(payload, _read_yaml(overrides))
+        override = _read_yaml(overrides)
+        payload = deep_merge(payload, override)
+        if _names_a_contract_file(overrides):  # another table's contract: it replaces the pipeline's, whole
+            payload["contract"] = override["contract"]
         origin = f"{overrides} (merged over {path})"
     return parse_pipeline_config(payload, origin)

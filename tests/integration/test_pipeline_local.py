@@ -146,3 +146,37 @@ def test_a_failed_training_step_marks_the_mlflow_run_failed_and_registers_nothin
                    artifact_files(load_settings(home=workdir / ".keel")))
     assert [v.version for v in client.search_model_versions("name='medical-diagnosis'")] == [1]
 
+
+
+def test_a_users_own_table_trains_from_a_drafted_contract_and_the_printed_config(demo: tuple[Path, dict]) -> None:
+    """Another table than the bundled one (an id, a '?' marker, nulls, a 0/1 label): `keel contract draft`
+    writes the contract and prints the config; saved as printed (plus a short training), `keel run` trains on
+    it, registers the new model's first version and the pyfunc scores the raw rows."""
+    import yaml
+
+    from tests.conftest import heart_table
+
+    workdir, report = demo
+    env = {"KEEL_HOME": str(workdir / ".keel")}
+    table = heart_table(300)
+    table.to_csv(workdir / "heart.csv", index=False)
+    drafted = keel("contract", "draft", str(workdir / "heart.csv"), "--target", "target", "--output",
+                   "own/contract.yaml", cwd=workdir, env=env)
+    assert drafted.returncode == 0, drafted.stderr
+    assert "left out patient_id: an identifier" in drafted.stdout and "look at ca:" in drafted.stdout
+    printed = drafted.stdout.split("save this config beside it")[1].split("and train:")[0]
+    config = yaml.safe_load("\n".join(line[2:] for line in printed.splitlines()[2:]))
+    assert config["contract"] == "contract.yaml" and config["registry"]["model_name"] == "heart"
+    config.update({"tune": {"num_samples": 0}, "compress": {"methods": []}, "train": {"max_epochs": 5}})
+    (workdir / "own" / "keel.yaml").write_text(yaml.safe_dump(config))
+    again = keel("contract", "draft", str(workdir / "heart.csv"), "--target", "target", "--output",
+                 "own/contract.yaml", cwd=workdir, env=env)
+    assert again.returncode == 1 and "exists; pass --force" in again.stderr
+    result = keel("run", "medical_diagnosis", "--param", f"source={workdir / 'heart.csv'}", "--config",
+                  "own/keel.yaml", "--output", "json", cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads(result.stdout)
+    assert trained["model_uri"] == "models:/heart/1" and trained["champion"] is True
+    mlflow.set_tracking_uri(report["tracking_uri"])
+    predicted = mlflow.pyfunc.load_model("models:/heart@champion").predict(table.drop(columns=["target"]).head(20))
+    assert set(predicted["prediction"]) <= {"0", "1"} and len(predicted) == 20

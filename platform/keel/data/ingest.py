@@ -187,6 +187,18 @@ def schema_of(frame: pd.DataFrame) -> dict[str, str]:
     return {str(name): str(dtype) for name, dtype in frame.dtypes.items()}
 
 
+def read_source(source: str, scratch: Path, settings: KeelSettings) -> tuple[pd.DataFrame, Path, str]:
+    """The table at ``source`` as every Keel step sees it (same parsing, same checks), with the local copy it
+    was read from (in ``scratch``) and its format."""
+    if is_builtin(source):
+        local, file_format = write_builtin_csv(source, scratch / "source.csv"), "csv"
+    else:
+        storage.parse(source)  # unknown schemes fail before any download
+        file_format = detect_format(source)
+        local = storage.download(source, scratch / f"source.{file_format}", settings)
+    return read_table(source, local, file_format), local, file_format
+
+
 def ingest(source: str, output_uri: str, settings: KeelSettings) -> dict[str, Any]:
     """Copy ``source`` into ``output_uri`` as ``data.parquet`` with a manifest.
 
@@ -200,13 +212,7 @@ def ingest(source: str, output_uri: str, settings: KeelSettings) -> dict[str, An
     """
     with storage.staged_output(output_uri, "ingest", settings) as out, \
             tempfile.TemporaryDirectory(prefix="keel-ingest-") as scratch:
-        if is_builtin(source):
-            local, file_format = write_builtin_csv(source, Path(scratch) / "source.csv"), "csv"
-        else:
-            storage.parse(source)  # unknown schemes fail before any download
-            file_format = detect_format(source)
-            local = storage.download(source, Path(scratch) / f"source.{file_format}", settings)
-        frame = read_table(source, local, file_format)
+        frame, local, file_format = read_source(source, Path(scratch), settings)
         frame.to_parquet(out.path(DATA_FILE), index=False)
         out.manifest.update(source=source, format=file_format, rows=len(frame), schema=schema_of(frame),
                             sha256=sha256_file(local), data=out.uri_of(DATA_FILE))

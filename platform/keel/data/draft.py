@@ -102,6 +102,8 @@ def _feature_spec(name: str, values: pd.Series) -> tuple[ColumnSpec | None, str]
     nullable = len(present) < len(values)
     if present.empty:
         return None, "every value is missing"
+    if pd.api.types.is_datetime64_any_dtype(present) or pd.api.types.is_timedelta64_dtype(present):
+        return None, "a date-time (derive features such as the month or an age from it first)"
     if pd.api.types.is_bool_dtype(present) or present.map(type).eq(bool).all():
         return ColumnSpec(dtype="bool", nullable=nullable), ""
     numbers = pd.to_numeric(present, errors="coerce")

@@ -35,6 +35,8 @@ def test_a_draft_types_each_column_as_the_data_shows_and_passes_its_own_table() 
                                 "notes": "free text or an identifier (120 distinct values)"}
     assert "'?' (4 rows)" in drafted.notes["ca"] and columns["ca"].dtype == "category"
     assert quality_report(table, drafted.contract)["passed"]
+    dated = draft_contract(table.assign(admitted=pd.Timestamp("2024-05-01")), "target", "heart", "heart.parquet")
+    assert dated.left_out["admitted"].startswith("a date-time")
 
 
 def test_the_yaml_reads_back_as_the_same_contract_and_heads_with_what_to_review() -> None:

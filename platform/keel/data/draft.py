@@ -89,9 +89,7 @@ def _target_spec(values: pd.Series, origin: str) -> ColumnSpec:
     if len(classes) > MAX_CLASSES:
         raise DataError(f"{origin}: column {values.name!r} has {len(classes)} distinct values; the tabular pipeline "
                         f"classifies into at most {MAX_CLASSES} classes.")
-    numbers = pd.to_numeric(values, errors="coerce")
-    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values) \
-            and (numbers == numbers.round()).all():
+    if pd.api.types.is_integer_dtype(values):
         return ColumnSpec(dtype="int", allowed=sorted(int(v) for v in classes))
     return ColumnSpec(dtype="category", allowed=[str(v) for v in classes])
 
@@ -115,12 +113,15 @@ def _feature_spec(name: str, values: pd.Series) -> tuple[ColumnSpec | None, str]
         return ColumnSpec(dtype="int" if integral else "float", nullable=nullable, min=low, max=high), ""
     text = present.astype(str)
     distinct = text.unique()
+    strays = text[numbers.isna()].value_counts()
+    markers = ", ".join(f"{value!r} ({count} row(s))" for value, count in strays.head(3).items())
+    numbers_but_markers = numbers.notna().mean() >= 0.9  # a marker such as '?' or 'n/a' for a missing number
     if len(distinct) > MAX_CATEGORIES:
+        if numbers_but_markers:
+            return None, f"numbers but for {markers}; make those cells empty to use it as a number"
         return None, f"free text or an identifier ({len(distinct)} distinct values)"
     spec = ColumnSpec(dtype="category", nullable=nullable, allowed=sorted(distinct.tolist()))
-    strays = text[numbers.isna()].value_counts()
-    if numbers.notna().mean() >= 0.9:  # numbers but for a marker such as '?' or 'n/a'
-        markers = ", ".join(f"{value!r} ({count} rows)" for value, count in strays.head(3).items())
+    if numbers_but_markers:
         return spec, f"numbers but for {markers}: typed as a category; make those cells empty to type it a number"
     return spec, ""
 

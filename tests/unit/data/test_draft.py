@@ -33,10 +33,14 @@ def test_a_draft_types_each_column_as_the_data_shows_and_passes_its_own_table() 
     assert drafted.contract.thresholds.max_missing_fraction == 0.1
     assert drafted.left_out == {"patient_id": "an identifier (120 distinct integers)",
                                 "notes": "free text or an identifier (120 distinct values)"}
-    assert "'?' (4 rows)" in drafted.notes["ca"] and columns["ca"].dtype == "category"
+    assert "'?' (4 row(s))" in drafted.notes["ca"] and columns["ca"].dtype == "category"
     assert quality_report(table, drafted.contract)["passed"]
-    dated = draft_contract(table.assign(admitted=pd.Timestamp("2024-05-01")), "target", "heart", "heart.parquet")
-    assert dated.left_out["admitted"].startswith("a date-time")
+    other = table.assign(admitted=pd.Timestamp("2024-05-01"), bp=[*range(119), "?"], target=table["target"] * 1.0)
+    drafted = draft_contract(other, "target", "heart", "heart.parquet")
+    assert drafted.left_out["admitted"].startswith("a date-time")
+    assert drafted.left_out["bp"] == "numbers but for '?' (1 row(s)); make those cells empty to use it as a number"
+    assert drafted.contract.columns["target"].allowed == ["0.0", "1.0"]  # float labels: a category of their texts
+    assert quality_report(other, drafted.contract)["passed"]
 
 
 def test_the_yaml_reads_back_as_the_same_contract_and_heads_with_what_to_review() -> None:

@@ -63,6 +63,9 @@ class FeatureTransform(BaseModel):
     numeric: dict[str, NumericStats]
     categorical: dict[str, CategoricalStats]
     reference: dict[str, ReferenceBins] = {}
+    # numeric columns the contract types bool (a request may send true/false); None: saved before this was
+    # recorded, so any numeric column may be a boolean
+    boolean: list[str] | None = None
 
     @property
     def input_columns(self) -> list[str]:
@@ -94,8 +97,12 @@ class FeatureTransform(BaseModel):
                 mode = str(values.mode().iloc[0]) if len(values) else ""
                 categorical[name] = CategoricalStats(mode=mode, categories=categories)
         classes = sorted(frame[contract.target].astype(str).unique().tolist())
+        boolean = [name for name in numeric if contract.columns[name].dtype == "bool"]
         return cls(target=contract.target, classes=classes, numeric=numeric, categorical=categorical,
-                   reference=reference)
+                   reference=reference, boolean=boolean)
+
+    def may_be_boolean(self, name: str) -> bool:
+        return self.boolean is None or name in self.boolean
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         """Raw columns to a float32 feature matrix; DataError naming missing or non-numeric columns."""

@@ -7,23 +7,25 @@ missing, extra or mistyped field is a 422 naming that field.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, create_model
 
 from keel.data.transform import FeatureTransform
 
 MAX_RECORDS = 1024
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 def record_model(transform: FeatureTransform) -> type[BaseModel]:
     """One raw input row: numeric columns as finite JSON numbers, categorical as strings; null allowed.
 
     Strict numbers: ``true`` or ``"1.5"`` for a numeric column is a client's mistake, and a 422 says where,
-    rather than a score of 1.0 or a guess."""
+    rather than a score of 1.0 or a guess; a column the contract types bool takes true/false as well as 0/1."""
     fields: dict[str, Any] = {}
     for name in transform.numeric:
-        fields[name] = (float | None, Field(..., allow_inf_nan=False, strict=True))
+        kind = StrictBool | FiniteNumber | None if transform.may_be_boolean(name) else FiniteNumber | None
+        fields[name] = (kind, Field(...))
     for name in transform.categorical:
         fields[name] = (str | None, Field(...))
     return create_model("Record", __config__=ConfigDict(extra="forbid"), **fields)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
+from keel.data.contract import DataContract
+from keel.data.transform import FeatureTransform
 from keel.predictor import Predictor
 from keel.serve.app import build_app
+from keel.serve.schema import record_model
 from keel.settings import KeelSettings
-from tests.conftest import small_frame
+from tests.conftest import SMALL_CONTRACT, small_frame
 from tests.stages import run_stages, write_small_source
 
 NAME, VERSION = "small-model", "3"
@@ -226,3 +231,19 @@ def test_openapi_spec_names_the_raw_columns(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     record = spec["components"]["schemas"]["Record"]
     assert set(record["properties"]) == {"size", "weight", "colour"} and record["additionalProperties"] is False
+
+
+def test_a_column_the_contract_types_bool_takes_true_and_false_and_no_other_column_does(
+        make_contract: Callable[..., DataContract]) -> None:
+    """Strict numbers, but a boolean feature is sent as JSON true/false; a transform saved before Keel recorded
+    which columns are booleans takes them for any numeric column, as it did."""
+    frame = small_frame(120).assign(smoker=[True, False] * 60)
+    contract = make_contract(columns={**SMALL_CONTRACT["columns"], "smoker": {"dtype": "bool"}})
+    transform = FeatureTransform.fit(frame, contract)
+    row = {"size": 10.0, "weight": 3.0, "colour": "red", "smoker": True}
+    assert transform.boolean == ["smoker"] and record_model(transform).model_validate(row).smoker is True
+    assert record_model(transform).model_validate({**row, "smoker": 0}).smoker == 0
+    with pytest.raises(ValidationError, match="size"):
+        record_model(transform).model_validate({**row, "size": True})
+    before = transform.model_copy(update={"boolean": None})
+    assert record_model(before).model_validate({**row, "size": True}).size is True

@@ -219,6 +219,8 @@ def test_an_export_with_its_own_column_names_is_read_through_the_config() -> Non
         check_interactions(MOVIELENS, "ratings.csv", actions)
     ignored = check_interactions(MOVIELENS.assign(event="addtocart"), "ratings.csv", no_events)
     assert "event" not in ignored.columns
+    with pytest.raises(DataError, match="ratings.csv: column 'movieId': 1 value"):  # the file's name for it
+        check_interactions(MOVIELENS.assign(movieId=[-1, *MOVIELENS["movieId"][1:]]), "ratings.csv", columns)
 
 
 def test_a_file_without_events_is_split_and_published(tmp_path: Path) -> None:

@@ -66,8 +66,8 @@ def check_interactions(frame: pd.DataFrame, origin: str,
     otherwise."""
     frame = columns.select(frame, origin, "interactions.columns")
     frame = frame.assign(timestamp=_epoch_seconds(frame["timestamp"]),
-                         **{column: _ids(frame[column], origin) for column in ID_FILES})
-    _check_integers(frame["timestamp"], origin, "non-negative integers or ISO 8601 date-times")
+                         **{column: _ids(frame[column], origin, getattr(columns, column)) for column in ID_FILES})
+    _check_integers(frame["timestamp"], origin, columns.timestamp, "non-negative integers or ISO 8601 date-times")
     frame = frame.astype({"timestamp": "int64"})
     if "event" in frame.columns:
         unknown = sorted(set(frame["event"].astype(str)) - set(EVENTS))
@@ -79,24 +79,25 @@ def check_interactions(frame: pd.DataFrame, origin: str,
     return frame
 
 
-def _ids(column: pd.Series, origin: str) -> pd.Series:
+def _ids(column: pd.Series, origin: str, name: str) -> pd.Series:
     """Integer ids (all values numbers: each a non-negative integer) or text ids (SKUs, UUIDs: any other
-    column), never missing. A column of numbers with a stray negative or fraction is an error, not text."""
+    column), never missing. A column of numbers with a stray negative or fraction is an error, not text.
+    Errors say ``name``, the file's own name for the column."""
     missing = int(column.isna().sum())
     if missing:
-        raise DataError(f"{origin}: column {column.name!r}: {missing} value(s) are missing; every interaction "
-                        "needs a user and an item id.")
+        raise DataError(f"{origin}: column {name!r}: {missing} value(s) are missing; every interaction needs a "
+                        "user and an item id.")
     if pd.to_numeric(column, errors="coerce").notna().all():
-        _check_integers(column, origin, "non-negative integers (or text ids)")
+        _check_integers(column, origin, name, "non-negative integers (or text ids)")
         return column.astype("int64")
     return column.astype(str)
 
 
-def _check_integers(column: pd.Series, origin: str, kinds: str) -> None:
+def _check_integers(column: pd.Series, origin: str, name: str, kinds: str) -> None:
     values = pd.to_numeric(column, errors="coerce")
     bad = int(values.isna().sum() + (values < 0).sum())
     if bad or not np.all(np.mod(values.fillna(0), 1) == 0):
-        raise DataError(f"{origin}: column {column.name!r}: {bad or 'some'} value(s) are not {kinds}.")
+        raise DataError(f"{origin}: column {name!r}: {bad or 'some'} value(s) are not {kinds}.")
 
 
 def _epoch_seconds(column: pd.Series) -> pd.Series:

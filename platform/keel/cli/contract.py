@@ -35,7 +35,9 @@ def draft_command(
     name = re.sub(r"[^0-9a-z]+", "_", Path(source.rstrip("/")).stem.lower()).strip("_") or "table"
     drafted = draft_contract(frame, target, name, source)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(drafted.to_yaml(source, len(frame)))
+    partial = output.with_name(f".{output.name}.partial")
+    partial.write_text(drafted.to_yaml(source, len(frame)))
+    partial.replace(output)  # whole or not at all: an interrupted write leaves no half contract
     contract = drafted.contract
     typer.echo(f"wrote {output}: {len(contract.columns) - 1} feature column(s) and target {target!r} "
                f"(classes {sorted(drafted.class_counts)}), {len(frame)} rows")

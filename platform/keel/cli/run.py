@@ -135,11 +135,13 @@ def run_pipeline(
     """Run PIPELINE end to end on this machine (kfp.local, local Ray, MLflow on SQLite by default)."""
     import pipelines
     from keel.local import new_run_id, run_local
+    from keel.train.trainer import check_gpus_before_run
 
     settings = load_settings()
     # kfp.local honours retry policies: locally a failed step is reported at once (the cluster YAML keeps them)
     built = pipelines.build(pipeline, config, retries=0)
     arguments = parse_params(param, pipeline_parameters(built, ("config", "run_name")))
+    check_gpus_before_run(int(arguments.get("gpus", 0)), settings)  # not 18 s into tune
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:
         _mark_mlflow_run_failed(settings, run.run_id)

@@ -46,18 +46,34 @@ def node_shape(nodes: list[dict[str, Any]]) -> tuple[int, int]:
     return most_cpus, min(per_gpu, default=0)
 
 
-def check_gpu_workers(asked: int, gpus_now: int, can_grow: bool, max_gpus: int | None) -> None:
+def check_gpu_workers(asked: int, gpus_now: int, can_grow: bool, max_gpus: int | None,
+                      where: str = "the Ray cluster") -> None:
     """Fail now where ``asked`` GPU workers can never be placed, before any work waits for them: on a Ray that
     gets no new nodes, more than it has; on an autoscaling cluster, more than it can grow to (``max_gpus``;
     ``None``: unknown), which would otherwise wait for the autoscaler until the step's timeout (6 h)."""
     if not can_grow and asked > gpus_now:
-        raise TrainingError(f"the run asks for {asked} GPU worker(s) but the Ray cluster has {gpus_now} GPU(s) and "
-                            "no autoscaler to add more; lower the pipeline's gpus (0 trains on CPU) or "
+        raise TrainingError(f"the run asks for {asked} GPU worker(s) but {where} has {gpus_now} GPU(s) and no "
+                            "autoscaler to add more; lower the pipeline's gpus (0 trains on CPU) or "
                             "scaling.num_workers, or set scaling.use_gpu to auto.")
     if can_grow and max_gpus is not None and asked > max_gpus:
         raise TrainingError(f"the run asks for {asked} GPU worker(s) but the Ray cluster can grow to {max_gpus} "
                             "GPU(s) (KEEL_RAY_MAX_GPUS, from the chart's ray.training.workerGroups); lower the "
                             "pipeline's gpus (scaling.num_workers) or give the cluster a GPU worker group.")
+
+
+def check_gpus_before_run(asked: int, settings: KeelSettings) -> None:
+    """The pipeline's ``gpus`` checked before its first step, where they can be known without Ray: on this
+    machine's own Ray (no ``KEEL_RAY_ADDRESS``), the GPUs torch sees; on an autoscaling cluster, the most it can
+    grow to. A fixed cluster's GPUs are known once connected, so tune checks those."""
+    if asked <= 0:
+        return
+    if not settings.ray_address:
+        import torch
+
+        check_gpu_workers(asked, torch.cuda.device_count(), can_grow=False, max_gpus=None,
+                          where="this machine (the run's own Ray, no KEEL_RAY_ADDRESS)")
+    elif settings.ray_can_grow:
+        check_gpu_workers(asked, 0, can_grow=True, max_gpus=settings.ray_max_gpus)
 
 
 def resolve_scaling(spec: ScalingSpec, param_count: int, cpus: int, gpus: int, autoscaling: bool = False,

@@ -1,11 +1,14 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from keel.errors import TrainingError
+from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec, TrainConfig
 from keel.train.loop import evaluate_epoch, train_epoch
 from keel.train.model import MLPClassifier, MLPSpec, load_model, parameter_count, save_model
-from keel.train.trainer import DATA_PARALLEL_MIN_PARAMS, node_shape, resolve_scaling
+from keel.train.trainer import DATA_PARALLEL_MIN_PARAMS, check_gpus_before_run, node_shape, resolve_scaling
 
 
 @pytest.mark.parametrize("params, cpus, gpus, expected", [
@@ -138,3 +141,18 @@ def test_a_checkpoint_holds_the_best_weights_once(tmp_path) -> None:
     first = next(iter(best))
     assert not torch.equal(weights[first], best[first])
     assert (worse / STATE_FILE).stat().st_size > 1.3 * (improving / STATE_FILE).stat().st_size
+
+
+def test_gpus_that_can_never_be_had_fail_before_the_first_step(tmp_path: Path) -> None:
+    """Without KEEL_RAY_ADDRESS, against the GPUs this machine has; on an autoscaling cluster, against what it
+    can grow to; a fixed cluster is only known once connected (tune checks it)."""
+    local = KeelSettings(home=tmp_path)
+    check_gpus_before_run(0, local)
+    with pytest.raises(TrainingError, match="asks for 999 GPU worker.*but this machine"):
+        check_gpus_before_run(999, local)
+    cluster = KeelSettings(home=tmp_path, ray_address="ray://head:10001", ray_max_gpus=2)
+    check_gpus_before_run(2, cluster)
+    with pytest.raises(TrainingError, match="can grow to 2 GPU"):
+        check_gpus_before_run(3, cluster)
+    check_gpus_before_run(3, cluster.model_copy(update={"ray_max_gpus": None}))  # unknown: the autoscaler's call
+    check_gpus_before_run(999, cluster.model_copy(update={"ray_autoscaling": False}))  # known once connected

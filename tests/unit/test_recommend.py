@@ -234,6 +234,29 @@ def test_a_file_without_events_is_split_and_published(tmp_path: Path) -> None:
     assert test["item_id"].tolist() == [4, 3]  # user 1's two latest, movies 50 then 40, as rows 4 and 3
 
 
+def test_explicit_ratings_keep_only_what_users_liked(tmp_path: Path) -> None:
+    """MovieLens with min_rating 4: the 1-4.5 star ratings below 4 are no positive; the rest are split."""
+    MOVIELENS.to_csv(tmp_path / "ratings.csv", index=False)
+    config = InteractionsConfig(columns=InteractionColumns(user_id="userId", item_id="movieId", rating="rating"),
+                                min_rating=3.0)
+    manifest = prepare(str(tmp_path / "ratings.csv"), config, SplitConfig(min_train_interactions=1),
+                       str(tmp_path / "out"), KeelSettings(home=tmp_path / ".keel"))
+    assert manifest["rated_below_min_rating"] == 2 and manifest["rows"] == 6 and "2 rated below 3.0" in \
+        manifest["summary"]
+    kept = pd.concat(pd.read_parquet(tmp_path / "out" / f"{name}.parquet") for name in ("train", "val", "test"))
+    assert (kept["rating"] >= 3.0).all()
+    with pytest.raises(DataError, match=r"no interaction is rated 6.0 or more \(ratings run 1.0..5.0\)"):
+        prepare(str(tmp_path / "ratings.csv"), config.model_copy(update={"min_rating": 6.0}), SplitConfig(),
+                str(tmp_path / "none"), KeelSettings(home=tmp_path / ".keel"))
+    with pytest.raises(DataError, match="column 'rating': 1 value.*not numbers"):
+        check_interactions(MOVIELENS.assign(rating=["4", *["x"], *MOVIELENS["rating"][2:]]), "ratings.csv",
+                           config.columns)
+    with pytest.raises(ConfigError, match="min_rating needs the ratings' column"):
+        parse_pipeline_config({"pipeline": "ecommerce_recommendations", "registry": {"model_name": "recs"},
+                               "interactions": {"min_rating": 4}}, "config.yaml")
+    assert not (tmp_path / "none").exists()
+
+
 def test_two_columns_cannot_be_read_from_one() -> None:
     payload = {"pipeline": "ecommerce_recommendations", "registry": {"model_name": "recs"},
                "interactions": {"columns": {"user_id": "id", "item_id": "id"}}}

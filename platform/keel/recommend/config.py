@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keel.config import RegisterConfig
 from keel.data.columns import ColumnNames
@@ -20,6 +20,8 @@ class InteractionColumns(ColumnNames):
     timestamp: str = "timestamp"
     event: str | None = Field(default="event", description="view, cart or purchase; a file without it is read as "
                                                             "it is, and null ignores the column")
+    rating: str | None = Field(default=None, description="explicit ratings (MovieLens: rating), read when named; "
+                                                         "see min_rating")
 
 
 class InteractionsConfig(BaseModel):
@@ -29,6 +31,9 @@ class InteractionsConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     columns: InteractionColumns = InteractionColumns()
+    min_rating: float | None = Field(default=None, description="keep only interactions rated at least this "
+                                                               "(MovieLens: 4, what a user liked); needs "
+                                                               "columns.rating")
 
     users: int = Field(default=5000, ge=10)
     items: int = Field(default=2000, ge=20)
@@ -37,6 +42,12 @@ class InteractionsConfig(BaseModel):
     popularity_skew: float = Field(default=1.0, ge=0, description="Zipf exponent of item popularity")
     taste_strength: float = Field(default=3.0, ge=0, description="how much taste outweighs popularity")
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _rating_column_named(self) -> InteractionsConfig:
+        if self.min_rating is not None and self.columns.rating is None:
+            raise ValueError("min_rating needs the ratings' column: set interactions.columns.rating (e.g. rating)")
+        return self
 
 
 class SplitConfig(BaseModel):

@@ -75,8 +75,29 @@ def check_interactions(frame: pd.DataFrame, origin: str,
             raise DataError(f"{origin}: column {columns.event!r}: unknown value(s) {unknown[:5]}; expected one of "
                             f"{list(EVENTS)} (or set interactions.columns.event: null to ignore the column).")
         frame = frame.astype({"event": "str"})
+    if "rating" in frame.columns:
+        ratings = pd.to_numeric(frame["rating"], errors="coerce")
+        if ratings.isna().any():
+            raise DataError(f"{origin}: column {columns.rating!r}: {int(ratings.isna().sum())} value(s) are not "
+                            "numbers.")
+        frame = frame.assign(rating=ratings)
     _check_size(frame, origin)
     return frame
+
+
+def keep_liked(frame: pd.DataFrame, min_rating: float | None, origin: str) -> tuple[pd.DataFrame, int]:
+    """Explicit ratings made implicit: the interactions rated ``min_rating`` or more (what a user liked), and
+    how many were dropped. Without ``min_rating`` every interaction counts as seen."""
+    if min_rating is None:
+        return frame, 0
+    if "rating" not in frame.columns:
+        raise DataError(f"{origin}: interactions.min_rating is set but the source has no ratings; it applies to a "
+                        "file with a rating column (interactions.columns.rating).")
+    liked = frame[frame["rating"] >= min_rating]
+    if liked.empty:
+        raise DataError(f"{origin}: no interaction is rated {min_rating} or more (ratings run "
+                        f"{frame['rating'].min()}..{frame['rating'].max()}); lower interactions.min_rating.")
+    return liked, len(frame) - len(liked)
 
 
 def _ids(column: pd.Series, origin: str, name: str) -> pd.Series:
@@ -159,7 +180,7 @@ def split_latest(frame: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataF
 def prepare(source: str, interactions: InteractionsConfig, split: SplitConfig, output_uri: str,
             settings: KeelSettings) -> dict[str, Any]:
     """Read or generate the interactions, split them, and publish the splits with item popularity."""
-    frame = read_interactions(source, interactions, settings)
+    frame, disliked = keep_liked(read_interactions(source, interactions, settings), interactions.min_rating, source)
     frame = frame.drop_duplicates(["user_id", "item_id"], keep="first")  # implicit feedback: seen or not
     frame, ids = number_ids(frame)
     splits = split_latest(frame, split)
@@ -178,9 +199,10 @@ def prepare(source: str, interactions: InteractionsConfig, split: SplitConfig, o
             source=source, rows=len(frame), users=len(ids["user_id"]), items=len(ids["item_id"]),
             splits={name: out.uri_of(file) for name, file in SPLIT_FILES.items()},
             popularity=out.uri_of(POPULARITY_FILE), ids={c: out.uri_of(file) for c, file in ID_FILES.items()},
-            split_rows={name: len(part) for name, part in splits.items()},
+            split_rows={name: len(part) for name, part in splits.items()}, rated_below_min_rating=disliked,
             events={event: int(n) for event, n in frame["event"].value_counts().items()} if "event" in frame else {},
             summary=(f"{len(frame)} interactions, {frame['user_id'].nunique()} users, "
-                     f"{frame['item_id'].nunique()} items; {len(splits['test'])} held out"),
+                     f"{frame['item_id'].nunique()} items; {len(splits['test'])} held out"
+                     + (f"; {disliked} rated below {interactions.min_rating} left out" if disliked else "")),
         )
     return out.manifest

@@ -161,11 +161,17 @@ def test_ids_of_one_kind_are_looked_up_as_the_other() -> None:
     assert rows_of(np.array([], dtype=np.int64), [1, "a"]).tolist() == [-1, -1]
 
 
-def test_a_table_whose_seen_mask_would_not_fit_is_refused_first() -> None:
+def test_a_table_whose_seen_mask_would_not_fit_is_refused_first_after_what_min_rating_leaves_out(
+        tmp_path: Path) -> None:
     frame = pd.DataFrame({"user_id": range(50_000), "item_id": range(10**9, 10**9 + 50_000), "event": "view",
-                          "timestamp": 1})
+                          "timestamp": 1, "rating": [5] * 40_000 + [1] * 10_000})
+    frame.to_csv(tmp_path / "clicks.csv", index=False)
+    settings, source = KeelSettings(home=tmp_path / ".keel"), str(tmp_path / "clicks.csv")
     with pytest.raises(DataError, match=r"clicks.csv: 50,000 users x 50,000 items need a 2.3 GiB mask"):
-        check_interactions(frame, "clicks.csv")
+        prepare(source, InteractionsConfig(), SplitConfig(), str(tmp_path / "out"), settings)
+    liked = InteractionsConfig(columns=InteractionColumns(rating="rating"), min_rating=4)  # 40,000 x 40,000 fits
+    with pytest.raises(DataError, match="no user has the 6 interactions needed"):  # one each: past the size check
+        prepare(source, liked, SplitConfig(), str(tmp_path / "out"), settings)
 
 
 def test_database_ids_are_numbered_from_zero_in_id_order() -> None:

@@ -81,7 +81,6 @@ def check_interactions(frame: pd.DataFrame, origin: str,
             raise DataError(f"{origin}: column {columns.rating!r}: {int(ratings.isna().sum())} value(s) are not "
                             "numbers.")
         frame = frame.assign(rating=ratings)
-    _check_size(frame, origin)
     return frame
 
 
@@ -136,7 +135,7 @@ def _epoch_seconds(column: pd.Series) -> pd.Series:
     return (column - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
 
 
-def _check_size(frame: pd.DataFrame, origin: str) -> None:
+def check_size(frame: pd.DataFrame, origin: str) -> None:
     """The seen mask must fit: refuse a table beyond it here rather than at the first training step."""
     users, items = frame["user_id"].nunique(), frame["item_id"].nunique()
     if users * items > MAX_SEEN_MASK_BYTES:
@@ -181,6 +180,7 @@ def prepare(source: str, interactions: InteractionsConfig, split: SplitConfig, o
             settings: KeelSettings) -> dict[str, Any]:
     """Read or generate the interactions, split them, and publish the splits with item popularity."""
     frame, disliked = keep_liked(read_interactions(source, interactions, settings), interactions.min_rating, source)
+    check_size(frame, source)  # what is kept: the liked part of a large ratings file may fit
     frame = frame.drop_duplicates(["user_id", "item_id"], keep="first")  # implicit feedback: seen or not
     frame, ids = number_ids(frame)
     splits = split_latest(frame, split)

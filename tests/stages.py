@@ -76,6 +76,7 @@ def register_small_model(settings: KeelSettings, run_id: str, epochs: int = 30) 
 
 INTEGER_IDS = {"user_id": [10, 20, 30], "item_id": list(range(100, 106))}
 TEXT_IDS = {"user_id": ["A1XK", "B07", "u-30"], "item_id": ["B0001", "B0002", "B0003", "SKU-4", "SKU-5", "SKU-6"]}
+MIXED_IDS = {"user_id": TEXT_IDS["user_id"], "item_id": INTEGER_IDS["item_id"]}  # H&M: hex customers, int articles
 
 
 def packaged_recommender(directory: Path, ids: dict[str, list] = INTEGER_IDS) -> Recommender:

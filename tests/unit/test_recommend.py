@@ -144,7 +144,7 @@ def test_a_champion_scores_a_later_runs_rows_through_the_ids(tmp_path: Path) -> 
 def test_text_ids_are_asked_and_answered_in_text(tmp_path: Path) -> None:
     """SKUs and account names as the ids: the same rows, the same ranking, the caller's strings back."""
     by_number, by_text = _packaged(tmp_path / "n"), _packaged(tmp_path / "t", TEXT_IDS)
-    assert by_text.text_ids and not by_number.text_ids
+    assert (by_text.user_id_type, by_text.item_id_type, by_number.user_id_type) == (str, str, int)
     numbered, texted = by_number.recommend([10, 99], k=3), by_text.recommend(["A1XK", "nobody"], k=3)
     to_text = dict(zip(INTEGER_IDS["item_id"], TEXT_IDS["item_id"]))
     assert texted[0]["items"] == [to_text[item] for item in numbered[0]["items"]]

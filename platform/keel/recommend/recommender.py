@@ -44,6 +44,10 @@ def rows_of(ids: np.ndarray, wanted: Any) -> np.ndarray:
     return np.where(found, rows, -1)
 
 
+def id_type(ids: np.ndarray) -> type[int] | type[str]:
+    return int if ids.dtype.kind in "iu" else str
+
+
 def _as_integer_id(value: Any) -> int:
     number = int(value) if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.isdecimal()) \
         else -1
@@ -80,9 +84,14 @@ class Recommender:
         return directory
 
     @property
-    def text_ids(self) -> bool:
-        """Whether users are named by text (the API and pyfunc then take strings) or by integers."""
-        return self.user_ids.dtype.kind not in "iu"
+    def user_id_type(self) -> type[int] | type[str]:
+        """How the caller names users, integers or text: the API and pyfunc take that kind."""
+        return id_type(self.user_ids)
+
+    @property
+    def item_id_type(self) -> type[int] | type[str]:
+        """How the caller names items (may differ from users': text customer ids, integer article ids)."""
+        return id_type(self.item_ids)
 
     def scorer(self, user_ids: np.ndarray, item_ids: np.ndarray) -> Scorer:
         """This model's scores in another run's numbering (``user_ids``/``item_ids``: its rows' ids), so a

@@ -18,29 +18,32 @@ from keel.serve.app import MAX_BODY_BYTES, base_app, name_checker
 from keel.serve.metrics import ServingMetrics
 from keel.serve.schema import MAX_RECORDS
 
-IdT = TypeVar("IdT", int, str)  # the model's kind of id: a text-id model is asked and answers in strings
+# The model's kinds of id: a text-id model is asked and answers in strings; users and items may differ (text
+# customer ids, integer article ids)
+UserIdT = TypeVar("UserIdT", int, str)
+ItemIdT = TypeVar("ItemIdT", int, str)
 
 
-class RecommendRequest(BaseModel, Generic[IdT]):
+class RecommendRequest(BaseModel, Generic[UserIdT]):
     model_config = ConfigDict(extra="forbid", strict=True)  # `true` is no user id, nor "10" a k
 
-    user_ids: list[IdT] = Field(..., min_length=1, max_length=MAX_RECORDS)
+    user_ids: list[UserIdT] = Field(..., min_length=1, max_length=MAX_RECORDS)
     k: int = Field(default=10, ge=1, le=MAX_K)
 
 
-class Recommendation(BaseModel, Generic[IdT]):
-    user_id: IdT
-    items: list[IdT]
+class Recommendation(BaseModel, Generic[UserIdT, ItemIdT]):
+    user_id: UserIdT
+    items: list[ItemIdT]
     scores: list[float]
     known_user: bool
     source: str
 
 
-class RecommendResponse(BaseModel, Generic[IdT]):
+class RecommendResponse(BaseModel, Generic[UserIdT, ItemIdT]):
     model_name: str
     model_version: str
     request_id: str
-    recommendations: list[Recommendation[IdT]]
+    recommendations: list[Recommendation[UserIdT, ItemIdT]]
 
 
 def build_recommend_app(recommender: Recommender, model_name: str, model_version: str,
@@ -51,11 +54,12 @@ def build_recommend_app(recommender: Recommender, model_name: str, model_version
                    "Top-k recommendations from a Keel recommender.")
     check_name = name_checker(model_name)
 
-    id_type = str if recommender.text_ids else int
-    request_type = RecommendRequest[id_type]  # type: ignore[valid-type]
+    users, items = recommender.user_id_type, recommender.item_id_type
+    request_type = RecommendRequest[users]  # type: ignore[valid-type]
+    response_type = RecommendResponse[users, items]  # type: ignore[valid-type]
 
-    @app.post("/v1/models/{name}:recommend", response_model=RecommendResponse[id_type],  # type: ignore[valid-type]
-              tags=["keel"], responses={400: {}, 404: {}, 413: {}, 422: {}})
+    @app.post("/v1/models/{name}:recommend", response_model=response_type, tags=["keel"],
+              responses={400: {}, 404: {}, 413: {}, 422: {}})
     async def recommend(name: str, body: request_type, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
         check_name(name)
         metrics.observe_batch(len(body.user_ids))

@@ -12,7 +12,7 @@ from keel.recommend.serving import build_recommend_app
 from keel.serve.app import build_app
 from keel.settings import KeelSettings
 from tests.openapi_fuzz import fuzz
-from tests.stages import INTEGER_IDS, TEXT_IDS, packaged_recommender, run_stages, write_small_source
+from tests.stages import INTEGER_IDS, MIXED_IDS, TEXT_IDS, packaged_recommender, run_stages, write_small_source
 
 CASES = 1000
 
@@ -30,7 +30,7 @@ def test_no_request_gets_a_server_error(api_schema) -> None:  # type: ignore[no-
     assert len(calls) >= CASES and any(code == 200 for code in calls) and any(400 <= code < 500 for code in calls)
 
 
-@pytest.mark.parametrize("ids", [INTEGER_IDS, TEXT_IDS], ids=["integer-ids", "text-ids"])
+@pytest.mark.parametrize("ids", [INTEGER_IDS, TEXT_IDS, MIXED_IDS], ids=["integer-ids", "text-ids", "mixed-ids"])
 def test_no_recommendation_request_gets_a_server_error(tmp_path: Path, ids: dict[str, list]) -> None:
     """Ids the model never saw, of the other kind, past int64, empty or unicode: each a 200 or a 4xx."""
     app = build_recommend_app(packaged_recommender(tmp_path, ids), "recs", "1")

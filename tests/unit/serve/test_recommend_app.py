@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from keel.recommend.serving import build_recommend_app
-from tests.stages import INTEGER_IDS, TEXT_IDS, packaged_recommender
+from tests.stages import INTEGER_IDS, MIXED_IDS, TEXT_IDS, packaged_recommender
 
 ROUTE = "/v1/models/recs:recommend"
 
@@ -17,7 +17,7 @@ ROUTE = "/v1/models/recs:recommend"
 def clients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TestClient]:
     directory = tmp_path_factory.mktemp("recommend-app")
     return {kind: TestClient(build_recommend_app(packaged_recommender(directory / kind, ids), "recs", "2"))
-            for kind, ids in (("integer", INTEGER_IDS), ("text", TEXT_IDS))}
+            for kind, ids in (("integer", INTEGER_IDS), ("text", TEXT_IDS), ("mixed", MIXED_IDS))}
 
 
 def test_a_text_id_model_is_asked_and_answers_in_strings(clients: dict[str, TestClient]) -> None:
@@ -28,6 +28,19 @@ def test_a_text_id_model_is_asked_and_answers_in_strings(clients: dict[str, Test
     assert set(known["items"]) <= {"B0003", "SKU-4", "SKU-5", "SKU-6"}  # not the two items A1XK had
     assert stranger == {"user_id": "stranger", "items": ["B0003", "SKU-5"], "scores": [], "known_user": False,
                         "source": "popular"}
+
+
+def test_users_and_items_may_be_named_by_different_kinds(clients: dict[str, TestClient]) -> None:
+    """Text customer ids and integer article ids (as H&M's data has them): strings in, integers back."""
+    answer = clients["mixed"].post(ROUTE, json={"user_ids": ["A1XK", "stranger"], "k": 2})
+    assert answer.status_code == 200, answer.text
+    known, stranger = answer.json()["recommendations"]
+    assert known["user_id"] == "A1XK" and all(isinstance(item, int) for item in known["items"])
+    assert stranger["items"] == [102, 104]
+    schemas = clients["mixed"].get("/openapi.json").json()["components"]["schemas"]
+    answered = next(schema for name, schema in schemas.items() if name.startswith("Recommendation_"))
+    assert answered["properties"]["user_id"]["type"] == "string"
+    assert answered["properties"]["items"]["items"]["type"] == "integer"
 
 
 @pytest.mark.parametrize("kind, user_ids, wrong", [("text", [10], "valid string"),

@@ -224,6 +224,10 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     """A config file's mapping, with a ``contract: FILE`` (relative to it) read in."""
+    return _with_contract_file(_read_mapping(path), path)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         payload = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as e:
@@ -232,14 +236,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({e}).") from e
     if not isinstance(payload, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level.")
-    if isinstance(payload.get("contract"), str):  # a contract file, relative to this config
-        payload["contract"] = _read_yaml(path.parent / payload["contract"])
     return payload
 
 
-def _names_a_contract_file(path: Path) -> bool:
-    payload = yaml.safe_load(path.read_text()) or {}
-    return isinstance(payload, dict) and isinstance(payload.get("contract"), str)
+def _with_contract_file(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    if isinstance(payload.get("contract"), str):  # a contract file, relative to this config
+        payload["contract"] = _read_mapping(path.parent / payload["contract"])
+    return payload
 
 
 def config_class(payload: dict[str, Any]) -> type[PipelineConfig] | type[RecommendPipelineConfig] | \
@@ -278,9 +281,11 @@ def load_pipeline_config(path: Path, overrides: Path | None = None) -> AnyPipeli
     payload = _read_yaml(path)
     origin = str(path)
     if overrides is not None:
-        override = _read_yaml(overrides)
+        override = _read_mapping(overrides)
+        replaces_contract = isinstance(override.get("contract"), str)  # another table's: it replaces, whole
+        override = _with_contract_file(override, overrides)
         payload = deep_merge(payload, override)
-        if _names_a_contract_file(overrides):  # another table's contract: it replaces the pipeline's, whole
+        if replaces_contract:
             payload["contract"] = override["contract"]
         origin = f"{overrides} (merged over {path})"
     return parse_pipeline_config(payload, origin)

@@ -40,14 +40,15 @@ class ColumnNames(BaseModel):
                 del wanted[ours]
         missing = [ours for ours, theirs in wanted.items() if theirs not in frame.columns]
         if missing:
-            near = {_loose(column): str(column) for column in frame.columns}
-            keys = ", ".join(f"{ours}: {near.get(_loose(wanted[ours]), '<your column>')}" for ours in missing)
+            near = {name_key(column): str(column) for column in frame.columns}
+            keys = ", ".join(f"{ours}: {near.get(name_key(wanted[ours]), '<your column>')}" for ours in missing)
             raise DataError(f"{origin}: missing column(s) {[wanted[ours] for ours in missing]}; the file has "
                             f"{[str(c) for c in frame.columns][:20]}. Name yours in the config's {config_key} "
                             f"({keys}).")
         return frame[list(wanted.values())].set_axis(list(wanted), axis=1)
 
 
-def _loose(name: object) -> str:
-    """A name without case or punctuation: ``userId``, ``user_id`` and ``User ID`` are one."""
+def name_key(name: object) -> str:
+    """A name without case or punctuation: ``userId``, ``user_id`` and ``User ID`` are one (how a near name in
+    a file is recognised, here and by contract validation)."""
     return re.sub(r"[^0-9a-z]", "", str(name).lower())

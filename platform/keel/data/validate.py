@@ -8,13 +8,13 @@ the quality report as JSON and HTML.
 from __future__ import annotations
 
 import html
-import re
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from keel import storage
+from keel.data.columns import name_key
 from keel.data.contract import ColumnSpec, DataContract
 from keel.data.ingest import DATA_FILE
 from keel.errors import DataContractError
@@ -92,16 +92,12 @@ def _column_report(name: str, column: pd.Series, spec: ColumnSpec, contract: Dat
     return entry, violations
 
 
-def _name_key(name: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
-
-
 def _missing_column_problems(expected: list[str], found: list[str]) -> list[str]:
     """One line for the contract columns the data has under near names (case, spaces, punctuation) and one for
     the rest: a file with another header would otherwise print its whole header once per contract column."""
-    spare = {_name_key(column): column for column in found if column not in expected}
+    spare = {name_key(column): column for column in found if column not in expected}
     missing = [name for name in expected if name not in found]
-    renamed = {name: spare[_name_key(name)] for name in missing if _name_key(name) in spare}
+    renamed = {name: spare[name_key(name)] for name in missing if name_key(name) in spare}
     absent = [name for name in missing if name not in renamed]
     problems = []
     if renamed:

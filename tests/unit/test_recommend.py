@@ -16,9 +16,9 @@ from keel.recommend.config import (InteractionColumns, InteractionsConfig, Recom
                                    RecommendTrainConfig, SplitConfig)
 from keel.recommend.data import check_interactions, generate_interactions, number_ids, prepare, split_latest
 from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_items, top_k
-from keel.recommend.model import FactorizationSpec, MatrixFactorization
+from keel.recommend.model import FactorizationSpec, MatrixFactorization, SeenPairs, sample_negatives
 from keel.recommend.recommender import Recommender, rows_of
-from keel.recommend.train import bpr_epoch, seen_matrix, validation_ndcg
+from keel.recommend.train import bpr_epoch, seen_pairs, validation_ndcg
 from keel.settings import KeelSettings
 from tests.stages import INTEGER_IDS, TEXT_IDS, packaged_recommender
 
@@ -89,7 +89,7 @@ def test_recall_and_ndcg_match_a_hand_computed_ranking() -> None:
     held_out = pd.DataFrame({"user_id": [0, 0, 1], "item_id": [3, 4, 0]})
     scores = np.array([[0.0, 9.0, 5.0, 8.0, 1.0],   # user 0 ranks 1 (seen, masked), 3, 2, 4, 0
                        [1.0, 0.0, 0.0, 0.0, 0.0]])  # user 1 ranks 0 first
-    metrics = ranking_metrics(lambda users: scores[users], held_out, {0: np.array([1])}, k=3)
+    metrics = ranking_metrics(lambda users: scores[users], held_out, {0: np.array([1])}, k=3, items=5)
     # user 0: top 3 = [3, 2, 4]: both relevant items found; DCG 1 + 1/log2(4), ideal 1 + 1/log2(3)
     user0 = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
     assert metrics["recall_at_3"] == pytest.approx((1.0 + 1.0) / 2)
@@ -107,13 +107,48 @@ def test_bpr_training_beats_the_most_popular_list(small_splits: dict[str, pd.Dat
     users, items = (torch.tensor(train[c].to_numpy()) for c in ("user_id", "item_id"))
     seen = seen_items(train)
     before = validation_ndcg(model, val, seen, 10)
-    losses = [bpr_epoch(model, optimizer, users, items, seen_matrix(train, spec), config,
+    losses = [bpr_epoch(model, optimizer, users, items, seen_pairs(train, spec), config,
                         torch.Generator().manual_seed(epoch)) for epoch in range(15)]
     popular = train["item_id"].value_counts().rename_axis("item_id").reset_index(name="count")
-    baseline = ranking_metrics(popularity_scorer(popular, SMALL.items), val, seen, 10)["ndcg_at_10"]
+    baseline = ranking_metrics(popularity_scorer(popular, SMALL.items), val, seen, 10, SMALL.items)["ndcg_at_10"]
     after = validation_ndcg(model, val, seen, 10)
     assert losses[-1] < 0.7 * losses[0] and after > before
     assert after > 1.3 * baseline, (after, baseline)
+
+
+def _data_parallel_epoch(rank: int, port: int, weights_out: str) -> None:
+    """One BPR epoch on this rank's half of the pairs, in DistributedDataParallel as Ray Train wraps it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same initial weights on both ranks, as Ray Train's prepare_model broadcasts them
+    spec = FactorizationSpec(users=SMALL.users, items=SMALL.items, embedding_dim=8)
+    model = torch.nn.parallel.DistributedDataParallel(MatrixFactorization(spec))
+    train = split_latest(generate_interactions(SMALL), SplitConfig())["train"]
+    shard = train.iloc[rank:len(train) // 2 * 2:2]  # equal halves, as Ray Data's streaming_split(equal=True) gives
+    bpr_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), *(torch.tensor(shard[c].to_numpy()) for c in (
+        "user_id", "item_id")), seen_pairs(train, spec), {"batch_size": 256, "weight_decay": 0.01},
+        torch.Generator().manual_seed(rank))
+    torch.save(model.module.state_dict(), f"{weights_out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_workers_train_one_model(tmp_path: Path) -> None:
+    """Each step's gradients are averaged across workers, so every rank ends the epoch with the same weights."""
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_data_parallel_epoch, args=(port, str(tmp_path / "weights")), nprocs=2)
+    first, second = (torch.load(tmp_path / f"weights.{rank}", weights_only=True) for rank in (0, 1))
+    torch.manual_seed(0)
+    initial = MatrixFactorization(FactorizationSpec(users=SMALL.users, items=SMALL.items, embedding_dim=8))
+    for name, before in initial.state_dict().items():
+        assert not torch.equal(first[name], before), f"{name} did not train"
+        assert torch.equal(first[name], second[name]), f"{name} differs between the workers"
 
 
 def _packaged(tmp_path: Path, ids: dict[str, list] = INTEGER_IDS) -> Recommender:
@@ -161,17 +196,41 @@ def test_ids_of_one_kind_are_looked_up_as_the_other() -> None:
     assert rows_of(np.array([], dtype=np.int64), [1, "a"]).tolist() == [-1, -1]
 
 
-def test_a_table_whose_seen_mask_would_not_fit_is_refused_first_after_what_min_rating_leaves_out(
-        tmp_path: Path) -> None:
-    frame = pd.DataFrame({"user_id": range(50_000), "item_id": range(10**9, 10**9 + 50_000), "event": "view",
-                          "timestamp": 1, "rating": [5] * 40_000 + [1] * 10_000})
-    frame.to_csv(tmp_path / "clicks.csv", index=False)
-    settings, source = KeelSettings(home=tmp_path / ".keel"), str(tmp_path / "clicks.csv")
-    with pytest.raises(DataError, match=r"clicks.csv: 50,000 users x 50,000 items need a 2.3 GiB mask"):
-        prepare(source, InteractionsConfig(), SplitConfig(), str(tmp_path / "out"), settings)
-    liked = InteractionsConfig(columns=InteractionColumns(rating="rating"), min_rating=4)  # 40,000 x 40,000 fits
-    with pytest.raises(DataError, match="no user has the 6 interactions needed"):  # one each: past the size check
-        prepare(source, liked, SplitConfig(), str(tmp_path / "out"), settings)
+def test_seen_pairs_answer_like_a_dense_mask_and_redraw_seen_negatives() -> None:
+    generator = torch.Generator().manual_seed(3)
+    users, items = torch.randint(300, (5_000,), generator=generator), torch.randint(70, (5_000,), generator=generator)
+    dense = torch.zeros((300, 70), dtype=torch.bool)
+    dense[users, items] = True
+    seen = SeenPairs(users, items, 70)
+    every_user, every_item = (grid.flatten() for grid in torch.meshgrid(torch.arange(300), torch.arange(70),
+                                                                         indexing="ij"))
+    assert torch.equal(seen.contains(every_user, every_item), dense[every_user, every_item])
+    assert not SeenPairs(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 70).contains(
+        every_user, every_item).any()
+    one_user = torch.zeros(20_000, dtype=torch.long)  # user 0 saw items 0..68: a draw of one is redrawn once
+    narrow = SeenPairs(one_user[:69], torch.arange(69), 70)
+    clashes = narrow.contains(one_user, sample_negatives(one_user, narrow, generator)).float().mean()
+    assert 0.9 < clashes < 1.0  # 69/70 clash, then 69/70 of those again: 0.97; without the redraw 0.986
+
+
+def test_a_sparse_catalogue_past_a_dense_masks_size_is_prepared_and_trained(tmp_path: Path) -> None:
+    """40,000 users x 197,000 items: 7 GiB as a users x items mask of bytes, which the data step used to refuse."""
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(40_000), 8)
+    frame = pd.DataFrame({"user_id": users, "item_id": rng.integers(0, 300_000, len(users)) + 10**9,
+                          "timestamp": np.tile(np.arange(8), 40_000)})
+    frame.to_parquet(tmp_path / "clicks.parquet", index=False)
+    settings = KeelSettings(home=tmp_path / ".keel")
+    manifest = prepare(str(tmp_path / "clicks.parquet"), InteractionsConfig(), SplitConfig(), str(tmp_path / "out"),
+                       settings)
+    assert manifest["users"] * manifest["items"] > 7 << 30 and manifest["split_rows"]["test"] == 80_000
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    spec = FactorizationSpec(users=manifest["users"], items=manifest["items"], embedding_dim=8)
+    model = MatrixFactorization(spec)
+    losses = [bpr_epoch(model, torch.optim.Adam(model.parameters(), lr=0.05), *(
+        torch.tensor(train[c].to_numpy()) for c in ("user_id", "item_id")), seen_pairs(train, spec),
+        {"batch_size": 4096, "weight_decay": 0.0}, torch.Generator().manual_seed(epoch)) for epoch in range(2)]
+    assert losses[1] < losses[0]
 
 
 def test_database_ids_are_numbered_from_zero_in_id_order() -> None:

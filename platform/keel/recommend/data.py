@@ -26,8 +26,6 @@ from keel.settings import KeelSettings
 
 BUILTIN_SOURCE = "builtin://ecommerce_interactions"
 DEFAULT_COLUMNS = InteractionColumns()
-# Training and evaluation hold a users x items mask of what each user has seen, one byte a pair.
-MAX_SEEN_MASK_BYTES = 2 << 30
 ID_FILES = {"user_id": "user_ids.parquet", "item_id": "item_ids.parquet"}
 EVENTS = ("view", "cart", "purchase")
 SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.parquet"}
@@ -135,15 +133,6 @@ def _epoch_seconds(column: pd.Series) -> pd.Series:
     return (column - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
 
 
-def check_size(frame: pd.DataFrame, origin: str) -> None:
-    """The seen mask must fit: refuse a table beyond it here rather than at the first training step."""
-    users, items = frame["user_id"].nunique(), frame["item_id"].nunique()
-    if users * items > MAX_SEEN_MASK_BYTES:
-        raise DataError(f"{origin}: {users:,} users x {items:,} items need a {users * items / 2**30:,.1f} GiB mask "
-                        f"of what each user has seen (limit {MAX_SEEN_MASK_BYTES >> 30} GiB); sample users or drop "
-                        "rare items.")
-
-
 def number_ids(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Users and items renumbered 0..N-1 in id order (the model's rows), and the ids in that order."""
     numbered = {column: pd.factorize(frame[column], sort=True) for column in ID_FILES}
@@ -180,7 +169,6 @@ def prepare(source: str, interactions: InteractionsConfig, split: SplitConfig, o
             settings: KeelSettings) -> dict[str, Any]:
     """Read or generate the interactions, split them, and publish the splits with item popularity."""
     frame, disliked = keep_liked(read_interactions(source, interactions, settings), interactions.min_rating, source)
-    check_size(frame, source)  # what is kept: the liked part of a large ratings file may fit
     frame = frame.drop_duplicates(["user_id", "item_id"], keep="first")  # implicit feedback: seen or not
     frame, ids = number_ids(frame)
     splits = split_latest(frame, split)

@@ -58,7 +58,7 @@ def evaluate_recommender(model_uri: str, splits_uri: str, output_uri: str, setti
         seen = seen_items(train)
 
         def score_split(scorer: Any) -> dict[str, float]:
-            return ranking_metrics(scorer, test, seen, config.k)
+            return ranking_metrics(scorer, test, seen, config.k, splits["items"])
 
         model = load_factorization(storage.download_directory(model_uri, Path(scratch) / "model", settings))
         metrics = score_split(model_scorer(model))

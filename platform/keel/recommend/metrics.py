@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # user rows -> (users, items) scores, items by row
+# Users are scored a batch at a time: at most this many (user, item) scores in memory (128 MiB as float64).
+SCORE_BATCH_CELLS = 1 << 24
 
 
 def seen_items(train: pd.DataFrame) -> dict[int, np.ndarray]:
@@ -28,8 +30,12 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def ranking_metrics(score: Scorer, held_out: pd.DataFrame, seen: dict[int, np.ndarray], k: int,
-                    batch_users: int = 512) -> dict[str, float]:
-    """Recall@k and NDCG@k (binary relevance) averaged over the users with held-out items."""
+                    items: int) -> dict[str, float]:
+    """Recall@k and NDCG@k (binary relevance) averaged over the users with held-out items.
+
+    ``items``, the catalogue's size, sizes the batches of users scored at once.
+    """
+    batch_users = max(1, min(512, SCORE_BATCH_CELLS // max(items, 1)))
     relevant = {int(u): set(g.tolist()) for u, g in held_out.groupby("user_id")["item_id"]}
     users = np.array(sorted(relevant))
     discounts = 1.0 / np.log2(np.arange(2, k + 2))

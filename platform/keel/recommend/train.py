@@ -19,8 +19,8 @@ import torch
 from keel import storage
 from keel.recommend.config import RecommendTrainConfig
 from keel.recommend.metrics import ranking_metrics
-from keel.recommend.model import (FactorizationSpec, MatrixFactorization, bpr_loss, sample_negatives,
-                                  save_factorization)
+from keel.recommend.model import (FactorizationSpec, MatrixFactorization, SeenPairs, bpr_loss,
+                                  sample_negatives, save_factorization)
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec
 from keel.train.loop import keep_best, report, restore, unwrap
@@ -42,25 +42,22 @@ class FactorizationState:
     resumed_from: list[int] = field(default_factory=list)
 
 
-def seen_matrix(pairs: pd.DataFrame, spec: FactorizationSpec) -> torch.Tensor:
-    """A dense users x items mask of training interactions (10 MB at 5,000 x 2,000)."""
-    seen = torch.zeros((spec.users, spec.items), dtype=torch.bool)
-    seen[torch.tensor(pairs["user_id"].to_numpy()), torch.tensor(pairs["item_id"].to_numpy())] = True
-    return seen
+def seen_pairs(pairs: pd.DataFrame, spec: FactorizationSpec) -> SeenPairs:
+    """The training interactions every worker masks its negative draws with."""
+    return SeenPairs(torch.tensor(pairs["user_id"].to_numpy()), torch.tensor(pairs["item_id"].to_numpy()), spec.items)
 
 
 def bpr_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, users: torch.Tensor, items: torch.Tensor,
-              seen: torch.Tensor, config: dict[str, Any], generator: torch.Generator) -> float:
+              seen: SeenPairs, config: dict[str, Any], generator: torch.Generator) -> float:
     """One shuffled pass over the positive pairs, one sampled negative each; returns the mean loss."""
     model.train()
-    inner = _unwrap(model)
     order = torch.randperm(len(users), generator=generator)
     total = 0.0
     for start in range(0, len(order), config["batch_size"]):
         batch = order[start:start + config["batch_size"]]
-        negatives = sample_negatives(users[batch], seen, inner.item.num_embeddings, generator)
+        negatives = sample_negatives(users[batch], seen, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = bpr_loss(inner, users[batch], items[batch], negatives, config["weight_decay"])
+        loss = bpr_loss(model, users[batch], items[batch], negatives, config["weight_decay"])
         loss.backward()
         optimizer.step()
         total += loss.item() * len(batch)
@@ -75,7 +72,8 @@ def _unwrap(model: torch.nn.Module) -> MatrixFactorization:
 
 def validation_ndcg(model: MatrixFactorization, val: pd.DataFrame, seen: dict[int, np.ndarray], k: int) -> float:
     model.eval()
-    scores = ranking_metrics(lambda users: model.score_all(torch.from_numpy(users)).numpy(), val, seen, k)
+    scores = ranking_metrics(lambda users: model.score_all(torch.from_numpy(users)).numpy(), val, seen, k,
+                             model.item.num_embeddings)
     return scores[f"ndcg_at_{k}"]
 
 
@@ -98,7 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard, everything, val = _frame("train"), _frame("seen"), _frame("val")
     users = torch.tensor(shard["user_id"].to_numpy())
     items = torch.tensor(shard["item_id"].to_numpy())
-    seen = seen_matrix(everything, spec)
+    seen = seen_pairs(everything, spec)
     seen_by_user = {int(u): g.to_numpy() for u, g in everything.groupby("user_id")["item_id"]}
     model = ray.train.torch.prepare_model(MatrixFactorization(spec))
     inner = _unwrap(model)

@@ -21,7 +21,9 @@ from tests.unit.test_cli import keel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "ecommerce-recommendations"
-REDUCED = "interactions: {users: 1500, items: 600}\ntrain: {max_epochs: 12}\n"
+# Two data-parallel workers: the DistributedDataParallel path a cluster takes from 5M parameters.
+REDUCED = ("interactions: {users: 1500, items: 600}\n"
+           "train: {max_epochs: 12, scaling: {num_workers: 2, cpus_per_worker: 1}}\n")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,8 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_the_recommender_beats_the_popular_list_and_becomes_champion(pipeline_run: tuple[Path, dict]) -> None:
     _, report = pipeline_run
     assert [s["stage"] for s in report["stages"]] == ["ingest", "train", "evaluate", "register"]
+    trained = json.loads((Path(report["artifacts"]) / "train" / "manifest.json").read_text())
+    assert trained["scaling"] == {"num_workers": 2, "cpus_per_worker": 1, "use_gpu": False}
     evaluation = json.loads((Path(report["artifacts"]) / "evaluate" / "evaluation.json").read_text())
     assert evaluation["ndcg_lift_over_popular"] >= 2.0, evaluation
     assert evaluation["recall_at_10"] > evaluation["baseline_popular"]["recall_at_10"]

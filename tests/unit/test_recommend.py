@@ -261,6 +261,11 @@ def test_the_pipeline_name_picks_its_config_model_and_errors_name_the_field() ->
     with pytest.raises(ConfigError, match=r"config.yaml: invalid pipeline config: train.embeding_dim: Extra inputs "
                                           r"are not permitted \(did you mean 'embedding_dim'\?\)"):
         parse_pipeline_config({**payload, "train": {"embeding_dim": 8}}, "config.yaml")
+    with pytest.raises(ConfigError, match=r"config.yaml: invalid pipeline config: train.scaling: the recommender "
+                                          r"trains on CPU workers"):
+        parse_pipeline_config({**payload, "train": {"scaling": {"use_gpu": True}}}, "config.yaml")
+    two = parse_pipeline_config({**payload, "train": {"scaling": {"num_workers": 2, "use_gpu": "auto"}}}, "c.yaml")
+    assert two.train.scaling.model_dump() == {"num_workers": 2, "cpus_per_worker": "auto", "use_gpu": False}
 
 
 MOVIELENS = pd.DataFrame({"userId": [1, 1, 1, 1, 1, 1, 2, 2], "movieId": [10, 20, 30, 40, 50, 60, 10, 70],

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keel.config import RegisterConfig
 from keel.data.columns import ColumnNames
+from keel.train.config import ScalingSpec
 
 
 class InteractionColumns(ColumnNames):
@@ -72,6 +73,16 @@ class RecommendTrainConfig(BaseModel):
     patience: int = Field(default=4, ge=1, description="epochs without a better validation NDCG before stopping")
     max_failures: int = Field(default=2, ge=0, description="worker failures to recover from checkpoints")
     seed: int = 42
+    scaling: ScalingSpec = Field(default=ScalingSpec(use_gpu=False),
+                                 description="Ray Train workers and CPUs each (auto: data parallel from 5M parameters)")
+
+    @field_validator("scaling")
+    @classmethod
+    def _on_cpus(cls, scaling: ScalingSpec) -> ScalingSpec:
+        """The BPR loop keeps its tensors on the CPU: a GPU worker would hold a GPU it never used."""
+        if scaling.use_gpu is True:
+            raise ValueError("the recommender trains on CPU workers; leave out use_gpu or set it to false")
+        return scaling.model_copy(update={"use_gpu": False})
 
 
 class RecommendEvaluateConfig(BaseModel):

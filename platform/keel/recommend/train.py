@@ -22,7 +22,6 @@ from keel.recommend.metrics import ranking_metrics
 from keel.recommend.model import (FactorizationSpec, MatrixFactorization, SeenPairs, bpr_loss,
                                   sample_negatives, save_factorization)
 from keel.settings import KeelSettings
-from keel.train.config import ScalingSpec
 from keel.train.loop import keep_best, report, restore, unwrap
 from keel.train.trainer import build_trainer, cluster_scaling, final_state, fit_or_fail, ray_session
 
@@ -157,7 +156,7 @@ def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str
     from ray.train import DataConfig
 
     params = (spec.users + 2 * spec.items) * spec.embedding_dim
-    scaling = cluster_scaling(ScalingSpec(use_gpu=False), params, settings)
+    scaling = cluster_scaling(config.scaling, params, settings)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
     # Materialized before the workers claim the CPUs: a lazy read would wait for a CPU that never frees.
     datasets = {}
@@ -165,7 +164,7 @@ def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str
         filesystem, path = storage.pyarrow_filesystem(splits[split], settings)
         datasets[split] = ray.data.read_parquet(path, filesystem=filesystem, columns=["user_id", "item_id"]).materialize()
     datasets["seen"] = datasets["train"]  # the whole training set on every worker, for masking
-    loop_config = {**config.model_dump(exclude={"max_failures"}), "spec": spec.model_dump(),
+    loop_config = {**config.model_dump(exclude={"max_failures", "scaling"}), "spec": spec.model_dump(),
                    "threads_per_worker": scaling["cpus_per_worker"]}
     trainer = build_trainer(train_loop_per_worker, loop_config, datasets, scaling, config.max_failures,
                             checkpoint_uri, run_name, settings, dataset_config=DataConfig(datasets_to_split=["train"]))

@@ -12,8 +12,8 @@ import torch
 from keel.errors import DataError
 from keel.intents.config import UtteranceColumns, UtterancesConfig
 from keel.intents.data import FIRST, INTENTS, LAST, generate_utterances
-from keel.intents.model import (IntentModel, IntentSpec, load_tokenizer, pack, pretrained_classifier, pretrained_dir,
-                                save_intent_model, tokenize)
+from keel.intents.model import (POOLER, WEIGHTS_FILE, IntentModel, IntentSpec, load_tokenizer, pack,
+                                pretrained_classifier, pretrained_dir, save_intent_model, tokenize)
 from keel.intents.prepare import check_utterances, protect, pseudonym_key, split_frames
 from keel.intents.privacy import ScrubReport, pseudonymise, scrub
 from keel.settings import KeelSettings, load_settings
@@ -167,3 +167,17 @@ def test_a_saved_model_loads_self_contained_and_int8_stays_close(one_layer_model
     assert (quantized.probabilities(texts) - original).abs().max() < 0.05
     answer = reloaded.classify(["email me at jane@example.com"])[0]
     assert answer["intent"] in spec.labels and 0 < answer["probability"] <= 1
+
+
+def test_a_model_saved_with_berts_unused_pooler_still_loads(one_layer_model: tuple, tmp_path: Path) -> None:
+    """Models registered before the encoder was built without its pooler carry the pooler's weights."""
+    model, spec, tokenizer = one_layer_model
+    assert not any(name.startswith(POOLER) for name in model.state_dict())
+    save_intent_model(model, spec, tokenizer, tmp_path / "older")
+    weights = torch.load(tmp_path / "older" / WEIGHTS_FILE, weights_only=True)
+    hidden = model.head.in_features
+    pooler = {f"{POOLER}dense.weight": torch.ones(hidden, hidden), f"{POOLER}dense.bias": torch.ones(hidden)}
+    torch.save({**weights, **pooler}, tmp_path / "older" / WEIGHTS_FILE)
+    texts = ["I want a refund for <ORDER_ID>", "cancel it please"]
+    assert torch.allclose(IntentModel.load(tmp_path / "older").probabilities(texts),
+                          IntentModel(model, spec, tokenizer).probabilities(texts), atol=1e-5)

@@ -116,41 +116,6 @@ def test_bpr_training_beats_the_most_popular_list(small_splits: dict[str, pd.Dat
     assert after > 1.3 * baseline, (after, baseline)
 
 
-def _data_parallel_epoch(rank: int, port: int, weights_out: str) -> None:
-    """One BPR epoch on this rank's half of the pairs, in DistributedDataParallel as Ray Train wraps it."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    torch.manual_seed(0)  # the same initial weights on both ranks, as Ray Train's prepare_model broadcasts them
-    spec = FactorizationSpec(users=SMALL.users, items=SMALL.items, embedding_dim=8)
-    model = torch.nn.parallel.DistributedDataParallel(MatrixFactorization(spec))
-    train = split_latest(generate_interactions(SMALL), SplitConfig())["train"]
-    shard = train.iloc[rank:len(train) // 2 * 2:2]  # equal halves, as Ray Data's streaming_split(equal=True) gives
-    bpr_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), *(torch.tensor(shard[c].to_numpy()) for c in (
-        "user_id", "item_id")), seen_pairs(train, spec), {"batch_size": 256, "weight_decay": 0.01},
-        torch.Generator().manual_seed(rank))
-    torch.save(model.module.state_dict(), f"{weights_out}.{rank}")
-    dist.destroy_process_group()
-
-
-def test_data_parallel_workers_train_one_model(tmp_path: Path) -> None:
-    """Each step's gradients are averaged across workers, so every rank ends the epoch with the same weights."""
-    import socket
-
-    import torch.multiprocessing
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_data_parallel_epoch, args=(port, str(tmp_path / "weights")), nprocs=2)
-    first, second = (torch.load(tmp_path / f"weights.{rank}", weights_only=True) for rank in (0, 1))
-    torch.manual_seed(0)
-    initial = MatrixFactorization(FactorizationSpec(users=SMALL.users, items=SMALL.items, embedding_dim=8))
-    for name, before in initial.state_dict().items():
-        assert not torch.equal(first[name], before), f"{name} did not train"
-        assert torch.equal(first[name], second[name]), f"{name} differs between the workers"
-
-
 def _packaged(tmp_path: Path, ids: dict[str, list] = INTEGER_IDS) -> Recommender:
     return packaged_recommender(tmp_path, ids)
 

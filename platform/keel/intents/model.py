@@ -27,6 +27,7 @@ SPEC_FILE = "intent_spec.json"
 WEIGHTS_FILE = "weights.pt"
 ENCODER_DIR = "encoder"
 TOKENIZER_DIR = "tokenizer"
+POOLER = "encoder.pooler."  # BERT's pooler: in weights saved before the encoder left it out
 
 
 class IntentSpec(BaseModel):
@@ -78,7 +79,11 @@ def keep_layers(encoder: nn.Module, layers: int) -> nn.Module:
 
 
 class IntentClassifier(nn.Module):
-    """Mean-pooled token states (as sentence-transformers pools this model) into a linear head."""
+    """Mean-pooled token states (as sentence-transformers pools this model) into a linear head.
+
+    The encoder is built without BERT's pooler: its output is never used, and DistributedDataParallel fails the second
+    step of a data-parallel run when a parameter gets no gradient.
+    """
 
     def __init__(self, encoder: nn.Module, spec: IntentSpec) -> None:
         super().__init__()
@@ -106,6 +111,7 @@ def pretrained_classifier(spec: IntentSpec) -> IntentClassifier:
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(str(pretrained_dir()))
+    encoder.pooler = None  # here, not add_pooling_layer=False, which reports the checkpoint's pooler as unexpected
     return IntentClassifier(keep_layers(encoder, spec.layers), spec)
 
 
@@ -114,7 +120,7 @@ def classifier_shape(spec: IntentSpec) -> IntentClassifier:
     weights trained elsewhere without first reading the 91 MB of pretrained ones."""
     from transformers import AutoConfig, AutoModel
 
-    encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(pretrained_dir())))
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(pretrained_dir())), add_pooling_layer=False)
     return IntentClassifier(keep_layers(encoder, spec.layers), spec)
 
 
@@ -133,9 +139,11 @@ def load_intent_model(directory: Path) -> tuple[nn.Module, IntentSpec, Any]:
     from transformers import AutoConfig, AutoModel
 
     spec = IntentSpec.model_validate_json((directory / SPEC_FILE).read_text())
-    encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(directory / ENCODER_DIR)))
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(directory / ENCODER_DIR)), add_pooling_layer=False)
     model = IntentClassifier(encoder, spec)
-    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    # Models saved before the encoder was built without BERT's pooler carry its (never used) weights.
+    model.load_state_dict({name: value for name, value in weights.items() if not name.startswith(POOLER)})
     network: nn.Module = quantize_int8(model) if spec.int8 else model.eval()
     return network, spec, load_tokenizer(directory / TOKENIZER_DIR)
 

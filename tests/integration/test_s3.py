@@ -78,3 +78,45 @@ def test_pipeline_with_artifacts_and_mlflow_models_on_s3(s3_env: dict[str, str],
     raw = storage.read_parquet(storage.join(report["artifacts"], "preprocess", "test_raw.parquet"), settings)
     predicted = model.predict(raw.drop(columns=["diagnosis"]))
     assert (predicted["prediction"] == raw["diagnosis"]).mean() >= 0.9
+
+
+# The other two pipelines' steps read and write through the same storage layer, but each has its own readers:
+# Ray Data over the splits, checkpoints, the tokenizer and encoder directories, the ids beside the splits.
+OTHER_PIPELINES = {
+    "ecommerce_recommendations": ("interactions: {users: 600, items: 300}\ntrain: {max_epochs: 3}\n"
+                                  "evaluate: {min_lift_over_popular: 0}\n",
+                                  "ecommerce-recommendations", {"ingest", "train", "evaluate", "register"}),
+    "customer_service_intents": ("utterances: {per_intent: 24}\ntrain: {max_epochs: 1}\n"
+                                 "compress: {distill_epochs: 1, latency_repeats: 3}\n"
+                                 "evaluate: {min_gain_over_baseline: -1.0}\n",
+                                 "customer-service-intents", {"ingest", "train", "evaluate", "register"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", sorted(OTHER_PIPELINES))
+def test_the_recommender_and_intent_pipelines_run_on_s3(pipeline: str, s3_env: dict[str, str], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    config, model_name, stages = OTHER_PIPELINES[pipeline]
+    env = {k: v for k, v in s3_env.items() if k.startswith("KEEL_")}
+    env["KEEL_HOME"] = str(tmp_path / ".keel")
+    (tmp_path / "smaller.yaml").write_text(config)
+    result = keel("run", pipeline, "--config", "smaller.yaml", "--output", "json", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["artifacts"].startswith(f"s3://{s3_env['bucket']}/keel/runs/")
+    assert not (tmp_path / ".keel" / "artifacts").exists()
+    settings = load_settings()
+    assert stages | {"checkpoints"} <= set(storage.list_children(report["artifacts"], settings))
+    for name, value in settings.s3_environment().items():
+        monkeypatch.setenv(name, value)
+    mlflow.set_tracking_uri(report["tracking_uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}/1")  # downloaded from S3
+    if pipeline == "ecommerce_recommendations":
+        answer = model.predict(pd.DataFrame({"user_id": [0, 10**9]}), params={"k": 5}).to_dict(orient="records")
+        assert [a["source"] for a in answer] == ["personalized", "popular"] and len(answer[0]["items"]) == 5
+    else:
+        from keel.intents.data import INTENTS
+
+        answer = model.predict(pd.DataFrame({"text": ["I want my money back", "where is my parcel"]}))
+        assert set(answer["intent"]) <= set(INTENTS) and answer["probability"].between(0, 1).all()

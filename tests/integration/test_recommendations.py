@@ -21,9 +21,10 @@ from tests.unit.test_cli import keel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "ecommerce-recommendations"
-# Two data-parallel workers: the DistributedDataParallel path a cluster takes from 5M parameters.
+# Two data-parallel workers with sparse gradients: the path a cluster takes for a large catalogue (from 5M
+# parameters and 10,000 users + items); the own-ids run below trains one worker with dense ones.
 REDUCED = ("interactions: {users: 1500, items: 600}\n"
-           "train: {max_epochs: 12, scaling: {num_workers: 2, cpus_per_worker: 1}}\n")
+           "train: {max_epochs: 12, sparse_gradients: true, scaling: {num_workers: 2, cpus_per_worker: 1}}\n")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def test_the_recommender_beats_the_popular_list_and_becomes_champion(pipeline_ru
     assert [s["stage"] for s in report["stages"]] == ["ingest", "train", "evaluate", "register"]
     trained = json.loads((Path(report["artifacts"]) / "train" / "manifest.json").read_text())
     assert trained["scaling"] == {"num_workers": 2, "cpus_per_worker": 1, "use_gpu": False}
+    assert trained["sparse_gradients"] is True
     evaluation = json.loads((Path(report["artifacts"]) / "evaluate" / "evaluation.json").read_text())
     assert evaluation["ndcg_lift_over_popular"] >= 2.0, evaluation
     assert evaluation["recall_at_10"] > evaluation["baseline_popular"]["recall_at_10"]

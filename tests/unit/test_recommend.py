@@ -16,9 +16,10 @@ from keel.recommend.config import (InteractionColumns, InteractionsConfig, Recom
                                    RecommendTrainConfig, SplitConfig)
 from keel.recommend.data import check_interactions, generate_interactions, number_ids, prepare, split_latest
 from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_items, top_k
-from keel.recommend.model import FactorizationSpec, MatrixFactorization, SeenPairs, sample_negatives
+from keel.recommend.model import (FactorizationSpec, MatrixFactorization, SeenPairs, bpr_optimizer,
+                                  sample_negatives, sparse_gradients)
 from keel.recommend.recommender import Recommender, rows_of
-from keel.recommend.train import bpr_epoch, seen_pairs, validation_ndcg
+from keel.recommend.train import bpr_epoch, one_worker_unless_asked, seen_pairs, validation_ndcg
 from keel.settings import KeelSettings
 from tests.stages import INTEGER_IDS, TEXT_IDS, packaged_recommender
 
@@ -97,12 +98,13 @@ def test_recall_and_ndcg_match_a_hand_computed_ranking() -> None:
     assert top_k(np.array([[1.0, 3.0, 2.0]]), 2).tolist() == [[1, 2]]
 
 
-def test_bpr_training_beats_the_most_popular_list(small_splits: dict[str, pd.DataFrame]) -> None:
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_bpr_training_beats_the_most_popular_list(small_splits: dict[str, pd.DataFrame], sparse: bool) -> None:
     train, val = small_splits["train"], small_splits["val"]
     spec = FactorizationSpec(users=SMALL.users, items=SMALL.items, embedding_dim=16)
     torch.manual_seed(0)
-    model = MatrixFactorization(spec)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    model = MatrixFactorization(spec, sparse=sparse)
+    optimizer = bpr_optimizer(model, 0.02, sparse)
     config = RecommendTrainConfig().model_dump()
     users, items = (torch.tensor(train[c].to_numpy()) for c in ("user_id", "item_id"))
     seen = seen_items(train)
@@ -191,10 +193,15 @@ def test_a_sparse_catalogue_past_a_dense_masks_size_is_prepared_and_trained(tmp_
     assert manifest["users"] * manifest["items"] > 7 << 30 and manifest["split_rows"]["test"] == 80_000
     train = pd.read_parquet(tmp_path / "out" / "train.parquet")
     spec = FactorizationSpec(users=manifest["users"], items=manifest["items"], embedding_dim=8)
-    model = MatrixFactorization(spec)
-    losses = [bpr_epoch(model, torch.optim.Adam(model.parameters(), lr=0.05), *(
-        torch.tensor(train[c].to_numpy()) for c in ("user_id", "item_id")), seen_pairs(train, spec),
-        {"batch_size": 4096, "weight_decay": 0.0}, torch.Generator().manual_seed(epoch)) for epoch in range(2)]
+    assert sparse_gradients(spec, "auto") and not sparse_gradients(FactorizationSpec(users=5000, items=2000,
+                                                                                      embedding_dim=8), "auto")
+    model = MatrixFactorization(spec, sparse=True)
+    optimizer = bpr_optimizer(model, 0.05, sparse=True)
+    users, items = (torch.tensor(train[c].to_numpy()) for c in ("user_id", "item_id"))
+    config = {"batch_size": 4096, "weight_decay": 0.0}
+    losses = [bpr_epoch(model, optimizer, users, items, seen_pairs(train, spec), config,
+                        torch.Generator().manual_seed(epoch)) for epoch in range(2)]
+    assert model.user.weight.grad is not None and model.user.weight.grad.is_sparse
     assert losses[1] < losses[0]
 
 
@@ -231,6 +238,8 @@ def test_the_pipeline_name_picks_its_config_model_and_errors_name_the_field() ->
         parse_pipeline_config({**payload, "train": {"scaling": {"use_gpu": True}}}, "config.yaml")
     two = parse_pipeline_config({**payload, "train": {"scaling": {"num_workers": 2, "use_gpu": "auto"}}}, "c.yaml")
     assert two.train.scaling.model_dump() == {"num_workers": 2, "cpus_per_worker": "auto", "use_gpu": False}
+    assert one_worker_unless_asked(two.train.scaling).num_workers == 2
+    assert one_worker_unless_asked(RecommendTrainConfig().scaling).num_workers == 1
 
 
 MOVIELENS = pd.DataFrame({"userId": [1, 1, 1, 1, 1, 1, 2, 2], "movieId": [10, 20, 30, 40, 50, 60, 10, 70],

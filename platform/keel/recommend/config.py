@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keel.config import RegisterConfig
@@ -73,8 +75,10 @@ class RecommendTrainConfig(BaseModel):
     patience: int = Field(default=4, ge=1, description="epochs without a better validation NDCG before stopping")
     max_failures: int = Field(default=2, ge=0, description="worker failures to recover from checkpoints")
     seed: int = 42
+    sparse_gradients: bool | Literal["auto"] = Field(
+        default="auto", description="sparse embedding gradients and SparseAdam (auto: from 10,000 users + items)")
     scaling: ScalingSpec = Field(default=ScalingSpec(use_gpu=False),
-                                 description="Ray Train workers and CPUs each (auto: data parallel from 5M parameters)")
+                                 description="Ray Train workers and CPUs each (auto: one worker, every CPU of a node)")
 
     @field_validator("scaling")
     @classmethod

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # user rows -> (users, items) scores, items by row
 # Users are scored a batch at a time: at most this many (user, item) scores in memory (128 MiB as float64).
@@ -22,11 +23,12 @@ def seen_items(train: pd.DataFrame) -> dict[int, np.ndarray]:
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` best scores per row, best first."""
+    """Indices of the ``k`` best scores per row, best first (order among equal scores unspecified).
+
+    ``torch.topk``: 20x NumPy's argpartition on 512 users x 27,000 items, the cost that bounded evaluation.
+    """
     k = min(k, scores.shape[1])
-    best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(best, order, axis=1)
+    return torch.topk(torch.from_numpy(scores), k, dim=1, sorted=True).indices.numpy()
 
 
 def ranking_metrics(score: Scorer, held_out: pd.DataFrame, seen: dict[int, np.ndarray], k: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -16,6 +17,10 @@ from torch import nn
 
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"
+# Dense Adam steps every row of the embedding tables each batch, SparseAdam only the rows the batch touched.
+# Measured on 2 cores at 32 dimensions and batches of 1,024: dense is faster below about 10,000 users + items
+# (1.3x at 7,000), sparse above (1.3x at 14,000, 5.6x at MovieLens-20M's 165,000).
+SPARSE_FROM_ROWS = 10_000
 
 
 class FactorizationSpec(BaseModel):
@@ -26,12 +31,17 @@ class FactorizationSpec(BaseModel):
     embedding_dim: int
 
 
+def sparse_gradients(spec: FactorizationSpec, setting: bool | Literal["auto"]) -> bool:
+    """Whether training's embeddings produce sparse gradients (``auto``: from :data:`SPARSE_FROM_ROWS` rows)."""
+    return spec.users + spec.items >= SPARSE_FROM_ROWS if setting == "auto" else setting
+
+
 class MatrixFactorization(nn.Module):
-    def __init__(self, spec: FactorizationSpec) -> None:
+    def __init__(self, spec: FactorizationSpec, sparse: bool = False) -> None:
         super().__init__()
-        self.user = nn.Embedding(spec.users, spec.embedding_dim)
-        self.item = nn.Embedding(spec.items, spec.embedding_dim)
-        self.item_bias = nn.Embedding(spec.items, 1)
+        self.user = nn.Embedding(spec.users, spec.embedding_dim, sparse=sparse)
+        self.item = nn.Embedding(spec.items, spec.embedding_dim, sparse=sparse)
+        self.item_bias = nn.Embedding(spec.items, 1, sparse=sparse)
         nn.init.normal_(self.user.weight, std=0.1)
         nn.init.normal_(self.item.weight, std=0.1)
         nn.init.zeros_(self.item_bias.weight)
@@ -64,6 +74,14 @@ def bpr_loss(model: nn.Module, users: torch.Tensor, positives: torch.Tensor, neg
     """
     margin, squared_norm = model(users, positives, negatives)
     return -nn.functional.logsigmoid(margin).mean() + weight_decay * squared_norm
+
+
+def bpr_optimizer(model: nn.Module, learning_rate: float, sparse: bool) -> torch.optim.Optimizer:
+    """Adam, or for sparse gradients its lazy form: a step and moment update only for the rows a batch touched
+    (rows a batch missed keep their place instead of drifting on momentum, the usual choice for embeddings)."""
+    if sparse:
+        return torch.optim.SparseAdam(list(model.parameters()), lr=learning_rate)
+    return torch.optim.Adam(model.parameters(), lr=learning_rate)
 
 
 class SeenPairs:

@@ -34,11 +34,11 @@ def _tabular() -> tuple[nn.Module, Callable[[nn.Module, torch.optim.Optimizer, i
     return model, step
 
 
-def _recommender() -> tuple[nn.Module, Callable[[nn.Module, torch.optim.Optimizer, int], None]]:
+def _recommender(sparse: bool = False) -> tuple[nn.Module, Callable[[nn.Module, torch.optim.Optimizer, int], None]]:
     from keel.recommend.model import FactorizationSpec, MatrixFactorization, SeenPairs
     from keel.recommend.train import bpr_epoch
 
-    model = MatrixFactorization(FactorizationSpec(users=40, items=30, embedding_dim=8))
+    model = MatrixFactorization(FactorizationSpec(users=40, items=30, embedding_dim=8), sparse=sparse)
 
     def step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
         rows = torch.Generator().manual_seed(rank)
@@ -62,7 +62,8 @@ def _intents() -> tuple[nn.Module, Callable[[nn.Module, torch.optim.Optimizer, i
     return model, step
 
 
-FAMILIES = {"tabular": _tabular, "recommender": _recommender, "intents": _intents}
+FAMILIES = {"tabular": _tabular, "recommender": _recommender, "recommender_sparse": lambda: _recommender(sparse=True),
+            "intents": _intents}
 
 
 def _rank(rank: int, port: int, family: str, out: str) -> None:

@@ -19,7 +19,8 @@ WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"
 # Dense Adam steps every row of the embedding tables each batch, SparseAdam only the rows the batch touched.
 # Measured on 2 cores at 32 dimensions and batches of 1,024: dense is faster below about 10,000 users + items
-# (1.3x at 7,000), sparse above (1.3x at 14,000, 5.6x at MovieLens-20M's 165,000).
+# (1.6x at the demo's 7,000), sparse above (1.3x at 14,000, 7-9x at MovieLens-20M's 165,000;
+# tests/benchmarks/bench_recommend_scale.py).
 SPARSE_FROM_ROWS = 10_000
 
 

@@ -125,6 +125,7 @@ def train_recommender(splits_uri: str, config: RecommendTrainConfig, output_uri:
     """Train on the published splits and publish the best epoch's model (by validation NDCG@10)."""
     manifest = storage.read_manifest(splits_uri, settings)
     spec = FactorizationSpec(users=manifest["users"], items=manifest["items"], embedding_dim=config.embedding_dim)
+    sparse = sparse_gradients(spec, config.sparse_gradients)
     with storage.staged_output(output_uri, "train", settings) as out, ray_session(settings) as ray_startup_s:
         started = time.perf_counter()
         result, scaling = _fit(config, spec, manifest["splits"], checkpoint_uri, run_name, settings)
@@ -138,9 +139,9 @@ def train_recommender(splits_uri: str, config: RecommendTrainConfig, output_uri:
             epochs=state.epoch, best_val_ndcg_at_10=state.best_ndcg, scaling=scaling,
             ray_startup_s=round(ray_startup_s, 3), fit_s=round(time.perf_counter() - started, 3),
             parameters=sum(p.numel() for p in model.parameters()), checkpoints=checkpoint_uri,
-            resumed_from_epochs=state.resumed_from, sparse_gradients=sparse_gradients(spec, config.sparse_gradients),
+            resumed_from_epochs=state.resumed_from, sparse_gradients=sparse,
             summary=(f"{state.epoch} epochs, best val NDCG@10 {state.best_ndcg:.4f}, "
-                     f"{scaling['num_workers']} worker(s)"),
+                     f"{scaling['num_workers']} worker(s){', sparse gradients' if sparse else ''}"),
         )
     return out.manifest
 

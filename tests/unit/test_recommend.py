@@ -19,7 +19,8 @@ from keel.recommend.metrics import popularity_scorer, ranking_metrics, seen_item
 from keel.recommend.model import (FactorizationSpec, MatrixFactorization, SeenPairs, bpr_optimizer,
                                   sample_negatives, sparse_gradients)
 from keel.recommend.recommender import Recommender, rows_of
-from keel.recommend.train import bpr_epoch, one_worker_unless_asked, seen_pairs, validation_ndcg
+from keel.recommend.train import (bpr_epoch, one_worker_unless_asked, seen_pairs, validation_ndcg,
+                                  validation_sample)
 from keel.settings import KeelSettings
 from tests.stages import INTEGER_IDS, TEXT_IDS, packaged_recommender
 
@@ -116,6 +117,15 @@ def test_bpr_training_beats_the_most_popular_list(small_splits: dict[str, pd.Dat
     after = validation_ndcg(model, val, seen, 10)
     assert losses[-1] < 0.7 * losses[0] and after > before
     assert after > 1.3 * baseline, (after, baseline)
+
+
+def test_early_stopping_is_judged_on_a_fixed_sample_of_validation_users(small_splits: dict[str, pd.DataFrame]) -> None:
+    val = small_splits["val"]
+    assert validation_sample(val, 10_000, seed=1) is val
+    sample = validation_sample(val, 50, seed=1)
+    assert sample["user_id"].nunique() == 50 and sample.equals(validation_sample(val, 50, seed=1))
+    assert sample.equals(val[val["user_id"].isin(sample["user_id"])])  # each kept user's rows, all of them
+    assert not sample.equals(validation_sample(val, 50, seed=2))
 
 
 def _packaged(tmp_path: Path, ids: dict[str, list] = INTEGER_IDS) -> Recommender:

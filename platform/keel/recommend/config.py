@@ -75,6 +75,8 @@ class RecommendTrainConfig(BaseModel):
     patience: int = Field(default=4, ge=1, description="epochs without a better validation NDCG before stopping")
     max_failures: int = Field(default=2, ge=0, description="worker failures to recover from checkpoints")
     seed: int = 42
+    validation_users: int = Field(default=20_000, ge=1, description="users early stopping is judged on (a seeded "
+                                  "sample when there are more); the test split is scored in full")
     sparse_gradients: bool | Literal["auto"] = Field(
         default="auto", description="sparse embedding gradients and SparseAdam (auto: from 10,000 users + items)")
     scaling: ScalingSpec = Field(default=ScalingSpec(use_gpu=False),

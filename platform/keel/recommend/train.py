@@ -77,6 +77,20 @@ def validation_ndcg(model: MatrixFactorization, val: pd.DataFrame, seen: dict[in
     return scores[f"ndcg_at_{k}"]
 
 
+def validation_sample(val: pd.DataFrame, users: int, seed: int) -> pd.DataFrame:
+    """At most ``users`` users' validation rows, the same ones every epoch and on every worker.
+
+    Ranking every item for every user each epoch costs more than the epoch's training at MovieLens-20M's
+    138k users (24 s against 19 s); early stopping needs a steady signal, not every user. The test split
+    is always scored in full.
+    """
+    ids = val["user_id"].unique()
+    if len(ids) <= users:
+        return val
+    kept = np.random.default_rng(seed).choice(ids, size=users, replace=False)
+    return val[val["user_id"].isin(kept)]
+
+
 def _frame(name: str) -> pd.DataFrame:
     import ray.train
 
@@ -93,7 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["threads_per_worker"])
     spec = FactorizationSpec.model_validate(config["spec"])
-    shard, everything, val = _frame("train"), _frame("seen"), _frame("val")
+    shard, everything = _frame("train"), _frame("seen")
+    val = validation_sample(_frame("val"), config["validation_users"], config["seed"])
     users = torch.tensor(shard["user_id"].to_numpy())
     items = torch.tensor(shard["item_id"].to_numpy())
     seen = seen_pairs(everything, spec)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from keel.recommend.model import FactorizationSpec, MatrixFactorization, SeenPai
 from keel.recommend.train import bpr_epoch, seen_pairs, validation_ndcg
 from keel.settings import KeelSettings
 
+REPO = Path(__file__).resolve().parents[2]
 USERS, ITEMS, RATINGS = 138_493, 26_744, 20_000_263
 DIM, BATCH, TIMED_PAIRS = 32, 1024, 409_600
 STEP_CONFIG = {"batch_size": BATCH, "weight_decay": 1e-5}
@@ -89,10 +89,9 @@ def _data_parallel_rank(rank: int, port: int, spec: FactorizationSpec, sparse: b
 
 
 def two_workers_pairs_per_s(spec: FactorizationSpec, sparse: bool, scratch: Path) -> float:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_data_parallel_rank, args=(port, spec, sparse, str(scratch / f"dp-{sparse}")),
+    from tests.integration.conftest import free_port
+
+    torch.multiprocessing.spawn(_data_parallel_rank, args=(free_port(), spec, sparse, str(scratch / f"dp-{sparse}")),
                                 nprocs=2)
     slowest = max(float((scratch / f"dp-{sparse}.{rank}").read_text()) for rank in (0, 1))
     return TIMED_PAIRS / slowest
@@ -119,6 +118,7 @@ def topk_speedup(spec: FactorizationSpec, repeats: int = 5) -> float:
 
 
 def main() -> None:
+    sys.path.insert(0, str(REPO))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     report: dict[str, object] = {"benchmark": "recommend_scale"}
     with tempfile.TemporaryDirectory(prefix="keel-bench-recommend-") as scratch_dir:

@@ -115,13 +115,17 @@ def pretrained_classifier(spec: IntentSpec) -> IntentClassifier:
     return IntentClassifier(keep_layers(encoder, spec.layers), spec)
 
 
+def encoder_of_config(directory: Path) -> nn.Module:
+    """The encoder a config in ``directory`` describes, untrained and without BERT's pooler."""
+    from transformers import AutoConfig, AutoModel
+
+    return AutoModel.from_config(AutoConfig.from_pretrained(str(directory)), add_pooling_layer=False)
+
+
 def classifier_shape(spec: IntentSpec) -> IntentClassifier:
     """The network of ``spec`` with untrained weights, built from the encoder's config alone: for loading
     weights trained elsewhere without first reading the 91 MB of pretrained ones."""
-    from transformers import AutoConfig, AutoModel
-
-    encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(pretrained_dir())), add_pooling_layer=False)
-    return IntentClassifier(keep_layers(encoder, spec.layers), spec)
+    return IntentClassifier(keep_layers(encoder_of_config(pretrained_dir()), spec.layers), spec)
 
 
 def save_intent_model(model: IntentClassifier, spec: IntentSpec, tokenizer: Any, directory: Path) -> Path:
@@ -136,11 +140,8 @@ def save_intent_model(model: IntentClassifier, spec: IntentSpec, tokenizer: Any,
 
 def load_intent_model(directory: Path) -> tuple[nn.Module, IntentSpec, Any]:
     """The network (quantized when the spec says int8), its spec and its tokenizer, from a saved directory."""
-    from transformers import AutoConfig, AutoModel
-
     spec = IntentSpec.model_validate_json((directory / SPEC_FILE).read_text())
-    encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(directory / ENCODER_DIR)), add_pooling_layer=False)
-    model = IntentClassifier(encoder, spec)
+    model = IntentClassifier(encoder_of_config(directory / ENCODER_DIR), spec)
     weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     # Models saved before the encoder was built without BERT's pooler carry its (never used) weights.
     model.load_state_dict({name: value for name, value in weights.items() if not name.startswith(POOLER)})

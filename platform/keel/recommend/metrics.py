@@ -25,7 +25,8 @@ def seen_items(train: pd.DataFrame) -> dict[int, np.ndarray]:
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` best scores per row, best first (order among equal scores unspecified).
 
-    ``torch.topk``: 20x NumPy's argpartition on 512 users x 27,000 items, the cost that bounded evaluation.
+    ``torch.topk``: 15x NumPy's argpartition on 512 users x 27,000 items (bench_recommend_scale.py), the cost
+    that bounded evaluation.
     """
     k = min(k, scores.shape[1])
     return torch.topk(torch.from_numpy(scores), k, dim=1, sorted=True).indices.numpy()

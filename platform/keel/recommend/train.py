@@ -18,7 +18,7 @@ import torch
 
 from keel import storage
 from keel.recommend.config import RecommendTrainConfig
-from keel.recommend.metrics import ranking_metrics
+from keel.recommend.metrics import ranking_metrics, seen_items
 from keel.recommend.model import (FactorizationSpec, MatrixFactorization, SeenPairs, bpr_loss, bpr_optimizer,
                                   sample_negatives, save_factorization, sparse_gradients)
 from keel.settings import KeelSettings
@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     users = torch.tensor(shard["user_id"].to_numpy())
     items = torch.tensor(shard["item_id"].to_numpy())
     seen = seen_pairs(everything, spec)
-    seen_by_user = {int(u): g.to_numpy() for u, g in everything.groupby("user_id")["item_id"]}
+    seen_by_user = seen_items(everything)
     sparse = sparse_gradients(spec, config["sparse_gradients"])
     model = ray.train.torch.prepare_model(MatrixFactorization(spec, sparse=sparse))
     inner = _unwrap(model)

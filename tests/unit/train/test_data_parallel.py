@@ -7,7 +7,6 @@ got no gradient in the one before. Both passed silently on one worker, which is 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.multiprocessing
 from torch import nn
 
 from keel.train.loop import train_epoch
+from tests.integration.conftest import free_port
 
 STEPS_ROWS = 64  # each rank's rows: two steps of 32
 
@@ -80,10 +80,7 @@ def _rank(rank: int, port: int, family: str, out: str) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_data_parallel_workers_train_one_model(family: str, tmp_path: Path) -> None:
     """Two steps on different rows; both ranks must end with the same weights, and every weight must train."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_rank, args=(port, family, str(tmp_path / "weights")), nprocs=2)
+    torch.multiprocessing.spawn(_rank, args=(free_port(), family, str(tmp_path / "weights")), nprocs=2)
     first, second = (torch.load(tmp_path / f"weights.{rank}", weights_only=True) for rank in (0, 1))
     torch.manual_seed(0)
     initial, _ = FAMILIES[family]()

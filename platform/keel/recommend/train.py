@@ -170,7 +170,7 @@ def train_recommender_stage(settings: KeelSettings, splits_uri: str, config: dic
 
 def one_worker_unless_asked(scaling: ScalingSpec) -> ScalingSpec:
     """``auto`` workers: one, with every CPU of a node. A BPR step is small next to averaging the embeddings'
-    gradients across workers: two data-parallel workers trained 0.44-0.47x the pairs a second of one worker with
+    gradients across workers: two data-parallel workers trained 0.35-0.47x the pairs a second of one worker with
     both CPUs (sparse gradients; 0.76x dense) at MovieLens-20M's shape. ``num_workers`` still spreads a run."""
     return scaling.model_copy(update={"num_workers": 1}) if scaling.num_workers == "auto" else scaling
 

@@ -99,6 +99,36 @@ def test_recall_and_ndcg_match_a_hand_computed_ranking() -> None:
     assert top_k(np.array([[1.0, 3.0, 2.0]]), 2).tolist() == [[1, 2]]
 
 
+def _metrics_user_by_user(scores: np.ndarray, held_out: pd.DataFrame, seen: dict[int, np.ndarray],
+                          k: int) -> dict[str, float]:
+    """The definition, one user at a time: what the batched ranking_metrics must agree with."""
+    recalls, ndcgs = [], []
+    for user, group in held_out.groupby("user_id"):
+        truth, row = set(group["item_id"].tolist()), scores[user].copy()
+        row[seen.get(int(user), [])] = -np.inf
+        ranked = [item for item in np.argsort(-row, kind="stable") if np.isfinite(row[item])][:k]
+        gains = [1 / math.log2(rank + 2) for rank, item in enumerate(ranked) if item in truth]
+        recalls.append(len(gains) / len(truth))
+        ndcgs.append(sum(gains) / sum(1 / math.log2(rank + 2) for rank in range(min(len(truth), k))))
+    return {f"recall_at_{k}": float(np.mean(recalls)), f"ndcg_at_{k}": float(np.mean(ndcgs))}
+
+
+@pytest.mark.parametrize("items", [7, 300])
+def test_batched_ranking_metrics_agree_with_the_definition_user_by_user(items: int) -> None:
+    """Across batches (1,200 users), with repeated held-out pairs, held-out items also seen, users with nothing
+    seen, and users who have seen all but a few items (fewer than k left to rank when ``items`` is 7)."""
+    rng = np.random.default_rng(items)
+    users = 1_200
+    scores = rng.permutation(users * items).reshape(users, items).astype(np.float32)  # no ties: one ranking
+    held_out = pd.DataFrame({"user_id": rng.integers(0, users, 3_000), "item_id": rng.integers(0, items, 3_000)})
+    seen = {user: rng.choice(items, size=rng.integers(0, items - 1), replace=False) for user in range(0, users, 2)}
+    batched = ranking_metrics(lambda rows: scores[rows], held_out, seen, 5, items)
+    expected = _metrics_user_by_user(scores, held_out, seen, 5)
+    assert batched["users_evaluated"] == held_out["user_id"].nunique()
+    assert batched["recall_at_5"] == pytest.approx(expected["recall_at_5"], rel=1e-12)
+    assert batched["ndcg_at_5"] == pytest.approx(expected["ndcg_at_5"], rel=1e-12)
+
+
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_bpr_training_beats_the_most_popular_list(small_splits: dict[str, pd.DataFrame], sparse: bool) -> None:
     train, val = small_splits["train"], small_splits["val"]

@@ -63,8 +63,8 @@ class MatrixFactorization(nn.Module):
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
-        """Every item's score for each user: (users, items)."""
-        return self.user(users) @ self.item.weight.T + self.item_bias.weight.T
+        """Every item's score for each user: (users, items), the bias added in the product's own pass."""
+        return torch.addmm(self.item_bias.weight.T, self.user(users), self.item.weight.T)
 
 
 def bpr_loss(model: nn.Module, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from keel.recommend.data import ID_FILES
-from keel.recommend.metrics import Scorer, seen_items, top_k
+from keel.recommend.metrics import Scorer, seen_items, top_k_unseen
 from keel.recommend.model import MatrixFactorization, load_factorization
 
 POPULARITY_FILE = "popularity.parquet"
@@ -99,8 +99,9 @@ class Recommender:
         order for the others (what it would answer them), and nothing for items it never saw."""
         columns = rows_of(self.item_ids, item_ids)
         has_item = columns >= 0
-        by_popularity = np.full(len(self.item_ids), -np.inf)
-        by_popularity[self.popular] = -np.arange(len(self.popular), dtype=np.float64)
+        same_items = len(columns) == len(self.item_ids) and bool((columns == np.arange(len(columns))).all())
+        by_popularity = np.full(len(self.item_ids), -np.inf, dtype=np.float32)
+        by_popularity[self.popular] = -np.arange(len(self.popular), dtype=np.float32)
 
         def score(users: np.ndarray) -> np.ndarray:
             rows = rows_of(self.user_ids, user_ids[users])
@@ -108,7 +109,9 @@ class Recommender:
             known = rows >= 0
             if known.any():
                 own[known] = self.model.score_all(torch.from_numpy(rows[known])).numpy()
-            scores = np.full((len(users), len(item_ids)), -np.inf)
+            if same_items:  # the usual case: the catalogue did not change between the runs
+                return own
+            scores = np.full((len(users), len(item_ids)), -np.inf, dtype=np.float32)
             scores[:, has_item] = own[:, columns[has_item]]
             return scores
 
@@ -121,14 +124,12 @@ class Recommender:
                  if row >= 0 and row in self.seen}
         ranked: dict[Id, tuple[list[Id], list[float]]] = {}
         if known:
-            rows = list(known.values())
-            scores = self.model.score_all(torch.tensor(rows)).numpy().astype(np.float64)
-            for position, row in enumerate(rows):
-                scores[position, self.seen[row]] = -np.inf
-            best = top_k(scores, k)
+            rows = np.array(list(known.values()))
+            scores = self.model.score_all(torch.from_numpy(rows)).numpy()
+            best = top_k_unseen(scores, rows, self.seen, k)
             for position, user in enumerate(known):
-                ranked[user] = (self.item_ids[best[position]].tolist(),
-                                [round(float(s), 5) for s in scores[position, best[position]]])
+                unseen = best[position][best[position] >= 0]  # fewer than k when few are left
+                ranked[user] = (self.item_ids[unseen].tolist(), [round(float(s), 5) for s in scores[position, unseen]])
         popular = self.item_ids[self.popular[:k]].tolist()
         return [{"user_id": u, "items": ranked[u][0], "scores": ranked[u][1], "known_user": True,
                  "source": "personalized"} if u in ranked else

@@ -33,8 +33,8 @@ class RecommendRequest(BaseModel, Generic[UserIdT]):
 
 class Recommendation(BaseModel, Generic[UserIdT, ItemIdT]):
     user_id: UserIdT
-    items: list[ItemIdT]
-    scores: list[float]
+    items: list[ItemIdT] = Field(description="best first; fewer than k when the user has seen all but a few items")
+    scores: list[float] = Field(description="the model's score of each item; empty for the popular list")
     known_user: bool
     source: str
 

@@ -56,3 +56,14 @@ def test_the_openapi_schema_says_which_kind_of_id(clients: dict[str, TestClient]
         schemas = clients[kind].get("/openapi.json").json()["components"]["schemas"]
         request = next(schema for name, schema in schemas.items() if name.startswith("RecommendRequest"))
         assert request["properties"]["user_ids"]["items"]["type"] == json_type
+
+
+def test_a_k_past_what_the_user_has_not_seen_returns_what_is_left(clients: dict[str, TestClient]) -> None:
+    """User 10 had two of the six items: k=6 answers the other four, never the two back (nor a -inf score,
+    which JSON cannot carry: this was a 500)."""
+    answer = clients["integer"].post(ROUTE, json={"user_ids": [10, 30], "k": 6})
+    assert answer.status_code == 200, answer.text
+    known, untrained = answer.json()["recommendations"]
+    assert sorted(known["items"]) == [102, 103, 104, 105] and len(known["scores"]) == 4
+    assert known["scores"] == sorted(known["scores"], reverse=True)
+    assert untrained["items"] == [102, 104, 101, 105] and untrained["source"] == "popular"

@@ -19,6 +19,7 @@ import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
 
 from keel import __version__, storage, tracking
 from keel.config import RegisterConfig
@@ -30,6 +31,7 @@ from keel.settings import KeelSettings
 
 CHAMPION, CHALLENGER = tracking.CHAMPION, tracking.CHALLENGER
 INPUT_EXAMPLE_ROWS = 5
+SCHEMA_SAMPLE_ROWS = 1000
 
 
 class KeelPyfunc(PythonModel):
@@ -51,9 +53,27 @@ def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
     # MLflow can resolve. Where they came from is the ``dataset.source`` param.
     dataset = from_pandas(frame, source=storage.join(dataset_uri, DATA_FILE), targets=target,
                                       name=storage.filename(manifest["source"]), digest=manifest["sha256"][:16])
+    dataset.schema = dataset_schema(frame)  # a cached property: set, MLflow's own row-by-row pass never runs
     _log_input_retrying(dataset)
     mlflow.log_params({"dataset.source": manifest["source"], "dataset.sha256": manifest["sha256"],
                        "dataset.rows": manifest["rows"]})
+
+
+def dataset_schema(frame: pd.DataFrame) -> Schema:
+    """The schema MLflow infers for a dataset, without its Python pass over every value.
+
+    MLflow tests each cell for null one at a time to mark columns required: 15 s of the register step for
+    a million rows of 31 columns (31 s profiled), growing with the table. Each column's type comes from its
+    first non-null values (ingest read every column as one type); ``required`` from pandas' null check.
+    """
+    return Schema([_column_spec(frame[name]) for name in frame.columns])
+
+
+def _column_spec(column: pd.Series) -> ColSpec:
+    present = column.dropna()
+    sample = present.head(SCHEMA_SAMPLE_ROWS) if len(present) else column  # all null: MLflow's verdict
+    inferred = mlflow.models.infer_signature(sample.to_frame(column.name)).inputs.inputs[0]
+    return ColSpec(inferred.type, column.name, required=len(present) == len(column))
 
 
 def _log_input_retrying(dataset: Any, attempts: int = 3) -> None:

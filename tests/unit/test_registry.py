@@ -8,10 +8,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.types import Schema
 
 from keel import storage, tracking
 from keel.evaluate import EVALUATION_FILE
-from keel.registry import CHALLENGER, CHAMPION, flatten_params, register
+from keel.data.ingest import DATA_FILE
+from keel.registry import CHALLENGER, CHAMPION, SCHEMA_SAMPLE_ROWS, dataset_schema, flatten_params, register
 from keel.settings import KeelSettings
 from tests.stages import run_stages, small_config, write_small_source
 
@@ -45,7 +47,26 @@ def test_first_version_becomes_champion_with_lineage(staged_run: dict, settings:
     assert run.data.params["train.learning_rate"] == "0.001"
     assert "test_f1_macro" in run.data.metrics
     digest = storage.read_manifest(staged_run["ingest"], settings)["sha256"]
-    assert run.inputs.dataset_inputs[0].dataset.digest == digest[:16]
+    dataset = run.inputs.dataset_inputs[0].dataset
+    assert dataset.digest == digest[:16]
+    ingested = storage.read_parquet(storage.join(staged_run["ingest"], DATA_FILE), settings)
+    logged = Schema.from_json(json.dumps(json.loads(dataset.schema)["mlflow_colspec"]))
+    assert logged == mlflow.models.infer_signature(ingested).inputs  # what MLflow infers row by row
+    assert json.loads(dataset.profile) == {"num_rows": len(ingested), "num_elements": ingested.size}
+
+
+def test_the_dataset_schema_matches_mlflows_own_inference_past_its_sample() -> None:
+    """Nulls and a column's first values beyond the sampled rows: types and ``required`` as MLflow infers
+    them over every row."""
+    rows = SCHEMA_SAMPLE_ROWS + 500
+    late_null = [1.5] * (rows - 1) + [None]
+    frame = pd.DataFrame({"whole": range(rows), "late_null": late_null, "text": ["a"] * rows,
+                          "text_late_null": ["b"] * (rows - 1) + [None], "flag": [True, False] * (rows // 2),
+                          "late_text": [None] * (SCHEMA_SAMPLE_ROWS + 1) + ["c"] * (rows - SCHEMA_SAMPLE_ROWS - 1),
+                          "empty": [None] * rows, "stamp": pd.date_range("2024-01-01", periods=rows, freq="min")})
+    assert dataset_schema(frame) == mlflow.models.infer_signature(frame).inputs
+    assert [column.required for column in dataset_schema(frame).inputs] == [True, False, True, False, True,
+                                                                           False, False, True]
 
 
 def test_pyfunc_scores_raw_columns(staged_run: dict, settings: KeelSettings, tmp_path: Path) -> None:

@@ -106,7 +106,8 @@ def test_zero_samples_skips_the_search(settings, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_search_logs_nested_trials_and_publishes_the_best(settings, tmp_path: Path) -> None:
+def test_search_logs_nested_trials_and_publishes_the_best(settings, tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
     uris = run_stages(settings, "run-t", write_small_source(tmp_path))
     parent = tracking.pipeline_run(settings, "run-t", "small")
     config = TuneConfig.model_validate({"num_samples": 4, "max_epochs": 6, "grace_period": 2, "search_space": SPACE})
@@ -117,6 +118,10 @@ def test_search_logs_nested_trials_and_publishes_the_best(settings, tmp_path: Pa
     assert manifest["best_config"] == min(trials, key=lambda t: t["val_loss"])["config"]
     assert manifest["best_config"]["hidden_sizes"] in ([8], [16, 8])
     assert all(1 <= t["epochs"] <= 6 for t in trials) and manifest["epochs"] == sum(t["epochs"] for t in trials)
+    progress = [line for line in capfd.readouterr().out.splitlines() if line.startswith("tune: trial ")]
+    assert [line.split(" ended")[0] for line in progress] == [f"tune: trial {n} of 4" for n in range(1, 5)]
+    assert sorted(int(line.split("after ")[1].split(" of")[0]) for line in progress) \
+        == sorted(t["epochs"] for t in trials)  # a line as each trial ends, with its epochs
     children = mlflow.MlflowClient(settings.mlflow_tracking_uri).search_runs(
         [tracking.mlflow_client(settings).get_run(parent).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent}'")

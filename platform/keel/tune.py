@@ -283,9 +283,10 @@ def search(config: TuneConfig, train_config: TrainConfig, data: dict[str, Any], 
            settings: KeelSettings, method: str = "tpe_asha") -> list[dict[str, Any]]:
     """Run the search in a Ray session (local, or ``KEEL_RAY_ADDRESS``) and return the trial records.
 
-    Trials keep no checkpoints (a trial is seconds of work; a lost one is
-    rerun by the stage's retry), so Tune's own results stay in a scratch
-    directory on the driver and only the trial records are published.
+    Trials keep no checkpoints (a trial is seconds of work on the demo, a few
+    minutes on a million rows; a lost one is rerun by the stage's retry), so
+    Tune's own results stay in a scratch directory on the driver and only the
+    trial records are published.
     """
     import tempfile
 

@@ -71,7 +71,7 @@ def dataset_schema(frame: pd.DataFrame) -> Schema:
 
 def _column_spec(column: pd.Series) -> ColSpec:
     present = column.dropna()
-    sample = present.head(SCHEMA_SAMPLE_ROWS) if len(present) else column  # all null: MLflow's verdict
+    sample = (present if len(present) else column).head(SCHEMA_SAMPLE_ROWS)  # all null: MLflow's verdict on nulls
     inferred = mlflow.models.infer_signature(sample.to_frame(column.name)).inputs.inputs[0]
     return ColSpec(inferred.type, column.name, required=len(present) == len(column))
 

@@ -157,7 +157,7 @@ def trial_progress(config: TuneConfig) -> Any:
             result = trial.last_result or {}
             sampled = decode_trial({k: v for k, v in trial.config.items() if k in config.search_space},
                                    config.search_space)
-            running = sum(1 for t in trials if t.status == "RUNNING")
+            running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)  # it is, still
             values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in sorted(sampled.items()))
             print(f"tune: trial {self.ended} of {config.num_samples} ended after "

@@ -122,6 +122,7 @@ def test_search_logs_nested_trials_and_publishes_the_best(settings, tmp_path: Pa
     assert [line.split(" ended")[0] for line in progress] == [f"tune: trial {n} of 4" for n in range(1, 5)]
     assert sorted(int(line.split("after ")[1].split(" of")[0]) for line in progress) \
         == sorted(t["epochs"] for t in trials)  # a line as each trial ends, with its epochs
+    assert "(0 running)" in progress[-1]  # the last to end leaves none running
     children = mlflow.MlflowClient(settings.mlflow_tracking_uri).search_runs(
         [tracking.mlflow_client(settings).get_run(parent).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent}'")

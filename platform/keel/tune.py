@@ -55,9 +55,12 @@ def ray_search_space(space: dict[str, SearchDimension]) -> dict[str, Any]:
 
 
 def decode_trial(sampled: dict[str, Any], space: dict[str, SearchDimension]) -> dict[str, Any]:
-    """A sampled config back in TrainConfig's types (JSON-encoded choices decoded)."""
+    """A sampled config back in TrainConfig's types (JSON-encoded choices decoded); keys outside the search
+    space (what Tune adds to a trial's config) are left out."""
     decoded = {}
     for name, value in sampled.items():
+        if name not in space:
+            continue
         values = space[name].values
         decoded[name] = json.loads(value) if values is not None and _encodes(values) else value
     return decoded
@@ -155,8 +158,7 @@ def trial_progress(config: TuneConfig) -> Any:
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             self.ended += 1
             result = trial.last_result or {}
-            sampled = decode_trial({k: v for k, v in trial.config.items() if k in config.search_space},
-                                   config.search_space)
+            sampled = decode_trial(trial.config, config.search_space)
             running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)  # it is, still
             values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in sorted(sampled.items()))
@@ -212,8 +214,7 @@ def trial_records(results: Any, config: TuneConfig) -> list[dict[str, Any]]:
         column = history[config.metric]
         best = float(column.min() if config.metric == "val_loss" else column.max())
         records.append({
-            "trial": index, "config": decode_trial(
-                {k: v for k, v in result.config.items() if k in config.search_space}, config.search_space),
+            "trial": index, "config": decode_trial(result.config, config.search_space),
             "epochs": int(history["training_iteration"].max()), config.metric: best,
             "history": history[["training_iteration", "reported_at", "time_this_iter_s", "val_loss", "val_accuracy"]]
             .to_dict(orient="records"),

@@ -86,7 +86,8 @@ def bpr_optimizer(model: nn.Module, learning_rate: float, sparse: bool) -> torch
 
 
 class SeenPairs:
-    """The (user, item) pairs of training, as sorted int64 keys ``user * items + item``.
+    """The (user, item) pairs of training, as sorted int64 keys ``user * items + item`` (also the held-out
+    pairs that :func:`keel.recommend.metrics.ranking_metrics` checks the rankings against).
 
     Negative sampling asks whether a drawn item was one the user had seen. A
     dense users x items mask answers by indexing but needs a byte per possible

@@ -154,8 +154,10 @@ class GateConfig(BaseModel):
 
     tolerance: float = Field(default=0.0, description="overall metric may be this much worse than the champion's")
     slice_tolerance: float = Field(default=0.05, ge=0)
-    max_demographic_parity_difference: float = Field(default=1.0, ge=0, le=1)
-    max_equalized_odds_difference: float = Field(default=1.0, ge=0, le=1)
+    max_demographic_parity_difference: float | None = Field(
+        default=None, ge=0, le=1, description="bound over each slice column; null: reported, not bounded")
+    max_equalized_odds_difference: float | None = Field(
+        default=None, ge=0, le=1, description="bound over each slice column; null: reported, not bounded")
 
 
 class EvaluateConfig(BaseModel):

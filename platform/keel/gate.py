@@ -89,5 +89,9 @@ def _check_fairness(decision: GateDecision, challenger: dict[str, Any], config: 
     for column, measures in challenger.get("fairness", {}).items():
         for name, bound in bounds.items():
             value = measures.get(name)
-            if value is not None and not math.isnan(value):
+            if value is None or math.isnan(value):
+                continue
+            if bound is None:
+                decision.reasons.append(f"{name} over {column} {value:.4f} (reported, not bounded)")
+            else:
                 _check(decision, value <= bound + 1e-12, f"{name} over {column} {value:.4f} (max {bound})")

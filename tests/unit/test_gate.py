@@ -60,6 +60,15 @@ def test_fairness_bounds(dp: float, eo: float, failed: str) -> None:
     assert decision.summary.startswith("gate failed: ")
 
 
+def test_an_unset_fairness_bound_reports_the_gap_and_never_fails() -> None:
+    parity_only = GateConfig(max_equalized_odds_difference=0.1)
+    decision = decide(report(0.9, dp=0.9, eo=0.05), None, None, "f1_macro", True, parity_only)
+    assert decision.passed
+    assert "demographic_parity_difference over age 0.9000 (reported, not bounded)" in decision.reasons
+    assert "ok: equalized_odds_difference over age 0.0500 (max 0.1)" in decision.reasons
+    assert not decide(report(0.9, dp=0.9, eo=0.2), None, None, "f1_macro", True, parity_only).passed
+
+
 def test_nan_metric_fails() -> None:
     assert not decide(report(float("nan")), None, None, "f1_macro", True, GATE).passed
 

@@ -36,11 +36,14 @@ class CategoricalStats(BaseModel):
 
 
 class ReferenceBins(BaseModel):
-    """A numeric column's training distribution: decile edges and each bin's share, for drift (PSI)."""
+    """A column's training distribution, for drift (PSI): a numeric column's decile edges, or a categorical
+    column's categories plus a last bin for values training never saw (share 0, so a renamed category upstream,
+    which the one-hot encoding would silently score as all zeros, shows as drift); each bin's share."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    edges: list[float]
+    edges: list[float] = []
+    categories: list[str] | None = None
     fractions: list[float]
 
     @classmethod
@@ -51,6 +54,28 @@ class ReferenceBins(BaseModel):
         edges = np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]))
         counts = np.bincount(np.searchsorted(edges, finite, side="right"), minlength=len(edges) + 1)
         return cls(edges=edges.tolist(), fractions=(counts / counts.sum()).tolist())
+
+    @classmethod
+    def of_categories(cls, values: pd.Series) -> ReferenceBins:
+        shares = values.dropna().astype(str).value_counts(normalize=True).sort_index()
+        return cls(categories=shares.index.tolist(), fractions=[*shares.tolist(), 0.0])
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.edges or self.categories)
+
+    def bin_indexes(self, values: pd.Series) -> np.ndarray:
+        """Each value's bin; -1 for a missing value (not drift) or, in a numeric column, a non-number."""
+        if self.categories is None:
+            numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+            indexes = np.searchsorted(np.asarray(self.edges), numbers, side="right").astype(np.int32)
+            indexes[~np.isfinite(numbers)] = -1
+            return indexes
+        missing = values.isna().to_numpy()
+        codes = pd.Categorical(values.astype(str), categories=self.categories).codes.astype(np.int32)
+        codes[codes < 0] = len(self.categories)
+        codes[missing] = -1
+        return codes
 
 
 class FeatureTransform(BaseModel):
@@ -96,6 +121,7 @@ class FeatureTransform(BaseModel):
                 categories = sorted(values.unique().tolist())
                 mode = str(values.mode().iloc[0]) if len(values) else ""
                 categorical[name] = CategoricalStats(mode=mode, categories=categories)
+                reference[name] = ReferenceBins.of_categories(values)
         classes = sorted(frame[contract.target].astype(str).unique().tolist())
         boolean = [name for name in numeric if contract.columns[name].dtype == "bool"]
         return cls(target=contract.target, classes=classes, numeric=numeric, categorical=categorical,

@@ -1,8 +1,10 @@
 """Population stability index (PSI) of live inputs against the training distribution.
 
-The reference bins travel with the model (``transform.json``); the server
-keeps the bin of each of the last ``window`` rows per column and recomputes
-PSI per batch. PSI above 0.2 is the usual sign of a shifted input.
+The reference bins (a numeric column's deciles, a categorical column's
+categories and an unseen-value bin) travel with the model
+(``transform.json``); the server keeps the bin of each of the last ``window``
+rows per column and recomputes PSI per batch. PSI above 0.2 is the usual sign
+of a shifted input.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 class DriftMonitor:
-    """A sliding window of recent rows' bins per numeric column."""
+    """A sliding window of recent rows' bins per column."""
 
     def __init__(self, reference: dict[str, ReferenceBins], window: int = 2000) -> None:
-        self.reference = {name: bins for name, bins in reference.items() if bins.edges}
+        self.reference = {name: bins for name, bins in reference.items() if bins.usable}
         self.window = window
-        self._bins = {name: np.full(window, -1, dtype=np.int16) for name in self.reference}
+        self._bins = {name: np.full(window, -1, dtype=np.int32) for name in self.reference}
         self._next = 0
         self._filled = 0
 
@@ -36,10 +38,7 @@ class DriftMonitor:
         rows = min(len(frame), self.window)
         positions = (self._next + np.arange(rows)) % self.window
         for name, bins in self.reference.items():
-            values = pd.to_numeric(frame[name].tail(rows), errors="coerce").to_numpy(dtype=float)
-            indexes = np.searchsorted(np.asarray(bins.edges), values, side="right").astype(np.int16)
-            indexes[~np.isfinite(values)] = -1  # missing values do not count as drift
-            self._bins[name][positions] = indexes
+            self._bins[name][positions] = bins.bin_indexes(frame[name].tail(rows))
         self._next = (self._next + rows) % self.window
         self._filled = min(self._filled + rows, self.window)
 

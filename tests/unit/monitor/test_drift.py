@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -35,3 +38,43 @@ def test_missing_values_are_not_drift() -> None:
     monitor = DriftMonitor({"x": ReferenceBins.of(pd.Series(np.arange(100, dtype=float)))}, window=50)
     monitor.observe(pd.DataFrame({"x": [np.nan] * 10}))
     assert monitor.scores() == {}
+
+
+def test_a_renamed_category_shows_as_drift_and_the_same_mix_does_not() -> None:
+    rng = np.random.default_rng(1)
+    train = pd.Series(rng.choice(["asymptomatic", "atypical", "typical"], 3000, p=[0.5, 0.3, 0.2]))
+    reference = ReferenceBins.of_categories(train)
+    assert reference.categories == ["asymptomatic", "atypical", "typical"]
+    assert reference.fractions[-1] == 0 and np.allclose(reference.fractions[:3], [0.5, 0.3, 0.2], atol=0.03)
+
+    same_mix = DriftMonitor({"chest_pain": reference}, window=1000)
+    same_mix.observe(pd.DataFrame({"chest_pain": rng.choice(["asymptomatic", "atypical", "typical"], 1000,
+                                                            p=[0.5, 0.3, 0.2])}))
+    assert same_mix.scores()["chest_pain"] < 0.02
+
+    # upstream starts sending "Typical" for "typical": the one-hot encodes it as all zeros without an error
+    renamed = DriftMonitor({"chest_pain": reference}, window=1000)
+    live = pd.Series(rng.choice(["asymptomatic", "atypical", "Typical"], 1000, p=[0.5, 0.3, 0.2]))
+    renamed.observe(pd.DataFrame({"chest_pain": live.where(rng.random(1000) > 0.1)}))  # and some missing
+    assert renamed.scores()["chest_pain"] > 1.0
+
+
+def test_the_transform_keeps_a_reference_per_column_and_reads_one_saved_without_categories(tmp_path: Path) -> None:
+    from keel.data.contract import DataContract
+    from keel.data.transform import FeatureTransform
+
+    frame = pd.DataFrame({"age": [40.0, 50.0, 60.0, None], "sex": ["f", "m", None, "f"], "y": ["0", "1", "0", "1"]})
+    contract = DataContract.model_validate({"name": "t", "target": "y", "columns": {
+        "age": {"dtype": "float"}, "sex": {"dtype": "category", "nullable": True},
+        "y": {"dtype": "category"}}})
+    transform = FeatureTransform.fit(frame, contract)
+    assert transform.reference["sex"].categories == ["f", "m"]
+    assert transform.reference["sex"].fractions == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert transform.reference["age"].categories is None and transform.reference["age"].edges
+
+    saved = transform.model_dump(mode="json")
+    saved["reference"] = {"age": {"edges": [45.0, 55.0], "fractions": [1 / 3, 1 / 3, 1 / 3]}}  # before categories
+    path = tmp_path / "transform.json"
+    path.write_text(json.dumps(saved))
+    old = FeatureTransform.load(path)
+    assert list(DriftMonitor(old.reference).reference) == ["age"]

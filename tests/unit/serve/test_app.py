@@ -225,6 +225,7 @@ def test_metrics_count_requests_classes_and_batches(client: TestClient) -> None:
     assert "keel_batch_size_bucket" in text and 'keel_model_info{model="small-model",version="3"} 1.0' in text
     assert 'keel_predictions_total{class_name="yes"' in text
     assert 'keel_feature_drift_psi{feature="size",model="small-model",version="3"}' in text
+    assert 'keel_feature_drift_psi{feature="colour",model="small-model",version="3"}' in text  # categorical too
 
 
 def test_openapi_spec_names_the_raw_columns(client: TestClient) -> None:

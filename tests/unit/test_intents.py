@@ -37,9 +37,30 @@ def test_the_generator_is_seeded_large_enough_and_holds_out_whole_phrasings() ->
     ("I need a person, this is Grace Nguyen", "I need a person, this is <NAME>"),
     ("where is my order #8812345", "where is my order <ORDER_ID>"),
     ("is this jacket waterproof", "is this jacket waterproof"),
+    # names outside ASCII, with particles, apostrophes and three parts; lower case after "my name is"
+    ("thanks, Łukasz Wójcik", "thanks, <NAME>"),
+    ("I'm Émilie Dubois and my parcel is late", "I'm <NAME> and my parcel is late"),
+    ("this is Nguyễn Văn An", "this is <NAME>"),
+    ("regards, Seán O'Brien", "regards, <NAME>"),
+    ("Maria de la Cruz here, where is my refund", "<NAME> here, where is my refund"),
+    ("my name is jürgen müller and I can't log in", "my name is <NAME> and I can't log in"),
+    ("my name is spelled wrong on the invoice", "my name is spelled wrong on the invoice"),
+    ("please call me back tomorrow", "please call me back tomorrow"),
+    # bank accounts, social security numbers, international phone numbers
+    ("refund to DE89370400440532013000 please", "refund to <IBAN> please"),
+    ("IBAN GB29 NWBK 6016 1331 9268 19", "IBAN <IBAN>"),
+    ("my ssn is 123-45-6789", "my ssn is <SSN>"),
+    ("ring +44 20 7946 0958 or +1 (555) 123-4567", "ring <PHONE> or <PHONE>"),
+    ("it was 25.99 on 2024-03-12, error +12 34", "it was 25.99 on 2024-03-12, error +12 34"),
 ])
 def test_personal_data_becomes_typed_placeholders(text: str, expected: str) -> None:
     assert scrub(text) == expected
+
+
+def test_the_report_counts_each_kind_replaced() -> None:
+    report = ScrubReport()
+    scrub("Ana Lima, +351 912 345 678, ana@example.pt, PT50000201231234567890154, 4111 1111 1111 1111", report)
+    assert report.replaced == {"NAME": 1, "PHONE": 1, "EMAIL": 1, "IBAN": 1, "CARD": 1}
 
 
 def test_no_email_phone_or_card_survives_scrubbing_the_whole_corpus() -> None:

@@ -86,10 +86,32 @@ def rayservice_patch(current: dict[str, Any], model_uri: str) -> dict[str, Any]:
     return {"spec": {"serveConfigV2": rolled_serve_config(current["spec"]["serveConfigV2"], model_uri)}}
 
 
+def served_model_uri(service: dict[str, Any]) -> str | None:
+    """The model URI a RayService's Keel application serves (None without one)."""
+    for application in (yaml.safe_load(service["spec"].get("serveConfigV2", "")) or {}).get("applications", []):
+        if application.get("name") == APP_NAME:
+            return str(application.get("args", {}).get("model_uri", "")) or None
+    return None
+
+
 def roll_served_model(settings: KeelSettings, model_uri: str) -> str:
     """Point the RayService at ``model_uri``; returns the in-cluster URL of the serving API."""
+    url = _roll(settings, model_uri, only_model=None)
+    if url is None:  # cannot happen without only_model; kept for the type checker
+        raise ClusterError(f"RayService {settings.ray_service} was not rolled to {model_uri}.")
+    return url
+
+
+def roll_if_serving(settings: KeelSettings, model_uri: str, model_name: str) -> str | None:
+    """Roll the RayService to ``model_uri`` only if it serves ``model_name`` now; its URL, or None."""
+    return _roll(settings, model_uri, only_model=model_name)
+
+
+def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str | None:
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
+
+    from keel.tracking import registered_name
 
     _require(settings, "ray_service", "kube_namespace")
     _load_kube_config()
@@ -97,6 +119,8 @@ def roll_served_model(settings: KeelSettings, model_uri: str) -> str:
     name, namespace = settings.ray_service, settings.kube_namespace
     try:
         current = api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name)
+        if only_model is not None and registered_name(served_model_uri(current)) != only_model:
+            return None
         api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name,
                                            rayservice_patch(current, model_uri))
     except ApiException as e:
@@ -123,10 +147,7 @@ def summarize(ray_clusters: list[dict[str, Any]], ray_services: list[dict[str, A
                                f"{status.get('desiredWorkerReplicas', 0)}"})
     for service in ray_services:
         status = service.get("status", {}) or {}
-        model = "?"
-        for application in (yaml.safe_load(service["spec"].get("serveConfigV2", "")) or {}).get("applications", []):
-            if application.get("name") == APP_NAME:
-                model = application.get("args", {}).get("model_uri", "?")
+        model = served_model_uri(service) or "?"
         rows.append({"kind": "RayService", "name": service["metadata"]["name"],
                      "state": str(status.get("serviceStatus") or f"Ready={_condition(status, 'Ready')}"),
                      "detail": f"serving {model}"})

@@ -252,3 +252,39 @@ def withdraw(client: Any, name: str, version: str, previous_aliases: dict[str, s
     client.delete_model_version(name, version)
     for alias, previous in previous_aliases.items():
         set_alias(client, name, alias, previous)
+
+
+def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings) -> dict[str, Any]:
+    """Point ``champion`` at ``version`` without a gate: a rollback, or a person overriding the gate's verdict.
+
+    The version gets tags saying who moved it, when, from which champion and why, so the registry keeps
+    the audit trail a pipeline's promotion leaves in its run."""
+    import getpass
+    from datetime import datetime, timezone
+
+    from mlflow.exceptions import MlflowException
+
+    if not reason.strip():
+        raise RegistryError("a promotion by hand needs a reason (--reason), kept on the model version.")
+    client = tracking.mlflow_client(settings)
+    try:
+        target = client.get_model_version(name, version)
+    except MlflowException as e:
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise RegistryError(f"models:/{name}/{version}: not in the registry at {settings.mlflow_tracking_uri} "
+                            f"({'versions: ' + ', '.join(map(str, known)) if known else 'no such model'}).") from e
+    if target.status != "READY":
+        raise RegistryError(f"models:/{name}/{version} is {target.status}, not READY: it cannot serve.")
+    previous = tracking.champion_version(client, name)
+    set_alias(client, name, CHAMPION, str(target.version))
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a name (an arbitrary uid)
+        user = "unknown"
+    record = {"keel.promoted_by_hand": reason.strip()[:5000], "keel.promoted_by": user,
+              "keel.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "keel.previous_champion": previous or "none"}
+    for key, value in record.items():
+        client.set_model_version_tag(name, str(target.version), key, value)
+    return {"model_name": name, "version": str(target.version), "previous_champion": previous,
+            "changed": previous != str(target.version), "reason": reason.strip()}

@@ -89,6 +89,13 @@ def git_commit(settings: KeelSettings) -> str:
     return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
 
 
+def registered_name(model_uri: str | None) -> str | None:
+    """The registered model a ``models:/NAME/N`` or ``models:/NAME@alias`` URI names (None for other URIs)."""
+    if not model_uri or not model_uri.startswith("models:/"):
+        return None
+    return model_uri[len("models:/"):].split("@", 1)[0].split("/", 1)[0] or None
+
+
 def champion_version(client: MlflowClient, model_name: str) -> str | None:
     """The version the ``champion`` alias points at, or None (no such model or alias)."""
     from mlflow.exceptions import MlflowException

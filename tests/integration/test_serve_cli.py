@@ -130,4 +130,21 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     listed = json.loads(keel("models", "list", "--output", "json", cwd=tmp_path, env=env).stdout)
     assert {(m["version"], tuple(m["aliases"])) for m in listed if m["name"] == "medical-diagnosis"} == {
         (1, ("champion",)), (2, ("challenger",))}
+
+    # A person overrides the gate: v2 becomes champion and the served model rolls to it, on the same port.
+    promoted = keel("models", "promote", "medical-diagnosis", "2", "--reason", "accepted by hand", "--output", "json",
+                    cwd=tmp_path, env=env)
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    assert json.loads(promoted.stdout) | {"served_at": "?"} == {
+        "model_name": "medical-diagnosis", "version": "2", "previous_champion": "1", "changed": True,
+        "reason": "accepted by hand", "served_at": "?"}
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
+                          json={"records": [row]}, timeout=30)
+    assert response.status_code == 422 and response.headers["x-model-version"] == "2"
+    # A rollback without rolling: the registry moves, the served model stays.
+    back = keel("models", "promote", "medical-diagnosis", "1", "--reason", "rollback", "--no-roll", cwd=tmp_path,
+                env=env)
+    assert back.returncode == 0 and "champion v2 -> v1 (rollback)" in back.stdout and "--no-roll" in back.stdout
+    status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
+    assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/2"
     keel("serve", "stop", cwd=tmp_path, env=env)

@@ -144,6 +144,17 @@ def test_a_rollout_changes_the_model_and_keeps_every_serving_setting() -> None:
     assert rolled == before
 
 
+def test_a_promotion_by_hand_rolls_only_a_rayservice_serving_the_same_model() -> None:
+    """`keel models promote` compares the registered name the RayService serves with the promoted one."""
+    from keel.tracking import registered_name
+
+    served = cluster.served_model_uri({"spec": {"serveConfigV2": SERVE_CONFIG}})
+    assert served == "models:/m/1" and registered_name(served) == "m"
+    assert cluster.served_model_uri({"spec": {"serveConfigV2": yaml.safe_dump({"applications": []})}}) is None
+    assert [registered_name(u) for u in ("models:/m@champion", "models:/m-2/10", "runs:/abc/model", None)] == [
+        "m", "m-2", None, None]
+
+
 def test_a_rollout_without_the_keel_app_is_refused() -> None:
     with pytest.raises(ClusterError, match="no 'keel' application"):
         cluster.rolled_serve_config(yaml.safe_dump({"applications": [{"name": "other"}]}), "models:/m/2")

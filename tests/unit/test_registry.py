@@ -13,7 +13,9 @@ from mlflow.types import Schema
 from keel import storage, tracking
 from keel.evaluate import EVALUATION_FILE
 from keel.data.ingest import DATA_FILE
-from keel.registry import CHALLENGER, CHAMPION, SCHEMA_SAMPLE_ROWS, dataset_schema, flatten_params, register
+from keel.errors import RegistryError
+from keel.registry import (CHALLENGER, CHAMPION, SCHEMA_SAMPLE_ROWS, dataset_schema, flatten_params,
+                           promote_by_hand, register)
 from keel.settings import KeelSettings
 from tests.stages import run_stages, small_config, write_small_source
 
@@ -90,6 +92,29 @@ def test_gate_failure_registers_a_challenger_and_leaves_the_champion(settings: K
     assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}
     run = tracking.mlflow_client(settings).get_run(registered["mlflow_run_id"])
     assert run.data.tags["keel.promoted"] == "false" and run.data.tags["keel.gate"] == "failed"
+
+
+def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings: KeelSettings,
+                                                                        tmp_path: Path) -> None:
+    _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
+    _register(run_stages(settings, "run-b", tmp_path / "small.csv", epochs=0), settings, "run-b")  # gate failed
+    with pytest.raises(RegistryError, match=r"models:/small-model/7: not in the registry .*versions: 1, 2"):
+        promote_by_hand(MODEL, "7", "typo", settings)
+    with pytest.raises(RegistryError, match="needs a reason"):
+        promote_by_hand(MODEL, "2", "  ", settings)
+    assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}  # refused promotions change nothing
+
+    moved = promote_by_hand(MODEL, "2", "overriding the gate for the demo", settings)
+    assert moved == {"model_name": MODEL, "version": "2", "previous_champion": "1", "changed": True,
+                     "reason": "overriding the gate for the demo"}
+    assert _aliases(settings) == {CHAMPION: "2", CHALLENGER: "2"}
+    tags = tracking.mlflow_client(settings).get_model_version(MODEL, "2").tags
+    assert tags["keel.promoted_by_hand"] == "overriding the gate for the demo"
+    assert tags["keel.previous_champion"] == "1" and tags["keel.promoted_by"] and tags["keel.promoted_at"]
+
+    back = promote_by_hand(MODEL, "1", "rollback", settings)
+    assert back["previous_champion"] == "2" and _aliases(settings)[CHAMPION] == "1"
+    assert not promote_by_hand(MODEL, "1", "again", settings)["changed"]
 
 
 def test_gate_pass_promotes_an_equal_challenger(settings: KeelSettings, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""``keel models``: what the MLflow registry holds."""
+"""``keel models``: what the MLflow registry holds, and moving its champion by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.settings import load_settings
 
-app = typer.Typer(help="Inspect registered models.", no_args_is_help=True)
+app = typer.Typer(help="Inspect registered models; move the champion by hand (rollback).", no_args_is_help=True)
 # The classifiers' headline metrics, then the recommenders' (each model has one set or the other)
 KEY_METRICS = ("test_accuracy", "test_f1_macro", "test_roc_auc", "test_ndcg_at_10", "test_recall_at_10")
 
@@ -46,3 +46,32 @@ def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
     print_table(["name", "version", "aliases", *KEY_METRICS],
                 [[r["name"], r["version"], ",".join(r["aliases"]) or "-",
                   *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in KEY_METRICS)] for r in rows])
+
+
+@app.command("promote")
+def promote_command(
+    name: str = typer.Argument(..., help="The registered model, e.g. medical-diagnosis."),
+    version: str = typer.Argument(..., help="The version to make champion (an older one to roll back)."),
+    reason: str = typer.Option(..., "--reason", help="Why, kept on the model version with who and when."),
+    roll: bool = typer.Option(True, "--roll/--no-roll", help="Also serve it wherever the model is served now."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Make a version champion by hand (a rollback, or overriding the gate), and roll what serves the model."""
+    from keel.registry import promote_by_hand
+    from keel.serve.control import roll_if_serving
+
+    settings = load_settings()
+    result = promote_by_hand(name, version, reason, settings)
+    model_uri = f"models:/{name}/{result['version']}"
+    result["served_at"] = roll_if_serving(name, model_uri, settings) if roll else None
+    if output is OutputFormat.json:
+        print_json(result)
+        return
+    previous = f"v{result['previous_champion']}" if result["previous_champion"] else "none"
+    typer.echo(f"{name}: champion {previous} -> v{result['version']} ({result['reason']})"
+               if result["changed"] else f"{name}: v{result['version']} was already champion")
+    if result["served_at"]:
+        typer.echo(f"Serving {model_uri} at {result['served_at']}")
+    else:
+        typer.echo(f"Serving unchanged ({'--no-roll' if not roll else f'nothing serves {name} here'}); "
+                   f"`keel serve {model_uri}` serves it.")

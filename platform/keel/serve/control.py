@@ -91,13 +91,15 @@ def stop_rest(dashboard_url: str) -> None:
     _call("DELETE", dashboard_url.rstrip("/") + APPLICATIONS)
 
 
-def wait_until_running(dashboard_url: str, timeout_s: float = 180) -> dict[str, Any]:
-    """Poll until the Keel application is RUNNING; a ServeError with Serve's message if it fails."""
+def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: str | None = None) -> dict[str, Any]:
+    """Poll until the Keel application is RUNNING (serving ``model_uri``, when given); a ServeError with
+    Serve's message if it fails."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         application = status_rest(dashboard_url).get("applications", {}).get(APP_NAME, {})
         state = application.get("status")
-        if state == "RUNNING":
+        serving = application.get("deployed_app_config", {}).get("args", {}).get("model_uri")
+        if state == "RUNNING" and model_uri in (None, serving):
             return application
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
             details = [d.get("message", "") for d in application.get("deployments", {}).values()]
@@ -225,3 +227,34 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
         return roll_served_model(settings, model_uri)
     host = "0.0.0.0" if settings.serve_dashboard_url else "127.0.0.1"  # a remote Ray head vs this machine
     return deploy_detached(model_uri, ServeConfig(port=port, host=host), settings)
+
+
+def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> str | None:
+    """Serve ``model_uri`` wherever ``model_name`` is being served now: the chart's RayService on a cluster,
+    else the Ray head at KEEL_RAY_DASHBOARD_URL or the one ``keel serve --detach`` started here. Only the
+    model changes; every other Serve setting (port, replicas, token) is kept, and other applications stay.
+    Returns the serving URL, or None when nothing serves ``model_name`` (nothing is started then)."""
+    from keel.tracking import registered_name
+
+    if settings.ray_service:
+        from keel.cluster import roll_if_serving as roll_rayservice
+
+        return roll_rayservice(settings, model_uri, model_name)
+    dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{HeadPorts().dashboard}"
+    try:
+        details = status_rest(dashboard)
+    except ServeError:  # no Ray head answering: nothing is served
+        return None
+    configs = {name: application.get("deployed_app_config") or {}
+               for name, application in details.get("applications", {}).items()}
+    keel_app = configs.get(APP_NAME, {})
+    served = keel_app.get("args", {}).get("model_uri")
+    if registered_name(served) != model_name:
+        return None
+    if served != model_uri:
+        keel_app["args"]["model_uri"] = model_uri
+        _call("PUT", dashboard.rstrip("/") + APPLICATIONS,
+              {"http_options": details.get("http_options") or {}, "applications": list(configs.values())})
+        wait_until_running(dashboard, model_uri=model_uri)
+    http = details.get("http_options") or {}
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"

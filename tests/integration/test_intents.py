@@ -131,6 +131,10 @@ def test_the_served_champion_takes_raw_text_and_never_logs_it(pipeline_run: tupl
         assert (empty.status_code, wrong.status_code) == (422, 404) and "texts" in empty.json()["detail"]
         metrics = client.get("/metrics").text
     assert 'route="/v1/models/{name}:classify"' in metrics
+    counted = {(line.split('class_name="')[1].split('"')[0], float(line.rsplit(" ", 1)[1]))
+               for line in metrics.splitlines() if line.startswith("keel_predictions_total{")}
+    assert sum(count for _, count in counted) == 2  # the two classified texts, by intent
+    assert {p["intent"] for p in predictions} <= {label for label, count in counted if count}
     assert "grace.n@example.com" not in caplog.text and "7911" not in caplog.text and "Nguyen" not in caplog.text
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     assert list(pyfunc.predict(pd.DataFrame({"text": [message]})).columns) == ["intent", "probability"]

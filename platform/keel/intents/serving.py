@@ -46,6 +46,7 @@ def build_intents_app(model: IntentModel, model_name: str, model_version: str,
     metrics = metrics or ServingMetrics(model_name, model_version, model.labels)
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
                    "Customer-service intents from a Keel text classifier.")
+    metrics.serves("/v1/models/{name}:classify")
     check_name = name_checker(model_name)
 
     @app.post("/v1/models/{name}:classify", response_model=ClassifyResponse, tags=["keel"],
@@ -53,7 +54,9 @@ def build_intents_app(model: IntentModel, model_name: str, model_version: str,
     async def classify(name: str, body: ClassifyRequest, request: Request) -> dict[str, Any]:
         check_name(name)
         metrics.observe_batch(len(body.texts))
+        predictions = model.classify(body.texts)
+        metrics.observe_labels([p["intent"] for p in predictions])
         return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,
-                "predictions": model.classify(body.texts)}
+                "predictions": predictions}
 
     return app

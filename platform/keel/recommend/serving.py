@@ -52,6 +52,7 @@ def build_recommend_app(recommender: Recommender, model_name: str, model_version
     metrics = metrics or ServingMetrics(model_name, model_version, [])
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
                    "Top-k recommendations from a Keel recommender.")
+    metrics.serves("/v1/models/{name}:recommend")
     check_name = name_checker(model_name)
 
     users, items = recommender.user_id_type, recommender.item_id_type
@@ -63,7 +64,9 @@ def build_recommend_app(recommender: Recommender, model_name: str, model_version
     async def recommend(name: str, body: request_type, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
         check_name(name)
         metrics.observe_batch(len(body.user_ids))
+        recommendations = recommender.recommend(body.user_ids, body.k)
+        metrics.observe_sources([r["source"] for r in recommendations])
         return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,
-                "recommendations": recommender.recommend(body.user_ids, body.k)}
+                "recommendations": recommendations}
 
     return app

@@ -185,6 +185,7 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
     classes = predictor.classes
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
                    "Predictions from a Keel model, in Keel's own format and the Open Inference Protocol.")
+    metrics.serves("/v1/models/{name}:predict")
     check_name = name_checker(model_name)
 
     async def predict_frame(frame: pd.DataFrame) -> np.ndarray:

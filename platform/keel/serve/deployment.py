@@ -110,7 +110,8 @@ class ModelServer:
         self.token = serving_token(settings, require_token)
         self.model = load_registered(model_uri, settings)
         predictor = self.model.predictor
-        self.metrics = ServingMetrics(self.model.name, self.model.version, predictor.classes if predictor else [],
+        classes = predictor.classes if predictor else self.model.intents.labels if self.model.intents else []
+        self.metrics = ServingMetrics(self.model.name, self.model.version, classes,
                                       predictor.transform.reference if predictor else None)
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]

@@ -1,10 +1,13 @@
 """Serving metrics in Prometheus conventions: ``_total`` counters, ``_seconds`` histograms.
 
 Labels are bounded: model, version, route template and status code; the
-predicted class. No request ids or raw values become labels.
+predicted class; a recommender's source (personalized or popular). No request
+ids or raw values become labels.
 """
 
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import pandas as pd
@@ -45,6 +48,10 @@ class ServingMetrics:
                                     ["model", "version"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.predictions = Counter("keel_predictions_total", "Predicted rows by class.",
                                    ["model", "version", "class_name"], registry=self.registry)
+        self.recommendations = Counter("keel_recommendations_total",
+                                       "Users answered by a recommender, by source: personalized (a user the model "
+                                       "knows) or popular (an unknown user, given the popular list).",
+                                       ["model", "version", "source"], registry=self.registry)
         self.drift = Gauge("keel_feature_drift_psi", "PSI of recent inputs against the training data, per column.",
                            ["model", "version", "feature"], registry=self.registry)
         self._drift_monitor = DriftMonitor(reference or {})
@@ -67,6 +74,20 @@ class ServingMetrics:
         for name, count in zip(self._class_names, counts, strict=True):
             if count:
                 self.predictions.labels(**self._labels, class_name=name).inc(int(count))
+
+    def serves(self, route: str) -> None:
+        """Start the model's scoring route at zero requests, so a model nobody ever calls has a series for
+        the no-traffic alert to see (counters appear only once incremented otherwise)."""
+        self.requests.labels(**self._labels, route=route, code="200")
+
+    def observe_labels(self, labels: list[str]) -> None:
+        """Predicted classes given by name (a text classifier's intents)."""
+        for name, count in collections.Counter(labels).items():
+            self.predictions.labels(**self._labels, class_name=name).inc(count)
+
+    def observe_sources(self, sources: list[str]) -> None:
+        for source, count in collections.Counter(sources).items():
+            self.recommendations.labels(**self._labels, source=source).inc(count)
 
     def observe_inputs(self, frame: pd.DataFrame) -> None:
         self._drift_monitor.observe(frame)

@@ -26,6 +26,7 @@ def served_metric_names() -> set[str]:
     metrics.observe_request("/v1/models/m:predict", 200, 0.01)
     metrics.observe_batch(3)
     metrics.observe_predictions(np.array([[0.2, 0.8]]))
+    metrics.observe_sources(["popular"])
     registry = metrics.registry
     names = set()
     for family in registry.collect():

@@ -67,3 +67,16 @@ def test_a_k_past_what_the_user_has_not_seen_returns_what_is_left(clients: dict[
     assert sorted(known["items"]) == [102, 103, 104, 105] and len(known["scores"]) == 4
     assert known["scores"] == sorted(known["scores"], reverse=True)
     assert untrained["items"] == [102, 104, 101, 105] and untrained["source"] == "popular"
+
+
+def test_metrics_start_the_route_at_zero_and_count_users_by_source(tmp_path: Path) -> None:
+    """A recommender nobody calls still has a request series (the no-traffic alert needs one); answered users
+    are counted as personalized or popular, the share of users the model does not know."""
+    client = TestClient(build_recommend_app(packaged_recommender(tmp_path, TEXT_IDS), "recs", "2"))
+    labels = 'model="recs",route="/v1/models/{name}:recommend",version="2"'
+    assert f'keel_requests_total{{code="200",{labels}}} 0.0' in client.get("/metrics").text
+    assert client.post(ROUTE, json={"user_ids": ["A1XK", "stranger", "another"], "k": 2}).status_code == 200
+    text = client.get("/metrics").text
+    assert f'keel_requests_total{{code="200",{labels}}} 1.0' in text
+    assert 'keel_recommendations_total{model="recs",source="personalized",version="2"} 1.0' in text
+    assert 'keel_recommendations_total{model="recs",source="popular",version="2"} 2.0' in text

@@ -117,6 +117,21 @@ def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings
     assert not promote_by_hand(MODEL, "1", "again", settings)["changed"]
 
 
+def test_a_promotion_whose_server_cannot_be_reached_says_the_champion_moved_and_how_to_undo(
+        settings: KeelSettings, tmp_path: Path) -> None:
+    from tests.integration.conftest import free_port
+    from tests.unit.test_cli import keel
+
+    _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
+    _register(run_stages(settings, "run-b", tmp_path / "small.csv", epochs=0), settings, "run-b")
+    result = keel("models", "promote", MODEL, "2", "--reason", "try it", cwd=tmp_path,
+                  env={"KEEL_RAY_DASHBOARD_URL": f"http://127.0.0.1:{free_port()}"})  # a head nobody runs
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "champion is now v2, but the served model was not rolled" in result.stderr
+    assert f"keel models promote {MODEL} 1 --reason" in result.stderr
+    assert _aliases(settings)[CHAMPION] == "2"
+
+
 def test_gate_pass_promotes_an_equal_challenger(settings: KeelSettings, tmp_path: Path) -> None:
     _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
     same = run_stages(settings, "run-b", tmp_path / "small.csv")  # same seed: same scores, tolerance 0

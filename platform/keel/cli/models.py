@@ -57,13 +57,20 @@ def promote_command(
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Make a version champion by hand (a rollback, or overriding the gate), and roll what serves the model."""
+    from keel.errors import ClusterError
     from keel.registry import promote_by_hand
-    from keel.serve.control import roll_if_serving
+    from keel.serve.control import ServeError, roll_if_serving
 
     settings = load_settings()
     result = promote_by_hand(name, version, reason, settings)
     model_uri = f"models:/{name}/{result['version']}"
-    result["served_at"] = roll_if_serving(name, model_uri, settings) if roll else None
+    try:
+        result["served_at"] = roll_if_serving(name, model_uri, settings) if roll else None
+    except (ServeError, ClusterError) as e:
+        undo = (f"`keel models promote {name} {result['previous_champion']} --reason ...` moves it back"
+                if result["previous_champion"] else "")
+        raise type(e)(f"champion is now v{result['version']}, but the served model was not rolled: {e} "
+                      f"Retry with this command, or {undo or 'serve it with `keel serve ' + model_uri + '`'}.") from e
     if output is OutputFormat.json:
         print_json(result)
         return

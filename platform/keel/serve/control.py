@@ -243,8 +243,10 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{HeadPorts().dashboard}"
     try:
         details = status_rest(dashboard)
-    except ServeError:  # no Ray head answering: nothing is served
-        return None
+    except ServeError:
+        if settings.serve_dashboard_url:  # a head the user named must answer
+            raise
+        return None  # no local head: nothing is served here
     configs = {name: application.get("deployed_app_config") or {}
                for name, application in details.get("applications", {}).items()}
     keel_app = configs.get(APP_NAME, {})

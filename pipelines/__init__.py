@@ -13,6 +13,7 @@ from typing import Any
 from keel.errors import ConfigError
 
 PIPELINES = {
+    "batch_scoring": "pipelines.batch_scoring.pipeline",
     "customer_service_intents": "pipelines.customer_service_intents.pipeline",
     "ecommerce_recommendations": "pipelines.ecommerce_recommendations.pipeline",
     "medical_diagnosis": "pipelines.medical_diagnosis.pipeline",

@@ -20,6 +20,7 @@ from keel.errors import ConfigError, validation_problems
 from keel.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from keel.batch import BatchScoringConfig
     from keel.intents.config import IntentsPipelineConfig
     from keel.recommend.config import RecommendPipelineConfig
 
@@ -209,8 +210,9 @@ class PipelineConfig(BaseModel):
         return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 
-# Each pipeline kind validates its own sections; both carry ``pipeline``, ``registry`` and ``to_json``.
-AnyPipelineConfig = Union[PipelineConfig, "RecommendPipelineConfig", "IntentsPipelineConfig"]
+# Each pipeline kind validates its own sections; all carry ``pipeline`` and ``to_json``, the training ones
+# ``registry`` too.
+AnyPipelineConfig = Union[PipelineConfig, "RecommendPipelineConfig", "IntentsPipelineConfig", "BatchScoringConfig"]
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -248,8 +250,12 @@ def _with_contract_file(payload: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def config_class(payload: dict[str, Any]) -> type[PipelineConfig] | type[RecommendPipelineConfig] | \
-        type[IntentsPipelineConfig]:
+        type[IntentsPipelineConfig] | type[BatchScoringConfig]:
     """The config model of the pipeline the payload names: each pipeline kind has its own sections."""
+    if payload.get("pipeline") == "batch_scoring":
+        from keel.batch import BatchScoringConfig
+
+        return BatchScoringConfig
     if payload.get("pipeline") == "ecommerce_recommendations":
         from keel.recommend.config import RecommendPipelineConfig
 

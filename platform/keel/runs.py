@@ -22,7 +22,7 @@ from keel.errors import KeelError
 from keel.settings import KeelSettings, load_settings
 
 ERROR_MARKER = "KEEL-STAGE-ERROR "
-STAGE_ORDER = ("ingest", "validate", "preprocess", "tune", "train", "compress", "evaluate", "register")
+STAGE_ORDER = ("ingest", "validate", "preprocess", "tune", "train", "compress", "evaluate", "register", "predict")
 
 
 @dataclass(frozen=True)

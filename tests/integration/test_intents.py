@@ -139,6 +139,17 @@ def test_the_served_champion_takes_raw_text_and_never_logs_it(pipeline_run: tupl
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     assert list(pyfunc.predict(pd.DataFrame({"text": [message]})).columns) == ["intent", "probability"]
 
+    # `keel predict` on a file of messages: the served answers, row by row, with the ticket id kept
+    from keel.batch import PREDICTIONS_FILE, score_table
+
+    pd.DataFrame({"ticket": [7, 8], "text": [message, "I want my money back"]}).to_csv(workdir / "tickets.csv",
+                                                                                       index=False)
+    score_table(f"models:/{MODEL}@champion", str(workdir / "tickets.csv"), str(workdir / "scored"),
+                load_settings(), keep=["ticket"])
+    scored = pd.read_parquet(workdir / "scored" / PREDICTIONS_FILE)
+    assert list(scored.columns) == ["ticket", "intent", "probability"] and list(scored["ticket"]) == [7, 8]
+    assert scored[["intent", "probability"]].to_dict(orient="records") == predictions
+
 
 def test_no_classify_request_gets_a_server_error_or_an_undocumented_answer(pipeline_run: tuple[Path, dict],
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:

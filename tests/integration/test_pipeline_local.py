@@ -45,6 +45,23 @@ def test_champion_predicts_raw_csv_columns(demo: tuple[Path, dict]) -> None:
     assert (predicted["prediction"] == table["diagnosis"]).mean() >= 0.95
 
 
+def test_the_batch_scoring_pipeline_scores_a_table_as_the_registered_pyfunc_does(demo: tuple[Path, dict]) -> None:
+    workdir, report = demo
+    (workdir / "keep.yaml").write_text("predict: {keep: [diagnosis], batch_rows: 100}\n")
+    result = keel("run", "batch_scoring", "--config", "keep.yaml", "--output", "json", cwd=workdir,
+                  env={"KEEL_HOME": str(workdir / ".keel")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    scoring = json.loads(result.stdout)
+    assert [s["stage"] for s in scoring["stages"]] == ["predict"] and scoring["model_uri"] is None
+    scored = pd.read_parquet(scoring["predictions"])
+    assert list(scored.columns) == ["diagnosis", "prediction", "probability_benign", "probability_malignant"]
+    mlflow.set_tracking_uri(report["tracking_uri"])
+    table = pd.read_csv(write_builtin_csv("builtin://breast_cancer", workdir / "raw.csv"))
+    expected = mlflow.pyfunc.load_model("models:/medical-diagnosis@champion").predict(table.drop(columns=["diagnosis"]))
+    assert list(scored["prediction"]) == list(expected["prediction"]) and len(scored) == len(table)
+    assert list(scored["diagnosis"]) == list(table["diagnosis"])
+
+
 def test_training_checkpointed_every_epoch_and_logged_metrics_from_rank_0(demo: tuple[Path, dict]) -> None:
     workdir, report = demo
     run_dir = Path(report["artifacts"])

@@ -69,6 +69,7 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
                             f"{m['scaling']['num_workers']} worker(s), Ray start {m['ray_startup_s']:.1f} s"),
         "evaluate": lambda m: f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows; {m['gate']}",
         "register": lambda m: f"version {m['version']}{', champion' if m['promoted'] else ''}",
+        "predict": lambda m: f"{m['rows']} rows scored by {m['model_uri']}",
     }
     # A stage may state its own line (the recommendation stages do); else the line comes from its manifest.
     return [[stage, f"{m['duration_s']:.2f}", m.get("summary") or facts[stage](m)]
@@ -88,6 +89,7 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
         "test_metrics": {k: v for k, v in evaluation.items() if k in HEADLINE_METRICS or k.startswith(RANKING_METRICS)},
         "model_uri": registered.get("model_uri"), "champion": registered.get("promoted"),
         "model_name": registered.get("model_name"), "promotion": registered.get("reason"),
+        "predictions": manifests.get("predict", {}).get("predictions"),
         "tracking_uri": settings.mlflow_tracking_uri, "artifacts": f"{settings.artifact_root}/runs/{run.run_id}",
         "_rows": stage_rows(manifests),
     }
@@ -107,6 +109,8 @@ def print_summary(report: dict[str, Any]) -> None:
         # a challenger is loaded by its version: the champion alias may name another model, or none yet
         loadable = f"models:/{report['model_name']}@champion" if report["champion"] else report["model_uri"]
         typer.echo(f"Load it: mlflow.pyfunc.load_model(\"{loadable}\")")
+    if report.get("predictions"):
+        typer.echo(f"Predictions: {report['predictions']}")
     typer.echo(f"Artifacts: {report['artifacts']}\nLog: {report['log']}")
 
 

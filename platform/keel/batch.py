@@ -1,0 +1,221 @@
+"""Batch scoring: a registered model over a whole table, published as Parquet with a manifest.
+
+What ``keel serve`` answers one request at a time, for a file. The model is
+loaded the way the server loads it (:func:`keel.serve.deployment.load_registered`)
+and the table is read the way ``keel run`` reads a source (same parsing, same
+checks), so a row scores here as it scores in training's evaluation and behind
+the API. Scoring goes a batch of rows at a time, each batch appended to one
+Parquet file in a private directory; the output appears at its URI only once
+every row is scored, so a bad value in the last row leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from keel import storage
+from keel.data.ingest import read_source, sha256_file
+from keel.errors import ConfigError, DataError
+from keel.settings import KeelSettings
+
+if TYPE_CHECKING:
+    from keel.intents.model import IntentModel
+    from keel.recommend.recommender import Recommender
+    from keel.serve.deployment import LoadedModel
+
+PREDICTIONS_FILE = "predictions.parquet"
+TEXT_COLUMN, USER_COLUMN = "text", "user_id"
+DEFAULT_BATCH_ROWS = 50_000
+
+Scorer = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+class PredictConfig(BaseModel):
+    """How the batch_scoring pipeline's predict step scores its source."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keep: list[str] | None = Field(default=None, description="input columns copied beside the predictions; "
+                                                              "null: every column")
+    k: int = Field(default=10, ge=1, le=1000, description="items per user, for a recommender")
+    batch_rows: int = Field(default=DEFAULT_BATCH_ROWS, ge=1, description="rows per forward pass")
+
+
+class BatchScoringConfig(BaseModel):
+    """The ``batch_scoring`` pipeline's config: one section, no registry (it registers nothing)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pipeline: str
+    predict: PredictConfig = PredictConfig()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
+
+
+def score_table(model_uri: str, source: str, output_uri: str, settings: KeelSettings, keep: list[str] | None = None,
+                batch_rows: int = DEFAULT_BATCH_ROWS, k: int = 10) -> dict[str, Any]:
+    """Score every row of ``source`` with ``model_uri`` into ``output_uri``/predictions.parquet.
+
+    Args:
+        model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/N``; resolved to a version once, recorded.
+        source: a CSV, Parquet or JSONL file (path, ``s3://``, ``http(s)://``).
+        output_uri: a directory (path or ``s3://``): the predictions and ``manifest.json``.
+        keep: input columns copied beside the predictions (default: all of them).
+        batch_rows: rows per forward pass and per Parquet row group.
+        k: items per user, for a recommender.
+
+    Returns:
+        The published manifest: model version, rows, output columns, source digest.
+    """
+    from keel.serve.deployment import load_registered
+
+    return score_loaded(load_registered(model_uri, settings), source, output_uri, settings, keep, batch_rows, k)
+
+
+def score_loaded(loaded: LoadedModel, source: str, output_uri: str, settings: KeelSettings,
+                 keep: list[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, k: int = 10) -> dict[str, Any]:
+    """:func:`score_table` with the model already loaded."""
+    if batch_rows < 1 or k < 1:
+        raise DataError(f"batch_rows and k must be at least 1 (got {batch_rows} and {k}).")
+    scorer, needed = _scorer(loaded, k)
+    with storage.staged_output(output_uri, "predict", settings) as out, \
+            tempfile.TemporaryDirectory(prefix="keel-predict-") as scratch:
+        frame, local, _ = read_source(source, Path(scratch), settings)
+        kept = _kept_columns(source, frame, needed, keep)
+        columns = _write_predictions(frame, kept, scorer, _output_fields(loaded), batch_rows,
+                                     out.path(PREDICTIONS_FILE), source)
+        out.manifest.update(model_uri=f"models:/{loaded.name}/{loaded.version}", model_name=loaded.name,
+                            model_version=loaded.version, source=source, sha256=sha256_file(local), rows=len(frame),
+                            columns=columns, kept_columns=len(kept), predictions=out.uri_of(PREDICTIONS_FILE),
+                            summary=f"{len(frame)} rows scored by {loaded.name} v{loaded.version}")
+    return out.manifest
+
+
+def score_with_config(model_uri: str, source: str, output_uri: str, config: Any,
+                      settings: KeelSettings) -> dict[str, Any]:
+    """The batch_scoring pipeline's predict step: :func:`score_table` with the config's ``predict`` section."""
+    if not isinstance(config, BatchScoringConfig):
+        raise ConfigError(f"the predict step reads a batch_scoring config, not {config.pipeline!r}'s.")
+    predict = config.predict
+    return score_table(model_uri, source, output_uri, settings, keep=predict.keep, batch_rows=predict.batch_rows,
+                       k=predict.k)
+
+
+def _output_fields(loaded: LoadedModel) -> list[tuple[str, Any]]:
+    """The prediction columns' types, fixed up front: a batch where every user is unknown (empty score
+    lists) must not decide the file's schema."""
+    import pyarrow as pa
+
+    from keel.predictor import PREDICTION_COLUMN, PROBABILITY_PREFIX
+
+    if loaded.predictor is not None:
+        return [(PREDICTION_COLUMN, pa.string()),
+                *((f"{PROBABILITY_PREFIX}{c}", pa.float64()) for c in loaded.predictor.classes)]
+    if loaded.intents is not None:
+        return [("intent", pa.string()), ("probability", pa.float64())]
+    item = pa.string() if _recommender(loaded).item_id_type is str else pa.int64()
+    return [("items", pa.list_(item)), ("scores", pa.list_(pa.float64())), ("known_user", pa.bool_()),
+            ("source", pa.string())]
+
+
+def _scorer(loaded: LoadedModel, k: int) -> tuple[Scorer, list[str]]:
+    """The per-batch scoring function for the model's kind, and the input columns it reads."""
+    if loaded.predictor is not None:
+        return loaded.predictor.predict, loaded.predictor.transform.input_columns
+    if loaded.intents is not None:
+        return _classifier(loaded.intents), [TEXT_COLUMN]
+    return _recommendations(_recommender(loaded), k), [USER_COLUMN]
+
+
+def _recommender(loaded: LoadedModel) -> Recommender:
+    if loaded.recommender is None:
+        raise DataError(f"models:/{loaded.name}/{loaded.version}: not a model Keel knows how to score.")
+    return loaded.recommender
+
+
+def _classifier(model: IntentModel) -> Scorer:
+    def classify(batch: pd.DataFrame) -> pd.DataFrame:
+        texts = batch[TEXT_COLUMN]
+        if texts.isna().any():
+            raise DataError(f"column {TEXT_COLUMN!r}: {int(texts.isna().sum())} empty text(s).")
+        return pd.DataFrame(model.classify(texts.astype(str).tolist()))
+
+    return classify
+
+
+def _recommendations(recommender: Recommender, k: int) -> Scorer:
+    def recommend(batch: pd.DataFrame) -> pd.DataFrame:
+        users = batch[USER_COLUMN]
+        if users.isna().any():
+            raise DataError(f"column {USER_COLUMN!r}: {int(users.isna().sum())} missing user id(s).")
+        kind = recommender.user_id_type
+        try:
+            ids = users.astype(kind).tolist()
+        except (TypeError, ValueError) as e:
+            raise DataError(f"column {USER_COLUMN!r}: this model's user ids are {kind.__name__}s ({e}).") from e
+        answers = pd.DataFrame(recommender.recommend(ids, k))
+        return answers.drop(columns=[USER_COLUMN])
+
+    return recommend
+
+
+def _kept_columns(source: str, frame: pd.DataFrame, needed: list[str], keep: list[str] | None) -> list[str]:
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: the model reads column(s) {missing}, which the file does not have; "
+                        f"it has {list(map(str, frame.columns))}.")
+    kept = list(map(str, frame.columns)) if keep is None else keep
+    unknown = [c for c in kept if c not in frame.columns]
+    if unknown:
+        raise DataError(f"{source}: --keep names column(s) {unknown} that the file does not have; "
+                        f"it has {list(map(str, frame.columns))}.")
+    return kept
+
+
+def _write_predictions(frame: pd.DataFrame, kept: list[str], scorer: Scorer, fields: list[tuple[str, Any]],
+                       batch_rows: int, path: Path, source: str) -> list[str]:
+    """Score ``frame`` a batch at a time into one Parquet file (a row group per batch); returns its columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not len(frame):
+        raise DataError(f"{source}: no rows to score.")
+    clashes = sorted(set(kept) & {name for name, _ in fields})
+    if clashes:
+        raise DataError(f"{source}: column(s) {clashes} would be overwritten by the predictions; "
+                        "leave them out with --keep.")
+    schema = pa.schema([*pa.Schema.from_pandas(frame[kept], preserve_index=False), *fields])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(frame), batch_rows):
+            batch = frame.iloc[start:start + batch_rows]
+            try:
+                scored = scorer(batch).set_axis(batch.index)
+            except DataError as e:
+                row = start + _first_failing_row(batch, scorer) + 1
+                raise DataError(f"{source}, data row {row} (of rows {start + 1}-{start + len(batch)} in this batch): "
+                                f"{e}") from e
+            both = pd.concat([batch[kept], scored[[name for name, _ in fields]]], axis=1)
+            writer.write_table(pa.Table.from_pandas(both, schema=schema, preserve_index=False))
+    return list(schema.names)
+
+
+def _first_failing_row(batch: pd.DataFrame, scorer: Scorer) -> int:
+    """The position of the first row the scorer refuses, by bisecting prefixes: on a failed batch only, so a
+    user is told which row to fix, not only which batch."""
+    good, bad = 0, len(batch)  # the first `good` rows score; the first `bad` rows do not
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        try:
+            scorer(batch.iloc[:middle])
+            good = middle
+        except DataError:
+            bad = middle
+    return bad - 1

@@ -1,0 +1,39 @@
+"""``keel predict``: score a whole table with a registered model (batch inference)."""
+
+from __future__ import annotations
+
+import typer
+
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json
+from keel.errors import ConfigError
+from keel.settings import load_settings
+
+
+def predict_command(
+    model_uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/N."),
+    source: str = typer.Argument(..., help="The table to score: a path, s3:// or http(s):// URI (CSV, Parquet, "
+                                           "JSONL), read as `keel run` reads a source."),
+    destination: str = typer.Argument(..., help="A directory (path or s3://) for predictions.parquet and "
+                                                "manifest.json."),
+    keep: list[str] | None = typer.Option(None, "--keep", help="An input column to copy beside the predictions; "
+                                                               "repeatable (default: every column)."),
+    k: int = typer.Option(10, "--k", help="Items per user, for a recommender."),
+    batch_rows: int = typer.Option(50_000, "--batch-rows", help="Rows per forward pass."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier output at DESTINATION."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Score every row of SOURCE; nothing appears at DESTINATION unless every row scored."""
+    from keel import storage
+    from keel.batch import PREDICTIONS_FILE, score_table
+
+    settings = load_settings()
+    if storage.exists(storage.join(destination, storage.MANIFEST), settings) and not force:
+        raise ConfigError(f"{destination}: holds an earlier output; pass --force to replace it.")
+    manifest = score_table(model_uri, source, destination, settings, keep=keep, batch_rows=batch_rows, k=k)
+    if output is OutputFormat.json:
+        print_json(manifest)
+        return
+    typer.echo(f"Scored {manifest['rows']} rows with {manifest['model_uri']} in {manifest['duration_s']:.1f} s")
+    predicted = manifest["columns"][manifest["kept_columns"]:]
+    typer.echo(f"Wrote {storage.join(destination, PREDICTIONS_FILE)}: {manifest['kept_columns']} input column(s) "
+               f"kept, then {', '.join(predicted)}")

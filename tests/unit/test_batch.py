@@ -1,0 +1,119 @@
+"""Batch scoring (`keel predict`) with a real registered model and real files: what the server would answer,
+for every row, or nothing at all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from keel import storage
+from keel.batch import PREDICTIONS_FILE, score_loaded, score_table
+from keel.errors import DataError
+from keel.predictor import Predictor
+from keel.registry import register
+from keel.serve.deployment import LoadedModel
+from keel.settings import KeelSettings
+from tests.conftest import small_frame
+from tests.stages import TEXT_IDS, packaged_recommender, run_stages, small_config, write_small_source
+from tests.unit.test_cli import keel
+
+MODEL_URI = "models:/small-model@champion"
+
+
+@pytest.fixture
+def registered(settings: KeelSettings, tmp_path: Path) -> str:
+    uris = run_stages(settings, "batch", write_small_source(tmp_path))
+    config = small_config()
+    register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], config.registry, {}, "batch",
+             "small", storage.stage_uri(settings, "batch", "register"), settings)
+    return uris["train"]
+
+
+def rows_to_score(count: int = 250) -> pd.DataFrame:
+    frame = small_frame(count, seed=7).drop(columns=["outcome"])
+    frame.insert(0, "customer", [f"c-{i}" for i in range(count)])
+    return frame
+
+
+def test_every_row_scores_as_the_model_scores_it_with_the_kept_columns_beside(
+        registered: str, settings: KeelSettings, tmp_path: Path) -> None:
+    source = tmp_path / "to_score.parquet"
+    rows = rows_to_score()
+    rows.to_parquet(source, index=False)
+    manifest = score_table(MODEL_URI, str(source), str(tmp_path / "out"), settings, keep=["customer"],
+                           batch_rows=64)  # four batches, the last one short
+    scored = pd.read_parquet(tmp_path / "out" / PREDICTIONS_FILE)
+    expected = Predictor.load(Path(registered)).predict(rows)
+    assert list(scored["customer"]) == list(rows["customer"])
+    pd.testing.assert_frame_equal(scored.drop(columns=["customer"]), expected, check_dtype=False, atol=1e-6)
+    assert manifest["model_uri"] == "models:/small-model/1" and manifest["rows"] == 250
+    assert manifest["columns"] == ["customer", *expected.columns] and manifest["kept_columns"] == 1
+
+
+def test_a_bad_value_in_the_last_batch_leaves_nothing_and_names_its_row(registered: str, settings: KeelSettings,
+                                                                          tmp_path: Path) -> None:
+    rows = rows_to_score().astype({"size": object})
+    rows.loc[[199, 230], "size"] = "twelve"  # the last batch holds rows 193-250
+    rows.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"bad.csv, data row 200 \(of rows 193-250 in this batch\): column 'size': "
+                                        r"2 value\(s\) are not numbers"):
+        score_table(MODEL_URI, str(tmp_path / "bad.csv"), str(tmp_path / "out"), settings, batch_rows=64)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".predict-*"))
+
+
+@pytest.mark.parametrize("change, keep, message", [
+    (lambda f: f.drop(columns=["weight"]), None, r"the model reads column\(s\) \['weight'\], which the file does not"),
+    (lambda f: f, ["customer", "id"], r"--keep names column\(s\) \['id'\] that the file does not have"),
+    (lambda f: f.assign(prediction="x"), None, r"column\(s\) \['prediction'\] would be overwritten"),
+    (lambda f: f.head(0), None, "zero data rows"),
+])
+def test_a_table_the_model_cannot_score_is_refused_by_file_and_column(registered: str, settings: KeelSettings,
+                                                                      tmp_path: Path, change, keep, message) -> None:
+    change(rows_to_score()).to_csv(tmp_path / "rows.csv", index=False)
+    with pytest.raises(DataError, match=message):
+        score_table(MODEL_URI, str(tmp_path / "rows.csv"), str(tmp_path / "out"), settings, keep=keep)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_refuses_to_replace_an_output_without_force(registered: str, tmp_path: Path) -> None:
+    rows_to_score(20).to_csv(tmp_path / "rows.csv", index=False)
+    first = keel("predict", MODEL_URI, "rows.csv", "out", "--keep", "customer", "--output", "json", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)["rows"] == 20
+    again = keel("predict", MODEL_URI, "rows.csv", "out", cwd=tmp_path)
+    assert again.returncode == 1 and "holds an earlier output; pass --force" in again.stderr
+    forced = keel("predict", MODEL_URI, "rows.csv", "out", "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and "Scored 20 rows" in forced.stdout
+    assert "4 input column(s) kept, then prediction, probability_no, probability_yes" in forced.stdout
+
+
+def test_a_recommender_answers_each_user_with_typed_lists_even_when_a_batch_knows_nobody(
+        settings: KeelSettings, tmp_path: Path) -> None:
+    recommender = packaged_recommender(tmp_path / "model", TEXT_IDS)
+    loaded = LoadedModel(None, "recs", "3", recommender)
+    pd.DataFrame({"user_id": ["stranger", "A1XK", "B07", "nobody"]}).to_csv(tmp_path / "users.csv", index=False)
+    score_loaded(loaded, str(tmp_path / "users.csv"), str(tmp_path / "out"), settings, batch_rows=1, k=2)
+    scored = pd.read_parquet(tmp_path / "out" / PREDICTIONS_FILE)  # the first batch is an unknown user alone
+    assert list(scored.columns) == ["user_id", "items", "scores", "known_user", "source"]
+    assert list(scored["source"]) == ["popular", "personalized", "personalized", "popular"]
+    assert [list(items) for items in scored["items"]] == [r["items"] for r in recommender.recommend(
+        ["stranger", "A1XK", "B07", "nobody"], 2)]
+    assert scored["scores"].map(len).tolist() == [0, 2, 2, 0]
+
+
+def test_the_pipeline_step_reads_only_a_batch_scoring_config(settings: KeelSettings, tmp_path: Path) -> None:
+    from keel.batch import score_with_config
+    from keel.config import load_pipeline_config
+    from keel.errors import ConfigError
+    from pipelines.batch_scoring.pipeline import CONFIG_FILE
+    from pipelines.medical_diagnosis.pipeline import CONFIG_FILE as TRAINING_CONFIG
+
+    training = load_pipeline_config(TRAINING_CONFIG)
+    with pytest.raises(ConfigError, match="reads a batch_scoring config, not 'medical_diagnosis'"):
+        score_with_config(MODEL_URI, "rows.csv", str(tmp_path / "out"), training, settings)
+    (tmp_path / "bad.yaml").write_text("predict: {batch_rows: 0}\n")
+    with pytest.raises(ConfigError, match="predict.batch_rows"):
+        load_pipeline_config(CONFIG_FILE, tmp_path / "bad.yaml")

@@ -72,6 +72,30 @@ def test_stopping_the_local_head_leaves_other_ray_instances_alone(tmp_path: Path
         other.wait(timeout=30)
 
 
+def test_trainings_private_ray_resolves_its_own_address_not_the_serving_head(ray_head: dict[str, str]) -> None:
+    """Ray's state API, which Ray Train's placement-group cleaner calls from inside the cluster, finds "the"
+    cluster through RAY_ADDRESS or else the last `ray start` on the machine: here, the serving head. Asked
+    there, the cleaner took the training controller for dead and removed the run's placement group (a CI
+    failure). Inside Keel's private Ray it must resolve to that Ray."""
+    import os
+
+    import ray
+
+    from keel.train.trainer import ray_session
+
+    @ray.remote
+    def resolved_address() -> str:
+        from ray._private import services
+
+        return str(services.canonicalize_bootstrap_address_or_die(None))
+
+    before = os.environ.get("RAY_ADDRESS")
+    with ray_session(load_settings()):
+        own = ray.get_runtime_context().gcs_address
+        assert ray.get(resolved_address.remote()) == own
+    assert os.environ.get("RAY_ADDRESS") == before  # the step's own environment is left as it was
+
+
 def test_serve_status_and_stop_through_the_rest_api(ray_head: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     started = keel("serve", "models:/small-model@champion", "--port", str(port), "--output", "json",

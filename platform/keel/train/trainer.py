@@ -132,6 +132,38 @@ def cluster_scaling(spec: ScalingSpec, param_count: int, settings: KeelSettings)
 
 
 @contextmanager
+def _own_address_for_its_processes() -> Iterator[None]:
+    """Start the private Ray on a GCS port chosen here, with RAY_ADDRESS naming it in the environment its
+    processes inherit; the driver's own environment is restored once it has started.
+
+    Inside a cluster, Ray's state API finds "the" cluster through RAY_ADDRESS, or else the last ``ray start``
+    on the machine. Ray Train's placement-group cleaner asks it, from inside the cluster, whether the
+    training controller is alive. With ``keel serve --detach``'s head up, the answer came from that other
+    cluster, which has no such actor: the cleaner removed the run's placement group as its workers started,
+    and training failed after its retries.
+    """
+    import os
+    import socket
+
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
+    before = {name: os.environ.get(name) for name in pinned}
+    os.environ.update(pinned)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
 def ray_session(settings: KeelSettings) -> Iterator[float]:
     """Connect to ``KEEL_RAY_ADDRESS`` or start a local Ray; yields the start-up seconds."""
     import os
@@ -147,7 +179,9 @@ def ray_session(settings: KeelSettings) -> Iterator[float]:
             ray.init(address=settings.ray_address, log_to_driver=False)
         else:
             # address="local": a private instance, even when `keel serve --detach` left a head running
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            with _own_address_for_its_processes():
+                ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
     try:
         yield time.perf_counter() - started
     finally:

@@ -79,6 +79,17 @@ def test_pipeline_with_artifacts_and_mlflow_models_on_s3(s3_env: dict[str, str],
     predicted = model.predict(raw.drop(columns=["diagnosis"]))
     assert (predicted["prediction"] == raw["diagnosis"]).mean() >= 0.9
 
+    # batch inference from S3 to S3, with the same credentials
+    source = f"s3://{s3_env['bucket']}/incoming/to_score.parquet"
+    storage.write_bytes(source, raw.to_parquet(index=False), settings)
+    destination = f"s3://{s3_env['bucket']}/scored/today"
+    scored_run = keel("predict", "models:/medical-diagnosis@champion", source, destination, "--keep", "diagnosis",
+                      cwd=tmp_path, env=env)
+    assert scored_run.returncode == 0, scored_run.stderr[-3000:]
+    scored = storage.read_parquet(storage.join(destination, "predictions.parquet"), settings)
+    assert list(scored["prediction"]) == list(predicted["prediction"])
+    assert storage.read_manifest(destination, settings)["rows"] == len(raw)
+
 
 # The other two pipelines' steps read and write through the same storage layer, but each has its own readers:
 # Ray Data over the splits, checkpoints, the tokenizer and encoder directories, the ids beside the splits.

@@ -130,6 +130,10 @@ def test_a_promotion_whose_server_cannot_be_reached_says_the_champion_moved_and_
     assert "champion is now v2, but the served model was not rolled" in result.stderr
     assert f"keel models promote {MODEL} 1 --reason" in result.stderr
     assert _aliases(settings)[CHAMPION] == "2"
+    # no head named and none started here: nothing to roll, and the output says what it did not do
+    back = keel("models", "promote", MODEL, "1", "--reason", "back", cwd=tmp_path)
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert "champion v2 -> v1 (back)" in back.stdout and "Serving unchanged (no RayService" in back.stdout
 
 
 def test_gate_pass_promotes_an_equal_challenger(settings: KeelSettings, tmp_path: Path) -> None:

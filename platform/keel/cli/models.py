@@ -80,5 +80,6 @@ def promote_command(
     if result["served_at"]:
         typer.echo(f"Serving {model_uri} at {result['served_at']}")
     else:
-        typer.echo(f"Serving unchanged ({'--no-roll' if not roll else f'nothing serves {name} here'}); "
-                   f"`keel serve {model_uri}` serves it.")
+        why = "--no-roll" if not roll else (f"no RayService, `keel serve --detach` or KEEL_RAY_DASHBOARD_URL head "
+                                            f"serves {name}; a foreground `keel serve` is not rolled: restart it")
+        typer.echo(f"Serving unchanged ({why}); `keel serve {model_uri}` serves it.")

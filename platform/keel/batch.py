@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 PREDICTIONS_FILE = "predictions.parquet"
 TEXT_COLUMN, USER_COLUMN = "text", "user_id"
 DEFAULT_BATCH_ROWS = 50_000
+TEXTS_PER_FORWARD, USERS_PER_RANKING = 256, 1024
 
 Scorer = Callable[[pd.DataFrame], pd.DataFrame]
 
@@ -146,7 +147,7 @@ def _classifier(model: IntentModel) -> Scorer:
         texts = batch[TEXT_COLUMN]
         if texts.isna().any():
             raise DataError(f"column {TEXT_COLUMN!r}: {int(texts.isna().sum())} empty text(s).")
-        return pd.DataFrame(model.classify(texts.astype(str).tolist()))
+        return pd.DataFrame(_chunked(model.classify, texts.astype(str).tolist(), TEXTS_PER_FORWARD))
 
     return classify
 
@@ -161,10 +162,16 @@ def _recommendations(recommender: Recommender, k: int) -> Scorer:
             ids = users.astype(kind).tolist()
         except (TypeError, ValueError) as e:
             raise DataError(f"column {USER_COLUMN!r}: this model's user ids are {kind.__name__}s ({e}).") from e
-        answers = pd.DataFrame(recommender.recommend(ids, k))
+        answers = pd.DataFrame(_chunked(lambda part: recommender.recommend(part, k), ids, USERS_PER_RANKING))
         return answers.drop(columns=[USER_COLUMN])
 
     return recommend
+
+
+def _chunked(answer: Callable[[list[Any]], list[dict[str, Any]]], values: list[Any], size: int) -> list[dict[str, Any]]:
+    """``answer`` over ``values`` a slice at a time: a transformer's activations, or a users x catalogue score
+    matrix (50,000 users x 27,000 items is 5 GB), stay bounded whatever ``batch_rows`` is."""
+    return [row for start in range(0, len(values), size) for row in answer(values[start:start + size])]
 
 
 def _kept_columns(source: str, frame: pd.DataFrame, needed: list[str], keep: list[str] | None) -> list[str]:
@@ -175,7 +182,7 @@ def _kept_columns(source: str, frame: pd.DataFrame, needed: list[str], keep: lis
     kept = list(map(str, frame.columns)) if keep is None else keep
     unknown = [c for c in kept if c not in frame.columns]
     if unknown:
-        raise DataError(f"{source}: --keep names column(s) {unknown} that the file does not have; "
+        raise DataError(f"{source}: keep (--keep, predict.keep) names column(s) {unknown} that the file does not have; "
                         f"it has {list(map(str, frame.columns))}.")
     return kept
 
@@ -191,7 +198,7 @@ def _write_predictions(frame: pd.DataFrame, kept: list[str], scorer: Scorer, fie
     clashes = sorted(set(kept) & {name for name, _ in fields})
     if clashes:
         raise DataError(f"{source}: column(s) {clashes} would be overwritten by the predictions; "
-                        "leave them out with --keep.")
+                        "leave them out of keep (--keep, predict.keep).")
     schema = pa.schema([*pa.Schema.from_pandas(frame[kept], preserve_index=False), *fields])
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, len(frame), batch_rows):

@@ -66,7 +66,7 @@ def test_a_bad_value_in_the_last_batch_leaves_nothing_and_names_its_row(register
 
 @pytest.mark.parametrize("change, keep, message", [
     (lambda f: f.drop(columns=["weight"]), None, r"the model reads column\(s\) \['weight'\], which the file does not"),
-    (lambda f: f, ["customer", "id"], r"--keep names column\(s\) \['id'\] that the file does not have"),
+    (lambda f: f, ["customer", "id"], r"predict.keep\) names column\(s\) \['id'\] that the file does not have"),
     (lambda f: f.assign(prediction="x"), None, r"column\(s\) \['prediction'\] would be overwritten"),
     (lambda f: f.head(0), None, "zero data rows"),
 ])
@@ -91,7 +91,7 @@ def test_the_cli_refuses_to_replace_an_output_without_force(registered: str, tmp
 
 
 def test_a_recommender_answers_each_user_with_typed_lists_even_when_a_batch_knows_nobody(
-        settings: KeelSettings, tmp_path: Path) -> None:
+        settings: KeelSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recommender = packaged_recommender(tmp_path / "model", TEXT_IDS)
     loaded = LoadedModel(None, "recs", "3", recommender)
     pd.DataFrame({"user_id": ["stranger", "A1XK", "B07", "nobody"]}).to_csv(tmp_path / "users.csv", index=False)
@@ -102,6 +102,11 @@ def test_a_recommender_answers_each_user_with_typed_lists_even_when_a_batch_know
     assert [list(items) for items in scored["items"]] == [r["items"] for r in recommender.recommend(
         ["stranger", "A1XK", "B07", "nobody"], 2)]
     assert scored["scores"].map(len).tolist() == [0, 2, 2, 0]
+
+    # one batch of all four, ranked three users at a time (the score matrix stays bounded): the same answers
+    monkeypatch.setattr("keel.batch.USERS_PER_RANKING", 3)
+    score_loaded(loaded, str(tmp_path / "users.csv"), str(tmp_path / "again"), settings, batch_rows=4, k=2)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "again" / PREDICTIONS_FILE), scored)
 
 
 def test_the_pipeline_step_reads_only_a_batch_scoring_config(settings: KeelSettings, tmp_path: Path) -> None:

@@ -47,6 +47,8 @@ class PredictConfig(BaseModel):
                                                               "null: every column")
     k: int = Field(default=10, ge=1, le=1000, description="items per user, for a recommender")
     batch_rows: int = Field(default=DEFAULT_BATCH_ROWS, ge=1, description="rows per forward pass")
+    input_column: str | None = Field(default=None, min_length=1,
+                                     description="the file's text or user-id column; null: text or user_id")
 
 
 class BatchScoringConfig(BaseModel):
@@ -62,7 +64,7 @@ class BatchScoringConfig(BaseModel):
 
 
 def score_table(model_uri: str, source: str, output_uri: str, settings: KeelSettings, keep: list[str] | None = None,
-                batch_rows: int = DEFAULT_BATCH_ROWS, k: int = 10) -> dict[str, Any]:
+                batch_rows: int = DEFAULT_BATCH_ROWS, k: int = 10, input_column: str | None = None) -> dict[str, Any]:
     """Score every row of ``source`` with ``model_uri`` into ``output_uri``/predictions.parquet.
 
     Args:
@@ -72,21 +74,25 @@ def score_table(model_uri: str, source: str, output_uri: str, settings: KeelSett
         keep: input columns copied beside the predictions (default: all of them).
         batch_rows: rows per forward pass and per Parquet row group.
         k: items per user, for a recommender.
+        input_column: the file's column of texts (a text classifier) or user ids (a recommender), when it is not
+            ``text`` or ``user_id``: the name the training data used, such as MovieLens' ``userId``.
 
     Returns:
         The published manifest: model version, rows, output columns, source digest.
     """
     from keel.serve.deployment import load_registered
 
-    return score_loaded(load_registered(model_uri, settings), source, output_uri, settings, keep, batch_rows, k)
+    return score_loaded(load_registered(model_uri, settings), source, output_uri, settings, keep, batch_rows, k,
+                        input_column)
 
 
 def score_loaded(loaded: LoadedModel, source: str, output_uri: str, settings: KeelSettings,
-                 keep: list[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, k: int = 10) -> dict[str, Any]:
+                 keep: list[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, k: int = 10,
+                 input_column: str | None = None) -> dict[str, Any]:
     """:func:`score_table` with the model already loaded."""
     if batch_rows < 1 or k < 1:
         raise DataError(f"batch_rows and k must be at least 1 (got {batch_rows} and {k}).")
-    scorer, needed = _scorer(loaded, k)
+    scorer, needed = _scorer(loaded, k, input_column)
     with storage.staged_output(output_uri, "predict", settings) as out, \
             tempfile.TemporaryDirectory(prefix="keel-predict-") as scratch:
         frame, local, _ = read_source(source, Path(scratch), settings)
@@ -107,7 +113,7 @@ def score_with_config(model_uri: str, source: str, output_uri: str, config: Any,
         raise ConfigError(f"the predict step reads a batch_scoring config, not {config.pipeline!r}'s.")
     predict = config.predict
     return score_table(model_uri, source, output_uri, settings, keep=predict.keep, batch_rows=predict.batch_rows,
-                       k=predict.k)
+                       k=predict.k, input_column=predict.input_column)
 
 
 def _output_fields(loaded: LoadedModel) -> list[tuple[str, Any]]:
@@ -127,13 +133,18 @@ def _output_fields(loaded: LoadedModel) -> list[tuple[str, Any]]:
             ("source", pa.string())]
 
 
-def _scorer(loaded: LoadedModel, k: int) -> tuple[Scorer, list[str]]:
+def _scorer(loaded: LoadedModel, k: int, input_column: str | None) -> tuple[Scorer, list[str]]:
     """The per-batch scoring function for the model's kind, and the input columns it reads."""
     if loaded.predictor is not None:
+        if input_column is not None:
+            raise ConfigError(f"models:/{loaded.name}/{loaded.version} reads its training columns by name; "
+                              "input_column is for text classifiers and recommenders.")
         return loaded.predictor.predict, loaded.predictor.transform.input_columns
     if loaded.intents is not None:
-        return _classifier(loaded.intents), [TEXT_COLUMN]
-    return _recommendations(_recommender(loaded), k), [USER_COLUMN]
+        column = input_column or TEXT_COLUMN
+        return _classifier(loaded.intents, column), [column]
+    column = input_column or USER_COLUMN
+    return _recommendations(_recommender(loaded), k, column), [column]
 
 
 def _recommender(loaded: LoadedModel) -> Recommender:
@@ -142,26 +153,26 @@ def _recommender(loaded: LoadedModel) -> Recommender:
     return loaded.recommender
 
 
-def _classifier(model: IntentModel) -> Scorer:
+def _classifier(model: IntentModel, column: str) -> Scorer:
     def classify(batch: pd.DataFrame) -> pd.DataFrame:
-        texts = batch[TEXT_COLUMN]
+        texts = batch[column]
         if texts.isna().any():
-            raise DataError(f"column {TEXT_COLUMN!r}: {int(texts.isna().sum())} empty text(s).")
+            raise DataError(f"column {column!r}: {int(texts.isna().sum())} empty text(s).")
         return pd.DataFrame(_chunked(model.classify, texts.astype(str).tolist(), TEXTS_PER_FORWARD))
 
     return classify
 
 
-def _recommendations(recommender: Recommender, k: int) -> Scorer:
+def _recommendations(recommender: Recommender, k: int, column: str) -> Scorer:
     def recommend(batch: pd.DataFrame) -> pd.DataFrame:
-        users = batch[USER_COLUMN]
+        users = batch[column]
         if users.isna().any():
-            raise DataError(f"column {USER_COLUMN!r}: {int(users.isna().sum())} missing user id(s).")
+            raise DataError(f"column {column!r}: {int(users.isna().sum())} missing user id(s).")
         kind = recommender.user_id_type
         try:
             ids = users.astype(kind).tolist()
         except (TypeError, ValueError) as e:
-            raise DataError(f"column {USER_COLUMN!r}: this model's user ids are {kind.__name__}s ({e}).") from e
+            raise DataError(f"column {column!r}: this model's user ids are {kind.__name__}s ({e}).") from e
         answers = pd.DataFrame(_chunked(lambda part: recommender.recommend(part, k), ids, USERS_PER_RANKING))
         return answers.drop(columns=[USER_COLUMN])
 

@@ -103,19 +103,30 @@ def test_a_recommender_answers_each_user_with_typed_lists_even_when_a_batch_know
         ["stranger", "A1XK", "B07", "nobody"], 2)]
     assert scored["scores"].map(len).tolist() == [0, 2, 2, 0]
 
+    # the file names its user column as the training data did (MovieLens' userId): the same answers
+    pd.read_csv(tmp_path / "users.csv").rename(columns={"user_id": "userId"}).to_csv(tmp_path / "ml.csv", index=False)
+    score_loaded(loaded, str(tmp_path / "ml.csv"), str(tmp_path / "ml"), settings, k=2, input_column="userId")
+    renamed = pd.read_parquet(tmp_path / "ml" / PREDICTIONS_FILE)
+    pd.testing.assert_frame_equal(renamed.rename(columns={"userId": "user_id"}), scored)
+    with pytest.raises(DataError, match=r"reads column\(s\) \['user_id'\], which the file does not have"):
+        score_loaded(loaded, str(tmp_path / "ml.csv"), str(tmp_path / "none"), settings)
+
     # one batch of all four, ranked three users at a time (the score matrix stays bounded): the same answers
     monkeypatch.setattr("keel.batch.USERS_PER_RANKING", 3)
     score_loaded(loaded, str(tmp_path / "users.csv"), str(tmp_path / "again"), settings, batch_rows=4, k=2)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "again" / PREDICTIONS_FILE), scored)
 
 
-def test_the_pipeline_step_reads_only_a_batch_scoring_config(settings: KeelSettings, tmp_path: Path) -> None:
+def test_the_pipeline_step_reads_only_a_batch_scoring_config(registered: str, settings: KeelSettings,
+                                                             tmp_path: Path) -> None:
     from keel.batch import score_with_config
     from keel.config import load_pipeline_config
     from keel.errors import ConfigError
     from pipelines.batch_scoring.pipeline import CONFIG_FILE
     from pipelines.medical_diagnosis.pipeline import CONFIG_FILE as TRAINING_CONFIG
 
+    with pytest.raises(ConfigError, match="reads its training columns by name; input_column is for"):
+        score_table(MODEL_URI, "rows.csv", str(tmp_path / "out"), settings, input_column="text")
     training = load_pipeline_config(TRAINING_CONFIG)
     with pytest.raises(ConfigError, match="reads a batch_scoring config, not 'medical_diagnosis'"):
         score_with_config(MODEL_URI, "rows.csv", str(tmp_path / "out"), training, settings)

@@ -18,6 +18,9 @@ def predict_command(
     keep: list[str] | None = typer.Option(None, "--keep", help="An input column to copy beside the predictions; "
                                                                "repeatable (default: every column)."),
     k: int = typer.Option(10, "--k", help="Items per user, for a recommender."),
+    input_column: str | None = typer.Option(None, "--input-column",
+                                            help="The file's text or user-id column, when not `text` / `user_id` "
+                                                 "(e.g. MovieLens' userId)."),
     batch_rows: int = typer.Option(50_000, "--batch-rows", help="Rows per forward pass."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier output at DESTINATION."),
     output: OutputFormat = OUTPUT_OPTION,
@@ -29,7 +32,8 @@ def predict_command(
     settings = load_settings()
     if storage.exists(storage.join(destination, storage.MANIFEST), settings) and not force:
         raise ConfigError(f"{destination}: holds an earlier output; pass --force to replace it.")
-    manifest = score_table(model_uri, source, destination, settings, keep=keep, batch_rows=batch_rows, k=k)
+    manifest = score_table(model_uri, source, destination, settings, keep=keep, batch_rows=batch_rows, k=k,
+                           input_column=input_column)
     if output is OutputFormat.json:
         print_json(manifest)
         return

@@ -11,7 +11,6 @@ every row is scored, so a bad value in the last row leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel import storage
+from keel.config import PipelineConfigBase
 from keel.data.ingest import read_source, sha256_file
 from keel.errors import ConfigError, DataError
 from keel.settings import KeelSettings
@@ -51,16 +51,10 @@ class PredictConfig(BaseModel):
                                      description="the file's text or user-id column; null: text or user_id")
 
 
-class BatchScoringConfig(BaseModel):
+class BatchScoringConfig(PipelineConfigBase):
     """The ``batch_scoring`` pipeline's config: one section, no registry (it registers nothing)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    pipeline: str
     predict: PredictConfig = PredictConfig()
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 
 def score_table(model_uri: str, source: str, output_uri: str, settings: KeelSettings, keep: list[str] | None = None,

@@ -172,12 +172,22 @@ class EvaluateConfig(BaseModel):
     gate: GateConfig = GateConfig()
 
 
-class PipelineConfig(BaseModel):
-    """Every stage's settings for one pipeline run."""
+class PipelineConfigBase(BaseModel):
+    """What every pipeline kind's config has: its pipeline's name, and one canonical JSON form (the compiled
+    YAML's ``config`` default, and what each step parses back)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     pipeline: str
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, unset optional fields left out."""
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
+
+
+class PipelineConfig(PipelineConfigBase):
+    """Every stage's settings for one pipeline run."""
+
     contract: DataContract
     preprocess: PreprocessConfig = PreprocessConfig()
     tune: TuneConfig = TuneConfig()
@@ -204,10 +214,6 @@ class PipelineConfig(BaseModel):
                 raise ValueError(f"{where}: {spec.column!r} is a {columns[spec.column].dtype} column, so it has "
                                  "no `bins` bands; leave bins out to slice by its values")
         return self
-
-    def to_json(self) -> str:
-        """Canonical JSON: sorted keys, unset optional fields left out."""
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 
 # Each pipeline kind validates its own sections; all carry ``pipeline`` and ``to_json``, the training ones

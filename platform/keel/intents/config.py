@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.config import RegisterConfig
+from keel.config import PipelineConfigBase, RegisterConfig
 from keel.data.columns import ColumnNames
 from keel.train.config import ScalingSpec
 
@@ -80,17 +79,11 @@ class IntentEvaluateConfig(BaseModel):
     min_gain_over_baseline: float = Field(default=0.10, description="macro-F1 points above the bag-of-words baseline")
 
 
-class IntentsPipelineConfig(BaseModel):
+class IntentsPipelineConfig(PipelineConfigBase):
     """Every stage's settings for one ``customer_service_intents`` run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    pipeline: str
     utterances: UtterancesConfig = UtterancesConfig()
     train: IntentTrainConfig = IntentTrainConfig()
     compress: IntentCompressConfig = IntentCompressConfig()
     evaluate: IntentEvaluateConfig = IntentEvaluateConfig()
     registry: RegisterConfig
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from keel.config import RegisterConfig
+from keel.config import PipelineConfigBase, RegisterConfig
 from keel.data.columns import ColumnNames
 from keel.train.config import ScalingSpec
 
@@ -102,17 +101,11 @@ class RecommendEvaluateConfig(BaseModel):
                                                                       "most-popular baseline's")
 
 
-class RecommendPipelineConfig(BaseModel):
+class RecommendPipelineConfig(PipelineConfigBase):
     """Every stage's settings for one ``ecommerce_recommendations`` run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    pipeline: str
     interactions: InteractionsConfig = InteractionsConfig()
     split: SplitConfig = SplitConfig()
     train: RecommendTrainConfig = RecommendTrainConfig()
     evaluate: RecommendEvaluateConfig = RecommendEvaluateConfig()
     registry: RegisterConfig
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)

@@ -86,13 +86,12 @@ def score_loaded(loaded: LoadedModel, source: str, output_uri: str, settings: Ke
     """:func:`score_table` with the model already loaded."""
     if batch_rows < 1 or k < 1:
         raise DataError(f"batch_rows and k must be at least 1 (got {batch_rows} and {k}).")
-    scorer, needed = _scorer(loaded, k, input_column)
+    scorer, needed, fields = _scorer(loaded, k, input_column)
     with storage.staged_output(output_uri, "predict", settings) as out, \
             tempfile.TemporaryDirectory(prefix="keel-predict-") as scratch:
         frame, local, _ = read_source(source, Path(scratch), settings)
         kept = _kept_columns(source, frame, needed, keep)
-        columns = _write_predictions(frame, kept, scorer, _output_fields(loaded), batch_rows,
-                                     out.path(PREDICTIONS_FILE), source)
+        columns = _write_predictions(frame, kept, scorer, fields, batch_rows, out.path(PREDICTIONS_FILE), source)
         out.manifest.update(model_uri=f"models:/{loaded.name}/{loaded.version}", model_name=loaded.name,
                             model_version=loaded.version, source=source, sha256=sha256_file(local), rows=len(frame),
                             columns=columns, kept_columns=len(kept), predictions=out.uri_of(PREDICTIONS_FILE),
@@ -110,35 +109,30 @@ def score_with_config(model_uri: str, source: str, output_uri: str, config: Any,
                        k=predict.k, input_column=predict.input_column)
 
 
-def _output_fields(loaded: LoadedModel) -> list[tuple[str, Any]]:
-    """The prediction columns' types, fixed up front: a batch where every user is unknown (empty score
-    lists) must not decide the file's schema."""
+def _scorer(loaded: LoadedModel, k: int, input_column: str | None) -> tuple[Scorer, list[str], list[tuple[str, Any]]]:
+    """For the model's kind: the per-batch scoring function, the input columns it reads, and its prediction
+    columns' types, fixed up front (a batch where every user is unknown, with empty score lists, must not
+    decide the file's schema)."""
     import pyarrow as pa
 
     from keel.predictor import PREDICTION_COLUMN, PROBABILITY_PREFIX
 
     if loaded.predictor is not None:
-        return [(PREDICTION_COLUMN, pa.string()),
-                *((f"{PROBABILITY_PREFIX}{c}", pa.float64()) for c in loaded.predictor.classes)]
-    if loaded.intents is not None:
-        return [("intent", pa.string()), ("probability", pa.float64())]
-    item = pa.string() if _recommender(loaded).item_id_type is str else pa.int64()
-    return [("items", pa.list_(item)), ("scores", pa.list_(pa.float64())), ("known_user", pa.bool_()),
-            ("source", pa.string())]
-
-
-def _scorer(loaded: LoadedModel, k: int, input_column: str | None) -> tuple[Scorer, list[str]]:
-    """The per-batch scoring function for the model's kind, and the input columns it reads."""
-    if loaded.predictor is not None:
         if input_column is not None:
             raise ConfigError(f"models:/{loaded.name}/{loaded.version} reads its training columns by name; "
                               "input_column is for text classifiers and recommenders.")
-        return loaded.predictor.predict, loaded.predictor.transform.input_columns
+        fields = [(PREDICTION_COLUMN, pa.string()),
+                  *((f"{PROBABILITY_PREFIX}{c}", pa.float64()) for c in loaded.predictor.classes)]
+        return loaded.predictor.predict, loaded.predictor.transform.input_columns, fields
     if loaded.intents is not None:
         column = input_column or TEXT_COLUMN
-        return _classifier(loaded.intents, column), [column]
-    column = input_column or USER_COLUMN
-    return _recommendations(_recommender(loaded), k, column), [column]
+        return (_classifier(loaded.intents, column), [column],
+                [("intent", pa.string()), ("probability", pa.float64())])
+    recommender, column = _recommender(loaded), input_column or USER_COLUMN
+    item = pa.string() if recommender.item_id_type is str else pa.int64()
+    return (_recommendations(recommender, k, column), [column],
+            [("items", pa.list_(item)), ("scores", pa.list_(pa.float64())), ("known_user", pa.bool_()),
+             ("source", pa.string())])
 
 
 def _recommender(loaded: LoadedModel) -> Recommender:
@@ -180,15 +174,16 @@ def _chunked(answer: Callable[[list[Any]], list[dict[str, Any]]], values: list[A
 
 
 def _kept_columns(source: str, frame: pd.DataFrame, needed: list[str], keep: list[str] | None) -> list[str]:
-    missing = [c for c in needed if c not in frame.columns]
+    header = list(map(str, frame.columns))
+    missing = [c for c in needed if c not in header]
     if missing:
         raise DataError(f"{source}: the model reads column(s) {missing}, which the file does not have; "
-                        f"it has {list(map(str, frame.columns))}.")
-    kept = list(map(str, frame.columns)) if keep is None else keep
-    unknown = [c for c in kept if c not in frame.columns]
+                        f"it has {header}.")
+    kept = header if keep is None else keep
+    unknown = [c for c in kept if c not in header]
     if unknown:
         raise DataError(f"{source}: keep (--keep, predict.keep) names column(s) {unknown} that the file does not have; "
-                        f"it has {list(map(str, frame.columns))}.")
+                        f"it has {header}.")
     return kept
 
 

@@ -146,6 +146,11 @@ def ranking_metric(metric: str) -> str:
     return f"best_{metric}"
 
 
+def describe_values(values: dict[str, Any]) -> str:
+    """Sampled values for a log or summary line, floats to three significant digits."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def trial_progress(config: TuneConfig) -> Any:
     """A Tune callback that prints a line as each trial ends: with Tune's own table off (``verbose=0``), a
     search over a large table (a million rows: about 30 s a trial epoch on 2 cores) showed nothing in the
@@ -160,8 +165,7 @@ def trial_progress(config: TuneConfig) -> Any:
             result = trial.last_result or {}
             sampled = decode_trial(trial.config, config.search_space)
             running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)  # it is, still
-            values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in sorted(sampled.items()))
+            values = describe_values(dict(sorted(sampled.items())))
             print(f"tune: trial {self.ended} of {config.num_samples} ended after "
                   f"{result.get('training_iteration', 0)} of {config.max_epochs} epochs, best {config.metric} "
                   f"{result.get(ranking_metric(config.metric), float('nan')):.4f} ({running} running): {values}",

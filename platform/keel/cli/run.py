@@ -52,17 +52,15 @@ def pipeline_parameters(built: Any, excluded: tuple[str, ...]) -> dict[str, str]
     return {name: str(spec.type) for name, spec in built.component_spec.inputs.items() if name not in excluded}
 
 
-def _short(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-
-
 def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
     """One summary line per stage: its own compute seconds and what it produced."""
+    from keel.tune import describe_values
+
     facts = {
         "ingest": lambda m: f"{m['rows']} rows from {m['source']}",
         "validate": lambda m: "contract passed",
         "preprocess": lambda m: "train/val/test " + "/".join(str(m["rows"][s]) for s in ("train", "val", "test")),
-        "tune": lambda m: (f"{m['trials']} trials, {m['epochs']} epochs, best {_short(m['best_config'])}"
+        "tune": lambda m: (f"{m['trials']} trials, {m['epochs']} epochs, best {describe_values(m['best_config'])}"
                            if m["trials"] else "skipped (tune.num_samples is 0)"),
         "compress": lambda m: f"registering {m['chosen']}",
         "train": lambda m: (f"{m['epochs']} epochs{' (early stop)' if m['stopped_early'] else ''}, "

@@ -88,7 +88,7 @@ def _print_status(dashboard: str) -> None:
     if not applications:
         typer.echo("No model is being served.")
     for name, application in applications.items():
-        model = application.get("deployed_app_config", {}).get("args", {}).get("model_uri", "?")
+        model = control.served_model_uri(application) or "?"
         typer.echo(f"{name}: {application.get('status')}  {model}")
         for deployment, state in application.get("deployments", {}).items():
             typer.echo(f"  {deployment}: {state.get('status')} {state.get('replica_states', {})}")

@@ -91,6 +91,11 @@ def stop_rest(dashboard_url: str) -> None:
     _call("DELETE", dashboard_url.rstrip("/") + APPLICATIONS)
 
 
+def served_model_uri(application: dict[str, Any]) -> str | None:
+    """The model URI an application of Serve's REST status is configured to serve (None when not Keel's)."""
+    return (application.get("deployed_app_config") or {}).get("args", {}).get("model_uri")
+
+
 def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: str | None = None) -> dict[str, Any]:
     """Poll until the Keel application is RUNNING (serving ``model_uri``, when given); a ServeError with
     Serve's message if it fails."""
@@ -98,8 +103,7 @@ def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: st
     while time.monotonic() < deadline:
         application = status_rest(dashboard_url).get("applications", {}).get(APP_NAME, {})
         state = application.get("status")
-        serving = application.get("deployed_app_config", {}).get("args", {}).get("model_uri")
-        if state == "RUNNING" and model_uri in (None, serving):
+        if state == "RUNNING" and model_uri in (None, served_model_uri(application)):
             return application
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
             details = [d.get("message", "") for d in application.get("deployments", {}).values()]
@@ -247,14 +251,13 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
         if settings.serve_dashboard_url:  # a head the user named must answer
             raise
         return None  # no local head: nothing is served here
-    configs = {name: application.get("deployed_app_config") or {}
-               for name, application in details.get("applications", {}).items()}
-    keel_app = configs.get(APP_NAME, {})
-    served = keel_app.get("args", {}).get("model_uri")
+    applications = details.get("applications", {})
+    served = served_model_uri(applications.get(APP_NAME, {}))
     if registered_name(served) != model_name:
         return None
     if served != model_uri:
-        keel_app["args"]["model_uri"] = model_uri
+        configs = {name: application.get("deployed_app_config") or {} for name, application in applications.items()}
+        configs[APP_NAME]["args"]["model_uri"] = model_uri
         _call("PUT", dashboard.rstrip("/") + APPLICATIONS,
               {"http_options": details.get("http_options") or {}, "applications": list(configs.values())})
         wait_until_running(dashboard, model_uri=model_uri)

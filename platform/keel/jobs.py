@@ -1,4 +1,4 @@
-"""Run Ray stages (train, tune) where the Ray cluster is: here, or on a cluster through Ray Jobs.
+"""Run Ray stages (train, tune, distributed batch scoring) where the Ray cluster is: here, or on a cluster through Ray Jobs.
 
 When ``KEEL_RAY_ADDRESS`` is an http(s) URL (a KubeRay head's dashboard, as
 the chart sets it), :func:`run_stage` submits the stage as a Ray job through
@@ -55,7 +55,11 @@ def _stage_function(stage: str) -> Callable[..., Any]:
         from keel.intents.train import train_intents_stage
 
         return train_intents_stage
-    raise KeelError(f"{stage!r} is not a Ray stage; expected train, tune, recommend_train or intent_train.")
+    if stage == "predict":
+        from keel.batch.distributed import score_on_ray
+
+        return score_on_ray
+    raise KeelError(f"{stage!r} is not a Ray stage; expected train, tune, recommend_train, intent_train or predict.")
 
 
 def forwarded_environment(settings: KeelSettings) -> dict[str, str]:

@@ -181,7 +181,8 @@ def list_children(uri: str, settings: KeelSettings) -> list[str]:
         prefix = loc.key.rstrip("/") + "/"
         try:
             objects = minio_client(settings).list_objects(loc.bucket, prefix=prefix)
-            return sorted({o.object_name[len(prefix):].strip("/") for o in objects})
+            names = {o.object_name[len(prefix):].strip("/") for o in objects}
+            return sorted(names - {""})  # "" is the directory marker pyarrow's S3 writers (Ray Data's) leave
         except Exception as e:
             raise _s3_error(uri, "list the prefix", e) from e
     raise StorageError(f"{uri}: listing needs a local or s3:// URI.")
@@ -277,13 +278,23 @@ def _publish_local(local_dir: Path, target: Path) -> None:
     shutil.rmtree(stale, ignore_errors=True)
 
 
-def _publish_s3(local_dir: Path, loc: Location, settings: KeelSettings) -> None:
+def _remove_s3_output(loc: Location, settings: KeelSettings) -> None:
+    """Every object under the output's prefix, its manifest first: the old output stops counting at once."""
     client = minio_client(settings)
     prefix = loc.key.rstrip("/")
     try:
         stale = [o.object_name for o in client.list_objects(loc.bucket, prefix=prefix + "/", recursive=True)]
         for name in sorted(stale, key=lambda n: n.endswith(MANIFEST), reverse=True):
-            client.remove_object(loc.bucket, name)  # manifest first: the old output stops counting
+            client.remove_object(loc.bucket, name)
+    except Exception as e:
+        raise _s3_error(loc.uri, "remove the earlier output", e) from e
+
+
+def _publish_s3(local_dir: Path, loc: Location, settings: KeelSettings) -> None:
+    client = minio_client(settings)
+    prefix = loc.key.rstrip("/")
+    _remove_s3_output(loc, settings)
+    try:
         files = sorted(p for p in local_dir.rglob("*") if p.is_file())
         for path in sorted(files, key=lambda p: p.name == MANIFEST):  # manifest last
             client.fput_object(loc.bucket, f"{prefix}/{path.relative_to(local_dir).as_posix()}", str(path))
@@ -298,11 +309,16 @@ class StagedOutput:
     dir: Path
     uri: str
     manifest: dict[str, Any] = field(default_factory=dict)
+    in_place: bool = False  # other processes write straight to the output's URI (S3 only)
 
     def path(self, name: str) -> Path:
         target = self.dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
+
+    def target(self, name: str) -> str:
+        """Where a writer other than this process (a Ray Data worker) writes ``name``."""
+        return self.uri_of(name) if self.in_place else str(self.path(name))
 
     def uri_of(self, name: str) -> str:
         return join(self.uri, name)
@@ -329,16 +345,49 @@ def staged_output(uri: str, stage: str, settings: KeelSettings) -> Iterator[Stag
         staging = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=parent))
     else:
         staging = Path(tempfile.mkdtemp(prefix=f"keel-{stage}-"))
-    started = STAGE_STARTED_AT.get() or time.time()
     output = StagedOutput(dir=staging, uri=uri, manifest={"stage": stage})
+    started = STAGE_STARTED_AT.get() or time.time()
     try:
         yield output
-        output.manifest["started_at"] = started
-        output.manifest["duration_s"] = round(time.time() - started, 4)
-        output.write_json(MANIFEST, output.manifest)
+        _finish_manifest(output, started)
         publish_directory(staging, uri, settings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish_manifest(output: StagedOutput, started: float) -> Path:
+    output.manifest["started_at"] = started
+    output.manifest["duration_s"] = round(time.time() - started, 4)
+    return output.write_json(MANIFEST, output.manifest)
+
+
+@contextmanager
+def staged_for_other_writers(uri: str, stage: str, settings: KeelSettings) -> Iterator[StagedOutput]:
+    """:func:`staged_output` for files that other processes write (Ray Data's workers), at ``output.target(name)``.
+
+    Locally that is the private staging directory, published by rename as usual. On S3 it is the output's own
+    prefix: workers on other nodes cannot reach a directory on this machine, and copying every part afterwards
+    would write the output twice. The prefix is emptied first, the manifest (what marks an output complete) is
+    written last, and whatever the writers wrote is removed if the block fails.
+    """
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        with staged_output(uri, stage, settings) as output:
+            yield output
+        return
+    output = StagedOutput(dir=Path(tempfile.mkdtemp(prefix=f"keel-{stage}-")), uri=uri, manifest={"stage": stage},
+                          in_place=True)
+    started = STAGE_STARTED_AT.get() or time.time()
+    _remove_s3_output(loc, settings)
+    try:
+        yield output
+        manifest = _finish_manifest(output, started)
+        write_bytes(join(uri, MANIFEST), manifest.read_bytes(), settings)
+    except BaseException:
+        _remove_s3_output(loc, settings)
+        raise
+    finally:
+        shutil.rmtree(output.dir, ignore_errors=True)
 
 
 def read_manifest(uri: str, settings: KeelSettings) -> dict[str, Any]:

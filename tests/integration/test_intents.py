@@ -140,15 +140,25 @@ def test_the_served_champion_takes_raw_text_and_never_logs_it(pipeline_run: tupl
     assert list(pyfunc.predict(pd.DataFrame({"text": [message]})).columns) == ["intent", "probability"]
 
     # `keel predict` on a file of messages: the served answers, row by row, with the ticket id kept
-    from keel.batch import PREDICTIONS_FILE, score_table
+    from keel.batch import PREDICTIONS_FILE, PredictConfig, score_table
+    from keel.batch.distributed import PARTS_DIRECTORY
 
-    pd.DataFrame({"ticket": [7, 8], "text": [message, "I want my money back"]}).to_csv(workdir / "tickets.csv",
-                                                                                       index=False)
+    tickets = pd.DataFrame({"ticket": [7, 8], "text": [message, "I want my money back"]})
+    tickets.to_csv(workdir / "tickets.csv", index=False)
     score_table(f"models:/{MODEL}@champion", str(workdir / "tickets.csv"), str(workdir / "scored"),
-                load_settings(), keep=["ticket"])
+                load_settings(), PredictConfig(keep=["ticket"]))
     scored = pd.read_parquet(workdir / "scored" / PREDICTIONS_FILE)
     assert list(scored.columns) == ["ticket", "intent", "probability"] and list(scored["ticket"]) == [7, 8]
     assert scored[["intent", "probability"]].to_dict(orient="records") == predictions
+
+    # the same file as Parquet, streamed by Ray Data through scoring actors that got the transformer from
+    # the object store: the same answers
+    tickets.to_parquet(workdir / "tickets.parquet", index=False)
+    manifest = score_table(f"models:/{MODEL}@champion", str(workdir / "tickets.parquet"), str(workdir / "on-ray"),
+                           load_settings(), PredictConfig(keep=["ticket"], engine="ray", workers=1))
+    on_ray = pd.read_parquet(workdir / "on-ray" / PARTS_DIRECTORY)
+    assert manifest["engine"] == "ray" and manifest["rows"] == 2
+    pd.testing.assert_frame_equal(on_ray, scored, atol=1e-5)
 
 
 def test_no_classify_request_gets_a_server_error_or_an_undocumented_answer(pipeline_run: tuple[Path, dict],

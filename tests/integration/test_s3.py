@@ -90,6 +90,29 @@ def test_pipeline_with_artifacts_and_mlflow_models_on_s3(s3_env: dict[str, str],
     assert list(scored["prediction"]) == list(predicted["prediction"])
     assert storage.read_manifest(destination, settings)["rows"] == len(raw)
 
+    # the ray engine over an S3 prefix of parts: its actors write the parts straight to S3, manifest last
+    parts = f"s3://{s3_env['bucket']}/incoming/parts"
+    half = len(raw) // 2
+    for number, part in enumerate([raw.iloc[:half], raw.iloc[half:]]):
+        storage.write_bytes(f"{parts}/part-{number}.parquet", part.to_parquet(index=False), settings)
+    on_ray = keel("predict", "models:/medical-diagnosis@champion", parts, destination, "--keep", "diagnosis",
+                  "--ray", "--workers", "2", "--force", cwd=tmp_path, env=env)
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    filesystem, path = storage.pyarrow_filesystem(storage.join(destination, "predictions"), settings)
+    assert list(pd.read_parquet(path, filesystem=filesystem)["prediction"]) == list(predicted["prediction"])
+    assert storage.list_children(destination, settings) == ["manifest.json", "predictions"]  # the old file went
+    assert storage.read_manifest(destination, settings)["engine"] == "ray"
+
+    # a part the model cannot score: the earlier output is gone and nothing of this one is left
+    as_text = raw.astype({"mean_radius": str})  # in every part, so that the parts agree on its type
+    as_text.loc[as_text.index[half + 3], "mean_radius"] = "n/a"
+    for number, part in enumerate([as_text.iloc[:half], as_text.iloc[half:]]):
+        storage.write_bytes(f"{parts}/part-{number}.parquet", part.to_parquet(index=False), settings)
+    refused = keel("predict", "models:/medical-diagnosis@champion", parts, destination, "--keep", "diagnosis",
+                   "--ray", "--force", cwd=tmp_path, env=env)
+    assert refused.returncode == 1 and "the row with diagnosis=" in refused.stderr, refused.stderr[-3000:]
+    assert "column 'mean_radius'" in refused.stderr and storage.list_children(destination, settings) == []
+
 
 # The other two pipelines' steps read and write through the same storage layer, but each has its own readers:
 # Ray Data over the splits, checkpoints, the tokenizer and encoder directories, the ids beside the splits.

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from keel import storage
-from keel.batch import PREDICTIONS_FILE, score_loaded, score_table
+from keel.batch import PREDICTIONS_FILE, PredictConfig, score_loaded, score_table
 from keel.errors import DataError
 from keel.predictor import Predictor
 from keel.registry import register
@@ -43,8 +43,8 @@ def test_every_row_scores_as_the_model_scores_it_with_the_kept_columns_beside(
     source = tmp_path / "to_score.parquet"
     rows = rows_to_score()
     rows.to_parquet(source, index=False)
-    manifest = score_table(MODEL_URI, str(source), str(tmp_path / "out"), settings, keep=["customer"],
-                           batch_rows=64)  # four batches, the last one short
+    manifest = score_table(MODEL_URI, str(source), str(tmp_path / "out"), settings,
+                           PredictConfig(keep=["customer"], batch_rows=64))  # four batches, the last one short
     scored = pd.read_parquet(tmp_path / "out" / PREDICTIONS_FILE)
     expected = Predictor.load(Path(registered)).predict(rows)
     assert list(scored["customer"]) == list(rows["customer"])
@@ -60,7 +60,7 @@ def test_a_bad_value_in_the_last_batch_leaves_nothing_and_names_its_row(register
     rows.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"bad.csv, data row 200 \(of rows 193-250 in this batch\): column 'size': "
                                         r"2 value\(s\) are not numbers"):
-        score_table(MODEL_URI, str(tmp_path / "bad.csv"), str(tmp_path / "out"), settings, batch_rows=64)
+        score_table(MODEL_URI, str(tmp_path / "bad.csv"), str(tmp_path / "out"), settings, PredictConfig(batch_rows=64))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".predict-*"))
 
 
@@ -74,7 +74,7 @@ def test_a_table_the_model_cannot_score_is_refused_by_file_and_column(registered
                                                                       tmp_path: Path, change, keep, message) -> None:
     change(rows_to_score()).to_csv(tmp_path / "rows.csv", index=False)
     with pytest.raises(DataError, match=message):
-        score_table(MODEL_URI, str(tmp_path / "rows.csv"), str(tmp_path / "out"), settings, keep=keep)
+        score_table(MODEL_URI, str(tmp_path / "rows.csv"), str(tmp_path / "out"), settings, PredictConfig(keep=keep))
     assert not (tmp_path / "out").exists()
 
 
@@ -88,6 +88,8 @@ def test_the_cli_refuses_to_replace_an_output_without_force(registered: str, tmp
     forced = keel("predict", MODEL_URI, "rows.csv", "out", "--force", cwd=tmp_path)
     assert forced.returncode == 0 and "Scored 20 rows" in forced.stdout
     assert "4 input column(s) kept, then prediction, probability_no, probability_yes" in forced.stdout
+    alone = keel("predict", MODEL_URI, "rows.csv", "out", "--force", "--workers", "4", cwd=tmp_path)
+    assert alone.returncode == 1 and "--workers sizes the --ray engine's actor pool" in alone.stderr
 
 
 def test_a_recommender_answers_each_user_with_typed_lists_even_when_a_batch_knows_nobody(
@@ -95,7 +97,7 @@ def test_a_recommender_answers_each_user_with_typed_lists_even_when_a_batch_know
     recommender = packaged_recommender(tmp_path / "model", TEXT_IDS)
     loaded = LoadedModel(None, "recs", "3", recommender)
     pd.DataFrame({"user_id": ["stranger", "A1XK", "B07", "nobody"]}).to_csv(tmp_path / "users.csv", index=False)
-    score_loaded(loaded, str(tmp_path / "users.csv"), str(tmp_path / "out"), settings, batch_rows=1, k=2)
+    score_loaded(loaded, str(tmp_path / "users.csv"), str(tmp_path / "out"), settings, PredictConfig(batch_rows=1, k=2))
     scored = pd.read_parquet(tmp_path / "out" / PREDICTIONS_FILE)  # the first batch is an unknown user alone
     assert list(scored.columns) == ["user_id", "items", "scores", "known_user", "source"]
     assert list(scored["source"]) == ["popular", "personalized", "personalized", "popular"]
@@ -105,15 +107,16 @@ def test_a_recommender_answers_each_user_with_typed_lists_even_when_a_batch_know
 
     # the file names its user column as the training data did (MovieLens' userId): the same answers
     pd.read_csv(tmp_path / "users.csv").rename(columns={"user_id": "userId"}).to_csv(tmp_path / "ml.csv", index=False)
-    score_loaded(loaded, str(tmp_path / "ml.csv"), str(tmp_path / "ml"), settings, k=2, input_column="userId")
+    score_loaded(loaded, str(tmp_path / "ml.csv"), str(tmp_path / "ml"), settings,
+                 PredictConfig(k=2, input_column="userId"))
     renamed = pd.read_parquet(tmp_path / "ml" / PREDICTIONS_FILE)
     pd.testing.assert_frame_equal(renamed.rename(columns={"userId": "user_id"}), scored)
     with pytest.raises(DataError, match=r"reads column\(s\) \['user_id'\], which the file does not have"):
         score_loaded(loaded, str(tmp_path / "ml.csv"), str(tmp_path / "none"), settings)
 
     # one batch of all four, ranked three users at a time (the score matrix stays bounded): the same answers
-    monkeypatch.setattr("keel.batch.USERS_PER_RANKING", 3)
-    score_loaded(loaded, str(tmp_path / "users.csv"), str(tmp_path / "again"), settings, batch_rows=4, k=2)
+    monkeypatch.setattr("keel.batch.scorers.USERS_PER_RANKING", 3)
+    score_loaded(loaded, str(tmp_path / "users.csv"), str(tmp_path / "again"), settings, PredictConfig(batch_rows=4, k=2))
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "again" / PREDICTIONS_FILE), scored)
 
 
@@ -126,10 +129,21 @@ def test_the_pipeline_step_reads_only_a_batch_scoring_config(registered: str, se
     from pipelines.medical_diagnosis.pipeline import CONFIG_FILE as TRAINING_CONFIG
 
     with pytest.raises(ConfigError, match="reads its training columns by name; input_column is for"):
-        score_table(MODEL_URI, "rows.csv", str(tmp_path / "out"), settings, input_column="text")
+        score_table(MODEL_URI, "rows.csv", str(tmp_path / "out"), settings, PredictConfig(input_column="text"))
     training = load_pipeline_config(TRAINING_CONFIG)
     with pytest.raises(ConfigError, match="reads a batch_scoring config, not 'medical_diagnosis'"):
         score_with_config(MODEL_URI, "rows.csv", str(tmp_path / "out"), training, settings)
     (tmp_path / "bad.yaml").write_text("predict: {batch_rows: 0}\n")
     with pytest.raises(ConfigError, match="predict.batch_rows"):
         load_pipeline_config(CONFIG_FILE, tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("source", ["rows.csv", "s3://bucket/rows.jsonl", "https://example.com/rows.parquet"])
+def test_the_ray_engine_refuses_what_ray_data_would_not_read_as_the_local_engine_does(
+        settings: KeelSettings, tmp_path: Path, source: str) -> None:
+    # before a model is loaded or Ray started: the local engine's CSV checks and http(s) reader are its own
+    with pytest.raises(DataError, match=r"the ray engine reads Parquet: a file, or a directory or s3:// prefix.*"
+                                        r"score it with the local engine"):
+        score_table("models:/not-registered@champion", source, str(tmp_path / "out"), settings,
+                    PredictConfig(engine="ray"))
+    assert not (tmp_path / "out").exists()

@@ -128,3 +128,26 @@ def test_the_job_api_refuses_requests_without_the_token(ray_head: str, authoriza
     with urllib.request.urlopen(urllib.request.Request(f"{ray_head}/api/jobs/", headers={
             "Authorization": f"Bearer {RAY_TOKEN}"}), timeout=30) as accepted:
         assert accepted.status == 200
+
+
+def test_batch_scoring_on_ray_runs_as_a_ray_job_on_the_cluster(ray_head: str, splits: tuple[KeelSettings, str],
+                                                               tmp_path: Path) -> None:
+    import pandas as pd
+
+    from keel.batch import PredictConfig, score_table
+    from keel.batch.distributed import PARTS_DIRECTORY
+    from keel.predictor import Predictor
+    from tests.stages import register_small_model
+    from tests.unit.test_batch import MODEL_URI, rows_to_score
+
+    local, _ = splits
+    trained = register_small_model(local, "jobs-predict", epochs=5)["train"]
+    rows = rows_to_score(40)
+    rows.to_parquet(tmp_path / "rows.parquet", index=False)
+    settings = local.model_copy(update={"ray_address": ray_head})
+    manifest = score_table(MODEL_URI, str(tmp_path / "rows.parquet"), str(tmp_path / "out"), settings,
+                           PredictConfig(keep=["customer"], engine="ray", workers=1))
+    assert manifest["engine"] == "ray" and manifest["rows"] == 40  # the job's manifest, through its log
+    scored = pd.read_parquet(tmp_path / "out" / PARTS_DIRECTORY)
+    expected = Predictor.load(Path(trained)).predict(rows)
+    pd.testing.assert_frame_equal(scored.drop(columns=["customer"]), expected, check_dtype=False, atol=1e-6)

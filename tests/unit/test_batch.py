@@ -147,3 +147,11 @@ def test_the_ray_engine_refuses_what_ray_data_would_not_read_as_the_local_engine
         score_table("models:/not-registered@champion", source, str(tmp_path / "out"), settings,
                     PredictConfig(engine="ray"))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_ray_engine_refuses_to_keep_no_column_to_join_its_unordered_rows_on(settings: KeelSettings,
+                                                                               tmp_path: Path) -> None:
+    from keel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"in no fixed order.*keep \(--keep, predict.keep\) at least an id"):
+        score_table(MODEL_URI, "rows.parquet", str(tmp_path / "out"), settings, PredictConfig(keep=[], engine="ray"))

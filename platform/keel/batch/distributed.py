@@ -22,7 +22,7 @@ from keel import storage
 from keel.batch import PredictConfig
 from keel.batch.scorers import first_failing_row, kept_columns, output_schema, scored_table, scorer_for
 from keel.data.ingest import FORMATS
-from keel.errors import DataError
+from keel.errors import ConfigError, DataError
 from keel.settings import KeelSettings
 
 if TYPE_CHECKING:
@@ -48,6 +48,9 @@ def score_on_ray(settings: KeelSettings, model_uri: str, source: str, output_uri
     from keel.train.trainer import ray_session
 
     config = PredictConfig(**predict)
+    if config.keep == []:
+        raise ConfigError("the ray engine writes rows in no fixed order, so its predictions need a column to join "
+                          "them back on: keep (--keep, predict.keep) at least an id column.")
     _check_parquet(source)
     loaded = load_registered(model_uri, settings)
     _, needed, fields = scorer_for(loaded, config.k, config.input_column)
@@ -102,8 +105,11 @@ def _check_parquet(source: str) -> None:
 
 
 def _read(source: str, settings: KeelSettings) -> tuple[Any, list[str], pa.Schema]:
-    """The source as a Ray Dataset over its part files in name order (so the output keeps the table's order),
-    the files, and their schema, from the files' footers; a DataError naming the source if it holds no rows."""
+    """The source as a Ray Dataset over its part files, the files, and their schema, from the files' footers;
+    a DataError naming the source if it holds no rows.
+
+    The output's rows are not in the source's order: Ray Data does not promise order through an actor pool
+    (``preserve_order`` still let batches swap in one run of four here), so users join on a kept id."""
     import pyarrow as pa
     import pyarrow.dataset
     import ray.data
@@ -117,8 +123,6 @@ def _read(source: str, settings: KeelSettings) -> tuple[Any, list[str], pa.Schem
     if not rows:
         raise DataError(f"{source}: no rows to score.")
     prefix = "s3://" if storage.parse(source).scheme == "s3" else ""
-    # the output's parts in the source's order; a Dataset keeps the context it was created with
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     try:
         dataset = ray.data.read_parquet(files, filesystem=filesystem)
     except pa.ArrowException as e:  # Ray unifies every part's schema first

@@ -120,12 +120,16 @@ def output_schema(input_schema: pa.Schema, kept: list[str], fields: list[tuple[s
 
 
 def scored_table(batch: pd.DataFrame, kept: list[str], scorer: Scorer, schema: pa.Schema) -> pa.Table:
-    """One batch's output rows: the kept columns, then what ``scorer`` predicts for each row."""
+    """One batch's output rows: the kept columns, then what ``scorer`` predicts for each row.
+
+    Without pandas' metadata: it would record the batch's pandas dtypes, and Ray Data hands its actors
+    Arrow-backed columns, so the same file would read back as ``int64[pyarrow]`` from one engine and ``int64``
+    from the other."""
     import pyarrow as pa
 
     scored = scorer(batch).set_axis(batch.index)
     both = pd.concat([batch[kept], scored[schema.names[len(kept):]]], axis=1)
-    return pa.Table.from_pandas(both, schema=schema, preserve_index=False)
+    return pa.Table.from_pandas(both, schema=schema, preserve_index=False).replace_schema_metadata()
 
 
 def first_failing_row(batch: pd.DataFrame, scorer: Scorer) -> int:

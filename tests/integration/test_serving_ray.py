@@ -105,6 +105,7 @@ def test_prometheus_scrapes_the_served_model(served: str, tmp_path: Path) -> Non
         assert query("sum(keel_predictions_total)") >= 40
         assert query(f'keel_model_info{{model="{NAME}",version="1"}}') == 1
         assert query('count(keel_feature_drift_psi)') >= 2
+        assert query(f'count(keel_prediction_drift_psi{{model="{NAME}",version="1"}})') == 1  # registered with it
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=10)

@@ -80,6 +80,15 @@ def test_pyfunc_scores_raw_columns(staged_run: dict, settings: KeelSettings, tmp
     assert predicted[["probability_no", "probability_yes"]].sum(axis=1).round(5).eq(1).all()
     assert model.metadata.get_input_schema().input_names() == list(raw.columns)
 
+    # packaged with it: the shares of each class it predicted on its test split, what serving's prediction
+    # drift compares with
+    predictor = model.unwrap_python_model().predictor
+    raw_test = storage.read_parquet(storage.read_manifest(staged_run["preprocess"], settings)["raw_test"], settings)
+    shares = predictor.predict(raw_test.drop(columns=["outcome"]))["prediction"].value_counts(normalize=True)
+    reference = predictor.prediction_reference
+    assert reference is not None and reference.categories == ["no", "yes"]
+    assert reference.fractions == pytest.approx([shares.get("no", 0.0), shares.get("yes", 0.0), 0.0])
+
 
 def test_gate_failure_registers_a_challenger_and_leaves_the_champion(settings: KeelSettings,
                                                                      tmp_path: Path) -> None:

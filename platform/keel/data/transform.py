@@ -56,8 +56,12 @@ class ReferenceBins(BaseModel):
         return cls(edges=edges.tolist(), fractions=(counts / counts.sum()).tolist())
 
     @classmethod
-    def of_categories(cls, values: pd.Series) -> ReferenceBins:
+    def of_categories(cls, values: pd.Series, categories: list[str] | None = None) -> ReferenceBins:
+        """The values' shares per category: those seen, or every one of ``categories`` (a model's classes,
+        some of which it may never have predicted), then the unseen-value bin."""
         shares = values.dropna().astype(str).value_counts(normalize=True).sort_index()
+        if categories is not None:
+            shares = shares.reindex(categories, fill_value=0.0)
         return cls(categories=shares.index.tolist(), fractions=[*shares.tolist(), 0.0])
 
     @property

@@ -178,7 +178,8 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
     request carries ``Authorization: Bearer <token>``.
     """
     metrics = metrics or ServingMetrics(model_name, model_version, predictor.classes,
-                                        predictor.transform.reference)
+                                        predictor.transform.reference,
+                                        prediction_reference=predictor.prediction_reference)
     score = scorer or direct_scorer(predictor, metrics)
     request_model = predict_request_model(predictor.transform)
     columns = predictor.transform.input_columns

@@ -112,7 +112,8 @@ class ModelServer:
         predictor = self.model.predictor
         classes = predictor.classes if predictor else self.model.intents.labels if self.model.intents else []
         self.metrics = ServingMetrics(self.model.name, self.model.version, classes,
-                                      predictor.transform.reference if predictor else None)
+                                      predictor.transform.reference if predictor else None,
+                                      prediction_reference=predictor.prediction_reference if predictor else None)
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 

@@ -18,6 +18,7 @@ from keel.monitor.drift import DriftMonitor
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+PREDICTED = "predicted class"
 
 
 def route_of(path: str) -> str:
@@ -36,7 +37,8 @@ class ServingMetrics:
     """One model's metrics, in a registry of its own (tests and replicas never collide)."""
 
     def __init__(self, model: str, version: str, classes: list[str],
-                 reference: dict[str, ReferenceBins] | None = None, registry: CollectorRegistry | None = None) -> None:
+                 reference: dict[str, ReferenceBins] | None = None, registry: CollectorRegistry | None = None,
+                 prediction_reference: ReferenceBins | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._labels = {"model": model, "version": version}
         self._class_names = list(classes)
@@ -55,6 +57,11 @@ class ServingMetrics:
         self.drift = Gauge("keel_feature_drift_psi", "PSI of recent inputs against the training data, per column.",
                            ["model", "version", "feature"], registry=self.registry)
         self._drift_monitor = DriftMonitor(reference or {})
+        self.prediction_drift = Gauge("keel_prediction_drift_psi",
+                                      "PSI of recent predicted classes against the model's predictions on its test "
+                                      "split (exported once it has predicted, for models registered with them).",
+                                      ["model", "version"], registry=self.registry)
+        self._prediction_monitor = DriftMonitor({PREDICTED: prediction_reference} if prediction_reference else {})
         info = Gauge("keel_model_info", "The model being served (value 1).", ["model", "version"],
                      registry=self.registry)
         info.labels(**self._labels).set(1)
@@ -70,10 +77,15 @@ class ServingMetrics:
         self.batch_size.labels(**self._labels).observe(rows)
 
     def observe_predictions(self, probabilities: np.ndarray) -> None:
-        counts = np.bincount(probabilities.argmax(axis=1), minlength=len(self._class_names))
+        predicted = probabilities.argmax(axis=1)
+        counts = np.bincount(predicted, minlength=len(self._class_names))
         for name, count in zip(self._class_names, counts, strict=True):
             if count:
                 self.predictions.labels(**self._labels, class_name=name).inc(int(count))
+        if self._prediction_monitor.reference:
+            names = np.asarray(self._class_names, dtype=object)[predicted]
+            self._prediction_monitor.observe(pd.DataFrame({PREDICTED: names}))
+            self.prediction_drift.labels(**self._labels).set(self._prediction_monitor.scores()[PREDICTED])
 
     def serves(self, route: str) -> None:
         """Start the model's scoring route at zero requests, so a model nobody ever calls has a series for

@@ -78,3 +78,26 @@ def test_the_transform_keeps_a_reference_per_column_and_reads_one_saved_without_
     path.write_text(json.dumps(saved))
     old = FeatureTransform.load(path)
     assert list(DriftMonitor(old.reference).reference) == ["age"]
+
+
+def test_predicted_classes_drift_when_their_shares_move_from_the_test_splits() -> None:
+    from keel.serve.metrics import ServingMetrics
+
+    # on its test split the model predicted "benign" for 90 of 100 rows and never predicted "unsure"
+    reference = ReferenceBins.of_categories(pd.Series(["benign"] * 90 + ["malignant"] * 10),
+                                            categories=["benign", "malignant", "unsure"])
+    assert reference.categories == ["benign", "malignant", "unsure"]
+    assert reference.fractions == pytest.approx([0.9, 0.1, 0.0, 0.0])
+
+    def served(shares: list[float]) -> float:
+        metrics = ServingMetrics("m", "3", ["benign", "malignant", "unsure"], prediction_reference=reference)
+        for _ in range(10):  # ten requests of 50 rows, each row's most likely class drawn in these shares
+            picks = np.random.default_rng(len(shares)).choice(3, size=50, p=shares)
+            metrics.observe_predictions(np.eye(3)[picks])
+        return metrics.registry.get_sample_value("keel_prediction_drift_psi", {"model": "m", "version": "3"})
+
+    assert served([0.9, 0.1, 0.0]) < 0.05
+    assert served([0.5, 0.5, 0.0]) > 0.2  # the rare class five times as often: the alert's threshold
+    legacy = ServingMetrics("m", "1", ["benign", "malignant"])  # registered before the reference existed
+    legacy.observe_predictions(np.array([[0.1, 0.9]]))
+    assert legacy.registry.get_sample_value("keel_prediction_drift_psi", {"model": "m", "version": "1"}) is None

@@ -22,7 +22,12 @@ MONITOR = Path(__file__).resolve().parents[3] / "helm" / "keel" / "files"
 def served_metric_names() -> set[str]:
     import numpy as np
 
-    metrics = ServingMetrics("m", "1", ["a", "b"])
+    import pandas as pd
+
+    from keel.data.transform import ReferenceBins
+
+    reference = ReferenceBins.of_categories(pd.Series(["a", "b"]), categories=["a", "b"])
+    metrics = ServingMetrics("m", "1", ["a", "b"], prediction_reference=reference)
     metrics.observe_request("/v1/models/m:predict", 200, 0.01)
     metrics.observe_batch(3)
     metrics.observe_predictions(np.array([[0.2, 0.8]]))
@@ -49,7 +54,7 @@ def promtool() -> str:
 def test_rules_are_valid(promtool: str) -> None:
     result = subprocess.run([promtool, "check", "rules", str(MONITOR / "alerts.yaml")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout
 
 
 def test_rules_fire_when_they_should(promtool: str) -> None:

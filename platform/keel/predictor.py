@@ -13,15 +13,13 @@ import torch
 
 from keel.data.preprocess import TRANSFORM_FILE
 from keel.data.transform import FeatureTransform, ReferenceBins
+from keel.monitor.drift import read_prediction_reference, write_prediction_reference
 from torch import nn
 
 from keel.train.model import load_model
 
 PREDICTION_COLUMN = "prediction"
 PROBABILITY_PREFIX = "probability_"
-# The shares of each class the model predicted on its test split, written at registration: what the server
-# compares its recent predictions with (prediction drift). Models registered before it have none.
-PREDICTION_REFERENCE_FILE = "prediction_reference.json"
 
 
 class Predictor:
@@ -37,15 +35,13 @@ class Predictor:
     def load(cls, directory: Path) -> Predictor:
         """Load a published model directory (``model.pt``, ``model.json``, ``transform.json``, and
         ``prediction_reference.json`` once registered)."""
-        reference = directory / PREDICTION_REFERENCE_FILE
         return cls(load_model(directory), FeatureTransform.load(directory / TRANSFORM_FILE),
-                   ReferenceBins.model_validate_json(reference.read_text()) if reference.exists() else None)
+                   read_prediction_reference(directory))
 
     def write_prediction_reference(self, directory: Path, held_out: pd.DataFrame) -> ReferenceBins:
         """The shares of each class this model predicts for ``held_out`` rows, saved beside the model."""
         predicted = self.predict(held_out)[PREDICTION_COLUMN]
-        self.prediction_reference = ReferenceBins.of_categories(predicted, categories=self.classes)
-        (directory / PREDICTION_REFERENCE_FILE).write_text(self.prediction_reference.model_dump_json())
+        self.prediction_reference = write_prediction_reference(directory, predicted, self.classes)
         return self.prediction_reference
 
     @property

@@ -92,8 +92,8 @@ class ScoringActor:
 def _describe(row: pd.Series, kept: list[str]) -> str:
     """The failing row by its first kept columns (an id, where ``keep`` names one): rows have no global number
     once Ray Data has split the files into blocks."""
-    shown = kept[:ROW_COLUMNS_SHOWN] or list(row.index[:ROW_COLUMNS_SHOWN])
-    return ", ".join(f"{name}={row[name]!r}" for name in shown)
+    values = {name: row[name].item() if hasattr(row[name], "item") else row[name] for name in kept[:ROW_COLUMNS_SHOWN]}
+    return ", ".join(f"{name}={value!r}" for name, value in values.items())
 
 
 def _check_parquet(source: str) -> None:

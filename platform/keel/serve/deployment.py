@@ -109,11 +109,12 @@ class ModelServer:
         settings = load_settings()
         self.token = serving_token(settings, require_token)
         self.model = load_registered(model_uri, settings)
-        predictor = self.model.predictor
-        classes = predictor.classes if predictor else self.model.intents.labels if self.model.intents else []
+        predictor, intents = self.model.predictor, self.model.intents
+        classes = predictor.classes if predictor else intents.labels if intents else []
+        classifier = predictor or intents  # a recommender predicts no classes
         self.metrics = ServingMetrics(self.model.name, self.model.version, classes,
                                       predictor.transform.reference if predictor else None,
-                                      prediction_reference=predictor.prediction_reference if predictor else None)
+                                      prediction_reference=classifier.prediction_reference if classifier else None)
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 

@@ -82,9 +82,11 @@ class ServingMetrics:
         for name, count in zip(self._class_names, counts, strict=True):
             if count:
                 self.predictions.labels(**self._labels, class_name=name).inc(int(count))
+        self._observe_drift_of(np.asarray(self._class_names, dtype=object)[predicted])
+
+    def _observe_drift_of(self, predicted: np.ndarray) -> None:
         if self._prediction_monitor.reference:
-            names = np.asarray(self._class_names, dtype=object)[predicted]
-            self._prediction_monitor.observe(pd.DataFrame({PREDICTED: names}))
+            self._prediction_monitor.observe(pd.DataFrame({PREDICTED: predicted}))
             self.prediction_drift.labels(**self._labels).set(self._prediction_monitor.scores()[PREDICTED])
 
     def serves(self, route: str) -> None:
@@ -96,6 +98,7 @@ class ServingMetrics:
         """Predicted classes given by name (a text classifier's intents)."""
         for name, count in collections.Counter(labels).items():
             self.predictions.labels(**self._labels, class_name=name).inc(count)
+        self._observe_drift_of(np.asarray(labels, dtype=object))
 
     def observe_sources(self, sources: list[str]) -> None:
         for source, count in collections.Counter(sources).items():

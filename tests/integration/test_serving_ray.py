@@ -95,8 +95,8 @@ def test_prometheus_scrapes_the_served_model(served: str, tmp_path: Path) -> Non
 
     try:
         before = query('sum(keel_requests_total{code="200"})')
-        for _ in range(20):
-            httpx.post(f"{served}/v1/models/{NAME}:predict", json={"records": records(2)}, timeout=30)
+        for _ in range(20):  # 200 rows: what a drift score waits for
+            httpx.post(f"{served}/v1/models/{NAME}:predict", json={"records": records(10)}, timeout=30)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and query('sum(keel_requests_total{code="200"})') < before + 20:
             time.sleep(1)

@@ -87,7 +87,8 @@ class ServingMetrics:
     def _observe_drift_of(self, predicted: np.ndarray) -> None:
         if self._prediction_monitor.reference:
             self._prediction_monitor.observe(pd.DataFrame({PREDICTED: predicted}))
-            self.prediction_drift.labels(**self._labels).set(self._prediction_monitor.scores()[PREDICTED])
+            for score in self._prediction_monitor.scores().values():  # none before enough predictions
+                self.prediction_drift.labels(**self._labels).set(score)
 
     def serves(self, route: str) -> None:
         """Start the model's scoring route at zero requests, so a model nobody ever calls has a series for

@@ -101,3 +101,16 @@ def test_predicted_classes_drift_when_their_shares_move_from_the_test_splits() -
     legacy = ServingMetrics("m", "1", ["benign", "malignant"])  # registered before the reference existed
     legacy.observe_predictions(np.array([[0.1, 0.9]]))
     assert legacy.registry.get_sample_value("keel_prediction_drift_psi", {"model": "m", "version": "1"}) is None
+
+
+def test_a_column_with_too_few_rows_gets_no_score_rather_than_noise_over_the_alert_line() -> None:
+    rng = np.random.default_rng(3)
+    reference = ReferenceBins.of(pd.Series(rng.normal(0, 1, 5000)))
+    monitor = DriftMonitor({"x": reference}, window=2000)
+    live = pd.Series(rng.normal(0, 1, 20))  # the same distribution, 20 rows
+    monitor.observe(pd.DataFrame({"x": live}))
+    few = np.bincount(reference.bin_indexes(live), minlength=len(reference.fractions)) / 20
+    assert psi(np.asarray(reference.fractions), few) > 0.2  # what would have been exported: a false alarm
+    assert monitor.scores() == {}
+    monitor.observe(pd.DataFrame({"x": rng.normal(0, 1, 180)}))
+    assert monitor.rows_needed(reference) == 200 and monitor.scores()["x"] < 0.1

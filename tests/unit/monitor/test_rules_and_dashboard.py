@@ -30,7 +30,7 @@ def served_metric_names() -> set[str]:
     metrics = ServingMetrics("m", "1", ["a", "b"], prediction_reference=reference)
     metrics.observe_request("/v1/models/m:predict", 200, 0.01)
     metrics.observe_batch(3)
-    metrics.observe_predictions(np.array([[0.2, 0.8]]))
+    metrics.observe_predictions(np.tile([[0.2, 0.8]], (200, 1)))  # enough for the prediction drift score
     metrics.observe_sources(["popular"])
     registry = metrics.registry
     names = set()

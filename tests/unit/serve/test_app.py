@@ -217,7 +217,7 @@ def test_malformed_v2_requests_get_an_error_body(client: TestClient, change, mes
 
 
 def test_metrics_count_requests_classes_and_batches(client: TestClient) -> None:
-    client.post(f"/v1/models/{NAME}:predict", json={"records": records(4)})
+    client.post(f"/v1/models/{NAME}:predict", json={"records": records(200)})  # enough rows for a drift score
     client.post("/v1/models/other:predict", json={"records": records(1)})
     text = client.get("/metrics").text
     assert f'keel_requests_total{{code="200",model="{NAME}",route="/v1/models/{{name}}:predict",version="{VERSION}"}}' in text

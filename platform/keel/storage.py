@@ -9,6 +9,7 @@ finds a complete output; one that does not, finds nothing it could misread.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -384,7 +385,10 @@ def staged_for_other_writers(uri: str, stage: str, settings: KeelSettings) -> It
         manifest = _finish_manifest(output, started)
         write_bytes(join(uri, MANIFEST), manifest.read_bytes(), settings)
     except BaseException:
-        _remove_s3_output(loc, settings)
+        try:
+            _remove_s3_output(loc, settings)
+        except StorageError as cleanup:  # the writers' failure is the one to report; no manifest marks the rest
+            logging.getLogger(__name__).warning("%s", cleanup)
         raise
     finally:
         shutil.rmtree(output.dir, ignore_errors=True)

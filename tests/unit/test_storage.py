@@ -100,3 +100,22 @@ def test_republishing_replaces_an_earlier_attempt(tmp_path: Path, settings: Keel
 def test_run_ids_cannot_escape_the_runs_folder(settings: KeelSettings) -> None:
     with pytest.raises(StorageError, match="cannot be used in a path"):
         storage.run_uri(settings, "../other")
+
+
+def test_parts_written_elsewhere_are_removed_on_failure_without_hiding_why_it_failed(
+        monkeypatch: pytest.MonkeyPatch, settings: KeelSettings) -> None:
+    from keel.errors import DataError
+
+    removals: list[str] = []
+
+    def remove(loc: storage.Location, _: KeelSettings) -> None:
+        removals.append(loc.uri)
+        if len(removals) > 1:  # S3 goes away while the step fails
+            raise StorageError(f"{loc.uri}: cannot remove the earlier output (ConnectionError)")
+
+    monkeypatch.setattr(storage, "_remove_s3_output", remove)
+    with pytest.raises(DataError, match="the row with id=7"), \
+            storage.staged_for_other_writers("s3://bucket/scored", "predict", settings) as out:
+        assert out.target("predictions") == "s3://bucket/scored/predictions"  # the workers write to S3 itself
+        raise DataError("the row with id=7: not a number")
+    assert removals == ["s3://bucket/scored"] * 2  # before the writers, and after they failed (only logged)

@@ -1,4 +1,5 @@
-"""Run Ray stages (train, tune, distributed batch scoring) where the Ray cluster is: here, or on a cluster through Ray Jobs.
+"""Run Ray stages (train, tune, batch scoring on Ray) where the Ray cluster is: here, or on a cluster through
+Ray Jobs.
 
 When ``KEEL_RAY_ADDRESS`` is an http(s) URL (a KubeRay head's dashboard, as
 the chart sets it), :func:`run_stage` submits the stage as a Ray job through

@@ -93,8 +93,9 @@ def _log_input_retrying(dataset: Any, attempts: int = 3) -> None:
 
 def _log_model(model_dir: Path, raw_test: pd.DataFrame, target: str) -> str:
     predictor = Predictor.load(model_dir)
-    predictor.write_prediction_reference(model_dir, raw_test.drop(columns=[target]))  # packaged with the model
-    example = raw_test.drop(columns=[target]).head(INPUT_EXAMPLE_ROWS)
+    held_out = raw_test.drop(columns=[target])
+    predictor.write_prediction_reference(model_dir, held_out)  # packaged with the model
+    example = held_out.head(INPUT_EXAMPLE_ROWS)
     signature = mlflow.models.infer_signature(example, predictor.predict(example))
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts={KeelPyfunc.MODEL_ARTIFACT: str(model_dir)},

@@ -346,8 +346,8 @@ def staged_output(uri: str, stage: str, settings: KeelSettings) -> Iterator[Stag
         staging = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=parent))
     else:
         staging = Path(tempfile.mkdtemp(prefix=f"keel-{stage}-"))
-    output = StagedOutput(dir=staging, uri=uri, manifest={"stage": stage})
     started = STAGE_STARTED_AT.get() or time.time()
+    output = StagedOutput(dir=staging, uri=uri, manifest={"stage": stage})
     try:
         yield output
         _finish_manifest(output, started)

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel import storage
-from keel.batch.scorers import Scorer, first_failing_row, kept_columns, output_schema, scored_table, scorer_for
+from keel.batch.scorers import (Scorer, first_failing_row, kept_columns, output_schema, scored_table,
+                                scorer_for, scoring_manifest)
 from keel.config import PipelineConfigBase
 from keel.data.ingest import read_source, sha256_file
 from keel.errors import ConfigError, DataError
@@ -101,10 +102,8 @@ def score_loaded(loaded: LoadedModel, source: str, output_uri: str, settings: Ke
         kept = kept_columns(source, list(map(str, frame.columns)), needed, predict.keep, fields)
         columns = _write_predictions(frame, kept, scorer, fields, predict.batch_rows, out.path(PREDICTIONS_FILE),
                                      source)
-        out.manifest.update(model_uri=f"models:/{loaded.name}/{loaded.version}", model_name=loaded.name,
-                            model_version=loaded.version, source=source, sha256=sha256_file(local), rows=len(frame),
-                            columns=columns, kept_columns=len(kept), predictions=out.uri_of(PREDICTIONS_FILE),
-                            engine="local", summary=f"{len(frame)} rows scored by {loaded.name} v{loaded.version}")
+        out.manifest.update(scoring_manifest(loaded, source, len(frame), columns, kept,
+                                             out.uri_of(PREDICTIONS_FILE), "local"), sha256=sha256_file(local))
     return out.manifest
 
 

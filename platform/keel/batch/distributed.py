@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from keel import storage
 from keel.batch import PredictConfig
-from keel.batch.scorers import first_failing_row, kept_columns, output_schema, scored_table, scorer_for
+from keel.batch.scorers import (first_failing_row, kept_columns, output_schema, scored_table, scorer_for,
+                                scoring_manifest)
 from keel.data.ingest import FORMATS
 from keel.errors import ConfigError, DataError
 from keel.settings import KeelSettings
@@ -58,13 +59,10 @@ def score_on_ray(settings: KeelSettings, model_uri: str, source: str, output_uri
         dataset, files, input_schema = _read(source, settings)
         kept = kept_columns(source, list(input_schema.names), needed, config.keep, fields)
         schema = output_schema(input_schema, kept, fields)
-        _write(_scored(dataset, loaded, config, kept, schema), source, out.target(PARTS_DIRECTORY), settings)
-        rows = _rows_in(out.target(PARTS_DIRECTORY), settings)
-        out.manifest.update(model_uri=f"models:/{loaded.name}/{loaded.version}", model_name=loaded.name,
-                            model_version=loaded.version, source=source, source_files=files, rows=rows,
-                            columns=list(schema.names), kept_columns=len(kept), engine="ray",
-                            predictions=out.uri_of(PARTS_DIRECTORY),
-                            summary=f"{rows} rows scored by {loaded.name} v{loaded.version} on Ray")
+        parts = out.target(PARTS_DIRECTORY)
+        _write(_scored(dataset, loaded, config, kept, schema), source, parts, settings)
+        out.manifest.update(scoring_manifest(loaded, source, _rows_in(parts, settings), list(schema.names), kept,
+                                             out.uri_of(PARTS_DIRECTORY), "ray"), source_files=files)
     return out.manifest
 
 

@@ -132,6 +132,16 @@ def scored_table(batch: pd.DataFrame, kept: list[str], scorer: Scorer, schema: p
     return pa.Table.from_pandas(both, schema=schema, preserve_index=False).replace_schema_metadata()
 
 
+def scoring_manifest(loaded: LoadedModel, source: str, rows: int, columns: list[str], kept: list[str],
+                     predictions: str, engine: str) -> dict[str, Any]:
+    """What either engine records about a scored table: the resolved version, the rows and the columns."""
+    where = " on Ray" if engine == "ray" else ""
+    return {"model_uri": f"models:/{loaded.name}/{loaded.version}", "model_name": loaded.name,
+            "model_version": loaded.version, "source": source, "rows": rows, "columns": columns,
+            "kept_columns": len(kept), "predictions": predictions, "engine": engine,
+            "summary": f"{rows} rows scored by {loaded.name} v{loaded.version}{where}"}
+
+
 def first_failing_row(batch: pd.DataFrame, scorer: Scorer) -> int:
     """The position of the first row the scorer refuses, by bisecting prefixes: on a failed batch only, so a
     user is told which row to fix, not only which batch."""

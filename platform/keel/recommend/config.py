@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator

@@ -31,6 +31,10 @@ Concepts and where they live:
   :class:`IntentsPipelineConfig`; :class:`IntentModel` answers text.
 - Scoring: :class:`Predictor` (feature transform + network), which evaluation,
   the MLflow pyfunc and serving share.
+- Serving (``keel.serve``): ``keel.serve.deployment`` (Ray Serve deployments,
+  ``ServeConfig``), ``keel.serve.app`` (the HTTP API), ``keel.serve.control``
+  (deploy, roll and stop through Serve's REST API), ``keel.serve.shadow`` (a
+  challenger scoring copies of the champion's rows).
 - Errors: :class:`KeelError` and its subclasses; messages say what to fix.
 
 Names resolve lazily so that ``import keel`` stays cheap: a component that

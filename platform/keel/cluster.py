@@ -10,6 +10,7 @@ dropping requests), which is all the pipeline runner's Role may change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -71,19 +72,28 @@ def _require(settings: KeelSettings, *fields: str) -> None:
         raise ClusterError(f"{', '.join(missing)} not set: the chart's ConfigMap sets them for pipeline steps.")
 
 
-def rolled_serve_config(serve_config_v2: str, model_uri: str) -> str:
-    """The RayService's Serve config with the Keel app's model swapped, every other setting kept."""
+def rolled_serve_config(serve_config_v2: str, model_uri: str,
+                        same_version: Callable[[str, str], bool] | None = None) -> str:
+    """The RayService's Serve config with the Keel app's model swapped, every other setting kept but a
+    shadow that serves the new champion's version (``same_version`` says which), which has graduated."""
+    from keel.serve.shadow import without_graduated_shadow
+
     document = yaml.safe_load(serve_config_v2) or {}
     applications = [a for a in document.get("applications", []) if a.get("name") == APP_NAME]
     if not applications:
         raise ClusterError(f"the RayService's serveConfigV2 has no {APP_NAME!r} application to roll.")
     applications[0].setdefault("args", {})["model_uri"] = model_uri
+    if same_version is not None:
+        document["applications"] = without_graduated_shadow(document["applications"], APP_NAME, model_uri,
+                                                            same_version)
     return yaml.safe_dump(document, sort_keys=False)
 
 
-def rayservice_patch(current: dict[str, Any], model_uri: str) -> dict[str, Any]:
+def rayservice_patch(current: dict[str, Any], model_uri: str,
+                     same_version: Callable[[str, str], bool] | None = None) -> dict[str, Any]:
     """The merge patch that rolls ``current`` (a RayService) to ``model_uri``."""
-    return {"spec": {"serveConfigV2": rolled_serve_config(current["spec"]["serveConfigV2"], model_uri)}}
+    return {"spec": {"serveConfigV2": rolled_serve_config(current["spec"]["serveConfigV2"], model_uri,
+                                                          same_version)}}
 
 
 def served_model_uri(service: dict[str, Any]) -> str | None:
@@ -111,6 +121,7 @@ def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
+    from keel.serve.deployment import same_registered_version
     from keel.tracking import registered_name
 
     _require(settings, "ray_service", "kube_namespace")
@@ -121,8 +132,8 @@ def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str
         current = api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name)
         if only_model is not None and registered_name(served_model_uri(current)) != only_model:
             return None
-        api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name,
-                                           rayservice_patch(current, model_uri))
+        patch = rayservice_patch(current, model_uri, lambda a, b: same_registered_version(a, b, settings))
+        api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name, patch)
     except ApiException as e:
         raise _api_error(f"rolling RayService {namespace}/{name} to {model_uri}", e) from e
     return f"http://{name}-serve-svc.{namespace}.svc.cluster.local:8000"

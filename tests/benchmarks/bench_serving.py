@@ -5,6 +5,12 @@ closed-loop load generator (32 concurrent clients, single-row predict
 requests, loopback only) drives each for a fixed time. Prints one JSON report
 as its last line: req/s, p50 and p99 for each, and their ratios.
 Goal: keel serve >= 0.9x FastAPI's req/s, with p99 <= 1.5x FastAPI's p99.
+
+A third run serves the same model with a shadow (``--shadow``, the model
+itself as the challenger) and reports what copying every request costs, as
+ratios to keel serve without one, and how many copies were compared or
+skipped. On a small machine the shadow's replica shares the CPUs with the
+champion's, so this is the cost at its highest; on a cluster it gets its own.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 CLIENTS, WARMUP_S, DURATION_S = 32, 3.0, 10.0
@@ -50,8 +57,6 @@ async def closed_loop(url: str, body: bytes) -> dict[str, float]:
 
 
 def wait_ready(url: str, timeout_s: float = 120) -> None:
-    import urllib.request
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -77,6 +82,25 @@ from keel.settings import load_settings
 model = load_registered("models:/small-model@champion", load_settings())
 uvicorn.run(build_app(model.predictor, model.name, model.version), host="127.0.0.1", port={port}, log_level="warning")
 """
+
+
+def keel_serve_under_load(path: str, body: bytes, *options: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The load on a detached `keel serve`, and its keel_shadow_copies_total by outcome (empty without one)."""
+    from tests.integration.conftest import free_port
+
+    port = free_port()
+    keel("serve", "models:/small-model@champion", "--detach", "--port", str(port), *options)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready")
+        result = asyncio.run(closed_loop(f"http://127.0.0.1:{port}{path}", body))
+        time.sleep(3)  # the last copies are compared after their answers went out
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+    finally:
+        keel("serve", "stop")
+    copies = {line.split('outcome="')[1].split('"')[0]: float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("keel_shadow_copies_total{")}
+    return result, copies
 
 
 def main() -> None:
@@ -106,19 +130,17 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
 
-        port = free_port()
-        keel("serve", "models:/small-model@champion", "--detach", "--port", str(port))
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/v2/health/ready")
-            served = asyncio.run(closed_loop(f"http://127.0.0.1:{port}{path}", body))
-        finally:
-            keel("serve", "stop")
+        served, _ = keel_serve_under_load(path, body)
+        shadowed, copies = keel_serve_under_load(path, body, "--shadow", "models:/small-model@champion")
 
     report = {"benchmark": "serving", "clients": CLIENTS, "duration_s": DURATION_S,
               "fastapi_uvicorn": fastapi, "keel_serve": served,
               "requests_per_s_ratio": round(served["requests_per_s"] / fastapi["requests_per_s"], 3),
               "p99_ratio": round(served["p99_ms"] / fastapi["p99_ms"], 3),
-              "goals": {"requests_per_s_ratio": ">= 0.9", "p99_ratio": "<= 1.5"}}
+              "goals": {"requests_per_s_ratio": ">= 0.9", "p99_ratio": "<= 1.5"},
+              "keel_serve_with_shadow": {**shadowed, "copies": copies},
+              "shadow_requests_per_s_ratio": round(shadowed["requests_per_s"] / served["requests_per_s"], 3),
+              "shadow_p99_ratio": round(shadowed["p99_ms"] / served["p99_ms"], 3)}
     report["goals_met"] = report["requests_per_s_ratio"] >= 0.9 and report["p99_ratio"] <= 1.5
     print(json.dumps(report))
 

@@ -72,6 +72,8 @@ def test_helm_lint_strict(values: Path | None) -> None:
     (["mlflow.enabled=false"], "set mlflow.externalUri"),
     (["postgresql.enabled=false"], "set postgresql.external.host"),
     (["ray.training.workerGroups.cpu.minReplicas=5"], "minReplicas (5) is above maxReplicas (4)"),
+    (["ray.serving.shadow.modelUri=medical-diagnosis/3"], "/ray/serving/shadow/modelUri"),
+    (["ray.serving.shadow.mirror.sample=0"], "/ray/serving/shadow/mirror/sample"),
 ])
 def test_bad_values_fail_with_a_message_naming_them(settings: list[str], message: str) -> None:
     command = [render.tool("helm"), "template", "keel", str(render.CHART)]
@@ -388,6 +390,41 @@ def test_the_deploy_steps_patch_yields_a_valid_rayservice(rendered: dict[str, Pa
     assert after["applications"][0]["args"]["model_uri"] == "models:/medical-diagnosis/7"
     after["applications"][0]["args"]["model_uri"] = before["applications"][0]["args"]["model_uri"]
     assert after == before and patched["spec"]["rayClusterConfig"] == service["spec"]["rayClusterConfig"]
+
+
+def test_a_shadow_is_served_as_keel_serve_shadow_deploys_it_and_graduates_on_promotion(
+        crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """ray.serving.shadow.modelUri adds the keel-shadow application `keel serve --shadow` would PUT; the deploy
+    step's patch, promoting the shadow's version, removes it and the champion's copying."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from keel.cluster import rayservice_patch
+    from keel.serve.control import serve_config_document
+    from keel.serve.deployment import ServeConfig
+
+    (service,) = [d for d in render.documents(render.helm_template(
+        None, (), "--set", "ray.serving.shadow.modelUri=models:/medical-diagnosis/3",
+        "--set-json", "ray.serving.shadow.mirror.sample=0.25")) if d["kind"] == "RayService"]
+    assert not crd_errors(service, crd_schemas)
+    document = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(document)
+    champion, shadow = (application["args"] for application in document["applications"])
+    expected = serve_config_document(champion["model_uri"], ServeConfig.model_validate(champion["config"]),
+                                     "models:/medical-diagnosis/3", ServeConfig.model_validate(shadow["config"]))
+    expected["applications"][0]["args"]["config"] = champion["config"]  # the chart states only what it sets
+    expected["applications"][1]["args"]["config"] = shadow["config"]
+    assert document == expected and champion["config"]["shadow"]["sample"] == 0.25
+
+    def same_version(first: str, second: str) -> bool:
+        return first.rsplit("/", 1)[-1] == second.rsplit("/", 1)[-1]
+
+    kept = yaml.safe_load(rayservice_patch(service, "models:/medical-diagnosis/2", same_version)["spec"][
+        "serveConfigV2"])
+    assert [a["name"] for a in kept["applications"]] == ["keel", "keel-shadow"]
+    graduated = yaml.safe_load(rayservice_patch(service, "models:/medical-diagnosis/3", same_version)["spec"][
+        "serveConfigV2"])
+    assert [a["name"] for a in graduated["applications"]] == ["keel"]
+    assert "shadow" not in graduated["applications"][0]["args"]["config"]
 
 
 def test_pipeline_steps_read_exactly_what_the_chart_provides(rendered: dict[str, Path]) -> None:

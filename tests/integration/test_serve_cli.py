@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,7 +156,12 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert {(m["version"], tuple(m["aliases"])) for m in listed if m["name"] == "medical-diagnosis"} == {
         (1, ("champion",)), (2, ("challenger",))}
 
-    # A person overrides the gate: v2 becomes champion and the served model rolls to it, on the same port.
+    # The challenger in shadow: it scores a copy of every row, answers nobody, and is compared with v1.
+    shadow = _shadow_the_challenger(port, tmp_path, env)
+    assert shadow["rows"] == 60 and 1 <= shadow["compared"] <= 20 and shadow["failed"] == 0
+
+    # A person overrides the gate: v2 becomes champion and the served model rolls to it, on the same port; the
+    # shadow, serving v2, has graduated and is gone.
     promoted = keel("models", "promote", "medical-diagnosis", "2", "--reason", "accepted by hand", "--output", "json",
                     cwd=tmp_path, env=env)
     assert promoted.returncode == 0, promoted.stderr[-3000:]
@@ -165,6 +171,10 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
                           json={"records": [row]}, timeout=30)
     assert response.status_code == 422 and response.headers["x-model-version"] == "2"
+    applications = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)[
+        "applications"]
+    assert list(applications) == ["keel"] and applications["keel"]["deployed_app_config"]["args"]["config"].get(
+        "shadow") is None
     # A rollback without rolling: the registry moves, the served model stays.
     back = keel("models", "promote", "medical-diagnosis", "1", "--reason", "rollback", "--no-roll", cwd=tmp_path,
                 env=env)
@@ -172,3 +182,33 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
     assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/2"
     keel("serve", "stop", cwd=tmp_path, env=env)
+
+
+def _shadow_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> dict[str, float]:
+    """Serve v1 with v2 in shadow, send 20 requests of 3 rows, and read what v1's replica counted."""
+    from keel.data.builtin import BUILTIN_DATASETS
+
+    served = keel("serve", "models:/medical-diagnosis/1", "--port", str(port), "--host", "0.0.0.0", "--shadow",
+                  "models:/medical-diagnosis@challenger", "--output", "json", cwd=tmp_path, env=env)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert json.loads(served.stdout)["shadow_model_uri"] == "models:/medical-diagnosis@challenger"
+    status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
+    assert status["applications"]["keel-shadow"]["deployed_app_config"]["route_prefix"] is None  # no HTTP route
+    rows = BUILTIN_DATASETS["breast_cancer"]().drop(columns=["diagnosis"]).head(60).to_dict(orient="records")
+    for start in range(0, 60, 3):
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
+                              json={"records": rows[start:start + 3]}, timeout=30)
+        assert response.status_code == 200 and response.headers["x-model-version"] == "1", response.text
+    deadline, counted = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:  # copies are compared after the answers went out
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        counted = {key: sum(float(line.split()[-1]) for line in metrics.splitlines()
+                            if line.startswith(prefix) and all(label in line for label in labels))
+                   for key, prefix, labels in (
+                       ("compared", "keel_shadow_copies_total{", ['outcome="compared"']),
+                       ("failed", "keel_shadow_copies_total{", ['outcome="failed"']),
+                       ("rows", "keel_shadow_rows_total{", ['shadow_version="2"', 'version="1"']))}
+        if counted["rows"] >= 60 or counted["failed"]:
+            break
+        time.sleep(1)
+    return counted

@@ -46,11 +46,16 @@ def serve_command(
     haproxy: bool = typer.Option(True, "--haproxy/--python-proxy", help="Ray Serve's HAProxy ingress (faster)."),
     require_token: bool = typer.Option(False, "--require-token",
                                        help="Answer 401 unless requests send 'Authorization: Bearer $KEEL_SERVE_TOKEN'."),
+    shadow: str | None = typer.Option(None, "--shadow", help="A challenger (registry URI) that scores a copy of "
+                                      "the rows; its answers are compared, never returned."),
+    shadow_sample: float = typer.Option(1.0, "--shadow-sample",
+                                        help="Share of forward passes (batches of rows) copied to the shadow."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Serve a registered model with Ray Serve (local Ray, or the cluster at KEEL_RAY_DASHBOARD_URL)."""
     from keel.serve import control
     from keel.serve.deployment import ServeConfig, resolve_version
+    from keel.serve.shadow import ShadowConfig
 
     settings = load_settings()
     dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{control.HeadPorts().dashboard}"
@@ -65,36 +70,57 @@ def serve_command(
         typer.echo("Stopped the model server.")
         return
     resolve_version(target, settings)  # an unknown model fails here, by name, before anything starts
+    if shadow:
+        _check_shadow(target, shadow)
     config = ServeConfig(port=port, host=host, replicas=replicas, min_replicas=min_replicas,
-                         max_replicas=max_replicas, require_token=require_token)
+                         max_replicas=max_replicas, require_token=require_token,
+                         shadow=ShadowConfig(sample=shadow_sample) if shadow else None)
     if detach or settings.serve_dashboard_url:
-        _announce(control.deploy_detached(target, config, settings, haproxy=haproxy), target, output)
+        url = control.deploy_detached(target, config, settings, haproxy=haproxy, shadow_uri=shadow)
+        _announce(url, target, output, shadow)
         return
-    _serve_in_foreground(target, config, haproxy, output)
+    _serve_in_foreground(target, config, haproxy, output, shadow)
 
 
-def _announce(url: str, model_uri: str, output: OutputFormat) -> None:
+def _check_shadow(model_uri: str, shadow_uri: str) -> None:
+    """Fail before deploying a shadow whose copies could never be compared with the champion's answers."""
+    from keel.serve.deployment import load_registered
+    from keel.serve.shadow import check_shadow_fits
+
+    champion, challenger = (load_registered(uri, load_settings()).predictor for uri in (model_uri, shadow_uri))
+    check_shadow_fits(champion.transform.input_columns if champion else None,
+                      challenger.transform.input_columns if challenger else None, model_uri, shadow_uri)
+
+
+def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | None = None) -> None:
     if output is OutputFormat.json:
-        print_json({"url": url, "model_uri": model_uri, "metrics": f"{url}/metrics", "openapi": f"{url}/docs"})
+        print_json({"url": url, "model_uri": model_uri, "metrics": f"{url}/metrics", "openapi": f"{url}/docs",
+                    "shadow_model_uri": shadow_uri})
         return
     typer.echo(f"Serving {model_uri} at {url}  (OpenAPI: {url}/docs, metrics: {url}/metrics)")
+    if shadow_uri:
+        typer.echo(f"Shadow: {shadow_uri} scores a copy of the rows; agreement is keel_shadow_rows_total "
+                   "in the metrics")
     typer.echo(f"Try it:\n  {sample_request(url, model_uri)}")
 
 
 def _print_status(dashboard: str) -> None:
     from keel.serve import control
+    from keel.serve.shadow import SHADOW_APP
 
     applications = control.status_rest(dashboard).get("applications", {})
     if not applications:
         typer.echo("No model is being served.")
     for name, application in applications.items():
         model = control.served_model_uri(application) or "?"
-        typer.echo(f"{name}: {application.get('status')}  {model}")
+        role = "  (shadow: scores copies of the requests, answers nobody)" if name == SHADOW_APP else ""
+        typer.echo(f"{name}: {application.get('status')}  {model}{role}")
         for deployment, state in application.get("deployments", {}).items():
             typer.echo(f"  {deployment}: {state.get('status')} {state.get('replica_states', {})}")
 
 
-def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: OutputFormat) -> None:
+def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: OutputFormat,
+                         shadow_uri: str | None) -> None:
     import logging
     import os
     import signal
@@ -108,8 +134,8 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
         os.environ.update(HAPROXY_ENVIRONMENT)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        url = deploy(model_uri, config)  # type: ignore[arg-type]
-        _announce(url, model_uri, output)
+        url = deploy(model_uri, config, shadow_uri)  # type: ignore[arg-type]
+        _announce(url, model_uri, output, shadow_uri)
         typer.echo("Press Ctrl-C to stop.")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

@@ -23,6 +23,7 @@ from typing import Any
 
 from keel.errors import KeelError
 from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
+from keel.serve.shadow import SHADOW_APP, ShadowConfig, shadow_application, without_graduated_shadow
 from keel.settings import KeelSettings
 
 APPLICATIONS = "/api/serve/applications/"
@@ -69,17 +70,21 @@ def _call(method: str, url: str, payload: Any = None) -> Any:
     return json.loads(body) if body.strip() else None
 
 
-def serve_config_document(model_uri: str, config: ServeConfig) -> dict[str, Any]:
-    """The Serve config (as in a RayService's ``serveConfigV2``) for one model."""
-    return {
-        "http_options": {"host": config.host, "port": config.port},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": BUILDER,
-                          "args": {"model_uri": model_uri, "config": config.model_dump()}}],
-    }
+def serve_config_document(model_uri: str, config: ServeConfig, shadow_uri: str | None = None,
+                          shadow_config: ServeConfig | None = None) -> dict[str, Any]:
+    """The Serve config (as in a RayService's ``serveConfigV2``) for one model, and a shadow beside it."""
+    if shadow_uri:
+        config = config.model_copy(update={"shadow": config.shadow or ShadowConfig()})
+    applications = [{"name": APP_NAME, "route_prefix": "/", "import_path": BUILDER,
+                     "args": {"model_uri": model_uri, "config": config.model_dump()}}]
+    if shadow_uri:
+        applications.append(shadow_application(shadow_uri, (shadow_config or ServeConfig()).model_dump()))
+    return {"http_options": {"host": config.host, "port": config.port}, "applications": applications}
 
 
-def deploy_rest(dashboard_url: str, model_uri: str, config: ServeConfig) -> None:
-    _call("PUT", dashboard_url.rstrip("/") + APPLICATIONS, serve_config_document(model_uri, config))
+def deploy_rest(dashboard_url: str, model_uri: str, config: ServeConfig, shadow_uri: str | None = None) -> None:
+    """Replace what the Serve instance runs (a shadow included) with ``model_uri`` and, given, its shadow."""
+    _call("PUT", dashboard_url.rstrip("/") + APPLICATIONS, serve_config_document(model_uri, config, shadow_uri))
 
 
 def status_rest(dashboard_url: str) -> dict[str, Any]:
@@ -96,21 +101,23 @@ def served_model_uri(application: dict[str, Any]) -> str | None:
     return (application.get("deployed_app_config") or {}).get("args", {}).get("model_uri")
 
 
-def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: str | None = None) -> dict[str, Any]:
-    """Poll until the Keel application is RUNNING (serving ``model_uri``, when given); a ServeError with
+def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: str | None = None,
+                       app: str = APP_NAME) -> dict[str, Any]:
+    """Poll until application ``app`` is RUNNING (serving ``model_uri``, when given); a ServeError with
     Serve's message if it fails."""
+    server = "the shadow model server" if app == SHADOW_APP else "the model server"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        application = status_rest(dashboard_url).get("applications", {}).get(APP_NAME, {})
+        application = status_rest(dashboard_url).get("applications", {}).get(app, {})
         state = application.get("status")
         if state == "RUNNING" and model_uri in (None, served_model_uri(application)):
             return application
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
             details = [d.get("message", "") for d in application.get("deployments", {}).values()]
             message = " ".join(m for m in [application.get("message", state), *details] if m)
-            raise ServeError(f"the model server failed to start: {message[-2000:]}")
+            raise ServeError(f"{server} failed to start: {message[-2000:]}")
         time.sleep(1)
-    raise ServeError(f"the model server was not RUNNING after {timeout_s:.0f} s; see `keel serve status`.")
+    raise ServeError(f"{server} was not RUNNING after {timeout_s:.0f} s; see `keel serve status`.")
 
 
 def _ray_command() -> str:
@@ -206,29 +213,38 @@ def end_process_group(group: int, grace_s: float = 5) -> bool:
     return True
 
 
-def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings, haproxy: bool = True) -> str:
-    """Serve ``model_uri`` on the cluster at KEEL_RAY_DASHBOARD_URL, or on a local Ray head started here.
+def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings, haproxy: bool = True,
+                    shadow_uri: str | None = None) -> str:
+    """Serve ``model_uri`` (and a shadow) on the cluster at KEEL_RAY_DASHBOARD_URL, or on a local Ray head
+    started here.
 
-    Returns once the application is RUNNING, with the URL it answers on.
+    Returns once the applications are RUNNING, with the URL the model answers on.
     """
     dashboard = settings.serve_dashboard_url
     if not dashboard:
         dashboard = start_local_head(settings, haproxy=haproxy)
-    deploy_rest(dashboard, model_uri, config)
+    deploy_rest(dashboard, model_uri, config, shadow_uri)
     wait_until_running(dashboard)
+    if shadow_uri:
+        wait_until_running(dashboard, app=SHADOW_APP)
     return f"http://{config.host}:{config.port}"
 
 
 def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     """The pipeline's deploy step: roll the chart's RayService on a cluster, else serve on this machine's Ray.
 
-    On a cluster only the model changes: replicas, batching and token auth stay
-    as the chart set them in the RayService.
+    Where the model is served already only the model changes: replicas, batching, token auth and a shadow
+    (unless it serves this version) stay as the chart or ``keel serve`` set them.
     """
+    from keel.tracking import registered_name
+
     if settings.ray_service:
         from keel.cluster import roll_served_model
 
         return roll_served_model(settings, model_uri)
+    rolled = roll_if_serving(registered_name(model_uri) or "", model_uri, settings)
+    if rolled is not None:
+        return rolled
     host = "0.0.0.0" if settings.serve_dashboard_url else "127.0.0.1"  # a remote Ray head vs this machine
     return deploy_detached(model_uri, ServeConfig(port=port, host=host), settings)
 
@@ -237,7 +253,9 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     """Serve ``model_uri`` wherever ``model_name`` is being served now: the chart's RayService on a cluster,
     else the Ray head at KEEL_RAY_DASHBOARD_URL or the one ``keel serve --detach`` started here. Only the
     model changes; every other Serve setting (port, replicas, token) is kept, and other applications stay.
+    A shadow serving ``model_uri``'s version has graduated and is removed; any other shadow stays.
     Returns the serving URL, or None when nothing serves ``model_name`` (nothing is started then)."""
+    from keel.serve.deployment import same_registered_version
     from keel.tracking import registered_name
 
     if settings.ray_service:
@@ -258,8 +276,10 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     if served != model_uri:
         configs = {name: application.get("deployed_app_config") or {} for name, application in applications.items()}
         configs[APP_NAME]["args"]["model_uri"] = model_uri
+        kept = without_graduated_shadow(list(configs.values()), APP_NAME, model_uri,
+                                        lambda first, second: same_registered_version(first, second, settings))
         _call("PUT", dashboard.rstrip("/") + APPLICATIONS,
-              {"http_options": details.get("http_options") or {}, "applications": list(configs.values())})
+              {"http_options": details.get("http_options") or {}, "applications": kept})
         wait_until_running(dashboard, model_uri=model_uri)
     http = details.get("http_options") or {}
     return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"

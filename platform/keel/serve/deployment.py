@@ -4,10 +4,13 @@ Each replica loads the model from the MLflow registry, then mounts the
 FastAPI app of :mod:`keel.serve.app` as its ingress. Concurrent requests are
 scored together (``@serve.batch``): one forward pass over many callers' rows.
 Requests beyond ``max_queued_requests`` get Ray Serve's fast 503, not a hang.
+With ``ServeConfig.shadow`` set, each replica also copies scored requests to
+the shadow application (:class:`ShadowScorer`; see :mod:`keel.serve.shadow`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from typing import Any, cast
@@ -22,6 +25,8 @@ from keel.errors import ConfigError, RegistryError
 from keel.intents.model import IntentModel
 from keel.predictor import Predictor
 from keel.recommend.recommender import Recommender
+from keel.serve.shadow import (SHADOW_APP, SHADOW_DEPLOYMENT, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror,
+                              not_comparable)
 from keel.settings import KeelSettings
 
 APP_NAME = "keel"
@@ -47,6 +52,7 @@ class ServeConfig(BaseModel):
     retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After on a 503 from back-pressure")
     cpus_per_replica: float = Field(default=1.0, gt=0)
     require_token: bool = Field(default=False, description="401 without 'Authorization: Bearer $KEEL_SERVE_TOKEN'")
+    shadow: ShadowConfig | None = Field(default=None, description="copy scored rows to the keel-shadow app")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,14 @@ def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
                             f"({e.message}). `keel models list` shows what is.") from e
 
 
+def same_registered_version(first_uri: str, second_uri: str, settings: KeelSettings) -> bool:
+    """Whether two registry URIs (an alias, a number) name one model version; False if either names none."""
+    try:
+        return resolve_version(first_uri, settings) == resolve_version(second_uri, settings)
+    except RegistryError:
+        return False
+
+
 def load_registered(model_uri: str, settings: KeelSettings) -> LoadedModel:
     """The Keel predictor inside a registered pyfunc model, with its name and version."""
     import mlflow
@@ -101,7 +115,8 @@ class ModelServer:
     """One replica: the model, its metrics and the HTTP app over them."""
 
     def __init__(self, model_uri: str, environment: dict[str, str], max_batch_size: int,
-                 batch_wait_timeout_s: float, require_token: bool = False) -> None:
+                 batch_wait_timeout_s: float, require_token: bool = False,
+                 shadow: dict[str, Any] | None = None) -> None:
         from keel.serve.metrics import ServingMetrics
         from keel.settings import load_settings
 
@@ -117,6 +132,11 @@ class ModelServer:
                                       prediction_reference=classifier.prediction_reference if classifier else None)
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.mirror: ShadowMirror | None = None
+        if shadow is not None and predictor is not None:  # the CLI and the shadow itself refuse other kinds
+            self.mirror = ShadowMirror(connect_to_shadow, ShadowConfig.model_validate(shadow),
+                                       ShadowMetrics(self.metrics.registry, self.model.name, self.model.version))
+        self._classes = np.asarray(classes, dtype=object)
 
     def __serve_build_asgi_app__(self) -> Any:
         from keel.serve.app import build_app
@@ -145,8 +165,46 @@ class ModelServer:
         self.metrics.observe_batch(len(combined))
         assert self.model.predictor is not None  # only the classifier's routes score through here
         probabilities = self.model.predictor.predict_proba(combined)
+        if self.mirror is not None:  # one copy per forward pass, sent after this returns
+            self.mirror.submit(combined, self._classes[probabilities.argmax(axis=1)])
         offsets = np.cumsum([len(f) for f in frames])[:-1]
         return list(np.split(probabilities, offsets))
+
+
+async def connect_to_shadow() -> ShadowCall:
+    """The call that scores a frame on the shadow application of this Serve instance."""
+    handle = await asyncio.to_thread(serve.get_app_handle, SHADOW_APP)  # asks the controller: not on the loop
+
+    async def score_on_shadow(frame: pd.DataFrame) -> tuple[str, list[str]]:
+        return cast(tuple[str, list[str]], await handle.score.remote(frame))
+    return score_on_shadow
+
+
+class ShadowScorer:
+    """A replica of the shadow application: the challenger, answering only the champion's copies."""
+
+    def __init__(self, model_uri: str, environment: dict[str, str], max_batch_size: int,
+                 batch_wait_timeout_s: float) -> None:
+        from keel.settings import load_settings
+
+        os.environ.update(environment)
+        self.model = load_registered(model_uri, load_settings())
+        if self.model.predictor is None:
+            raise not_comparable(model_uri)
+        self._classes = np.asarray(self.model.predictor.classes, dtype=object)
+        self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    async def score(self, frame: pd.DataFrame) -> tuple[str, list[str]]:
+        return self.model.version, await self._score_batch(frame)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _score_batch(self, frames: list[pd.DataFrame]) -> list[list[str]]:
+        assert self.model.predictor is not None
+        probabilities = self.model.predictor.predict_proba(pd.concat(frames, ignore_index=True))
+        labels = self._classes[probabilities.argmax(axis=1)].tolist()
+        offsets = np.cumsum([0, *(len(f) for f in frames)])
+        return [labels[start:end] for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def serving_token(settings: KeelSettings, require_token: bool) -> str:
@@ -170,10 +228,9 @@ def keel_environment(settings: KeelSettings) -> dict[str, str]:
     return environment
 
 
-def build_application(model_uri: str, config: ServeConfig) -> Any:
-    """The bound Serve application: deployment options from ``config``."""
+def _deployment_options(name: str, config: ServeConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
-        "name": "model", "max_ongoing_requests": config.max_ongoing_requests,
+        "name": name, "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
         # Back-pressure: a fast 503 with Retry-After rather than an ever longer queue
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
@@ -184,18 +241,38 @@ def build_application(model_uri: str, config: ServeConfig) -> Any:
                                          "target_ongoing_requests": max(1, config.max_batch_size // 2)}
     else:
         options["num_replicas"] = config.replicas
-    deployment = cast(Any, serve.deployment(ModelServer)).options(**options)
+    return options
+
+
+def build_application(model_uri: str, config: ServeConfig) -> Any:
+    """The bound Serve application: deployment options from ``config``."""
     from keel.settings import load_settings
 
+    deployment = cast(Any, serve.deployment(ModelServer)).options(**_deployment_options("model", config))
     settings = load_settings()
     serving_token(settings, config.require_token)  # fail here, not in a replica that restarts forever
     return deployment.bind(model_uri, keel_environment(settings), config.max_batch_size,
-                           config.batch_wait_timeout_s, config.require_token)
+                           config.batch_wait_timeout_s, config.require_token,
+                           config.shadow.model_dump() if config.shadow else None)
 
 
-def deploy(model_uri: str, config: ServeConfig) -> str:
-    """Run the application on the connected Ray cluster; returns the base URL."""
+def build_shadow_application(model_uri: str, config: ServeConfig) -> Any:
+    """The bound shadow application (replicas and batching from ``config``; its port and token go unused)."""
+    from keel.settings import load_settings
+
+    deployment = cast(Any, serve.deployment(ShadowScorer)).options(**_deployment_options(SHADOW_DEPLOYMENT, config))
+    return deployment.bind(model_uri, keel_environment(load_settings()), config.max_batch_size,
+                           config.batch_wait_timeout_s)
+
+
+def deploy(model_uri: str, config: ServeConfig, shadow_uri: str | None = None,
+           shadow_config: ServeConfig | None = None) -> str:
+    """Run the application (and a shadow beside it) on the connected Ray cluster; returns the base URL."""
     serve.start(http_options={"host": config.host, "port": config.port})
+    if shadow_uri:
+        config = config.model_copy(update={"shadow": config.shadow or ShadowConfig()})
+        serve.run(build_shadow_application(shadow_uri, shadow_config or ServeConfig()), name=SHADOW_APP,
+                  route_prefix=None, blocking=False)
     serve.run(build_application(model_uri, config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"
 
@@ -203,3 +280,8 @@ def deploy(model_uri: str, config: ServeConfig) -> str:
 def application_builder(args: dict[str, Any]) -> Any:
     """Entry point for Serve config files, the REST API and RayService ``serveConfigV2``."""
     return build_application(args["model_uri"], ServeConfig.model_validate(args.get("config", {})))
+
+
+def shadow_application_builder(args: dict[str, Any]) -> Any:
+    """Entry point of the shadow application (:func:`keel.serve.shadow.shadow_application`)."""
+    return build_shadow_application(args["model_uri"], ServeConfig.model_validate(args.get("config", {})))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from keel.serve.metrics import ServingMetrics
+from keel.serve.shadow import ShadowMetrics
 
 MONITOR = Path(__file__).resolve().parents[3] / "helm" / "keel" / "files"
 
@@ -32,6 +33,8 @@ def served_metric_names() -> set[str]:
     metrics.observe_batch(3)
     metrics.observe_predictions(np.tile([[0.2, 0.8]], (200, 1)))  # enough for the prediction drift score
     metrics.observe_sources(["popular"])
+    shadow = ShadowMetrics(metrics.registry, "m", "1")  # what a replica with a shadow adds
+    shadow.observe_comparison("2", np.asarray(["a", "b"], dtype=object), ["a", "a"], 0.01)
     registry = metrics.registry
     names = set()
     for family in registry.collect():

@@ -1,0 +1,183 @@
+"""Shadow serving: a challenger scores a copy of the champion's traffic, and no caller sees its answers.
+
+The gate judges a challenger on a held-out split, but production traffic can
+differ from it. In shadow mode the challenger runs as a second Ray Serve
+application (:data:`SHADOW_APP`, with no HTTP route). It gets a copy of the
+rows of each forward pass the champion makes (one request's rows, or many
+batched together), sent once the champion has its answer. The champion's
+replica then counts the rows where both models predicted the same class, and
+records the shadow's latency and failures. One copy per forward pass, not per
+request, keeps the cost of a copy (a call to another process) to one per batch. A shadow that is slow,
+down or refuses the rows costs the champion's callers nothing: at most
+``max_in_flight`` copies wait at once (more are skipped), each waits at most
+``timeout_s``, and no shadow error reaches a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+
+from keel.errors import ConfigError
+
+SHADOW_APP = "keel-shadow"
+SHADOW_DEPLOYMENT = "shadow"
+SHADOW_BUILDER = "keel.serve.deployment:shadow_application_builder"
+LOG = logging.getLogger(__name__)
+# (the shadow's version, its predicted class per row)
+ShadowCall = Callable[[pd.DataFrame], Awaitable[tuple[str, list[str]]]]
+
+
+class ShadowConfig(BaseModel):
+    """How the champion copies the rows it scores to the shadow application."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sample: float = Field(default=1.0, gt=0, le=1, description="share of forward passes copied to the shadow")
+    max_in_flight: int = Field(default=32, ge=1, description="copies awaiting the shadow per replica; more skip")
+    timeout_s: float = Field(default=2.0, gt=0, description="a copy not answered by then counts as failed")
+
+
+class ShadowMetrics:
+    """What the champion's replica learns about the shadow, exported on the champion's ``/metrics``."""
+
+    def __init__(self, registry: CollectorRegistry, model: str, version: str) -> None:
+        self._labels = {"model": model, "version": version}
+        self.copies = Counter("keel_shadow_copies_total",
+                              "Copies of a forward pass's rows sent to the shadow, by outcome: compared, failed (an "
+                              "error or timeout), skipped (too many copies waiting), unavailable (no shadow app).",
+                              ["model", "version", "outcome"], registry=registry)
+        self.rows = Counter("keel_shadow_rows_total",
+                            "Rows both models scored, by whether the shadow predicted the champion's class.",
+                            ["model", "version", "shadow_version", "agreement"], registry=registry)
+        self.latency = Histogram("keel_shadow_duration_seconds", "Time from sending a copy to the shadow's answer.",
+                                 ["model", "version"], registry=registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        for outcome in ("compared", "failed", "skipped", "unavailable"):  # rate() works from the first scrape
+            self.copies.labels(**self._labels, outcome=outcome)
+
+    def observe(self, outcome: str) -> None:
+        self.copies.labels(**self._labels, outcome=outcome).inc()
+
+    def observe_comparison(self, shadow_version: str, champion: np.ndarray, shadow: list[str], seconds: float) -> None:
+        same = int((np.asarray(shadow, dtype=object) == champion).sum())
+        self.rows.labels(**self._labels, shadow_version=shadow_version, agreement="same").inc(same)
+        self.rows.labels(**self._labels, shadow_version=shadow_version, agreement="different").inc(len(shadow) - same)
+        self.latency.labels(**self._labels).observe(seconds)
+        self.observe("compared")
+
+
+class ShadowMirror:
+    """Copies scored rows to the shadow, off the response path, and compares its answers.
+
+    ``connect`` returns the call that reaches the shadow. It is made on the first copy, not at start-up,
+    because both applications deploy together and the shadow may come up second. While there is no
+    shadow, copies count as unavailable and ``connect`` is retried at most every ``retry_s`` seconds.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[ShadowCall]], config: ShadowConfig, metrics: ShadowMetrics,
+                 retry_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self._connect, self.config, self.metrics = connect, config, metrics
+        self._retry_s, self._clock, self._rng = retry_s, clock, rng or random.Random()
+        self._call: ShadowCall | None = None
+        self._connect_after = 0.0
+        self._warned_at = -float("inf")
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def submit(self, frame: pd.DataFrame, champion_labels: np.ndarray) -> None:
+        """Start comparing the shadow's answer for ``frame`` with the champion's; returns at once, never raises."""
+        if self._rng.random() >= self.config.sample:
+            return
+        if len(self.pending) >= self.config.max_in_flight:
+            self.metrics.observe("skipped")
+            return
+        if self._call is None and self._clock() < self._connect_after:
+            self.metrics.observe("unavailable")
+            return
+        task = asyncio.get_running_loop().create_task(self._compare(frame, champion_labels))
+        self.pending.add(task)  # a strong reference until it ends, as asyncio asks
+        task.add_done_callback(self.pending.discard)
+
+    async def _compare(self, frame: pd.DataFrame, champion_labels: np.ndarray) -> None:
+        call = await self._connected()
+        if call is None:
+            return
+        started = self._clock()
+        try:
+            version, labels = await asyncio.wait_for(call(frame), self.config.timeout_s)
+            if len(labels) != len(champion_labels):
+                raise ValueError(f"the shadow answered {len(labels)} rows for {len(champion_labels)}")
+        except Exception as e:  # noqa: BLE001 - whatever the shadow does, the champion keeps serving
+            self.metrics.observe("failed")
+            self._warn(f"a copy sent to the shadow failed: {type(e).__name__}: {e}"[:500])
+            return
+        self.metrics.observe_comparison(version, champion_labels, labels, self._clock() - started)
+
+    async def _connected(self) -> ShadowCall | None:
+        if self._call is None:
+            try:
+                self._call = await self._connect()
+            except Exception as e:  # noqa: BLE001 - no shadow application (yet): count it, try again later
+                self._connect_after = self._clock() + self._retry_s
+                self.metrics.observe("unavailable")
+                self._warn(f"the shadow application {SHADOW_APP!r} cannot be reached: {e}"[:500])
+                return None
+        return self._call
+
+    def _warn(self, message: str) -> None:
+        """At most one warning a minute: a broken shadow must not flood the champion's log."""
+        if self._clock() - self._warned_at >= 60:
+            self._warned_at = self._clock()
+            LOG.warning(message)
+
+
+def not_comparable(model_uri: str) -> ConfigError:
+    return ConfigError(f"{model_uri}: shadow serving compares tabular classifiers' predicted classes; this model "
+                       "is a recommender or a text classifier.")
+
+
+def check_shadow_fits(champion_columns: list[str] | None, shadow_columns: list[str] | None,
+                      champion_uri: str, shadow_uri: str) -> None:
+    """Refuse a shadow that could never score the champion's requests: a ConfigError saying why.
+
+    Columns are None for a model that is not a tabular classifier (a recommender or a text classifier),
+    whose answers are not compared by class yet.
+    """
+    for uri, columns in ((champion_uri, champion_columns), (shadow_uri, shadow_columns)):
+        if columns is None:
+            raise not_comparable(uri)
+    missing = sorted(set(shadow_columns or []) - set(champion_columns or []))
+    if missing:
+        raise ConfigError(f"{shadow_uri} reads column(s) {missing} that requests to {champion_uri} do not carry: "
+                          "its copies would all fail. Shadow a challenger trained on the champion's columns.")
+
+
+def shadow_application(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The Serve config of the shadow application: no route, so only the champion's replicas reach it."""
+    return {"name": SHADOW_APP, "route_prefix": None, "import_path": SHADOW_BUILDER,
+            "args": {"model_uri": model_uri, "config": config}}
+
+
+def without_graduated_shadow(applications: list[dict[str, Any]], champion_app: str, model_uri: str,
+                             same_version: Callable[[str, str], bool]) -> list[dict[str, Any]]:
+    """The applications once ``model_uri`` is champion: a shadow serving that version has graduated, so it
+    and the champion's copying go; any other shadow stays."""
+    shadow = next((a for a in applications if a.get("name") == SHADOW_APP), None)
+    shadow_uri = (shadow or {}).get("args", {}).get("model_uri")
+    if not shadow_uri or not same_version(shadow_uri, model_uri):
+        return applications
+    kept = [a for a in applications if a.get("name") != SHADOW_APP]
+    for application in kept:
+        if application.get("name") == champion_app:
+            application.get("args", {}).get("config", {}).pop("shadow", None)
+    return kept

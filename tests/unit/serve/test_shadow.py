@@ -1,0 +1,193 @@
+"""Shadow serving's moving parts without Ray: the mirror, the fit check, the config and the graduation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+from prometheus_client import CollectorRegistry
+
+from keel.errors import ConfigError
+from keel.serve.shadow import (SHADOW_APP, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror, check_shadow_fits,
+                               without_graduated_shadow)
+
+FRAME = pd.DataFrame({"size": [1.0, 2.0, 3.0]})
+CHAMPION = np.asarray(["no", "yes", "no"], dtype=object)
+
+
+def mirror_over(call: ShadowCall, config: ShadowConfig = ShadowConfig(), rng: random.Random | None = None) -> ShadowMirror:
+    async def connect() -> ShadowCall:
+        return call
+    return ShadowMirror(connect, config, ShadowMetrics(CollectorRegistry(), "m", "1"), rng=rng)
+
+
+def copies(mirror: ShadowMirror, outcome: str) -> float:
+    return mirror.metrics.copies.labels(model="m", version="1", outcome=outcome)._value.get()
+
+
+def rows(mirror: ShadowMirror, agreement: str, shadow_version: str = "2") -> float:
+    return mirror.metrics.rows.labels(model="m", version="1", shadow_version=shadow_version,
+                                      agreement=agreement)._value.get()
+
+
+async def settled(mirror: ShadowMirror) -> None:
+    while mirror.pending:
+        await asyncio.gather(*mirror.pending)
+
+
+def answering(labels: list[str], gate: asyncio.Event | None = None) -> ShadowCall:
+    async def call(frame: pd.DataFrame) -> tuple[str, list[str]]:
+        if gate is not None:
+            await gate.wait()
+        return "2", labels
+    return call
+
+
+def test_a_copy_is_compared_row_by_row_after_the_caller_has_its_answer() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        mirror = mirror_over(answering(["no", "no", "no"], gate))
+        mirror.submit(FRAME, CHAMPION)  # returns while the shadow has not answered
+        await asyncio.sleep(0.01)
+        assert len(mirror.pending) == 1 and rows(mirror, "same") == 0
+        gate.set()
+        await settled(mirror)
+        assert (rows(mirror, "same"), rows(mirror, "different")) == (2, 1)
+        assert copies(mirror, "compared") == 1
+        assert mirror.metrics.latency.labels(model="m", version="1")._sum.get() > 0
+    asyncio.run(scenario())
+
+
+def failing(exception: BaseException) -> ShadowCall:
+    async def call(frame: pd.DataFrame) -> tuple[str, list[str]]:
+        raise exception
+    return call
+
+
+async def too_slow(frame: pd.DataFrame) -> tuple[str, list[str]]:
+    await asyncio.sleep(5)
+    return "2", ["no"] * len(frame)
+
+
+@pytest.mark.parametrize("call", [failing(RuntimeError("replica died")), too_slow, answering(["no"])],
+                         ids=["raises", "times-out", "wrong-row-count"])
+def test_a_shadow_that_fails_is_counted_and_nothing_is_raised(call: ShadowCall,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> ShadowMirror:
+        mirror = mirror_over(call, ShadowConfig(timeout_s=0.05))
+        mirror.submit(FRAME, CHAMPION)
+        mirror.submit(FRAME, CHAMPION)
+        await settled(mirror)
+        return mirror
+
+    mirror = asyncio.run(scenario())
+    assert copies(mirror, "failed") == 2 and copies(mirror, "compared") == 0
+    assert rows(mirror, "same") + rows(mirror, "different") == 0
+    assert len([r for r in caplog.records if "shadow failed" in r.getMessage()]) <= 1  # once a minute at most
+
+
+def test_copies_beyond_max_in_flight_are_skipped_not_queued() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        mirror = mirror_over(answering(["no", "no", "no"], gate), ShadowConfig(max_in_flight=2))
+        for _ in range(5):
+            mirror.submit(FRAME, CHAMPION)
+        assert len(mirror.pending) == 2 and copies(mirror, "skipped") == 3
+        gate.set()
+        await settled(mirror)
+        assert copies(mirror, "compared") == 2
+    asyncio.run(scenario())
+
+
+def test_without_a_shadow_application_copies_are_unavailable_and_it_is_looked_for_again_later() -> None:
+    now = [0.0]
+    attempts: list[float] = []
+
+    async def connect() -> ShadowCall:
+        attempts.append(now[0])
+        if len(attempts) == 1:
+            raise RuntimeError("Application 'keel-shadow' does not exist.")
+        return answering(["no", "yes", "no"])
+
+    async def scenario() -> ShadowMirror:
+        mirror = ShadowMirror(connect, ShadowConfig(), ShadowMetrics(CollectorRegistry(), "m", "1"), retry_s=5,
+                              clock=lambda: now[0])
+        mirror.submit(FRAME, CHAMPION)
+        await settled(mirror)
+        now[0] = 4.0
+        mirror.submit(FRAME, CHAMPION)  # within retry_s: counted, the controller is not asked again
+        await settled(mirror)
+        now[0] = 6.0
+        mirror.submit(FRAME, CHAMPION)
+        await settled(mirror)
+        return mirror
+
+    mirror = asyncio.run(scenario())
+    assert attempts == [0.0, 6.0]
+    assert copies(mirror, "unavailable") == 2 and copies(mirror, "compared") == 1 and rows(mirror, "same") == 3
+
+
+def test_a_sample_copies_that_share_of_forward_passes() -> None:
+    async def scenario() -> ShadowMirror:
+        mirror = mirror_over(answering(["no", "yes", "no"]), ShadowConfig(sample=0.25), rng=random.Random(7))
+        for _ in range(400):
+            mirror.submit(FRAME, CHAMPION)
+            await settled(mirror)
+        return mirror
+
+    draws = random.Random(7)
+    expected = sum(draws.random() < 0.25 for _ in range(400))
+    mirror = asyncio.run(scenario())
+    assert copies(mirror, "compared") == expected and 70 < expected < 130
+    assert rows(mirror, "same") == 3 * expected
+
+
+def test_a_shadow_must_read_only_columns_the_champions_requests_carry() -> None:
+    check_shadow_fits(["size", "colour", "weight"], ["size", "colour"], "models:/m/1", "models:/m/2")
+    with pytest.raises(ConfigError, match=r"models:/m/2 reads column\(s\) \['age'\] that requests to models:/m/1"):
+        check_shadow_fits(["size"], ["size", "age"], "models:/m/1", "models:/m/2")
+    with pytest.raises(ConfigError, match="models:/shop/3: shadow serving compares tabular classifiers"):
+        check_shadow_fits(["size"], None, "models:/m/1", "models:/shop/3")
+
+
+def applications(shadow_uri: str) -> list[dict]:
+    return [{"name": "keel", "args": {"model_uri": "models:/m/1", "config": {"replicas": 2, "shadow": {}}}},
+            {"name": "other", "args": {"model_uri": "models:/n/1"}},
+            {"name": SHADOW_APP, "route_prefix": None, "args": {"model_uri": shadow_uri, "config": {}}}]
+
+
+def same_version(versions: dict[str, str]) -> Callable[[str, str], bool]:
+    return lambda first, second: versions[first] == versions[second]
+
+
+def test_a_shadow_serving_the_new_champion_has_graduated_and_goes() -> None:
+    versions = {"models:/m@challenger": "2", "models:/m/2": "2", "models:/m/3": "3"}
+    kept = without_graduated_shadow(applications("models:/m@challenger"), "keel", "models:/m/2",
+                                    same_version(versions))
+    assert [a["name"] for a in kept] == ["keel", "other"]
+    assert kept[0]["args"]["config"] == {"replicas": 2}  # the champion stops copying
+    unchanged = applications("models:/m@challenger")
+    assert without_graduated_shadow(applications("models:/m@challenger"), "keel", "models:/m/3",
+                                    same_version(versions)) == unchanged
+
+
+def test_the_serve_config_with_a_shadow_is_one_ray_accepts() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from keel.serve.control import serve_config_document
+    from keel.serve.deployment import ServeConfig
+
+    document = serve_config_document("models:/m@champion", ServeConfig(replicas=2), "models:/m/5",
+                                     ServeConfig(replicas=1, cpus_per_replica=0.5))
+    schema = ServeDeploySchema.model_validate(document)
+    champion, shadow = schema.applications
+    assert champion.route_prefix == "/" and shadow.route_prefix is None and shadow.name == SHADOW_APP
+    assert ServeConfig.model_validate(champion.args["config"]).shadow == ShadowConfig()
+    assert ServeConfig.model_validate(shadow.args["config"]).cpus_per_replica == 0.5
+    (alone,) = serve_config_document("models:/m@champion", ServeConfig())["applications"]
+    assert alone["args"]["config"]["shadow"] is None
+

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -120,10 +123,13 @@ def test_the_served_champion_takes_raw_text_and_never_logs_it(pipeline_run: tupl
     loaded = load_registered(f"models:/{MODEL}@champion", load_settings())
     assert loaded.intents is not None
     message = "Hi, this is Grace Nguyen, where is my order ORD-7712345? mail grace.n@example.com or +44 7911 123456"
-    with caplog.at_level(logging.DEBUG), TestClient(build_intents_app(loaded.intents, loaded.name,
-                                                                      loaded.version)) as client:
+    mirror = shadow_of(loaded)  # the champion shadowing itself: every copied text must agree
+    with caplog.at_level(logging.DEBUG), TestClient(build_intents_app(
+            loaded.intents, loaded.name, loaded.version, on_classified=lambda texts, intents: mirror.submit(
+                pd.DataFrame({"text": texts}), np.asarray(intents, dtype=object)))) as client:
         answer = client.post(f"/v1/models/{MODEL}:classify", json={"texts": [message, "I want my money back"]})
         assert answer.status_code == 200, answer.text
+        assert compared_rows(mirror, loaded.version) == {"same": 2, "different": 0}
         predictions = answer.json()["predictions"]
         assert [p["intent"] in loaded.intents.labels and 0 < p["probability"] <= 1 for p in predictions] == [True] * 2
         empty = client.post(f"/v1/models/{MODEL}:classify", json={"texts": []})
@@ -210,3 +216,28 @@ def test_the_next_run_is_gated_against_the_champion_rescored_on_its_rows(pipelin
     assert champion is not None and champion["f1_macro"] == pytest.approx(evaluation["f1_macro"], abs=0.005)
     assert not decision.passed and decision.champion_version == "1" and "vs champion v1" in decision.failures[0]
     assert gate(chosen, baseline, config, registry, test, load_settings())[0].passed
+
+
+def shadow_of(loaded: Any) -> Any:
+    """A shadow mirror whose shadow is ``loaded`` scoring its copies in-process (Ray carries them when served)."""
+    from prometheus_client import CollectorRegistry
+
+    from keel.serve.shadow import ShadowConfig, ShadowMetrics, ShadowMirror
+
+    async def score(frame: pd.DataFrame) -> tuple[str, list[str]]:
+        return loaded.version, loaded.predicted_classes(frame)
+
+    async def connect() -> Any:
+        return score
+    return ShadowMirror(connect, ShadowConfig(), ShadowMetrics(CollectorRegistry(), loaded.name, loaded.version))
+
+
+def compared_rows(mirror: Any, version: str, timeout_s: float = 30) -> dict[str, float | None]:
+    """The rows compared once the copy (scored after the answer went out) is done."""
+    deadline = time.monotonic() + timeout_s
+    while mirror.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    labels = {"model": MODEL, "version": version, "shadow_version": version}
+    return {agreement: mirror.metrics.registry.get_sample_value("keel_shadow_rows_total",
+                                                                {**labels, "agreement": agreement})
+            for agreement in ("same", "different")}

@@ -87,9 +87,8 @@ def _check_shadow(model_uri: str, shadow_uri: str) -> None:
     from keel.serve.deployment import load_registered
     from keel.serve.shadow import check_shadow_fits
 
-    champion, challenger = (load_registered(uri, load_settings()).predictor for uri in (model_uri, shadow_uri))
-    check_shadow_fits(champion.transform.input_columns if champion else None,
-                      challenger.transform.input_columns if challenger else None, model_uri, shadow_uri)
+    champion, challenger = (load_registered(uri, load_settings()) for uri in (model_uri, shadow_uri))
+    check_shadow_fits(champion.compared_columns, challenger.compared_columns, model_uri, shadow_uri)
 
 
 def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | None = None) -> None:

@@ -8,6 +8,7 @@ never reaches the replica's logs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
@@ -42,7 +43,10 @@ class ClassifyResponse(BaseModel):
 
 def build_intents_app(model: IntentModel, model_name: str, model_version: str,
                       metrics: ServingMetrics | None = None, token: str = "",
-                      max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+                      max_body_bytes: int = MAX_BODY_BYTES,
+                      on_classified: Callable[[list[str], list[str]], None] | None = None) -> FastAPI:
+    """The ``:classify`` API over one text classifier; ``on_classified(texts, intents)`` sees each answer
+    (the shadow's copy, in :mod:`keel.serve.shadow`)."""
     metrics = metrics or ServingMetrics(model_name, model_version, model.labels,
                                         prediction_reference=model.prediction_reference)
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
@@ -56,7 +60,10 @@ def build_intents_app(model: IntentModel, model_name: str, model_version: str,
         check_name(name)
         metrics.observe_batch(len(body.texts))
         predictions = model.classify(body.texts)
-        metrics.observe_labels([p["intent"] for p in predictions])
+        intents = [p["intent"] for p in predictions]
+        metrics.observe_labels(intents)
+        if on_classified is not None:
+            on_classified(body.texts, intents)
         return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,
                 "predictions": predictions}
 

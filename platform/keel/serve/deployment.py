@@ -30,6 +30,7 @@ from keel.serve.shadow import (SHADOW_APP, SHADOW_DEPLOYMENT, ShadowCall, Shadow
 from keel.settings import KeelSettings
 
 APP_NAME = "keel"
+TEXT_COLUMN = "text"  # what a text classifier's copies carry
 # Ray Serve's throughput-optimized ingress: HAProxy in front of the replicas
 # (Ray >= 2.55). It must be in the environment before Ray starts.
 HAPROXY_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -64,6 +65,23 @@ class LoadedModel:
     version: str
     recommender: Recommender | None = None
     intents: IntentModel | None = None
+
+    @property
+    def compared_columns(self) -> list[str] | None:
+        """The columns a shadow copy carries to this model: a classifier's inputs (``text`` for a text
+        classifier); None for a recommender, whose ranked lists are not compared."""
+        if self.predictor is not None:
+            return self.predictor.transform.input_columns
+        return [TEXT_COLUMN] if self.intents is not None else None
+
+    def predicted_classes(self, frame: pd.DataFrame) -> list[str]:
+        """The class this model predicts for each row of a shadow copy."""
+        if self.predictor is not None:
+            classes = np.asarray(self.predictor.classes, dtype=object)
+            return list(classes[self.predictor.predict_proba(frame).argmax(axis=1)])
+        if self.intents is not None:
+            return [p["intent"] for p in self.intents.classify(frame[TEXT_COLUMN].tolist())]
+        raise not_comparable(f"models:/{self.name}/{self.version}")
 
 
 def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
@@ -133,7 +151,7 @@ class ModelServer:
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.mirror: ShadowMirror | None = None
-        if shadow is not None and predictor is not None:  # the CLI and the shadow itself refuse other kinds
+        if shadow is not None and classifier is not None:  # the CLI and the shadow itself refuse recommenders
             self.mirror = ShadowMirror(connect_to_shadow, ShadowConfig.model_validate(shadow),
                                        ShadowMetrics(self.metrics.registry, self.model.name, self.model.version))
         self._classes = np.asarray(classes, dtype=object)
@@ -150,13 +168,17 @@ class ModelServer:
             from keel.intents.serving import build_intents_app
 
             return build_intents_app(self.model.intents, self.model.name, self.model.version, metrics=self.metrics,
-                                     token=self.token)
+                                     token=self.token, on_classified=self._copy_texts if self.mirror else None)
         assert self.model.predictor is not None
         return build_app(self.model.predictor, self.model.name, self.model.version, scorer=self.score,
                          metrics=self.metrics, token=self.token)
 
     async def score(self, frame: pd.DataFrame) -> np.ndarray:
         return await self._score_batch(frame)
+
+    def _copy_texts(self, texts: list[str], intents: list[str]) -> None:
+        assert self.mirror is not None
+        self.mirror.submit(pd.DataFrame({TEXT_COLUMN: texts}), np.asarray(intents, dtype=object))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _score_batch(self, frames: list[pd.DataFrame]) -> list[np.ndarray]:
@@ -189,9 +211,8 @@ class ShadowScorer:
 
         os.environ.update(environment)
         self.model = load_registered(model_uri, load_settings())
-        if self.model.predictor is None:
+        if self.model.compared_columns is None:
             raise not_comparable(model_uri)
-        self._classes = np.asarray(self.model.predictor.classes, dtype=object)
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 
@@ -200,9 +221,7 @@ class ShadowScorer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _score_batch(self, frames: list[pd.DataFrame]) -> list[list[str]]:
-        assert self.model.predictor is not None
-        probabilities = self.model.predictor.predict_proba(pd.concat(frames, ignore_index=True))
-        labels = self._classes[probabilities.argmax(axis=1)].tolist()
+        labels = self.model.predicted_classes(pd.concat(frames, ignore_index=True))
         offsets = np.cumsum([0, *(len(f) for f in frames)])
         return [labels[start:end] for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
 

@@ -27,7 +27,7 @@ import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.errors import ConfigError
+from keel.errors import ConfigError, KeelError
 
 SHADOW_APP = "keel-shadow"
 SHADOW_DEPLOYMENT = "shadow"
@@ -51,6 +51,7 @@ class ShadowMetrics:
     """What the champion's replica learns about the shadow, exported on the champion's ``/metrics``."""
 
     def __init__(self, registry: CollectorRegistry, model: str, version: str) -> None:
+        self.registry = registry
         self._labels = {"model": model, "version": version}
         self.copies = Counter("keel_shadow_copies_total",
                               "Copies of a forward pass's rows sent to the shadow, by outcome: compared, failed (an "
@@ -119,7 +120,7 @@ class ShadowMirror:
                 raise ValueError(f"the shadow answered {len(labels)} rows for {len(champion_labels)}")
         except Exception as e:  # noqa: BLE001 - whatever the shadow does, the champion keeps serving
             self.metrics.observe("failed")
-            self._warn(f"a copy sent to the shadow failed: {type(e).__name__}: {e}"[:500])
+            self._warn(f"a copy sent to the shadow failed: {_described(e, self.config.timeout_s)}")
             return
         self.metrics.observe_comparison(version, champion_labels, labels, self._clock() - started)
 
@@ -141,17 +142,27 @@ class ShadowMirror:
             LOG.warning(message)
 
 
+def _described(error: Exception, timeout_s: float) -> str:
+    """The error's type, and Keel's own headline when it has one: never the message of another library's
+    error, which can quote the copied rows (a customer's message, say) into the champion's log."""
+    if isinstance(error, asyncio.TimeoutError):
+        return f"no answer within timeout_s={timeout_s:g} s"
+    if not isinstance(error, KeelError):
+        return type(error).__name__
+    lines = [line for line in error.headline.splitlines() if line.strip()]  # Ray's copy ends with the headline
+    return f"{type(error).__name__}: {lines[-1][:300] if lines else ''}"
+
+
 def not_comparable(model_uri: str) -> ConfigError:
-    return ConfigError(f"{model_uri}: shadow serving compares tabular classifiers' predicted classes; this model "
-                       "is a recommender or a text classifier.")
+    return ConfigError(f"{model_uri}: shadow serving compares classifiers' predicted classes; this model is a "
+                       "recommender, whose ranked lists are not compared.")
 
 
 def check_shadow_fits(champion_columns: list[str] | None, shadow_columns: list[str] | None,
                       champion_uri: str, shadow_uri: str) -> None:
     """Refuse a shadow that could never score the champion's requests: a ConfigError saying why.
 
-    Columns are None for a model that is not a tabular classifier (a recommender or a text classifier),
-    whose answers are not compared by class yet.
+    Columns are None for a recommender, whose ranked lists are not compared.
     """
     for uri, columns in ((champion_uri, champion_columns), (shadow_uri, shadow_columns)):
         if columns is None:

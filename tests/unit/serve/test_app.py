@@ -248,3 +248,19 @@ def test_a_column_the_contract_types_bool_takes_true_and_false_and_no_other_colu
         record_model(transform).model_validate({**row, "size": True})
     before = transform.model_copy(update={"boolean": None})
     assert record_model(before).model_validate({**row, "size": True}).size is True
+
+
+def test_a_shadow_copy_is_scored_as_the_served_model_predicts(predictor: Predictor, tmp_path: Path) -> None:
+    """What a shadow replica answers for a copy is the class the model's own API returns, row by row."""
+    from keel.errors import ConfigError
+    from keel.serve.deployment import LoadedModel
+    from tests.stages import packaged_recommender
+
+    frame = small_frame(40).drop(columns=["outcome"])
+    served = LoadedModel(predictor, NAME, VERSION)
+    assert served.predicted_classes(frame) == predictor.predict(frame)["prediction"].tolist()
+    assert served.compared_columns == predictor.transform.input_columns
+    recommender = LoadedModel(None, "shop", "1", recommender=packaged_recommender(tmp_path))
+    assert recommender.compared_columns is None
+    with pytest.raises(ConfigError, match="models:/shop/1: shadow serving compares classifiers"):
+        recommender.predicted_classes(frame)

@@ -25,13 +25,15 @@ def mirror_over(call: ShadowCall, config: ShadowConfig = ShadowConfig(), rng: ra
     return ShadowMirror(connect, config, ShadowMetrics(CollectorRegistry(), "m", "1"), rng=rng)
 
 
-def copies(mirror: ShadowMirror, outcome: str) -> float:
-    return mirror.metrics.copies.labels(model="m", version="1", outcome=outcome)._value.get()
+def copies(mirror: ShadowMirror, outcome: str) -> float | None:
+    return mirror.metrics.registry.get_sample_value("keel_shadow_copies_total",
+                                                    {"model": "m", "version": "1", "outcome": outcome})
 
 
 def rows(mirror: ShadowMirror, agreement: str, shadow_version: str = "2") -> float:
-    return mirror.metrics.rows.labels(model="m", version="1", shadow_version=shadow_version,
-                                      agreement=agreement)._value.get()
+    value = mirror.metrics.registry.get_sample_value("keel_shadow_rows_total", {
+        "model": "m", "version": "1", "shadow_version": shadow_version, "agreement": agreement})
+    return value or 0.0
 
 
 async def settled(mirror: ShadowMirror) -> None:
@@ -58,7 +60,8 @@ def test_a_copy_is_compared_row_by_row_after_the_caller_has_its_answer() -> None
         await settled(mirror)
         assert (rows(mirror, "same"), rows(mirror, "different")) == (2, 1)
         assert copies(mirror, "compared") == 1
-        assert mirror.metrics.latency.labels(model="m", version="1")._sum.get() > 0
+        assert mirror.metrics.registry.get_sample_value("keel_shadow_duration_seconds_count",
+                                                        {"model": "m", "version": "1"}) == 1
     asyncio.run(scenario())
 
 
@@ -88,6 +91,17 @@ def test_a_shadow_that_fails_is_counted_and_nothing_is_raised(call: ShadowCall,
     assert copies(mirror, "failed") == 2 and copies(mirror, "compared") == 0
     assert rows(mirror, "same") + rows(mirror, "different") == 0
     assert len([r for r in caplog.records if "shadow failed" in r.getMessage()]) <= 1  # once a minute at most
+
+
+def test_a_failure_is_logged_without_the_rows_another_librarys_message_may_quote() -> None:
+    from keel.errors import DataError
+    from keel.serve.shadow import _described
+
+    leaky = ValueError("could not tokenize 'Hi, this is Grace, grace@example.com'")
+    assert _described(leaky, 2.0) == "ValueError"
+    assert _described(DataError("input is missing column(s) ['size']"), 2.0) == (
+        "DataError: input is missing column(s) ['size']")
+    assert _described(asyncio.TimeoutError(), 0.5) == "no answer within timeout_s=0.5 s"
 
 
 def test_copies_beyond_max_in_flight_are_skipped_not_queued() -> None:
@@ -150,7 +164,7 @@ def test_a_shadow_must_read_only_columns_the_champions_requests_carry() -> None:
     check_shadow_fits(["size", "colour", "weight"], ["size", "colour"], "models:/m/1", "models:/m/2")
     with pytest.raises(ConfigError, match=r"models:/m/2 reads column\(s\) \['age'\] that requests to models:/m/1"):
         check_shadow_fits(["size"], ["size", "age"], "models:/m/1", "models:/m/2")
-    with pytest.raises(ConfigError, match="models:/shop/3: shadow serving compares tabular classifiers"):
+    with pytest.raises(ConfigError, match="models:/shop/3: shadow serving compares classifiers"):
         check_shadow_fits(["size"], None, "models:/m/1", "models:/shop/3")
 
 

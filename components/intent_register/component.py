@@ -9,7 +9,8 @@ from keel.images import RUNTIME_IMAGE
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def intent_register(evaluation_uri: str, config: str, run_name: str,
-                    job_id: str) -> NamedTuple("Registered", model_version_uri=str, promoted=bool):
+                    job_id: str) -> NamedTuple("Registered", model_version_uri=str, promoted=bool,
+                                                      awaiting_approval=bool):
     """Log the chosen variant as a text-in pyfunc to MLflow, register a version, move challenger/champion."""
     from keel.runs import open_stage
 
@@ -18,4 +19,4 @@ def intent_register(evaluation_uri: str, config: str, run_name: str,
 
         registered = register_intents(evaluation_uri, run.config.registry, run.config.model_dump(mode="json"),
                                       run.run_id, run.config.pipeline, run.output_uri, run.settings)
-    return (registered["model_uri"], registered["promoted"])
+    return (registered["model_uri"], registered["promoted"], registered["awaiting_approval"])

@@ -9,7 +9,8 @@ from keel.images import RUNTIME_IMAGE
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def recommender_register(model_uri: str, evaluation_uri: str, splits_uri: str, config: str, run_name: str,
-                         job_id: str) -> NamedTuple("Registered", model_version_uri=str, promoted=bool):
+                         job_id: str) -> NamedTuple("Registered", model_version_uri=str, promoted=bool,
+                                                      awaiting_approval=bool):
     """Log the top-k pyfunc to MLflow, register a version, move challenger/champion aliases."""
     from keel.runs import open_stage
 
@@ -19,4 +20,4 @@ def recommender_register(model_uri: str, evaluation_uri: str, splits_uri: str, c
         registered = register_recommender(model_uri, evaluation_uri, splits_uri, run.config.registry,
                                           run.config.model_dump(mode="json"), run.run_id, run.config.pipeline,
                                           run.output_uri, run.settings)
-    return (registered["model_uri"], registered["promoted"])
+    return (registered["model_uri"], registered["promoted"], registered["awaiting_approval"])

@@ -9,7 +9,8 @@ from keel.images import RUNTIME_IMAGE
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: str, config: str,
-             run_name: str, job_id: str) -> NamedTuple("Registered", model_version_uri=str, promoted=bool):
+             run_name: str, job_id: str) -> NamedTuple("Registered", model_version_uri=str, promoted=bool,
+                                                      awaiting_approval=bool):
     """Log the pyfunc model to MLflow, register a version, move challenger/champion aliases."""
     from keel.runs import open_stage
 
@@ -19,4 +20,4 @@ def register(model_uri: str, evaluation_uri: str, dataset_uri: str, splits_uri: 
         registered = run_register(model_uri, evaluation_uri, dataset_uri, splits_uri, run.config.registry,
                                   run.config.model_dump(mode="json", exclude={"contract"}), run.run_id,
                                   run.config.pipeline, run.output_uri, run.settings)
-    return (registered["model_uri"], registered["promoted"])
+    return (registered["model_uri"], registered["promoted"], registered["awaiting_approval"])

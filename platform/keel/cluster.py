@@ -118,10 +118,39 @@ def roll_if_serving(settings: KeelSettings, model_uri: str, model_name: str) -> 
 
 
 def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str | None:
+    from keel.serve.deployment import same_registered_version
+
+    def same_version(first: str, second: str) -> bool:
+        return same_registered_version(first, second, settings)
+
+    return _patch_serve_config(settings, f"rolling RayService {settings.ray_service} to {model_uri}", only_model,
+                               lambda current: rayservice_patch(current, model_uri, same_version))
+
+
+def shadowed_rayservice_patch(current: dict[str, Any], shadow_uri: str) -> dict[str, Any]:
+    """The merge patch that serves ``shadow_uri`` as the shadow of ``current``'s (a RayService's) champion."""
+    from keel.serve.shadow import with_shadow
+
+    document = yaml.safe_load(current["spec"]["serveConfigV2"]) or {}
+    document["applications"] = with_shadow(document.get("applications", []), APP_NAME, shadow_uri)
+    return {"spec": {"serveConfigV2": yaml.safe_dump(document, sort_keys=False)}}
+
+
+def shadow_served_model(settings: KeelSettings, shadow_uri: str) -> str | None:
+    """Serve ``shadow_uri`` as the RayService's shadow if the RayService serves that model; its URL, or None."""
+    from keel.tracking import registered_name
+
+    return _patch_serve_config(settings, f"adding the shadow {shadow_uri} to RayService {settings.ray_service}",
+                               registered_name(shadow_uri) or "",
+                               lambda current: shadowed_rayservice_patch(current, shadow_uri))
+
+
+def _patch_serve_config(settings: KeelSettings, action: str, only_model: str | None,
+                        patch_for: Callable[[dict[str, Any]], dict[str, Any]]) -> str | None:
+    """Patch the RayService (if it serves ``only_model``, when given); its in-cluster URL, or None."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    from keel.serve.deployment import same_registered_version
     from keel.tracking import registered_name
 
     _require(settings, "ray_service", "kube_namespace")
@@ -132,10 +161,10 @@ def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str
         current = api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name)
         if only_model is not None and registered_name(served_model_uri(current)) != only_model:
             return None
-        patch = rayservice_patch(current, model_uri, lambda a, b: same_registered_version(a, b, settings))
-        api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name, patch)
+        api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name,
+                                           patch_for(current))
     except ApiException as e:
-        raise _api_error(f"rolling RayService {namespace}/{name} to {model_uri}", e) from e
+        raise _api_error(f"{action} in namespace {namespace}", e) from e
     return f"http://{name}-serve-svc.{namespace}.svc.cluster.local:8000"
 
 

@@ -33,6 +33,9 @@ class RegisterConfig(BaseModel):
     model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     promotion_metric: str = "f1_macro"
     greater_is_better: bool = True
+    approval: Literal["gate", "manual"] = Field(
+        default="gate", description="gate: a version that passes the gate becomes champion; manual: it stays "
+                                    "challenger, awaiting approval, until a person runs `keel models promote`")
 
 
 TUNABLE_FIELDS = ("hidden_sizes", "dropout", "learning_rate", "weight_decay", "batch_size")

@@ -29,7 +29,7 @@ from keel.evaluate import EVALUATION_FILE, HEADLINE_METRICS
 from keel.predictor import Predictor
 from keel.settings import KeelSettings
 
-CHAMPION, CHALLENGER = tracking.CHAMPION, tracking.CHALLENGER
+CHAMPION, CHALLENGER, AWAITING_APPROVAL = tracking.CHAMPION, tracking.CHALLENGER, tracking.AWAITING_APPROVAL
 INPUT_EXAMPLE_ROWS = 5
 SCHEMA_SAMPLE_ROWS = 1000
 
@@ -137,7 +137,8 @@ def set_alias(client: Any, name: str, alias: str, version: str, attempts: int = 
 
 def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, Any]) -> dict[str, Any]:
     """Set ``challenger``; move ``champion`` only when the evaluation's gate passed against the
-    version that is still champion now (another run may have promoted one meanwhile)."""
+    version that is still champion now (another run may have promoted one meanwhile), and only by itself
+    under ``approval: gate``: under ``manual`` a passing version is tagged as awaiting a person's approval."""
     set_alias(client, config.model_name, CHALLENGER, version)
     evaluated_against, current = gate["champion_version"], tracking.champion_version(client, config.model_name)
     if evaluated_against != current:
@@ -147,9 +148,20 @@ def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, A
     else:
         promoted = bool(gate["passed"])
         reason = ("gate passed: " if promoted else "gate failed: ") + "; ".join(gate["failures"] or gate["reasons"])
+    awaiting = promoted and config.approval == "manual"
+    if awaiting:
+        promoted = False
+        reason = (f"awaiting approval (approval: manual): {reason}. `keel models promote {config.model_name} "
+                  f"{version} --reason ...` makes it champion")
+        client.set_model_version_tag(config.model_name, version, AWAITING_APPROVAL, "true")
     if promoted:
         set_alias(client, config.model_name, CHAMPION, version)
-    return {"promoted": promoted, "previous_champion": current, "reason": reason}
+    return {"promoted": promoted, "awaiting_approval": awaiting, "previous_champion": current, "reason": reason}
+
+
+def registered_as(decision: dict[str, Any]) -> str:
+    """What the summary line adds to a new version: champion, awaiting approval, or nothing."""
+    return ", champion" if decision["promoted"] else ", awaiting approval" if decision.get("awaiting_approval") else ""
 
 
 @dataclass
@@ -177,7 +189,7 @@ class Registration:
         self.out.manifest.update(model_name=config.model_name, version=self.version,
                                  model_uri=f"models:/{config.model_name}/{self.version}", mlflow_run_id=self.run_id,
                                  tracking_uri=self.tracking_uri, **decision,
-                                 summary=f"version {self.version}{', champion' if decision['promoted'] else ''}")
+                                 summary=f"version {self.version}{registered_as(decision)}")
         return self.out.manifest
 
 
@@ -288,5 +300,7 @@ def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings
               "keel.previous_champion": previous or "none"}
     for key, value in record.items():
         client.set_model_version_tag(name, str(target.version), key, value)
+    if target.tags.get(AWAITING_APPROVAL):
+        client.delete_model_version_tag(name, str(target.version), AWAITING_APPROVAL)  # approved: the record says so
     return {"model_name": name, "version": str(target.version), "previous_champion": previous,
             "changed": previous != str(target.version), "reason": reason.strip()}

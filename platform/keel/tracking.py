@@ -23,6 +23,7 @@ PIPELINE_TAG = "keel.pipeline"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 CHAMPION = "champion"  # registry alias of the version serving traffic
 CHALLENGER = "challenger"  # registry alias of the newest registered version
+AWAITING_APPROVAL = "keel.awaiting_approval"  # version tag: passed the gate, waits for a person (approval: manual)
 
 
 def mlflow_client(settings: KeelSettings) -> MlflowClient:

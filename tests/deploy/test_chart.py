@@ -427,6 +427,24 @@ def test_a_shadow_is_served_as_keel_serve_shadow_deploys_it_and_graduates_on_pro
     assert "shadow" not in graduated["applications"][0]["args"]["config"]
 
 
+def test_the_deploy_step_adds_a_version_awaiting_approval_as_the_shadow(
+        rendered: dict[str, Path], crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from keel.cluster import shadowed_rayservice_patch
+
+    (service,) = by_kind(rendered["default"], "RayService")
+    patched = merge_patch(service, shadowed_rayservice_patch(service, "models:/medical-diagnosis/8"))
+    assert not crd_errors(patched, crd_schemas)
+    before, after = (yaml.safe_load(s["spec"]["serveConfigV2"]) for s in (service, patched))
+    ServeDeploySchema.model_validate(after)
+    assert [a["name"] for a in after["applications"]] == ["keel", "keel-shadow"]
+    assert after["applications"][1]["args"]["model_uri"] == "models:/medical-diagnosis/8"
+    assert after["applications"][0]["args"]["config"].pop("shadow") == {"sample": 1.0, "max_in_flight": 32,
+                                                                        "timeout_s": 2.0}
+    assert after["applications"][0] == before["applications"][0]  # the champion is otherwise untouched
+
+
 def test_pipeline_steps_read_exactly_what_the_chart_provides(rendered: dict[str, Path]) -> None:
     from keel import cluster
 

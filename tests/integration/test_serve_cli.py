@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -124,16 +125,13 @@ def test_unknown_model_fails_with_the_registry_message(ray_head: dict[str, str],
 
 
 def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_path: Path) -> None:
-    """serve=true: the deploy step runs (only) because register promoted a champion; training used a
-    private Ray instance although a head is running on this machine."""
+    """serve=true: the deploy step serves a new champion, leaves a rejected challenger out, and serves a
+    version awaiting approval as the champion's shadow; training used a private Ray instance although a
+    head is running on this machine."""
     port = free_port()
     env = ray_head  # the CLI and the Ray head share one registry, as in a cluster
-    quick = tmp_path / "quick.yaml"  # the demo's tuning and compression are covered by test_pipeline_local
-    quick.write_text("tune: {num_samples: 0}\ncompress: {methods: [int8]}\n")
-    result = keel("run", "medical_diagnosis", "--config", str(quick), "--param", "serve=true", "--param",
-                  f"serve_port={port}", "--output", "json", cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout)["champion"] is True
+    # the demo's tuning and compression are covered by test_pipeline_local
+    assert _run_serving("tune: {num_samples: 0}\ncompress: {methods: [int8]}\n", port, tmp_path, env)["champion"]
     row = {"mean_radius": 14.0}
     response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
                           json={"records": [row]}, timeout=30)
@@ -142,13 +140,8 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/1"
 
     # A challenger that fails the gate: registered, not promoted, and the served model stays v1.
-    strict = tmp_path / "strict.yaml"
-    strict.write_text("tune: {num_samples: 0}\ntrain: {max_epochs: 2}\ncompress: {methods: []}\n"
-                      "evaluate: {gate: {tolerance: -1.0}}\n")
-    second = keel("run", "medical_diagnosis", "--config", str(strict), "--param", "serve=true", "--param",
-                  f"serve_port={port}", "--output", "json", cwd=tmp_path, env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
-    rejected = json.loads(second.stdout)
+    rejected = _run_serving("tune: {num_samples: 0}\ntrain: {max_epochs: 2}\ncompress: {methods: []}\n"
+                            "evaluate: {gate: {tolerance: -1.0}}\n", port, tmp_path, env)
     assert rejected["champion"] is False and rejected["promotion"].startswith("gate failed: f1_macro")
     status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
     assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/1"
@@ -159,6 +152,7 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     # The challenger in shadow: it scores a copy of every row, answers nobody, and is compared with v1.
     shadow = _shadow_the_challenger(port, tmp_path, env)
     assert shadow["rows"] == 60 and 1 <= shadow["compared"] <= 20 and shadow["failed"] == 0
+    assert shadow["shadow_version"] == {"2"}
 
     # A person overrides the gate: v2 becomes champion and the served model rolls to it, on the same port; the
     # shadow, serving v2, has graduated and is gone.
@@ -181,34 +175,65 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert back.returncode == 0 and "champion v2 -> v1 (rollback)" in back.stdout and "--no-roll" in back.stdout
     status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
     assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/2"
+
+    # approval: manual: a version that passes the gate waits for a person, and the deploy step serves it as
+    # the shadow of the model being served (v2), which keeps answering.
+    waiting = _run_serving("tune: {num_samples: 0}\ncompress: {methods: []}\nregistry: {approval: manual}\n"
+                           "evaluate: {gate: {tolerance: 1.0, slice_tolerance: 1.0}}\n", port, tmp_path, env)
+    assert waiting["champion"] is False and waiting["awaiting_approval"] is True
+    assert waiting["promotion"].startswith("awaiting approval (approval: manual): gate passed")
+    applications = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)[
+        "applications"]
+    assert applications["keel-shadow"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/3"
+    assert applications["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/2"
+    counted = _copies_compared(port, 30)
+    assert counted["rows"] == 30 and counted["shadow_version"] == {"3"}
     keel("serve", "stop", cwd=tmp_path, env=env)
 
 
-def _shadow_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> dict[str, float]:
-    """Serve v1 with v2 in shadow, send 20 requests of 3 rows, and read what v1's replica counted."""
-    from keel.data.builtin import BUILTIN_DATASETS
+def _run_serving(config: str, port: int, tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`keel run medical_diagnosis --param serve=true` with ``config`` over the pipeline's own; its summary."""
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml"
+    path.write_text(config)
+    result = keel("run", "medical_diagnosis", "--config", str(path), "--param", "serve=true", "--param",
+                  f"serve_port={port}", "--output", "json", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(json.loads(result.stdout))
 
+
+def _shadow_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Serve v1 with v2 in shadow, send 20 requests of 3 rows, and read what v1's replica counted."""
     served = keel("serve", "models:/medical-diagnosis/1", "--port", str(port), "--host", "0.0.0.0", "--shadow",
                   "models:/medical-diagnosis@challenger", "--output", "json", cwd=tmp_path, env=env)
     assert served.returncode == 0, served.stderr[-3000:]
     assert json.loads(served.stdout)["shadow_model_uri"] == "models:/medical-diagnosis@challenger"
     status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
     assert status["applications"]["keel-shadow"]["deployed_app_config"]["route_prefix"] is None  # no HTTP route
-    rows = BUILTIN_DATASETS["breast_cancer"]().drop(columns=["diagnosis"]).head(60).to_dict(orient="records")
-    for start in range(0, 60, 3):
+    return _copies_compared(port, 60, served_version="1")
+
+
+def _copies_compared(port: int, rows: int, served_version: str | None = None) -> dict[str, Any]:
+    """Send ``rows`` rows, 3 a request; then what the serving replica counted of its copies to the shadow."""
+    from keel.data.builtin import BUILTIN_DATASETS
+
+    records = BUILTIN_DATASETS["breast_cancer"]().drop(columns=["diagnosis"]).head(rows).to_dict(orient="records")
+    for start in range(0, rows, 3):
         response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
-                              json={"records": rows[start:start + 3]}, timeout=30)
-        assert response.status_code == 200 and response.headers["x-model-version"] == "1", response.text
+                              json={"records": records[start:start + 3]}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert served_version in (None, response.headers["x-model-version"])
     deadline, counted = time.monotonic() + 60, {}
     while time.monotonic() < deadline:  # copies are compared after the answers went out
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        counted = {key: sum(float(line.split()[-1]) for line in metrics.splitlines()
-                            if line.startswith(prefix) and all(label in line for label in labels))
-                   for key, prefix, labels in (
-                       ("compared", "keel_shadow_copies_total{", ['outcome="compared"']),
-                       ("failed", "keel_shadow_copies_total{", ['outcome="failed"']),
-                       ("rows", "keel_shadow_rows_total{", ['shadow_version="2"', 'version="1"']))}
-        if counted["rows"] >= 60 or counted["failed"]:
+        lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+        counted = {
+            "compared": sum(float(line.split()[-1]) for line in lines
+                            if line.startswith("keel_shadow_copies_total{") and 'outcome="compared"' in line),
+            "failed": sum(float(line.split()[-1]) for line in lines
+                          if line.startswith("keel_shadow_copies_total{") and 'outcome="failed"' in line),
+            "rows": sum(float(line.split()[-1]) for line in lines if line.startswith("keel_shadow_rows_total{")),
+            "shadow_version": {line.split('shadow_version="')[1].split('"')[0] for line in lines
+                               if line.startswith("keel_shadow_rows_total{")}}
+        if counted["rows"] >= rows or counted["failed"]:
             break
         time.sleep(1)
     return counted

@@ -27,9 +27,10 @@ def staged_run(settings: KeelSettings, tmp_path: Path) -> dict[str, str]:
     return run_stages(settings, "run-a", write_small_source(tmp_path))
 
 
-def _register(uris: dict[str, str], settings: KeelSettings, run_id: str = "run-a") -> dict:
+def _register(uris: dict[str, str], settings: KeelSettings, run_id: str = "run-a", approval: str = "gate") -> dict:
     config = small_config()
-    return register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], config.registry,
+    registry = config.registry.model_copy(update={"approval": approval})
+    return register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], registry,
                     config.model_dump(mode="json", exclude={"contract"}), run_id, "small",
                     storage.stage_uri(settings, run_id, "register"), settings)
 
@@ -151,6 +152,25 @@ def test_gate_pass_promotes_an_equal_challenger(settings: KeelSettings, tmp_path
     registered = _register(same, settings, "run-b")
     assert registered["promoted"] and "vs champion v1" in registered["reason"]
     assert _aliases(settings) == {CHAMPION: "2", CHALLENGER: "2"}
+
+
+def test_under_manual_approval_a_passing_version_waits_for_a_person(settings: KeelSettings, tmp_path: Path) -> None:
+    from keel.cli.models import list_models
+
+    _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
+    same = run_stages(settings, "run-b", tmp_path / "small.csv")  # passes the gate, as in the test above
+    registered = _register(same, settings, "run-b", approval="manual")
+    assert not registered["promoted"] and registered["awaiting_approval"]
+    assert registered["reason"].startswith("awaiting approval (approval: manual): gate passed")
+    assert f"keel models promote {MODEL} 2 --reason" in registered["reason"]
+    assert registered["summary"] == "version 2, awaiting approval"
+    assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}
+    waiting = {row["version"]: row["awaiting_approval"] for row in list_models()}
+    assert waiting == {1: False, 2: True}
+
+    promote_by_hand(MODEL, "2", "approved after a week in shadow", settings)
+    assert _aliases(settings)[CHAMPION] == "2"
+    assert {row["version"]: row["awaiting_approval"] for row in list_models()} == {1: False, 2: False}
 
 
 def test_a_champion_promoted_after_evaluation_is_not_overwritten(settings: KeelSettings, tmp_path: Path) -> None:

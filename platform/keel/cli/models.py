@@ -28,6 +28,7 @@ def list_models() -> list[dict[str, Any]]:
             metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
             rows.append({"name": model.name, "version": int(version.version),
                          "aliases": sorted(aliases.get(str(version.version), [])),
+                         "awaiting_approval": version.tags.get(tracking.AWAITING_APPROVAL) == "true",
                          "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
                          "run_id": version.run_id, "created": version.creation_timestamp})
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
@@ -44,7 +45,8 @@ def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
         typer.echo("No registered models yet: run `keel run medical_diagnosis` first.")
         return
     print_table(["name", "version", "aliases", *KEY_METRICS],
-                [[r["name"], r["version"], ",".join(r["aliases"]) or "-",
+                [[r["name"], r["version"], ",".join(r["aliases"] + (["awaiting approval"] if r["awaiting_approval"]
+                                                                    else [])) or "-",
                   *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in KEY_METRICS)] for r in rows])
 
 

@@ -54,6 +54,7 @@ def pipeline_parameters(built: Any, excluded: tuple[str, ...]) -> dict[str, str]
 
 def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
     """One summary line per stage: its own compute seconds and what it produced."""
+    from keel.registry import registered_as
     from keel.tune import describe_values
 
     facts = {
@@ -66,7 +67,7 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
         "train": lambda m: (f"{m['epochs']} epochs{' (early stop)' if m['stopped_early'] else ''}, "
                             f"{m['scaling']['num_workers']} worker(s), Ray start {m['ray_startup_s']:.1f} s"),
         "evaluate": lambda m: f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows; {m['gate']}",
-        "register": lambda m: f"version {m['version']}{', champion' if m['promoted'] else ''}",
+        "register": lambda m: f"version {m['version']}{registered_as(m)}",
         "predict": lambda m: f"{m['rows']} rows scored by {m['model_uri']}",
     }
     # A stage may state its own line (the recommendation stages do); else the line comes from its manifest.
@@ -86,6 +87,7 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
         "stages": [{"stage": stage, "duration_s": m["duration_s"]} for stage, m in manifests.items()],
         "test_metrics": {k: v for k, v in evaluation.items() if k in HEADLINE_METRICS or k.startswith(RANKING_METRICS)},
         "model_uri": registered.get("model_uri"), "champion": registered.get("promoted"),
+        "awaiting_approval": bool(registered.get("awaiting_approval")),
         "model_name": registered.get("model_name"), "promotion": registered.get("reason"),
         "predictions": manifests.get("predict", {}).get("predictions"),
         "tracking_uri": settings.mlflow_tracking_uri, "artifacts": f"{settings.artifact_root}/runs/{run.run_id}",
@@ -100,7 +102,8 @@ def print_summary(report: dict[str, Any]) -> None:
     if report["test_metrics"]:
         typer.echo("\nTest metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in report["test_metrics"].items()))
     if report["model_uri"]:
-        alias = "champion" if report["champion"] else "challenger (the champion stays)"
+        alias = ("champion" if report["champion"] else "challenger, awaiting approval" if report.get("awaiting_approval")
+                 else "challenger (the champion stays)")
         typer.echo(f"Registered model: {report['model_uri']} ({alias})")
         typer.echo(f"Promotion: {report['promotion']}")
         typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")

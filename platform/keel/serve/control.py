@@ -9,6 +9,7 @@ with ``ray start`` so the model keeps serving after the command exits.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,12 +24,14 @@ from typing import Any
 
 from keel.errors import KeelError
 from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
-from keel.serve.shadow import SHADOW_APP, ShadowConfig, shadow_application, without_graduated_shadow
+from keel.serve.shadow import (SHADOW_APP, ShadowConfig, shadow_application, with_shadow,
+                               without_graduated_shadow)
 from keel.settings import KeelSettings
 
 APPLICATIONS = "/api/serve/applications/"
 BUILDER = "keel.serve.deployment:application_builder"
 REQUEST_TIMEOUT_S = 30
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,15 +105,16 @@ def served_model_uri(application: dict[str, Any]) -> str | None:
 
 
 def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: str | None = None,
-                       app: str = APP_NAME) -> dict[str, Any]:
-    """Poll until application ``app`` is RUNNING (serving ``model_uri``, when given); a ServeError with
-    Serve's message if it fails."""
+                       app: str = APP_NAME, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Poll until application ``app`` is RUNNING (serving ``model_uri``, or with exactly ``args``, when
+    given); a ServeError with Serve's message if it fails."""
     server = "the shadow model server" if app == SHADOW_APP else "the model server"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         application = status_rest(dashboard_url).get("applications", {}).get(app, {})
         state = application.get("status")
-        if state == "RUNNING" and model_uri in (None, served_model_uri(application)):
+        deployed = (application.get("deployed_app_config") or {}).get("args")
+        if state == "RUNNING" and model_uri in (None, served_model_uri(application)) and args in (None, deployed):
             return application
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
             details = [d.get("message", "") for d in application.get("deployments", {}).values()]
@@ -224,7 +228,8 @@ def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings,
     if not dashboard:
         dashboard = start_local_head(settings, haproxy=haproxy)
     deploy_rest(dashboard, model_uri, config, shadow_uri)
-    wait_until_running(dashboard)
+    document = serve_config_document(model_uri, config, shadow_uri)
+    wait_until_running(dashboard, args=document["applications"][0]["args"])  # this config, not the one before
     if shadow_uri:
         wait_until_running(dashboard, app=SHADOW_APP)
     return f"http://{config.host}:{config.port}"
@@ -249,6 +254,50 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     return deploy_detached(model_uri, ServeConfig(port=port, host=host), settings)
 
 
+def deploy_shadow(model_uri: str, settings: KeelSettings) -> str | None:
+    """The pipeline's deploy step for a version awaiting approval: serve it as the shadow of the champion
+    that serves its model now (the chart's RayService, or this machine's Ray head), replacing any shadow.
+    Returns the champion's URL, or None when nothing serves that model (a shadow needs a champion to copy)."""
+    if settings.ray_service:
+        from keel.cluster import shadow_served_model
+
+        url = shadow_served_model(settings, model_uri)
+    else:
+        url = _shadow_on_ray_head(model_uri, settings)
+    if url is None:
+        LOG.warning("%s awaits approval; nothing serves its model, so it has no traffic to shadow", model_uri)
+    return url
+
+
+def _shadow_on_ray_head(model_uri: str, settings: KeelSettings) -> str | None:
+    from keel.tracking import registered_name
+
+    dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{HeadPorts().dashboard}"
+    details = _serving_status(dashboard, settings)
+    applications = details.get("applications", {})
+    if registered_name(served_model_uri(applications.get(APP_NAME, {}))) != registered_name(model_uri):
+        return None
+    configs = with_shadow([application.get("deployed_app_config") or {} for application in applications.values()],
+                          APP_NAME, model_uri)
+    _call("PUT", dashboard.rstrip("/") + APPLICATIONS,
+          {"http_options": details.get("http_options") or {}, "applications": configs})
+    champion = next(c for c in configs if c.get("name") == APP_NAME)
+    wait_until_running(dashboard, args=champion["args"])  # its replicas restart to copy their rows
+    wait_until_running(dashboard, model_uri=model_uri, app=SHADOW_APP)
+    http = details.get("http_options") or {}
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+
+
+def _serving_status(dashboard: str, settings: KeelSettings) -> dict[str, Any]:
+    """Serve's applications on ``dashboard``; none when no local head answers (a head the user named must)."""
+    try:
+        return status_rest(dashboard)
+    except ServeError:
+        if settings.serve_dashboard_url:
+            raise
+        return {}
+
+
 def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> str | None:
     """Serve ``model_uri`` wherever ``model_name`` is being served now: the chart's RayService on a cluster,
     else the Ray head at KEEL_RAY_DASHBOARD_URL or the one ``keel serve --detach`` started here. Only the
@@ -263,12 +312,7 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
 
         return roll_rayservice(settings, model_uri, model_name)
     dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{HeadPorts().dashboard}"
-    try:
-        details = status_rest(dashboard)
-    except ServeError:
-        if settings.serve_dashboard_url:  # a head the user named must answer
-            raise
-        return None  # no local head: nothing is served here
+    details = _serving_status(dashboard, settings)  # {} with no local head: nothing is served here
     applications = details.get("applications", {})
     served = served_model_uri(applications.get(APP_NAME, {}))
     if registered_name(served) != model_name:

@@ -179,6 +179,19 @@ def shadow_application(model_uri: str, config: dict[str, Any]) -> dict[str, Any]
             "args": {"model_uri": model_uri, "config": config}}
 
 
+def with_shadow(applications: list[dict[str, Any]], champion_app: str, shadow_uri: str) -> list[dict[str, Any]]:
+    """The applications with ``shadow_uri`` as the shadow of ``champion_app``: a shadow already there keeps
+    its settings and gets the new model; the champion starts copying (ShadowConfig's defaults) if it was not."""
+    existing = next((a for a in applications if a.get("name") == SHADOW_APP), None)
+    config = dict((existing or {}).get("args", {}).get("config") or {})
+    kept = [a for a in applications if a.get("name") != SHADOW_APP]
+    for application in kept:
+        if application.get("name") == champion_app:
+            settings = application.setdefault("args", {}).setdefault("config", {})
+            settings["shadow"] = settings.get("shadow") or ShadowConfig().model_dump()
+    return [*kept, shadow_application(shadow_uri, config)]
+
+
 def without_graduated_shadow(applications: list[dict[str, Any]], champion_app: str, model_uri: str,
                              same_version: Callable[[str, str], bool]) -> list[dict[str, Any]]:
     """The applications once ``model_uri`` is champion: a shadow serving that version has graduated, so it

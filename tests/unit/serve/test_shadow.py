@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from keel.errors import ConfigError
 from keel.serve.shadow import (SHADOW_APP, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror, check_shadow_fits,
-                               without_graduated_shadow)
+                               with_shadow, without_graduated_shadow)
 
 FRAME = pd.DataFrame({"size": [1.0, 2.0, 3.0]})
 CHAMPION = np.asarray(["no", "yes", "no"], dtype=object)
@@ -189,6 +189,21 @@ def test_a_shadow_serving_the_new_champion_has_graduated_and_goes() -> None:
                                     same_version(versions)) == unchanged
 
 
+def test_a_new_shadow_replaces_the_old_one_keeping_its_settings_and_the_champion_starts_copying() -> None:
+    alone = [{"name": "keel", "args": {"model_uri": "models:/m/1", "config": {"replicas": 2, "shadow": None}}},
+             {"name": "other", "args": {"model_uri": "models:/n/1"}}]
+    first = with_shadow(alone, "keel", "models:/m/2")
+    assert [a["name"] for a in first] == ["keel", "other", SHADOW_APP]
+    assert first[0]["args"]["config"] == {"replicas": 2, "shadow": ShadowConfig().model_dump()}
+    assert first[2]["route_prefix"] is None and first[2]["args"] == {"model_uri": "models:/m/2", "config": {}}
+    first[2]["args"]["config"] = {"replicas": 3}
+    first[0]["args"]["config"]["shadow"] = {"sample": 0.1}
+    second = with_shadow(first, "keel", "models:/m/3")
+    assert [a["name"] for a in second] == ["keel", "other", SHADOW_APP]
+    assert second[2]["args"] == {"model_uri": "models:/m/3", "config": {"replicas": 3}}
+    assert second[0]["args"]["config"]["shadow"] == {"sample": 0.1}
+
+
 def test_the_serve_config_with_a_shadow_is_one_ray_accepts() -> None:
     from ray.serve.schema import ServeDeploySchema
 
@@ -205,3 +220,10 @@ def test_the_serve_config_with_a_shadow_is_one_ray_accepts() -> None:
     (alone,) = serve_config_document("models:/m@champion", ServeConfig())["applications"]
     assert alone["args"]["config"]["shadow"] is None
 
+
+
+def test_with_nothing_serving_the_model_a_version_awaiting_approval_has_no_traffic_to_shadow(tmp_path) -> None:
+    from keel.serve.control import deploy_shadow
+    from keel.settings import KeelSettings
+
+    assert deploy_shadow("models:/m/2", KeelSettings(home=tmp_path / ".keel")) is None  # no Ray head here

@@ -137,3 +137,27 @@ def test_overload_gets_a_fast_503_with_retry_after(served: str) -> None:
     assert all(r.headers.get("retry-after") == "2" for r in responses if r.status_code == 503)
     assert httpx.post(url, json={"records": records(1)}, timeout=30).status_code == 200
     serve.delete("tight")
+
+
+def test_deployed_with_a_shadow_the_model_copies_its_rows_to_it(served: str) -> None:
+    """`keel serve --shadow` in the foreground: both apps through ``deploy``, the shadow without a route."""
+    from ray import serve
+
+    port = int(served.rsplit(":", 1)[1])
+    deploy(f"models:/{NAME}@champion", ServeConfig(port=port, max_batch_size=16, batch_wait_timeout_s=0.01),
+           shadow_uri=f"models:/{NAME}/1")
+    try:
+        for _ in range(10):
+            response = httpx.post(f"{served}/v1/models/{NAME}:predict", json={"records": records(2)}, timeout=30)
+            assert response.status_code == 200 and response.headers["x-model-version"] == "1"
+        compared, deadline = 0.0, time.monotonic() + 30
+        while compared < 20 and time.monotonic() < deadline:  # copies are compared after the answers went out
+            metrics = httpx.get(f"{served}/metrics", timeout=10).text
+            compared = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                           if line.startswith("keel_shadow_rows_total{") and 'agreement="same"' in line)
+            time.sleep(0.5)
+        assert compared == 20  # the model shadowing itself agrees on every row
+        assert serve.status().applications["keel-shadow"].status == "RUNNING"
+    finally:
+        deploy(f"models:/{NAME}@champion", ServeConfig(port=port, max_batch_size=16, batch_wait_timeout_s=0.01))
+        serve.delete("keel-shadow")

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from keel.errors import ClusterError
+from keel.serve.shadow import SHADOW_APP
 from keel.settings import KeelSettings
 
 CONFIG_MAP = "keel-config"
@@ -96,10 +97,10 @@ def rayservice_patch(current: dict[str, Any], model_uri: str,
                                                           same_version)}}
 
 
-def served_model_uri(service: dict[str, Any]) -> str | None:
-    """The model URI a RayService's Keel application serves (None without one)."""
+def served_model_uri(service: dict[str, Any], app: str = APP_NAME) -> str | None:
+    """The model URI a RayService's Keel application (or ``app``, e.g. the shadow) serves (None without one)."""
     for application in (yaml.safe_load(service["spec"].get("serveConfigV2", "")) or {}).get("applications", []):
-        if application.get("name") == APP_NAME:
+        if application.get("name") == app:
             return str(application.get("args", {}).get("model_uri", "")) or None
     return None
 
@@ -187,10 +188,10 @@ def summarize(ray_clusters: list[dict[str, Any]], ray_services: list[dict[str, A
                                f"{status.get('desiredWorkerReplicas', 0)}"})
     for service in ray_services:
         status = service.get("status", {}) or {}
-        model = served_model_uri(service) or "?"
+        model, shadow = served_model_uri(service) or "?", served_model_uri(service, SHADOW_APP)
         rows.append({"kind": "RayService", "name": service["metadata"]["name"],
                      "state": str(status.get("serviceStatus") or f"Ready={_condition(status, 'Ready')}"),
-                     "detail": f"serving {model}"})
+                     "detail": f"serving {model}" + (f", shadow {shadow}" if shadow else "")})
     for workload in workloads:
         status, spec = workload.get("status", {}) or {}, workload.get("spec", {})
         ready, wanted = status.get("readyReplicas", 0) or 0, spec.get("replicas", 1)

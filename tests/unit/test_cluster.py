@@ -177,7 +177,11 @@ def test_status_summarizes_kuberay_and_workload_objects() -> None:
         [{"metadata": {"name": "keel-train"}, "status": {"state": "ready", "availableWorkerReplicas": 2,
                                                          "desiredWorkerReplicas": 3}}],
         [{"metadata": {"name": "keel-serve"}, "spec": {"serveConfigV2": SERVE_CONFIG},
-          "status": {"conditions": [{"type": "Ready", "status": "True"}]}}],
+          "status": {"conditions": [{"type": "Ready", "status": "True"}]}},
+         {"metadata": {"name": "keel-serve-dev"}, "spec": {"serveConfigV2": yaml.safe_dump(
+             {"applications": [{"name": "keel", "args": {"model_uri": "models:/m/1"}},
+                               {"name": "keel-shadow", "route_prefix": None, "args": {"model_uri": "models:/m/2"}}]})},
+          "status": {"serviceStatus": "Running"}}],
         [{"kind": "Deployment", "metadata": {"name": "keel-mlflow"}, "spec": {"replicas": 2},
           "status": {"readyReplicas": 1}},
          {"kind": "StatefulSet", "metadata": {"name": "keel-postgresql"}, "spec": {"replicas": 1},
@@ -185,6 +189,8 @@ def test_status_summarizes_kuberay_and_workload_objects() -> None:
     assert rows == [
         {"kind": "RayCluster", "name": "keel-train", "state": "ready", "detail": "workers 2/3"},
         {"kind": "RayService", "name": "keel-serve", "state": "Ready=True", "detail": "serving models:/m/1"},
+        {"kind": "RayService", "name": "keel-serve-dev", "state": "Running",
+         "detail": "serving models:/m/1, shadow models:/m/2"},
         {"kind": "Deployment", "name": "keel-mlflow", "state": "NotReady", "detail": "replicas 1/2"},
         {"kind": "StatefulSet", "name": "keel-postgresql", "state": "Ready", "detail": "replicas 1/1"}]
 

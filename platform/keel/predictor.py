@@ -53,9 +53,13 @@ class Predictor:
         features = torch.from_numpy(self.transform.transform(frame))
         return torch.softmax(self.model(features), dim=1).numpy()
 
+    def labels(self, probabilities: np.ndarray) -> np.ndarray:
+        """The predicted class of each row of ``predict_proba``'s output."""
+        return np.asarray(self.classes, dtype=object)[probabilities.argmax(axis=1)]
+
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """One row per input: the predicted label and a probability column per class."""
         probabilities = self.predict_proba(frame)
         result = pd.DataFrame(probabilities, columns=[f"{PROBABILITY_PREFIX}{c}" for c in self.classes])
-        result.insert(0, PREDICTION_COLUMN, np.asarray(self.classes, dtype=object)[probabilities.argmax(axis=1)])
+        result.insert(0, PREDICTION_COLUMN, self.labels(probabilities))
         return result

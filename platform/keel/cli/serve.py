@@ -58,7 +58,7 @@ def serve_command(
     from keel.serve.shadow import ShadowConfig
 
     settings = load_settings()
-    dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{control.HeadPorts().dashboard}"
+    dashboard = control.dashboard_url(settings)
     if target == "status":
         print_json(control.status_rest(dashboard)) if output is OutputFormat.json else _print_status(dashboard)
         return

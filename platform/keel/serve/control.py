@@ -24,8 +24,7 @@ from typing import Any
 
 from keel.errors import KeelError
 from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
-from keel.serve.shadow import (SHADOW_APP, ShadowConfig, shadow_application, with_shadow,
-                               without_graduated_shadow)
+from keel.serve.shadow import SHADOW_APP, shadow_application, with_shadow, without_graduated_shadow
 from keel.settings import KeelSettings
 
 APPLICATIONS = "/api/serve/applications/"
@@ -77,7 +76,7 @@ def serve_config_document(model_uri: str, config: ServeConfig, shadow_uri: str |
                           shadow_config: ServeConfig | None = None) -> dict[str, Any]:
     """The Serve config (as in a RayService's ``serveConfigV2``) for one model, and a shadow beside it."""
     if shadow_uri:
-        config = config.model_copy(update={"shadow": config.shadow or ShadowConfig()})
+        config = config.copying_to_shadow()
     applications = [{"name": APP_NAME, "route_prefix": "/", "import_path": BUILDER,
                      "args": {"model_uri": model_uri, "config": config.model_dump()}}]
     if shadow_uri:
@@ -85,9 +84,13 @@ def serve_config_document(model_uri: str, config: ServeConfig, shadow_uri: str |
     return {"http_options": {"host": config.host, "port": config.port}, "applications": applications}
 
 
-def deploy_rest(dashboard_url: str, model_uri: str, config: ServeConfig, shadow_uri: str | None = None) -> None:
-    """Replace what the Serve instance runs (a shadow included) with ``model_uri`` and, given, its shadow."""
-    _call("PUT", dashboard_url.rstrip("/") + APPLICATIONS, serve_config_document(model_uri, config, shadow_uri))
+def deploy_rest(dashboard_url: str, model_uri: str, config: ServeConfig,
+                shadow_uri: str | None = None) -> dict[str, Any]:
+    """Replace what the Serve instance runs (a shadow included) with ``model_uri`` and, given, its shadow;
+    returns the Serve config it sent."""
+    document = serve_config_document(model_uri, config, shadow_uri)
+    _call("PUT", dashboard_url.rstrip("/") + APPLICATIONS, document)
+    return document
 
 
 def status_rest(dashboard_url: str) -> dict[str, Any]:
@@ -227,8 +230,7 @@ def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings,
     dashboard = settings.serve_dashboard_url
     if not dashboard:
         dashboard = start_local_head(settings, haproxy=haproxy)
-    deploy_rest(dashboard, model_uri, config, shadow_uri)
-    document = serve_config_document(model_uri, config, shadow_uri)
+    document = deploy_rest(dashboard, model_uri, config, shadow_uri)
     wait_until_running(dashboard, args=document["applications"][0]["args"])  # this config, not the one before
     if shadow_uri:
         wait_until_running(dashboard, app=SHADOW_APP)
@@ -272,20 +274,23 @@ def deploy_shadow(model_uri: str, settings: KeelSettings) -> str | None:
 def _shadow_on_ray_head(model_uri: str, settings: KeelSettings) -> str | None:
     from keel.tracking import registered_name
 
-    dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{HeadPorts().dashboard}"
+    dashboard = dashboard_url(settings)
     details = _serving_status(dashboard, settings)
     applications = details.get("applications", {})
     if registered_name(served_model_uri(applications.get(APP_NAME, {}))) != registered_name(model_uri):
         return None
     configs = with_shadow([application.get("deployed_app_config") or {} for application in applications.values()],
                           APP_NAME, model_uri)
-    _call("PUT", dashboard.rstrip("/") + APPLICATIONS,
-          {"http_options": details.get("http_options") or {}, "applications": configs})
+    _replace_applications(dashboard, details, configs)
     champion = next(c for c in configs if c.get("name") == APP_NAME)
     wait_until_running(dashboard, args=champion["args"])  # its replicas restart to copy their rows
     wait_until_running(dashboard, model_uri=model_uri, app=SHADOW_APP)
-    http = details.get("http_options") or {}
-    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    return _serving_url(details)
+
+
+def dashboard_url(settings: KeelSettings) -> str:
+    """The Ray dashboard Serve's REST API is reached at: KEEL_RAY_DASHBOARD_URL, else this machine's head."""
+    return settings.serve_dashboard_url or f"http://127.0.0.1:{HeadPorts().dashboard}"
 
 
 def _serving_status(dashboard: str, settings: KeelSettings) -> dict[str, Any]:
@@ -296,6 +301,17 @@ def _serving_status(dashboard: str, settings: KeelSettings) -> dict[str, Any]:
         if settings.serve_dashboard_url:
             raise
         return {}
+
+
+def _replace_applications(dashboard: str, details: dict[str, Any], configs: list[dict[str, Any]]) -> None:
+    """PUT ``configs`` as the Serve instance's applications, its HTTP options as Serve reported them."""
+    _call("PUT", dashboard.rstrip("/") + APPLICATIONS,
+          {"http_options": details.get("http_options") or {}, "applications": configs})
+
+
+def _serving_url(details: dict[str, Any]) -> str:
+    http = details.get("http_options") or {}
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
 
 
 def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> str | None:
@@ -311,7 +327,7 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
         from keel.cluster import roll_if_serving as roll_rayservice
 
         return roll_rayservice(settings, model_uri, model_name)
-    dashboard = settings.serve_dashboard_url or f"http://127.0.0.1:{HeadPorts().dashboard}"
+    dashboard = dashboard_url(settings)
     details = _serving_status(dashboard, settings)  # {} with no local head: nothing is served here
     applications = details.get("applications", {})
     served = served_model_uri(applications.get(APP_NAME, {}))
@@ -322,8 +338,6 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
         configs[APP_NAME]["args"]["model_uri"] = model_uri
         kept = without_graduated_shadow(list(configs.values()), APP_NAME, model_uri,
                                         lambda first, second: same_registered_version(first, second, settings))
-        _call("PUT", dashboard.rstrip("/") + APPLICATIONS,
-              {"http_options": details.get("http_options") or {}, "applications": kept})
+        _replace_applications(dashboard, details, kept)
         wait_until_running(dashboard, model_uri=model_uri)
-    http = details.get("http_options") or {}
-    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    return _serving_url(details)

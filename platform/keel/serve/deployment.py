@@ -55,6 +55,10 @@ class ServeConfig(BaseModel):
     require_token: bool = Field(default=False, description="401 without 'Authorization: Bearer $KEEL_SERVE_TOKEN'")
     shadow: ShadowConfig | None = Field(default=None, description="copy scored rows to the keel-shadow app")
 
+    def copying_to_shadow(self) -> ServeConfig:
+        """This config with the champion copying its rows to a shadow (ShadowConfig's defaults unless set)."""
+        return self.model_copy(update={"shadow": self.shadow or ShadowConfig()})
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -77,8 +81,7 @@ class LoadedModel:
     def predicted_classes(self, frame: pd.DataFrame) -> list[str]:
         """The class this model predicts for each row of a shadow copy."""
         if self.predictor is not None:
-            classes = np.asarray(self.predictor.classes, dtype=object)
-            return list(classes[self.predictor.predict_proba(frame).argmax(axis=1)])
+            return list(self.predictor.labels(self.predictor.predict_proba(frame)))
         if self.intents is not None:
             return [p["intent"] for p in self.intents.classify(frame[TEXT_COLUMN].tolist())]
         raise not_comparable(f"models:/{self.name}/{self.version}")
@@ -154,7 +157,6 @@ class ModelServer:
         if shadow is not None and classifier is not None:  # the CLI and the shadow itself refuse recommenders
             self.mirror = ShadowMirror(connect_to_shadow, ShadowConfig.model_validate(shadow),
                                        ShadowMetrics(self.metrics.registry, self.model.name, self.model.version))
-        self._classes = np.asarray(classes, dtype=object)
 
     def __serve_build_asgi_app__(self) -> Any:
         from keel.serve.app import build_app
@@ -188,7 +190,7 @@ class ModelServer:
         assert self.model.predictor is not None  # only the classifier's routes score through here
         probabilities = self.model.predictor.predict_proba(combined)
         if self.mirror is not None:  # one copy per forward pass, sent after this returns
-            self.mirror.submit(combined, self._classes[probabilities.argmax(axis=1)])
+            self.mirror.submit(combined, self.model.predictor.labels(probabilities))
         offsets = np.cumsum([len(f) for f in frames])[:-1]
         return list(np.split(probabilities, offsets))
 
@@ -289,7 +291,7 @@ def deploy(model_uri: str, config: ServeConfig, shadow_uri: str | None = None,
     """Run the application (and a shadow beside it) on the connected Ray cluster; returns the base URL."""
     serve.start(http_options={"host": config.host, "port": config.port})
     if shadow_uri:
-        config = config.model_copy(update={"shadow": config.shadow or ShadowConfig()})
+        config = config.copying_to_shadow()
         serve.run(build_shadow_application(shadow_uri, shadow_config or ServeConfig()), name=SHADOW_APP,
                   route_prefix=None, blocking=False)
     serve.run(build_application(model_uri, config), name=APP_NAME, route_prefix="/", blocking=False)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from keel.errors import ClusterError
-from keel.serve.shadow import SHADOW_APP
+from keel.serve.challenger import CANARY_APP, SHADOW_APP
 from keel.settings import KeelSettings
 
 CONFIG_MAP = "keel-config"
@@ -76,8 +76,8 @@ def _require(settings: KeelSettings, *fields: str) -> None:
 def rolled_serve_config(serve_config_v2: str, model_uri: str,
                         same_version: Callable[[str, str], bool] | None = None) -> str:
     """The RayService's Serve config with the Keel app's model swapped, every other setting kept but a
-    shadow that serves the new champion's version (``same_version`` says which), which has graduated."""
-    from keel.serve.shadow import without_graduated_shadow
+    shadow or canary that serves the new champion's version (``same_version`` says which): it has graduated."""
+    from keel.serve.challenger import without_graduated_challengers
 
     document = yaml.safe_load(serve_config_v2) or {}
     applications = [a for a in document.get("applications", []) if a.get("name") == APP_NAME]
@@ -85,8 +85,8 @@ def rolled_serve_config(serve_config_v2: str, model_uri: str,
         raise ClusterError(f"the RayService's serveConfigV2 has no {APP_NAME!r} application to roll.")
     applications[0].setdefault("args", {})["model_uri"] = model_uri
     if same_version is not None:
-        document["applications"] = without_graduated_shadow(document["applications"], APP_NAME, model_uri,
-                                                            same_version)
+        document["applications"] = without_graduated_challengers(document["applications"], APP_NAME, model_uri,
+                                                                 same_version)
     return yaml.safe_dump(document, sort_keys=False)
 
 
@@ -176,6 +176,20 @@ def _condition(status: dict[str, Any], kind: str) -> str:
     return "?"
 
 
+def _serving_detail(service: dict[str, Any]) -> str:
+    """What a RayService serves: its model, and a shadow's or a canary's (with the canary's share)."""
+    detail = f"serving {served_model_uri(service) or '?'}"
+    shadow, canary = served_model_uri(service, SHADOW_APP), served_model_uri(service, CANARY_APP)
+    if shadow:
+        detail += f", shadow {shadow}"
+    if canary:
+        applications = (yaml.safe_load(service["spec"].get("serveConfigV2", "")) or {}).get("applications", [])
+        champion: dict[str, Any] = next((a for a in applications if a.get("name") == APP_NAME), {})
+        weight = ((champion.get("args", {}).get("config") or {}).get("canary") or {}).get("weight")
+        detail += f", canary {canary}" + (f" answering {weight:.0%}" if isinstance(weight, float | int) else "")
+    return detail
+
+
 def summarize(ray_clusters: list[dict[str, Any]], ray_services: list[dict[str, Any]],
               workloads: list[dict[str, Any]]) -> list[dict[str, str]]:
     """One row per resource: kind, name, state, detail; from the objects as the API returns them."""
@@ -188,10 +202,9 @@ def summarize(ray_clusters: list[dict[str, Any]], ray_services: list[dict[str, A
                                f"{status.get('desiredWorkerReplicas', 0)}"})
     for service in ray_services:
         status = service.get("status", {}) or {}
-        model, shadow = served_model_uri(service) or "?", served_model_uri(service, SHADOW_APP)
         rows.append({"kind": "RayService", "name": service["metadata"]["name"],
                      "state": str(status.get("serviceStatus") or f"Ready={_condition(status, 'Ready')}"),
-                     "detail": f"serving {model}" + (f", shadow {shadow}" if shadow else "")})
+                     "detail": _serving_detail(service)})
     for workload in workloads:
         status, spec = workload.get("status", {}) or {}, workload.get("spec", {})
         ready, wanted = status.get("readyReplicas", 0) or 0, spec.get("replicas", 1)

@@ -11,6 +11,9 @@ itself as the challenger) and reports what copying every request costs, as
 ratios to keel serve without one, and how many copies were compared or
 skipped. On a small machine the shadow's replica shares the CPUs with the
 champion's, so this is the cost at its highest; on a cluster it gets its own.
+A fourth serves it with a canary (``--canary``, the model itself, weight 0.5):
+half the requests take one more hop, through a Serve handle to the canary's
+replica, and are counted by outcome.
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ uvicorn.run(build_app(model.predictor, model.name, model.version), host="127.0.0
 """
 
 
-def keel_serve_under_load(path: str, body: bytes, *options: str) -> tuple[dict[str, float], dict[str, float]]:
-    """The load on a detached `keel serve`, and its keel_shadow_copies_total by outcome (empty without one)."""
+def keel_serve_under_load(path: str, body: bytes, *options: str,
+                          counter: str = "keel_shadow_copies_total") -> tuple[dict[str, float], dict[str, float]]:
+    """The load on a detached `keel serve`, and its ``counter`` by outcome (empty without a challenger)."""
     from tests.integration.conftest import free_port
 
     port = free_port()
@@ -99,7 +103,7 @@ def keel_serve_under_load(path: str, body: bytes, *options: str) -> tuple[dict[s
     finally:
         keel("serve", "stop")
     copies = {line.split('outcome="')[1].split('"')[0]: float(line.split()[-1]) for line in metrics.splitlines()
-              if line.startswith("keel_shadow_copies_total{")}
+              if line.startswith(counter + "{")}
     return result, copies
 
 
@@ -132,6 +136,8 @@ def main() -> None:
 
         served, _ = keel_serve_under_load(path, body)
         shadowed, copies = keel_serve_under_load(path, body, "--shadow", "models:/small-model@champion")
+        canaried, routed = keel_serve_under_load(path, body, "--canary", "models:/small-model@champion",
+                                                 "--canary-weight", "0.5", counter="keel_canary_requests_total")
 
     report = {"benchmark": "serving", "clients": CLIENTS, "duration_s": DURATION_S,
               "fastapi_uvicorn": fastapi, "keel_serve": served,
@@ -140,7 +146,10 @@ def main() -> None:
               "goals": {"requests_per_s_ratio": ">= 0.9", "p99_ratio": "<= 1.5"},
               "keel_serve_with_shadow": {**shadowed, "copies": copies},
               "shadow_requests_per_s_ratio": round(shadowed["requests_per_s"] / served["requests_per_s"], 3),
-              "shadow_p99_ratio": round(shadowed["p99_ms"] / served["p99_ms"], 3)}
+              "shadow_p99_ratio": round(shadowed["p99_ms"] / served["p99_ms"], 3),
+              "keel_serve_with_canary": {**canaried, "canary_requests": routed},
+              "canary_requests_per_s_ratio": round(canaried["requests_per_s"] / served["requests_per_s"], 3),
+              "canary_p99_ratio": round(canaried["p99_ms"] / served["p99_ms"], 3)}
     report["goals_met"] = report["requests_per_s_ratio"] >= 0.9 and report["p99_ratio"] <= 1.5
     print(json.dumps(report))
 

@@ -74,6 +74,7 @@ def test_helm_lint_strict(values: Path | None) -> None:
     (["ray.training.workerGroups.cpu.minReplicas=5"], "minReplicas (5) is above maxReplicas (4)"),
     (["ray.serving.shadow.modelUri=medical-diagnosis/3"], "/ray/serving/shadow/modelUri"),
     (["ray.serving.shadow.mirror.sample=0"], "/ray/serving/shadow/mirror/sample"),
+    (["ray.serving.canary.routing.weight=1"], "/ray/serving/canary/routing/weight"),
 ])
 def test_bad_values_fail_with_a_message_naming_them(settings: list[str], message: str) -> None:
     command = [render.tool("helm"), "template", "keel", str(render.CHART)]
@@ -392,31 +393,41 @@ def test_the_deploy_steps_patch_yields_a_valid_rayservice(rendered: dict[str, Pa
     assert after == before and patched["spec"]["rayClusterConfig"] == service["spec"]["rayClusterConfig"]
 
 
+def same_version(first: str, second: str) -> bool:
+    """Registry URIs ending in the same version number (no registry needed)."""
+    return first.rsplit("/", 1)[-1] == second.rsplit("/", 1)[-1]
+
+
+def rayservice_with_challenger(crd_schemas: dict[tuple[str, str], dict[str, Any]], model_uri_setting: str,
+                               json_setting: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chart's RayService rendered with a challenger, checked against the CRD, and its Serve config,
+    checked against Ray's own schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    (service,) = [d for d in render.documents(render.helm_template(
+        None, (), "--set", model_uri_setting, "--set-json", json_setting)) if d["kind"] == "RayService"]
+    assert not crd_errors(service, crd_schemas)
+    document = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(document)
+    return service, document
+
+
 def test_a_shadow_is_served_as_keel_serve_shadow_deploys_it_and_graduates_on_promotion(
         crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
     """ray.serving.shadow.modelUri adds the keel-shadow application `keel serve --shadow` would PUT; the deploy
     step's patch, promoting the shadow's version, removes it and the champion's copying."""
-    from ray.serve.schema import ServeDeploySchema
-
     from keel.cluster import rayservice_patch
     from keel.serve.control import serve_config_document
     from keel.serve.deployment import ServeConfig
 
-    (service,) = [d for d in render.documents(render.helm_template(
-        None, (), "--set", "ray.serving.shadow.modelUri=models:/medical-diagnosis/3",
-        "--set-json", "ray.serving.shadow.mirror.sample=0.25")) if d["kind"] == "RayService"]
-    assert not crd_errors(service, crd_schemas)
-    document = yaml.safe_load(service["spec"]["serveConfigV2"])
-    ServeDeploySchema.model_validate(document)
+    service, document = rayservice_with_challenger(
+        crd_schemas, "ray.serving.shadow.modelUri=models:/medical-diagnosis/3", "ray.serving.shadow.mirror.sample=0.25")
     champion, shadow = (application["args"] for application in document["applications"])
     expected = serve_config_document(champion["model_uri"], ServeConfig.model_validate(champion["config"]),
                                      "models:/medical-diagnosis/3", ServeConfig.model_validate(shadow["config"]))
     expected["applications"][0]["args"]["config"] = champion["config"]  # the chart states only what it sets
     expected["applications"][1]["args"]["config"] = shadow["config"]
     assert document == expected and champion["config"]["shadow"]["sample"] == 0.25
-
-    def same_version(first: str, second: str) -> bool:
-        return first.rsplit("/", 1)[-1] == second.rsplit("/", 1)[-1]
 
     kept = yaml.safe_load(rayservice_patch(service, "models:/medical-diagnosis/2", same_version)["spec"][
         "serveConfigV2"])
@@ -425,6 +436,35 @@ def test_a_shadow_is_served_as_keel_serve_shadow_deploys_it_and_graduates_on_pro
         "serveConfigV2"])
     assert [a["name"] for a in graduated["applications"]] == ["keel"]
     assert "shadow" not in graduated["applications"][0]["args"]["config"]
+
+
+def test_a_canary_is_served_as_keel_serve_canary_deploys_it_and_graduates_on_promotion(
+        crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """ray.serving.canary.modelUri adds the keel-canary application `keel serve --canary` would PUT, with
+    the champion routing its weight; promoting the canary's version removes both."""
+    from keel.cluster import rayservice_patch, summarize
+    from keel.serve.control import serve_config_document
+    from keel.serve.deployment import ServeConfig
+
+    service, document = rayservice_with_challenger(
+        crd_schemas, "ray.serving.canary.modelUri=models:/medical-diagnosis/4", "ray.serving.canary.routing.weight=0.25")
+    champion, canary = (application["args"] for application in document["applications"])
+    expected = serve_config_document(champion["model_uri"], ServeConfig.model_validate(champion["config"]),
+                                     canary_uri="models:/medical-diagnosis/4",
+                                     canary_config=ServeConfig.model_validate(canary["config"]))
+    expected["applications"][0]["args"]["config"] = champion["config"]  # the chart states only what it sets
+    expected["applications"][1]["args"]["config"] = canary["config"]
+    assert document == expected and champion["config"]["canary"] == {"weight": 0.25, "timeout_s": 2.0}
+    service["metadata"]["name"] = "keel-serve"
+    (row,) = summarize([], [service], [])
+    assert row["detail"] == ("serving models:/medical-diagnosis@champion, canary models:/medical-diagnosis/4 "
+                             "answering 25%")
+
+    graduated = merge_patch(service, rayservice_patch(service, "models:/medical-diagnosis/4", same_version))
+    assert not crd_errors(graduated, crd_schemas)
+    after = yaml.safe_load(graduated["spec"]["serveConfigV2"])
+    assert [a["name"] for a in after["applications"]] == ["keel"]
+    assert "canary" not in after["applications"][0]["args"]["config"]
 
 
 def test_the_deploy_step_adds_a_version_awaiting_approval_as_the_shadow(

@@ -153,9 +153,13 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     shadow = _shadow_the_challenger(port, tmp_path, env)
     assert shadow["rows"] == 60 and 1 <= shadow["compared"] <= 20 and shadow["failed"] == 0
     assert shadow["shadow_version"] == {"2"}
+    # Then as a canary (in the shadow's place: two cores fit two replicas): it answers about half the requests,
+    # one version per caller.
+    answered_by = _canary_the_challenger(port, tmp_path, env)
+    assert set(answered_by.values()) == {"1", "2"}
 
     # A person overrides the gate: v2 becomes champion and the served model rolls to it, on the same port; the
-    # shadow, serving v2, has graduated and is gone.
+    # canary, serving v2, has graduated and is gone.
     promoted = keel("models", "promote", "medical-diagnosis", "2", "--reason", "accepted by hand", "--output", "json",
                     cwd=tmp_path, env=env)
     assert promoted.returncode == 0, promoted.stderr[-3000:]
@@ -167,8 +171,8 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert response.status_code == 422 and response.headers["x-model-version"] == "2"
     applications = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)[
         "applications"]
-    assert list(applications) == ["keel"] and applications["keel"]["deployed_app_config"]["args"]["config"].get(
-        "shadow") is None
+    champion_config = applications["keel"]["deployed_app_config"]["args"]["config"]
+    assert list(applications) == ["keel"] and champion_config.get("canary") is None  # the canary graduated
     # A rollback without rolling: the registry moves, the served model stays.
     back = keel("models", "promote", "medical-diagnosis", "1", "--reason", "rollback", "--no-roll", cwd=tmp_path,
                 env=env)
@@ -188,6 +192,15 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert applications["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/2"
     counted = _copies_compared(port, 30)
     assert counted["rows"] == 30 and counted["shadow_version"] == {"3"}
+    # Approving it graduates the shadow: v3 serves, alone.
+    approved = keel("models", "promote", "medical-diagnosis", "3", "--reason", "agrees on live rows", cwd=tmp_path,
+                    env=env)
+    assert approved.returncode == 0, approved.stderr[-3000:]
+    applications = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)[
+        "applications"]
+    champion_args = applications["keel"]["deployed_app_config"]["args"]
+    assert list(applications) == ["keel"] and champion_args["model_uri"] == "models:/medical-diagnosis/3"
+    assert champion_args["config"].get("shadow") is None
     keel("serve", "stop", cwd=tmp_path, env=env)
 
 
@@ -212,11 +225,46 @@ def _shadow_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> di
     return _copies_compared(port, 60, served_version="1")
 
 
-def _copies_compared(port: int, rows: int, served_version: str | None = None) -> dict[str, Any]:
-    """Send ``rows`` rows, 3 a request; then what the serving replica counted of its copies to the shadow."""
+def _canary_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """Serve v1 with v2 as its canary (half the requests); which version answered each of 20 callers,
+    checked to be the same on a second request and to match what v1's replica counted."""
+    served = keel("serve", "models:/medical-diagnosis/1", "--port", str(port), "--host", "0.0.0.0", "--canary",
+                  "models:/medical-diagnosis@challenger", "--canary-weight", "0.5", "--output", "json",
+                  cwd=tmp_path, env=env)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert json.loads(served.stdout)["canary_model_uri"] == "models:/medical-diagnosis@challenger"
+    status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)
+    assert sorted(status["applications"]) == ["keel", "keel-canary"]  # the shadow is gone
+    assert ("keel-canary: RUNNING  models:/medical-diagnosis@challenger  (canary: answers 50% of the requests)"
+            in keel("serve", "status", cwd=tmp_path, env=env).stdout)
+    assert status["applications"]["keel-canary"]["deployed_app_config"]["route_prefix"] is None
+    row = _records(1)[0]
+
+    def answered_by(caller: str) -> str:
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
+                              json={"records": [row]}, headers={"x-routing-key": caller}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == response.headers["x-model-version"]
+        return str(response.headers["x-model-version"])
+
+    versions = {f"user-{i}": answered_by(f"user-{i}") for i in range(20)}
+    assert versions == {caller: answered_by(caller) for caller in versions}
+    lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+    answered = sum(float(line.split()[-1]) for line in lines
+                   if line.startswith("keel_canary_requests_total{") and 'outcome="answered"' in line)
+    assert answered == 2 * list(versions.values()).count("2")
+    return versions
+
+
+def _records(rows: int) -> list[dict[str, Any]]:
     from keel.data.builtin import BUILTIN_DATASETS
 
-    records = BUILTIN_DATASETS["breast_cancer"]().drop(columns=["diagnosis"]).head(rows).to_dict(orient="records")
+    return list(BUILTIN_DATASETS["breast_cancer"]().drop(columns=["diagnosis"]).head(rows).to_dict(orient="records"))
+
+
+def _copies_compared(port: int, rows: int, served_version: str | None = None) -> dict[str, Any]:
+    """Send ``rows`` rows, 3 a request; then what the serving replica counted of its copies to the shadow."""
+    records = _records(rows)
     for start in range(0, rows, 3):
         response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
                               json={"records": records[start:start + 3]}, timeout=30)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json
 from keel.settings import load_settings
+
+if TYPE_CHECKING:
+    from keel.serve.canary import CanaryConfig
+    from keel.serve.shadow import ShadowConfig
 
 DEFAULT_MODEL = "models:/medical-diagnosis@champion"
 ACTIONS = ("status", "stop")
@@ -50,12 +55,16 @@ def serve_command(
                                       "the rows; its answers are compared, never returned."),
     shadow_sample: float = typer.Option(1.0, "--shadow-sample",
                                         help="Share of forward passes (batches of rows) copied to the shadow."),
+    canary: str | None = typer.Option(None, "--canary", help="A challenger (registry URI) that answers a share "
+                                      "of the requests (--canary-weight); the champion answers the rest."),
+    canary_weight: float = typer.Option(0.1, "--canary-weight", help="Share of scoring requests the canary "
+                                        "answers, between 0 and 1; callers sending the same x-routing-key "
+                                        "header meet the same version."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Serve a registered model with Ray Serve (local Ray, or the cluster at KEEL_RAY_DASHBOARD_URL)."""
     from keel.serve import control
     from keel.serve.deployment import ServeConfig, resolve_version
-    from keel.serve.shadow import ShadowConfig
 
     settings = load_settings()
     dashboard = control.dashboard_url(settings)
@@ -70,56 +79,92 @@ def serve_command(
         typer.echo("Stopped the model server.")
         return
     resolve_version(target, settings)  # an unknown model fails here, by name, before anything starts
-    if shadow:
-        _check_shadow(target, shadow)
+    shadow_config, canary_config = _challenger_configs(shadow, shadow_sample, canary, canary_weight)
+    if shadow or canary:
+        _check_challengers(target, shadow, canary)
     config = ServeConfig(port=port, host=host, replicas=replicas, min_replicas=min_replicas,
-                         max_replicas=max_replicas, require_token=require_token,
-                         shadow=ShadowConfig(sample=shadow_sample) if shadow else None)
+                         max_replicas=max_replicas, require_token=require_token, shadow=shadow_config,
+                         canary=canary_config)
     if detach or settings.serve_dashboard_url:
-        url = control.deploy_detached(target, config, settings, haproxy=haproxy, shadow_uri=shadow)
-        _announce(url, target, output, shadow)
+        url = control.deploy_detached(target, config, settings, haproxy=haproxy, shadow_uri=shadow,
+                                      canary_uri=canary)
+        _announce(url, target, output, shadow, canary)
         return
-    _serve_in_foreground(target, config, haproxy, output, shadow)
+    _serve_in_foreground(target, config, haproxy, output, shadow, canary)
 
 
-def _check_shadow(model_uri: str, shadow_uri: str) -> None:
-    """Fail before deploying a shadow whose copies could never be compared with the champion's answers."""
+def _challenger_configs(shadow: str | None, shadow_sample: float, canary: str | None,
+                        canary_weight: float) -> tuple[ShadowConfig | None, CanaryConfig | None]:
+    """The champion's settings for its shadow and canary; a ConfigError naming the option that is out of range."""
+    from pydantic import ValidationError
+
+    from keel.errors import ConfigError
+    from keel.serve.canary import CanaryConfig
+    from keel.serve.shadow import ShadowConfig
+
+    try:
+        return (ShadowConfig(sample=shadow_sample) if shadow else None,
+                CanaryConfig(weight=canary_weight) if canary else None)
+    except ValidationError as e:
+        option = "--canary-weight" if e.title == CanaryConfig.__name__ else "--shadow-sample"
+        raise ConfigError(f"{option}: {e.errors()[0]['msg']}") from e
+
+
+def _check_challengers(model_uri: str, shadow_uri: str | None, canary_uri: str | None) -> None:
+    """Fail before deploying a shadow whose copies could never be compared with the champion's answers, or a
+    canary that would refuse the champion's requests."""
+    from keel.serve.canary import check_canary_fits
     from keel.serve.deployment import load_registered
     from keel.serve.shadow import check_shadow_fits
 
-    champion, challenger = (load_registered(uri, load_settings()) for uri in (model_uri, shadow_uri))
-    check_shadow_fits(champion.compared_columns, challenger.compared_columns, model_uri, shadow_uri)
+    champion = load_registered(model_uri, load_settings())
+    if shadow_uri:
+        challenger = load_registered(shadow_uri, load_settings())
+        check_shadow_fits(champion.compared_columns, challenger.compared_columns, model_uri, shadow_uri)
+    if canary_uri:
+        canary = load_registered(canary_uri, load_settings())
+        check_canary_fits(champion.kind, champion.compared_columns, canary.kind, canary.compared_columns,
+                          model_uri, canary_uri)
 
 
-def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | None = None) -> None:
+def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | None = None,
+              canary_uri: str | None = None) -> None:
     if output is OutputFormat.json:
         print_json({"url": url, "model_uri": model_uri, "metrics": f"{url}/metrics", "openapi": f"{url}/docs",
-                    "shadow_model_uri": shadow_uri})
+                    "shadow_model_uri": shadow_uri, "canary_model_uri": canary_uri})
         return
     typer.echo(f"Serving {model_uri} at {url}  (OpenAPI: {url}/docs, metrics: {url}/metrics)")
     if shadow_uri:
         typer.echo(f"Shadow: {shadow_uri} scores a copy of the rows; agreement is keel_shadow_rows_total "
                    "in the metrics")
+    if canary_uri:
+        typer.echo(f"Canary: {canary_uri} answers a share of the requests (x-model-version says which); "
+                   "keel_canary_requests_total counts them by outcome")
     typer.echo(f"Try it:\n  {sample_request(url, model_uri)}")
 
 
 def _print_status(dashboard: str) -> None:
     from keel.serve import control
-    from keel.serve.shadow import SHADOW_APP
+    from keel.serve.challenger import CANARY_APP, SHADOW_APP
+    from keel.serve.deployment import APP_NAME
 
     applications = control.status_rest(dashboard).get("applications", {})
     if not applications:
         typer.echo("No model is being served.")
+    champion = (applications.get(APP_NAME, {}).get("deployed_app_config") or {}).get("args", {}).get("config") or {}
+    weight = (champion.get("canary") or {}).get("weight")
     for name, application in applications.items():
         model = control.served_model_uri(application) or "?"
-        role = "  (shadow: scores copies of the requests, answers nobody)" if name == SHADOW_APP else ""
+        role = {SHADOW_APP: "  (shadow: scores copies of the requests, answers nobody)",
+                CANARY_APP: f"  (canary: answers {f'{weight:.0%} of ' if weight else 'some of '}the requests)"
+                }.get(name, "")
         typer.echo(f"{name}: {application.get('status')}  {model}{role}")
         for deployment, state in application.get("deployments", {}).items():
             typer.echo(f"  {deployment}: {state.get('status')} {state.get('replica_states', {})}")
 
 
 def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: OutputFormat,
-                         shadow_uri: str | None) -> None:
+                         shadow_uri: str | None, canary_uri: str | None) -> None:
     import logging
     import os
     import signal
@@ -133,8 +178,8 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
         os.environ.update(HAPROXY_ENVIRONMENT)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        url = deploy(model_uri, config, shadow_uri)  # type: ignore[arg-type]
-        _announce(url, model_uri, output, shadow_uri)
+        url = deploy(model_uri, config, shadow_uri, canary_uri=canary_uri)  # type: ignore[arg-type]
+        _announce(url, model_uri, output, shadow_uri, canary_uri)
         typer.echo("Press Ctrl-C to stop.")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

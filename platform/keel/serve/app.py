@@ -26,6 +26,7 @@ from keel.serve.metrics import ServingMetrics
 from keel.serve.schema import Prediction, PredictResponse, V2InferRequest, predict_request_model
 
 Scorer = Callable[[pd.DataFrame], Awaitable[np.ndarray]]
+Divert = Callable[[Request], Awaitable[Response | None]]
 MAX_BODY_BYTES = 1 << 20
 # Probes and Prometheus reach these without a token: they reveal no predictions.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
@@ -102,6 +103,12 @@ def unauthorized(request: Request, token: str) -> str:
     return ""
 
 
+async def _diverted(request: Request) -> Response | None:
+    """Another app's answer to a scoring request (a canary's), or None when this app answers it."""
+    divert: Divert | None = request.app.state.divert
+    return await divert(request) if divert is not None and request.method == "POST" else None
+
+
 def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token: str = "",
              max_body_bytes: int = MAX_BODY_BYTES, description: str = "") -> FastAPI:
     """What every Keel model server has, whatever it predicts: request ids, bearer-token auth, body
@@ -122,9 +129,10 @@ def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token
         elif length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             response = _error(request, 413, f"request body over {max_body_bytes} bytes")
         else:
-            response = await call_next(request)
-        response.headers.update({"x-request-id": request_id, "x-model-name": model_name,
-                                 "x-model-version": model_version})
+            response = await _diverted(request) or await call_next(request)
+        for header, value in (("x-request-id", request_id), ("x-model-name", model_name),
+                              ("x-model-version", model_version)):
+            response.headers.setdefault(header, value)  # a canary's answer keeps its own version
         if request.url.path != "/metrics":
             metrics.observe_request(request.url.path, response.status_code, time.perf_counter() - started)
         return response
@@ -157,6 +165,7 @@ def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.identity = {"model_name": model_name, "model_version": model_version}
+    app.state.divert = None  # a Divert the Serve replica sets when a canary answers some requests
     app.state.metrics = metrics
     return app
 

@@ -24,11 +24,13 @@ from typing import Any
 
 from keel.errors import KeelError
 from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
-from keel.serve.shadow import SHADOW_APP, shadow_application, with_shadow, without_graduated_shadow
+from keel.serve.canary import canary_application
+from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_graduated_challengers
+from keel.serve.shadow import shadow_application, with_shadow
 from keel.settings import KeelSettings
 
 APPLICATIONS = "/api/serve/applications/"
-BUILDER = "keel.serve.deployment:application_builder"
+BUILDER = SERVER_BUILDER
 REQUEST_TIMEOUT_S = 30
 LOG = logging.getLogger(__name__)
 
@@ -73,22 +75,30 @@ def _call(method: str, url: str, payload: Any = None) -> Any:
 
 
 def serve_config_document(model_uri: str, config: ServeConfig, shadow_uri: str | None = None,
-                          shadow_config: ServeConfig | None = None) -> dict[str, Any]:
-    """The Serve config (as in a RayService's ``serveConfigV2``) for one model, and a shadow beside it."""
+                          shadow_config: ServeConfig | None = None, canary_uri: str | None = None,
+                          canary_config: ServeConfig | None = None) -> dict[str, Any]:
+    """The Serve config (as in a RayService's ``serveConfigV2``) for one model, and a shadow or a canary (with
+    ``config.canary``'s routing, CanaryConfig's defaults unless set) beside it."""
+    from keel.serve.canary import CanaryConfig
+
     if shadow_uri:
         config = config.copying_to_shadow()
+    if canary_uri:
+        config = config.model_copy(update={"canary": config.canary or CanaryConfig()})
     applications = [{"name": APP_NAME, "route_prefix": "/", "import_path": BUILDER,
                      "args": {"model_uri": model_uri, "config": config.model_dump()}}]
     if shadow_uri:
         applications.append(shadow_application(shadow_uri, (shadow_config or ServeConfig()).model_dump()))
+    if canary_uri:
+        applications.append(canary_application(canary_uri, (canary_config or ServeConfig()).model_dump()))
     return {"http_options": {"host": config.host, "port": config.port}, "applications": applications}
 
 
-def deploy_rest(dashboard_url: str, model_uri: str, config: ServeConfig,
-                shadow_uri: str | None = None) -> dict[str, Any]:
-    """Replace what the Serve instance runs (a shadow included) with ``model_uri`` and, given, its shadow;
-    returns the Serve config it sent."""
-    document = serve_config_document(model_uri, config, shadow_uri)
+def deploy_rest(dashboard_url: str, model_uri: str, config: ServeConfig, shadow_uri: str | None = None,
+                canary_uri: str | None = None) -> dict[str, Any]:
+    """Replace what the Serve instance runs (challengers included) with ``model_uri`` and, given, its shadow
+    or canary; returns the Serve config it sent."""
+    document = serve_config_document(model_uri, config, shadow_uri, canary_uri=canary_uri)
     _call("PUT", dashboard_url.rstrip("/") + APPLICATIONS, document)
     return document
 
@@ -111,8 +121,9 @@ def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: st
                        app: str = APP_NAME, args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Poll until application ``app`` is RUNNING (serving ``model_uri``, or with exactly ``args``, when
     given); a ServeError with Serve's message if it fails."""
-    server = "the shadow model server" if app == SHADOW_APP else "the model server"
-    deadline = time.monotonic() + timeout_s
+    server = {SHADOW_APP: "the shadow model server", CANARY_APP: "the canary model server"}.get(app,
+                                                                                               "the model server")
+    deadline, application = time.monotonic() + timeout_s, {}
     while time.monotonic() < deadline:
         application = status_rest(dashboard_url).get("applications", {}).get(app, {})
         state = application.get("status")
@@ -120,11 +131,17 @@ def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: st
         if state == "RUNNING" and model_uri in (None, served_model_uri(application)) and args in (None, deployed):
             return application
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-            details = [d.get("message", "") for d in application.get("deployments", {}).values()]
-            message = " ".join(m for m in [application.get("message", state), *details] if m)
-            raise ServeError(f"{server} failed to start: {message[-2000:]}")
+            raise ServeError(f"{server} failed to start: {_serve_messages(application, state)[-2000:]}")
         time.sleep(1)
-    raise ServeError(f"{server} was not RUNNING after {timeout_s:.0f} s; see `keel serve status`.")
+    # Serve says why, e.g. a replica that waits for CPUs the Ray cluster does not have
+    why = _serve_messages(application, "")
+    raise ServeError(f"{server} was not RUNNING after {timeout_s:.0f} s{': ' + why[-1500:] if why else ''}; "
+                     "see `keel serve status`.")
+
+
+def _serve_messages(application: dict[str, Any], default: str) -> str:
+    details = [d.get("message", "") for d in application.get("deployments", {}).values()]
+    return " ".join(m for m in [application.get("message", default), *details] if m)
 
 
 def _ray_command() -> str:
@@ -221,8 +238,8 @@ def end_process_group(group: int, grace_s: float = 5) -> bool:
 
 
 def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings, haproxy: bool = True,
-                    shadow_uri: str | None = None) -> str:
-    """Serve ``model_uri`` (and a shadow) on the cluster at KEEL_RAY_DASHBOARD_URL, or on a local Ray head
+                    shadow_uri: str | None = None, canary_uri: str | None = None) -> str:
+    """Serve ``model_uri`` (and a shadow or canary) on the cluster at KEEL_RAY_DASHBOARD_URL, or on a local Ray head
     started here.
 
     Returns once the applications are RUNNING, with the URL the model answers on.
@@ -230,10 +247,10 @@ def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings,
     dashboard = settings.serve_dashboard_url
     if not dashboard:
         dashboard = start_local_head(settings, haproxy=haproxy)
-    document = deploy_rest(dashboard, model_uri, config, shadow_uri)
+    document = deploy_rest(dashboard, model_uri, config, shadow_uri, canary_uri)
     wait_until_running(dashboard, args=document["applications"][0]["args"])  # this config, not the one before
-    if shadow_uri:
-        wait_until_running(dashboard, app=SHADOW_APP)
+    for challenger in document["applications"][1:]:
+        wait_until_running(dashboard, app=challenger["name"], args=challenger["args"])
     return f"http://{config.host}:{config.port}"
 
 
@@ -318,7 +335,7 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     """Serve ``model_uri`` wherever ``model_name`` is being served now: the chart's RayService on a cluster,
     else the Ray head at KEEL_RAY_DASHBOARD_URL or the one ``keel serve --detach`` started here. Only the
     model changes; every other Serve setting (port, replicas, token) is kept, and other applications stay.
-    A shadow serving ``model_uri``'s version has graduated and is removed; any other shadow stays.
+    A shadow or canary serving ``model_uri``'s version has graduated and is removed; any other one stays.
     Returns the serving URL, or None when nothing serves ``model_name`` (nothing is started then)."""
     from keel.serve.deployment import same_registered_version
     from keel.tracking import registered_name
@@ -336,8 +353,8 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     if served != model_uri:
         configs = {name: application.get("deployed_app_config") or {} for name, application in applications.items()}
         configs[APP_NAME]["args"]["model_uri"] = model_uri
-        kept = without_graduated_shadow(list(configs.values()), APP_NAME, model_uri,
-                                        lambda first, second: same_registered_version(first, second, settings))
+        kept = without_graduated_challengers(list(configs.values()), APP_NAME, model_uri,
+                                             lambda first, second: same_registered_version(first, second, settings))
         _replace_applications(dashboard, details, kept)
         wait_until_running(dashboard, model_uri=model_uri)
     return _serving_url(details)

@@ -6,6 +6,8 @@ scored together (``@serve.batch``): one forward pass over many callers' rows.
 Requests beyond ``max_queued_requests`` get Ray Serve's fast 503, not a hang.
 With ``ServeConfig.shadow`` set, each replica also copies scored requests to
 the shadow application (:class:`ShadowScorer`; see :mod:`keel.serve.shadow`).
+With ``ServeConfig.canary`` set, it routes a share of the scoring requests to
+the canary application, another :class:`ModelServer` (see :mod:`keel.serve.canary`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from keel.errors import ConfigError, RegistryError
 from keel.intents.model import IntentModel
 from keel.predictor import Predictor
 from keel.recommend.recommender import Recommender
+from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryConfig, CanaryMetrics, CanaryRouter, ForwardedRequest,
+                               answer_in_process)
+from keel.serve.challenger import CANARY_APP
 from keel.serve.shadow import (SHADOW_APP, SHADOW_DEPLOYMENT, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror,
                               not_comparable)
 from keel.settings import KeelSettings
@@ -54,6 +59,7 @@ class ServeConfig(BaseModel):
     cpus_per_replica: float = Field(default=1.0, gt=0)
     require_token: bool = Field(default=False, description="401 without 'Authorization: Bearer $KEEL_SERVE_TOKEN'")
     shadow: ShadowConfig | None = Field(default=None, description="copy scored rows to the keel-shadow app")
+    canary: CanaryConfig | None = Field(default=None, description="route a share of requests to keel-canary")
 
     def copying_to_shadow(self) -> ServeConfig:
         """This config with the champion copying its rows to a shadow (ShadowConfig's defaults unless set)."""
@@ -69,6 +75,12 @@ class LoadedModel:
     version: str
     recommender: Recommender | None = None
     intents: IntentModel | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.predictor is not None:
+            return "tabular classifier"
+        return "text classifier" if self.intents is not None else "recommender"
 
     @property
     def compared_columns(self) -> list[str] | None:
@@ -137,7 +149,7 @@ class ModelServer:
 
     def __init__(self, model_uri: str, environment: dict[str, str], max_batch_size: int,
                  batch_wait_timeout_s: float, require_token: bool = False,
-                 shadow: dict[str, Any] | None = None) -> None:
+                 shadow: dict[str, Any] | None = None, canary: dict[str, Any] | None = None) -> None:
         from keel.serve.metrics import ServingMetrics
         from keel.settings import load_settings
 
@@ -157,8 +169,25 @@ class ModelServer:
         if shadow is not None and classifier is not None:  # the CLI and the shadow itself refuse recommenders
             self.mirror = ShadowMirror(connect_to_shadow, ShadowConfig.model_validate(shadow),
                                        ShadowMetrics(self.metrics.registry, self.model.name, self.model.version))
+        self.router: CanaryRouter | None = None
+        if canary is not None:
+            self.router = CanaryRouter(connect_to_canary, CanaryConfig.model_validate(canary),
+                                       CanaryMetrics(self.metrics.registry, self.model.name, self.model.version))
+        self._forwarded_app: Any = None
 
     def __serve_build_asgi_app__(self) -> Any:
+        app = self._build_app()
+        if self.router is not None:
+            app.state.divert = self.router.divert
+        return app
+
+    async def answer_forwarded(self, request: ForwardedRequest) -> CanaryAnswer:
+        """As the canary: answer a request the champion routed here, through this replica's own app."""
+        if self._forwarded_app is None:
+            self._forwarded_app = self._build_app()
+        return await answer_in_process(self._forwarded_app, request)
+
+    def _build_app(self) -> Any:
         from keel.serve.app import build_app
 
         if self.model.recommender is not None:
@@ -202,6 +231,15 @@ async def connect_to_shadow() -> ShadowCall:
     async def score_on_shadow(frame: pd.DataFrame) -> tuple[str, list[str]]:
         return cast(tuple[str, list[str]], await handle.score.remote(frame))
     return score_on_shadow
+
+
+async def connect_to_canary() -> CanaryCall:
+    """The call that has the canary application of this Serve instance answer a request."""
+    handle = await asyncio.to_thread(serve.get_app_handle, CANARY_APP)
+
+    async def answer_on_canary(request: ForwardedRequest) -> CanaryAnswer:
+        return cast(CanaryAnswer, await handle.answer_forwarded.remote(request))
+    return answer_on_canary
 
 
 class ShadowScorer:
@@ -274,7 +312,8 @@ def build_application(model_uri: str, config: ServeConfig) -> Any:
     serving_token(settings, config.require_token)  # fail here, not in a replica that restarts forever
     return deployment.bind(model_uri, keel_environment(settings), config.max_batch_size,
                            config.batch_wait_timeout_s, config.require_token,
-                           config.shadow.model_dump() if config.shadow else None)
+                           config.shadow.model_dump() if config.shadow else None,
+                           config.canary.model_dump() if config.canary else None)
 
 
 def build_shadow_application(model_uri: str, config: ServeConfig) -> Any:
@@ -287,13 +326,18 @@ def build_shadow_application(model_uri: str, config: ServeConfig) -> Any:
 
 
 def deploy(model_uri: str, config: ServeConfig, shadow_uri: str | None = None,
-           shadow_config: ServeConfig | None = None) -> str:
-    """Run the application (and a shadow beside it) on the connected Ray cluster; returns the base URL."""
+           shadow_config: ServeConfig | None = None, canary_uri: str | None = None) -> str:
+    """Run the application (and a shadow or canary beside it) on the connected Ray cluster; returns the base
+    URL. A canary routes ``config.canary`` (CanaryConfig's defaults unless set) and runs with ServeConfig's
+    defaults."""
     serve.start(http_options={"host": config.host, "port": config.port})
     if shadow_uri:
         config = config.copying_to_shadow()
         serve.run(build_shadow_application(shadow_uri, shadow_config or ServeConfig()), name=SHADOW_APP,
                   route_prefix=None, blocking=False)
+    if canary_uri:
+        config = config.model_copy(update={"canary": config.canary or CanaryConfig()})
+        serve.run(build_application(canary_uri, ServeConfig()), name=CANARY_APP, route_prefix=None, blocking=False)
     serve.run(build_application(model_uri, config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"
 

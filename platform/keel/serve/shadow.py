@@ -16,7 +16,6 @@ down or refuses the rows costs the champion's callers nothing: at most
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -27,12 +26,11 @@ import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.errors import ConfigError, KeelError
+from keel.errors import ConfigError
+from keel.serve.challenger import SHADOW_APP, ApplicationLink, challenger_application, described, with_challenger
 
-SHADOW_APP = "keel-shadow"
 SHADOW_DEPLOYMENT = "shadow"
 SHADOW_BUILDER = "keel.serve.deployment:shadow_application_builder"
-LOG = logging.getLogger(__name__)
 # (the shadow's version, its predicted class per row)
 ShadowCall = Callable[[pd.DataFrame], Awaitable[tuple[str, list[str]]]]
 
@@ -80,19 +78,17 @@ class ShadowMetrics:
 class ShadowMirror:
     """Copies scored rows to the shadow, off the response path, and compares its answers.
 
-    ``connect`` returns the call that reaches the shadow. It is made on the first copy, not at start-up,
-    because both applications deploy together and the shadow may come up second. While there is no
-    shadow, copies count as unavailable and ``connect`` is retried at most every ``retry_s`` seconds.
+    ``connect`` returns the call that reaches the shadow, through an :class:`ApplicationLink`: made on the
+    first copy, retried at most every ``retry_s`` seconds while there is no shadow (copies count as
+    unavailable meanwhile).
     """
 
     def __init__(self, connect: Callable[[], Awaitable[ShadowCall]], config: ShadowConfig, metrics: ShadowMetrics,
                  retry_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
-        self._connect, self.config, self.metrics = connect, config, metrics
-        self._retry_s, self._clock, self._rng = retry_s, clock, rng or random.Random()
-        self._call: ShadowCall | None = None
-        self._connect_after = 0.0
-        self._warned_at = -float("inf")
+        self.config, self.metrics = config, metrics
+        self.link = ApplicationLink(SHADOW_APP, connect, retry_s, clock)
+        self._rng = rng or random.Random()
         self.pending: set[asyncio.Task[None]] = set()
 
     def submit(self, frame: pd.DataFrame, champion_labels: np.ndarray) -> None:
@@ -102,7 +98,7 @@ class ShadowMirror:
         if len(self.pending) >= self.config.max_in_flight:
             self.metrics.observe("skipped")
             return
-        if self._call is None and self._clock() < self._connect_after:
+        if self.link.waiting_to_retry:
             self.metrics.observe("unavailable")
             return
         task = asyncio.get_running_loop().create_task(self._compare(frame, champion_labels))
@@ -110,47 +106,20 @@ class ShadowMirror:
         task.add_done_callback(self.pending.discard)
 
     async def _compare(self, frame: pd.DataFrame, champion_labels: np.ndarray) -> None:
-        call = await self._connected()
+        call = await self.link.call()
         if call is None:
+            self.metrics.observe("unavailable")
             return
-        started = self._clock()
+        started = self.link.clock()
         try:
             version, labels = await asyncio.wait_for(call(frame), self.config.timeout_s)
             if len(labels) != len(champion_labels):
                 raise ValueError(f"the shadow answered {len(labels)} rows for {len(champion_labels)}")
         except Exception as e:  # noqa: BLE001 - whatever the shadow does, the champion keeps serving
             self.metrics.observe("failed")
-            self._warn(f"a copy sent to the shadow failed: {_described(e, self.config.timeout_s)}")
+            self.link.warn(f"a copy sent to the shadow failed: {described(e, self.config.timeout_s)}")
             return
-        self.metrics.observe_comparison(version, champion_labels, labels, self._clock() - started)
-
-    async def _connected(self) -> ShadowCall | None:
-        if self._call is None:
-            try:
-                self._call = await self._connect()
-            except Exception as e:  # noqa: BLE001 - no shadow application (yet): count it, try again later
-                self._connect_after = self._clock() + self._retry_s
-                self.metrics.observe("unavailable")
-                self._warn(f"the shadow application {SHADOW_APP!r} cannot be reached: {e}"[:500])
-                return None
-        return self._call
-
-    def _warn(self, message: str) -> None:
-        """At most one warning a minute: a broken shadow must not flood the champion's log."""
-        if self._clock() - self._warned_at >= 60:
-            self._warned_at = self._clock()
-            LOG.warning(message)
-
-
-def _described(error: Exception, timeout_s: float) -> str:
-    """The error's type, and Keel's own headline when it has one: never the message of another library's
-    error, which can quote the copied rows (a customer's message, say) into the champion's log."""
-    if isinstance(error, asyncio.TimeoutError):
-        return f"no answer within timeout_s={timeout_s:g} s"
-    if not isinstance(error, KeelError):
-        return type(error).__name__
-    lines = [line for line in error.headline.splitlines() if line.strip()]  # Ray's copy ends with the headline
-    return f"{type(error).__name__}: {lines[-1][:300] if lines else ''}"
+        self.metrics.observe_comparison(version, champion_labels, labels, self.link.clock() - started)
 
 
 def not_comparable(model_uri: str) -> ConfigError:
@@ -175,33 +144,11 @@ def check_shadow_fits(champion_columns: list[str] | None, shadow_columns: list[s
 
 def shadow_application(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
     """The Serve config of the shadow application: no route, so only the champion's replicas reach it."""
-    return {"name": SHADOW_APP, "route_prefix": None, "import_path": SHADOW_BUILDER,
-            "args": {"model_uri": model_uri, "config": config}}
+    return challenger_application(SHADOW_APP, SHADOW_BUILDER, model_uri, config)
 
 
 def with_shadow(applications: list[dict[str, Any]], champion_app: str, shadow_uri: str) -> list[dict[str, Any]]:
     """The applications with ``shadow_uri`` as the shadow of ``champion_app``: a shadow already there keeps
     its settings and gets the new model; the champion starts copying (ShadowConfig's defaults) if it was not."""
-    existing = next((a for a in applications if a.get("name") == SHADOW_APP), None)
-    config = dict((existing or {}).get("args", {}).get("config") or {})
-    kept = [a for a in applications if a.get("name") != SHADOW_APP]
-    for application in kept:
-        if application.get("name") == champion_app:
-            settings = application.setdefault("args", {}).setdefault("config", {})
-            settings["shadow"] = settings.get("shadow") or ShadowConfig().model_dump()
-    return [*kept, shadow_application(shadow_uri, config)]
-
-
-def without_graduated_shadow(applications: list[dict[str, Any]], champion_app: str, model_uri: str,
-                             same_version: Callable[[str, str], bool]) -> list[dict[str, Any]]:
-    """The applications once ``model_uri`` is champion: a shadow serving that version has graduated, so it
-    and the champion's copying go; any other shadow stays."""
-    shadow = next((a for a in applications if a.get("name") == SHADOW_APP), None)
-    shadow_uri = (shadow or {}).get("args", {}).get("model_uri")
-    if not shadow_uri or not same_version(shadow_uri, model_uri):
-        return applications
-    kept = [a for a in applications if a.get("name") != SHADOW_APP]
-    for application in kept:
-        if application.get("name") == champion_app:
-            application.get("args", {}).get("config", {}).pop("shadow", None)
-    return kept
+    return with_challenger(applications, champion_app, shadow_application(shadow_uri, {}),
+                           ShadowConfig().model_dump())

@@ -6,13 +6,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from keel.data.contract import DataContract
 from keel.data.transform import FeatureTransform
 from keel.predictor import Predictor
 from keel.serve.app import build_app
+from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryConfig, CanaryMetrics, CanaryRouter, ForwardedRequest,
+                               answer_in_process)
+from keel.serve.challenger import CANARY_APP
 from keel.serve.schema import record_model
 from keel.settings import KeelSettings
 from tests.conftest import SMALL_CONTRACT, small_frame
@@ -264,3 +269,62 @@ def test_a_shadow_copy_is_scored_as_the_served_model_predicts(predictor: Predict
     assert recommender.compared_columns is None
     with pytest.raises(ConfigError, match="models:/shop/1: shadow serving compares classifiers"):
         recommender.predicted_classes(frame)
+
+
+def canary_routing(champion: FastAPI, canary: FastAPI | None, weight: float = 0.5) -> CanaryRouter:
+    """The champion's app routing ``weight`` of its requests to ``canary`` (None: no canary app), as a
+    Serve replica sets it up, with the canary's own app answering in process instead of over a handle."""
+    async def connect() -> CanaryCall:
+        if canary is None:
+            raise ValueError(f"Application {CANARY_APP!r} does not exist")
+
+        async def call(request: ForwardedRequest) -> CanaryAnswer:
+            return await answer_in_process(canary, request)
+        return call
+
+    router = CanaryRouter(connect, CanaryConfig(weight=weight), CanaryMetrics(CollectorRegistry(), NAME, VERSION))
+    champion.state.divert = router.divert
+    return router
+
+
+def routing_keys(router: CanaryRouter) -> tuple[str, str]:
+    """A routing key the canary answers and one the champion answers."""
+    keys = [f"user-{i}" for i in range(100)]
+    return next(k for k in keys if router.chosen(k)), next(k for k in keys if not router.chosen(k))
+
+
+def test_a_canary_answers_the_requests_routed_to_it_with_its_own_version(predictor: Predictor) -> None:
+    champion = build_app(predictor, NAME, VERSION, token=TOKEN)
+    router = canary_routing(champion, build_app(predictor, NAME, "4", token=TOKEN))
+    to_canary, to_champion = routing_keys(router)
+    client, auth = TestClient(champion), {"authorization": f"Bearer {TOKEN}"}
+    for key, version in ((to_canary, "4"), (to_champion, VERSION)):
+        response = client.post(f"/v1/models/{NAME}:predict?debug=1", json={"records": records(2)},
+                               headers={**auth, "x-routing-key": key, "x-request-id": f"req-{key}"})
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == response.headers["x-model-version"] == version
+        assert response.json()["request_id"] == response.headers["x-request-id"] == f"req-{key}"
+        assert len(response.json()["predictions"]) == 2
+    bad = client.post(f"/v1/models/{NAME}:predict", json={"records": [{"nope": 1}]},
+                      headers={**auth, "x-routing-key": to_canary})
+    assert bad.status_code == 422 and bad.json()["model_version"] == "4"  # the canary's own refusal
+    metadata = client.get(f"/v2/models/{NAME}", headers={**auth, "x-routing-key": to_canary})
+    assert metadata.json()["versions"] == [VERSION]  # only scoring requests are routed
+    unauthorized = client.post(f"/v1/models/{NAME}:predict", json={"records": records(1)},
+                               headers={"x-routing-key": to_canary})
+    assert unauthorized.status_code == 401 and unauthorized.json()["model_version"] == VERSION  # checked first
+    outcomes = {o: router.metrics.registry.get_sample_value("keel_canary_requests_total",
+                                                            {"model": NAME, "version": VERSION, "outcome": o})
+                for o in ("answered", "rejected", "fell_back")}
+    assert outcomes == {"answered": 1, "rejected": 1, "fell_back": 0}
+
+
+def test_with_its_canary_gone_the_champion_answers_everything(predictor: Predictor) -> None:
+    champion = build_app(predictor, NAME, VERSION)
+    router = canary_routing(champion, None)
+    to_canary, _ = routing_keys(router)
+    response = TestClient(champion).post(f"/v1/models/{NAME}:predict", json={"records": records(1)},
+                                         headers={"x-routing-key": to_canary})
+    assert response.status_code == 200 and response.json()["model_version"] == VERSION
+    assert router.metrics.registry.get_sample_value("keel_canary_requests_total", {
+        "model": NAME, "version": VERSION, "outcome": "unavailable"}) == 1

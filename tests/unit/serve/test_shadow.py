@@ -12,8 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from keel.errors import ConfigError
+from keel.serve.challenger import without_graduated_challengers
 from keel.serve.shadow import (SHADOW_APP, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror, check_shadow_fits,
-                               with_shadow, without_graduated_shadow)
+                               with_shadow)
 
 FRAME = pd.DataFrame({"size": [1.0, 2.0, 3.0]})
 CHAMPION = np.asarray(["no", "yes", "no"], dtype=object)
@@ -95,7 +96,7 @@ def test_a_shadow_that_fails_is_counted_and_nothing_is_raised(call: ShadowCall,
 
 def test_a_failure_is_logged_without_the_rows_another_librarys_message_may_quote() -> None:
     from keel.errors import DataError
-    from keel.serve.shadow import _described
+    from keel.serve.challenger import described as _described
 
     leaky = ValueError("could not tokenize 'Hi, this is Grace, grace@example.com'")
     assert _described(leaky, 2.0) == "ValueError"
@@ -180,13 +181,13 @@ def same_version(versions: dict[str, str]) -> Callable[[str, str], bool]:
 
 def test_a_shadow_serving_the_new_champion_has_graduated_and_goes() -> None:
     versions = {"models:/m@challenger": "2", "models:/m/2": "2", "models:/m/3": "3"}
-    kept = without_graduated_shadow(applications("models:/m@challenger"), "keel", "models:/m/2",
-                                    same_version(versions))
+    kept = without_graduated_challengers(applications("models:/m@challenger"), "keel", "models:/m/2",
+                                         same_version(versions))
     assert [a["name"] for a in kept] == ["keel", "other"]
     assert kept[0]["args"]["config"] == {"replicas": 2}  # the champion stops copying
     unchanged = applications("models:/m@challenger")
-    assert without_graduated_shadow(applications("models:/m@challenger"), "keel", "models:/m/3",
-                                    same_version(versions)) == unchanged
+    assert without_graduated_challengers(applications("models:/m@challenger"), "keel", "models:/m/3",
+                                         same_version(versions)) == unchanged
 
 
 def test_a_new_shadow_replaces_the_old_one_keeping_its_settings_and_the_champion_starts_copying() -> None:

@@ -225,7 +225,7 @@ def shadow_of(loaded: Any) -> Any:
     from keel.serve.shadow import ShadowConfig, ShadowMetrics, ShadowMirror
 
     async def score(frame: pd.DataFrame) -> tuple[str, list[str]]:
-        return loaded.version, loaded.predicted_classes(frame)
+        return loaded.version, loaded.answers(frame)
 
     async def connect() -> Any:
         return score

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,7 +165,9 @@ def served(pipeline_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("KEEL_HOME", str(workdir / ".keel"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        yield deploy(f"models:/{MODEL}@champion", ServeConfig(port=free_port(), cpus_per_replica=0.5))
+        uri = f"models:/{MODEL}@champion"  # its own shadow: the same ranked lists every time
+        yield deploy(uri, ServeConfig(port=free_port(), cpus_per_replica=0.5), shadow_uri=uri,
+                     shadow_config=ServeConfig(cpus_per_replica=0.5))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -185,3 +188,12 @@ def test_ray_serve_answers_recommendations_and_rejects_bad_requests_with_a_reaso
     assert httpx.post(f"{served}/v1/models/other:recommend", json={"user_ids": [1]}, timeout=30).status_code == 404
     metrics = httpx.get(f"{served}/metrics", timeout=30).text
     assert 'route="/v1/models/{name}:recommend"' in metrics
+    # The shadow got a copy of the one answered request (not of the refused ones) and gave both users the same list
+    labels = f'model="{MODEL}",shadow_version="1",version="1"'
+    deadline = time.monotonic() + 60
+    while f'keel_shadow_rows_total{{agreement="same",{labels}}} 2.0' not in metrics and time.monotonic() < deadline:
+        time.sleep(1)  # copies are compared after the answer went out
+        metrics = httpx.get(f"{served}/metrics", timeout=30).text
+    assert f'keel_shadow_rows_total{{agreement="same",{labels}}} 2.0' in metrics
+    assert f'keel_shadow_top_k_overlap_sum{{{labels}}} 2.0' in metrics
+    assert 'keel_shadow_copies_total{model="%s",outcome="compared",version="1"} 1.0' % MODEL in metrics

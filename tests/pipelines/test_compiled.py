@@ -53,3 +53,26 @@ def test_local_runs_fail_fast_instead_of_retrying(name: str, tmp_path) -> None:
     spec = next(yaml.safe_load_all(target.read_text()))
     tasks = [t for c in [spec["root"], *spec["components"].values()] if "dag" in c for t in c["dag"]["tasks"].values()]
     assert tasks and not any("retryPolicy" in t for t in tasks)
+
+
+def serving_pipelines() -> list[str]:
+    """The pipelines with a ``serve`` parameter (batch scoring reads a model and serves none)."""
+    return [name for name in sorted(pipelines.PIPELINES) if "serve" in next(yaml.safe_load_all(
+        (pipelines.COMPILED_DIR / f"{name}.yaml").read_text()))["root"]["inputDefinitions"]["parameters"]]
+
+
+@pytest.mark.parametrize("name", serving_pipelines())
+def test_every_pipeline_that_serves_shadows_a_version_awaiting_approval(name: str) -> None:
+    """Under serve=true, a new champion is deployed and a version awaiting approval (registry.approval:
+    manual) is deployed as the champion's shadow, whatever kind of model the pipeline trains."""
+    spec = next(yaml.safe_load_all((pipelines.COMPILED_DIR / f"{name}.yaml").read_text()))
+    dags = {"root": spec["root"]["dag"], **{n: c["dag"] for n, c in spec["components"].items() if "dag" in c}}
+    branches = {task["taskInfo"]["name"]: dags[task["componentRef"]["name"]]
+                for dag in dags.values() for task in dag["tasks"].values() if task["componentRef"]["name"] in dags}
+
+    def deploys_as_shadow(dag: dict) -> list[bool]:
+        return [task["inputs"]["parameters"].get("shadow", {}).get("runtimeValue", {}).get("constant", False)
+                for task in dag["tasks"].values() if task["componentRef"]["name"].startswith("comp-deploy")]
+
+    assert deploys_as_shadow(branches["new-champion"]) == [False]
+    assert deploys_as_shadow(branches["awaiting-approval"]) == [True]

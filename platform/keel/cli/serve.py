@@ -120,7 +120,8 @@ def _check_challengers(model_uri: str, shadow_uri: str | None, canary_uri: str |
     champion = load_registered(model_uri, load_settings())
     if shadow_uri:
         challenger = load_registered(shadow_uri, load_settings())
-        check_shadow_fits(champion.compared_columns, challenger.compared_columns, model_uri, shadow_uri)
+        check_shadow_fits(champion.kind, champion.compared_columns, challenger.kind, challenger.compared_columns,
+                          model_uri, shadow_uri)
     if canary_uri:
         canary = load_registered(canary_uri, load_settings())
         check_canary_fits(champion.kind, champion.compared_columns, canary.kind, canary.compared_columns,

@@ -8,6 +8,7 @@ is not an error: the answer is the popular list, marked ``"source": "popular"``.
 """
 
 # No `from __future__ import annotations`: the route's body type is chosen at run time and FastAPI reads it.
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from fastapi import FastAPI, Request
@@ -48,7 +49,10 @@ class RecommendResponse(BaseModel, Generic[UserIdT, ItemIdT]):
 
 def build_recommend_app(recommender: Recommender, model_name: str, model_version: str,
                         metrics: ServingMetrics | None = None, token: str = "",
-                        max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+                        max_body_bytes: int = MAX_BODY_BYTES,
+                        on_recommended: Callable[[list[Any], int, list[list[Any]]], None] | None = None) -> FastAPI:
+    """The ``:recommend`` API over one recommender; ``on_recommended(user_ids, k, ranked items)`` sees each
+    answer (the shadow's copy, in :mod:`keel.serve.shadow`)."""
     metrics = metrics or ServingMetrics(model_name, model_version, [])
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
                    "Top-k recommendations from a Keel recommender.")
@@ -66,6 +70,8 @@ def build_recommend_app(recommender: Recommender, model_name: str, model_version
         metrics.observe_batch(len(body.user_ids))
         recommendations = recommender.recommend(body.user_ids, body.k)
         metrics.observe_sources([r["source"] for r in recommendations])
+        if on_recommended is not None:
+            on_recommended(body.user_ids, body.k, [r["items"] for r in recommendations])
         return {"model_name": model_name, "model_version": model_version, "request_id": request.state.request_id,
                 "recommendations": recommendations}
 

@@ -137,8 +137,8 @@ class CanaryRouter:
         return answer
 
 
-def check_canary_fits(champion_kind: str, champion_columns: list[str] | None, canary_kind: str,
-                      canary_columns: list[str] | None, champion_uri: str, canary_uri: str) -> None:
+def check_canary_fits(champion_kind: str, champion_columns: list[str], canary_kind: str, canary_columns: list[str],
+                      champion_uri: str, canary_uri: str) -> None:
     """Refuse a canary that would reject the champion's requests: a ConfigError saying why.
 
     The canary reads the requests sent to the champion as they are, so it must be the same kind of model
@@ -147,8 +147,8 @@ def check_canary_fits(champion_kind: str, champion_columns: list[str] | None, ca
     if champion_kind != canary_kind:
         raise ConfigError(f"{canary_uri} is a {canary_kind} and {champion_uri} a {champion_kind}: a canary answers "
                           "the champion's requests, so it must be the same kind of model.")
-    missing = sorted(set(canary_columns or []) - set(champion_columns or []))
-    extra = sorted(set(champion_columns or []) - set(canary_columns or []))
+    missing = sorted(set(canary_columns) - set(champion_columns))
+    extra = sorted(set(champion_columns) - set(canary_columns))
     if missing or extra:
         differences = "; ".join(part for part in (f"it needs {missing}, which they lack" if missing else "",
                                                   f"they carry {extra}, which it refuses" if extra else "") if part)

@@ -257,8 +257,8 @@ def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings,
 def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     """The pipeline's deploy step: roll the chart's RayService on a cluster, else serve on this machine's Ray.
 
-    Where the model is served already only the model changes: replicas, batching, token auth and a shadow
-    (unless it serves this version) stay as the chart or ``keel serve`` set them.
+    Where the model is served already only the model changes: replicas, batching, token auth and a shadow or
+    canary (unless it serves this version) stay as the chart or ``keel serve`` set them.
     """
     from keel.tracking import registered_name
 

@@ -30,12 +30,12 @@ from keel.recommend.recommender import Recommender
 from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryConfig, CanaryMetrics, CanaryRouter, ForwardedRequest,
                                answer_in_process)
 from keel.serve.challenger import CANARY_APP
-from keel.serve.shadow import (SHADOW_APP, SHADOW_DEPLOYMENT, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror,
-                              not_comparable)
+from keel.serve.shadow import SHADOW_APP, SHADOW_DEPLOYMENT, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror
 from keel.settings import KeelSettings
 
 APP_NAME = "keel"
 TEXT_COLUMN = "text"  # what a text classifier's copies carry
+USER_COLUMN, K_COLUMN = "user_id", "k"  # what a recommender's copies carry: one request's users and k
 # Ray Serve's throughput-optimized ingress: HAProxy in front of the replicas
 # (Ray >= 2.55). It must be in the environment before Ray starts.
 HAPROXY_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -78,25 +78,32 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
+        """What the model answers, and to which requests: a shadow or a canary must be of the champion's kind."""
         if self.predictor is not None:
             return "tabular classifier"
-        return "text classifier" if self.intents is not None else "recommender"
+        if self.intents is not None:
+            return "text classifier"
+        assert self.recommender is not None
+        return f"recommender of {self.recommender.user_id_type.__name__} user ids"
 
     @property
-    def compared_columns(self) -> list[str] | None:
+    def compared_columns(self) -> list[str]:
         """The columns a shadow copy carries to this model: a classifier's inputs (``text`` for a text
-        classifier); None for a recommender, whose ranked lists are not compared."""
+        classifier); a recommender's users and the k they asked for."""
         if self.predictor is not None:
             return self.predictor.transform.input_columns
-        return [TEXT_COLUMN] if self.intents is not None else None
+        return [TEXT_COLUMN] if self.intents is not None else [USER_COLUMN, K_COLUMN]
 
-    def predicted_classes(self, frame: pd.DataFrame) -> list[str]:
-        """The class this model predicts for each row of a shadow copy."""
+    def answers(self, frame: pd.DataFrame) -> list[Any]:
+        """This model's answer for each row of a shadow copy: a classifier's predicted class, a recommender's
+        ranked items (a tuple, as the copy's champion answers are)."""
         if self.predictor is not None:
             return list(self.predictor.labels(self.predictor.predict_proba(frame)))
         if self.intents is not None:
             return [p["intent"] for p in self.intents.classify(frame[TEXT_COLUMN].tolist())]
-        raise not_comparable(f"models:/{self.name}/{self.version}")
+        assert self.recommender is not None
+        recommendations = self.recommender.recommend(frame[USER_COLUMN].tolist(), int(frame[K_COLUMN].iloc[0]))
+        return [tuple(r["items"]) for r in recommendations]
 
 
 def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
@@ -166,7 +173,7 @@ class ModelServer:
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.mirror: ShadowMirror | None = None
-        if shadow is not None and classifier is not None:  # the CLI and the shadow itself refuse recommenders
+        if shadow is not None:
             self.mirror = ShadowMirror(connect_to_shadow, ShadowConfig.model_validate(shadow),
                                        ShadowMetrics(self.metrics.registry, self.model.name, self.model.version))
         self.router: CanaryRouter | None = None
@@ -194,7 +201,8 @@ class ModelServer:
             from keel.recommend.serving import build_recommend_app
 
             return build_recommend_app(self.model.recommender, self.model.name, self.model.version,
-                                       metrics=self.metrics, token=self.token)
+                                       metrics=self.metrics, token=self.token,
+                                       on_recommended=self._copy_recommendations if self.mirror else None)
         if self.model.intents is not None:
             from keel.intents.serving import build_intents_app
 
@@ -210,6 +218,12 @@ class ModelServer:
     def _copy_texts(self, texts: list[str], intents: list[str]) -> None:
         assert self.mirror is not None
         self.mirror.submit(pd.DataFrame({TEXT_COLUMN: texts}), np.asarray(intents, dtype=object))
+
+    def _copy_recommendations(self, user_ids: list[Any], k: int, ranked: list[list[Any]]) -> None:
+        assert self.mirror is not None
+        answers = np.empty(len(ranked), dtype=object)
+        answers[:] = [tuple(items) for items in ranked]  # one tuple per user, whatever the lists' lengths
+        self.mirror.submit(pd.DataFrame({USER_COLUMN: user_ids, K_COLUMN: k}), answers)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _score_batch(self, frames: list[pd.DataFrame]) -> list[np.ndarray]:
@@ -251,17 +265,17 @@ class ShadowScorer:
 
         os.environ.update(environment)
         self.model = load_registered(model_uri, load_settings())
-        if self.model.compared_columns is None:
-            raise not_comparable(model_uri)
         self._score_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 
-    async def score(self, frame: pd.DataFrame) -> tuple[str, list[str]]:
+    async def score(self, frame: pd.DataFrame) -> tuple[str, list[Any]]:
+        if self.model.recommender is not None:  # one request's users, as the champion answered them unbatched
+            return self.model.version, self.model.answers(frame)
         return self.model.version, await self._score_batch(frame)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _score_batch(self, frames: list[pd.DataFrame]) -> list[list[str]]:
-        labels = self.model.predicted_classes(pd.concat(frames, ignore_index=True))
+        labels = self.model.answers(pd.concat(frames, ignore_index=True))
         offsets = np.cumsum([0, *(len(f) for f in frames)])
         return [labels[start:end] for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
 

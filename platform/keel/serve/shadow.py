@@ -5,8 +5,10 @@ differ from it. In shadow mode the challenger runs as a second Ray Serve
 application (:data:`SHADOW_APP`, with no HTTP route). It gets a copy of the
 rows of each forward pass the champion makes (one request's rows, or many
 batched together), sent once the champion has its answer. The champion's
-replica then counts the rows where both models predicted the same class, and
-records the shadow's latency and failures. One copy per forward pass, not per
+replica then counts the rows where both models predicted the same class (for
+a recommender: the users given the same ranked list, and how many of the
+champion's items the shadow also recommends), and records the shadow's
+latency and failures. One copy per forward pass, not per
 request, keeps the cost of a copy (a call to another process) to one per batch. A shadow that is slow,
 down or refuses the rows costs the champion's callers nothing: at most
 ``max_in_flight`` copies wait at once (more are skipped), each waits at most
@@ -31,8 +33,8 @@ from keel.serve.challenger import SHADOW_APP, ApplicationLink, challenger_applic
 
 SHADOW_DEPLOYMENT = "shadow"
 SHADOW_BUILDER = "keel.serve.deployment:shadow_application_builder"
-# (the shadow's version, its predicted class per row)
-ShadowCall = Callable[[pd.DataFrame], Awaitable[tuple[str, list[str]]]]
+# (the shadow's version, its answer per row: a predicted class, or a recommender's ranked items as a tuple)
+ShadowCall = Callable[[pd.DataFrame], Awaitable[tuple[str, list[Any]]]]
 
 
 class ShadowConfig(BaseModel):
@@ -56,8 +58,13 @@ class ShadowMetrics:
                               "error or timeout), skipped (too many copies waiting), unavailable (no shadow app).",
                               ["model", "version", "outcome"], registry=registry)
         self.rows = Counter("keel_shadow_rows_total",
-                            "Rows both models scored, by whether the shadow predicted the champion's class.",
+                            "Rows both models scored, by whether the shadow predicted the champion's class (a "
+                            "recommender's: the same ranked list).",
                             ["model", "version", "shadow_version", "agreement"], registry=registry)
+        self.overlap = Histogram("keel_shadow_top_k_overlap", "Per user a recommender answered: the share of the "
+                                 "champion's items the shadow recommends too, in any order.",
+                                 ["model", "version", "shadow_version"], registry=registry,
+                                 buckets=tuple(i / 10 for i in range(11)))
         self.latency = Histogram("keel_shadow_duration_seconds", "Time from sending a copy to the shadow's answer.",
                                  ["model", "version"], registry=registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
@@ -67,8 +74,12 @@ class ShadowMetrics:
     def observe(self, outcome: str) -> None:
         self.copies.labels(**self._labels, outcome=outcome).inc()
 
-    def observe_comparison(self, shadow_version: str, champion: np.ndarray, shadow: list[str], seconds: float) -> None:
-        same = int((np.asarray(shadow, dtype=object) == champion).sum())
+    def observe_comparison(self, shadow_version: str, champion: np.ndarray, shadow: list[Any], seconds: float) -> None:
+        same = sum(ours == theirs for ours, theirs in zip(champion, shadow, strict=True))
+        for ours, theirs in zip(champion, shadow, strict=True):
+            if isinstance(ours, tuple) and ours:  # a recommender's ranked items
+                self.overlap.labels(**self._labels, shadow_version=shadow_version).observe(
+                    len(set(ours) & set(theirs)) / len(ours))
         self.rows.labels(**self._labels, shadow_version=shadow_version, agreement="same").inc(same)
         self.rows.labels(**self._labels, shadow_version=shadow_version, agreement="different").inc(len(shadow) - same)
         self.latency.labels(**self._labels).observe(seconds)
@@ -122,21 +133,13 @@ class ShadowMirror:
         self.metrics.observe_comparison(version, champion_labels, labels, self.link.clock() - started)
 
 
-def not_comparable(model_uri: str) -> ConfigError:
-    return ConfigError(f"{model_uri}: shadow serving compares classifiers' predicted classes; this model is a "
-                       "recommender, whose ranked lists are not compared.")
-
-
-def check_shadow_fits(champion_columns: list[str] | None, shadow_columns: list[str] | None,
+def check_shadow_fits(champion_kind: str, champion_columns: list[str], shadow_kind: str, shadow_columns: list[str],
                       champion_uri: str, shadow_uri: str) -> None:
-    """Refuse a shadow that could never score the champion's requests: a ConfigError saying why.
-
-    Columns are None for a recommender, whose ranked lists are not compared.
-    """
-    for uri, columns in ((champion_uri, champion_columns), (shadow_uri, shadow_columns)):
-        if columns is None:
-            raise not_comparable(uri)
-    missing = sorted(set(shadow_columns or []) - set(champion_columns or []))
+    """Refuse a shadow that could never score the champion's requests: a ConfigError saying why."""
+    if champion_kind != shadow_kind:
+        raise ConfigError(f"{shadow_uri} is a {shadow_kind} and {champion_uri} a {champion_kind}: a shadow's "
+                          "answers are compared with the champion's, so it must be the same kind of model.")
+    missing = sorted(set(shadow_columns) - set(champion_columns))
     if missing:
         raise ConfigError(f"{shadow_uri} reads column(s) {missing} that requests to {champion_uri} do not carry: "
                           "its copies would all fail. Shadow a challenger trained on the champion's columns.")

@@ -36,6 +36,9 @@ def served_metric_names() -> set[str]:
     metrics.observe_sources(["popular"])
     shadow = ShadowMetrics(metrics.registry, "m", "1")  # what a replica with a shadow adds
     shadow.observe_comparison("2", np.asarray(["a", "b"], dtype=object), ["a", "a"], 0.01)
+    ranked = np.empty(1, dtype=object)
+    ranked[:] = [(1, 2)]
+    shadow.observe_comparison("2", ranked, [(2, 3)], 0.01)  # a recommender's shadow
     CanaryMetrics(metrics.registry, "m", "1").observe("answered", 0.01)  # and one with a canary
     registry = metrics.registry
     names = set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -255,20 +256,24 @@ def test_a_column_the_contract_types_bool_takes_true_and_false_and_no_other_colu
     assert record_model(before).model_validate({**row, "size": True}).size is True
 
 
-def test_a_shadow_copy_is_scored_as_the_served_model_predicts(predictor: Predictor, tmp_path: Path) -> None:
-    """What a shadow replica answers for a copy is the class the model's own API returns, row by row."""
-    from keel.errors import ConfigError
+def test_a_shadow_copy_is_answered_as_the_served_model_answers(predictor: Predictor, tmp_path: Path) -> None:
+    """What a shadow replica answers for a copy is what the model's own API returns, row by row: a class,
+    or a recommender's ranked items for each user (with the k the request asked for)."""
     from keel.serve.deployment import LoadedModel
     from tests.stages import packaged_recommender
 
     frame = small_frame(40).drop(columns=["outcome"])
     served = LoadedModel(predictor, NAME, VERSION)
-    assert served.predicted_classes(frame) == predictor.predict(frame)["prediction"].tolist()
-    assert served.compared_columns == predictor.transform.input_columns
-    recommender = LoadedModel(None, "shop", "1", recommender=packaged_recommender(tmp_path))
-    assert recommender.compared_columns is None
-    with pytest.raises(ConfigError, match="models:/shop/1: shadow serving compares classifiers"):
-        recommender.predicted_classes(frame)
+    assert served.answers(frame) == predictor.predict(frame)["prediction"].tolist()
+    assert served.compared_columns == predictor.transform.input_columns and served.kind == "tabular classifier"
+    shop = packaged_recommender(tmp_path)
+    recommender = LoadedModel(None, "shop", "1", recommender=shop)
+    users = [*shop.user_ids[:3].tolist(), "nobody"] if shop.user_id_type is str else [*shop.user_ids[:3].tolist(), -1]
+    copy = pd.DataFrame({"user_id": users, "k": 4})
+    assert recommender.compared_columns == list(copy.columns)
+    assert recommender.answers(copy) == [tuple(r["items"]) for r in shop.recommend(users, 4)]
+    assert all(len(items) == 4 for items in recommender.answers(copy))
+    assert recommender.kind == f"recommender of {shop.user_id_type.__name__} user ids"
 
 
 def canary_routing(champion: FastAPI, canary: FastAPI | None, weight: float = 0.5) -> CanaryRouter:

@@ -122,13 +122,18 @@ def test_a_canary_takes_some_of_the_traffic_not_none_or_all(weight: float) -> No
 
 def test_a_canary_must_take_the_champions_requests_as_they_are() -> None:
     check_canary_fits("tabular classifier", ["a", "b"], "tabular classifier", ["b", "a"], "models:/m/1", "models:/m/2")
-    check_canary_fits("recommender", None, "recommender", None, "models:/r/1", "models:/r/2")
+    check_canary_fits("recommender of int user ids", ["user_id", "k"], "recommender of int user ids",
+                      ["user_id", "k"], "models:/r/1", "models:/r/2")
     with pytest.raises(ConfigError, match=r"models:/m/2 would answer 422 .* it needs \['c'\], which they lack; "
                                           r"they carry \['a'\], which it refuses"):
         check_canary_fits("tabular classifier", ["a", "b"], "tabular classifier", ["b", "c"], "models:/m/1",
                           "models:/m/2")
     with pytest.raises(ConfigError, match="models:/t/2 is a text classifier and models:/m/1 a tabular classifier"):
         check_canary_fits("tabular classifier", ["a"], "text classifier", ["text"], "models:/m/1", "models:/t/2")
+    with pytest.raises(ConfigError, match="models:/r/2 is a recommender of str user ids and models:/r/1 a recommender "
+                                          "of int user ids"):
+        check_canary_fits("recommender of int user ids", ["user_id", "k"], "recommender of str user ids",
+                          ["user_id", "k"], "models:/r/1", "models:/r/2")
 
 
 def test_a_new_canary_replaces_the_old_one_with_its_weight_keeping_its_serving_settings() -> None:

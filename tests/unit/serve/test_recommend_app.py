@@ -80,3 +80,14 @@ def test_metrics_start_the_route_at_zero_and_count_users_by_source(tmp_path: Pat
     assert f'keel_requests_total{{code="200",{labels}}} 1.0' in text
     assert 'keel_recommendations_total{model="recs",source="personalized",version="2"} 1.0' in text
     assert 'keel_recommendations_total{model="recs",source="popular",version="2"} 2.0' in text
+
+
+def test_each_answer_is_handed_on_for_the_shadow_to_compare(tmp_path: Path) -> None:
+    """What a champion with a shadow copies: the users asked about, their k, and the items each was given."""
+    seen: list[tuple] = []
+    recommender = packaged_recommender(tmp_path, TEXT_IDS)
+    client = TestClient(build_recommend_app(recommender, "recs", "2",
+                                            on_recommended=lambda *answer: seen.append(answer)))
+    answer = client.post(ROUTE, json={"user_ids": ["A1XK", "stranger"], "k": 3}).json()["recommendations"]
+    assert seen == [(["A1XK", "stranger"], 3, [r["items"] for r in answer])]
+    assert client.post(ROUTE, json={"user_ids": [1], "k": 3}).status_code == 422 and len(seen) == 1

@@ -66,6 +66,25 @@ def test_a_copy_is_compared_row_by_row_after_the_caller_has_its_answer() -> None
     asyncio.run(scenario())
 
 
+def test_a_recommenders_shadow_is_compared_by_ranked_list_and_by_overlap() -> None:
+    champion = np.empty(3, dtype=object)
+    champion[:] = [(1, 2, 3, 4), (5, 6), (7, 8, 9, 10)]  # a user with few unseen items left gets fewer
+
+    async def scenario() -> ShadowMirror:
+        mirror = mirror_over(answering([(1, 2, 3, 4), (6, 5), (7, 11, 12, 13)]))  # the same, reordered, 1 of 4
+        mirror.submit(pd.DataFrame({"user_id": [1, 2, 3], "k": 4}), champion)
+        await settled(mirror)
+        return mirror
+
+    mirror = asyncio.run(scenario())
+    assert (rows(mirror, "same"), rows(mirror, "different")) == (1, 2)
+    labels = {"model": "m", "version": "1", "shadow_version": "2"}
+    registry = mirror.metrics.registry
+    assert registry.get_sample_value("keel_shadow_top_k_overlap_count", labels) == 3
+    assert registry.get_sample_value("keel_shadow_top_k_overlap_sum", labels) == pytest.approx(1 + 1 + 0.25)
+    assert registry.get_sample_value("keel_shadow_top_k_overlap_bucket", {**labels, "le": "0.3"}) == 1
+
+
 def failing(exception: BaseException) -> ShadowCall:
     async def call(frame: pd.DataFrame) -> tuple[str, list[str]]:
         raise exception
@@ -161,12 +180,17 @@ def test_a_sample_copies_that_share_of_forward_passes() -> None:
     assert rows(mirror, "same") == 3 * expected
 
 
-def test_a_shadow_must_read_only_columns_the_champions_requests_carry() -> None:
-    check_shadow_fits(["size", "colour", "weight"], ["size", "colour"], "models:/m/1", "models:/m/2")
+def test_a_shadow_must_be_of_the_champions_kind_and_read_only_columns_its_requests_carry() -> None:
+    tabular = "tabular classifier"
+    check_shadow_fits(tabular, ["size", "colour", "weight"], tabular, ["size", "colour"], "models:/m/1", "models:/m/2")
     with pytest.raises(ConfigError, match=r"models:/m/2 reads column\(s\) \['age'\] that requests to models:/m/1"):
-        check_shadow_fits(["size"], ["size", "age"], "models:/m/1", "models:/m/2")
-    with pytest.raises(ConfigError, match="models:/shop/3: shadow serving compares classifiers"):
-        check_shadow_fits(["size"], None, "models:/m/1", "models:/shop/3")
+        check_shadow_fits(tabular, ["size"], tabular, ["size", "age"], "models:/m/1", "models:/m/2")
+    with pytest.raises(ConfigError, match="models:/shop/3 is a recommender of int user ids and models:/m/1 a tabular"):
+        check_shadow_fits(tabular, ["size"], "recommender of int user ids", ["user_id", "k"], "models:/m/1",
+                          "models:/shop/3")
+    with pytest.raises(ConfigError, match="is a recommender of str user ids and models:/shop/1 a recommender of int"):
+        check_shadow_fits("recommender of int user ids", ["user_id", "k"], "recommender of str user ids",
+                          ["user_id", "k"], "models:/shop/1", "models:/shop/2")
 
 
 def applications(shadow_uri: str) -> list[dict]:

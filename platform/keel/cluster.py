@@ -77,7 +77,7 @@ def rolled_serve_config(serve_config_v2: str, model_uri: str,
                         same_version: Callable[[str, str], bool] | None = None) -> str:
     """The RayService's Serve config with the Keel app's model swapped, every other setting kept but a
     shadow or canary that serves the new champion's version (``same_version`` says which): it has graduated."""
-    from keel.serve.challenger import without_graduated_challengers
+    from keel.serve.challenger import without_challengers_serving
 
     document = yaml.safe_load(serve_config_v2) or {}
     applications = [a for a in document.get("applications", []) if a.get("name") == APP_NAME]
@@ -85,7 +85,7 @@ def rolled_serve_config(serve_config_v2: str, model_uri: str,
         raise ClusterError(f"the RayService's serveConfigV2 has no {APP_NAME!r} application to roll.")
     applications[0].setdefault("args", {})["model_uri"] = model_uri
     if same_version is not None:
-        document["applications"] = without_graduated_challengers(document["applications"], APP_NAME, model_uri,
+        document["applications"] = without_challengers_serving(document["applications"], APP_NAME, model_uri,
                                                                  same_version)
     return yaml.safe_dump(document, sort_keys=False)
 
@@ -128,6 +128,37 @@ def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str
                                lambda current: rayservice_patch(current, model_uri, same_version))
 
 
+def withdrawn_rayservice_patch(current: dict[str, Any], model_uri: str,
+                               same_version: Callable[[str, str], bool]) -> dict[str, Any]:
+    """The merge patch that removes ``current``'s shadow or canary serving ``model_uri``'s version, and the
+    champion's setting for it; {} when none serves it."""
+    from keel.serve.challenger import without_challengers_serving
+
+    document = yaml.safe_load(current["spec"]["serveConfigV2"]) or {}
+    applications = document.get("applications", [])
+    document["applications"] = without_challengers_serving(applications, APP_NAME, model_uri, same_version)
+    if len(document["applications"]) == len(applications):
+        return {}
+    return {"spec": {"serveConfigV2": yaml.safe_dump(document, sort_keys=False)}}
+
+
+def withdraw_challengers(settings: KeelSettings, model_uri: str, model_name: str) -> str | None:
+    """Remove the RayService's shadow or canary serving ``model_uri``'s version, if the RayService serves
+    ``model_name``; its URL when one was removed, else None."""
+    from keel.serve.deployment import same_registered_version
+
+    patches: list[dict[str, Any]] = []
+
+    def patch(current: dict[str, Any]) -> dict[str, Any]:
+        patches.append(withdrawn_rayservice_patch(
+            current, model_uri, lambda first, second: same_registered_version(first, second, settings)))
+        return patches[-1]
+
+    url = _patch_serve_config(settings, f"withdrawing {model_uri} from RayService {settings.ray_service}",
+                              model_name, patch)
+    return url if patches and patches[-1] else None
+
+
 def shadowed_rayservice_patch(current: dict[str, Any], shadow_uri: str) -> dict[str, Any]:
     """The merge patch that serves ``shadow_uri`` as the shadow of ``current``'s (a RayService's) champion."""
     from keel.serve.shadow import with_shadow
@@ -162,8 +193,9 @@ def _patch_serve_config(settings: KeelSettings, action: str, only_model: str | N
         current = api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name)
         if only_model is not None and registered_name(served_model_uri(current)) != only_model:
             return None
-        api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name,
-                                           patch_for(current))
+        patch = patch_for(current)
+        if patch:  # {}: nothing to change
+            api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name, patch)
     except ApiException as e:
         raise _api_error(f"{action} in namespace {namespace}", e) from e
     return f"http://{name}-serve-svc.{namespace}.svc.cluster.local:8000"

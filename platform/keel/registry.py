@@ -30,6 +30,7 @@ from keel.predictor import Predictor
 from keel.settings import KeelSettings
 
 CHAMPION, CHALLENGER, AWAITING_APPROVAL = tracking.CHAMPION, tracking.CHALLENGER, tracking.AWAITING_APPROVAL
+REJECTED = tracking.REJECTED
 INPUT_EXAMPLE_ROWS = 5
 SCHEMA_SAMPLE_ROWS = 1000
 
@@ -273,34 +274,68 @@ def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings
 
     The version gets tags saying who moved it, when, from which champion and why, so the registry keeps
     the audit trail a pipeline's promotion leaves in its run."""
-    import getpass
-    from datetime import datetime, timezone
-
-    from mlflow.exceptions import MlflowException
-
-    if not reason.strip():
-        raise RegistryError("a promotion by hand needs a reason (--reason), kept on the model version.")
     client = tracking.mlflow_client(settings)
-    try:
-        target = client.get_model_version(name, version)
-    except MlflowException as e:
-        known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        raise RegistryError(f"models:/{name}/{version}: not in the registry at {settings.mlflow_tracking_uri} "
-                            f"({'versions: ' + ', '.join(map(str, known)) if known else 'no such model'}).") from e
+    target = _version_for_a_person(client, name, version, reason, "a promotion by hand", settings)
     if target.status != "READY":
         raise RegistryError(f"models:/{name}/{version} is {target.status}, not READY: it cannot serve.")
     previous = tracking.champion_version(client, name)
     set_alias(client, name, CHAMPION, str(target.version))
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # a container user without a name (an arbitrary uid)
-        user = "unknown"
-    record = {"keel.promoted_by_hand": reason.strip()[:5000], "keel.promoted_by": user,
-              "keel.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "keel.previous_champion": previous or "none"}
-    for key, value in record.items():
-        client.set_model_version_tag(name, str(target.version), key, value)
-    if target.tags.get(AWAITING_APPROVAL):
-        client.delete_model_version_tag(name, str(target.version), AWAITING_APPROVAL)  # approved: the record says so
+    _record_decision(client, target, {"keel.promoted_by_hand": reason.strip()[:5000], "keel.promoted_by": _user(),
+                                      "keel.promoted_at": _now(), "keel.previous_champion": previous or "none"})
     return {"model_name": name, "version": str(target.version), "previous_champion": previous,
             "changed": previous != str(target.version), "reason": reason.strip()}
+
+
+def reject_by_hand(name: str, version: str, reason: str, settings: KeelSettings) -> dict[str, Any]:
+    """A person turns a version down (one awaiting approval, say): tagged ``keel.rejected`` with who, when and
+    why, no longer awaiting approval. The champion cannot be rejected: promote another version instead."""
+    client = tracking.mlflow_client(settings)
+    target = _version_for_a_person(client, name, version, reason, "a rejection", settings)
+    if tracking.champion_version(client, name) == str(target.version):
+        raise RegistryError(f"models:/{name}/{target.version} is the champion: to stop serving it, promote "
+                            f"another version (`keel models promote {name} N --reason ...`).")
+    awaiting = target.tags.get(AWAITING_APPROVAL) == "true"
+    _record_decision(client, target, {REJECTED: reason.strip()[:5000], "keel.rejected_by": _user(),
+                                      "keel.rejected_at": _now()})
+    return {"model_name": name, "version": str(target.version), "was_awaiting_approval": awaiting,
+            "reason": reason.strip()}
+
+
+def _version_for_a_person(client: Any, name: str, version: str, reason: str, decision: str,
+                          settings: KeelSettings) -> Any:
+    """The model version a person decides on, which must exist; the decision needs a reason, kept on it."""
+    from mlflow.exceptions import MlflowException
+
+    if not reason.strip():
+        raise RegistryError(f"{decision} needs a reason (--reason), kept on the model version.")
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise RegistryError(f"models:/{name}/{version}: not in the registry at {settings.mlflow_tracking_uri} "
+                            f"({'versions: ' + ', '.join(map(str, known)) if known else 'no such model'}).") from e
+
+
+def _record_decision(client: Any, target: Any, record: dict[str, str]) -> None:
+    """Tag the version with a person's decision; it no longer awaits one, and a promotion overrides an earlier
+    rejection (the record says what was decided last)."""
+    for key, value in record.items():
+        client.set_model_version_tag(target.name, str(target.version), key, value)
+    for stale in (AWAITING_APPROVAL, REJECTED):
+        if stale not in record and target.tags.get(stale):
+            client.delete_model_version_tag(target.name, str(target.version), stale)
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a name (an arbitrary uid)
+        return "unknown"
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

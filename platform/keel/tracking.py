@@ -24,6 +24,7 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 CHAMPION = "champion"  # registry alias of the version serving traffic
 CHALLENGER = "challenger"  # registry alias of the newest registered version
 AWAITING_APPROVAL = "keel.awaiting_approval"  # version tag: passed the gate, waits for a person (approval: manual)
+REJECTED = "keel.rejected"  # version tag: a person turned it down (`keel models reject`), with the reason
 
 
 def mlflow_client(settings: KeelSettings) -> MlflowClient:

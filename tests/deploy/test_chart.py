@@ -442,7 +442,7 @@ def test_a_canary_is_served_as_keel_serve_canary_deploys_it_and_graduates_on_pro
         crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
     """ray.serving.canary.modelUri adds the keel-canary application `keel serve --canary` would PUT, with
     the champion routing its weight; promoting the canary's version removes both."""
-    from keel.cluster import rayservice_patch, summarize
+    from keel.cluster import rayservice_patch, summarize, withdrawn_rayservice_patch
     from keel.serve.control import serve_config_document
     from keel.serve.deployment import ServeConfig
 
@@ -465,6 +465,13 @@ def test_a_canary_is_served_as_keel_serve_canary_deploys_it_and_graduates_on_pro
     after = yaml.safe_load(graduated["spec"]["serveConfigV2"])
     assert [a["name"] for a in after["applications"]] == ["keel"]
     assert "canary" not in after["applications"][0]["args"]["config"]
+    # `keel models reject` withdraws it instead: the champion stays, without its canary setting
+    assert withdrawn_rayservice_patch(service, "models:/medical-diagnosis/5", same_version) == {}
+    withdrawn = merge_patch(service, withdrawn_rayservice_patch(service, "models:/medical-diagnosis/4", same_version))
+    assert not crd_errors(withdrawn, crd_schemas)
+    before = yaml.safe_load(service["spec"]["serveConfigV2"])
+    del before["applications"][1], before["applications"][0]["args"]["config"]["canary"]
+    assert yaml.safe_load(withdrawn["spec"]["serveConfigV2"]) == before
 
 
 def test_the_deploy_step_adds_a_version_awaiting_approval_as_the_shadow(

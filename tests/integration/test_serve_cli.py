@@ -192,15 +192,18 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert applications["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/2"
     counted = _copies_compared(port, 30)
     assert counted["rows"] == 30 and counted["shadow_version"] == {"3"}
-    # Approving it graduates the shadow: v3 serves, alone.
-    approved = keel("models", "promote", "medical-diagnosis", "3", "--reason", "agrees on live rows", cwd=tmp_path,
-                    env=env)
-    assert approved.returncode == 0, approved.stderr[-3000:]
+    # A person rejects it: the shadow is withdrawn and v2 serves on, alone.
+    rejected = keel("models", "reject", "medical-diagnosis", "3", "--reason", "disagrees on live rows",
+                    "--output", "json", cwd=tmp_path, env=env)
+    assert rejected.returncode == 0, rejected.stderr[-3000:]
+    assert json.loads(rejected.stdout)["withdrawn_from"].endswith(f":{port}")  # where the champion serves
     applications = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)[
         "applications"]
     champion_args = applications["keel"]["deployed_app_config"]["args"]
-    assert list(applications) == ["keel"] and champion_args["model_uri"] == "models:/medical-diagnosis/3"
+    assert list(applications) == ["keel"] and champion_args["model_uri"] == "models:/medical-diagnosis/2"
     assert champion_args["config"].get("shadow") is None
+    listed = json.loads(keel("models", "list", "--output", "json", cwd=tmp_path, env=env).stdout)
+    assert [m["rejected"] for m in listed if m["version"] == 3] == ["disagrees on live rows"]
     keel("serve", "stop", cwd=tmp_path, env=env)
 
 

@@ -173,6 +173,43 @@ def test_under_manual_approval_a_passing_version_waits_for_a_person(settings: Ke
     assert {row["version"]: row["awaiting_approval"] for row in list_models()} == {1: False, 2: False}
 
 
+def test_a_person_rejects_a_version_awaiting_approval_with_a_reason_and_may_still_promote_it_later(
+        settings: KeelSettings, tmp_path: Path) -> None:
+    from keel.cli.models import list_models
+    from keel.registry import reject_by_hand
+    from tests.integration.conftest import free_port
+    from tests.unit.test_cli import keel
+
+    _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
+    _register(run_stages(settings, "run-b", tmp_path / "small.csv"), settings, "run-b", approval="manual")
+    with pytest.raises(RegistryError, match=r"models:/small-model/1 is the champion: to stop serving it, promote"):
+        reject_by_hand(MODEL, "1", "no", settings)
+    with pytest.raises(RegistryError, match="a rejection needs a reason"):
+        reject_by_hand(MODEL, "2", "", settings)
+    assert {row["version"]: row["awaiting_approval"] for row in list_models()} == {1: False, 2: True}
+
+    rejected = reject_by_hand(MODEL, "2", "disagrees with v1 on 9% of live rows", settings)
+    assert rejected == {"model_name": MODEL, "version": "2", "was_awaiting_approval": True,
+                        "reason": "disagrees with v1 on 9% of live rows"}
+    assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}  # the champion is untouched
+    rows = {row["version"]: row for row in list_models()}
+    assert not rows[2]["awaiting_approval"] and rows[2]["rejected"] == "disagrees with v1 on 9% of live rows"
+    tags = tracking.mlflow_client(settings).get_model_version(MODEL, "2").tags
+    assert tags["keel.rejected_by"] and tags["keel.rejected_at"]
+    # The CLI: nothing serves the model here, so nothing is withdrawn; a Ray head that does not answer is an
+    # error that says the version is rejected all the same
+    cli = keel("models", "reject", MODEL, "2", "--reason", "still no", cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert f"{MODEL}: v2 rejected (still no)\nNo shadow or canary served it." in cli.stdout
+    unreachable = keel("models", "reject", MODEL, "2", "--reason", "still no", cwd=tmp_path,
+                       env={"KEEL_RAY_DASHBOARD_URL": f"http://127.0.0.1:{free_port()}"})
+    assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
+    assert "v2 is rejected, but where it serves as a shadow or canary it was not withdrawn" in unreachable.stderr
+
+    promote_by_hand(MODEL, "2", "the disagreement was v1's mistake", settings)  # a person's later decision
+    assert _aliases(settings)[CHAMPION] == "2" and list_models()[0]["rejected"] is None
+
+
 def test_a_champion_promoted_after_evaluation_is_not_overwritten(settings: KeelSettings, tmp_path: Path) -> None:
     first = run_stages(settings, "run-a", write_small_source(tmp_path))  # evaluated: no champion yet
     second = run_stages(settings, "run-b", tmp_path / "small.csv")  # evaluated: no champion yet either

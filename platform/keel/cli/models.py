@@ -9,7 +9,8 @@ import typer
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.settings import load_settings
 
-app = typer.Typer(help="Inspect registered models; move the champion by hand (rollback).", no_args_is_help=True)
+app = typer.Typer(help="Inspect registered models; move the champion by hand (approve, roll back) or reject a "
+                       "version.", no_args_is_help=True)
 # The classifiers' headline metrics, then the recommenders' (each model has one set or the other)
 KEY_METRICS = ("test_accuracy", "test_f1_macro", "test_roc_auc", "test_ndcg_at_10", "test_recall_at_10")
 
@@ -29,6 +30,7 @@ def list_models() -> list[dict[str, Any]]:
             rows.append({"name": model.name, "version": int(version.version),
                          "aliases": sorted(aliases.get(str(version.version), [])),
                          "awaiting_approval": version.tags.get(tracking.AWAITING_APPROVAL) == "true",
+                         "rejected": version.tags.get(tracking.REJECTED),  # the reason, when a person rejected it
                          "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
                          "run_id": version.run_id, "created": version.creation_timestamp})
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
@@ -46,7 +48,8 @@ def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
         return
     print_table(["name", "version", "aliases", *KEY_METRICS],
                 [[r["name"], r["version"], ",".join(r["aliases"] + (["awaiting approval"] if r["awaiting_approval"]
-                                                                    else [])) or "-",
+                                                                    else []) + (["rejected"] if r["rejected"] else []))
+                  or "-",
                   *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in KEY_METRICS)] for r in rows])
 
 
@@ -85,3 +88,30 @@ def promote_command(
         why = "--no-roll" if not roll else (f"no RayService, `keel serve --detach` or KEEL_RAY_DASHBOARD_URL head "
                                             f"serves {name}; a foreground `keel serve` is not rolled: restart it")
         typer.echo(f"Serving unchanged ({why}); `keel serve {model_uri}` serves it.")
+
+
+@app.command("reject")
+def reject_command(
+    name: str = typer.Argument(..., help="Registered model name, e.g. medical-diagnosis."),
+    version: str = typer.Argument(..., help="Version to turn down, e.g. 4 (one awaiting approval, say)."),
+    reason: str = typer.Option(..., "--reason", help="Why; kept on the model version with who and when."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Turn a version down, and withdraw it where it serves as the champion's shadow or canary."""
+    from keel.errors import ClusterError
+    from keel.registry import reject_by_hand
+    from keel.serve.control import ServeError, withdraw_challengers
+
+    settings = load_settings()
+    result = reject_by_hand(name, version, reason, settings)
+    try:
+        result["withdrawn_from"] = withdraw_challengers(name, f"models:/{name}/{result['version']}", settings)
+    except (ServeError, ClusterError) as e:
+        raise type(e)(f"v{result['version']} is rejected, but where it serves as a shadow or canary it was not "
+                      f"withdrawn: {e} Retry with this command.") from e
+    if output is OutputFormat.json:
+        print_json(result)
+        return
+    typer.echo(f"{name}: v{result['version']} rejected ({result['reason']})")
+    typer.echo(f"Withdrew its shadow or canary; the champion serves all requests at {result['withdrawn_from']}"
+               if result["withdrawn_from"] else "No shadow or canary served it.")

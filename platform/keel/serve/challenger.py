@@ -96,10 +96,11 @@ def with_challenger(applications: list[dict[str, Any]], champion_app: str, chall
     return [*kept, {**challenger, "args": {**challenger["args"], "config": config or challenger["args"]["config"]}}]
 
 
-def without_graduated_challengers(applications: list[dict[str, Any]], champion_app: str, model_uri: str,
+def without_challengers_serving(applications: list[dict[str, Any]], champion_app: str, model_uri: str,
                                   same_version: Callable[[str, str], bool]) -> list[dict[str, Any]]:
-    """The applications once ``model_uri`` is champion: a shadow or canary serving that version has
-    graduated, so it and the champion's setting for it go; a challenger of any other version stays."""
+    """The applications without a shadow or canary serving ``model_uri``'s version, nor the champion's setting
+    for it: one that has graduated (that version is now champion) or been rejected. A challenger of any
+    other version stays."""
     graduated = {a.get("name") for a in applications if a.get("name") in CHAMPION_SETTING
                  and (uri := a.get("args", {}).get("model_uri")) and same_version(uri, model_uri)}
     kept = [a for a in applications if a.get("name") not in graduated]

@@ -25,7 +25,7 @@ from typing import Any
 from keel.errors import KeelError
 from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
 from keel.serve.canary import canary_application
-from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_graduated_challengers
+from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_challengers_serving
 from keel.serve.shadow import shadow_application, with_shadow
 from keel.settings import KeelSettings
 
@@ -353,8 +353,36 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     if served != model_uri:
         configs = {name: application.get("deployed_app_config") or {} for name, application in applications.items()}
         configs[APP_NAME]["args"]["model_uri"] = model_uri
-        kept = without_graduated_challengers(list(configs.values()), APP_NAME, model_uri,
-                                             lambda first, second: same_registered_version(first, second, settings))
+        kept = without_challengers_serving(list(configs.values()), APP_NAME, model_uri,
+                                           lambda first, second: same_registered_version(first, second, settings))
         _replace_applications(dashboard, details, kept)
         wait_until_running(dashboard, model_uri=model_uri)
+    return _serving_url(details)
+
+
+def withdraw_challengers(model_name: str, model_uri: str, settings: KeelSettings) -> str | None:
+    """Stop the shadow or canary serving ``model_uri``'s version beside ``model_name``'s champion (a version a
+    person rejected): in the chart's RayService on a cluster, else on the Ray head ``keel serve --detach``
+    started or KEEL_RAY_DASHBOARD_URL names. The champion keeps serving. Returns the serving URL when a
+    challenger was withdrawn, None when none served that version."""
+    from keel.serve.deployment import same_registered_version
+    from keel.tracking import registered_name
+
+    if settings.ray_service:
+        from keel.cluster import withdraw_challengers as withdraw_from_rayservice
+
+        return withdraw_from_rayservice(settings, model_uri, model_name)
+    dashboard = dashboard_url(settings)
+    details = _serving_status(dashboard, settings)
+    applications = details.get("applications", {})
+    if registered_name(served_model_uri(applications.get(APP_NAME, {}))) != model_name:
+        return None
+    configs = [application.get("deployed_app_config") or {} for application in applications.values()]
+    kept = without_challengers_serving(configs, APP_NAME, model_uri,
+                                       lambda first, second: same_registered_version(first, second, settings))
+    if len(kept) == len(configs):
+        return None
+    _replace_applications(dashboard, details, kept)
+    champion = next(c for c in kept if c.get("name") == APP_NAME)
+    wait_until_running(dashboard, args=champion["args"])  # its replicas restart without the challenger
     return _serving_url(details)

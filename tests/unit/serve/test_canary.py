@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from keel.errors import ConfigError
 from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryConfig, CanaryMetrics, CanaryRouter, ForwardedRequest,
                                check_canary_fits, with_canary)
-from keel.serve.challenger import CANARY_APP, SHADOW_APP, SERVER_BUILDER, without_graduated_challengers
+from keel.serve.challenger import CANARY_APP, SHADOW_APP, SERVER_BUILDER, without_challengers_serving
 
 REQUEST = ForwardedRequest("POST", "/v1/models/m:predict", [("content-type", "application/json")], b"{}")
 
@@ -155,7 +155,7 @@ def test_promoting_the_canarys_version_graduates_it_and_a_shadow_of_another_vers
         {"name": "keel", "args": {"model_uri": "models:/m/1", "config": {"canary": {"weight": 0.2}, "shadow": {}}}},
         {"name": SHADOW_APP, "args": {"model_uri": "models:/m/3"}},
         {"name": CANARY_APP, "args": {"model_uri": "models:/m/2"}}]
-    kept = without_graduated_challengers(applications, "keel", "models:/m@challenger",
+    kept = without_challengers_serving(applications, "keel", "models:/m@challenger",
                                          lambda first, second: versions[first] == versions[second])
     assert [a["name"] for a in kept] == ["keel", SHADOW_APP]
     assert kept[0]["args"]["config"] == {"shadow": {}}

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from keel.errors import ConfigError
-from keel.serve.challenger import without_graduated_challengers
+from keel.serve.challenger import without_challengers_serving
 from keel.serve.shadow import (SHADOW_APP, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror, check_shadow_fits,
                                with_shadow)
 
@@ -205,12 +205,12 @@ def same_version(versions: dict[str, str]) -> Callable[[str, str], bool]:
 
 def test_a_shadow_serving_the_new_champion_has_graduated_and_goes() -> None:
     versions = {"models:/m@challenger": "2", "models:/m/2": "2", "models:/m/3": "3"}
-    kept = without_graduated_challengers(applications("models:/m@challenger"), "keel", "models:/m/2",
+    kept = without_challengers_serving(applications("models:/m@challenger"), "keel", "models:/m/2",
                                          same_version(versions))
     assert [a["name"] for a in kept] == ["keel", "other"]
     assert kept[0]["args"]["config"] == {"replicas": 2}  # the champion stops copying
     unchanged = applications("models:/m@challenger")
-    assert without_graduated_challengers(applications("models:/m@challenger"), "keel", "models:/m/3",
+    assert without_challengers_serving(applications("models:/m@challenger"), "keel", "models:/m/3",
                                          same_version(versions)) == unchanged
 
 

@@ -47,10 +47,10 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
         with dsl.If(serve == True, name="serving-requested"):  # noqa: E712 - KFP conditions compare with ==
             with dsl.If(registered.outputs["promoted"] == True, name="new-champion"):  # noqa: E712
                 step(deploy(model_version_uri=registered.outputs["model_version_uri"], port=serve_port, **run))
-            # approval: manual: the version that passed waits for a person, copying the champion's traffic
+            # approval: manual: the version that passed waits for a person, as the champion's shadow or canary
             with dsl.If(registered.outputs["awaiting_approval"] == True, name="awaiting-approval"):  # noqa: E712
-                step(deploy(model_version_uri=registered.outputs["model_version_uri"], port=serve_port, shadow=True,
-                            **run))
+                step(deploy(model_version_uri=registered.outputs["model_version_uri"], port=serve_port,
+                            awaiting_approval=True, **run))
         return registered.outputs["model_version_uri"]
 
     return customer_service_intents

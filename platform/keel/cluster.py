@@ -134,12 +134,9 @@ def withdrawn_rayservice_patch(current: dict[str, Any], model_uri: str,
     champion's setting for it; {} when none serves it."""
     from keel.serve.challenger import without_challengers_serving
 
-    document = yaml.safe_load(current["spec"]["serveConfigV2"]) or {}
-    applications = document.get("applications", [])
-    document["applications"] = without_challengers_serving(applications, APP_NAME, model_uri, same_version)
-    if len(document["applications"]) == len(applications):
-        return {}
-    return {"spec": {"serveConfigV2": yaml.safe_dump(document, sort_keys=False)}}
+    applications = (yaml.safe_load(current["spec"]["serveConfigV2"]) or {}).get("applications", [])
+    kept = without_challengers_serving(applications, APP_NAME, model_uri, same_version)
+    return applications_patch(current, lambda _: kept) if len(kept) < len(applications) else {}
 
 
 def withdraw_challengers(settings: KeelSettings, model_uri: str, model_name: str) -> str | None:
@@ -159,22 +156,23 @@ def withdraw_challengers(settings: KeelSettings, model_uri: str, model_name: str
     return url if patches and patches[-1] else None
 
 
-def shadowed_rayservice_patch(current: dict[str, Any], shadow_uri: str) -> dict[str, Any]:
-    """The merge patch that serves ``shadow_uri`` as the shadow of ``current``'s (a RayService's) champion."""
-    from keel.serve.shadow import with_shadow
-
+def applications_patch(current: dict[str, Any],
+                       change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> dict[str, Any]:
+    """The merge patch that replaces ``current``'s (a RayService's) Serve applications with ``change`` of them."""
     document = yaml.safe_load(current["spec"]["serveConfigV2"]) or {}
-    document["applications"] = with_shadow(document.get("applications", []), APP_NAME, shadow_uri)
+    document["applications"] = change(document.get("applications", []))
     return {"spec": {"serveConfigV2": yaml.safe_dump(document, sort_keys=False)}}
 
 
-def shadow_served_model(settings: KeelSettings, shadow_uri: str) -> str | None:
-    """Serve ``shadow_uri`` as the RayService's shadow if the RayService serves that model; its URL, or None."""
+def preview_served_model(settings: KeelSettings, model_uri: str,
+                         beside_champion: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> str | None:
+    """Serve ``model_uri`` beside the RayService's champion (``beside_champion`` adds it as shadow or canary) if
+    the RayService serves that model; its URL, or None."""
     from keel.tracking import registered_name
 
-    return _patch_serve_config(settings, f"adding the shadow {shadow_uri} to RayService {settings.ray_service}",
-                               registered_name(shadow_uri) or "",
-                               lambda current: shadowed_rayservice_patch(current, shadow_uri))
+    return _patch_serve_config(settings, f"serving {model_uri} beside the champion of RayService "
+                               f"{settings.ray_service}", registered_name(model_uri) or "",
+                               lambda current: applications_patch(current, beside_champion))
 
 
 def _patch_serve_config(settings: KeelSettings, action: str, only_model: str | None,

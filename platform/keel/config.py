@@ -36,6 +36,11 @@ class RegisterConfig(BaseModel):
     approval: Literal["gate", "manual"] = Field(
         default="gate", description="gate: a version that passes the gate becomes champion; manual: it stays "
                                     "challenger, awaiting approval, until a person runs `keel models promote`")
+    preview: Literal["shadow", "canary"] = Field(
+        default="shadow", description="with approval: manual and serve=true, how a version awaiting approval meets "
+                                      "live traffic: shadow (scores a copy, answers nobody) or canary (answers "
+                                      "canary_weight of the requests)")
+    canary_weight: float = Field(default=0.1, gt=0, lt=1, description="share of requests a canary preview answers")
 
 
 TUNABLE_FIELDS = ("hidden_sizes", "dropout", "learning_rate", "weight_decay", "batch_size")

@@ -474,21 +474,30 @@ def test_a_canary_is_served_as_keel_serve_canary_deploys_it_and_graduates_on_pro
     assert yaml.safe_load(withdrawn["spec"]["serveConfigV2"]) == before
 
 
-def test_the_deploy_step_adds_a_version_awaiting_approval_as_the_shadow(
-        rendered: dict[str, Path], crd_schemas: dict[tuple[str, str], dict[str, Any]]) -> None:
+@pytest.mark.parametrize("preview, app, setting", [
+    ("shadow", "keel-shadow", {"sample": 1.0, "max_in_flight": 32, "timeout_s": 2.0}),
+    ("canary", "keel-canary", {"weight": 0.2, "timeout_s": 2.0})])
+def test_the_deploy_step_adds_a_version_awaiting_approval_beside_the_champion(
+        rendered: dict[str, Path], crd_schemas: dict[tuple[str, str], dict[str, Any]], preview: str, app: str,
+        setting: dict[str, Any]) -> None:
+    """registry.preview: what the deploy step patches into the RayService for a version awaiting approval."""
     from ray.serve.schema import ServeDeploySchema
 
-    from keel.cluster import shadowed_rayservice_patch
+    from keel.cluster import applications_patch
+    from keel.serve.canary import CanaryConfig, with_canary
+    from keel.serve.shadow import with_shadow
 
+    uri = "models:/medical-diagnosis/8"
+    beside = {"shadow": lambda apps: with_shadow(apps, "keel", uri),
+              "canary": lambda apps: with_canary(apps, "keel", uri, CanaryConfig(weight=0.2))}[preview]
     (service,) = by_kind(rendered["default"], "RayService")
-    patched = merge_patch(service, shadowed_rayservice_patch(service, "models:/medical-diagnosis/8"))
+    patched = merge_patch(service, applications_patch(service, beside))
     assert not crd_errors(patched, crd_schemas)
     before, after = (yaml.safe_load(s["spec"]["serveConfigV2"]) for s in (service, patched))
     ServeDeploySchema.model_validate(after)
-    assert [a["name"] for a in after["applications"]] == ["keel", "keel-shadow"]
-    assert after["applications"][1]["args"]["model_uri"] == "models:/medical-diagnosis/8"
-    assert after["applications"][0]["args"]["config"].pop("shadow") == {"sample": 1.0, "max_in_flight": 32,
-                                                                        "timeout_s": 2.0}
+    assert [a["name"] for a in after["applications"]] == ["keel", app]
+    assert after["applications"][1]["args"]["model_uri"] == uri
+    assert after["applications"][0]["args"]["config"].pop(preview) == setting
     assert after["applications"][0] == before["applications"][0]  # the champion is otherwise untouched
 
 

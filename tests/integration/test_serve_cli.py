@@ -126,8 +126,9 @@ def test_unknown_model_fails_with_the_registry_message(ray_head: dict[str, str],
 
 def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_path: Path) -> None:
     """serve=true: the deploy step serves a new champion, leaves a rejected challenger out, and serves a
-    version awaiting approval as the champion's shadow; training used a private Ray instance although a
-    head is running on this machine."""
+    version awaiting approval as the champion's canary until a person rejects it; between runs, the CLI puts
+    challengers in shadow and as canaries, and promoting one graduates it. Training used a private Ray
+    instance although a head is running on this machine."""
     port = free_port()
     env = ray_head  # the CLI and the Ray head share one registry, as in a cluster
     # the demo's tuning and compression are covered by test_pipeline_local
@@ -181,18 +182,18 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert status["applications"]["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/2"
 
     # approval: manual: a version that passes the gate waits for a person, and the deploy step serves it as
-    # the shadow of the model being served (v2), which keeps answering.
-    waiting = _run_serving("tune: {num_samples: 0}\ncompress: {methods: []}\nregistry: {approval: manual}\n"
+    # the canary of the model being served (v2: registry.preview), which answers the other half.
+    waiting = _run_serving("tune: {num_samples: 0}\ncompress: {methods: []}\n"
+                           "registry: {approval: manual, preview: canary, canary_weight: 0.5}\n"
                            "evaluate: {gate: {tolerance: 1.0, slice_tolerance: 1.0}}\n", port, tmp_path, env)
     assert waiting["champion"] is False and waiting["awaiting_approval"] is True
     assert waiting["promotion"].startswith("awaiting approval (approval: manual): gate passed")
     applications = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=env).stdout)[
         "applications"]
-    assert applications["keel-shadow"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/3"
+    assert applications["keel-canary"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/3"
     assert applications["keel"]["deployed_app_config"]["args"]["model_uri"] == "models:/medical-diagnosis/2"
-    counted = _copies_compared(port, 30)
-    assert counted["rows"] == 30 and counted["shadow_version"] == {"3"}
-    # A person rejects it: the shadow is withdrawn and v2 serves on, alone.
+    assert set(_callers_answered_by(port, canary_version="3").values()) == {"2", "3"}
+    # A person rejects it: the canary is withdrawn and v2 answers everything again.
     rejected = keel("models", "reject", "medical-diagnosis", "3", "--reason", "disagrees on live rows",
                     "--output", "json", cwd=tmp_path, env=env)
     assert rejected.returncode == 0, rejected.stderr[-3000:]
@@ -201,7 +202,8 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
         "applications"]
     champion_args = applications["keel"]["deployed_app_config"]["args"]
     assert list(applications) == ["keel"] and champion_args["model_uri"] == "models:/medical-diagnosis/2"
-    assert champion_args["config"].get("shadow") is None
+    assert champion_args["config"].get("canary") is None
+    assert set(_callers_answered_by(port).values()) == {"2"}
     listed = json.loads(keel("models", "list", "--output", "json", cwd=tmp_path, env=env).stdout)
     assert [m["rejected"] for m in listed if m["version"] == 3] == ["disagrees on live rows"]
     keel("serve", "stop", cwd=tmp_path, env=env)
@@ -229,8 +231,7 @@ def _shadow_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> di
 
 
 def _canary_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
-    """Serve v1 with v2 as its canary (half the requests); which version answered each of 20 callers,
-    checked to be the same on a second request and to match what v1's replica counted."""
+    """Serve v1 with v2 as its canary (half the requests); which version answered each of 20 callers."""
     served = keel("serve", "models:/medical-diagnosis/1", "--port", str(port), "--host", "0.0.0.0", "--canary",
                   "models:/medical-diagnosis@challenger", "--canary-weight", "0.5", "--output", "json",
                   cwd=tmp_path, env=env)
@@ -241,6 +242,12 @@ def _canary_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> di
     assert ("keel-canary: RUNNING  models:/medical-diagnosis@challenger  (canary: answers 50% of the requests)"
             in keel("serve", "status", cwd=tmp_path, env=env).stdout)
     assert status["applications"]["keel-canary"]["deployed_app_config"]["route_prefix"] is None
+    return _callers_answered_by(port, canary_version="2")
+
+
+def _callers_answered_by(port: int, canary_version: str | None = None) -> dict[str, str]:
+    """Which version answered each of 20 callers (by x-routing-key), checked to be the same on a second
+    request, and, with a canary, to match what the champion's replica counted of the requests routed to it."""
     row = _records(1)[0]
 
     def answered_by(caller: str) -> str:
@@ -252,10 +259,11 @@ def _canary_the_challenger(port: int, tmp_path: Path, env: dict[str, str]) -> di
 
     versions = {f"user-{i}": answered_by(f"user-{i}") for i in range(20)}
     assert versions == {caller: answered_by(caller) for caller in versions}
-    lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
-    answered = sum(float(line.split()[-1]) for line in lines
-                   if line.startswith("keel_canary_requests_total{") and 'outcome="answered"' in line)
-    assert answered == 2 * list(versions.values()).count("2")
+    if canary_version is not None:
+        lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+        answered = sum(float(line.split()[-1]) for line in lines
+                       if line.startswith("keel_canary_requests_total{") and 'outcome="answered"' in line)
+        assert answered == 2 * list(versions.values()).count(canary_version)
     return versions
 
 

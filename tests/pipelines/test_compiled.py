@@ -62,17 +62,19 @@ def serving_pipelines() -> list[str]:
 
 
 @pytest.mark.parametrize("name", serving_pipelines())
-def test_every_pipeline_that_serves_shadows_a_version_awaiting_approval(name: str) -> None:
+def test_every_pipeline_that_serves_previews_a_version_awaiting_approval(name: str) -> None:
     """Under serve=true, a new champion is deployed and a version awaiting approval (registry.approval:
-    manual) is deployed as the champion's shadow, whatever kind of model the pipeline trains."""
+    manual) is deployed beside it (as shadow or canary: registry.preview), whatever kind of model the pipeline
+    trains."""
     spec = next(yaml.safe_load_all((pipelines.COMPILED_DIR / f"{name}.yaml").read_text()))
     dags = {"root": spec["root"]["dag"], **{n: c["dag"] for n, c in spec["components"].items() if "dag" in c}}
     branches = {task["taskInfo"]["name"]: dags[task["componentRef"]["name"]]
                 for dag in dags.values() for task in dag["tasks"].values() if task["componentRef"]["name"] in dags}
 
-    def deploys_as_shadow(dag: dict) -> list[bool]:
-        return [task["inputs"]["parameters"].get("shadow", {}).get("runtimeValue", {}).get("constant", False)
-                for task in dag["tasks"].values() if task["componentRef"]["name"].startswith("comp-deploy")]
+    def deploys_awaiting_approval(dag: dict) -> list[bool]:
+        deploys = [t for t in dag["tasks"].values() if t["componentRef"]["name"].startswith("comp-deploy")]
+        return [t["inputs"]["parameters"].get("awaiting_approval", {}).get("runtimeValue", {}).get("constant", False)
+                for t in deploys]
 
-    assert deploys_as_shadow(branches["new-champion"]) == [False]
-    assert deploys_as_shadow(branches["awaiting-approval"]) == [True]
+    assert deploys_awaiting_approval(branches["new-champion"]) == [False]
+    assert deploys_awaiting_approval(branches["awaiting-approval"]) == [True]

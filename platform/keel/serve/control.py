@@ -18,9 +18,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keel.errors import KeelError
 from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
@@ -28,6 +29,9 @@ from keel.serve.canary import canary_application
 from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_challengers_serving
 from keel.serve.shadow import shadow_application, with_shadow
 from keel.settings import KeelSettings
+
+if TYPE_CHECKING:
+    from keel.config import RegisterConfig
 
 APPLICATIONS = "/api/serve/applications/"
 BUILDER = SERVER_BUILDER
@@ -273,22 +277,34 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     return deploy_detached(model_uri, ServeConfig(port=port, host=host), settings)
 
 
-def deploy_shadow(model_uri: str, settings: KeelSettings) -> str | None:
-    """The pipeline's deploy step for a version awaiting approval: serve it as the shadow of the champion
-    that serves its model now (the chart's RayService, or this machine's Ray head), replacing any shadow.
-    Returns the champion's URL, or None when nothing serves that model (a shadow needs a champion to copy)."""
-    if settings.ray_service:
-        from keel.cluster import shadow_served_model
+def deploy_awaiting_approval(model_uri: str, registry: RegisterConfig, settings: KeelSettings) -> str | None:
+    """The pipeline's deploy step for a version awaiting approval: serve it beside the champion that serves its
+    model now (the chart's RayService, or this machine's Ray head) as that champion's shadow or canary
+    (``registry.preview``), replacing any challenger of that kind. Returns the champion's URL, or None when
+    nothing serves that model (a preview needs a champion whose traffic it shares)."""
+    from keel.serve.canary import CanaryConfig, with_canary
 
-        url = shadow_served_model(settings, model_uri)
+    def beside_champion(applications: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if registry.preview == "canary":
+            return with_canary(applications, APP_NAME, model_uri, CanaryConfig(weight=registry.canary_weight))
+        return with_shadow(applications, APP_NAME, model_uri)
+
+    if settings.ray_service:
+        from keel.cluster import preview_served_model
+
+        url = preview_served_model(settings, model_uri, beside_champion)
     else:
-        url = _shadow_on_ray_head(model_uri, settings)
+        url = _preview_on_ray_head(model_uri, settings, beside_champion,
+                                   CANARY_APP if registry.preview == "canary" else SHADOW_APP)
     if url is None:
-        LOG.warning("%s awaits approval; nothing serves its model, so it has no traffic to shadow", model_uri)
+        LOG.warning("%s awaits approval; nothing serves its model, so there is no traffic for its %s",
+                    model_uri, registry.preview)
     return url
 
 
-def _shadow_on_ray_head(model_uri: str, settings: KeelSettings) -> str | None:
+def _preview_on_ray_head(model_uri: str, settings: KeelSettings,
+                         beside_champion: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+                         app: str) -> str | None:
     from keel.tracking import registered_name
 
     dashboard = dashboard_url(settings)
@@ -296,12 +312,11 @@ def _shadow_on_ray_head(model_uri: str, settings: KeelSettings) -> str | None:
     applications = details.get("applications", {})
     if registered_name(served_model_uri(applications.get(APP_NAME, {}))) != registered_name(model_uri):
         return None
-    configs = with_shadow([application.get("deployed_app_config") or {} for application in applications.values()],
-                          APP_NAME, model_uri)
+    configs = beside_champion([application.get("deployed_app_config") or {} for application in applications.values()])
     _replace_applications(dashboard, details, configs)
     champion = next(c for c in configs if c.get("name") == APP_NAME)
-    wait_until_running(dashboard, args=champion["args"])  # its replicas restart to copy their rows
-    wait_until_running(dashboard, model_uri=model_uri, app=SHADOW_APP)
+    wait_until_running(dashboard, args=champion["args"])  # its replicas restart to copy or route requests
+    wait_until_running(dashboard, model_uri=model_uri, app=app)
     return _serving_url(details)
 
 

@@ -247,8 +247,13 @@ def test_the_serve_config_with_a_shadow_is_one_ray_accepts() -> None:
 
 
 
-def test_with_nothing_serving_the_model_a_version_awaiting_approval_has_no_traffic_to_shadow(tmp_path) -> None:
-    from keel.serve.control import deploy_shadow
+@pytest.mark.parametrize("preview", ["shadow", "canary"])
+def test_with_nothing_serving_the_model_a_version_awaiting_approval_has_no_traffic_to_share(
+        preview: str, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    from keel.config import RegisterConfig
+    from keel.serve.control import deploy_awaiting_approval
     from keel.settings import KeelSettings
 
-    assert deploy_shadow("models:/m/2", KeelSettings(home=tmp_path / ".keel")) is None  # no Ray head here
+    registry = RegisterConfig(model_name="m", approval="manual", preview=preview)
+    assert deploy_awaiting_approval("models:/m/2", registry, KeelSettings(home=tmp_path / ".keel")) is None
+    assert f"no traffic for its {preview}" in caplog.text  # no Ray head here

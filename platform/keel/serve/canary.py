@@ -174,7 +174,7 @@ def with_canary(applications: list[dict[str, Any]], champion_app: str, canary_ur
 
 async def answer_in_process(app: Callable[..., Awaitable[None]], request: ForwardedRequest) -> CanaryAnswer:
     """``request`` answered by an ASGI app in this process: the canary replica's own Keel app, so a forwarded
-    request meets the same validation, auth and metrics as one sent to the canary over HTTP."""
+    request meets the same validation, limits and errors as one sent to the canary over HTTP."""
     path, _, query = request.path.partition("?")
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),

@@ -97,10 +97,10 @@ def rayservice_patch(current: dict[str, Any], model_uri: str,
                                                           same_version)}}
 
 
-def served_model_uri(service: dict[str, Any], app: str = APP_NAME) -> str | None:
-    """The model URI a RayService's Keel application (or ``app``, e.g. the shadow) serves (None without one)."""
+def served_model_uri(service: dict[str, Any]) -> str | None:
+    """The model URI a RayService's Keel application serves (None without one)."""
     for application in (yaml.safe_load(service["spec"].get("serveConfigV2", "")) or {}).get("applications", []):
-        if application.get("name") == app:
+        if application.get("name") == APP_NAME:
             return str(application.get("args", {}).get("model_uri", "")) or None
     return None
 
@@ -144,16 +144,11 @@ def withdraw_challengers(settings: KeelSettings, model_uri: str, model_name: str
     ``model_name``; its URL when one was removed, else None."""
     from keel.serve.deployment import same_registered_version
 
-    patches: list[dict[str, Any]] = []
+    def same_version(first: str, second: str) -> bool:
+        return same_registered_version(first, second, settings)
 
-    def patch(current: dict[str, Any]) -> dict[str, Any]:
-        patches.append(withdrawn_rayservice_patch(
-            current, model_uri, lambda first, second: same_registered_version(first, second, settings)))
-        return patches[-1]
-
-    url = _patch_serve_config(settings, f"withdrawing {model_uri} from RayService {settings.ray_service}",
-                              model_name, patch)
-    return url if patches and patches[-1] else None
+    return _patch_serve_config(settings, f"withdrawing {model_uri} from RayService {settings.ray_service}",
+                               model_name, lambda current: withdrawn_rayservice_patch(current, model_uri, same_version))
 
 
 def applications_patch(current: dict[str, Any],
@@ -177,7 +172,8 @@ def preview_served_model(settings: KeelSettings, model_uri: str,
 
 def _patch_serve_config(settings: KeelSettings, action: str, only_model: str | None,
                         patch_for: Callable[[dict[str, Any]], dict[str, Any]]) -> str | None:
-    """Patch the RayService (if it serves ``only_model``, when given); its in-cluster URL, or None."""
+    """Patch the RayService (if it serves ``only_model``, when given); its in-cluster URL, or None when it
+    serves another model or the patch is empty (nothing to change)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -192,8 +188,9 @@ def _patch_serve_config(settings: KeelSettings, action: str, only_model: str | N
         if only_model is not None and registered_name(served_model_uri(current)) != only_model:
             return None
         patch = patch_for(current)
-        if patch:  # {}: nothing to change
-            api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name, patch)
+        if not patch:
+            return None
+        api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name, patch)
     except ApiException as e:
         raise _api_error(f"{action} in namespace {namespace}", e) from e
     return f"http://{name}-serve-svc.{namespace}.svc.cluster.local:8000"
@@ -208,14 +205,14 @@ def _condition(status: dict[str, Any], kind: str) -> str:
 
 def _serving_detail(service: dict[str, Any]) -> str:
     """What a RayService serves: its model, and a shadow's or a canary's (with the canary's share)."""
-    detail = f"serving {served_model_uri(service) or '?'}"
-    shadow, canary = served_model_uri(service, SHADOW_APP), served_model_uri(service, CANARY_APP)
+    applications = {a.get("name"): a.get("args", {}) for a in (yaml.safe_load(
+        service["spec"].get("serveConfigV2", "")) or {}).get("applications", [])}
+    detail = f"serving {applications.get(APP_NAME, {}).get('model_uri') or '?'}"
+    shadow, canary = (applications.get(app, {}).get("model_uri") for app in (SHADOW_APP, CANARY_APP))
     if shadow:
         detail += f", shadow {shadow}"
     if canary:
-        applications = (yaml.safe_load(service["spec"].get("serveConfigV2", "")) or {}).get("applications", [])
-        champion: dict[str, Any] = next((a for a in applications if a.get("name") == APP_NAME), {})
-        weight = ((champion.get("args", {}).get("config") or {}).get("canary") or {}).get("weight")
+        weight = ((applications.get(APP_NAME, {}).get("config") or {}).get("canary") or {}).get("weight")
         detail += f", canary {canary}" + (f" answering {weight:.0%}" if isinstance(weight, float | int) else "")
     return detail
 

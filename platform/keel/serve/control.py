@@ -83,12 +83,10 @@ def serve_config_document(model_uri: str, config: ServeConfig, shadow_uri: str |
                           canary_config: ServeConfig | None = None) -> dict[str, Any]:
     """The Serve config (as in a RayService's ``serveConfigV2``) for one model, and a shadow or a canary (with
     ``config.canary``'s routing, CanaryConfig's defaults unless set) beside it."""
-    from keel.serve.canary import CanaryConfig
-
     if shadow_uri:
         config = config.copying_to_shadow()
     if canary_uri:
-        config = config.model_copy(update={"canary": config.canary or CanaryConfig()})
+        config = config.routing_to_canary()
     applications = [{"name": APP_NAME, "route_prefix": "/", "import_path": BUILDER,
                      "args": {"model_uri": model_uri, "config": config.model_dump()}}]
     if shadow_uri:
@@ -307,17 +305,29 @@ def _preview_on_ray_head(model_uri: str, settings: KeelSettings,
                          app: str) -> str | None:
     from keel.tracking import registered_name
 
-    dashboard = dashboard_url(settings)
-    details = _serving_status(dashboard, settings)
-    applications = details.get("applications", {})
-    if registered_name(served_model_uri(applications.get(APP_NAME, {}))) != registered_name(model_uri):
+    served = _served_here(registered_name(model_uri) or "", settings)
+    if served is None:
         return None
-    configs = beside_champion([application.get("deployed_app_config") or {} for application in applications.values()])
+    dashboard, details, configs = served
+    configs = beside_champion(configs)
     _replace_applications(dashboard, details, configs)
     champion = next(c for c in configs if c.get("name") == APP_NAME)
     wait_until_running(dashboard, args=champion["args"])  # its replicas restart to copy or route requests
     wait_until_running(dashboard, model_uri=model_uri, app=app)
     return _serving_url(details)
+
+
+def _served_here(model_name: str, settings: KeelSettings) -> tuple[str, dict[str, Any], list[dict[str, Any]]] | None:
+    """Where the Ray head (KEEL_RAY_DASHBOARD_URL's, or this machine's) serves ``model_name``: its dashboard,
+    Serve's status and each application's deployed config; None when it serves another model, or nothing."""
+    from keel.tracking import registered_name
+
+    dashboard = dashboard_url(settings)
+    details = _serving_status(dashboard, settings)  # {} with no local head: nothing is served here
+    applications = details.get("applications", {})
+    if registered_name(served_model_uri(applications.get(APP_NAME, {}))) != model_name:
+        return None
+    return dashboard, details, [application.get("deployed_app_config") or {} for application in applications.values()]
 
 
 def dashboard_url(settings: KeelSettings) -> str:
@@ -353,22 +363,19 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     A shadow or canary serving ``model_uri``'s version has graduated and is removed; any other one stays.
     Returns the serving URL, or None when nothing serves ``model_name`` (nothing is started then)."""
     from keel.serve.deployment import same_registered_version
-    from keel.tracking import registered_name
 
     if settings.ray_service:
         from keel.cluster import roll_if_serving as roll_rayservice
 
         return roll_rayservice(settings, model_uri, model_name)
-    dashboard = dashboard_url(settings)
-    details = _serving_status(dashboard, settings)  # {} with no local head: nothing is served here
-    applications = details.get("applications", {})
-    served = served_model_uri(applications.get(APP_NAME, {}))
-    if registered_name(served) != model_name:
+    served = _served_here(model_name, settings)
+    if served is None:
         return None
-    if served != model_uri:
-        configs = {name: application.get("deployed_app_config") or {} for name, application in applications.items()}
-        configs[APP_NAME]["args"]["model_uri"] = model_uri
-        kept = without_challengers_serving(list(configs.values()), APP_NAME, model_uri,
+    dashboard, details, configs = served
+    champion = next(c for c in configs if c.get("name") == APP_NAME)
+    if champion["args"]["model_uri"] != model_uri:
+        champion["args"]["model_uri"] = model_uri
+        kept = without_challengers_serving(configs, APP_NAME, model_uri,
                                            lambda first, second: same_registered_version(first, second, settings))
         _replace_applications(dashboard, details, kept)
         wait_until_running(dashboard, model_uri=model_uri)
@@ -381,18 +388,15 @@ def withdraw_challengers(model_name: str, model_uri: str, settings: KeelSettings
     started or KEEL_RAY_DASHBOARD_URL names. The champion keeps serving. Returns the serving URL when a
     challenger was withdrawn, None when none served that version."""
     from keel.serve.deployment import same_registered_version
-    from keel.tracking import registered_name
 
     if settings.ray_service:
         from keel.cluster import withdraw_challengers as withdraw_from_rayservice
 
         return withdraw_from_rayservice(settings, model_uri, model_name)
-    dashboard = dashboard_url(settings)
-    details = _serving_status(dashboard, settings)
-    applications = details.get("applications", {})
-    if registered_name(served_model_uri(applications.get(APP_NAME, {}))) != model_name:
+    served = _served_here(model_name, settings)
+    if served is None:
         return None
-    configs = [application.get("deployed_app_config") or {} for application in applications.values()]
+    dashboard, details, configs = served
     kept = without_challengers_serving(configs, APP_NAME, model_uri,
                                        lambda first, second: same_registered_version(first, second, settings))
     if len(kept) == len(configs):

@@ -65,6 +65,10 @@ class ServeConfig(BaseModel):
         """This config with the champion copying its rows to a shadow (ShadowConfig's defaults unless set)."""
         return self.model_copy(update={"shadow": self.shadow or ShadowConfig()})
 
+    def routing_to_canary(self) -> ServeConfig:
+        """This config with the champion routing requests to a canary (CanaryConfig's defaults unless set)."""
+        return self.model_copy(update={"canary": self.canary or CanaryConfig()})
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -350,7 +354,7 @@ def deploy(model_uri: str, config: ServeConfig, shadow_uri: str | None = None,
         serve.run(build_shadow_application(shadow_uri, shadow_config or ServeConfig()), name=SHADOW_APP,
                   route_prefix=None, blocking=False)
     if canary_uri:
-        config = config.model_copy(update={"canary": config.canary or CanaryConfig()})
+        config = config.routing_to_canary()
         serve.run(build_application(canary_uri, ServeConfig()), name=CANARY_APP, route_prefix=None, blocking=False)
     serve.run(build_application(model_uri, config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"

@@ -17,6 +17,7 @@ PIPELINES = {
     "customer_service_intents": "pipelines.customer_service_intents.pipeline",
     "ecommerce_recommendations": "pipelines.ecommerce_recommendations.pipeline",
     "medical_diagnosis": "pipelines.medical_diagnosis.pipeline",
+    "model_performance": "pipelines.model_performance.pipeline",
 }
 COMPILED_DIR = Path(__file__).parent / "compiled"
 RETRIES = 2

@@ -46,9 +46,10 @@ def train_quickly(splits_uri: str, output_uri: str, settings: KeelSettings, epoc
         shutil.copyfile(splits["transform"], out.path(TRANSFORM_FILE))
 
 
-def run_stages(settings: KeelSettings, run_id: str, source: Path, epochs: int = 30) -> dict[str, str]:
+def run_stages(settings: KeelSettings, run_id: str, source: Path, epochs: int = 30,
+               config: PipelineConfig | None = None) -> dict[str, str]:
     """ingest -> preprocess -> quick train -> evaluate (gated against the registry's champion); the stage URIs."""
-    config = small_config()
+    config = config or small_config()
     uris = {stage: storage.stage_uri(settings, run_id, stage) for stage in
             ("ingest", "preprocess", "train", "evaluate", "register")}
     ingest(str(source), uris["ingest"], settings)

@@ -22,6 +22,7 @@ from keel.train.config import TrainConfig
 if TYPE_CHECKING:
     from keel.batch import BatchScoringConfig
     from keel.intents.config import IntentsPipelineConfig
+    from keel.monitor.performance import PerformanceCheckConfig
     from keel.recommend.config import RecommendPipelineConfig
 
 
@@ -226,7 +227,8 @@ class PipelineConfig(PipelineConfigBase):
 
 # Each pipeline kind validates its own sections; all carry ``pipeline`` and ``to_json``, the training ones
 # ``registry`` too.
-AnyPipelineConfig = Union[PipelineConfig, "RecommendPipelineConfig", "IntentsPipelineConfig", "BatchScoringConfig"]
+AnyPipelineConfig = Union[PipelineConfig, "RecommendPipelineConfig", "IntentsPipelineConfig", "BatchScoringConfig",
+                          "PerformanceCheckConfig"]
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -264,12 +266,16 @@ def _with_contract_file(payload: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def config_class(payload: dict[str, Any]) -> type[PipelineConfig] | type[RecommendPipelineConfig] | \
-        type[IntentsPipelineConfig] | type[BatchScoringConfig]:
+        type[IntentsPipelineConfig] | type[BatchScoringConfig] | type[PerformanceCheckConfig]:
     """The config model of the pipeline the payload names: each pipeline kind has its own sections."""
     if payload.get("pipeline") == "batch_scoring":
         from keel.batch import BatchScoringConfig
 
         return BatchScoringConfig
+    if payload.get("pipeline") == "model_performance":
+        from keel.monitor.performance import PerformanceCheckConfig
+
+        return PerformanceCheckConfig
     if payload.get("pipeline") == "ecommerce_recommendations":
         from keel.recommend.config import RecommendPipelineConfig
 

@@ -332,14 +332,23 @@ def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
     return written
 
 
-def report_html(report: dict[str, Any], directory: Path) -> str:
-    """One self-contained page: headline metrics, gate decision, slices, fairness and the plots."""
+def report_html(report: dict[str, Any], directory: Path, heading: str = "") -> str:
+    """One self-contained page: headline metrics, gate decision, slices, fairness and the plots.
+
+    A report with ``registered`` metrics (a check on labeled rows) shows them beside its own, under
+    ``heading`` instead of the promotion gate's."""
     gate = report["gate"]
+    registered = report.get("registered")
+    heading = heading or f"Promotion gate: {'PASSED' if gate['passed'] else 'FAILED'}"
     parts = ["<html><head><meta charset='utf-8'><title>Keel evaluation</title></head><body>",
-             f"<h2>Promotion gate: {'PASSED' if gate['passed'] else 'FAILED'}</h2><ul>"]
+             f"<h2>{html.escape(heading)}</h2><ul>"]
     parts += [f"<li>{html.escape(reason)}</li>" for reason in gate["reasons"]]
-    parts.append("</ul><h3>Test metrics</h3><table border='1' cellpadding='4'>")
-    parts += [f"<tr><th>{name}</th><td>{report[name]:.4f}</td></tr>" for name in HEADLINE_METRICS]
+    parts.append("</ul><h3>Metrics</h3><table border='1' cellpadding='4'>")
+    if registered is not None:
+        parts.append("<tr><th></th><th>now</th><th>registered</th></tr>")
+    parts += [f"<tr><th>{name}</th><td>{report[name]:.4f}</td>"
+              + ("" if registered is None else f"<td>{_shown(registered.get(name))}</td>") + "</tr>"
+              for name in HEADLINE_METRICS]
     parts.append("</table>")
     if report["slices"]:
         parts.append("<h3>Slices</h3><table border='1' cellpadding='4'><tr><th>column</th><th>slice</th>"
@@ -358,7 +367,11 @@ def report_html(report: dict[str, Any], directory: Path) -> str:
     return "".join(parts) + "</body></html>"
 
 
-def _metric_key(*parts: str) -> str:
+def _shown(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
+
+
+def metric_key(*parts: str) -> str:
     """MLflow metric names allow letters, digits and ``_-. /:`` only."""
     return "/".join(re.sub(r"[^\w.\- ]", "_", part) for part in parts)
 
@@ -369,9 +382,9 @@ def log_to_mlflow(report: dict[str, Any], directory: Path, run_id: str, settings
 
     client = tracking.mlflow_client(settings)
     now = int(time.time() * 1000)
-    values = {_metric_key("slice", s["column"], s["slice"], m): s[m] for s in report["slices"]
+    values = {metric_key("slice", s["column"], s["slice"], m): s[m] for s in report["slices"]
               for m in HEADLINE_METRICS}
-    values.update({_metric_key("fairness", column, name): measures[name]
+    values.update({metric_key("fairness", column, name): measures[name]
                    for column, measures in report["fairness"].items()
                    for name in ("demographic_parity_difference", "equalized_odds_difference")})
     values["gate_passed"] = float(report["gate"]["passed"])

@@ -42,10 +42,14 @@ def _check(decision: GateDecision, ok: bool, message: str) -> None:
 
 
 def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, champion_version: str | None,
-           metric: str, greater_is_better: bool, config: GateConfig) -> GateDecision:
+           metric: str, greater_is_better: bool, config: GateConfig, baseline: str = "") -> GateDecision:
     """Overall metric within ``tolerance`` of the champion's, no gated slice worse by more than
-    ``slice_tolerance``, fairness gaps within their bounds. No champion: only fairness applies."""
+    ``slice_tolerance``, fairness gaps within their bounds. No champion: only fairness applies.
+
+    ``baseline`` names what the reasons compare with (default ``champion vN``): the same rules judge a
+    model's live rows against its own registered evaluation (:mod:`keel.monitor.performance`)."""
     decision = GateDecision(passed=True, champion_version=champion_version)
+    baseline = baseline or f"champion v{champion_version}"
     value = float(challenger[metric])
     if math.isnan(value):
         _check(decision, False, f"{metric} is NaN on the test split")
@@ -55,9 +59,9 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, champion
         incumbent = float(champion[metric])
         gap = _worse_by(value, incumbent, greater_is_better)
         _check(decision, math.isnan(incumbent) or gap <= config.tolerance + 1e-12,
-               f"{metric} {value:.4f} vs champion v{champion_version} {incumbent:.4f} "
+               f"{metric} {value:.4f} vs {baseline} {incumbent:.4f} "
                f"(worse by {gap:+.4f}, tolerance {config.tolerance})")
-        _check_slices(decision, challenger, champion, metric, greater_is_better, config)
+        _check_slices(decision, challenger, champion, metric, greater_is_better, config, baseline)
     _check_fairness(decision, challenger, config)
     decision.passed = not decision.failures
     return decision
@@ -70,7 +74,7 @@ def require(decision: GateDecision, ok: bool, message: str) -> None:
 
 
 def _check_slices(decision: GateDecision, challenger: dict[str, Any], champion: dict[str, Any], metric: str,
-                  greater_is_better: bool, config: GateConfig) -> None:
+                  greater_is_better: bool, config: GateConfig, baseline: str) -> None:
     theirs = {(s["column"], s["slice"]): s for s in champion.get("slices", [])}
     for mine in challenger.get("slices", []):
         other = theirs.get((mine["column"], mine["slice"]))
@@ -79,7 +83,7 @@ def _check_slices(decision: GateDecision, challenger: dict[str, Any], champion: 
             continue
         gap = _worse_by(mine[metric], other[metric], greater_is_better)
         _check(decision, gap <= config.slice_tolerance + 1e-12,
-               f"slice {mine['column']} {mine['slice']}: {metric} {mine[metric]:.4f} vs champion "
+               f"slice {mine['column']} {mine['slice']}: {metric} {mine[metric]:.4f} vs {baseline} "
                f"{other[metric]:.4f} (worse by {gap:+.4f}, slice tolerance {config.slice_tolerance})")
 
 

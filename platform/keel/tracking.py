@@ -25,6 +25,7 @@ CHAMPION = "champion"  # registry alias of the version serving traffic
 CHALLENGER = "challenger"  # registry alias of the newest registered version
 AWAITING_APPROVAL = "keel.awaiting_approval"  # version tag: passed the gate, waits for a person (approval: manual)
 REJECTED = "keel.rejected"  # version tag: a person turned it down (`keel models reject`), with the reason
+PERFORMANCE = "keel.performance"  # version tag: the latest check on labeled rows (`keel evaluate`), one line
 
 
 def mlflow_client(settings: KeelSettings) -> MlflowClient:

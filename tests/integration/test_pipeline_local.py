@@ -62,6 +62,32 @@ def test_the_batch_scoring_pipeline_scores_a_table_as_the_registered_pyfunc_does
     assert list(scored["diagnosis"]) == list(table["diagnosis"])
 
 
+def test_the_model_performance_pipeline_judges_the_champion_by_its_own_registration(
+        demo: tuple[Path, dict]) -> None:
+    workdir, report = demo
+    result = keel("run", "model_performance", "--output", "json", cwd=workdir, env={"KEEL_HOME": str(workdir / ".keel")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    checked = json.loads(result.stdout)
+    assert [s["stage"] for s in checked["stages"]] == ["evaluate"] and checked["model_uri"] is None
+    manifest = json.loads((Path(checked["artifacts"]) / "evaluate" / "manifest.json").read_text())
+    assert manifest["model_uri"] == "models:/medical-diagnosis/1" and manifest["rows"] == 569
+    # the demo table holds the rows it was trained on, so it scores at least as well as its test split did
+    assert manifest["verdict"] == "ok", manifest["reasons"]
+    assert any(r.startswith("ok: slice mean_radius [12, 15)") for r in manifest["reasons"])  # its config's slices
+    assert any(r.startswith("ok: equalized_odds_difference over mean_radius") and "(max 0.5)" in r
+               for r in manifest["reasons"])
+    client = mlflow.MlflowClient(report["tracking_uri"])
+    tag = client.get_model_version("medical-diagnosis", "1").tags["keel.performance"]
+    assert tag.startswith("ok: f1_macro ") and "on 569 labeled rows of breast_cancer" in tag
+
+    table = pd.read_csv(write_builtin_csv("builtin://breast_cancer", workdir / "raw.csv"))
+    table["diagnosis"] = table["diagnosis"].map({"benign": "malignant", "malignant": "benign"})
+    table.to_csv(workdir / "relabeled.csv", index=False)
+    degraded = keel("evaluate", "models:/medical-diagnosis@champion", "relabeled.csv", "checked",
+                    "--fail-if-degraded", cwd=workdir, env={"KEEL_HOME": str(workdir / ".keel")})
+    assert degraded.returncode == 3 and "Verdict: DEGRADED" in degraded.stdout, degraded.stderr[-3000:]
+
+
 def test_training_checkpointed_every_epoch_and_logged_metrics_from_rank_0(demo: tuple[Path, dict]) -> None:
     workdir, report = demo
     run_dir = Path(report["artifacts"])

@@ -7,9 +7,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from components.check_performance.component import check_performance
 from components.ingest.component import ingest
 from components.preprocess.component import preprocess
-from tests.stages import small_config, write_small_source
+from tests.conftest import small_frame
+from tests.stages import register_small_model, small_config, write_small_source
 
 pytestmark = pytest.mark.integration
 
@@ -35,3 +37,31 @@ def test_an_unreachable_gateway_does_not_fail_the_step(keel_home: Path, tmp_path
                                  run_name="r1", job_id="j")
     assert dataset.endswith("/runs/r1/ingest")
     assert "could not push metrics" in capsys.readouterr().err
+
+
+def test_a_check_on_labeled_rows_pushes_its_verdict_and_fills_the_kfp_artifacts(
+        pushgateway: str, keel_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kfp.dsl import HTML, ClassificationMetrics, Metrics
+
+    from keel.settings import load_settings
+    from keel.monitor.performance import PerformanceCheckConfig
+
+    register_small_model(load_settings(), "r1")
+    monkeypatch.setenv("KEEL_PUSHGATEWAY_URL", pushgateway)
+    frame = small_frame(200, seed=9)
+    frame["outcome"] = frame["outcome"].map({"yes": "no", "no": "yes"})
+    frame.to_csv(tmp_path / "labeled.csv", index=False)
+    metrics, matrix = Metrics(uri=str(tmp_path / "metrics")), ClassificationMetrics(uri=str(tmp_path / "matrix"))
+    report = HTML(uri=str(tmp_path / "report.html"))
+    output_uri, degraded = check_performance.python_func(
+        model_uri="models:/small-model@champion", source=str(tmp_path / "labeled.csv"),
+        config=PerformanceCheckConfig(pipeline="model_performance").to_json(), run_name="check-1", job_id="j",
+        metrics=metrics, classification_metrics=matrix, report=report)
+    assert degraded is True and output_uri.endswith("/runs/check-1/evaluate")
+    assert metrics.metadata["f1_macro"] < 0.5 and matrix.metadata["confusionMatrix"]["annotationSpecs"]
+    assert "small-model v1 on labeled rows: DEGRADED" in (tmp_path / "report.html").read_text()
+    text = httpx.get(f"http://{pushgateway}/metrics", timeout=10).text
+    assert 'keel_model_degraded{instance="",job="keel_model_performance",model="small-model",version="1"} 1' in text
+    assert 'keel_model_checked_rows{instance="",job="keel_model_performance",model="small-model",version="1"} 200' \
+        in text
+    assert 'keel_model_registered_metric{instance="",job="keel_model_performance",metric="f1_macro",' in text

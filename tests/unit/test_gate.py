@@ -44,7 +44,7 @@ def test_a_regressing_slice_fails_the_gate_and_is_named() -> None:
     champion = report(0.9, {"<40": 0.9, ">=40": 0.9})
     decision = decide(report(0.95, {"<40": 0.99, ">=40": 0.84}), champion, "1", "f1_macro", True, GATE)
     assert not decision.passed
-    assert decision.failures == ["slice age >=40: f1_macro 0.8400 vs champion 0.9000 "
+    assert decision.failures == ["slice age >=40: f1_macro 0.8400 vs champion v1 0.9000 "
                                  "(worse by +0.0600, slice tolerance 0.05)"]
 
 

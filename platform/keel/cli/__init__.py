@@ -11,7 +11,7 @@ import sys
 import typer
 
 from keel.cli import compile as compile_commands
-from keel.cli import cluster, contract, models, predict, run, serve
+from keel.cli import cluster, contract, evaluate, models, predict, run, serve
 from keel.errors import KeelError
 
 app = typer.Typer(name="keel", help="Keel: KFP pipelines, Ray training and an MLflow registry.",
@@ -21,6 +21,8 @@ app.add_typer(compile_commands.app, name="pipelines")
 app.add_typer(models.app, name="models")
 app.add_typer(contract.app, name="contract")
 app.command(name="predict", help="Score a table with a registered model (batch inference).")(predict.predict_command)
+app.command(name="evaluate", help="Check a registered model on labeled rows against what it was registered on.")(
+    evaluate.evaluate_command)
 app.command(name="serve", help="Serve a registered model with Ray Serve; `keel serve status|stop`.")(serve.serve_command)
 app.command(name="submit", help="Upload a pipeline version to Kubeflow Pipelines and start a run.")(cluster.submit_command)
 app.command(name="schedule", help="Create a recurring run on Kubeflow Pipelines.")(cluster.schedule_command)

@@ -31,6 +31,7 @@ def list_models() -> list[dict[str, Any]]:
                          "aliases": sorted(aliases.get(str(version.version), [])),
                          "awaiting_approval": version.tags.get(tracking.AWAITING_APPROVAL) == "true",
                          "rejected": version.tags.get(tracking.REJECTED),  # the reason, when a person rejected it
+                         "performance": version.tags.get(tracking.PERFORMANCE),  # the latest check on labels
                          "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
                          "run_id": version.run_id, "created": version.creation_timestamp})
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
@@ -46,11 +47,12 @@ def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
     if not rows:
         typer.echo("No registered models yet: run `keel run medical_diagnosis` first.")
         return
-    print_table(["name", "version", "aliases", *KEY_METRICS],
+    print_table(["name", "version", "aliases", *KEY_METRICS, "on labels"],
                 [[r["name"], r["version"], ",".join(r["aliases"] + (["awaiting approval"] if r["awaiting_approval"]
                                                                     else []) + (["rejected"] if r["rejected"] else []))
                   or "-",
-                  *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in KEY_METRICS)] for r in rows])
+                  *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in KEY_METRICS),
+                  r["performance"].split(":")[0] if r["performance"] else "-"] for r in rows])
 
 
 @app.command("promote")

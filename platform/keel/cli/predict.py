@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, options_as, print_json, refuse_earlier_output
 from keel.errors import ConfigError
 from keel.settings import load_settings
 
@@ -31,22 +31,14 @@ def predict_command(
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Score every row of SOURCE; nothing appears at DESTINATION unless every row scored."""
-    from pydantic import ValidationError
-
-    from keel import storage
     from keel.batch import PredictConfig, score_table
-    from keel.errors import validation_problems
 
     settings = load_settings()
-    if storage.exists(storage.join(destination, storage.MANIFEST), settings) and not force:
-        raise ConfigError(f"{destination}: holds an earlier output; pass --force to replace it.")
+    refuse_earlier_output(destination, force, settings)
     if workers is not None and not on_ray:
         raise ConfigError("--workers sizes the --ray engine's actor pool; add --ray, or leave --workers out.")
-    try:
-        predict = PredictConfig(keep=keep, k=k, batch_rows=batch_rows, input_column=input_column,
-                                engine="ray" if on_ray else "local", workers=workers)
-    except ValidationError as e:
-        raise ConfigError(f"keel predict: {validation_problems(e, PredictConfig)}") from e
+    predict = options_as(PredictConfig, "keel predict", keep=keep, k=k, batch_rows=batch_rows,
+                         input_column=input_column, engine="ray" if on_ray else "local", workers=workers)
     manifest = score_table(model_uri, source, destination, settings, predict)
     if output is OutputFormat.json:
         print_json(manifest)

@@ -1,0 +1,30 @@
+"""KFP component for :func:`keel.monitor.performance.check_with_config`."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, ClassificationMetrics, Metrics, Output
+
+from keel.images import RUNTIME_IMAGE
+
+
+@dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
+def check_performance(model_uri: str, source: str, config: str, run_name: str, job_id: str,
+                      metrics: Output[Metrics], classification_metrics: Output[ClassificationMetrics],
+                      report: Output[HTML]) -> NamedTuple("Checked", performance_uri=str, degraded=bool):
+    """Score the labeled rows of ``source`` with a registered model and judge them against its registration;
+    the KFP UI shows the metrics, the confusion matrix and the report."""
+    from keel.runs import open_stage
+
+    with open_stage("evaluate", run_name, job_id, config) as run:
+        from pathlib import Path
+
+        from keel import storage
+        from keel.evaluate import REPORT_HTML, emit_kfp_metrics
+        from keel.monitor.performance import PERFORMANCE_FILE, check_with_config
+
+        checked = check_with_config(model_uri, source, run.output_uri, run.config, run.settings)
+        emit_kfp_metrics(storage.read_json(storage.join(run.output_uri, PERFORMANCE_FILE), run.settings), metrics,
+                         classification_metrics)
+        storage.download(storage.join(run.output_uri, REPORT_HTML), Path(report.path), run.settings)
+    return (run.output_uri, checked["verdict"] == "degraded")

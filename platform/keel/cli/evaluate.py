@@ -1,0 +1,62 @@
+"""``keel evaluate``: a registered model on labeled rows, against what it was registered on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, options_as, print_json, print_table, refuse_earlier_output
+from keel.settings import load_settings
+
+DEGRADED_EXIT_CODE = 3  # not 1, which every error exits with: CI can tell "worse" from "could not check"
+
+
+def evaluate_command(
+    model_uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/N of a tabular classifier."),
+    source: str = typer.Argument(..., help="A labeled table: the model's input columns and its label column (a "
+                                           "path, s3:// or http(s):// URI; CSV, Parquet, JSONL). Rows whose label "
+                                           "is empty are left out and counted."),
+    destination: str = typer.Argument(..., help="A directory (path or s3://) for performance.json, plots, "
+                                                "report.html and manifest.json."),
+    tolerance: float = typer.Option(0.05, "--tolerance", help="How much worse than its registered value the "
+                                                              "promotion metric may be."),
+    min_rows: int = typer.Option(50, "--min-rows", help="The fewest labeled rows a verdict is given on."),
+    fail_if_degraded: bool = typer.Option(False, "--fail-if-degraded",
+                                          help=f"Exit {DEGRADED_EXIT_CODE} when the verdict is degraded."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier output at DESTINATION."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Score SOURCE's labeled rows and judge them by the rules the version was promoted on."""
+    from keel.monitor.performance import PerformanceConfig, check_performance
+
+    settings = load_settings()
+    refuse_earlier_output(destination, force, settings)
+    config = options_as(PerformanceConfig, "keel evaluate", tolerance=tolerance, min_rows=min_rows)
+    manifest = check_performance(model_uri, source, destination, settings, config)
+    if output is OutputFormat.json:
+        print_json(manifest)
+    else:
+        print_verdict(manifest)
+    if fail_if_degraded and manifest["verdict"] == "degraded":
+        raise typer.Exit(DEGRADED_EXIT_CODE)
+
+
+def print_verdict(manifest: dict[str, Any]) -> None:
+    unlabeled = f" ({manifest['unlabeled_rows']} without a label left out)" if manifest["unlabeled_rows"] else ""
+    typer.echo(f"{manifest['model_uri']} on {manifest['rows']} labeled rows of {manifest['source']}{unlabeled}")
+    rows = [[name, _shown(now), _shown(manifest["registered"].get(name)), _change(now, manifest["registered"].get(name))]
+            for name, now in manifest["metrics"].items()]
+    print_table(["metric", "now", "registered", "change"], rows)
+    typer.echo(f"Verdict: {manifest['verdict'].upper()}" + (" (promotion metric " + manifest["metric"] + ")"))
+    for reason in manifest["failures"] or manifest["reasons"]:
+        typer.echo(f"  {reason}")
+    typer.echo(f"MLflow run {manifest['mlflow_run_id']}; report: {manifest['report_html']}")
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _change(now: float | None, then: float | None) -> str:
+    return "" if now is None or then is None else f"{now - then:+.4f}"

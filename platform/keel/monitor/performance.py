@@ -1,0 +1,356 @@
+"""A registered model on rows whose labels came in after it served them, judged against its own registration.
+
+Drift (``keel_feature_drift_psi``) says the inputs moved; only labels say whether the answers are still
+right, and labels come late (a biopsy result, a chargeback, a returned parcel). :func:`check_performance`
+scores a labeled table with a registered version through the serving path and judges it by the rules that
+promoted it: the promotion metric within ``tolerance`` of the value it was registered on, no gated slice
+worse than its registered slice by more than the slice tolerance, fairness gaps within their bounds. The
+slices, positive class and bounds are the version's own, read back from its MLflow run (the pipeline config
+it was trained with), and the comparison is with the evaluation it was registered on (``evaluation.json``
+on that run), so a check needs no config of its own beyond the tolerance.
+
+The verdict goes where people look: a new MLflow run whose metrics are linked to the version's logged model
+and to the labeled table as a dataset, a ``keel.performance`` tag on the version, the output directory
+(``performance.json``, plots, ``report.html``) and, with ``KEEL_PUSHGATEWAY_URL``, Prometheus gauges that
+the ``KeelModelDegraded`` alert reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from keel import storage, tracking
+from keel.config import EvaluateConfig, GateConfig, PipelineConfigBase
+from keel.errors import ConfigError, DataError, RegistryError, validation_problems
+from keel.evaluate import HEADLINE_METRICS, PLOTS, REPORT_HTML, full_report, report_html, write_plots
+from keel.gate import decide
+from keel.settings import KeelSettings
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+    from prometheus_client import CollectorRegistry
+
+    from keel.serve.deployment import LoadedModel
+
+PERFORMANCE_FILE = "performance.json"
+REGISTERED_EVALUATION = "evaluation.json"  # what the register step logs on the version's run
+PERFORMANCE_TAG = tracking.PERFORMANCE
+EVALUATED_MODEL_TAG, EVALUATED_VERSION_TAG = "keel.evaluated_model", "keel.evaluated_version"
+PUSH_JOB = "keel_model_performance"
+
+
+class PerformanceConfig(BaseModel):
+    """How strictly live rows are judged: by ``keel evaluate``'s options, or the model_performance pipeline's
+    ``performance`` section."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tolerance: float = Field(default=0.05, ge=0, le=1, description="the promotion metric may be this much worse "
+                                                                   "than the value the version was registered on")
+    min_rows: int = Field(default=50, ge=1, description="the fewest labeled rows a verdict is given on: over "
+                                                        "fewer, a metric is mostly sampling noise")
+
+
+class PerformanceCheckConfig(PipelineConfigBase):
+    """The ``model_performance`` pipeline's config: one section (what is checked comes from the registry)."""
+
+    performance: PerformanceConfig = PerformanceConfig()
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a version was registered on: its promotion metric, its evaluation config, its evaluation."""
+
+    name: str
+    version: str
+    run_id: str
+    experiment_id: str
+    model_id: str | None
+    metric: str
+    greater_is_better: bool
+    evaluate: EvaluateConfig
+    evaluation: dict[str, Any]
+
+
+def check_performance(model_uri: str, source: str, output_uri: str, settings: KeelSettings,
+                      config: PerformanceConfig = PerformanceConfig()) -> dict[str, Any]:
+    """Score the labeled rows of ``source`` with ``model_uri`` and judge them against its registration.
+
+    Args:
+        model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/N`` of a tabular classifier; resolved once.
+        source: a CSV, Parquet or JSONL table (path, ``s3://``, ``http(s)://``) with the model's input
+            columns and its label column; rows whose label is still empty are counted and left out.
+        output_uri: a directory (path or ``s3://``) for ``performance.json``, plots and ``report.html``.
+
+    Returns:
+        The published manifest: verdict, live and registered metrics, rows, the MLflow run.
+    """
+    from keel.serve.deployment import load_registered
+
+    loaded = load_registered(model_uri, settings)
+    if loaded.predictor is None:
+        raise ConfigError(f"{model_uri}: a check on labeled rows covers tabular classifiers; this version is a "
+                          f"{loaded.kind}.")
+    registration = registered_evaluation(tracking.mlflow_client(settings), loaded.name, loaded.version)
+    with storage.staged_output(output_uri, "evaluate", settings) as out, \
+            tempfile.TemporaryDirectory(prefix="keel-performance-") as scratch:
+        from keel.data.ingest import read_source, sha256_file
+
+        frame, local, _ = read_source(source, Path(scratch), settings)
+        report = judged_report(loaded, registration, frame, source, config)
+        out.write_json(PERFORMANCE_FILE, report)
+        write_plots(report, out.dir)
+        out.path(REPORT_HTML).write_text(report_html(
+            report, out.dir, f"{loaded.name} v{loaded.version} on labeled rows: {report['verdict'].upper()}"))
+        sha256 = sha256_file(local)
+        dataset = labeled_dataset(frame, source, sha256, report["label_column"])
+        report["mlflow_run_id"] = log_check(report, out.dir, registration, dataset, source, settings)
+        out.manifest.update(performance_manifest(report, model_uri, source), sha256=sha256,
+                            performance=out.uri_of(PERFORMANCE_FILE), report_html=out.uri_of(REPORT_HTML))
+    # once the output is published: the tag is what `keel models list` shows as the latest check
+    tracking.mlflow_client(settings).set_model_version_tag(loaded.name, loaded.version, PERFORMANCE_TAG,
+                                                           summary_tag(report, source))
+    if settings.pushgateway_url:
+        push_verdict(settings.pushgateway_url, out.manifest)
+    return out.manifest
+
+
+def check_with_config(model_uri: str, source: str, output_uri: str, config: Any,
+                      settings: KeelSettings) -> dict[str, Any]:
+    """The model_performance pipeline's step: :func:`check_performance` with the config's ``performance``."""
+    if not isinstance(config, PerformanceCheckConfig):
+        raise ConfigError(f"the performance check reads a model_performance config, not {config.pipeline!r}'s.")
+    return check_performance(model_uri, source, output_uri, settings, config.performance)
+
+
+def judged_report(loaded: LoadedModel, registration: Registration, frame: pd.DataFrame, source: str,
+                  config: PerformanceConfig) -> dict[str, Any]:
+    """The evaluate stage's report on the labeled rows, with the verdict against the registration."""
+    predictor = loaded.predictor
+    assert predictor is not None
+    labeled, unlabeled = labeled_rows(frame, predictor.transform.target, source, config.min_rows)
+    try:
+        labels = predictor.transform.encode_labels(labeled[predictor.transform.target])
+        probabilities = predictor.predict_proba(labeled)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from e
+    report = full_report(labeled, labels, probabilities, predictor.classes, registration.evaluate)
+    gate = registration.evaluate.gate
+    rules = GateConfig(tolerance=config.tolerance, slice_tolerance=gate.slice_tolerance,
+                       max_demographic_parity_difference=gate.max_demographic_parity_difference,
+                       max_equalized_odds_difference=gate.max_equalized_odds_difference)
+    decision = decide(report, registration.evaluation, registration.version, registration.metric,
+                      registration.greater_is_better, rules, baseline=f"registered v{registration.version}")
+    report.update(gate=decision.to_dict(), verdict="ok" if decision.passed else "degraded",
+                  model_name=loaded.name, version=loaded.version, metric=registration.metric,
+                  label_column=predictor.transform.target,
+                  unlabeled_rows=unlabeled, registered={name: registration.evaluation.get(name)
+                                                        for name in HEADLINE_METRICS})
+    return report
+
+
+def labeled_rows(frame: pd.DataFrame, target: str, source: str, min_rows: int) -> tuple[pd.DataFrame, int]:
+    """The rows whose label has come in, and how many have not; too few for a verdict is an error."""
+    if target not in frame.columns:
+        raise DataError(f"{source}: no label column {target!r}. The model predicts {target!r}, so the labels "
+                        f"to check it against go in that column; the file has {list(map(str, frame.columns))}.")
+    missing = frame[target].isna() | (frame[target].astype(str).str.strip() == "")
+    labeled = frame[~missing].reset_index(drop=True)
+    if len(labeled) < min_rows:
+        raise DataError(f"{source}: {len(labeled)} labeled row(s) ({int(missing.sum())} without a {target!r}); "
+                        f"a verdict needs at least {min_rows} (--min-rows, performance.min_rows).")
+    return labeled, int(missing.sum())
+
+
+def registered_evaluation(client: MlflowClient, name: str, version: str) -> Registration:
+    """The version's promotion metric, evaluation config and evaluation, from its MLflow run.
+
+    Each comes from what the register step logged: the pipeline config as dotted params, ``evaluation.json``
+    as an artifact (or, for a version registered before it was, the ``test_*`` metrics, overall only).
+    """
+    model_version = client.get_model_version(name, version)
+    if not model_version.run_id:
+        raise RegistryError(f"models:/{name}/{version} has no MLflow run, so nothing records what it was "
+                            "registered on; register it through a Keel pipeline.")
+    run = client.get_run(model_version.run_id)
+    params = run.data.params
+    metric = params.get("registry.promotion_metric", "f1_macro")
+    evaluation = _registered_report(client, run.info.run_id) or {
+        name[len("test_"):]: value for name, value in run.data.metrics.items() if name.startswith("test_")}
+    if metric not in evaluation:
+        raise RegistryError(f"models:/{name}/{version}: its run {run.info.run_id} records no test {metric!r} "
+                            f"(the registry.promotion_metric) to compare with.")
+    return Registration(name, version, run.info.run_id, run.info.experiment_id, _logged_model_id(model_version, run),
+                        metric,
+                        params.get("registry.greater_is_better", "True") == "True",
+                        evaluate_config_from_params(params, f"models:/{name}/{version}"), evaluation)
+
+
+def _logged_model_id(model_version: Any, run: Any) -> str | None:
+    """The MLflow 3 logged model the version was made from: the register step logs one per run (a SQL
+    registry does not keep ``model_id`` on the version itself). None for a version from before MLflow 3."""
+    if getattr(model_version, "model_id", None):
+        return str(model_version.model_id)
+    outputs = getattr(run, "outputs", None)
+    logged = [output.model_id for output in getattr(outputs, "model_outputs", None) or []]
+    return logged[0] if len(logged) == 1 else None
+
+
+def evaluate_config_from_params(params: dict[str, str], origin: str) -> EvaluateConfig:
+    """The ``evaluate`` section a version was trained with, rebuilt from the dotted params
+    (:func:`keel.registry.flatten_params`) its run holds; the defaults where the run has none."""
+    section: dict[str, Any] = {}
+    for key, text in params.items():
+        if not key.startswith("evaluate."):
+            continue
+        *parents, leaf = key.split(".")[1:]
+        node = section
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = _param_value(text)
+    try:
+        return EvaluateConfig.model_validate(section)
+    except ValidationError as e:
+        raise RegistryError(f"{origin}: its run's evaluate.* params do not make an evaluate section: "
+                            f"{validation_problems(e, EvaluateConfig)}") from e
+
+
+def _param_value(text: str) -> Any:
+    """A param as :func:`keel.registry.flatten_params` wrote it: JSON for lists, ``str()`` for the rest."""
+    if text in ("None", "True", "False"):
+        return {"None": None, "True": True, "False": False}[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _registered_report(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="keel-registered-") as scratch:
+        try:
+            path = client.download_artifacts(run_id, REGISTERED_EVALUATION, scratch)
+        except (MlflowException, OSError):
+            return None
+        report: dict[str, Any] = json.loads(Path(path).read_text())
+    return report
+
+
+def performance_manifest(report: dict[str, Any], model_uri: str, source: str) -> dict[str, Any]:
+    """The figures a caller acts on, without the curves."""
+    return {"model_uri": f"models:/{report['model_name']}/{report['version']}", "requested_uri": model_uri,
+            "model_name": report["model_name"], "version": report["version"], "source": source,
+            "verdict": report["verdict"], "metric": report["metric"], "rows": report["rows"],
+            "unlabeled_rows": report["unlabeled_rows"], "reasons": report["gate"]["reasons"],
+            "failures": report["gate"]["failures"], "mlflow_run_id": report["mlflow_run_id"],
+            "metrics": {name: _finite(report[name]) for name in HEADLINE_METRICS},
+            "registered": {name: _finite(value) for name, value in report["registered"].items()},
+            "summary": f"{summary_line(report)} of {source}"}
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """Verdict, the promotion metric now and at registration, and the rows it is measured on."""
+    metric, registered = report["metric"], report["registered"].get(report["metric"])
+    then = f"{registered:.4f}" if isinstance(registered, int | float) else "n/a"
+    return f"{report['verdict']}: {metric} {report[metric]:.4f} (registered {then}) on {report['rows']} labeled rows"
+
+
+def summary_tag(report: dict[str, Any], source: str) -> str:
+    """The version's ``keel.performance`` tag: the summary line, the file and the day."""
+    return f"{summary_line(report)} of {storage.filename(source)}, {time.strftime('%Y-%m-%d', time.gmtime())}"
+
+
+def labeled_dataset(frame: pd.DataFrame, source: str, sha256: str, target: str) -> Any:
+    """The table as an MLflow dataset: the file's own digest, and its URI where MLflow can resolve one (a path,
+    ``s3://``, ``http(s)://``); a ``builtin://`` table is named but has no source MLflow could open."""
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.exceptions import MlflowException
+
+    from keel.registry import dataset_schema
+
+    try:
+        dataset = from_pandas(frame, source=source, targets=target, name=storage.filename(source), digest=sha256[:16])
+    except MlflowException:
+        dataset = from_pandas(frame, targets=target, name=storage.filename(source), digest=sha256[:16])
+    dataset.schema = dataset_schema(frame)  # as the register step does: no row-by-row pass
+    return dataset
+
+
+def log_check(report: dict[str, Any], directory: Path, registration: Registration, dataset: Any,
+              source: str, settings: KeelSettings) -> str:
+    """A run beside the version's own, FAILED if logging breaks off: metrics linked to the logged model and the
+    labeled table, the report and plots as artifacts. Returns the run id."""
+    import mlflow
+
+    from keel.evaluate import metric_key
+
+    client = tracking.mlflow_client(settings)
+    run = client.create_run(registration.experiment_id,
+                            run_name=f"evaluate-{registration.name}-v{registration.version}",
+                            tags={EVALUATED_MODEL_TAG: registration.name, EVALUATED_VERSION_TAG: registration.version,
+                                  "keel.verdict": report["verdict"], "keel.evaluation_source": source})
+    run_id = str(run.info.run_id)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(dataset, context="evaluation")
+        values = {name: report[name] for name in HEADLINE_METRICS}
+        values.update({metric_key("slice", s["column"], s["slice"], m): s[m] for s in report["slices"]
+                       for m in HEADLINE_METRICS})
+        values.update({metric_key("fairness", column, name): measures[name]
+                       for column, measures in report["fairness"].items()
+                       for name in ("demographic_parity_difference", "equalized_odds_difference")})
+        values.update(rows=report["rows"], unlabeled_rows=report["unlabeled_rows"],
+                      degraded=float(report["verdict"] == "degraded"))
+        mlflow.log_metrics({k: float(v) for k, v in values.items() if math.isfinite(v)},
+                           model_id=registration.model_id, dataset=dataset)
+        for name in (*PLOTS, REPORT_HTML, PERFORMANCE_FILE):
+            if (directory / name).exists():
+                mlflow.log_artifact(str(directory / name), "performance")
+    return run_id
+
+
+def verdict_registry(manifest: dict[str, Any]) -> CollectorRegistry:
+    """The verdict and metrics of one check as gauges labelled by model and version."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry()
+    labels = {"model": manifest["model_name"], "version": manifest["version"]}
+    Gauge("keel_model_degraded", "1 when the latest check on labeled rows found the model degraded.",
+          list(labels), registry=registry).labels(**labels).set(float(manifest["verdict"] == "degraded"))
+    Gauge("keel_model_checked_rows", "Labeled rows the latest check scored.", list(labels),
+          registry=registry).labels(**labels).set(manifest["rows"])
+    live = Gauge("keel_model_live_metric", "A metric on the latest check's labeled rows.", [*labels, "metric"],
+                 registry=registry)
+    registered = Gauge("keel_model_registered_metric", "The same metric on the test split it was registered on.",
+                       [*labels, "metric"], registry=registry)
+    for name in HEADLINE_METRICS:
+        for gauge, values in ((live, manifest["metrics"]), (registered, manifest["registered"])):
+            if values.get(name) is not None:
+                gauge.labels(**labels, metric=name).set(values[name])
+    return registry
+
+
+def push_verdict(gateway: str, manifest: dict[str, Any]) -> None:
+    """:func:`verdict_registry` under job ``keel_model_performance``, one group per model, so each check
+    replaces the last; a gateway that is down only warns (the verdict is already recorded)."""
+    from prometheus_client import push_to_gateway
+
+    try:
+        push_to_gateway(gateway, job=PUSH_JOB, grouping_key={"model": manifest["model_name"]},
+                        registry=verdict_registry(manifest), timeout=10)
+    except OSError as e:
+        print(f"keel: warning: could not push the verdict to {gateway}: {e}", file=sys.stderr)

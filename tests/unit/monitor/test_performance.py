@@ -1,0 +1,161 @@
+"""A registered model checked on labeled rows against what it was registered on (real MLflow on SQLite)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from keel import storage, tracking
+from keel.config import PipelineConfig
+from keel.cli.evaluate import DEGRADED_EXIT_CODE
+from keel.errors import ConfigError, DataError
+from keel.monitor.performance import (EVALUATED_VERSION_TAG, PERFORMANCE_FILE, PERFORMANCE_TAG, PerformanceConfig,
+                                      check_performance, evaluate_config_from_params)
+from keel.registry import flatten_params, register
+from keel.settings import KeelSettings
+from tests.conftest import small_frame
+from tests.stages import run_stages, small_config, write_small_source
+from tests.unit.test_cli import keel
+
+MODEL = "models:/small-model@champion"
+EVALUATE = {"slices": [{"column": "colour"}, {"column": "size", "bins": [0, 10, 100]}], "min_slice_rows": 5,
+            "gate": {"slice_tolerance": 0.1, "max_equalized_odds_difference": 0.9}}
+
+
+def training_params(config: PipelineConfig) -> dict:
+    return config.model_dump(mode="json", exclude={"contract"})  # as the register component logs them
+
+
+@pytest.fixture
+def registered(settings: KeelSettings) -> MlflowClient:
+    """small-model v1, trained, evaluated with colour and size slices, and registered with its config."""
+    config = small_config(evaluate=EVALUATE)
+    uris = run_stages(settings, "r1", write_small_source(settings.home.parent, rows=400), config=config)
+    register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], config.registry,
+             training_params(config), "r1", "small", uris["register"], settings)
+    return tracking.mlflow_client(settings)
+
+
+def labeled_table(directory: Path, frame: pd.DataFrame, name: str = "labeled.csv") -> str:
+    frame.to_csv(directory / name, index=False)
+    return str(directory / name)
+
+
+def checks(client: MlflowClient) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`{EVALUATED_VERSION_TAG}` = '1'")
+
+
+def test_the_config_a_version_was_trained_with_comes_back_from_its_run_params() -> None:
+    config = small_config(evaluate={**EVALUATE, "positive_class": "yes"})
+    params = flatten_params(training_params(config))
+    assert evaluate_config_from_params(params, "v1") == config.evaluate
+    assert evaluate_config_from_params({"train.dropout": "0.1"}, "v1") == PipelineConfig.model_fields[
+        "evaluate"].default  # a run without evaluate params: the defaults
+
+
+def test_rows_like_its_test_split_pass_with_its_own_slices_and_the_check_is_recorded(
+        registered: MlflowClient, settings: KeelSettings, tmp_path: Path) -> None:
+    frame = small_frame(300, seed=3)
+    frame.loc[:24, "outcome"] = None  # labels not in yet
+    manifest = check_performance(MODEL, labeled_table(tmp_path, frame), str(tmp_path / "out"), settings)
+    assert manifest["verdict"] == "ok" and manifest["failures"] == []
+    assert (manifest["model_uri"], manifest["rows"], manifest["unlabeled_rows"]) == ("models:/small-model/1", 275, 25)
+    assert manifest["reasons"][0].startswith("ok: f1_macro") and "vs registered v1" in manifest["reasons"][0]
+    assert any(reason.startswith("ok: slice colour red") for reason in manifest["reasons"])  # the version's slices
+    report = json.loads((tmp_path / "out" / PERFORMANCE_FILE).read_text())
+    assert {s["column"] for s in report["slices"]} == {"colour", "size"}
+    assert "small-model v1 on labeled rows: OK" in (tmp_path / "out" / "report.html").read_text()
+
+    run = registered.get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["keel.verdict"] == "ok"
+    assert run.data.metrics["f1_macro"] == pytest.approx(manifest["metrics"]["f1_macro"])
+    assert run.data.metrics["unlabeled_rows"] == 25 and run.data.metrics["degraded"] == 0
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["labeled.csv"]
+    version = registered.get_model_version("small-model", "1")
+    assert version.tags[PERFORMANCE_TAG].startswith("ok: f1_macro ") and "on 275 labeled rows of labeled.csv" in \
+        version.tags[PERFORMANCE_TAG]
+    logged = registered.get_logged_model(registered.get_run(version.run_id).outputs.model_outputs[0].model_id)
+    on_labels = {m.key: m.value for m in logged.metrics if m.dataset_name == "labeled.csv"}
+    assert on_labels["f1_macro"] == pytest.approx(manifest["metrics"]["f1_macro"])  # on the model's own page
+
+
+def test_labels_the_model_now_gets_wrong_make_it_degraded(registered: MlflowClient, settings: KeelSettings,
+                                                         tmp_path: Path) -> None:
+    frame = small_frame(300, seed=4)
+    flipped = frame.index % 2 == 0  # the world changed: half the outcomes went the other way
+    frame.loc[flipped, "outcome"] = frame.loc[flipped, "outcome"].map({"yes": "no", "no": "yes"})
+    manifest = check_performance("models:/small-model/1", labeled_table(tmp_path, frame), str(tmp_path / "out"),
+                                 settings)
+    assert manifest["verdict"] == "degraded"
+    assert manifest["failures"][0].startswith("f1_macro ") and "vs registered v1" in manifest["failures"][0]
+    assert manifest["metrics"]["f1_macro"] < manifest["registered"]["f1_macro"] - 0.05
+    assert registered.get_model_version("small-model", "1").tags[PERFORMANCE_TAG].startswith("degraded: ")
+    assert registered.get_run(manifest["mlflow_run_id"]).data.metrics["degraded"] == 1
+
+
+def test_one_slice_gone_wrong_is_degraded_even_within_the_overall_tolerance(
+        registered: MlflowClient, settings: KeelSettings, tmp_path: Path) -> None:
+    frame = small_frame(300, seed=5)
+    red = frame["colour"] == "red"
+    frame.loc[red, "outcome"] = frame.loc[red, "outcome"].map({"yes": "no", "no": "yes"})
+    manifest = check_performance(MODEL, labeled_table(tmp_path, frame), str(tmp_path / "out"), settings,
+                                 PerformanceConfig(tolerance=0.9))
+    assert manifest["verdict"] == "degraded"
+    failed = [f.split(":")[0] for f in manifest["failures"]]
+    assert "slice colour red" in failed and not {"f1_macro", "slice colour blue", "slice colour green"} & {
+        f.split(" ")[0] if f.startswith("f1") else f for f in failed}  # the overall metric stays within 0.9
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.drop(columns=["outcome"]), "no label column 'outcome'"),
+    (lambda f: f.assign(outcome=["maybe"] + list(f["outcome"][1:])), "column 'outcome': label(s) "
+                                                                      "['maybe'] were not seen in training"),
+    (lambda f: f.assign(size=["big"] + list(f["size"][1:])), "column 'size': 1 value(s) are not"),
+    (lambda f: f.assign(outcome=list(f["outcome"][:40]) + [None] * (len(f) - 40)),
+     "40 labeled row(s) (260 without a 'outcome'); a verdict needs at least 50"),
+])
+def test_a_table_it_cannot_judge_is_refused_by_name_and_leaves_no_trace(
+        registered: MlflowClient, settings: KeelSettings, tmp_path: Path, change, message: str) -> None:
+    source = labeled_table(tmp_path, change(small_frame(300, seed=6)))
+    with pytest.raises(DataError, match=re.escape(f"{source}: {message}")):
+        check_performance(MODEL, source, str(tmp_path / "out"), settings)
+    assert not storage.exists(str(tmp_path / "out"), settings) and checks(registered) == []
+    assert PERFORMANCE_TAG not in registered.get_model_version("small-model", "1").tags
+
+
+def test_keel_evaluate_prints_the_verdict_and_can_fail_a_ci_job_on_it(registered: MlflowClient, tmp_path: Path) -> None:
+    frame = small_frame(300, seed=4)
+    frame["outcome"] = frame["outcome"].map({"yes": "no", "no": "yes"})
+    source = labeled_table(tmp_path, frame)
+    result = keel("evaluate", MODEL, source, str(tmp_path / "out"), "--fail-if-degraded", cwd=tmp_path)
+    assert result.returncode == DEGRADED_EXIT_CODE, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"models:/small-model/1 on 300 labeled rows of {source}"
+    assert lines[1].split() == ["metric", "now", "registered", "change"]
+    assert "Verdict: DEGRADED (promotion metric f1_macro)" in lines and "  f1_macro " in result.stdout
+    again = keel("evaluate", MODEL, source, str(tmp_path / "out"), cwd=tmp_path)
+    assert again.returncode == 1 and "holds an earlier output; pass --force" in again.stderr
+    forced = keel("evaluate", MODEL, source, str(tmp_path / "out"), "--force", "-o", "json", cwd=tmp_path)
+    assert forced.returncode == 0 and json.loads(forced.stdout)["verdict"] == "degraded"  # no flag: a report
+    listed = keel("models", "list", cwd=tmp_path).stdout.splitlines()
+    assert listed[0].split()[-2:] == ["on", "labels"] and listed[1].split()[-1] == "degraded"
+
+
+def test_a_recommender_is_refused_by_its_kind_before_anything_is_read(settings: KeelSettings, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from keel.serve import deployment
+    from tests.stages import packaged_recommender
+
+    recommender = packaged_recommender(tmp_path)
+    monkeypatch.setattr(deployment, "load_registered",
+                        lambda uri, _: deployment.LoadedModel(None, "shop", "2", recommender=recommender))
+    with pytest.raises(ConfigError, match="models:/shop@champion: a check on labeled rows covers tabular "
+                                          "classifiers; this version is a recommender of int user ids"):
+        check_performance("models:/shop@champion", "missing.csv", str(tmp_path / "out"), settings)
+    assert not (tmp_path / "out").exists()

@@ -347,7 +347,7 @@ def report_html(report: dict[str, Any], directory: Path, heading: str = "") -> s
     if registered is not None:
         parts.append("<tr><th></th><th>now</th><th>registered</th></tr>")
     parts += [f"<tr><th>{name}</th><td>{report[name]:.4f}</td>"
-              + ("" if registered is None else f"<td>{_shown(registered.get(name))}</td>") + "</tr>"
+              + ("" if registered is None else f"<td>{shown_metric(registered.get(name))}</td>") + "</tr>"
               for name in HEADLINE_METRICS]
     parts.append("</table>")
     if report["slices"]:
@@ -367,7 +367,8 @@ def report_html(report: dict[str, Any], directory: Path, heading: str = "") -> s
     return "".join(parts) + "</body></html>"
 
 
-def _shown(value: Any) -> str:
+def shown_metric(value: Any) -> str:
+    """A metric to four places, or n/a where there is none (a model registered without it)."""
     return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
 
 

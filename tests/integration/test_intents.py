@@ -112,6 +112,23 @@ def test_no_raw_email_phone_or_card_reaches_artifacts_mlflow_or_logs(pipeline_ru
     assert test["user_id"].str.fullmatch(r"u_[0-9a-f]{16}").all()
 
 
+def test_a_check_on_labeled_raw_text_scores_it_as_served_and_stores_none_of_it(
+        pipeline_run: tuple[Path, dict]) -> None:
+    workdir, report = pipeline_run
+    home = workdir / ".keel"
+    raw = generate_utterances(per_intent=24)  # as the run's source was: emails, phones and cards in the text
+    raw[["text", "intent"]].to_csv(workdir / "labeled.csv", index=False)
+    result = keel("evaluate", f"models:/{MODEL}@champion", "labeled.csv", str(home / "checked"), "--output", "json",
+                  cwd=workdir, env={"KEEL_HOME": str(home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    checked = json.loads(result.stdout)
+    # every phrasing, the trained ones too: it scores at least as well as on the held-out ones it was registered on
+    assert checked["rows"] == len(raw) and checked["verdict"] == "ok", checked["reasons"]
+    client = mlflow.MlflowClient(report["tracking_uri"])
+    assert client.get_run(checked["mlflow_run_id"]).data.tags["keel.evaluated_model"] == MODEL
+    assert not leaks_under(home, raw_cards())  # the check's report, plots and MLflow run hold no text
+
+
 def test_the_served_champion_takes_raw_text_and_never_logs_it(pipeline_run: tuple[Path, dict], monkeypatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     from keel.intents.serving import build_intents_app

@@ -65,7 +65,8 @@ def test_the_batch_scoring_pipeline_scores_a_table_as_the_registered_pyfunc_does
 def test_the_model_performance_pipeline_judges_the_champion_by_its_own_registration(
         demo: tuple[Path, dict]) -> None:
     workdir, report = demo
-    result = keel("run", "model_performance", "--output", "json", cwd=workdir, env={"KEEL_HOME": str(workdir / ".keel")})
+    result = keel("run", "model_performance", "--output", "json", cwd=workdir,
+                  env={"KEEL_HOME": str(workdir / ".keel")})
     assert result.returncode == 0, result.stderr[-3000:]
     checked = json.loads(result.stdout)
     assert [s["stage"] for s in checked["stages"]] == ["evaluate"] and checked["model_uri"] is None

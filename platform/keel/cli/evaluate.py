@@ -13,10 +13,12 @@ DEGRADED_EXIT_CODE = 3  # not 1, which every error exits with: CI can tell "wors
 
 
 def evaluate_command(
-    model_uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/N of a tabular classifier."),
+    model_uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/N of a classifier (tabular or "
+                                              "text)."),
     source: str = typer.Argument(..., help="A labeled table: the model's input columns and its label column (a "
-                                           "path, s3:// or http(s):// URI; CSV, Parquet, JSONL). Rows whose label "
-                                           "is empty are left out and counted."),
+                                           "text classifier's: text and intent), as a path, s3:// or http(s):// URI "
+                                           "(CSV, Parquet, JSONL). Rows whose label is empty are left out and "
+                                           "counted."),
     destination: str = typer.Argument(..., help="A directory (path or s3://) for performance.json, plots, "
                                                 "report.html and manifest.json."),
     tolerance: float = typer.Option(0.05, "--tolerance", help="How much worse than its registered value the "
@@ -43,19 +45,18 @@ def evaluate_command(
 
 
 def print_verdict(manifest: dict[str, Any]) -> None:
+    from keel.evaluate import shown_metric
+
     unlabeled = f" ({manifest['unlabeled_rows']} without a label left out)" if manifest["unlabeled_rows"] else ""
     typer.echo(f"{manifest['model_uri']} on {manifest['rows']} labeled rows of {manifest['source']}{unlabeled}")
-    rows = [[name, _shown(now), _shown(manifest["registered"].get(name)), _change(now, manifest["registered"].get(name))]
+    registered = manifest["registered"]
+    rows = [[name, shown_metric(now), shown_metric(registered.get(name)), _change(now, registered.get(name))]
             for name, now in manifest["metrics"].items()]
     print_table(["metric", "now", "registered", "change"], rows)
-    typer.echo(f"Verdict: {manifest['verdict'].upper()}" + (" (promotion metric " + manifest["metric"] + ")"))
+    typer.echo(f"Verdict: {manifest['verdict'].upper()} (promotion metric {manifest['metric']})")
     for reason in manifest["failures"] or manifest["reasons"]:
         typer.echo(f"  {reason}")
     typer.echo(f"MLflow run {manifest['mlflow_run_id']}; report: {manifest['report_html']}")
-
-
-def _shown(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _change(now: float | None, then: float | None) -> str:

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keel import storage, tracking
+from keel.batch.scorers import TEXT_COLUMN, TEXTS_PER_FORWARD
 from keel.config import EvaluateConfig, GateConfig, PipelineConfigBase
 from keel.errors import ConfigError, DataError, RegistryError, validation_problems
 from keel.evaluate import HEADLINE_METRICS, PLOTS, REPORT_HTML, full_report, report_html, write_plots
@@ -47,6 +49,7 @@ REGISTERED_EVALUATION = "evaluation.json"  # what the register step logs on the 
 PERFORMANCE_TAG = tracking.PERFORMANCE
 EVALUATED_MODEL_TAG, EVALUATED_VERSION_TAG = "keel.evaluated_model", "keel.evaluated_version"
 PUSH_JOB = "keel_model_performance"
+INTENT_COLUMN = "intent"  # a text classifier's labels, as in the customer_service_intents training file
 
 
 class PerformanceConfig(BaseModel):
@@ -87,9 +90,10 @@ def check_performance(model_uri: str, source: str, output_uri: str, settings: Ke
     """Score the labeled rows of ``source`` with ``model_uri`` and judge them against its registration.
 
     Args:
-        model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/N`` of a tabular classifier; resolved once.
+        model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/N`` of a classifier (tabular or text); resolved once.
         source: a CSV, Parquet or JSONL table (path, ``s3://``, ``http(s)://``) with the model's input
-            columns and its label column; rows whose label is still empty are counted and left out.
+            columns and its label column (a text classifier's: ``text`` and ``intent``); rows whose label is
+            still empty are counted and left out.
         output_uri: a directory (path or ``s3://``) for ``performance.json``, plots and ``report.html``.
 
     Returns:
@@ -98,10 +102,9 @@ def check_performance(model_uri: str, source: str, output_uri: str, settings: Ke
     from keel.serve.deployment import load_registered
 
     loaded = load_registered(model_uri, settings)
-    if loaded.predictor is None:
-        raise ConfigError(f"{model_uri}: a check on labeled rows covers tabular classifiers; this version is a "
-                          f"{loaded.kind}.")
-    registration = registered_evaluation(tracking.mlflow_client(settings), loaded.name, loaded.version)
+    label_column(loaded)  # a recommender is refused before anything is read
+    registration = registered_evaluation(tracking.mlflow_client(settings), loaded.name, loaded.version,
+                                         tabular=loaded.predictor is not None)
     with storage.staged_output(output_uri, "evaluate", settings) as out, \
             tempfile.TemporaryDirectory(prefix="keel-performance-") as scratch:
         from keel.data.ingest import read_source, sha256_file
@@ -136,15 +139,13 @@ def check_with_config(model_uri: str, source: str, output_uri: str, config: Any,
 def judged_report(loaded: LoadedModel, registration: Registration, frame: pd.DataFrame, source: str,
                   config: PerformanceConfig) -> dict[str, Any]:
     """The evaluate stage's report on the labeled rows, with the verdict against the registration."""
-    predictor = loaded.predictor
-    assert predictor is not None
-    labeled, unlabeled = labeled_rows(frame, predictor.transform.target, source, config.min_rows)
+    target = label_column(loaded)
+    labeled, unlabeled = labeled_rows(frame, target, source, config.min_rows)
     try:
-        labels = predictor.transform.encode_labels(labeled[predictor.transform.target])
-        probabilities = predictor.predict_proba(labeled)
+        classes, labels, probabilities = scored_rows(loaded, labeled)
     except DataError as e:
         raise DataError(f"{source}: {e}") from e
-    report = full_report(labeled, labels, probabilities, predictor.classes, registration.evaluate)
+    report = full_report(labeled, labels, probabilities, classes, registration.evaluate)
     gate = registration.evaluate.gate
     rules = GateConfig(tolerance=config.tolerance, slice_tolerance=gate.slice_tolerance,
                        max_demographic_parity_difference=gate.max_demographic_parity_difference,
@@ -152,11 +153,46 @@ def judged_report(loaded: LoadedModel, registration: Registration, frame: pd.Dat
     decision = decide(report, registration.evaluation, registration.version, registration.metric,
                       registration.greater_is_better, rules, baseline=f"registered v{registration.version}")
     report.update(gate=decision.to_dict(), verdict="ok" if decision.passed else "degraded",
-                  model_name=loaded.name, version=loaded.version, metric=registration.metric,
-                  label_column=predictor.transform.target,
+                  model_name=loaded.name, version=loaded.version, metric=registration.metric, label_column=target,
                   unlabeled_rows=unlabeled, registered={name: registration.evaluation.get(name)
                                                         for name in HEADLINE_METRICS})
     return report
+
+
+def label_column(loaded: LoadedModel) -> str:
+    """Where a labeled table holds the answer: a tabular model's target, a text classifier's ``intent``
+    (the column its training file had); a recommender has no single right answer to check."""
+    if loaded.predictor is not None:
+        return loaded.predictor.transform.target
+    if loaded.intents is not None:
+        return INTENT_COLUMN
+    raise ConfigError(f"models:/{loaded.name}/{loaded.version}: a check on labeled rows covers classifiers "
+                      f"(tabular or text); this version is a {loaded.kind}.")
+
+
+def scored_rows(loaded: LoadedModel, labeled: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The model's classes, each row's true class index and the probabilities it gives each class, through the
+    path serving takes (a text is scrubbed of personal data inside the model, as when it is served)."""
+    if loaded.predictor is not None:
+        predictor = loaded.predictor
+        return (predictor.classes, predictor.transform.encode_labels(labeled[predictor.transform.target]),
+                predictor.predict_proba(labeled))
+    assert loaded.intents is not None
+    model = loaded.intents
+    if TEXT_COLUMN not in labeled.columns or labeled[TEXT_COLUMN].isna().any():
+        raise DataError(f"column {TEXT_COLUMN!r}: a text classifier reads each row's text from it; it is "
+                        + ("missing." if TEXT_COLUMN not in labeled.columns
+                           else f"empty in {int(labeled[TEXT_COLUMN].isna().sum())} labeled row(s)."))
+    index = {intent: i for i, intent in enumerate(model.labels)}
+    intents = labeled[INTENT_COLUMN].astype(str)
+    unknown = sorted(set(intents) - set(index))
+    if unknown:
+        raise DataError(f"column {INTENT_COLUMN!r}: intent(s) {unknown[:5]} are not among the model's "
+                        f"{model.labels}.")
+    texts = labeled[TEXT_COLUMN].astype(str).tolist()
+    probabilities = np.concatenate([model.probabilities(texts[start:start + TEXTS_PER_FORWARD]).numpy()
+                                    for start in range(0, len(texts), TEXTS_PER_FORWARD)])
+    return model.labels, intents.map(index).to_numpy(dtype=np.int64), probabilities
 
 
 def labeled_rows(frame: pd.DataFrame, target: str, source: str, min_rows: int) -> tuple[pd.DataFrame, int]:
@@ -172,11 +208,13 @@ def labeled_rows(frame: pd.DataFrame, target: str, source: str, min_rows: int) -
     return labeled, int(missing.sum())
 
 
-def registered_evaluation(client: MlflowClient, name: str, version: str) -> Registration:
+def registered_evaluation(client: MlflowClient, name: str, version: str, tabular: bool = True) -> Registration:
     """The version's promotion metric, evaluation config and evaluation, from its MLflow run.
 
     Each comes from what the register step logged: the pipeline config as dotted params, ``evaluation.json``
-    as an artifact (or, for a version registered before it was, the ``test_*`` metrics, overall only).
+    as an artifact (or, for a version registered before it was, the ``test_*`` metrics, overall only). A text
+    classifier's pipeline has no slices or fairness bounds (its ``evaluate`` section is another), so it is
+    judged on its promotion metric alone.
     """
     model_version = client.get_model_version(name, version)
     if not model_version.run_id:
@@ -193,7 +231,8 @@ def registered_evaluation(client: MlflowClient, name: str, version: str) -> Regi
     return Registration(name, version, run.info.run_id, run.info.experiment_id, _logged_model_id(model_version, run),
                         metric,
                         params.get("registry.greater_is_better", "True") == "True",
-                        evaluate_config_from_params(params, f"models:/{name}/{version}"), evaluation)
+                        evaluate_config_from_params(params, f"models:/{name}/{version}") if tabular
+                        else EvaluateConfig(), evaluation)
 
 
 def _logged_model_id(model_version: Any, run: Any) -> str | None:

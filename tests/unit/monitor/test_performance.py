@@ -155,7 +155,80 @@ def test_a_recommender_is_refused_by_its_kind_before_anything_is_read(settings: 
     recommender = packaged_recommender(tmp_path)
     monkeypatch.setattr(deployment, "load_registered",
                         lambda uri, _: deployment.LoadedModel(None, "shop", "2", recommender=recommender))
-    with pytest.raises(ConfigError, match="models:/shop@champion: a check on labeled rows covers tabular "
-                                          "classifiers; this version is a recommender of int user ids"):
+    with pytest.raises(ConfigError, match=r"models:/shop/2: a check on labeled rows covers classifiers \(tabular "
+                                          r"or text\); this version is a recommender of int user ids"):
         check_performance("models:/shop@champion", "missing.csv", str(tmp_path / "out"), settings)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- a text classifier ------------------------------------------------------------------------------------------
+
+INTENTS = ["refund", "order_status", "cancel_order"]
+UTTERANCES = {"refund": ["I want my money back", "refund please", "give me a refund for <ORDER_ID>"],
+              "order_status": ["where is my parcel", "has my order shipped", "status of order <ORDER_ID>"],
+              "cancel_order": ["cancel my order", "stop the order please", "I no longer want it, cancel"]}
+
+
+def utterances(copies: int = 6) -> pd.DataFrame:
+    rows = [{"text": text, "intent": intent} for _ in range(copies) for intent, texts in UTTERANCES.items()
+            for text in texts]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def registered_intents(settings: KeelSettings, tmp_path: Path) -> float:
+    """A one-layer MiniLM intent classifier (untrained head) registered through the intents register step, as
+    if its test split had scored 0.1 of macro-F1 above what it scores on :func:`utterances`. Returns that score."""
+    import torch
+    from sklearn.metrics import f1_score
+
+    from keel.intents.model import IntentModel, IntentSpec, load_tokenizer, pretrained_classifier, pretrained_dir
+    from keel.intents.model import save_intent_model
+    from keel.intents.registry import register_intents
+
+    spec = IntentSpec(labels=INTENTS, layers=1, max_length=16, dropout=0.0)
+    torch.manual_seed(0)
+    evaluation = tmp_path / "evaluation"
+    save_intent_model(pretrained_classifier(spec).eval(), spec, load_tokenizer(pretrained_dir()), evaluation / "model")
+    table = utterances()
+    predicted = [p["intent"] for p in IntentModel.load(evaluation / "model").classify(table["text"].tolist())]
+    scored = float(f1_score(table["intent"], predicted, average="macro"))
+    (evaluation / "model" / storage.MANIFEST).write_text(json.dumps({"stage": "evaluate"}))  # as evaluate publishes
+    (evaluation / storage.MANIFEST).write_text(json.dumps({"stage": "evaluate"}))
+    (evaluation / "evaluation.json").write_text(json.dumps({
+        "f1_macro": scored + 0.1, "accuracy": 0.9, "fine_tuned": {"f1_macro": scored + 0.1},
+        "baseline_bag_of_words": {"f1_macro": 0.5}, "chosen": "fine_tuned",
+        "gate": {"passed": True, "champion_version": None, "reasons": ["no champion yet"], "failures": []}}))
+    config = small_config(registry={"model_name": "intents-model"}).registry
+    register_intents(str(evaluation), config, {"registry": config.model_dump(mode="json")}, "i1",
+                     "customer_service_intents", storage.stage_uri(settings, "i1", "register"), settings)
+    return scored
+
+
+def test_a_text_classifier_is_judged_on_its_intents_and_its_report_holds_no_text(
+        registered_intents: float, settings: KeelSettings, tmp_path: Path) -> None:
+    source = labeled_table(tmp_path, utterances())
+    degraded = check_performance("models:/intents-model@champion", source, str(tmp_path / "strict"), settings)
+    assert degraded["verdict"] == "degraded" and degraded["metrics"]["f1_macro"] == pytest.approx(registered_intents)
+    assert degraded["failures"] == [f"f1_macro {registered_intents:.4f} vs registered v1 "
+                                    f"{registered_intents + 0.1:.4f} (worse by +0.1000, tolerance 0.05)"]
+    lenient = check_performance("models:/intents-model/1", source, str(tmp_path / "lenient"), settings,
+                                PerformanceConfig(tolerance=0.2))
+    assert lenient["verdict"] == "ok" and lenient["rows"] == 54
+    report = json.loads((tmp_path / "lenient" / PERFORMANCE_FILE).read_text())
+    assert report["classes"] == INTENTS and sum(map(sum, report["confusion_matrix"])) == 54
+    assert "intent" == report["label_column"] and "where is my parcel" not in json.dumps(report)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.rename(columns={"text": "message"}), "column 'text': a text classifier reads each row's text from "
+                                                      "it; it is missing."),
+    (lambda f: f.assign(intent=["complaint"] + list(f["intent"][1:])),
+     "column 'intent': intent(s) ['complaint'] are not among the model's ['refund', 'order_status', 'cancel_order']."),
+])
+def test_a_text_table_it_cannot_judge_is_refused_by_name(registered_intents: float, settings: KeelSettings,
+                                                         tmp_path: Path, change, message: str) -> None:
+    source = labeled_table(tmp_path, change(utterances()))
+    with pytest.raises(DataError, match=re.escape(f"{source}: {message}")):
+        check_performance("models:/intents-model@champion", source, str(tmp_path / "out"), settings)
     assert not (tmp_path / "out").exists()

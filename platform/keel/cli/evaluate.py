@@ -24,6 +24,11 @@ def evaluate_command(
     tolerance: float = typer.Option(0.05, "--tolerance", help="How much worse than its registered value the "
                                                               "promotion metric may be."),
     min_rows: int = typer.Option(50, "--min-rows", help="The fewest labeled rows a verdict is given on."),
+    label_column: str | None = typer.Option(None, "--label-column",
+                                            help="The file's label column, when not the model's own (its target, "
+                                                 "or a text classifier's intent)."),
+    input_column: str | None = typer.Option(None, "--input-column",
+                                            help="A text classifier: the file's text column, when not `text`."),
     fail_if_degraded: bool = typer.Option(False, "--fail-if-degraded",
                                           help=f"Exit {DEGRADED_EXIT_CODE} when the verdict is degraded."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier output at DESTINATION."),
@@ -34,7 +39,8 @@ def evaluate_command(
 
     settings = load_settings()
     refuse_earlier_output(destination, force, settings)
-    config = options_as(PerformanceConfig, "keel evaluate", tolerance=tolerance, min_rows=min_rows)
+    config = options_as(PerformanceConfig, "keel evaluate", tolerance=tolerance, min_rows=min_rows,
+                        label_column=label_column, input_column=input_column)
     manifest = check_performance(model_uri, source, destination, settings, config)
     if output is OutputFormat.json:
         print_json(manifest)

@@ -62,6 +62,10 @@ class PerformanceConfig(BaseModel):
                                                                    "than the value the version was registered on")
     min_rows: int = Field(default=50, ge=1, description="the fewest labeled rows a verdict is given on: over "
                                                         "fewer, a metric is mostly sampling noise")
+    label_column: str | None = Field(default=None, min_length=1, description="the file's label column, when not "
+                                     "the model's own (its target; a text classifier's intent)")
+    input_column: str | None = Field(default=None, min_length=1, description="a text classifier: the file's text "
+                                     "column, when not text")
 
 
 class PerformanceCheckConfig(PipelineConfigBase):
@@ -140,11 +144,13 @@ def judged_report(loaded: LoadedModel, registration: Registration, frame: pd.Dat
                   config: PerformanceConfig) -> dict[str, Any]:
     """The evaluate stage's report on the labeled rows, with the verdict against the registration."""
     target = label_column(loaded)
+    frame, renamed = columns_as_trained(frame, loaded, config, source)
     labeled, unlabeled = labeled_rows(frame, target, source, config.min_rows)
     try:
         classes, labels, probabilities = scored_rows(loaded, labeled)
     except DataError as e:
-        raise DataError(f"{source}: {e}") from e
+        read_as = "".join(f" (the file's {theirs!r} read as {ours!r})" for theirs, ours in renamed.items())
+        raise DataError(f"{source}: {e}{read_as}") from e
     report = full_report(labeled, labels, probabilities, classes, registration.evaluate)
     gate = registration.evaluate.gate
     rules = GateConfig(tolerance=config.tolerance, slice_tolerance=gate.slice_tolerance,
@@ -153,7 +159,8 @@ def judged_report(loaded: LoadedModel, registration: Registration, frame: pd.Dat
     decision = decide(report, registration.evaluation, registration.version, registration.metric,
                       registration.greater_is_better, rules, baseline=f"registered v{registration.version}")
     report.update(gate=decision.to_dict(), verdict="ok" if decision.passed else "degraded",
-                  model_name=loaded.name, version=loaded.version, metric=registration.metric, label_column=target,
+                  model_name=loaded.name, version=loaded.version, metric=registration.metric,
+                  label_column=config.label_column or target,  # the file's, as MLflow's dataset records it
                   unlabeled_rows=unlabeled, registered={name: registration.evaluation.get(name)
                                                         for name in HEADLINE_METRICS})
     return report
@@ -168,6 +175,26 @@ def label_column(loaded: LoadedModel) -> str:
         return INTENT_COLUMN
     raise ConfigError(f"models:/{loaded.name}/{loaded.version}: a check on labeled rows covers classifiers "
                       f"(tabular or text); this version is a {loaded.kind}.")
+
+
+def columns_as_trained(frame: pd.DataFrame, loaded: LoadedModel, config: PerformanceConfig,
+                       source: str) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The file's label (and a text classifier's text) column under the names the model knows, for a file
+    exported under its own names (a help desk's ``message`` and ``category``); returns what was renamed."""
+    if config.input_column is not None and loaded.intents is None:
+        raise ConfigError(f"models:/{loaded.name}/{loaded.version} reads its training columns by name; "
+                          "input_column (--input-column) is for text classifiers.")
+    wanted = {config.label_column: label_column(loaded), config.input_column: TEXT_COLUMN}
+    renamed = {theirs: ours for theirs, ours in wanted.items() if theirs is not None and theirs != ours}
+    header = list(map(str, frame.columns))
+    for theirs, ours in renamed.items():
+        if theirs not in header:
+            raise DataError(f"{source}: no column {theirs!r} (named by --label-column or --input-column); the "
+                            f"file has {header}.")
+        if ours in header:
+            raise DataError(f"{source}: has both {theirs!r} and {ours!r}; the model would read {ours!r}. Rename "
+                            f"or drop one of them.")
+    return frame.rename(columns=renamed), renamed
 
 
 def scored_rows(loaded: LoadedModel, labeled: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -199,7 +226,8 @@ def labeled_rows(frame: pd.DataFrame, target: str, source: str, min_rows: int) -
     """The rows whose label has come in, and how many have not; too few for a verdict is an error."""
     if target not in frame.columns:
         raise DataError(f"{source}: no label column {target!r}. The model predicts {target!r}, so the labels "
-                        f"to check it against go in that column; the file has {list(map(str, frame.columns))}.")
+                        f"to check it against go in that column (or name yours with --label-column); the file has "
+                        f"{list(map(str, frame.columns))}.")
     missing = frame[target].isna() | (frame[target].astype(str).str.strip() == "")
     labeled = frame[~missing].reset_index(drop=True)
     if len(labeled) < min_rows:

@@ -147,6 +147,20 @@ def test_keel_evaluate_prints_the_verdict_and_can_fail_a_ci_job_on_it(registered
     assert listed[0].split()[-2:] == ["on", "labels"] and listed[1].split()[-1] == "degraded"
 
 
+def test_a_file_exported_under_its_own_names_is_read_with_label_column(registered: MlflowClient,
+                                                                       settings: KeelSettings, tmp_path: Path) -> None:
+    source = labeled_table(tmp_path, small_frame(300, seed=3).rename(columns={"outcome": "label"}))
+    manifest = check_performance(MODEL, source, str(tmp_path / "out"), settings,
+                                 PerformanceConfig(label_column="label"))
+    assert manifest["verdict"] == "ok" and manifest["rows"] == 300
+    both = labeled_table(tmp_path, small_frame(300, seed=3).assign(label="yes"), "both.csv")
+    with pytest.raises(DataError, match="has both 'label' and 'outcome'; the model would read 'outcome'"):
+        check_performance(MODEL, both, str(tmp_path / "both"), settings, PerformanceConfig(label_column="label"))
+    with pytest.raises(ConfigError, match=r"input_column \(--input-column\) is for text classifiers"):
+        check_performance(MODEL, source, str(tmp_path / "text"), settings, PerformanceConfig(input_column="label"))
+    assert not (tmp_path / "both").exists() and not (tmp_path / "text").exists()
+
+
 def test_a_recommender_is_refused_by_its_kind_before_anything_is_read(settings: KeelSettings, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from keel.serve import deployment
@@ -218,6 +232,11 @@ def test_a_text_classifier_is_judged_on_its_intents_and_its_report_holds_no_text
     report = json.loads((tmp_path / "lenient" / PERFORMANCE_FILE).read_text())
     assert report["classes"] == INTENTS and sum(map(sum, report["confusion_matrix"])) == 54
     assert "intent" == report["label_column"] and "where is my parcel" not in json.dumps(report)
+    exported = labeled_table(tmp_path, utterances().rename(columns={"text": "message", "intent": "category"}),
+                             "export.csv")
+    renamed = check_performance("models:/intents-model/1", exported, str(tmp_path / "export"), settings,
+                                PerformanceConfig(tolerance=0.2, label_column="category", input_column="message"))
+    assert renamed["metrics"] == lenient["metrics"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -225,10 +244,14 @@ def test_a_text_classifier_is_judged_on_its_intents_and_its_report_holds_no_text
                                                       "it; it is missing."),
     (lambda f: f.assign(intent=["complaint"] + list(f["intent"][1:])),
      "column 'intent': intent(s) ['complaint'] are not among the model's ['refund', 'order_status', 'cancel_order']."),
+    (lambda f: f.rename(columns={"intent": "category"}).assign(category=["complaint"] + list(f["intent"][1:])),
+     "column 'intent': intent(s) ['complaint'] are not among the model's ['refund', 'order_status', 'cancel_order']. "
+     "(the file's 'category' read as 'intent')"),
 ])
 def test_a_text_table_it_cannot_judge_is_refused_by_name(registered_intents: float, settings: KeelSettings,
                                                          tmp_path: Path, change, message: str) -> None:
     source = labeled_table(tmp_path, change(utterances()))
     with pytest.raises(DataError, match=re.escape(f"{source}: {message}")):
-        check_performance("models:/intents-model@champion", source, str(tmp_path / "out"), settings)
+        check_performance("models:/intents-model@champion", source, str(tmp_path / "out"), settings,
+                          PerformanceConfig(label_column="category" if "category" in message else None))
     assert not (tmp_path / "out").exists()

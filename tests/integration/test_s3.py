@@ -90,6 +90,19 @@ def test_pipeline_with_artifacts_and_mlflow_models_on_s3(s3_env: dict[str, str],
     assert list(scored["prediction"]) == list(predicted["prediction"])
     assert storage.read_manifest(destination, settings)["rows"] == len(raw)
 
+    # a check on labeled rows from S3 to S3: the test split itself scores exactly what the version registered
+    checked_at = f"s3://{s3_env['bucket']}/checked/today"
+    checked_run = keel("evaluate", "models:/medical-diagnosis@champion", source, checked_at, "--output", "json",
+                       cwd=tmp_path, env=env)
+    assert checked_run.returncode == 0, checked_run.stderr[-3000:]
+    checked = json.loads(checked_run.stdout)
+    assert checked["verdict"] == "ok" and checked["rows"] == len(raw) and checked["unlabeled_rows"] == 0
+    assert checked["metrics"] == pytest.approx(checked["registered"])
+    assert {"manifest.json", "performance.json", "report.html"} <= set(storage.list_children(checked_at, settings))
+    check = mlflow.MlflowClient(report["tracking_uri"]).get_run(checked["mlflow_run_id"])
+    assert check.info.artifact_uri.startswith(f"s3://{s3_env['bucket']}/keel/")
+    assert [d.dataset.source for d in check.inputs.dataset_inputs] == [json.dumps({"uri": source})]
+
     # the ray engine over an S3 prefix of parts: its actors write the parts straight to S3, manifest last
     parts = f"s3://{s3_env['bucket']}/incoming/parts"
     half = len(raw) // 2

@@ -16,7 +16,7 @@ def check_performance(model_uri: str, source: str, config: str, run_name: str, j
     the KFP UI shows the metrics, the confusion matrix and the report."""
     from keel.runs import open_stage
 
-    with open_stage("evaluate", run_name, job_id, config) as run:
+    with open_stage("check", run_name, job_id, config) as run:
         from pathlib import Path
 
         from keel import storage

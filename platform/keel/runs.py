@@ -22,7 +22,8 @@ from keel.errors import KeelError
 from keel.settings import KeelSettings, load_settings
 
 ERROR_MARKER = "KEEL-STAGE-ERROR "
-STAGE_ORDER = ("ingest", "validate", "preprocess", "tune", "train", "compress", "evaluate", "register", "predict")
+STAGE_ORDER = ("check", "ingest", "validate", "preprocess", "tune", "train", "compress", "evaluate", "register",
+               "predict")
 
 
 @dataclass(frozen=True)

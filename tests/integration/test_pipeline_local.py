@@ -69,8 +69,8 @@ def test_the_model_performance_pipeline_judges_the_champion_by_its_own_registrat
                   env={"KEEL_HOME": str(workdir / ".keel")})
     assert result.returncode == 0, result.stderr[-3000:]
     checked = json.loads(result.stdout)
-    assert [s["stage"] for s in checked["stages"]] == ["evaluate"] and checked["model_uri"] is None
-    manifest = json.loads((Path(checked["artifacts"]) / "evaluate" / "manifest.json").read_text())
+    assert [s["stage"] for s in checked["stages"]] == ["check"] and checked["model_uri"] is None
+    manifest = json.loads((Path(checked["artifacts"]) / "check" / "manifest.json").read_text())
     assert manifest["model_uri"] == "models:/medical-diagnosis/1" and manifest["rows"] == 569
     # the demo table holds the rows it was trained on, so it scores at least as well as its test split did
     assert manifest["verdict"] == "ok", manifest["reasons"]
@@ -224,3 +224,33 @@ def test_a_users_own_table_trains_from_a_drafted_contract_and_the_printed_config
     mlflow.set_tracking_uri(report["tracking_uri"])
     predicted = mlflow.pyfunc.load_model("models:/heart@champion").predict(table.drop(columns=["target"]).head(20))
     assert set(predicted["prediction"]) <= {"0", "1"} and len(predicted) == 20
+
+
+# Last in this file: it registers a version beside the demo's, which the tests above count on being alone.
+def test_retrain_when_degraded_checks_first_and_trains_a_successor_only_when_the_labels_say_so(
+        demo: tuple[Path, dict]) -> None:
+    workdir, report = demo
+    env = {"KEEL_HOME": str(workdir / ".keel")}
+    (workdir / "quick.yaml").write_text("tune: {num_samples: 0}\ncompress: {methods: []}\ntrain: {max_epochs: 15}\n")
+    table = pd.read_csv(write_builtin_csv("builtin://breast_cancer", workdir / "raw.csv"))
+    client = mlflow.MlflowClient(report["tracking_uri"])
+    versions_before = {v.version for v in client.search_model_versions("name='medical-diagnosis'")}
+
+    fine = keel("run", "retrain_when_degraded", "--param", "labels_source=raw.csv", "--config", "quick.yaml",
+                "--output", "json", cwd=workdir, env=env)
+    assert fine.returncode == 0, fine.stderr[-3000:]
+    assert [s["stage"] for s in json.loads(fine.stdout)["stages"]] == ["check"]  # ok: nothing trained
+    assert {v.version for v in client.search_model_versions("name='medical-diagnosis'")} == versions_before
+
+    table["diagnosis"] = table["diagnosis"].map({"benign": "malignant", "malignant": "benign"})
+    table.to_csv(workdir / "relabeled.csv", index=False)
+    retrained = keel("run", "retrain_when_degraded", "--param", "labels_source=relabeled.csv", "--config", "quick.yaml",
+                     "--output", "json", cwd=workdir, env=env)
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    summary = json.loads(retrained.stdout)
+    assert [s["stage"] for s in summary["stages"]] == ["check", "ingest", "validate", "preprocess", "tune", "train",
+                                                       "compress", "evaluate", "register"]
+    new = int(summary["model_uri"].rsplit("/", 1)[1])
+    assert str(new) not in versions_before  # a successor, gated against the champion like any other run
+    gate = json.loads((Path(summary["artifacts"]) / "evaluate" / "manifest.json").read_text())["gate"]
+    assert "vs champion v" in gate and summary["champion"] == gate.startswith("gate passed")

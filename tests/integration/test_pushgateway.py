@@ -57,7 +57,7 @@ def test_a_check_on_labeled_rows_pushes_its_verdict_and_fills_the_kfp_artifacts(
         model_uri="models:/small-model@champion", source=str(tmp_path / "labeled.csv"),
         config=PerformanceCheckConfig(pipeline="model_performance").to_json(), run_name="check-1", job_id="j",
         metrics=metrics, classification_metrics=matrix, report=report)
-    assert degraded is True and output_uri.endswith("/runs/check-1/evaluate")
+    assert degraded is True and output_uri.endswith("/runs/check-1/check")
     assert metrics.metadata["f1_macro"] < 0.5 and matrix.metadata["confusionMatrix"]["annotationSpecs"]
     assert "small-model v1 on labeled rows: DEGRADED" in (tmp_path / "report.html").read_text()
     text = httpx.get(f"http://{pushgateway}/metrics", timeout=10).text

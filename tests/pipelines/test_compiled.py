@@ -78,3 +78,24 @@ def test_every_pipeline_that_serves_previews_a_version_awaiting_approval(name: s
 
     assert deploys_awaiting_approval(branches["new-champion"]) == [False]
     assert deploys_awaiting_approval(branches["awaiting-approval"]) == [True]
+
+
+def test_retraining_runs_the_whole_training_pipeline_only_after_a_degraded_check() -> None:
+    """retrain_when_degraded: the check at the root; under retrain=true and the check's degraded output, the
+    medical_diagnosis pipeline as one sub-DAG, every step of it (so it cannot drift from the pipeline itself)."""
+    spec = next(yaml.safe_load_all((pipelines.COMPILED_DIR / "retrain_when_degraded.yaml").read_text()))
+    components = spec["components"]
+
+    def only_task(dag: dict) -> tuple[str, str | None]:
+        (task,) = dag["tasks"].values()
+        return task["componentRef"]["name"], task.get("triggerPolicy", {}).get("condition")
+
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"check-performance", "condition-1"}
+    assert root["condition-1"]["triggerPolicy"]["condition"] == \
+        "inputs.parameter_values['pipelinechannel--retrain'] == true"
+    inner, condition = only_task(components["comp-condition-1"]["dag"])
+    assert condition == "inputs.parameter_values['pipelinechannel--check-performance-degraded'] == true"
+    assert only_task(components[inner]["dag"]) == ("comp-medical-diagnosis", None)
+    training = next(yaml.safe_load_all((pipelines.COMPILED_DIR / "medical_diagnosis.yaml").read_text()))
+    assert set(components["comp-medical-diagnosis"]["dag"]["tasks"]) == set(training["root"]["dag"]["tasks"])

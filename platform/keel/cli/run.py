@@ -47,6 +47,15 @@ def parse_params(pairs: list[str], accepted: dict[str, str]) -> dict[str, Any]:
     return arguments
 
 
+def require_parameters(built: Any, arguments: dict[str, Any], pipeline: str) -> None:
+    """A parameter with no default (the labeled table a check reads, say) named before anything runs."""
+    missing = sorted(name for name, spec in built.component_spec.inputs.items()
+                     if not spec.optional and name not in arguments)
+    if missing:
+        raise ConfigError(f"{pipeline} needs " + " ".join(f"--param {name}=..." for name in missing)
+                          + f" (it has no default); see pipelines/{pipeline}/README.md.")
+
+
 def pipeline_parameters(built: Any, excluded: tuple[str, ...]) -> dict[str, str]:
     """The pipeline's parameters a user may set with --param, with their KFP types."""
     return {name: str(spec.type) for name, spec in built.component_spec.inputs.items() if name not in excluded}
@@ -58,6 +67,7 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
     from keel.tune import describe_values
 
     facts = {
+        "check": lambda m: f"{m['verdict']} on {m['rows']} labeled rows",
         "ingest": lambda m: f"{m['rows']} rows from {m['source']}",
         "validate": lambda m: "contract passed",
         "preprocess": lambda m: "train/val/test " + "/".join(str(m["rows"][s]) for s in ("train", "val", "test")),
@@ -146,6 +156,7 @@ def run_pipeline(
     # kfp.local honours retry policies: locally a failed step is reported at once (the cluster YAML keeps them)
     built = pipelines.build(pipeline, config, retries=0)
     arguments = parse_params(param, pipeline_parameters(built, ("config", "run_name")))
+    require_parameters(built, arguments, pipeline)
     check_gpus_before_run(int(arguments.get("gpus", 0)), settings)  # not 18 s into tune
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:

@@ -109,7 +109,7 @@ def check_performance(model_uri: str, source: str, output_uri: str, settings: Ke
     label_column(loaded)  # a recommender is refused before anything is read
     registration = registered_evaluation(tracking.mlflow_client(settings), loaded.name, loaded.version,
                                          tabular=loaded.predictor is not None)
-    with storage.staged_output(output_uri, "evaluate", settings) as out, \
+    with storage.staged_output(output_uri, "check", settings) as out, \
             tempfile.TemporaryDirectory(prefix="keel-performance-") as scratch:
         from keel.data.ingest import read_source, sha256_file
 

@@ -33,6 +33,8 @@ def test_params_are_typed_name_value_pairs() -> None:
     (["run", "medical_diagnosis", "--config", "missing.yaml"], "missing.yaml: config file not found"),
     (["run", "medical_diagnosis", "--param", "gpus=999"], "asks for 999 GPU worker(s) but this machine"),
     (["run", "retrain_when_degraded"], "retrain_when_degraded needs --param labels_source=... (it has no default)"),
+    (["schedule", "retrain_when_degraded", "--cron", "0 6 * * 1", "--host", "http://127.0.0.1:9"],
+     "retrain_when_degraded needs --param labels_source=..."),
 ])
 def test_user_errors_print_one_line_and_exit_1(args: list[str], message: str, keel_home: Path,
                                                tmp_path: Path) -> None:

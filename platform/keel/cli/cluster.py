@@ -23,13 +23,15 @@ def _submit(pipeline: str, host: str, experiment: str, param: list[str], config:
             service_account: str, output: OutputFormat) -> None:
     import pipelines
     from keel import submit, tracking
-    from keel.cli.run import parse_params, pipeline_parameters
+    from keel.cli.run import parse_params, pipeline_parameters, require_parameters
 
     settings = load_settings()
     host = host or settings.kfp_host
     if not host:
         raise ConfigError("no Kubeflow Pipelines host: pass --host or set KEEL_KFP_HOST.")
-    params = parse_params(param, pipeline_parameters(pipelines.build(pipeline, config), ("config",)))
+    built = pipelines.build(pipeline, config)
+    params = parse_params(param, pipeline_parameters(built, ("config",)))
+    require_parameters(built, params, pipeline)  # a recurring run would fail on the server, every time
     client = submit.client_for(host, settings.kfp_token.get_secret_value())
     result = submit.submit(client, pipeline, host, experiment, params, tracking.git_commit(settings),
                            config=config, cron=cron, service_account=service_account)

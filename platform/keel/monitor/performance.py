@@ -252,15 +252,13 @@ def registered_evaluation(client: MlflowClient, name: str, version: str, tabular
     params = run.data.params
     metric = params.get("registry.promotion_metric", "f1_macro")
     evaluation = _registered_report(client, run.info.run_id) or {
-        name[len("test_"):]: value for name, value in run.data.metrics.items() if name.startswith("test_")}
+        key[len("test_"):]: value for key, value in run.data.metrics.items() if key.startswith("test_")}
     if metric not in evaluation:
         raise RegistryError(f"models:/{name}/{version}: its run {run.info.run_id} records no test {metric!r} "
                             f"(the registry.promotion_metric) to compare with.")
+    evaluate = evaluate_config_from_params(params, f"models:/{name}/{version}") if tabular else EvaluateConfig()
     return Registration(name, version, run.info.run_id, run.info.experiment_id, _logged_model_id(model_version, run),
-                        metric,
-                        params.get("registry.greater_is_better", "True") == "True",
-                        evaluate_config_from_params(params, f"models:/{name}/{version}") if tabular
-                        else EvaluateConfig(), evaluation)
+                        metric, params.get("registry.greater_is_better", "True") == "True", evaluate, evaluation)
 
 
 def _logged_model_id(model_version: Any, run: Any) -> str | None:

@@ -231,7 +231,7 @@ def test_retrain_when_degraded_checks_first_and_trains_a_successor_only_when_the
         demo: tuple[Path, dict]) -> None:
     workdir, report = demo
     env = {"KEEL_HOME": str(workdir / ".keel")}
-    (workdir / "quick.yaml").write_text("tune: {num_samples: 0}\ncompress: {methods: []}\ntrain: {max_epochs: 15}\n")
+    (workdir / "quick.yaml").write_text("tune: {num_samples: 0}\ncompress: {methods: []}\ntrain: {max_epochs: 2}\n")
     table = pd.read_csv(write_builtin_csv("builtin://breast_cancer", workdir / "raw.csv"))
     client = mlflow.MlflowClient(report["tracking_uri"])
     versions_before = {v.version for v in client.search_model_versions("name='medical-diagnosis'")}

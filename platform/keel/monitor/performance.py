@@ -22,6 +22,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -348,10 +349,13 @@ def labeled_dataset(frame: pd.DataFrame, source: str, sha256: str, target: str) 
 
     from keel.registry import dataset_schema
 
-    try:
-        dataset = from_pandas(frame, source=source, targets=target, name=storage.filename(source), digest=sha256[:16])
-    except MlflowException:
-        dataset = from_pandas(frame, targets=target, name=storage.filename(source), digest=sha256[:16])
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns it is ambiguous
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        try:
+            dataset = from_pandas(frame, source=source, targets=target, name=storage.filename(source),
+                                  digest=sha256[:16])
+        except MlflowException:
+            dataset = from_pandas(frame, targets=target, name=storage.filename(source), digest=sha256[:16])
     dataset.schema = dataset_schema(frame)  # as the register step does: no row-by-row pass
     return dataset
 

@@ -11,6 +11,7 @@ dropping requests), which is all the pipeline runner's Role may change.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import yaml
@@ -121,9 +122,7 @@ def roll_if_serving(settings: KeelSettings, model_uri: str, model_name: str) -> 
 def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str | None:
     from keel.serve.deployment import same_registered_version
 
-    def same_version(first: str, second: str) -> bool:
-        return same_registered_version(first, second, settings)
-
+    same_version = partial(same_registered_version, settings=settings)
     return _patch_serve_config(settings, f"rolling RayService {settings.ray_service} to {model_uri}", only_model,
                                lambda current: rayservice_patch(current, model_uri, same_version))
 
@@ -144,9 +143,7 @@ def withdraw_challengers(settings: KeelSettings, model_uri: str, model_name: str
     ``model_name``; its URL when one was removed, else None."""
     from keel.serve.deployment import same_registered_version
 
-    def same_version(first: str, second: str) -> bool:
-        return same_registered_version(first, second, settings)
-
+    same_version = partial(same_registered_version, settings=settings)
     return _patch_serve_config(settings, f"withdrawing {model_uri} from RayService {settings.ray_service}",
                                model_name, lambda current: withdrawn_rayservice_patch(current, model_uri, same_version))
 

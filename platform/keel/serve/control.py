@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -375,8 +376,8 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     champion = next(c for c in configs if c.get("name") == APP_NAME)
     if champion["args"]["model_uri"] != model_uri:
         champion["args"]["model_uri"] = model_uri
-        kept = without_challengers_serving(configs, APP_NAME, model_uri,
-                                           lambda first, second: same_registered_version(first, second, settings))
+        kept = without_challengers_serving(configs, APP_NAME, model_uri, partial(same_registered_version,
+                                                                                 settings=settings))
         _replace_applications(dashboard, details, kept)
         wait_until_running(dashboard, model_uri=model_uri)
     return _serving_url(details)
@@ -398,7 +399,7 @@ def withdraw_challengers(model_name: str, model_uri: str, settings: KeelSettings
         return None
     dashboard, details, configs = served
     kept = without_challengers_serving(configs, APP_NAME, model_uri,
-                                       lambda first, second: same_registered_version(first, second, settings))
+                                       partial(same_registered_version, settings=settings))
     if len(kept) == len(configs):
         return None
     _replace_applications(dashboard, details, kept)

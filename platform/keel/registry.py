@@ -114,7 +114,25 @@ def create_version(client: Any, name: str, model_uri: str, run_id: str, tags: di
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    return client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    link_logged_model(client, model_uri, name, str(version.version))
+    return version
+
+
+def link_logged_model(client: Any, model_uri: str, name: str, version: str, linked: bool = True) -> None:
+    """Record the version on its logged model (the ``mlflow.modelVersions`` tag ``mlflow.register_model`` sets),
+    or take it off again. A SQL registry does not keep ``model_id`` on the version, so this tag is what MLflow's
+    UI follows from a logged model, with its metrics and datasets, to the versions made from it."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    model_id = tracking.logged_model_id(model_uri)
+    if model_id is None:
+        return
+    listed = [entry for entry in json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+              if (entry.get("name"), str(entry.get("version"))) != (name, version)]
+    if linked:
+        listed.append({"name": name, "version": version})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
 
 
 def set_alias(client: Any, name: str, alias: str, version: str, attempts: int = 5) -> None:
@@ -263,7 +281,8 @@ def aliases(client: Any, name: str) -> dict[str, str]:
 
 
 def withdraw(client: Any, name: str, version: str, previous_aliases: dict[str, str]) -> None:
-    """Undo a half-finished registration: delete the version, point the aliases back."""
+    """Undo a half-finished registration: delete the version and its link, point the aliases back."""
+    link_logged_model(client, client.get_model_version(name, version).source, name, version, linked=False)
     client.delete_model_version(name, version)
     for alias, previous in previous_aliases.items():
         set_alias(client, name, alias, previous)

@@ -152,3 +152,10 @@ class MetricBuffer:
         self._pending = []
         self._last_flush = time.monotonic()
         self.seconds_spent += self._last_flush - started
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """The MLflow 3 logged model a ``models:/<model_id>`` URI names; None for a registry URI
+    (``models:/name/1``, ``models:/name@alias``) or any other."""
+    path = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
+    return path if path and "/" not in path and "@" not in path else None

@@ -9,6 +9,7 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow.types import Schema
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from keel import storage, tracking
 from keel.evaluate import EVALUATION_FILE
@@ -56,6 +57,11 @@ def test_first_version_becomes_champion_with_lineage(staged_run: dict, settings:
     logged = Schema.from_json(json.dumps(json.loads(dataset.schema)["mlflow_colspec"]))
     assert logged == mlflow.models.infer_signature(ingested).inputs  # what MLflow infers row by row
     assert json.loads(dataset.profile) == {"num_rows": len(ingested), "num_elements": ingested.size}
+    # The version is linked to the MLflow 3 logged model it was made from, as mlflow.register_model links it.
+    version = tracking.mlflow_client(settings).get_model_version(MODEL, "1")
+    logged = tracking.mlflow_client(settings).get_logged_model(tracking.logged_model_id(version.source))
+    assert json.loads(logged.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": MODEL, "version": "1"}]
+    assert logged.source_run_id == registered["mlflow_run_id"]
 
 
 def test_the_dataset_schema_matches_mlflows_own_inference_past_its_sample() -> None:
@@ -230,6 +236,9 @@ def test_failure_after_registration_withdraws_the_version(staged_run: dict, sett
     client = tracking.mlflow_client(settings)
     assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
     assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "1"}
+    experiment = client.get_run(client.get_model_version(MODEL, "1").run_id).info.experiment_id
+    links = [json.loads(model.tags[MLFLOW_MODEL_VERSIONS]) for model in client.search_logged_models([experiment])]
+    assert sorted(links, key=len) == [[], [{"name": MODEL, "version": "1"}]]  # none to the deleted version
 
 
 def test_flatten_params() -> None:

@@ -263,10 +263,12 @@ def registered_evaluation(client: MlflowClient, name: str, version: str, tabular
 
 
 def _logged_model_id(model_version: Any, run: Any) -> str | None:
-    """The MLflow 3 logged model the version was made from: the register step logs one per run (a SQL
+    """The MLflow 3 logged model the version was made from: its source, or the one its run logged (a SQL
     registry does not keep ``model_id`` on the version itself). None for a version from before MLflow 3."""
     if getattr(model_version, "model_id", None):
         return str(model_version.model_id)
+    if from_source := tracking.logged_model_id(str(model_version.source or "")):
+        return from_source
     outputs = getattr(run, "outputs", None)
     logged = [output.model_id for output in getattr(outputs, "model_outputs", None) or []]
     return logged[0] if len(logged) == 1 else None

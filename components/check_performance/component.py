@@ -13,18 +13,18 @@ def check_performance(model_uri: str, source: str, config: str, run_name: str, j
                       metrics: Output[Metrics], classification_metrics: Output[ClassificationMetrics],
                       report: Output[HTML]) -> NamedTuple("Checked", performance_uri=str, degraded=bool):
     """Score the labeled rows of ``source`` with a registered model and judge them against its registration;
-    the KFP UI shows the metrics, the confusion matrix and the report."""
+    the KFP UI shows the metrics, a classifier's confusion matrix, and the report."""
     from keel.runs import open_stage
 
     with open_stage("check", run_name, job_id, config) as run:
         from pathlib import Path
 
         from keel import storage
-        from keel.evaluate import REPORT_HTML, emit_kfp_metrics
-        from keel.monitor.performance import PERFORMANCE_FILE, check_with_config
+        from keel.evaluate import REPORT_HTML
+        from keel.monitor.performance import PERFORMANCE_FILE, check_with_config, emit_kfp_check
 
         checked = check_with_config(model_uri, source, run.output_uri, run.config, run.settings)
-        emit_kfp_metrics(storage.read_json(storage.join(run.output_uri, PERFORMANCE_FILE), run.settings), metrics,
-                         classification_metrics)
+        emit_kfp_check(storage.read_json(storage.join(run.output_uri, PERFORMANCE_FILE), run.settings), metrics,
+                       classification_metrics)
         storage.download(storage.join(run.output_uri, REPORT_HTML), Path(report.path), run.settings)
     return (run.output_uri, checked["verdict"] == "degraded")

@@ -348,9 +348,9 @@ def report_html(report: dict[str, Any], directory: Path, heading: str = "") -> s
         parts.append("<tr><th></th><th>now</th><th>registered</th></tr>")
     parts += [f"<tr><th>{name}</th><td>{report[name]:.4f}</td>"
               + ("" if registered is None else f"<td>{shown_metric(registered.get(name))}</td>") + "</tr>"
-              for name in HEADLINE_METRICS]
+              for name in report.get("headline", HEADLINE_METRICS)]
     parts.append("</table>")
-    if report["slices"]:
+    if report.get("slices"):
         parts.append("<h3>Slices</h3><table border='1' cellpadding='4'><tr><th>column</th><th>slice</th>"
                      "<th>rows</th>" + "".join(f"<th>{m}</th>" for m in HEADLINE_METRICS) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(str(s[k]))}</td>" for k in ("column", "slice", "rows"))

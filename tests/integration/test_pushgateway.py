@@ -59,7 +59,7 @@ def test_a_check_on_labeled_rows_pushes_its_verdict_and_fills_the_kfp_artifacts(
         metrics=metrics, classification_metrics=matrix, report=report)
     assert degraded is True and output_uri.endswith("/runs/check-1/check")
     assert metrics.metadata["f1_macro"] < 0.5 and matrix.metadata["confusionMatrix"]["annotationSpecs"]
-    assert "small-model v1 on labeled rows: DEGRADED" in (tmp_path / "report.html").read_text()
+    assert "small-model v1 on 200 labeled rows: DEGRADED" in (tmp_path / "report.html").read_text()
     text = httpx.get(f"http://{pushgateway}/metrics", timeout=10).text
     assert 'keel_model_degraded{instance="",job="keel_model_performance",model="small-model",version="1"} 1' in text
     assert 'keel_model_checked_rows{instance="",job="keel_model_performance",model="small-model",version="1"} 200' \

@@ -77,6 +77,31 @@ def test_the_registered_pyfunc_answers_top_k_and_falls_back_for_strangers(pipeli
     assert stranger["source"] == "popular" and not stranger["known_user"]
 
 
+def test_the_model_performance_pipeline_checks_the_recommender_on_later_interactions(
+        pipeline_run: tuple[Path, dict]) -> None:
+    """The interactions its evaluation held out, exported in the shop's own ids as later interactions would be:
+    the check through kfp.local scores exactly what evaluation scored, and records the verdict."""
+    import pandas as pd
+
+    workdir, report = pipeline_run
+    ingested = Path(report["artifacts"]) / "ingest"
+    ids = {column: pd.read_parquet(ingested / f"{column}s.parquet")["id"].to_numpy() for column in ("user_id",
+                                                                                                  "item_id")}
+    test = pd.read_parquet(ingested / "test.parquet")
+    test.assign(**{column: ids[column][test[column]] for column in ids}).to_csv(workdir / "later.csv", index=False)
+    result = keel("run", "model_performance", "--param", f"model_uri=models:/{MODEL}/1", "--param",
+                  f"source={workdir / 'later.csv'}", "--output", "json", cwd=workdir,
+                  env={"KEEL_HOME": str(workdir / ".keel")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    checked = json.loads((Path(json.loads(result.stdout)["artifacts"]) / "check" / "manifest.json").read_text())
+    evaluation = json.loads((Path(report["artifacts"]) / "evaluate" / "evaluation.json").read_text())
+    assert checked["verdict"] == "ok" and checked["rows"] == len(test), checked
+    assert checked["metrics"]["ndcg_at_10"] == pytest.approx(evaluation["ndcg_at_10"], abs=1e-9)
+    assert checked["summary"].startswith("ok: ndcg_at_10 ")
+    version = mlflow.MlflowClient(report["tracking_uri"]).get_model_version(MODEL, "1")
+    assert version.tags["keel.performance"].startswith("ok: ndcg_at_10 ")
+
+
 def test_two_runs_at_once_get_their_own_paths_and_versions_and_a_failed_gate_keeps_the_champion(
         pipeline_run: tuple[Path, dict]) -> None:
     """Two pipeline runs started together, both with a gate they cannot pass: each writes under its own

@@ -14,16 +14,19 @@ DEGRADED_EXIT_CODE = 3  # not 1, which every error exits with: CI can tell "wors
 
 def evaluate_command(
     model_uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/N of a classifier (tabular or "
-                                              "text)."),
+                                              "text) or a recommender."),
     source: str = typer.Argument(..., help="A labeled table: the model's input columns and its label column (a "
                                            "text classifier's: text and intent), as a path, s3:// or http(s):// URI "
                                            "(CSV, Parquet, JSONL). Rows whose label is empty are left out and "
-                                           "counted."),
+                                           "counted. A recommender's: the interactions that came in since, in its "
+                                           "training file's columns."),
     destination: str = typer.Argument(..., help="A directory (path or s3://) for performance.json, plots, "
                                                 "report.html and manifest.json."),
     tolerance: float = typer.Option(0.05, "--tolerance", help="How much worse than its registered value the "
                                                               "promotion metric may be."),
-    min_rows: int = typer.Option(50, "--min-rows", help="The fewest labeled rows a verdict is given on."),
+    min_rows: int = typer.Option(50, "--min-rows", help="The fewest labeled rows (a recommender: "
+                                                                        "users with new interactions) a verdict is "
+                                                                        "given on."),
     label_column: str | None = typer.Option(None, "--label-column",
                                             help="The file's label column, when not the model's own (its target, "
                                                  "or a text classifier's intent)."),
@@ -52,9 +55,14 @@ def evaluate_command(
 
 def print_verdict(manifest: dict[str, Any]) -> None:
     from keel.evaluate import shown_metric
+    from keel.monitor.ranking import LEFT_OUT
 
-    unlabeled = f" ({manifest['unlabeled_rows']} without a label left out)" if manifest["unlabeled_rows"] else ""
-    typer.echo(f"{manifest['model_uri']} on {manifest['rows']} labeled rows of {manifest['source']}{unlabeled}")
+    if "left_out" in manifest:
+        left_out = ", ".join(f"{count} {LEFT_OUT[reason]}" for reason, count in manifest["left_out"].items() if count)
+    else:
+        left_out = f"{manifest['unlabeled_rows']} without a label" if manifest["unlabeled_rows"] else ""
+    typer.echo(f"{manifest['model_uri']} on {manifest['measured_on']} of {manifest['source']}"
+               + (f" (left out: {left_out})" if left_out else ""))
     registered = manifest["registered"]
     rows = [[name, shown_metric(now), shown_metric(registered.get(name)), _change(now, registered.get(name))]
             for name, now in manifest["metrics"].items()]

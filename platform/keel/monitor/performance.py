@@ -13,6 +13,9 @@ The verdict goes where people look: a new MLflow run whose metrics are linked to
 and to the labeled table as a dataset, a ``keel.performance`` tag on the version, the output directory
 (``performance.json``, plots, ``report.html``) and, with ``KEEL_PUSHGATEWAY_URL``, Prometheus gauges that
 the ``KeelModelDegraded`` alert reads.
+
+A recommender's labels are the interactions that came in after it was registered: :mod:`keel.monitor.ranking`
+judges its NDCG@k on them the same way, and the verdict goes to the same places.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -36,6 +39,7 @@ from keel.config import EvaluateConfig, GateConfig, PipelineConfigBase
 from keel.errors import ConfigError, DataError, RegistryError, validation_problems
 from keel.evaluate import HEADLINE_METRICS, PLOTS, REPORT_HTML, full_report, report_html, write_plots
 from keel.gate import decide
+from keel.monitor.ranking import ranking_report
 from keel.settings import KeelSettings
 
 if TYPE_CHECKING:
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 
     from keel.serve.deployment import LoadedModel
 
+Section = TypeVar("Section", bound=BaseModel)
 PERFORMANCE_FILE = "performance.json"
 REGISTERED_EVALUATION = "evaluation.json"  # what the register step logs on the version's run
 PERFORMANCE_TAG = tracking.PERFORMANCE
@@ -88,6 +93,7 @@ class Registration:
     greater_is_better: bool
     evaluate: EvaluateConfig
     evaluation: dict[str, Any]
+    params: dict[str, str] = field(default_factory=dict)  # the pipeline config it was trained with, dotted
 
 
 def check_performance(model_uri: str, source: str, output_uri: str, settings: KeelSettings,
@@ -95,10 +101,11 @@ def check_performance(model_uri: str, source: str, output_uri: str, settings: Ke
     """Score the labeled rows of ``source`` with ``model_uri`` and judge them against its registration.
 
     Args:
-        model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/N`` of a classifier (tabular or text); resolved once.
+        model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/N`` of a classifier (tabular or text) or a
+            recommender; resolved once.
         source: a CSV, Parquet or JSONL table (path, ``s3://``, ``http(s)://``) with the model's input
             columns and its label column (a text classifier's: ``text`` and ``intent``); rows whose label is
-            still empty are counted and left out.
+            still empty are counted and left out. A recommender's: interactions in its training file's columns.
         output_uri: a directory (path or ``s3://``) for ``performance.json``, plots and ``report.html``.
 
     Returns:
@@ -107,7 +114,12 @@ def check_performance(model_uri: str, source: str, output_uri: str, settings: Ke
     from keel.serve.deployment import load_registered
 
     loaded = load_registered(model_uri, settings)
-    label_column(loaded)  # a recommender is refused before anything is read
+    if loaded.recommender is None:
+        label_column(loaded)
+    elif config.label_column or config.input_column:
+        raise ConfigError(f"models:/{loaded.name}/{loaded.version} is a recommender: it reads the columns its "
+                          "training file had (interactions.columns); label_column and input_column are for "
+                          "classifiers.")
     registration = registered_evaluation(tracking.mlflow_client(settings), loaded.name, loaded.version,
                                          tabular=loaded.predictor is not None)
     with storage.staged_output(output_uri, "check", settings) as out, \
@@ -115,13 +127,17 @@ def check_performance(model_uri: str, source: str, output_uri: str, settings: Ke
         from keel.data.ingest import read_source, sha256_file
 
         frame, local, _ = read_source(source, Path(scratch), settings)
-        report = judged_report(loaded, registration, frame, source, config)
+        if loaded.recommender is not None:
+            report = ranking_report(loaded.recommender, registration, frame, source, config)
+        else:
+            report = judged_report(loaded, registration, frame, source, config)
+            write_plots(report, out.dir)
         out.write_json(PERFORMANCE_FILE, report)
-        write_plots(report, out.dir)
         out.path(REPORT_HTML).write_text(report_html(
-            report, out.dir, f"{loaded.name} v{loaded.version} on labeled rows: {report['verdict'].upper()}"))
+            report, out.dir, f"{loaded.name} v{loaded.version} on {report['measured_on']}: "
+                             f"{report['verdict'].upper()}"))
         sha256 = sha256_file(local)
-        dataset = labeled_dataset(frame, source, sha256, report["label_column"])
+        dataset = labeled_dataset(frame, source, sha256, report.get("label_column"))
         report["mlflow_run_id"] = log_check(report, out.dir, registration, dataset, source, settings)
         out.manifest.update(performance_manifest(report, model_uri, source), sha256=sha256,
                             performance=out.uri_of(PERFORMANCE_FILE), report_html=out.uri_of(REPORT_HTML))
@@ -162,8 +178,9 @@ def judged_report(loaded: LoadedModel, registration: Registration, frame: pd.Dat
     report.update(gate=decision.to_dict(), verdict="ok" if decision.passed else "degraded",
                   model_name=loaded.name, version=loaded.version, metric=registration.metric,
                   label_column=config.label_column or target,  # the file's, as MLflow's dataset records it
-                  unlabeled_rows=unlabeled, registered={name: registration.evaluation.get(name)
-                                                        for name in HEADLINE_METRICS})
+                  unlabeled_rows=unlabeled, headline=list(HEADLINE_METRICS),
+                  measured_on=f"{len(labeled)} labeled rows",
+                  registered={name: registration.evaluation.get(name) for name in HEADLINE_METRICS})
     return report
 
 
@@ -174,8 +191,8 @@ def label_column(loaded: LoadedModel) -> str:
         return loaded.predictor.transform.target
     if loaded.intents is not None:
         return INTENT_COLUMN
-    raise ConfigError(f"models:/{loaded.name}/{loaded.version}: a check on labeled rows covers classifiers "
-                      f"(tabular or text); this version is a {loaded.kind}.")
+    raise ConfigError(f"models:/{loaded.name}/{loaded.version} is a {loaded.kind}: it is checked on later "
+                      "interactions, which have no label column.")
 
 
 def columns_as_trained(frame: pd.DataFrame, loaded: LoadedModel, config: PerformanceConfig,
@@ -259,7 +276,8 @@ def registered_evaluation(client: MlflowClient, name: str, version: str, tabular
                             f"(the registry.promotion_metric) to compare with.")
     evaluate = evaluate_config_from_params(params, f"models:/{name}/{version}") if tabular else EvaluateConfig()
     return Registration(name, version, run.info.run_id, run.info.experiment_id, _logged_model_id(model_version, run),
-                        metric, params.get("registry.greater_is_better", "True") == "True", evaluate, evaluation)
+                        metric, params.get("registry.greater_is_better", "True") == "True", evaluate, evaluation,
+                        dict(params))
 
 
 def _logged_model_id(model_version: Any, run: Any) -> str | None:
@@ -275,11 +293,16 @@ def _logged_model_id(model_version: Any, run: Any) -> str | None:
 
 
 def evaluate_config_from_params(params: dict[str, str], origin: str) -> EvaluateConfig:
-    """The ``evaluate`` section a version was trained with, rebuilt from the dotted params
+    """The ``evaluate`` section a tabular version was trained with (see :func:`section_from_params`)."""
+    return section_from_params(params, "evaluate", EvaluateConfig, origin)
+
+
+def section_from_params(params: dict[str, str], name: str, model: type[Section], origin: str) -> Section:
+    """A config section a version was trained with, rebuilt from the dotted params
     (:func:`keel.registry.flatten_params`) its run holds; the defaults where the run has none."""
     section: dict[str, Any] = {}
     for key, text in params.items():
-        if not key.startswith("evaluate."):
+        if not key.startswith(f"{name}."):
             continue
         *parents, leaf = key.split(".")[1:]
         node = section
@@ -287,10 +310,10 @@ def evaluate_config_from_params(params: dict[str, str], origin: str) -> Evaluate
             node = node.setdefault(parent, {})
         node[leaf] = _param_value(text)
     try:
-        return EvaluateConfig.model_validate(section)
+        return model.model_validate(section)
     except ValidationError as e:
-        raise RegistryError(f"{origin}: its run's evaluate.* params do not make an evaluate section: "
-                            f"{validation_problems(e, EvaluateConfig)}") from e
+        raise RegistryError(f"{origin}: its run's {name}.* params do not make a {name} section: "
+                            f"{validation_problems(e, model)}") from e
 
 
 def _param_value(text: str) -> Any:
@@ -322,7 +345,8 @@ def performance_manifest(report: dict[str, Any], model_uri: str, source: str) ->
             "verdict": report["verdict"], "metric": report["metric"], "rows": report["rows"],
             "unlabeled_rows": report["unlabeled_rows"], "reasons": report["gate"]["reasons"],
             "failures": report["gate"]["failures"], "mlflow_run_id": report["mlflow_run_id"],
-            "metrics": {name: _finite(report[name]) for name in HEADLINE_METRICS},
+            "metrics": {name: _finite(report[name]) for name in report["headline"]},
+            "measured_on": report["measured_on"], **({"left_out": report["left_out"]} if "left_out" in report else {}),
             "registered": {name: _finite(value) for name, value in report["registered"].items()},
             "summary": f"{summary_line(report)} of {source}"}
 
@@ -335,7 +359,7 @@ def summary_line(report: dict[str, Any]) -> str:
     """Verdict, the promotion metric now and at registration, and the rows it is measured on."""
     metric, registered = report["metric"], report["registered"].get(report["metric"])
     then = f"{registered:.4f}" if isinstance(registered, int | float) else "n/a"
-    return f"{report['verdict']}: {metric} {report[metric]:.4f} (registered {then}) on {report['rows']} labeled rows"
+    return f"{report['verdict']}: {metric} {report[metric]:.4f} (registered {then}) on {report['measured_on']}"
 
 
 def summary_tag(report: dict[str, Any], source: str) -> str:
@@ -343,7 +367,7 @@ def summary_tag(report: dict[str, Any], source: str) -> str:
     return f"{summary_line(report)} of {storage.filename(source)}, {time.strftime('%Y-%m-%d', time.gmtime())}"
 
 
-def labeled_dataset(frame: pd.DataFrame, source: str, sha256: str, target: str) -> Any:
+def labeled_dataset(frame: pd.DataFrame, source: str, sha256: str, target: str | None) -> Any:
     """The table as an MLflow dataset: the file's own digest, and its URI where MLflow can resolve one (a path,
     ``s3://``, ``http(s)://``); a ``builtin://`` table is named but has no source MLflow could open."""
     from mlflow.data.pandas_dataset import from_pandas
@@ -378,12 +402,14 @@ def log_check(report: dict[str, Any], directory: Path, registration: Registratio
     run_id = str(run.info.run_id)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(dataset, context="evaluation")
-        values = {name: report[name] for name in HEADLINE_METRICS}
-        values.update({metric_key("slice", s["column"], s["slice"], m): s[m] for s in report["slices"]
+        values = {name: report[name] for name in report["headline"]}
+        values.update({metric_key("slice", s["column"], s["slice"], m): s[m] for s in report.get("slices", [])
                        for m in HEADLINE_METRICS})
         values.update({metric_key("fairness", column, name): measures[name]
-                       for column, measures in report["fairness"].items()
+                       for column, measures in report.get("fairness", {}).items()
                        for name in ("demographic_parity_difference", "equalized_odds_difference")})
+        values.update({f"popular_{name}": value for name, value in report.get("baseline_popular", {}).items()
+                       if name in report["headline"]})
         values.update(rows=report["rows"], unlabeled_rows=report["unlabeled_rows"],
                       degraded=float(report["verdict"] == "degraded"))
         mlflow.log_metrics({k: float(v) for k, v in values.items() if math.isfinite(v)},
@@ -394,6 +420,20 @@ def log_check(report: dict[str, Any], directory: Path, registration: Registratio
     return run_id
 
 
+def emit_kfp_check(report: dict[str, Any], metrics: Any, classification: Any) -> None:
+    """The check's figures on the KFP run page: a classifier's as its evaluate step shows them (confusion
+    matrix and ROC curve included); a recommender's ranking metrics, which have no ClassificationMetrics."""
+    from keel.evaluate import emit_kfp_metrics
+
+    if "classes" in report:
+        emit_kfp_metrics(report, metrics, classification)
+        return
+    for name in report["headline"]:
+        if math.isfinite(report[name]):
+            metrics.log_metric(name, round(float(report[name]), 6))
+    metrics.log_metric("gate_passed", float(report["gate"]["passed"]))
+
+
 def verdict_registry(manifest: dict[str, Any]) -> CollectorRegistry:
     """The verdict and metrics of one check as gauges labelled by model and version."""
     from prometheus_client import CollectorRegistry, Gauge
@@ -402,13 +442,13 @@ def verdict_registry(manifest: dict[str, Any]) -> CollectorRegistry:
     labels = {"model": manifest["model_name"], "version": manifest["version"]}
     Gauge("keel_model_degraded", "1 when the latest check on labeled rows found the model degraded.",
           list(labels), registry=registry).labels(**labels).set(float(manifest["verdict"] == "degraded"))
-    Gauge("keel_model_checked_rows", "Labeled rows the latest check scored.", list(labels),
-          registry=registry).labels(**labels).set(manifest["rows"])
+    Gauge("keel_model_checked_rows", "Labeled rows (a recommender's new interactions) the latest check scored.",
+          list(labels), registry=registry).labels(**labels).set(manifest["rows"])
     live = Gauge("keel_model_live_metric", "A metric on the latest check's labeled rows.", [*labels, "metric"],
                  registry=registry)
     registered = Gauge("keel_model_registered_metric", "The same metric on the test split it was registered on.",
                        [*labels, "metric"], registry=registry)
-    for name in HEADLINE_METRICS:
+    for name in manifest["metrics"]:
         for gauge, values in ((live, manifest["metrics"]), (registered, manifest["registered"])):
             if values.get(name) is not None:
                 gauge.labels(**labels, metric=name).set(values[name])

@@ -70,7 +70,7 @@ def test_rows_like_its_test_split_pass_with_its_own_slices_and_the_check_is_reco
     assert any(reason.startswith("ok: slice colour red") for reason in manifest["reasons"])  # the version's slices
     report = json.loads((tmp_path / "out" / PERFORMANCE_FILE).read_text())
     assert {s["column"] for s in report["slices"]} == {"colour", "size"}
-    assert "small-model v1 on labeled rows: OK" in (tmp_path / "out" / "report.html").read_text()
+    assert "small-model v1 on 275 labeled rows: OK" in (tmp_path / "out" / "report.html").read_text()
 
     run = registered.get_run(manifest["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["keel.verdict"] == "ok"
@@ -159,20 +159,6 @@ def test_a_file_exported_under_its_own_names_is_read_with_label_column(registere
     with pytest.raises(ConfigError, match=r"input_column \(--input-column\) is for text classifiers"):
         check_performance(MODEL, source, str(tmp_path / "text"), settings, PerformanceConfig(input_column="label"))
     assert not (tmp_path / "both").exists() and not (tmp_path / "text").exists()
-
-
-def test_a_recommender_is_refused_by_its_kind_before_anything_is_read(settings: KeelSettings, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from keel.serve import deployment
-    from tests.stages import packaged_recommender
-
-    recommender = packaged_recommender(tmp_path)
-    monkeypatch.setattr(deployment, "load_registered",
-                        lambda uri, _: deployment.LoadedModel(None, "shop", "2", recommender=recommender))
-    with pytest.raises(ConfigError, match=r"models:/shop/2: a check on labeled rows covers classifiers \(tabular "
-                                          r"or text\); this version is a recommender of int user ids"):
-        check_performance("models:/shop@champion", "missing.csv", str(tmp_path / "out"), settings)
-    assert not (tmp_path / "out").exists()
 
 
 # ---- a text classifier ------------------------------------------------------------------------------------------

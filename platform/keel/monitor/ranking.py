@@ -1,0 +1,99 @@
+"""A recommender checked on the interactions that came in after it was registered.
+
+The pipeline scores a recommender on each user's latest interactions, which it held out of training. Later
+interactions are the same test, taken again: each user the model was trained on who has since used items they
+had not seen. The check asks what the model recommends them (their training items masked, as served) and
+compares that with what they went on to use. Its NDCG@k is judged by the rules the version was promoted on. It
+must be within the tolerance of its registered value. It must also be at least the version's
+``min_lift_over_popular`` times the most-popular list's NDCG@k on the same users, so a drift that hurts every
+recommender alike is told apart from one that hurts only this model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from keel.config import GateConfig
+from keel.errors import DataError
+from keel.gate import decide, require
+from keel.recommend.config import InteractionsConfig, RecommendEvaluateConfig
+from keel.recommend.data import check_interactions, keep_liked
+from keel.recommend.evaluate import model_scorer
+from keel.recommend.metrics import Scorer, ranking_metrics
+from keel.recommend.recommender import Recommender, rows_of
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from keel.monitor.performance import PerformanceConfig, Registration
+
+LEFT_OUT = {"unknown_user": "by users the model was not trained on",
+            "unknown_item": "of items it does not know",
+            "already_seen": "it had in training"}
+
+
+def new_interactions(recommender: Recommender, frame: pd.DataFrame, source: str,
+                     interactions: InteractionsConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The interactions the model can be tested on, in its rows, and how many of the others were left out, by
+    reason. The file is read as the version's training file was (its column names, ``min_rating``)."""
+    import pandas as pd
+
+    checked = check_interactions(frame, source, interactions.columns)
+    liked, _ = keep_liked(checked, interactions.min_rating, source)
+    liked = liked.drop_duplicates(["user_id", "item_id"])
+    users = rows_of(recommender.user_ids, liked["user_id"].to_numpy())
+    items = rows_of(recommender.item_ids, liked["item_id"].to_numpy())
+    trained = np.isin(users, np.fromiter(recommender.seen, dtype=np.int64, count=len(recommender.seen)))
+    known_item = items >= 0
+    catalogue = len(recommender.item_ids)
+    seen_keys = np.concatenate([user * catalogue + seen for user, seen in recommender.seen.items()]
+                               or [np.empty(0, dtype=np.int64)])
+    already_seen = trained & known_item & np.isin(users * catalogue + items, seen_keys)
+    keep = trained & known_item & ~already_seen
+    left_out = {"unknown_user": int((~trained).sum()), "unknown_item": int((trained & ~known_item).sum()),
+                "already_seen": int(already_seen.sum())}
+    return pd.DataFrame({"user_id": users[keep], "item_id": items[keep]}), left_out
+
+
+def popular_scorer(recommender: Recommender) -> Scorer:
+    """The most-popular list the version answers strangers with, as scores: the same ranking for everyone."""
+    scores = np.full(len(recommender.item_ids), -np.inf, dtype=np.float32)
+    scores[recommender.popular] = -np.arange(len(recommender.popular), dtype=np.float32)
+    return lambda users: np.broadcast_to(scores, (len(users), len(scores)))
+
+
+def ranking_report(recommender: Recommender, registration: Registration, frame: pd.DataFrame, source: str,
+                   config: PerformanceConfig) -> dict[str, Any]:
+    """The evaluate step's figures on the new interactions, with the verdict against the registration."""
+    from keel.monitor.performance import section_from_params
+
+    origin = f"models:/{registration.name}/{registration.version}"
+    interactions = section_from_params(registration.params, "interactions", InteractionsConfig, origin)
+    rules = section_from_params(registration.params, "evaluate", RecommendEvaluateConfig, origin)
+    pairs, left_out = new_interactions(recommender, frame, source, interactions)
+    users = int(pairs["user_id"].nunique())
+    if users < config.min_rows:
+        dropped = "; ".join(f"{count} {LEFT_OUT[reason]}" for reason, count in left_out.items() if count)
+        raise DataError(f"{source}: {users} user(s) with new interactions the model can be tested on "
+                        f"({len(pairs)} interactions{'; left out: ' + dropped if dropped else ''}); a verdict needs "
+                        f"at least {config.min_rows} (--min-rows, performance.min_rows).")
+    k, catalogue = rules.k, len(recommender.item_ids)
+    metrics = ranking_metrics(model_scorer(recommender.model), pairs, recommender.seen, k, catalogue)
+    popular = ranking_metrics(popular_scorer(recommender), pairs, recommender.seen, k, catalogue)
+    ndcg, popular_ndcg = metrics[f"ndcg_at_{k}"], popular[f"ndcg_at_{k}"]
+    lift = ndcg / max(popular_ndcg, 1e-12)
+    decision = decide(metrics, registration.evaluation, registration.version, registration.metric,
+                      registration.greater_is_better, GateConfig(tolerance=config.tolerance),
+                      baseline=f"registered v{registration.version}")
+    require(decision, ndcg >= rules.min_lift_over_popular * popular_ndcg,
+            f"NDCG@{k} {ndcg:.4f} is {lift:.2f}x the most-popular list's {popular_ndcg:.4f} on the same users "
+            f"(min {rules.min_lift_over_popular}x, as at registration)")
+    headline = [f"recall_at_{k}", f"ndcg_at_{k}", "ndcg_lift_over_popular"]
+    return {**metrics, "k": k, "baseline_popular": popular, "ndcg_lift_over_popular": lift,
+            "headline": headline, "gate": decision.to_dict(), "verdict": "ok" if decision.passed else "degraded",
+            "model_name": registration.name, "version": registration.version, "metric": registration.metric,
+            "rows": len(pairs), "users": users, "unlabeled_rows": sum(left_out.values()), "left_out": left_out,
+            "measured_on": f"{len(pairs)} new interactions of {users} users",
+            "registered": {name: registration.evaluation.get(name) for name in headline}}

@@ -8,6 +8,8 @@ training that spends GPUs only when labels say the model needs it; the new
 version still has to beat the champion on the gate to replace it.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,6 @@ DEFAULT_MODEL = "models:/medical-diagnosis@champion"
 def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     """``config_override`` merges over the training config (medical_diagnosis's); the check's own config
     (tolerance, fewest rows) is the ``check_config`` parameter, model_performance's by default."""
-    check_config = load_pipeline_config(model_performance.CONFIG_FILE).to_json()
     training = medical_diagnosis.build(config_override, retries)
 
     @dsl.pipeline(name=NAME, description="Check the medical-diagnosis champion on labeled rows; when it is "
@@ -37,18 +38,33 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
                               source: str = medical_diagnosis.DEFAULT_SOURCE, run_name: str = "",
                               retrain: bool = True, serve: bool = False, serve_port: int = 8000, gpus: int = 0,
                               config_map: str = CONFIG_MAP, credentials_secret: str = CREDENTIALS_SECRET,
-                              check_config: str = check_config,
+                              check_config: str = default_check_config(),
                               config: str = training.component_spec.inputs["config"].default) -> str:
-        checked = configure_step(
-            check_performance(model_uri=model_uri, source=labels_source, config=check_config, run_name=run_name,
-                              job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
-            config_map, credentials_secret, retries)
-        # retrain=false only checks. The outer condition on a parameter also lets kfp.local resolve the inner
-        # one: 2.17 reads a condition on a named task output in the root DAG as a missing pipeline input.
-        with dsl.If(retrain == True, name="retraining-allowed"):  # noqa: E712 - KFP compares with ==
-            with dsl.If(checked.outputs["degraded"] == True, name="degraded"):  # noqa: E712
-                training(source=source, run_name=run_name, serve=serve, serve_port=serve_port, gpus=gpus,
-                         config_map=config_map, credentials_secret=credentials_secret, config=config)
+        with when_degraded(model_uri, labels_source, check_config, run_name, retrain, config_map,
+                           credentials_secret, retries) as checked:
+            training(source=source, run_name=run_name, serve=serve, serve_port=serve_port, gpus=gpus,
+                     config_map=config_map, credentials_secret=credentials_secret, config=config)
         return checked.outputs["performance_uri"]
 
     return retrain_when_degraded
+
+
+def default_check_config() -> str:
+    """model_performance's config (tolerance, fewest rows), the ``check_config`` parameter's default."""
+    return load_pipeline_config(model_performance.CONFIG_FILE).to_json()
+
+
+@contextmanager
+def when_degraded(model_uri: Any, labels_source: Any, check_config: Any, run_name: Any, retrain: Any,
+                  config_map: Any, credentials_secret: Any, retries: int) -> Iterator[Any]:
+    """The check at the root, then the block under ``retrain`` and the check's ``degraded`` output: what every
+    retraining DAG shares (yields the check's task; the arguments are the pipeline's parameters)."""
+    checked = configure_step(
+        check_performance(model_uri=model_uri, source=labels_source, config=check_config, run_name=run_name,
+                          job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+        config_map, credentials_secret, retries)
+    # retrain=false only checks. The outer condition on a parameter also lets kfp.local resolve the inner
+    # one: 2.17 reads a condition on a named task output in the root DAG as a missing pipeline input.
+    with dsl.If(retrain == True, name="retraining-allowed"):  # noqa: E712 - KFP compares with ==
+        with dsl.If(checked.outputs["degraded"] == True, name="degraded"):  # noqa: E712
+            yield checked

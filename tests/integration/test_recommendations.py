@@ -222,3 +222,36 @@ def test_ray_serve_answers_recommendations_and_rejects_bad_requests_with_a_reaso
     assert f'keel_shadow_rows_total{{agreement="same",{labels}}} 2.0' in metrics
     assert f'keel_shadow_top_k_overlap_sum{{{labels}}} 2.0' in metrics
     assert 'keel_shadow_copies_total{model="%s",outcome="compared",version="1"} 1.0' % MODEL in metrics
+
+
+def test_retraining_runs_the_recommender_pipeline_after_a_degraded_check(pipeline_run: tuple[Path, dict]) -> None:
+    """retrain_recommendations_when_degraded: later interactions unrelated to each user's past make version 1's
+    check degraded, so the ecommerce_recommendations sub-DAG trains, gates and registers a successor. (Last in
+    the file: its successor may become champion.)"""
+    import numpy as np
+    import pandas as pd
+
+    workdir, report = pipeline_run
+    ingested = Path(report["artifacts"]) / "ingest"
+    ids = {column: pd.read_parquet(ingested / f"{column}s.parquet")["id"].to_numpy() for column in ("user_id",
+                                                                                                  "item_id")}
+    test, train = (pd.read_parquet(ingested / f"{split}.parquet") for split in ("test", "train"))
+    drifted = test.assign(item_id=np.random.default_rng(0).permutation(test["item_id"].to_numpy()))
+    drifted = drifted.merge(train[["user_id", "item_id"]], how="left", indicator=True)
+    drifted = drifted[drifted.pop("_merge") == "left_only"]  # not what they had already
+    drifted.assign(**{column: ids[column][drifted[column]] for column in ids}).to_csv(workdir / "drifted.csv",
+                                                                                      index=False)
+    (workdir / "retrain.yaml").write_text("interactions: {users: 400, items: 200}\ntrain: {max_epochs: 2}\n")
+    client = mlflow.MlflowClient(report["tracking_uri"])
+    latest = max(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
+    result = keel("run", "retrain_recommendations_when_degraded", "--config", "retrain.yaml", "--param",
+                  f"labels_source={workdir / 'drifted.csv'}", "--param", f"model_uri=models:/{MODEL}/1",
+                  "--output", "json", cwd=workdir, env={"KEEL_HOME": str(workdir / ".keel")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert [s["stage"] for s in summary["stages"]] == ["check", "ingest", "train", "evaluate", "register"]
+    checked = json.loads((Path(summary["artifacts"]) / "check" / "manifest.json").read_text())
+    assert checked["summary"].startswith("degraded: ndcg_at_10 ")
+    assert summary["model_uri"] == f"models:/{MODEL}/{latest + 1}"  # a successor, gated like any other run
+    gate = json.loads((Path(summary["artifacts"]) / "evaluate" / "evaluation.json").read_text())["gate"]
+    assert any("vs champion v" in reason for reason in gate["reasons"]) and summary["champion"] == gate["passed"]

@@ -80,10 +80,14 @@ def test_every_pipeline_that_serves_previews_a_version_awaiting_approval(name: s
     assert deploys_awaiting_approval(branches["awaiting-approval"]) == [True]
 
 
-def test_retraining_runs_the_whole_training_pipeline_only_after_a_degraded_check() -> None:
-    """retrain_when_degraded: the check at the root; under retrain=true and the check's degraded output, the
-    medical_diagnosis pipeline as one sub-DAG, every step of it (so it cannot drift from the pipeline itself)."""
-    spec = next(yaml.safe_load_all((pipelines.COMPILED_DIR / "retrain_when_degraded.yaml").read_text()))
+@pytest.mark.parametrize("retraining, training", [("retrain_when_degraded", "medical_diagnosis"),
+                                                   ("retrain_recommendations_when_degraded",
+                                                    "ecommerce_recommendations")])
+def test_retraining_runs_the_whole_training_pipeline_only_after_a_degraded_check(retraining: str,
+                                                                                 training: str) -> None:
+    """The check at the root; under retrain=true and the check's degraded output, the training pipeline as one
+    sub-DAG, every step of it (so it cannot drift from the pipeline itself)."""
+    spec = next(yaml.safe_load_all((pipelines.COMPILED_DIR / f"{retraining}.yaml").read_text()))
     components = spec["components"]
 
     def only_task(dag: dict) -> tuple[str, str | None]:
@@ -96,6 +100,7 @@ def test_retraining_runs_the_whole_training_pipeline_only_after_a_degraded_check
         "inputs.parameter_values['pipelinechannel--retrain'] == true"
     inner, condition = only_task(components["comp-condition-1"]["dag"])
     assert condition == "inputs.parameter_values['pipelinechannel--check-performance-degraded'] == true"
-    assert only_task(components[inner]["dag"]) == ("comp-medical-diagnosis", None)
-    training = next(yaml.safe_load_all((pipelines.COMPILED_DIR / "medical_diagnosis.yaml").read_text()))
-    assert set(components["comp-medical-diagnosis"]["dag"]["tasks"]) == set(training["root"]["dag"]["tasks"])
+    component = f"comp-{training.replace('_', '-')}"
+    assert only_task(components[inner]["dag"]) == (component, None)
+    standalone = next(yaml.safe_load_all((pipelines.COMPILED_DIR / f"{training}.yaml").read_text()))
+    assert set(components[component]["dag"]["tasks"]) == set(standalone["root"]["dag"]["tasks"])

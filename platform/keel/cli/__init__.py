@@ -6,6 +6,7 @@ it prints the headline and exits 1, with no traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -30,6 +31,9 @@ app.command(name="status", help="State of Keel's Ray, MLflow and MinIO resources
 
 
 def main() -> None:
+    # The commands print their own summaries; MLflow's download bars (one per model or report fetched) only
+    # interleave with them on stderr. A user who wants the bars sets the variable.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         app()
     except KeelError as e:

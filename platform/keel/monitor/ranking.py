@@ -3,10 +3,10 @@
 The pipeline scores a recommender on each user's latest interactions, which it held out of training. Later
 interactions are the same test, taken again: each user the model was trained on who has since used items they
 had not seen. The check asks what the model recommends them (their training items masked, as served) and
-compares that with what they went on to use. Its NDCG@k is judged by the rules the version was promoted on. It
-must be within the tolerance of its registered value. It must also be at least the version's
-``min_lift_over_popular`` times the most-popular list's NDCG@k on the same users, so a drift that hurts every
-recommender alike is told apart from one that hurts only this model.
+compares that with what they went on to use. It is judged by the rules the version was promoted on. Its
+promotion metric (NDCG@k in the shipped config) must be within the tolerance of its registered value. Its NDCG@k
+must also be at least the version's ``min_lift_over_popular`` times the most-popular list's NDCG@k on the same
+users, so a drift that hurts every recommender alike is told apart from one that hurts only this model.
 """
 
 from __future__ import annotations

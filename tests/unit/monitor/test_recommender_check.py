@@ -37,8 +37,8 @@ def shop(settings: KeelSettings) -> dict[str, pd.DataFrame]:
     config = parse_pipeline_config({
         "pipeline": "ecommerce_recommendations",
         "interactions": {"users": 300, "items": 120, "mean_interactions": 20, "seed": 7},
-        "evaluate": {"k": 10, "tolerance": 0.005, "min_lift_over_popular": 1.1},
-        "registry": {"model_name": "shop", "promotion_metric": "ndcg_at_10"}}, "test config")
+        "evaluate": {"k": 5, "tolerance": 0.005, "min_lift_over_popular": 1.1},  # top 5, not the default 10
+        "registry": {"model_name": "shop", "promotion_metric": "ndcg_at_5"}}, "test config")
     assert isinstance(config, RecommendPipelineConfig)
     uris = {stage: storage.stage_uri(settings, "r1", stage) for stage in ("ingest", "train", "evaluate", "register")}
     splits = prepare(BUILTIN_SOURCE, config.interactions, config.split, uris["ingest"], settings)
@@ -75,16 +75,16 @@ def test_the_held_out_interactions_score_as_registered_and_later_tastes_are_degr
     checked = check_performance(MODEL, source, str(tmp_path / "ok"), settings, STRICT)
     # The split it was registered on, read back as raw interactions, scores exactly what evaluation scored.
     assert checked["verdict"] == "ok" and checked["rows"] == len(test)
-    assert checked["metrics"]["ndcg_at_10"] == pytest.approx(registered["ndcg_at_10"], abs=1e-9)
-    assert checked["metrics"]["recall_at_10"] == pytest.approx(registered["recall_at_10"], abs=1e-9)
+    assert checked["metrics"]["ndcg_at_5"] == pytest.approx(registered["ndcg_at_5"], abs=1e-9)
+    assert checked["metrics"]["recall_at_5"] == pytest.approx(registered["recall_at_5"], abs=1e-9)
     assert checked["left_out"] == {"unknown_user": 1, "unknown_item": 1, "already_seen": 1}
     assert checked["measured_on"] == f"{len(test)} new interactions of {test['user_id'].nunique()} users"
     version = client.get_model_version("shop", "1")
-    assert version.tags[PERFORMANCE_TAG].startswith("ok: ndcg_at_10 ")
+    assert version.tags[PERFORMANCE_TAG].startswith("ok: ndcg_at_5 ")
     run = client.get_run(checked["mlflow_run_id"])
-    assert run.data.metrics["popular_ndcg_at_10"] < run.data.metrics["ndcg_at_10"]
+    assert run.data.metrics["popular_ndcg_at_5"] < run.data.metrics["ndcg_at_5"]
     logged = client.get_logged_model(tracking.logged_model_id(version.source))
-    assert {m.key for m in logged.metrics if m.run_id == run.info.run_id} >= {"ndcg_at_10", "recall_at_10"}
+    assert {m.key for m in logged.metrics if m.run_id == run.info.run_id} >= {"ndcg_at_5", "recall_at_5"}
 
     # The same users went on to items that have nothing to do with their past ones: degraded.
     rng = np.random.default_rng(0)
@@ -95,8 +95,8 @@ def test_the_held_out_interactions_score_as_registered_and_later_tastes_are_degr
                   "--tolerance", "0.005", "--fail-if-degraded", "-o", "json", cwd=tmp_path)
     assert result.returncode == DEGRADED_EXIT_CODE, result.stderr[-2000:]
     verdict = json.loads(result.stdout)
-    assert verdict["metrics"]["ndcg_at_10"] < registered["ndcg_at_10"] - 0.005
-    assert any(re.match(r"ndcg_at_10 0\.\d{4} vs registered v1 ", f) for f in verdict["failures"]), verdict
+    assert verdict["metrics"]["ndcg_at_5"] < registered["ndcg_at_5"] - 0.005
+    assert any(re.match(r"ndcg_at_5 0\.\d{4} vs registered v1 ", f) for f in verdict["failures"]), verdict
     assert len(checks(client)) == 2 and "degraded" in client.get_model_version("shop", "1").tags[PERFORMANCE_TAG]
 
 

@@ -323,16 +323,55 @@ def reject_by_hand(name: str, version: str, reason: str, settings: KeelSettings)
 def _version_for_a_person(client: Any, name: str, version: str, reason: str, decision: str,
                           settings: KeelSettings) -> Any:
     """The model version a person decides on, which must exist; the decision needs a reason, kept on it."""
-    from mlflow.exceptions import MlflowException
-
     if not reason.strip():
         raise RegistryError(f"{decision} needs a reason (--reason), kept on the model version.")
+    return registered_version(client, name, version, settings)
+
+
+def registered_version(client: Any, name: str, version: str, settings: KeelSettings) -> Any:
+    """A version by number or alias (``champion``); a RegistryError lists the versions there are."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        return client.get_model_version(name, version)
+        if version.isdecimal():
+            return client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, version)
     except MlflowException as e:
+        ref = f"models:/{name}/{version}" if version.isdecimal() else f"models:/{name}@{version}"
         known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        raise RegistryError(f"models:/{name}/{version}: not in the registry at {settings.mlflow_tracking_uri} "
+        raise RegistryError(f"{ref}: not in the registry at {settings.mlflow_tracking_uri} "
                             f"({'versions: ' + ', '.join(map(str, known)) if known else 'no such model'}).") from e
+
+
+# Version tags a person's decision or a later check leaves (registry.promote_by_hand, reject_by_hand, keel evaluate)
+DECISION_TAGS = ("keel.promoted_by_hand", "keel.promoted_by", "keel.promoted_at", "keel.previous_champion",
+                 REJECTED, "keel.rejected_by", "keel.rejected_at", AWAITING_APPROVAL, tracking.PERFORMANCE)
+
+
+def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str, Any]:
+    """Where one version came from and what was decided about it, in one place: its pipeline run and commit,
+    the data it was trained on, its test metrics, the gate's decision, a person's decisions, the latest check
+    on labels, and the config it was trained with."""
+    client = tracking.mlflow_client(settings)
+    found = registered_version(client, name, version, settings)
+    aliases = sorted(alias for alias, v in (client.get_registered_model(name).aliases or {}).items()
+                     if str(v) == str(found.version))
+    run = client.get_run(found.run_id) if found.run_id else None
+    tags = run.data.tags if run else {}
+    return {
+        "model_uri": f"models:/{name}/{found.version}", "name": name, "version": str(found.version),
+        "aliases": aliases, "status": found.status, "created_ms": found.creation_timestamp,
+        "logged_model_id": tracking.logged_model_id(str(found.source or "")), "run_id": found.run_id,
+        "pipeline": tags.get(tracking.PIPELINE_TAG), "pipeline_run": tags.get(tracking.PIPELINE_RUN_TAG),
+        "git_commit": tags.get(tracking.GIT_COMMIT_TAG),
+        "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest,
+                      "source": json.loads(d.dataset.source or "{}").get("uri", d.dataset.source)}
+                     for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
+        "test_metrics": {k: v for k, v in sorted((run.data.metrics if run else {}).items()) if k.startswith("test_")},
+        "gate": tags.get("keel.gate"), "promotion_reason": tags.get("keel.promotion_reason"),
+        "decisions": {key: found.tags[key] for key in DECISION_TAGS if found.tags.get(key)},
+        "params": dict(sorted((run.data.params if run else {}).items())),
+    }
 
 
 def _record_decision(client: Any, target: Any, record: dict[str, str]) -> None:

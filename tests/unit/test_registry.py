@@ -16,7 +16,7 @@ from keel.evaluate import EVALUATION_FILE
 from keel.data.ingest import DATA_FILE
 from keel.errors import RegistryError
 from keel.registry import (CHALLENGER, CHAMPION, SCHEMA_SAMPLE_ROWS, dataset_schema, flatten_params,
-                           promote_by_hand, register)
+                           promote_by_hand, register, version_lineage)
 from keel.settings import KeelSettings
 from tests.stages import run_stages, small_config, write_small_source
 
@@ -127,6 +127,19 @@ def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings
     tags = tracking.mlflow_client(settings).get_model_version(MODEL, "2").tags
     assert tags["keel.promoted_by_hand"] == "overriding the gate for the demo"
     assert tags["keel.previous_champion"] == "1" and tags["keel.promoted_by"] and tags["keel.promoted_at"]
+    # The champion's lineage says where it came from and what was decided about it, by the gate and by hand.
+    lineage = version_lineage(MODEL, CHAMPION, settings)
+    assert (lineage["version"], lineage["aliases"], lineage["pipeline_run"]) == ("2", [CHALLENGER, CHAMPION], "run-b")
+    assert lineage["git_commit"] == "test-commit" and lineage["promotion_reason"].startswith("gate failed: ")
+    assert lineage["decisions"]["keel.promoted_by_hand"] == "overriding the gate for the demo"
+    client = tracking.mlflow_client(settings)
+    assert lineage["test_metrics"] == {k: v for k, v in client.get_run(lineage["run_id"]).data.metrics.items()
+                                       if k.startswith("test_")} and "test_f1_macro" in lineage["test_metrics"]
+    assert lineage["logged_model_id"] == client.get_model_version(MODEL, "2").source.removeprefix("models:/")
+    assert lineage["datasets"][0]["source"].endswith("data.parquet")
+    assert lineage["params"]["registry.approval"] == "gate"
+    with pytest.raises(RegistryError, match=r"models:/small-model@nope: not in the registry .*versions: 1, 2"):
+        version_lineage(MODEL, "nope", settings)
 
     back = promote_by_hand(MODEL, "1", "rollback", settings)
     assert back["previous_champion"] == "2" and _aliases(settings)[CHAMPION] == "1"
@@ -150,6 +163,9 @@ def test_a_promotion_whose_server_cannot_be_reached_says_the_champion_moved_and_
     back = keel("models", "promote", MODEL, "1", "--reason", "back", cwd=tmp_path)
     assert back.returncode == 0, back.stderr[-2000:]
     assert "champion v2 -> v1 (back)" in back.stdout and "Serving unchanged (no RayService" in back.stdout
+    shown = keel("models", "show", MODEL, cwd=tmp_path).stdout.splitlines()  # the champion, v1 again
+    assert shown[0].startswith(f"models:/{MODEL}/1 (champion), READY, registered ")
+    assert shown[1].split() == ["pipeline", "run:", "run-a", "(small)"] and "  promoted by hand:      back" in shown
 
 
 def test_gate_pass_promotes_an_equal_challenger(settings: KeelSettings, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import typer
@@ -9,8 +10,8 @@ import typer
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.settings import load_settings
 
-app = typer.Typer(help="Inspect registered models; move the champion by hand (approve, roll back) or reject a "
-                       "version.", no_args_is_help=True)
+app = typer.Typer(help="Inspect registered models and where a version came from; move the champion by hand "
+                       "(approve, roll back) or reject a version.", no_args_is_help=True)
 # The classifiers' headline metrics, then the recommenders' (each model has one set or the other)
 KEY_METRICS = ("test_accuracy", "test_f1_macro", "test_roc_auc", "test_ndcg_at_10", "test_recall_at_10")
 
@@ -53,6 +54,37 @@ def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
                   or "-",
                   *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in KEY_METRICS),
                   r["performance"].split(":")[0] if r["performance"] else "-"] for r in rows])
+
+
+@app.command("show")
+def show_command(
+    name: str = typer.Argument(..., help="The registered model, e.g. medical-diagnosis."),
+    version: str = typer.Argument("champion", help="A version number, or an alias (champion, challenger)."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """One version's lineage: pipeline run, commit, data, test metrics, the gate's and people's decisions."""
+    from keel.registry import version_lineage
+    from keel.tracking import PERFORMANCE
+
+    lineage = version_lineage(name, version, load_settings())
+    if output is OutputFormat.json:
+        print_json(lineage)
+        return
+    aliases = f" ({', '.join(lineage['aliases'])})" if lineage["aliases"] else ""
+    typer.echo(f"{lineage['model_uri']}{aliases}, {lineage['status']}, registered "
+               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(lineage['created_ms'] / 1000))}")
+    facts = [("pipeline run", f"{lineage['pipeline_run'] or '-'} ({lineage['pipeline'] or 'no pipeline tag'})"),
+             ("MLflow run", lineage["run_id"] or "-"), ("logged model", lineage["logged_model_id"] or "-"),
+             ("git commit", lineage["git_commit"] or "-"),
+             *(("trained on", f"{d['source']} (digest {d['digest']})") for d in lineage["datasets"]),
+             ("promotion", lineage["promotion_reason"] or f"gate {lineage['gate'] or '-'}"),
+             *(("on labels" if key == PERFORMANCE else key.removeprefix("keel.").replace("_", " "), value)
+               for key, value in lineage["decisions"].items())]
+    for label, value in facts:
+        typer.echo(f"  {label + ':':<22} {value}")
+    if lineage["test_metrics"]:
+        print_table(["test metric", "value"], [[k, f"{v:.4f}"] for k, v in lineage["test_metrics"].items()])
+    typer.echo(f"Config: {len(lineage['params'])} params on the run (`--output json` lists them).")
 
 
 @app.command("promote")

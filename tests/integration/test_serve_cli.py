@@ -131,8 +131,9 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     instance although a head is running on this machine."""
     port = free_port()
     env = ray_head  # the CLI and the Ray head share one registry, as in a cluster
-    # the demo's tuning and compression are covered by test_pipeline_local
-    assert _run_serving("tune: {num_samples: 0}\ncompress: {methods: [int8]}\n", port, tmp_path, env)["champion"]
+    # the demo's tuning, training to convergence and compression are covered by test_pipeline_local
+    assert _run_serving("tune: {num_samples: 0}\ntrain: {max_epochs: 5}\ncompress: {methods: [int8]}\n", port,
+                        tmp_path, env)["champion"]
     row = {"mean_radius": 14.0}
     response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
                           json={"records": [row]}, timeout=30)
@@ -183,7 +184,7 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
 
     # approval: manual: a version that passes the gate waits for a person, and the deploy step serves it as
     # the canary of the model being served (v2: registry.preview), which answers the other half.
-    waiting = _run_serving("tune: {num_samples: 0}\ncompress: {methods: []}\n"
+    waiting = _run_serving("tune: {num_samples: 0}\ntrain: {max_epochs: 5}\ncompress: {methods: []}\n"
                            "registry: {approval: manual, preview: canary, canary_weight: 0.5}\n"
                            "evaluate: {gate: {tolerance: 1.0, slice_tolerance: 1.0}}\n", port, tmp_path, env)
     assert waiting["champion"] is False and waiting["awaiting_approval"] is True

@@ -113,7 +113,7 @@ def print_summary(report: dict[str, Any]) -> None:
         typer.echo("\nTest metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in report["test_metrics"].items()))
     if report["model_uri"]:
         alias = ("champion" if report["champion"] else "challenger, awaiting approval" if report.get("awaiting_approval")
-                 else "challenger (the champion stays)")
+                 else "challenger; the champion stays")
         typer.echo(f"Registered model: {report['model_uri']} ({alias})")
         typer.echo(f"Promotion: {report['promotion']}")
         typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")

@@ -21,7 +21,8 @@ def check_performance(model_uri: str, source: str, config: str, run_name: str, j
 
         from keel import storage
         from keel.evaluate import REPORT_HTML
-        from keel.monitor.performance import PERFORMANCE_FILE, check_with_config, emit_kfp_check
+        from keel.monitor.performance import check_with_config
+        from keel.monitor.verdict import PERFORMANCE_FILE, emit_kfp_check
 
         checked = check_with_config(model_uri, source, run.output_uri, run.config, run.settings)
         emit_kfp_check(storage.read_json(storage.join(run.output_uri, PERFORMANCE_FILE), run.settings), metrics,

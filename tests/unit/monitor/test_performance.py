@@ -14,8 +14,8 @@ from keel import storage, tracking
 from keel.config import PipelineConfig
 from keel.cli.evaluate import DEGRADED_EXIT_CODE
 from keel.errors import ConfigError, DataError
-from keel.monitor.performance import (EVALUATED_VERSION_TAG, PERFORMANCE_FILE, PERFORMANCE_TAG, PerformanceConfig,
-                                      check_performance, evaluate_config_from_params)
+from keel.monitor.performance import PerformanceConfig, check_performance, evaluate_config_from_params
+from keel.monitor.verdict import EVALUATED_VERSION_TAG, PERFORMANCE_FILE, PERFORMANCE_TAG
 from keel.registry import flatten_params, register
 from keel.settings import KeelSettings
 from tests.conftest import small_frame

@@ -15,7 +15,8 @@ from keel import storage, tracking
 from keel.cli.evaluate import DEGRADED_EXIT_CODE
 from keel.config import parse_pipeline_config
 from keel.errors import ConfigError, DataError
-from keel.monitor.performance import PERFORMANCE_TAG, PerformanceConfig, check_performance
+from keel.monitor.performance import PerformanceConfig, check_performance
+from keel.monitor.verdict import PERFORMANCE_TAG
 from keel.recommend.config import RecommendPipelineConfig
 from keel.recommend.data import BUILTIN_SOURCE, ID_FILES, prepare
 from keel.recommend.evaluate import evaluate_recommender

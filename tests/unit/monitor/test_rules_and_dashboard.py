@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.monitor.performance import verdict_registry
+from keel.monitor.verdict import verdict_registry
 from keel.serve.canary import CanaryMetrics
 from keel.serve.metrics import ServingMetrics
 from keel.serve.shadow import ShadowMetrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,12 +53,28 @@ def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
     frame = storage.read_parquet(storage.join(dataset_uri, DATA_FILE), settings)
     # The source MLflow records is the ingested copy: exactly the bytes trained on, at a URI
     # MLflow can resolve. Where they came from is the ``dataset.source`` param.
-    dataset = from_pandas(frame, source=storage.join(dataset_uri, DATA_FILE), targets=target,
-                                      name=storage.filename(manifest["source"]), digest=manifest["sha256"][:16])
-    dataset.schema = dataset_schema(frame)  # a cached property: set, MLflow's own row-by-row pass never runs
-    _log_input_retrying(dataset)
+    dataset = table_dataset(frame, storage.join(dataset_uri, DATA_FILE), storage.filename(manifest["source"]),
+                            manifest["sha256"][:16], target)
+    log_training_input(dataset)
     mlflow.log_params({"dataset.source": manifest["source"], "dataset.sha256": manifest["sha256"],
                        "dataset.rows": manifest["rows"]})
+
+
+def table_dataset(frame: pd.DataFrame, source: str, name: str, digest: str | None = None,
+                  target: str | None = None) -> Any:
+    """``frame`` as an MLflow dataset, at ``source`` where MLflow can resolve it (a path, ``s3://``,
+    ``http(s)://``; a ``builtin://`` table is named but has no source MLflow could open), with the schema
+    :func:`dataset_schema` infers (a cached property: set, MLflow's own row-by-row pass never runs)."""
+    from mlflow.exceptions import MlflowException
+
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns it is ambiguous
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        try:
+            dataset = from_pandas(frame, source=source, targets=target, name=name, digest=digest)
+        except MlflowException:
+            dataset = from_pandas(frame, targets=target, name=name, digest=digest)
+    dataset.schema = dataset_schema(frame)
+    return dataset
 
 
 def dataset_schema(frame: pd.DataFrame) -> Schema:
@@ -73,11 +90,13 @@ def dataset_schema(frame: pd.DataFrame) -> Schema:
 def _column_spec(column: pd.Series) -> ColSpec:
     present = column.dropna()
     sample = (present if len(present) else column).head(SCHEMA_SAMPLE_ROWS)  # all null: MLflow's verdict on nulls
-    inferred = mlflow.models.infer_signature(sample.to_frame(column.name)).inputs.inputs[0]
+    with warnings.catch_warnings():  # that integer columns cannot take nulls: a model input's concern, not a record's
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        inferred = mlflow.models.infer_signature(sample.to_frame(column.name)).inputs.inputs[0]
     return ColSpec(inferred.type, column.name, required=len(present) == len(column))
 
 
-def _log_input_retrying(dataset: Any, attempts: int = 3) -> None:
+def log_training_input(dataset: Any, attempts: int = 3) -> None:
     """MLflow creates a dataset row get-or-create style, not atomically: two runs logging the
     same data at once can collide on its unique key. The loser retries and links the winner's row."""
     from mlflow.exceptions import MlflowException

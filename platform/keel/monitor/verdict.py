@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,22 +60,10 @@ def summary_tag(report: dict[str, Any], source: str) -> str:
 
 
 def labeled_dataset(frame: pd.DataFrame, source: str, sha256: str, target: str | None) -> Any:
-    """The table as an MLflow dataset: the file's own digest, and its URI where MLflow can resolve one (a path,
-    ``s3://``, ``http(s)://``); a ``builtin://`` table is named but has no source MLflow could open."""
-    from mlflow.data.pandas_dataset import from_pandas
-    from mlflow.exceptions import MlflowException
+    """The checked table as an MLflow dataset, with the file's own digest."""
+    from keel.registry import table_dataset
 
-    from keel.registry import dataset_schema
-
-    with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns it is ambiguous
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        try:
-            dataset = from_pandas(frame, source=source, targets=target, name=storage.filename(source),
-                                  digest=sha256[:16])
-        except MlflowException:
-            dataset = from_pandas(frame, targets=target, name=storage.filename(source), digest=sha256[:16])
-    dataset.schema = dataset_schema(frame)  # as the register step does: no row-by-row pass
-    return dataset
+    return table_dataset(frame, source, storage.filename(source), sha256[:16], target)
 
 
 def log_check(report: dict[str, Any], directory: Path, registration: Registration, dataset: Any,

@@ -54,10 +54,20 @@ def _log_model(package_dir: Path) -> str:
     return str(info.model_uri)
 
 
+def _log_interactions(train: pd.DataFrame, splits: dict[str, Any]) -> None:
+    """The interactions the model was trained on, as the run's training dataset (MLflow's Datasets tab and
+    ``keel models show``): the train split it saw, ids numbered as the model numbers them, named after the
+    source they came from."""
+    registry.log_training_input(registry.table_dataset(train, splits["splits"]["train"],
+                                                       storage.filename(splits["source"])))
+    mlflow.log_params({"dataset.source": splits["source"], "dataset.rows": splits["rows"]})
+
+
 def register_recommender(model_uri: str, evaluation_uri: str, splits_uri: str, config: RegisterConfig,
                          params: dict[str, Any], pipeline_run_id: str, pipeline: str, output_uri: str,
                          settings: KeelSettings) -> dict[str, Any]:
-    """Log params, test metrics and the pyfunc to the pipeline's MLflow run; register a version."""
+    """Log params, test metrics, the interactions trained on and the pyfunc to the pipeline's MLflow run; register
+    a version."""
     with registry.registration(config, pipeline_run_id, pipeline, output_uri, settings) as step:
         evaluation = registry.read_evaluation(evaluation_uri, EVALUATION_FILE, settings)
         k = evaluation["k"]
@@ -65,10 +75,11 @@ def register_recommender(model_uri: str, evaluation_uri: str, splits_uri: str, c
         mlflow.log_metrics({f"test_recall_at_{k}": evaluation[f"recall_at_{k}"],
                             f"test_ndcg_at_{k}": evaluation[f"ndcg_at_{k}"]})
         splits = storage.read_manifest(splits_uri, settings)
+        train = storage.read_parquet(splits["splits"]["train"], settings)
+        _log_interactions(train, splits)
         package = Recommender.package(
             storage.download_directory(model_uri, step.scratch / "model", settings),
-            storage.read_parquet(splits["popularity"], settings),
-            storage.read_parquet(splits["splits"]["train"], settings),
+            storage.read_parquet(splits["popularity"], settings), train,
             {column: storage.read_parquet(uri, settings) for column, uri in splits["ids"].items()},
             step.scratch / "recommender")
         return step.publish(config, _log_model(package), evaluation["gate"])

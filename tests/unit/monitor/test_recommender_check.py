@@ -23,6 +23,7 @@ from keel.recommend.evaluate import evaluate_recommender
 from keel.recommend.model import FactorizationSpec, MatrixFactorization, bpr_optimizer, save_factorization
 from keel.recommend.registry import register_recommender
 from keel.recommend.train import bpr_epoch, seen_pairs
+from keel.registry import version_lineage
 from keel.settings import KeelSettings
 from tests.unit.monitor.test_performance import checks, labeled_table
 from tests.unit.test_cli import keel
@@ -86,6 +87,10 @@ def test_the_held_out_interactions_score_as_registered_and_later_tastes_are_degr
     assert run.data.metrics["popular_ndcg_at_5"] < run.data.metrics["ndcg_at_5"]
     logged = client.get_logged_model(tracking.logged_model_id(version.source))
     assert {m.key for m in logged.metrics if m.run_id == run.info.run_id} >= {"ndcg_at_5", "recall_at_5"}
+    lineage = version_lineage("shop", "champion", settings)  # trained on the train split of the generator's data
+    assert [(d["name"], Path(d["source"]).name) for d in lineage["datasets"]] == [("ecommerce_interactions",
+                                                                                  "train.parquet")]
+    assert lineage["params"]["dataset.source"] == BUILTIN_SOURCE and lineage["params"]["evaluate.k"] == "5"
 
     # The same users went on to items that have nothing to do with their past ones: degraded.
     rng = np.random.default_rng(0)

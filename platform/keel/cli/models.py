@@ -12,8 +12,10 @@ from keel.settings import load_settings
 
 app = typer.Typer(help="Inspect registered models and where a version came from; move the champion by hand "
                        "(approve, roll back) or reject a version.", no_args_is_help=True)
-# The classifiers' headline metrics, then the recommenders' (each model has one set or the other)
-KEY_METRICS = ("test_accuracy", "test_f1_macro", "test_roc_auc", "test_ndcg_at_10", "test_recall_at_10")
+# The classifiers' headline metrics, then the recommenders' at their own k (each model has one set or the other)
+# (column: metric name, or the prefix of a recommender's test_ndcg_at_10, test_ndcg_at_5, ...)
+KEY_METRICS = {"test_accuracy": "test_accuracy", "test_f1_macro": "test_f1_macro", "test_roc_auc": "test_roc_auc",
+               "test_ndcg@k": "test_ndcg_at_", "test_recall@k": "test_recall_at_"}
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -33,7 +35,7 @@ def list_models() -> list[dict[str, Any]]:
                          "awaiting_approval": version.tags.get(tracking.AWAITING_APPROVAL) == "true",
                          "rejected": version.tags.get(tracking.REJECTED),  # the reason, when a person rejected it
                          "performance": version.tags.get(tracking.PERFORMANCE),  # the latest check on labels
-                         "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
+                         "metrics": {k: v for k, v in metrics.items() if k.startswith(tuple(KEY_METRICS.values()))},
                          "run_id": version.run_id, "created": version.creation_timestamp})
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
 
@@ -52,8 +54,14 @@ def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
                 [[r["name"], r["version"], ",".join(r["aliases"] + (["awaiting approval"] if r["awaiting_approval"]
                                                                     else []) + (["rejected"] if r["rejected"] else []))
                   or "-",
-                  *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in KEY_METRICS),
+                  *(shown_key_metric(r["metrics"], k) for k in KEY_METRICS.values()),
                   r["performance"].split(":")[0] if r["performance"] else "-"] for r in rows])
+
+
+def shown_key_metric(metrics: dict[str, float], key: str) -> str:
+    """A version's value for ``key`` (a prefix: a recommender's at whichever k it was evaluated at), or a dash."""
+    found = [value for name, value in metrics.items() if name == key or key.endswith("_") and name.startswith(key)]
+    return f"{found[0]:.4f}" if found else "-"
 
 
 @app.command("show")

@@ -13,6 +13,7 @@ import torch
 
 from keel import storage, tracking
 from keel.cli.evaluate import DEGRADED_EXIT_CODE
+from keel.cli.models import KEY_METRICS, list_models, shown_key_metric
 from keel.config import parse_pipeline_config
 from keel.errors import ConfigError, DataError
 from keel.monitor.performance import PerformanceConfig, check_performance
@@ -91,6 +92,8 @@ def test_the_held_out_interactions_score_as_registered_and_later_tastes_are_degr
     assert [(d["name"], Path(d["source"]).name) for d in lineage["datasets"]] == [("ecommerce_interactions",
                                                                                   "train.parquet")]
     assert lineage["params"]["dataset.source"] == BUILTIN_SOURCE and lineage["params"]["evaluate.k"] == "5"
+    (listed,) = list_models()  # `keel models list` shows its NDCG at its own k in the recommenders' column
+    assert shown_key_metric(listed["metrics"], KEY_METRICS["test_ndcg@k"]) == f"{registered['ndcg_at_5']:.4f}"
 
     # The same users went on to items that have nothing to do with their past ones: degraded.
     rng = np.random.default_rng(0)

@@ -94,6 +94,9 @@ def test_the_fine_tuned_model_and_the_baseline_are_scored_on_held_out_phrasings(
     assert run.data.metrics["test_f1_macro"] == pytest.approx(evaluation["f1_macro"])
     assert run.data.metrics["baseline_bow_f1_macro"] == pytest.approx(evaluation["baseline_bag_of_words"]["f1_macro"])
     assert run.data.tags["keel.variant"] == evaluation["chosen"]
+    (trained_on,) = run.inputs.dataset_inputs  # the scrubbed utterances, by schema and digest
+    assert json.loads(trained_on.dataset.source)["uri"].endswith("train.parquet")
+    assert [c["name"] for c in json.loads(trained_on.dataset.schema)["mlflow_colspec"]] == ["text", "intent"]
     assert report["model_uri"] == f"models:/{MODEL}/1" and report["champion"] is True
 
 

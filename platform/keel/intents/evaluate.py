@@ -191,7 +191,7 @@ def evaluate_intents(model_uri: str, splits_uri: str, output_uri: str, settings:
         if mlflow_run_id:
             _log_to_mlflow(settings, mlflow_run_id, report, reports, figure, out.path(REPORT_HTML))
         out.manifest.update(
-            f1_macro=chosen.f1_macro, chosen=chosen_name, evaluation=out.uri_of(EVALUATION_FILE),
+            f1_macro=chosen.f1_macro, chosen=chosen_name, evaluation=out.uri_of(EVALUATION_FILE), splits_uri=splits_uri,
             model_uri=out.uri_of(MODEL_DIR), report_html=out.uri_of(REPORT_HTML), gate_passed=decision.passed,
             gate=decision.summary,
             summary=(f"fine-tuned macro-F1 {fine_tuned.f1_macro:.4f} vs bag-of-words {baseline['f1_macro']:.4f}; "

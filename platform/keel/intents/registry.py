@@ -49,9 +49,21 @@ def _log_model(model_dir: Path) -> str:
     return str(info.model_uri)
 
 
+def _log_utterances(splits_uri: str, settings: KeelSettings) -> None:
+    """The utterances the model was fine-tuned on, personal data already replaced, as the run's training
+    dataset (MLflow's Datasets tab and ``keel models show``): their text and intent columns, by schema and
+    digest; MLflow keeps no rows of it."""
+    splits = storage.read_manifest(splits_uri, settings)
+    train = storage.read_parquet(splits["splits"]["train"], settings)[["text", "intent"]]
+    registry.log_training_input(registry.table_dataset(train, splits["splits"]["train"],
+                                                       storage.filename(splits["source"]), target="intent"))
+    mlflow.log_params({"dataset.source": splits["source"], "dataset.rows": splits["rows"]})
+
+
 def register_intents(evaluation_uri: str, config: RegisterConfig, params: dict[str, Any], pipeline_run_id: str,
                      pipeline: str, output_uri: str, settings: KeelSettings) -> dict[str, Any]:
-    """Log params, test metrics and the chosen variant's pyfunc to the pipeline's MLflow run; register it."""
+    """Log params, test metrics, the utterances trained on and the chosen variant's pyfunc to the pipeline's MLflow
+    run; register it."""
     with registry.registration(config, pipeline_run_id, pipeline, output_uri, settings) as step:
         evaluation = registry.read_evaluation(evaluation_uri, EVALUATION_FILE, settings)
         mlflow.log_params(registry.flatten_params(params))
@@ -59,5 +71,8 @@ def register_intents(evaluation_uri: str, config: RegisterConfig, params: dict[s
                             "test_fine_tuned_f1_macro": evaluation["fine_tuned"]["f1_macro"],
                             "test_baseline_bow_f1_macro": evaluation["baseline_bag_of_words"]["f1_macro"]})
         mlflow.set_tag("keel.variant", evaluation["chosen"])
+        splits_uri = storage.read_manifest(evaluation_uri, settings).get("splits_uri")
+        if splits_uri:  # an evaluation published before it recorded its splits has nothing to point at
+            _log_utterances(splits_uri, settings)
         model_dir = storage.download_directory(storage.join(evaluation_uri, MODEL_DIR), step.scratch / "model", settings)
         return step.publish(config, _log_model(model_dir), evaluation["gate"])

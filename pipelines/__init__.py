@@ -18,6 +18,7 @@ PIPELINES = {
     "ecommerce_recommendations": "pipelines.ecommerce_recommendations.pipeline",
     "medical_diagnosis": "pipelines.medical_diagnosis.pipeline",
     "model_performance": "pipelines.model_performance.pipeline",
+    "retrain_intents_when_degraded": "pipelines.retrain_intents_when_degraded.pipeline",
     "retrain_recommendations_when_degraded": "pipelines.retrain_recommendations_when_degraded.pipeline",
     "retrain_when_degraded": "pipelines.retrain_when_degraded.pipeline",
 }

@@ -10,13 +10,10 @@ pass that pipeline's gate against the champion to replace it.
 from pathlib import Path
 from typing import Any
 
-from kfp import dsl
-
-from keel.cluster import CONFIG_MAP, CREDENTIALS_SECRET
 from keel.recommend.data import BUILTIN_SOURCE
 from pipelines import RETRIES
 from pipelines.ecommerce_recommendations import pipeline as ecommerce_recommendations
-from pipelines.retrain_when_degraded.pipeline import default_check_config, when_degraded
+from pipelines.retrain_when_degraded.pipeline import build_retraining
 
 NAME = "retrain-recommendations-when-degraded"
 DEFAULT_MODEL = "models:/ecommerce-recommendations@champion"
@@ -25,20 +22,8 @@ DEFAULT_MODEL = "models:/ecommerce-recommendations@champion"
 def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     """``config_override`` merges over the training config (ecommerce_recommendations'); the check's own config
     is the ``check_config`` parameter, model_performance's by default."""
-    training = ecommerce_recommendations.build(config_override, retries)
-
-    @dsl.pipeline(name=NAME, description="Check the ecommerce-recommendations champion on the interactions that "
-                                         "came in since; when it is degraded, run the ecommerce_recommendations "
-                                         "pipeline to train, gate and register a successor.")
-    def retrain_recommendations_when_degraded(
-            labels_source: str, model_uri: str = DEFAULT_MODEL, source: str = BUILTIN_SOURCE, run_name: str = "",
-            retrain: bool = True, serve: bool = False, serve_port: int = 8000, config_map: str = CONFIG_MAP,
-            credentials_secret: str = CREDENTIALS_SECRET, check_config: str = default_check_config(),
-            config: str = training.component_spec.inputs["config"].default) -> str:
-        with when_degraded(model_uri, labels_source, check_config, run_name, retrain, config_map,
-                           credentials_secret, retries) as checked:
-            training(source=source, run_name=run_name, serve=serve, serve_port=serve_port, config_map=config_map,
-                     credentials_secret=credentials_secret, config=config)
-        return checked.outputs["performance_uri"]
-
-    return retrain_recommendations_when_degraded
+    return build_retraining(
+        ecommerce_recommendations.build(config_override, retries), NAME,
+        "Check the ecommerce-recommendations champion on the interactions that came in since; when it is "
+        "degraded, run the ecommerce_recommendations pipeline to train, gate and register a successor.",
+        DEFAULT_MODEL, BUILTIN_SOURCE, retries)

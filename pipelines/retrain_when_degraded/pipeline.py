@@ -49,6 +49,27 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     return retrain_when_degraded
 
 
+def build_retraining(training: Any, name: str, description: str, default_model: str, default_source: str,
+                     retries: int) -> Any:
+    """A retraining DAG around a training pipeline whose parameters are the usual ones (``source``,
+    ``run_name``, ``serve``, ``serve_port``, the cluster's config map and secret, ``config``): the
+    recommender's and the text classifier's. medical_diagnosis also takes ``gpus``, so it has its own."""
+
+    @dsl.pipeline(name=name, description=description)
+    def retraining(labels_source: str, model_uri: str = default_model, source: str = default_source,
+                   run_name: str = "", retrain: bool = True, serve: bool = False, serve_port: int = 8000,
+                   config_map: str = CONFIG_MAP, credentials_secret: str = CREDENTIALS_SECRET,
+                   check_config: str = default_check_config(),
+                   config: str = training.component_spec.inputs["config"].default) -> str:
+        with when_degraded(model_uri, labels_source, check_config, run_name, retrain, config_map,
+                           credentials_secret, retries) as checked:
+            training(source=source, run_name=run_name, serve=serve, serve_port=serve_port, config_map=config_map,
+                     credentials_secret=credentials_secret, config=config)
+        return checked.outputs["performance_uri"]
+
+    return retraining
+
+
 def default_check_config() -> str:
     """model_performance's config (tolerance, fewest rows), the ``check_config`` parameter's default."""
     return load_pipeline_config(model_performance.CONFIG_FILE).to_json()

@@ -261,3 +261,27 @@ def compared_rows(mirror: Any, version: str, timeout_s: float = 30) -> dict[str,
     return {agreement: mirror.metrics.registry.get_sample_value("keel_shadow_rows_total",
                                                                 {**labels, "agreement": agreement})
             for agreement in ("same", "different")}
+
+
+def test_retraining_fine_tunes_a_successor_only_after_a_degraded_check(pipeline_run: tuple[Path, dict]) -> None:
+    """retrain_intents_when_degraded: messages whose intents came back as another intent make the champion's
+    check degraded, so the customer_service_intents sub-DAG fine-tunes, gates and registers a successor. (Last in
+    the file: its successor may become champion.)"""
+    workdir, report = pipeline_run
+    raw = generate_utterances(per_intent=24)
+    intents = sorted(raw["intent"].unique())
+    raw.assign(intent=raw["intent"].map(dict(zip(intents, intents[1:] + intents[:1]))))[["text", "intent"]].to_csv(
+        workdir / "relabeled.csv", index=False)
+    (workdir / "retrain.yaml").write_text(REDUCED.replace("per_intent: 24", "per_intent: 12"))
+    result = keel("run", "retrain_intents_when_degraded", "--config", "retrain.yaml", "--param",
+                  "labels_source=relabeled.csv", "--output", "json", cwd=workdir,
+                  env={"KEEL_HOME": str(workdir / ".keel")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert [s["stage"] for s in summary["stages"]] == ["check", "ingest", "train", "evaluate", "register"]
+    checked = json.loads((Path(summary["artifacts"]) / "check" / "manifest.json").read_text())
+    assert checked["summary"].startswith("degraded: f1_macro ")
+    assert summary["model_uri"] == f"models:/{MODEL}/2"  # a successor, gated like any other run
+    gate_decision = json.loads((Path(summary["artifacts"]) / "evaluate" / "evaluation.json").read_text())["gate"]
+    assert any("vs champion v1" in reason for reason in gate_decision["reasons"])
+    assert summary["champion"] == gate_decision["passed"]

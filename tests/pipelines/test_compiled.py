@@ -82,7 +82,8 @@ def test_every_pipeline_that_serves_previews_a_version_awaiting_approval(name: s
 
 @pytest.mark.parametrize("retraining, training", [("retrain_when_degraded", "medical_diagnosis"),
                                                    ("retrain_recommendations_when_degraded",
-                                                    "ecommerce_recommendations")])
+                                                    "ecommerce_recommendations"),
+                                                   ("retrain_intents_when_degraded", "customer_service_intents")])
 def test_retraining_runs_the_whole_training_pipeline_only_after_a_degraded_check(retraining: str,
                                                                                  training: str) -> None:
     """The check at the root; under retrain=true and the check's degraded output, the training pipeline as one

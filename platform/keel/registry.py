@@ -60,6 +60,15 @@ def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
                        "dataset.rows": manifest["rows"]})
 
 
+def log_training_split(train: pd.DataFrame, splits: dict[str, Any], target: str | None = None) -> None:
+    """A pipeline's train split as its run's training dataset (MLflow's Datasets tab, ``keel models show``),
+    named after the source it came from, with that source and the row count as ``dataset.*`` params.
+    ``splits`` is the manifest of the step that published the splits."""
+    log_training_input(table_dataset(train, splits["splits"]["train"], storage.filename(splits["source"]),
+                                     target=target))
+    mlflow.log_params({"dataset.source": splits["source"], "dataset.rows": splits["rows"]})
+
+
 def table_dataset(frame: pd.DataFrame, source: str, name: str, digest: str | None = None,
                   target: str | None = None) -> Any:
     """``frame`` as an MLflow dataset, at ``source`` where MLflow can resolve it (a path, ``s3://``,

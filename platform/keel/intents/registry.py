@@ -55,9 +55,7 @@ def _log_utterances(splits_uri: str, settings: KeelSettings) -> None:
     digest; MLflow keeps no rows of it."""
     splits = storage.read_manifest(splits_uri, settings)
     train = storage.read_parquet(splits["splits"]["train"], settings)[["text", "intent"]]
-    registry.log_training_input(registry.table_dataset(train, splits["splits"]["train"],
-                                                       storage.filename(splits["source"]), target="intent"))
-    mlflow.log_params({"dataset.source": splits["source"], "dataset.rows": splits["rows"]})
+    registry.log_training_split(train, splits, target="intent")
 
 
 def register_intents(evaluation_uri: str, config: RegisterConfig, params: dict[str, Any], pipeline_run_id: str,

@@ -54,15 +54,6 @@ def _log_model(package_dir: Path) -> str:
     return str(info.model_uri)
 
 
-def _log_interactions(train: pd.DataFrame, splits: dict[str, Any]) -> None:
-    """The interactions the model was trained on, as the run's training dataset (MLflow's Datasets tab and
-    ``keel models show``): the train split it saw, ids numbered as the model numbers them, named after the
-    source they came from."""
-    registry.log_training_input(registry.table_dataset(train, splits["splits"]["train"],
-                                                       storage.filename(splits["source"])))
-    mlflow.log_params({"dataset.source": splits["source"], "dataset.rows": splits["rows"]})
-
-
 def register_recommender(model_uri: str, evaluation_uri: str, splits_uri: str, config: RegisterConfig,
                          params: dict[str, Any], pipeline_run_id: str, pipeline: str, output_uri: str,
                          settings: KeelSettings) -> dict[str, Any]:
@@ -76,7 +67,7 @@ def register_recommender(model_uri: str, evaluation_uri: str, splits_uri: str, c
                             f"test_ndcg_at_{k}": evaluation[f"ndcg_at_{k}"]})
         splits = storage.read_manifest(splits_uri, settings)
         train = storage.read_parquet(splits["splits"]["train"], settings)
-        _log_interactions(train, splits)
+        registry.log_training_split(train, splits)  # ids numbered as the model numbers them
         package = Recommender.package(
             storage.download_directory(model_uri, step.scratch / "model", settings),
             storage.read_parquet(splits["popularity"], settings), train,

@@ -394,7 +394,7 @@ def log_to_mlflow(report: dict[str, Any], directory: Path, run_id: str, settings
         if (directory / name).exists():
             client.log_artifact(run_id, str(directory / name), "evaluation")
     client.log_dict(run_id, report["gate"], "evaluation/gate.json")
-    client.set_tag(run_id, "keel.gate", ("passed" if report["gate"]["passed"] else "failed"))
+    client.set_tag(run_id, tracking.GATE_TAG, ("passed" if report["gate"]["passed"] else "failed"))
 
 
 def emit_kfp_metrics(report: dict[str, Any], metrics: Any, classification: Any) -> None:

@@ -32,6 +32,12 @@ from keel.settings import KeelSettings
 
 CHAMPION, CHALLENGER, AWAITING_APPROVAL = tracking.CHAMPION, tracking.CHALLENGER, tracking.AWAITING_APPROVAL
 REJECTED = tracking.REJECTED
+# Version tags a person's decision leaves (promote_by_hand, reject_by_hand): who, when, and from which champion
+PROMOTED_BY_HAND, PROMOTED_BY, PROMOTED_AT = "keel.promoted_by_hand", "keel.promoted_by", "keel.promoted_at"
+PREVIOUS_CHAMPION, REJECTED_BY, REJECTED_AT = "keel.previous_champion", "keel.rejected_by", "keel.rejected_at"
+# ... and what `keel models show` lists of them, with the check on labels (keel evaluate)
+DECISION_TAGS = (PROMOTED_BY_HAND, PROMOTED_BY, PROMOTED_AT, PREVIOUS_CHAMPION, REJECTED, REJECTED_BY, REJECTED_AT,
+                 AWAITING_APPROVAL, tracking.PERFORMANCE)
 INPUT_EXAMPLE_ROWS = 5
 SCHEMA_SAMPLE_ROWS = 1000
 
@@ -230,9 +236,9 @@ class Registration:
         self.version = str(create_version(self.client, config.model_name, logged_uri, self.run_id,
                                           {tracking.PIPELINE_RUN_TAG: self.pipeline_run_id}).version)
         decision = promote(self.client, config, self.version, gate)
-        mlflow.set_tags({"keel.promoted": str(decision["promoted"]).lower(),
-                         "keel.gate": "passed" if gate["passed"] else "failed",
-                         "keel.promotion_reason": decision["reason"][:5000]})
+        mlflow.set_tags({tracking.PROMOTED_TAG: str(decision["promoted"]).lower(),
+                         tracking.GATE_TAG: "passed" if gate["passed"] else "failed",
+                         tracking.PROMOTION_REASON_TAG: decision["reason"][:5000]})
         self.out.manifest.update(model_name=config.model_name, version=self.version,
                                  model_uri=f"models:/{config.model_name}/{self.version}", mlflow_run_id=self.run_id,
                                  tracking_uri=self.tracking_uri, **decision,
@@ -327,8 +333,8 @@ def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings
         raise RegistryError(f"models:/{name}/{version} is {target.status}, not READY: it cannot serve.")
     previous = tracking.champion_version(client, name)
     set_alias(client, name, CHAMPION, str(target.version))
-    _record_decision(client, target, {"keel.promoted_by_hand": reason.strip()[:5000], "keel.promoted_by": _user(),
-                                      "keel.promoted_at": _now(), "keel.previous_champion": previous or "none"})
+    _record_decision(client, target, {PROMOTED_BY_HAND: reason.strip()[:5000], PROMOTED_BY: _user(),
+                                      PROMOTED_AT: _now(), PREVIOUS_CHAMPION: previous or "none"})
     return {"model_name": name, "version": str(target.version), "previous_champion": previous,
             "changed": previous != str(target.version), "reason": reason.strip()}
 
@@ -342,8 +348,7 @@ def reject_by_hand(name: str, version: str, reason: str, settings: KeelSettings)
         raise RegistryError(f"models:/{name}/{target.version} is the champion: to stop serving it, promote "
                             f"another version (`keel models promote {name} N --reason ...`).")
     awaiting = target.tags.get(AWAITING_APPROVAL) == "true"
-    _record_decision(client, target, {REJECTED: reason.strip()[:5000], "keel.rejected_by": _user(),
-                                      "keel.rejected_at": _now()})
+    _record_decision(client, target, {REJECTED: reason.strip()[:5000], REJECTED_BY: _user(), REJECTED_AT: _now()})
     return {"model_name": name, "version": str(target.version), "was_awaiting_approval": awaiting,
             "reason": reason.strip()}
 
@@ -371,11 +376,6 @@ def registered_version(client: Any, name: str, version: str, settings: KeelSetti
                             f"({'versions: ' + ', '.join(map(str, known)) if known else 'no such model'}).") from e
 
 
-# Version tags a person's decision or a later check leaves (registry.promote_by_hand, reject_by_hand, keel evaluate)
-DECISION_TAGS = ("keel.promoted_by_hand", "keel.promoted_by", "keel.promoted_at", "keel.previous_champion",
-                 REJECTED, "keel.rejected_by", "keel.rejected_at", AWAITING_APPROVAL, tracking.PERFORMANCE)
-
-
 def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str, Any]:
     """Where one version came from and what was decided about it, in one place: its pipeline run and commit,
     the data it was trained on, its test metrics, the gate's decision, a person's decisions, the latest check
@@ -389,14 +389,14 @@ def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str
     return {
         "model_uri": f"models:/{name}/{found.version}", "name": name, "version": str(found.version),
         "aliases": aliases, "status": found.status, "created_ms": found.creation_timestamp,
-        "logged_model_id": tracking.logged_model_id(str(found.source or "")), "run_id": found.run_id,
+        "logged_model_id": tracking.version_logged_model_id(found, run), "run_id": found.run_id,
         "pipeline": tags.get(tracking.PIPELINE_TAG), "pipeline_run": tags.get(tracking.PIPELINE_RUN_TAG),
         "git_commit": tags.get(tracking.GIT_COMMIT_TAG),
         "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest,
                       "source": json.loads(d.dataset.source or "{}").get("uri", d.dataset.source)}
                      for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
         "test_metrics": {k: v for k, v in sorted((run.data.metrics if run else {}).items()) if k.startswith("test_")},
-        "gate": tags.get("keel.gate"), "promotion_reason": tags.get("keel.promotion_reason"),
+        "gate": tags.get(tracking.GATE_TAG), "promotion_reason": tags.get(tracking.PROMOTION_REASON_TAG),
         "decisions": {key: found.tags[key] for key in DECISION_TAGS if found.tags.get(key)},
         "params": dict(sorted((run.data.params if run else {}).items())),
     }

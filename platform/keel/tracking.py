@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keel import storage
 from keel.settings import KeelSettings, export_s3_environment
@@ -26,6 +26,9 @@ CHALLENGER = "challenger"  # registry alias of the newest registered version
 AWAITING_APPROVAL = "keel.awaiting_approval"  # version tag: passed the gate, waits for a person (approval: manual)
 REJECTED = "keel.rejected"  # version tag: a person turned it down (`keel models reject`), with the reason
 PERFORMANCE = "keel.performance"  # version tag: the latest check on labeled rows (`keel evaluate`), one line
+GATE_TAG = "keel.gate"  # run tag: the evaluate step's gate, passed or failed
+PROMOTED_TAG = "keel.promoted"  # run tag: whether the register step moved champion
+PROMOTION_REASON_TAG = "keel.promotion_reason"  # run tag: why the register step did or did not
 
 
 def mlflow_client(settings: KeelSettings) -> MlflowClient:
@@ -159,3 +162,16 @@ def logged_model_id(model_uri: str) -> str | None:
     (``models:/name/1``, ``models:/name@alias``) or any other."""
     path = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
     return path if path and "/" not in path and "@" not in path else None
+
+
+def version_logged_model_id(model_version: Any, run: Any) -> str | None:
+    """The MLflow 3 logged model a registered version was made from: its ``model_id``, its source, or the one
+    its run logged (a SQL registry does not keep ``model_id`` on the version itself). None for a version from
+    before MLflow 3."""
+    if getattr(model_version, "model_id", None):
+        return str(model_version.model_id)
+    if from_source := logged_model_id(str(model_version.source or "")):
+        return from_source
+    outputs = getattr(run, "outputs", None)
+    logged = [output.model_id for output in getattr(outputs, "model_outputs", None) or []]
+    return logged[0] if len(logged) == 1 else None

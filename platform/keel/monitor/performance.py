@@ -268,21 +268,9 @@ def registered_evaluation(client: MlflowClient, name: str, version: str, tabular
         raise RegistryError(f"models:/{name}/{version}: its run {run.info.run_id} records no test {metric!r} "
                             f"(the registry.promotion_metric) to compare with.")
     evaluate = evaluate_config_from_params(params, f"models:/{name}/{version}") if tabular else EvaluateConfig()
-    return Registration(name, version, run.info.run_id, run.info.experiment_id, _logged_model_id(model_version, run),
-                        metric, params.get("registry.greater_is_better", "True") == "True", evaluate, evaluation,
+    return Registration(name, version, run.info.run_id, run.info.experiment_id,
+                        tracking.version_logged_model_id(model_version, run), metric, params.get("registry.greater_is_better", "True") == "True", evaluate, evaluation,
                         dict(params))
-
-
-def _logged_model_id(model_version: Any, run: Any) -> str | None:
-    """The MLflow 3 logged model the version was made from: its source, or the one its run logged (a SQL
-    registry does not keep ``model_id`` on the version itself). None for a version from before MLflow 3."""
-    if getattr(model_version, "model_id", None):
-        return str(model_version.model_id)
-    if from_source := tracking.logged_model_id(str(model_version.source or "")):
-        return from_source
-    outputs = getattr(run, "outputs", None)
-    logged = [output.model_id for output in getattr(outputs, "model_outputs", None) or []]
-    return logged[0] if len(logged) == 1 else None
 
 
 def evaluate_config_from_params(params: dict[str, str], origin: str) -> EvaluateConfig:

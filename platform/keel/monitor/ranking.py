@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from keel.config import GateConfig
 from keel.errors import DataError
@@ -22,6 +23,7 @@ from keel.recommend.config import InteractionsConfig, RecommendEvaluateConfig
 from keel.recommend.data import check_interactions, keep_liked
 from keel.recommend.evaluate import model_scorer
 from keel.recommend.metrics import Scorer, ranking_metrics
+from keel.recommend.model import SeenPairs
 from keel.recommend.recommender import Recommender, rows_of
 
 if TYPE_CHECKING:
@@ -47,14 +49,21 @@ def new_interactions(recommender: Recommender, frame: pd.DataFrame, source: str,
     items = rows_of(recommender.item_ids, liked["item_id"].to_numpy())
     trained = np.isin(users, np.fromiter(recommender.seen, dtype=np.int64, count=len(recommender.seen)))
     known_item = items >= 0
-    catalogue = len(recommender.item_ids)
-    seen_keys = np.concatenate([user * catalogue + seen for user, seen in recommender.seen.items()]
-                               or [np.empty(0, dtype=np.int64)])
-    already_seen = trained & known_item & np.isin(users * catalogue + items, seen_keys)
+    already_seen = trained & known_item & training_pairs(recommender).contains(
+        torch.from_numpy(users), torch.from_numpy(items)).numpy()
     keep = trained & known_item & ~already_seen
     left_out = {"unknown_user": int((~trained).sum()), "unknown_item": int((trained & ~known_item).sum()),
                 "already_seen": int(already_seen.sum())}
     return pd.DataFrame({"user_id": users[keep], "item_id": items[keep]}), left_out
+
+
+def training_pairs(recommender: Recommender) -> SeenPairs:
+    """The version's training interactions as the sorted keys the pipeline's own evaluation looks pairs up in."""
+    empty = np.empty(0, dtype=np.int64)
+    users = np.concatenate([np.full(len(seen), user, dtype=np.int64) for user, seen in recommender.seen.items()]
+                           or [empty])
+    items = np.concatenate([seen.astype(np.int64) for seen in recommender.seen.values()] or [empty])
+    return SeenPairs(torch.from_numpy(users), torch.from_numpy(items), len(recommender.item_ids))
 
 
 def popular_scorer(recommender: Recommender) -> Scorer:

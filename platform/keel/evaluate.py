@@ -350,6 +350,10 @@ def report_html(report: dict[str, Any], directory: Path, heading: str = "") -> s
               + ("" if registered is None else f"<td>{shown_metric(registered.get(name))}</td>") + "</tr>"
               for name in report.get("headline", HEADLINE_METRICS)]
     parts.append("</table>")
+    if report.get("new_users", {}).get("users"):
+        from keel.monitor.ranking import new_users_line
+
+        parts.append(f"<h3>New users</h3><p>{html.escape(new_users_line(report['new_users']))}</p>")
     if report.get("slices"):
         parts.append("<h3>Slices</h3><table border='1' cellpadding='4'><tr><th>column</th><th>slice</th>"
                      "<th>rows</th>" + "".join(f"<th>{m}</th>" for m in HEADLINE_METRICS) + "</tr>")

@@ -55,7 +55,7 @@ def evaluate_command(
 
 def print_verdict(manifest: dict[str, Any]) -> None:
     from keel.evaluate import shown_metric
-    from keel.monitor.ranking import LEFT_OUT
+    from keel.monitor.ranking import LEFT_OUT, new_users_line
 
     if "left_out" in manifest:
         left_out = ", ".join(f"{count} {LEFT_OUT[reason]}" for reason, count in manifest["left_out"].items() if count)
@@ -70,6 +70,8 @@ def print_verdict(manifest: dict[str, Any]) -> None:
     typer.echo(f"Verdict: {manifest['verdict'].upper()} (promotion metric {manifest['metric']})")
     for reason in manifest["failures"] or manifest["reasons"]:
         typer.echo(f"  {reason}")
+    if manifest.get("new_users", {}).get("users"):
+        typer.echo(f"New users: {new_users_line(manifest['new_users'])}")
     typer.echo(f"MLflow run {manifest['mlflow_run_id']}; report: {manifest['report_html']}")
 
 

@@ -11,6 +11,7 @@ users, so a drift that hurts every recommender alike is told apart from one that
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,10 +37,19 @@ LEFT_OUT = {"unknown_user": "by users the model was not trained on",
             "already_seen": "it had in training"}
 
 
+@dataclass
+class NewInteractions:
+    """A file's liked interactions as the check reads them, in the model's rows."""
+
+    known: pd.DataFrame  # by users the model was trained on, with items it knows and they had not seen
+    strangers: pd.DataFrame  # by users it does not know (numbered from 0), with items it knows
+    left_out: dict[str, int]  # counts by reason (LEFT_OUT); a stranger's interactions count as unknown_user
+
+
 def new_interactions(recommender: Recommender, frame: pd.DataFrame, source: str,
-                     interactions: InteractionsConfig) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The interactions the model can be tested on, in its rows, and how many of the others were left out, by
-    reason. The file is read as the version's training file was (its column names, ``min_rating``)."""
+                     interactions: InteractionsConfig) -> NewInteractions:
+    """The interactions the model can be tested on, those of users it was not trained on, and how many were
+    left out, by reason. The file is read as the version's training file was (its column names, ``min_rating``)."""
     import pandas as pd
 
     checked = check_interactions(frame, source, interactions.columns)
@@ -52,9 +62,12 @@ def new_interactions(recommender: Recommender, frame: pd.DataFrame, source: str,
     already_seen = trained & known_item & training_pairs(recommender).contains(
         torch.from_numpy(users), torch.from_numpy(items)).numpy()
     keep = trained & known_item & ~already_seen
+    stranger = ~trained & known_item
+    stranger_rows = pd.factorize(liked["user_id"].to_numpy()[stranger])[0].astype(np.int64)
     left_out = {"unknown_user": int((~trained).sum()), "unknown_item": int((trained & ~known_item).sum()),
                 "already_seen": int(already_seen.sum())}
-    return pd.DataFrame({"user_id": users[keep], "item_id": items[keep]}), left_out
+    return NewInteractions(pd.DataFrame({"user_id": users[keep], "item_id": items[keep]}),
+                           pd.DataFrame({"user_id": stranger_rows, "item_id": items[stranger]}), left_out)
 
 
 def training_pairs(recommender: Recommender) -> SeenPairs:
@@ -81,7 +94,8 @@ def ranking_report(recommender: Recommender, registration: Registration, frame: 
     origin = f"models:/{registration.name}/{registration.version}"
     interactions = section_from_params(registration.params, "interactions", InteractionsConfig, origin)
     rules = section_from_params(registration.params, "evaluate", RecommendEvaluateConfig, origin)
-    pairs, left_out = new_interactions(recommender, frame, source, interactions)
+    found = new_interactions(recommender, frame, source, interactions)
+    pairs, left_out = found.known, found.left_out
     users = int(pairs["user_id"].nunique())
     if users < config.min_rows:
         dropped = "; ".join(f"{count} {LEFT_OUT[reason]}" for reason, count in left_out.items() if count)
@@ -105,4 +119,24 @@ def ranking_report(recommender: Recommender, registration: Registration, frame: 
             "model_name": registration.name, "version": registration.version, "metric": registration.metric,
             "rows": len(pairs), "users": users, "unlabeled_rows": sum(left_out.values()), "left_out": left_out,
             "measured_on": f"{len(pairs)} new interactions of {users} users",
+            "new_users": served_to_new_users(recommender, found.strangers, k),
             "registered": {name: registration.evaluation.get(name) for name in headline}}
+
+
+def served_to_new_users(recommender: Recommender, strangers: pd.DataFrame, k: int) -> dict[str, float | int]:
+    """How the most-popular list, which serving answers users it does not know, did for the new users in the
+    file: reported beside the verdict, not judged (the version registered no figure for it). Their number is a
+    reason to retrain of its own: the next version would know them."""
+    if strangers.empty:
+        return {"users": 0, "interactions": 0}
+    scored = ranking_metrics(popular_scorer(recommender), strangers, {}, k, len(recommender.item_ids))
+    return {"users": int(strangers["user_id"].nunique()), "interactions": len(strangers),
+            f"ndcg_at_{k}": scored[f"ndcg_at_{k}"], f"recall_at_{k}": scored[f"recall_at_{k}"]}
+
+
+def new_users_line(section: dict[str, Any]) -> str:
+    """The new users' figures in a sentence, for the CLI and the HTML report."""
+    scores = ", ".join(f"{name.replace('_at_', '@')} {value:.4f}" for name, value in section.items()
+                       if name.startswith(("ndcg", "recall")))
+    return (f"{section['users']} users the model does not know were served the most-popular list: {scores} on "
+            f"their {section['interactions']} interactions (not judged; a retrained version would know them)")

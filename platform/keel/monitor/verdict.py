@@ -38,7 +38,8 @@ def performance_manifest(report: dict[str, Any], model_uri: str, source: str) ->
             "unlabeled_rows": report["unlabeled_rows"], "reasons": report["gate"]["reasons"],
             "failures": report["gate"]["failures"], "mlflow_run_id": report["mlflow_run_id"],
             "metrics": {name: _finite(report[name]) for name in report["headline"]},
-            "measured_on": report["measured_on"], **({"left_out": report["left_out"]} if "left_out" in report else {}),
+            "measured_on": report["measured_on"],
+            **{key: report[key] for key in ("left_out", "new_users") if key in report},
             "registered": {name: _finite(value) for name, value in report["registered"].items()},
             "summary": f"{summary_line(report)} of {source}"}
 
@@ -90,6 +91,7 @@ def log_check(report: dict[str, Any], directory: Path, registration: Registratio
                        for name in ("demographic_parity_difference", "equalized_odds_difference")})
         values.update({f"popular_{name}": value for name, value in report.get("baseline_popular", {}).items()
                        if name in report["headline"]})
+        values.update(new_user_metrics(report.get("new_users", {})))
         values.update(rows=report["rows"], unlabeled_rows=report["unlabeled_rows"],
                       degraded=float(report["verdict"] == "degraded"))
         mlflow.log_metrics({k: float(v) for k, v in values.items() if math.isfinite(v)},
@@ -98,6 +100,12 @@ def log_check(report: dict[str, Any], directory: Path, registration: Registratio
             if (directory / name).exists():
                 mlflow.log_artifact(str(directory / name), "performance")
     return run_id
+
+
+def new_user_metrics(section: dict[str, Any]) -> dict[str, float]:
+    """A recommender check's figures for users the model did not know, as flat metric names: ``new_users``,
+    ``new_users_interactions``, ``new_users_ndcg_at_10``, ..."""
+    return {"new_users" if name == "users" else f"new_users_{name}": float(value) for name, value in section.items()}
 
 
 def emit_kfp_check(report: dict[str, Any], metrics: Any, classification: Any) -> None:
@@ -111,6 +119,8 @@ def emit_kfp_check(report: dict[str, Any], metrics: Any, classification: Any) ->
     for name in report["headline"]:
         if math.isfinite(report[name]):
             metrics.log_metric(name, round(float(report[name]), 6))
+    for name, value in new_user_metrics(report.get("new_users", {})).items():
+        metrics.log_metric(name, round(value, 6))
     metrics.log_metric("gate_passed", float(report["gate"]["passed"]))
 
 
@@ -132,6 +142,9 @@ def verdict_registry(manifest: dict[str, Any]) -> CollectorRegistry:
         for gauge, values in ((live, manifest["metrics"]), (registered, manifest["registered"])):
             if values.get(name) is not None:
                 gauge.labels(**labels, metric=name).set(values[name])
+    for name, value in new_user_metrics(manifest.get("new_users", {})).items():  # the popular list they got
+        if name.startswith(("new_users_ndcg", "new_users_recall")):
+            live.labels(**labels, metric=name).set(value)
     return registry
 
 

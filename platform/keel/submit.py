@@ -9,10 +9,13 @@ chart's ConfigMap and Secret (see :func:`keel.cluster.attach_cluster_config`).
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,9 @@ from keel.errors import ClusterError, ConfigError
 HEALTHZ = "/apis/v2beta1/healthz"
 DEFAULT_SERVICE_ACCOUNT = "keel-pipeline-runner"
 CRON_FIELD = re.compile(r"^[\d*/,\-?LW#A-Za-z]+$")
+# Run states after which nothing more happens. kfp.Client.wait_for_run_completion (2.x) leaves CANCELED out of its
+# own list and would wait on a canceled run until its timeout.
+FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,20 @@ class Submission:
     experiment_id: str
     run_id: str
     url: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, for a CI job that started it and waited."""
+
+    state: str  # one of FINISHED_STATES
+    seconds: float  # from the start of the wait
+    failed_steps: dict[str, str] = field(default_factory=dict)  # step -> its error, as KFP reports it
+    error: str = ""  # the run's own error message
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "SUCCEEDED"
 
 
 def version_name(commit: str) -> str:
@@ -121,3 +141,41 @@ def submit(client: Any, pipeline: str, host: str, experiment: str, params: dict[
                                       pipeline_id=pipeline_id, version_id=version_id, service_account=service_account)
         run_id, path = started.run_id, f"/#/runs/details/{started.run_id}"
     return Submission(pipeline_id, version_id, version, experiment_id, run_id, host.rstrip("/") + path)
+
+
+def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 10,
+                 progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+                 clock: Callable[[], float] = time.monotonic) -> Outcome:
+    """Poll the run until it finishes; each step's end is reported through ``progress`` as it happens.
+
+    A run still going after ``timeout_s`` is a ClusterError that says it goes on: the wait ends, the run
+    does not (cancel it in the UI or with ``kfp run terminate`` if that is what the job wants).
+    """
+    started, reported = clock(), set()
+    while True:
+        run = client.get_run(run_id)
+        state = str(run.state or "PENDING").upper()
+        for task in _tasks(run):
+            step_state = str(task.state or "").upper()
+            if step_state in FINISHED_STATES and task.display_name not in reported:
+                reported.add(task.display_name)
+                progress(f"  {task.display_name}: {step_state.lower()}")
+        elapsed = clock() - started
+        if state in FINISHED_STATES:
+            failed = {str(task.display_name): _message(task.error) for task in _tasks(run)
+                      if str(task.state or "").upper() == "FAILED"}
+            return Outcome(state, elapsed, failed, _message(run.error))
+        if elapsed > timeout_s:
+            raise ClusterError(f"run {run_id} is still {state} after {timeout_s:.0f} s (--timeout); it goes on on "
+                               f"the cluster, and `keel submit` stopped waiting for it.")
+        time.sleep(poll_s)
+
+
+def _tasks(run: Any) -> list[Any]:
+    """The run's steps, without the DAG that holds them all (KFP's ``root``)."""
+    details = getattr(run.run_details, "task_details", None) if run.run_details else None
+    return [task for task in details or [] if task.display_name and task.display_name != "root"]
+
+
+def _message(error: Any) -> str:
+    return str(getattr(error, "message", "") or "")

@@ -69,8 +69,8 @@ def test_a_submitted_pipeline_trains_on_the_ray_cluster_and_rolls_the_served_mod
     client = submit.client_for(KFP_HOST)
     result = submit.submit(client, "medical_diagnosis", KFP_HOST, f"e2e-{release}", {"serve": True},
                            commit=os.environ.get("KEEL_GIT_COMMIT", "e2e"))
-    finished = client.wait_for_run_completion(result.run_id, timeout=3600)
-    assert str(finished.state) == "SUCCEEDED", finished
+    finished = submit.wait_for_run(client, result.run_id, timeout_s=3600, progress=print)
+    assert finished.succeeded, finished
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         status = kube(render.tool("kubectl"), "-n", release, "get", "rayservice", "keel-serve",

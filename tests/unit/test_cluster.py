@@ -128,6 +128,72 @@ def test_schedule_creates_one_recurring_run_without_catch_up() -> None:
     assert recurring["no_catchup"] is True and scheduled.run_id == "rr-1"
 
 
+def run_as_kfp_returns_it(state: str, steps: dict[str, tuple[str, str]], error: str = "") -> Any:
+    """A V2beta1Run as kfp.Client.get_run returns it: the run's state, and each step's state and error."""
+    from kfp_server_api import GoogleRpcStatus, V2beta1PipelineTaskDetail, V2beta1Run, V2beta1RunDetails
+
+    tasks = [V2beta1PipelineTaskDetail(display_name="root", state=state)] + [
+        V2beta1PipelineTaskDetail(display_name=name, state=step_state,
+                                  error=GoogleRpcStatus(message=message) if message else None)
+        for name, (step_state, message) in steps.items()]
+    return V2beta1Run(run_id="r-1", state=state, run_details=V2beta1RunDetails(task_details=tasks),
+                      error=GoogleRpcStatus(message=error) if error else None)
+
+
+class RunningKfp(RecordingKfp):
+    """A KFP whose run goes through the given states, one per ``get_run``, then stays in the last."""
+
+    def __init__(self, *runs: Any) -> None:
+        super().__init__()
+        self.runs = list(runs)
+
+    def get_run(self, run_id: str) -> Any:
+        return self.runs.pop(0) if len(self.runs) > 1 else self.runs[0]
+
+
+FAILED_RUN = (run_as_kfp_returns_it("RUNNING", {"ingest": ("SUCCEEDED", ""), "validate": ("RUNNING", "")}),
+              run_as_kfp_returns_it("RUNNING", {"ingest": ("SUCCEEDED", ""), "validate": ("SUCCEEDED", ""),
+                                                "preprocess": ("RUNNING", "")}),
+              run_as_kfp_returns_it("FAILED", {"ingest": ("SUCCEEDED", ""), "validate": ("SUCCEEDED", ""),
+                                               "preprocess": ("FAILED", "container exited with code 1")},
+                                    error="Run failed: 1 task failed"))
+
+
+def test_waiting_reports_each_step_once_and_names_the_failed_one() -> None:
+    lines: list[str] = []
+    outcome = submit.wait_for_run(RunningKfp(*FAILED_RUN), "r-1", timeout_s=60, poll_s=0, progress=lines.append)
+    assert lines == ["  ingest: succeeded", "  validate: succeeded", "  preprocess: failed"]
+    assert outcome.state == "FAILED" and not outcome.succeeded
+    assert outcome.failed_steps == {"preprocess": "container exited with code 1"}
+    assert outcome.error == "Run failed: 1 task failed"
+
+
+def test_a_canceled_run_ends_the_wait_and_a_long_one_times_out_saying_it_goes_on() -> None:
+    canceled = RunningKfp(run_as_kfp_returns_it("RUNNING", {}), run_as_kfp_returns_it("CANCELED", {}))
+    assert submit.wait_for_run(canceled, "r-1", timeout_s=60, poll_s=0, progress=print).state == "CANCELED"
+    ticks = iter(range(0, 1000, 30))
+    with pytest.raises(ClusterError, match=r"run r-1 is still RUNNING after 100 s \(--timeout\); it goes on"):
+        submit.wait_for_run(RunningKfp(run_as_kfp_returns_it("RUNNING", {})), "r-1", timeout_s=100, poll_s=0,
+                            progress=print, clock=lambda: float(next(ticks)))
+
+
+@pytest.mark.parametrize("runs, exit_code", [(FAILED_RUN, 3), ((run_as_kfp_returns_it("SUCCEEDED", {}),), 0)])
+def test_keel_submit_wait_exits_by_how_the_run_ended(runs: tuple[Any, ...], exit_code: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    kfp = RunningKfp(*runs)
+    monkeypatch.setattr(submit, "client_for", lambda host, token: kfp)
+    monkeypatch.setattr(submit.time, "sleep", lambda seconds: None)
+    result = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "--wait", "-o", "json"])
+    assert result.exit_code == exit_code, result.output
+    answer = json.loads(result.stdout)  # one JSON document on stdout; the progress goes to stderr
+    assert answer["run_id"] == "r-1" and answer["state"] == ("FAILED" if exit_code else "SUCCEEDED")
+    assert answer["failed_steps"] == ({"preprocess": "container exited with code 1"} if exit_code else {})
+    assert "Run r-1 of medical_diagnosis version" in result.stderr
+    table = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "--wait"])
+    assert table.exit_code == exit_code and f"Run r-1 of medical_diagnosis {answer['state']} in " in table.stdout
+    assert ("  preprocess failed: container exited with code 1" in table.stdout) == bool(exit_code)
+
+
 # -- the served model on a cluster --------------------------------------------------------------
 
 SERVE_CONFIG = yaml.safe_dump({"http_options": {"host": "0.0.0.0", "port": 8000}, "applications": [

@@ -19,8 +19,12 @@ ACCOUNT_OPTION = typer.Option("keel-pipeline-runner", "--service-account",
                               help="ServiceAccount the steps run as (the chart creates it).")
 
 
+# `keel submit --wait`: the run finished and did not succeed (1 is every error's, so CI tells them apart)
+RUN_FAILED_EXIT_CODE = 3
+
+
 def _submit(pipeline: str, host: str, experiment: str, param: list[str], config: Path | None, cron: str,
-            service_account: str, output: OutputFormat) -> None:
+            service_account: str, output: OutputFormat, wait_s: float | None = None) -> None:
     import pipelines
     from keel import submit, tracking
     from keel.cli.run import parse_params, pipeline_parameters, require_parameters
@@ -35,11 +39,26 @@ def _submit(pipeline: str, host: str, experiment: str, param: list[str], config:
     client = submit.client_for(host, settings.kfp_token.get_secret_value())
     result = submit.submit(client, pipeline, host, experiment, params, tracking.git_commit(settings),
                            config=config, cron=cron, service_account=service_account)
-    if output is OutputFormat.json:
+    what = f"Recurring run ({cron})" if cron else "Run"
+    started = f"{what} {result.run_id} of {pipeline} version {result.version_name} started: {result.url}"
+    if wait_s is None and output is OutputFormat.json:
         print_json(asdict(result))
         return
-    what = f"Recurring run ({cron})" if cron else "Run"
-    typer.echo(f"{what} {result.run_id} of {pipeline} version {result.version_name} started: {result.url}")
+    if wait_s is None:
+        typer.echo(started)
+        return
+    typer.echo(started, err=True)  # stdout keeps the one answer a script parses
+    outcome = submit.wait_for_run(client, result.run_id, wait_s)
+    if output is OutputFormat.json:
+        print_json({**asdict(result), **asdict(outcome)})
+    else:
+        typer.echo(f"Run {result.run_id} of {pipeline} {outcome.state} in {outcome.seconds:.0f} s: {result.url}")
+        for step, error in outcome.failed_steps.items():
+            typer.echo(f"  {step} failed" + (f": {error}" if error else ""))
+        if outcome.error and not outcome.failed_steps:
+            typer.echo(f"  {outcome.error}")
+    if not outcome.succeeded:
+        raise typer.Exit(RUN_FAILED_EXIT_CODE)
 
 
 def submit_command(
@@ -49,10 +68,14 @@ def submit_command(
     param: list[str] = PARAM_OPTION,
     config: Path | None = CONFIG_OPTION,
     service_account: str = ACCOUNT_OPTION,
+    wait: bool = typer.Option(False, "--wait", help="Wait for the run to finish, reporting each step as it ends; "
+                                                     f"exit {RUN_FAILED_EXIT_CODE} unless it succeeded."),
+    timeout: float = typer.Option(6 * 3600, "--timeout", min=1, help="Seconds --wait waits before giving up "
+                                                                     "(the run goes on)."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Compile PIPELINE, upload it as version <keel version>-<commit>, and start a run on Kubeflow Pipelines."""
-    _submit(pipeline, host, experiment, param, config, "", service_account, output)
+    _submit(pipeline, host, experiment, param, config, "", service_account, output, timeout if wait else None)
 
 
 def schedule_command(

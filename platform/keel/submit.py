@@ -40,6 +40,7 @@ class Submission:
     experiment_id: str
     run_id: str
     url: str
+    replaced: tuple[str, ...] = ()  # a schedule's earlier recurring runs of the same name, deleted
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,9 @@ def upload_version(client: Any, package: Path, pipeline_name: str, version: str)
 
 
 def submit(client: Any, pipeline: str, host: str, experiment: str, params: dict[str, Any], commit: str,
-           config: Path | None = None, cron: str = "", service_account: str = DEFAULT_SERVICE_ACCOUNT) -> Submission:
-    """Compile, upload the version, then start a run (or, with ``cron``, a recurring run)."""
+           config: Path | None = None, cron: str = "", service_account: str = DEFAULT_SERVICE_ACCOUNT,
+           schedule_name: str = "") -> Submission:
+    """Compile, upload the version, then start a run, or, with ``cron``, schedule it (see :func:`schedule`)."""
     import pipelines
 
     built = pipelines.build(pipeline, config)
@@ -131,17 +133,72 @@ def submit(client: Any, pipeline: str, host: str, experiment: str, params: dict[
         pipeline_id, version_id = upload_version(client, package, pipeline_name, version)
     experiment_id = client.create_experiment(experiment).experiment_id
     if cron:
-        started = client.create_recurring_run(experiment_id, f"{pipeline_name} {version} ({cron})",
-                                              cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True,
-                                              params=params, pipeline_id=pipeline_id, version_id=version_id,
-                                              service_account=service_account)
-        run_id, path = started.recurring_run_id, f"/#/recurringrun/details/{started.recurring_run_id}"
-    else:
-        started = client.run_pipeline(experiment_id, f"{pipeline_name} {version}", params=params,
-                                      pipeline_id=pipeline_id, version_id=version_id, service_account=service_account)
-        run_id, path = started.run_id, f"/#/runs/details/{started.run_id}"
-    return Submission(pipeline_id, version_id, version, experiment_id, run_id, host.rstrip("/") + path)
+        run_id, replaced = schedule(client, experiment_id, schedule_name or pipeline_name, cron, params, pipeline_id,
+                                    version_id, service_account, f"{pipeline_name} {version}")
+        return Submission(pipeline_id, version_id, version, experiment_id, run_id,
+                          host.rstrip("/") + f"/#/recurringrun/details/{run_id}", replaced)
+    started = client.run_pipeline(experiment_id, f"{pipeline_name} {version}", params=params,
+                                  pipeline_id=pipeline_id, version_id=version_id, service_account=service_account)
+    return Submission(pipeline_id, version_id, version, experiment_id, started.run_id,
+                      host.rstrip("/") + f"/#/runs/details/{started.run_id}")
 
+
+def schedule(client: Any, experiment_id: str, name: str, cron: str, params: dict[str, Any], pipeline_id: str,
+             version_id: str, service_account: str, description: str) -> tuple[str, tuple[str, ...]]:
+    """The recurring run ``name`` in the experiment, on this version: created, then the earlier ones of that
+    name deleted. A CI job that schedules on every merge keeps one nightly run, on the newest code, instead of
+    adding one per commit; the new run exists before the old goes, so a failure leaves one of them.
+    Returns the new recurring run's id and the ids it replaced."""
+    started = client.create_recurring_run(experiment_id, name, description=f"{description}, cron {cron}",
+                                          cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True,
+                                          params=params, pipeline_id=pipeline_id, version_id=version_id,
+                                          service_account=service_account)
+    earlier = tuple(run.recurring_run_id for run in recurring_runs(client, experiment_id)
+                    if run.display_name == name and run.recurring_run_id != started.recurring_run_id)
+    for recurring_run_id in earlier:
+        client.delete_recurring_run(recurring_run_id)
+    return started.recurring_run_id, earlier
+
+
+def recurring_runs(client: Any, experiment_id: str) -> list[Any]:
+    """Every recurring run in the experiment, page by page."""
+    found: list[Any] = []
+    token = ""
+    while True:
+        page = client.list_recurring_runs(page_token=token, page_size=100, experiment_id=experiment_id)
+        found += page.recurring_runs or []
+        token = page.next_page_token or ""
+        if not token:
+            return found
+
+
+def existing_experiment_id(client: Any, experiment: str) -> str:
+    """The id of an experiment that must exist already (listing or deleting creates nothing)."""
+    try:
+        return str(client.get_experiment(experiment_name=experiment).experiment_id)
+    except ValueError as e:
+        raise ClusterError(f"no experiment {experiment!r} on Kubeflow Pipelines (--experiment).") from e
+
+
+def list_schedules(client: Any, experiment: str) -> list[dict[str, str]]:
+    """The experiment's recurring runs as `keel schedule list` shows them."""
+    return [{"name": str(run.display_name), "id": str(run.recurring_run_id), "status": str(run.status or ""),
+             "cron": str(getattr(getattr(run.trigger, "cron_schedule", None), "cron", "") or ""),
+             "version_id": str(getattr(run.pipeline_version_reference, "pipeline_version_id", "") or ""),
+             "description": str(run.description or "")}
+            for run in recurring_runs(client, existing_experiment_id(client, experiment))]
+
+
+def unschedule(client: Any, experiment: str, name: str) -> list[str]:
+    """Delete the experiment's recurring runs named ``name``; returns their ids."""
+    experiment_id = existing_experiment_id(client, experiment)
+    doomed = [str(run.recurring_run_id) for run in recurring_runs(client, experiment_id) if run.display_name == name]
+    if not doomed:
+        raise ClusterError(f"no recurring run named {name!r} in experiment {experiment!r} "
+                           f"(`keel schedule list --experiment {experiment}` shows them).")
+    for recurring_run_id in doomed:
+        client.delete_recurring_run(recurring_run_id)
+    return doomed
 
 def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 10,
                  progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),

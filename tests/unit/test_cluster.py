@@ -73,6 +73,7 @@ class RecordingKfp:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.versions: list[SimpleNamespace] = []
         self.pipeline_id: str | None = None
+        self.recurring: list[Any] = []
 
     def get_pipeline_id(self, name: str) -> str | None:
         return self.pipeline_id
@@ -100,9 +101,34 @@ class RecordingKfp:
         self.calls.append(("run_pipeline", {"experiment_id": experiment_id, "job_name": job_name, **kwargs}))
         return SimpleNamespace(run_id="r-1")
 
-    def create_recurring_run(self, experiment_id: str, job_name: str, **kwargs: Any) -> SimpleNamespace:
-        self.calls.append(("create_recurring_run", {"experiment_id": experiment_id, **kwargs}))
-        return SimpleNamespace(recurring_run_id="rr-1")
+    def create_recurring_run(self, experiment_id: str, job_name: str, **kwargs: Any) -> Any:
+        from kfp_server_api import V2beta1CronSchedule, V2beta1RecurringRun, V2beta1Trigger
+
+        self.calls.append(("create_recurring_run", {"experiment_id": experiment_id, "job_name": job_name, **kwargs}))
+        self.recurring.append(V2beta1RecurringRun(
+            recurring_run_id=f"rr-{len(self.calls)}", display_name=job_name, experiment_id=experiment_id,
+            description=kwargs.get("description"), status="ENABLED",
+            trigger=V2beta1Trigger(cron_schedule=V2beta1CronSchedule(cron=kwargs["cron_expression"]))))
+        return self.recurring[-1]
+
+    def get_experiment(self, experiment_name: str) -> SimpleNamespace:
+        if not any(run.experiment_id == f"e-{experiment_name}" for run in self.recurring):
+            raise ValueError(f"No experiment is found with name {experiment_name}.")  # as kfp.Client says it
+        return SimpleNamespace(experiment_id=f"e-{experiment_name}")
+
+    def list_recurring_runs(self, page_token: str, page_size: int, experiment_id: str) -> Any:
+        """Two to a page, so that paging is exercised."""
+        from kfp_server_api import V2beta1ListRecurringRunsResponse
+
+        mine = [run for run in self.recurring if run.experiment_id == experiment_id]
+        start = int(page_token or 0)
+        return V2beta1ListRecurringRunsResponse(recurring_runs=mine[start:start + 2], total_size=len(mine),
+                                                next_page_token=str(start + 2) if start + 2 < len(mine) else "")
+
+    def delete_recurring_run(self, recurring_run_id: str) -> dict[str, Any]:
+        self.calls.append(("delete_recurring_run", {"id": recurring_run_id}))
+        self.recurring = [run for run in self.recurring if run.recurring_run_id != recurring_run_id]
+        return {}
 
 
 def test_submit_uploads_a_version_once_and_runs_it_as_the_pipeline_runner() -> None:
@@ -125,7 +151,47 @@ def test_schedule_creates_one_recurring_run_without_catch_up() -> None:
     scheduled = submit.submit(kfp, "medical_diagnosis", "http://kfp", "keel", {}, "c0ffee", cron="0 3 * * *")
     (recurring,) = [c[1] for c in kfp.calls if c[0] == "create_recurring_run"]
     assert recurring["cron_expression"] == "0 0 3 * * *" and recurring["max_concurrency"] == 1
-    assert recurring["no_catchup"] is True and scheduled.run_id == "rr-1"
+    assert recurring["no_catchup"] is True and recurring["job_name"] == "medical-diagnosis"
+    assert scheduled.run_id == kfp.recurring[0].recurring_run_id and scheduled.replaced == ()
+
+
+def test_scheduling_again_replaces_the_run_of_that_name_and_leaves_the_others() -> None:
+    kfp = RecordingKfp()
+    for name in ("weekly", "monthly", "yearly"):  # other schedules of the pipeline, and enough to page through
+        submit.submit(kfp, "medical_diagnosis", "http://kfp", "keel", {}, "c0ffee", cron="0 3 1 * *",
+                      schedule_name=name)
+    first = submit.submit(kfp, "medical_diagnosis", "http://kfp", "keel", {}, "c0ffee", cron="0 3 * * *")
+    second = submit.submit(kfp, "medical_diagnosis", "http://kfp", "keel", {"gpus": 1}, "beef00", cron="0 4 * * *")
+    assert second.replaced == (first.run_id,)  # one nightly run, on the newest commit
+    rows = submit.list_schedules(kfp, "keel")
+    assert sorted(r["name"] for r in rows) == ["medical-diagnosis", "monthly", "weekly", "yearly"]
+    (nightly,) = [r for r in rows if r["name"] == "medical-diagnosis"]
+    assert nightly["id"] == second.run_id and nightly["cron"] == "0 0 4 * * *"
+    assert nightly["description"].endswith("-beef00, cron 0 4 * * *")
+    assert submit.unschedule(kfp, "keel", "weekly") and {r["name"] for r in submit.list_schedules(kfp, "keel")} == {
+        "medical-diagnosis", "monthly", "yearly"}
+    with pytest.raises(ClusterError, match="no recurring run named 'weekly' in experiment 'keel'"):
+        submit.unschedule(kfp, "keel", "weekly")
+    with pytest.raises(ClusterError, match=r"no experiment 'nightly' on Kubeflow Pipelines \(--experiment\)"):
+        submit.list_schedules(kfp, "nightly")
+
+
+def test_keel_schedule_list_delete_and_a_missing_cron(monkeypatch: pytest.MonkeyPatch) -> None:
+    kfp = RecordingKfp()
+    monkeypatch.setattr(submit, "client_for", lambda host, token: kfp)
+    runner, host = CliRunner(), ["--host", "http://kfp"]
+    created = runner.invoke(app, ["schedule", "medical_diagnosis", "--cron", "0 3 * * *", *host])
+    (nightly,) = kfp.recurring
+    assert created.exit_code == 0 and f"Recurring run (0 3 * * *) {nightly.recurring_run_id} " in created.stdout
+    again = runner.invoke(app, ["schedule", "medical_diagnosis", "--cron", "0 5 * * *", *host])
+    assert again.exit_code == 0 and f"it replaces {nightly.recurring_run_id} of the same name" in again.stdout
+    listed = json.loads(runner.invoke(app, ["schedule", "list", *host, "-o", "json"]).stdout)
+    assert [(r["name"], r["cron"]) for r in listed] == [("medical-diagnosis", "0 0 5 * * *")]
+    deleted = runner.invoke(app, ["schedule", "medical_diagnosis", "--delete", *host])
+    assert deleted.exit_code == 0 and f"Deleted recurring run {listed[0]['id']} (medical-diagnosis)" in deleted.stdout
+    assert kfp.recurring == []
+    missing = runner.invoke(app, ["schedule", "medical_diagnosis", *host])
+    assert missing.exit_code == 1 and "needs --cron" in str(missing.exception)
 
 
 def run_as_kfp_returns_it(state: str, steps: dict[str, tuple[str, str]], error: str = "") -> Any:

@@ -26,7 +26,8 @@ app.command(name="evaluate", help="Check a registered model on labeled rows agai
     evaluate.evaluate_command)
 app.command(name="serve", help="Serve a registered model with Ray Serve; `keel serve status|stop`.")(serve.serve_command)
 app.command(name="submit", help="Upload a pipeline version to Kubeflow Pipelines and start a run.")(cluster.submit_command)
-app.command(name="schedule", help="Create a recurring run on Kubeflow Pipelines.")(cluster.schedule_command)
+app.command(name="schedule", help="Schedule a pipeline on Kubeflow Pipelines, replacing the recurring run of the "
+                                  "same name; `keel schedule list`.")(cluster.schedule_command)
 app.command(name="status", help="State of Keel's Ray, MLflow and MinIO resources on the cluster.")(cluster.status_command)
 
 

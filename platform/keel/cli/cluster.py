@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -23,24 +24,34 @@ ACCOUNT_OPTION = typer.Option("keel-pipeline-runner", "--service-account",
 RUN_FAILED_EXIT_CODE = 3
 
 
+def _kfp_client(host: str) -> Any:
+    from keel import submit
+
+    settings = load_settings()
+    host = host or settings.kfp_host
+    if not host:
+        raise ConfigError("no Kubeflow Pipelines host: pass --host or set KEEL_KFP_HOST.")
+    return submit.client_for(host, settings.kfp_token.get_secret_value())
+
+
 def _submit(pipeline: str, host: str, experiment: str, param: list[str], config: Path | None, cron: str,
-            service_account: str, output: OutputFormat, wait_s: float | None = None) -> None:
+            service_account: str, output: OutputFormat, wait_s: float | None = None, schedule_name: str = "") -> None:
     import pipelines
     from keel import submit, tracking
     from keel.cli.run import parse_params, pipeline_parameters, require_parameters
 
     settings = load_settings()
     host = host or settings.kfp_host
-    if not host:
-        raise ConfigError("no Kubeflow Pipelines host: pass --host or set KEEL_KFP_HOST.")
     built = pipelines.build(pipeline, config)
     params = parse_params(param, pipeline_parameters(built, ("config",)))
     require_parameters(built, params, pipeline)  # a recurring run would fail on the server, every time
-    client = submit.client_for(host, settings.kfp_token.get_secret_value())
+    client = _kfp_client(host)
     result = submit.submit(client, pipeline, host, experiment, params, tracking.git_commit(settings),
-                           config=config, cron=cron, service_account=service_account)
+                           config=config, cron=cron, service_account=service_account, schedule_name=schedule_name)
     what = f"Recurring run ({cron})" if cron else "Run"
     started = f"{what} {result.run_id} of {pipeline} version {result.version_name} started: {result.url}"
+    if result.replaced:
+        started += f"; it replaces {', '.join(result.replaced)} of the same name"
     if wait_s is None and output is OutputFormat.json:
         print_json(asdict(result))
         return
@@ -79,8 +90,12 @@ def submit_command(
 
 
 def schedule_command(
-    pipeline: str = typer.Argument(..., help="Pipeline name, e.g. medical_diagnosis."),
-    cron: str = typer.Option(..., "--cron", help="Crontab schedule, e.g. '0 3 * * *' (03:00 daily, UTC)."),
+    pipeline: str = typer.Argument(..., help="Pipeline name, e.g. medical_diagnosis; or `list`."),
+    cron: str = typer.Option("", "--cron", help="Crontab schedule, e.g. '0 3 * * *' (03:00 daily, UTC)."),
+    name: str = typer.Option("", "--name", help="The recurring run's name in the experiment (default: the "
+                                                "pipeline's, e.g. medical-diagnosis); scheduling a name again "
+                                                "replaces its run."),
+    delete: bool = typer.Option(False, "--delete", help="Delete the recurring run of that name instead."),
     host: str = HOST_OPTION,
     experiment: str = EXPERIMENT_OPTION,
     param: list[str] = PARAM_OPTION,
@@ -88,11 +103,33 @@ def schedule_command(
     service_account: str = ACCOUNT_OPTION,
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
-    """Create a recurring run of PIPELINE on Kubeflow Pipelines (one at a time, no catch-up)."""
-    from keel.submit import kfp_cron
+    """Schedule PIPELINE on Kubeflow Pipelines (one run at a time, no catch-up), replacing the recurring run of
+    the same name; `keel schedule list` shows the experiment's, `--delete` removes one."""
+    from keel import submit
 
-    kfp_cron(cron)  # a bad expression fails before anything is compiled or uploaded
-    _submit(pipeline, host, experiment, param, config, cron, service_account, output)
+    if pipeline == "list":
+        rows = submit.list_schedules(_kfp_client(host), experiment)
+        if output is OutputFormat.json:
+            print_json(rows)
+            return
+        print_table(["NAME", "CRON", "STATUS", "ID", "DESCRIPTION"],
+                    [[r["name"], r["cron"], r["status"], r["id"], r["description"]] for r in rows])
+        return
+    if delete:
+        import pipelines
+
+        schedule_name = name or pipelines.build(pipeline).name
+        deleted = submit.unschedule(_kfp_client(host), experiment, schedule_name)
+        if output is OutputFormat.json:
+            print_json({"name": schedule_name, "deleted": deleted})
+            return
+        typer.echo(f"Deleted recurring run {', '.join(deleted)} ({schedule_name}) from experiment {experiment}.")
+        return
+    if not cron:
+        raise ConfigError("keel schedule needs --cron '<crontab>' to schedule a pipeline (or --delete to remove "
+                          "its recurring run; `keel schedule list` shows them).")
+    submit.kfp_cron(cron)  # a bad expression fails before anything is compiled or uploaded
+    _submit(pipeline, host, experiment, param, config, cron, service_account, output, schedule_name=name)
 
 
 def status_command(output: OutputFormat = OUTPUT_OPTION) -> None:

@@ -35,7 +35,7 @@ REJECTED = tracking.REJECTED
 # Version tags a person's decision leaves (promote_by_hand, reject_by_hand): who, when, and from which champion
 PROMOTED_BY_HAND, PROMOTED_BY, PROMOTED_AT = "keel.promoted_by_hand", "keel.promoted_by", "keel.promoted_at"
 PREVIOUS_CHAMPION, REJECTED_BY, REJECTED_AT = "keel.previous_champion", "keel.rejected_by", "keel.rejected_at"
-# ... and what `keel models show` lists of them, with the check on labels (keel evaluate)
+# ... and what `keel models show` lists of them (keel.lineage), with the check on labels (keel evaluate)
 DECISION_TAGS = (PROMOTED_BY_HAND, PROMOTED_BY, PROMOTED_AT, PREVIOUS_CHAMPION, REJECTED, REJECTED_BY, REJECTED_AT,
                  AWAITING_APPROVAL, tracking.PERFORMANCE)
 INPUT_EXAMPLE_ROWS = 5
@@ -374,32 +374,6 @@ def registered_version(client: Any, name: str, version: str, settings: KeelSetti
         known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         raise RegistryError(f"{ref}: not in the registry at {settings.mlflow_tracking_uri} "
                             f"({'versions: ' + ', '.join(map(str, known)) if known else 'no such model'}).") from e
-
-
-def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str, Any]:
-    """Where one version came from and what was decided about it, in one place: its pipeline run and commit,
-    the data it was trained on, its test metrics, the gate's decision, a person's decisions, the latest check
-    on labels, and the config it was trained with."""
-    client = tracking.mlflow_client(settings)
-    found = registered_version(client, name, version, settings)
-    aliases = sorted(alias for alias, v in (client.get_registered_model(name).aliases or {}).items()
-                     if str(v) == str(found.version))
-    run = client.get_run(found.run_id) if found.run_id else None
-    tags = run.data.tags if run else {}
-    return {
-        "model_uri": f"models:/{name}/{found.version}", "name": name, "version": str(found.version),
-        "aliases": aliases, "status": found.status, "created_ms": found.creation_timestamp,
-        "logged_model_id": tracking.version_logged_model_id(found, run), "run_id": found.run_id,
-        "pipeline": tags.get(tracking.PIPELINE_TAG), "pipeline_run": tags.get(tracking.PIPELINE_RUN_TAG),
-        "git_commit": tags.get(tracking.GIT_COMMIT_TAG),
-        "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest,
-                      "source": json.loads(d.dataset.source or "{}").get("uri", d.dataset.source)}
-                     for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
-        "test_metrics": {k: v for k, v in sorted((run.data.metrics if run else {}).items()) if k.startswith("test_")},
-        "gate": tags.get(tracking.GATE_TAG), "promotion_reason": tags.get(tracking.PROMOTION_REASON_TAG),
-        "decisions": {key: found.tags[key] for key in DECISION_TAGS if found.tags.get(key)},
-        "params": dict(sorted((run.data.params if run else {}).items())),
-    }
 
 
 def _record_decision(client: Any, target: Any, record: dict[str, str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -10,13 +11,17 @@ import pandas as pd
 import pytest
 from mlflow.types import Schema
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+from typer.testing import CliRunner
 
 from keel import storage, tracking
+from keel.cli import app
+from keel.config import PipelineConfig
 from keel.evaluate import EVALUATION_FILE
 from keel.data.ingest import DATA_FILE
 from keel.errors import RegistryError
+from keel.lineage import compare_versions, version_lineage
 from keel.registry import (CHALLENGER, CHAMPION, SCHEMA_SAMPLE_ROWS, dataset_schema, flatten_params,
-                           promote_by_hand, register, version_lineage)
+                           promote_by_hand, register)
 from keel.settings import KeelSettings
 from tests.stages import run_stages, small_config, write_small_source
 
@@ -28,8 +33,9 @@ def staged_run(settings: KeelSettings, tmp_path: Path) -> dict[str, str]:
     return run_stages(settings, "run-a", write_small_source(tmp_path))
 
 
-def _register(uris: dict[str, str], settings: KeelSettings, run_id: str = "run-a", approval: str = "gate") -> dict:
-    config = small_config()
+def _register(uris: dict[str, str], settings: KeelSettings, run_id: str = "run-a", approval: str = "gate",
+              config: PipelineConfig | None = None) -> dict:
+    config = config or small_config()
     registry = config.registry.model_copy(update={"approval": approval})
     return register(uris["train"], uris["evaluate"], uris["ingest"], uris["preprocess"], registry,
                     config.model_dump(mode="json", exclude={"contract"}), run_id, "small",
@@ -113,7 +119,27 @@ def test_gate_failure_registers_a_challenger_and_leaves_the_champion(settings: K
 def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings: KeelSettings,
                                                                         tmp_path: Path) -> None:
     _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
-    _register(run_stages(settings, "run-b", tmp_path / "small.csv", epochs=0), settings, "run-b")  # gate failed
+    _register(run_stages(settings, "run-b", tmp_path / "small.csv", epochs=0), settings, "run-b",  # gate failed
+              config=small_config(train={"learning_rate": 0.01}))
+    # Before deciding, a person compares the two: the metrics' changes and the one setting that differs.
+    compared = compare_versions(MODEL, CHAMPION, CHALLENGER, settings)
+    client = tracking.mlflow_client(settings)
+    first, second = (client.get_run(compared[side]["run_id"]).data for side in ("first", "second"))
+    assert (compared["first"]["version"], compared["second"]["version"]) == ("1", "2")
+    f1 = next(row for row in compared["metrics"] if row["metric"] == "test_f1_macro")
+    assert f1 == {"metric": "test_f1_macro", "first": first.metrics["test_f1_macro"],
+                  "second": second.metrics["test_f1_macro"],
+                  "change": pytest.approx(second.metrics["test_f1_macro"] - first.metrics["test_f1_macro"])}
+    assert compared["params_differ"] == [{"param": "train.learning_rate", "first": "0.001", "second": "0.01"}]
+    assert compared["params_same"] == len(first.params) - 1 and compared["second"]["gate"] == "failed"
+    shown = CliRunner().invoke(app, ["models", "compare", MODEL])
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"train\.learning_rate\s+0\.001\s+0\.01", shown.stdout)
+    assert re.search(rf"test_f1_macro\s+{first.metrics['test_f1_macro']:.4f}\s+{second.metrics['test_f1_macro']:.4f}"
+                     rf"\s+{f1['change']:+.4f}", shown.stdout)
+    assert f"1 config params differ, {len(first.params) - 1} are the same." in shown.stdout
+    with pytest.raises(RegistryError, match="champion and 1 are both models:/small-model/1: nothing to compare"):
+        compare_versions(MODEL, CHAMPION, "1", settings)
     with pytest.raises(RegistryError, match=r"models:/small-model/7: not in the registry .*versions: 1, 2"):
         promote_by_hand(MODEL, "7", "typo", settings)
     with pytest.raises(RegistryError, match="needs a reason"):

@@ -71,7 +71,7 @@ def show_command(
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """One version's lineage: pipeline run, commit, data, test metrics, the gate's and people's decisions."""
-    from keel.registry import version_lineage
+    from keel.lineage import version_lineage
     from keel.tracking import PERFORMANCE
 
     lineage = version_lineage(name, version, load_settings())
@@ -93,6 +93,45 @@ def show_command(
     if lineage["test_metrics"]:
         print_table(["test metric", "value"], [[k, f"{v:.4f}"] for k, v in lineage["test_metrics"].items()])
     typer.echo(f"Config: {len(lineage['params'])} params on the run (`--output json` lists them).")
+
+
+@app.command("compare")
+def compare_command(
+    name: str = typer.Argument(..., help="The registered model, e.g. medical-diagnosis."),
+    first: str = typer.Argument("champion", help="A version number or alias; the baseline."),
+    second: str = typer.Argument("challenger", help="A version number or alias; compared with the first."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Two versions side by side (default: champion and challenger): where each came from, the gate's word,
+    every test metric with the change, and the config params that differ. What to read before promoting or
+    rejecting by hand."""
+    from keel.lineage import compare_versions
+
+    compared = compare_versions(name, first, second, load_settings())
+    if output is OutputFormat.json:
+        print_json(compared)
+        return
+    sides = [compared["first"], compared["second"]]
+    heads = [f"v{side['version']}" + (f" ({', '.join(side['aliases'])})" if side["aliases"] else "") for side in sides]
+    rows = [["pipeline run", *(side["pipeline_run"] or "-" for side in sides)],
+            ["git commit", *((side["git_commit"] or "-")[:12] for side in sides)],
+            ["trained on", *(", ".join(f"{d['name']} {d['digest']}" for d in side["datasets"]) or "-"
+                             for side in sides)],
+            ["gate", *(side["gate"] or "-" for side in sides)]]
+    print_table(["", *heads], rows)
+    print_table(["test metric", *heads, "change"],
+                [[row["metric"], _shown(row["first"]), _shown(row["second"]),
+                  "" if row["change"] is None else f"{row['change']:+.4f}"] for row in compared["metrics"]])
+    if compared["params_differ"]:
+        print_table(["param", *heads], [[row["param"], _shown(row["first"]), _shown(row["second"])]
+                                        for row in compared["params_differ"]])
+    typer.echo(f"{len(compared['params_differ'])} config params differ, {compared['params_same']} are the same.")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 @app.command("promote")

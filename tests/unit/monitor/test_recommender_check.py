@@ -25,7 +25,7 @@ from keel.recommend.evaluate import evaluate_recommender
 from keel.recommend.model import FactorizationSpec, MatrixFactorization, bpr_optimizer, save_factorization
 from keel.recommend.registry import register_recommender
 from keel.recommend.train import bpr_epoch, seen_pairs
-from keel.registry import version_lineage
+from keel.lineage import version_lineage
 from keel.settings import KeelSettings
 from tests.unit.monitor.test_performance import checks, labeled_table
 from tests.unit.test_cli import keel

@@ -1,0 +1,69 @@
+"""Where a registered version came from and what was decided about it; two versions side by side.
+
+`keel models show` and `keel models compare` read this. A person deciding on a version awaiting approval, or
+on a rollback, asks the same questions of both sides: which pipeline run and commit, which data (by digest),
+what the gate said, what the test metrics are, and which settings differ.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from keel import tracking
+from keel.errors import RegistryError
+from keel.registry import DECISION_TAGS, registered_version
+from keel.settings import KeelSettings
+
+
+def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str, Any]:
+    """Where one version came from and what was decided about it, in one place: its pipeline run and commit,
+    the data it was trained on, its test metrics, the gate's decision, a person's decisions, the latest check
+    on labels, and the config it was trained with."""
+    client = tracking.mlflow_client(settings)
+    found = registered_version(client, name, version, settings)
+    aliases = sorted(alias for alias, v in (client.get_registered_model(name).aliases or {}).items()
+                     if str(v) == str(found.version))
+    run = client.get_run(found.run_id) if found.run_id else None
+    tags = run.data.tags if run else {}
+    return {
+        "model_uri": f"models:/{name}/{found.version}", "name": name, "version": str(found.version),
+        "aliases": aliases, "status": found.status, "created_ms": found.creation_timestamp,
+        "logged_model_id": tracking.version_logged_model_id(found, run), "run_id": found.run_id,
+        "pipeline": tags.get(tracking.PIPELINE_TAG), "pipeline_run": tags.get(tracking.PIPELINE_RUN_TAG),
+        "git_commit": tags.get(tracking.GIT_COMMIT_TAG),
+        "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest,
+                      "source": json.loads(d.dataset.source or "{}").get("uri", d.dataset.source)}
+                     for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
+        "test_metrics": {k: v for k, v in sorted((run.data.metrics if run else {}).items()) if k.startswith("test_")},
+        "gate": tags.get(tracking.GATE_TAG), "promotion_reason": tags.get(tracking.PROMOTION_REASON_TAG),
+        "decisions": {key: found.tags[key] for key in DECISION_TAGS if found.tags.get(key)},
+        "params": dict(sorted((run.data.params if run else {}).items())),
+    }
+
+
+def compare_versions(name: str, first: str, second: str, settings: KeelSettings) -> dict[str, Any]:
+    """Two versions' lineage side by side: every test metric of either with the change from ``first`` to
+    ``second``, and the config params that differ (a param one run lacks shows as None)."""
+    left, right = (version_lineage(name, version, settings) for version in (first, second))
+    if left["version"] == right["version"]:
+        raise RegistryError(f"{first} and {second} are both models:/{name}/{left['version']}: nothing to compare. "
+                            f"Name the other version: `keel models compare {name} N {left['version']}`.")
+    metrics = [{"metric": metric, "first": left["test_metrics"].get(metric), "second": right["test_metrics"].get(metric),
+                "change": _change(left["test_metrics"].get(metric), right["test_metrics"].get(metric))}
+               for metric in sorted(left["test_metrics"].keys() | right["test_metrics"].keys())]
+    differ = [{"param": param, "first": left["params"].get(param), "second": right["params"].get(param)}
+              for param in sorted(left["params"].keys() | right["params"].keys())
+              if left["params"].get(param) != right["params"].get(param)]
+    same = len(left["params"].keys() & right["params"].keys()) - sum(
+        1 for row in differ if row["first"] is not None and row["second"] is not None)
+    return {"name": name, "first": _without_params(left), "second": _without_params(right), "metrics": metrics,
+            "params_differ": differ, "params_same": same}
+
+
+def _change(first: float | None, second: float | None) -> float | None:
+    return None if first is None or second is None else second - first
+
+
+def _without_params(lineage: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in lineage.items() if key not in ("params", "test_metrics")}

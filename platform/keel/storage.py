@@ -231,6 +231,81 @@ def download_directory(uri: str, dest: Path, settings: KeelSettings) -> Path:
     return dest
 
 
+PART_SUFFIXES = (".parquet", ".pq")
+
+
+def is_directory(uri: str) -> bool:
+    """Whether ``uri`` names a directory or ``s3://`` prefix of part files rather than one file: a local
+    directory, or an S3 key that ends in ``/`` or has no file extension (Spark's and Ray Data's outputs)."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return Path(loc.path).is_dir()
+    return loc.scheme == "s3" and (uri.endswith("/") or "." not in filename(uri))
+
+
+def download_parts(uri: str, dest: Path, settings: KeelSettings) -> Path:
+    """The Parquet part files under a directory or ``s3://`` prefix, copied under ``dest`` with their
+    relative paths (Hive partitions such as ``day=2026-12-01/`` included). Names that start with ``_`` or
+    ``.`` (``_SUCCESS``, ``.crc`` checksums) are a writer's markers, not data. A DataError names any other
+    file, or says there are no parts."""
+    from keel.errors import DataError
+
+    names, fetch = _part_listing(uri, settings)
+    data = [name for name in names if not any(part.startswith(("_", ".")) for part in name.split("/"))]
+    others = [name for name in data if not name.lower().endswith(PART_SUFFIXES)]
+    if others:
+        raise DataError(f"{uri}: holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} besides Parquet "
+                        "part files; a directory is read as Parquet parts only (give a CSV or JSONL file by its "
+                        "own path).")
+    if not data:
+        raise DataError(f"{uri}: no Parquet part files there ({'only ' + ', '.join(names[:3]) if names else 'empty'}).")
+    for name in data:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        fetch(name, dest / name)
+    return dest
+
+
+def _part_listing(uri: str, settings: KeelSettings) -> tuple[list[str], Any]:
+    """Every file under a directory or prefix (relative names, sorted), and how to copy one to a local path."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        root = Path(loc.path)
+        names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        return names, lambda name, target: shutil.copyfile(root / name, target)
+    if loc.scheme != "s3":
+        raise StorageError(f"{uri}: a directory of part files needs a local or s3:// location.")
+    prefix, client = loc.key.rstrip("/") + "/" if loc.key.strip("/") else "", minio_client(settings)
+    try:
+        names = sorted(o.object_name[len(prefix):] for o in client.list_objects(loc.bucket, prefix=prefix,
+                                                                                 recursive=True)
+                       if not o.is_dir and o.object_name != prefix)
+    except Exception as e:
+        raise _s3_error(uri, "list the prefix", e) from e
+
+    def fetch(name: str, target: Path) -> None:
+        try:
+            client.fget_object(loc.bucket, prefix + name, str(target))
+        except Exception as e:
+            raise _s3_error(f"s3://{loc.bucket}/{prefix}{name}", "download the object", e) from e
+
+    return names, fetch
+
+
+def read_parts(uri: str, directory: Path) -> pd.DataFrame:
+    """Local Parquet parts as one table, Hive partition keys as columns; a DataError naming ``uri`` when the
+    parts disagree on a column's type or cannot be read."""
+    import pyarrow as pa
+    import pyarrow.dataset
+
+    from keel.errors import DataError
+
+    try:
+        return pyarrow.dataset.dataset(directory, format="parquet", partitioning="hive").to_table().to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{uri}: its Parquet part files cannot be read as one table ({type(e).__name__}: {e}); "
+                        "every part needs the same columns, each with one type.") from e
+
+
 def write_bytes(uri: str, data: bytes, settings: KeelSettings) -> None:
     """Write one object atomically: readers see the old content or the new, never a part."""
     loc = parse(uri)
@@ -414,12 +489,15 @@ def read_parquet(uri: str, settings: KeelSettings) -> pd.DataFrame:
 
 
 def read_table(uri: str, settings: KeelSettings, what: str) -> pd.DataFrame:
-    """A user's Parquet or CSV file (by suffix) as a DataFrame; a DataError naming it and ``what`` otherwise."""
+    """A user's Parquet or CSV file (by suffix), or a directory or prefix of Parquet parts, as a DataFrame; a
+    DataError naming it and ``what`` otherwise."""
     import pandas
 
     from keel.errors import DataError
 
     with tempfile.TemporaryDirectory(prefix="keel-table-") as scratch:
+        if is_directory(uri):
+            return read_parts(uri, download_parts(uri, Path(scratch) / "parts", settings))
         local = download(uri, Path(scratch) / filename(uri), settings)
         try:
             return pandas.read_parquet(local) if local.suffix in (".parquet", ".pq") else pandas.read_csv(local)

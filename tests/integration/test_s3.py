@@ -14,7 +14,7 @@ import pytest
 
 from keel import storage
 from keel.data.ingest import ingest
-from keel.errors import StorageError
+from keel.errors import DataError, StorageError
 from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import S3_SECRET
@@ -46,6 +46,27 @@ def test_ingest_reads_an_s3_source(s3_env: dict[str, str], tmp_path: Path) -> No
     assert ingest(source, output, settings)["rows"] == 40
     stored = storage.read_parquet(storage.join(output, "data.parquet"), settings)
     pd.testing.assert_frame_equal(stored, frame)
+
+
+def test_an_s3_prefix_of_parquet_parts_is_read_as_one_table(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """As Spark or Ray Data leave a table on S3: parts under Hive partitions, a _SUCCESS marker beside them.
+    Training ingests it, and the recommender's and intents' readers (storage.read_table) read it the same."""
+    from tests.unit.data.test_ingest import _parts
+
+    settings = load_settings()
+    frame = small_frame(60)
+    local = _parts(tmp_path / "table", frame)
+    prefix = f"s3://{s3_env['bucket']}/lake/table"
+    for part in (p for p in local.rglob("*") if p.is_file()):
+        storage.write_bytes(f"{prefix}/{part.relative_to(local)}", part.read_bytes(), settings)
+    output = storage.stage_uri(settings, "r1", "ingest")
+    manifest = ingest(prefix + "/", output, settings)
+    assert manifest["rows"] == 60
+    assert manifest["sha256"] == ingest(str(local), storage.stage_uri(settings, "r2", "ingest"), settings)["sha256"]
+    read = storage.read_table(prefix, settings, "interactions")  # no trailing slash: a key without an extension
+    assert len(read) == 60 and sorted(read["size"]) == sorted(frame["size"])
+    with pytest.raises(DataError, match=r"s3://.*/lake/nothing: no Parquet part files there \(empty\)"):
+        storage.read_table(f"s3://{s3_env['bucket']}/lake/nothing", settings, "interactions")
 
 
 def test_missing_s3_object_is_named(s3_env: dict[str, str]) -> None:

@@ -35,6 +35,12 @@ def detect_format(uri: str) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """The bytes' digest; for a directory of parts, the digest of each part's relative path and digest, so
+    it changes when any part is added, removed, renamed or changed."""
+    if path.is_dir():
+        listing = "".join(f"{part.relative_to(path)}\0{sha256_file(part)}\n"
+                          for part in sorted(p for p in path.rglob("*") if p.is_file()))
+        return hashlib.sha256(listing.encode()).hexdigest()
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -108,6 +114,8 @@ def _read_parquet(uri: str, path: Path) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.is_dir():
+        return storage.read_parts(uri, path)
     try:
         _reject_duplicate_columns(uri, pq.ParquetFile(path).schema_arrow.names)
         table = pq.read_table(path)
@@ -192,6 +200,8 @@ def read_source(source: str, scratch: Path, settings: KeelSettings) -> tuple[pd.
     was read from (in ``scratch``) and its format."""
     if is_builtin(source):
         local, file_format = write_builtin_csv(source, scratch / "source.csv"), "csv"
+    elif storage.is_directory(source):  # Parquet parts, as Spark or Ray Data write a table
+        local, file_format = storage.download_parts(source, scratch / "parts", settings), "parquet"
     else:
         storage.parse(source)  # unknown schemes fail before any download
         file_format = detect_format(source)
@@ -203,7 +213,8 @@ def ingest(source: str, output_uri: str, settings: KeelSettings) -> dict[str, An
     """Copy ``source`` into ``output_uri`` as ``data.parquet`` with a manifest.
 
     Args:
-        source: a local path, ``file://``, ``s3://``, ``http(s)://`` or ``builtin://`` URI.
+        source: a local path, ``file://``, ``s3://``, ``http(s)://`` or ``builtin://`` URI; a local directory or
+            ``s3://`` prefix of Parquet part files is read as one table.
         output_uri: where this stage publishes; nothing appears there unless it succeeds.
         settings: endpoints and credentials for reading and writing.
 

@@ -72,3 +72,55 @@ def test_unreadable_sources(settings: KeelSettings, source: str, error: str) -> 
     with pytest.raises((DataError, StorageError), match=error):
         ingest(source, storage.stage_uri(settings, "r1", "ingest"), settings)
     assert artifact_files(settings) == []
+
+
+def _parts(root: Path, frame: pd.DataFrame) -> Path:
+    """The table as a Spark-like writer leaves it: Hive partitions by outcome, two parts in one, and the
+    markers (_SUCCESS, .crc) that are not data."""
+    for outcome, rows in frame.groupby("outcome"):
+        partition = root / f"outcome={outcome}"
+        partition.mkdir(parents=True)
+        halves = [rows.iloc[: len(rows) // 2], rows.iloc[len(rows) // 2:]] if outcome == frame["outcome"].iloc[0] \
+            else [rows]
+        for number, half in enumerate(halves):
+            half.drop(columns=["outcome"]).to_parquet(partition / f"part-{number:05d}.snappy.parquet", index=False)
+            (partition / f".part-{number:05d}.snappy.parquet.crc").write_bytes(b"\x00crc")
+    (root / "_SUCCESS").write_bytes(b"")
+    return root
+
+
+def test_a_directory_of_parquet_parts_is_one_table_with_its_partition_keys(
+        tmp_path: Path, settings: KeelSettings) -> None:
+    frame = small_frame(60)
+    source = _parts(tmp_path / "table", frame)
+    manifest = ingest(str(source), storage.stage_uri(settings, "r1", "ingest"), settings)
+    stored = pd.read_parquet(Path(storage.stage_uri(settings, "r1", "ingest")) / DATA_FILE)
+    assert manifest["rows"] == 60 and manifest["format"] == "parquet"
+    expected = frame.sort_values(["size", "outcome"]).reset_index(drop=True)
+    got = stored[list(frame.columns)].sort_values(["size", "outcome"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_categorical=False)
+    # The digest covers every part: the same parts give the same digest, a changed part another.
+    again = ingest(str(source), storage.stage_uri(settings, "r2", "ingest"), settings)
+    first_part = sorted(source.rglob("part-*.parquet"))[0]
+    pd.read_parquet(first_part).assign(size=lambda f: f["size"] + 1).to_parquet(first_part, index=False)
+    changed = ingest(str(source), storage.stage_uri(settings, "r3", "ingest"), settings)
+    assert again["sha256"] == manifest["sha256"] != changed["sha256"]
+
+
+def test_a_directory_that_is_not_parquet_parts_is_refused_by_name_and_leaves_nothing(
+        tmp_path: Path, settings: KeelSettings) -> None:
+    output = storage.stage_uri(settings, "r1", "ingest")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no Parquet part files there \(empty\)"):
+        ingest(str(tmp_path / "empty"), output, settings)
+    mixed = _parts(tmp_path / "mixed", small_frame(20))
+    small_frame(5).to_csv(mixed / "extra.csv", index=False)
+    with pytest.raises(DataError, match=r"mixed: holds extra.csv besides Parquet part files"):
+        ingest(str(mixed), output, settings)
+    disagreeing = _parts(tmp_path / "disagreeing", small_frame(20))
+    part = sorted(disagreeing.rglob("part-*.parquet"))[-1]
+    pd.read_parquet(part).assign(size="large").to_parquet(part, index=False)  # text where the others have numbers
+    with pytest.raises(DataError, match=r"disagreeing: its Parquet part files cannot be read as one table .*"
+                                        r"each with one type"):
+        ingest(str(disagreeing), output, settings)
+    assert not storage.exists(output, settings) and artifact_files(settings) == []

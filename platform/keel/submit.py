@@ -219,7 +219,7 @@ def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 10,
                 progress(f"  {task.display_name}: {step_state.lower()}")
         elapsed = clock() - started
         if state in FINISHED_STATES:
-            failed = {str(task.display_name): _message(task.error) for task in _tasks(run)
+            failed = {str(task.display_name): _failure(task) for task in _tasks(run)
                       if str(task.state or "").upper() == "FAILED"}
             return Outcome(state, elapsed, failed, _message(run.error))
         if elapsed > timeout_s:
@@ -232,6 +232,12 @@ def _tasks(run: Any) -> list[Any]:
     """The run's steps, without the DAG that holds them all (KFP's ``root``)."""
     details = getattr(run.run_details, "task_details", None) if run.run_details else None
     return [task for task in details or [] if task.display_name and task.display_name != "root"]
+
+
+def _failure(task: Any) -> str:
+    """A failed step's error, and the pod whose log says more (KFP runs the step's code in container ``main``)."""
+    pod = f"pod {task.pod_name}: kubectl logs {task.pod_name} -c main" if getattr(task, "pod_name", None) else ""
+    return "; ".join(part for part in (_message(task.error), pod) if part)
 
 
 def _message(error: Any) -> str:

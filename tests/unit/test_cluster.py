@@ -199,7 +199,7 @@ def run_as_kfp_returns_it(state: str, steps: dict[str, tuple[str, str]], error: 
     from kfp_server_api import GoogleRpcStatus, V2beta1PipelineTaskDetail, V2beta1Run, V2beta1RunDetails
 
     tasks = [V2beta1PipelineTaskDetail(display_name="root", state=state)] + [
-        V2beta1PipelineTaskDetail(display_name=name, state=step_state,
+        V2beta1PipelineTaskDetail(display_name=name, state=step_state, pod_name=f"{name}-pod-1" if message else None,
                                   error=GoogleRpcStatus(message=message) if message else None)
         for name, (step_state, message) in steps.items()]
     return V2beta1Run(run_id="r-1", state=state, run_details=V2beta1RunDetails(task_details=tasks),
@@ -230,7 +230,8 @@ def test_waiting_reports_each_step_once_and_names_the_failed_one() -> None:
     outcome = submit.wait_for_run(RunningKfp(*FAILED_RUN), "r-1", timeout_s=60, poll_s=0, progress=lines.append)
     assert lines == ["  ingest: succeeded", "  validate: succeeded", "  preprocess: failed"]
     assert outcome.state == "FAILED" and not outcome.succeeded
-    assert outcome.failed_steps == {"preprocess": "container exited with code 1"}
+    assert outcome.failed_steps == {"preprocess": "container exited with code 1; pod preprocess-pod-1: "
+                                                  "kubectl logs preprocess-pod-1 -c main"}
     assert outcome.error == "Run failed: 1 task failed"
 
 
@@ -253,11 +254,11 @@ def test_keel_submit_wait_exits_by_how_the_run_ended(runs: tuple[Any, ...], exit
     assert result.exit_code == exit_code, result.output
     answer = json.loads(result.stdout)  # one JSON document on stdout; the progress goes to stderr
     assert answer["run_id"] == "r-1" and answer["state"] == ("FAILED" if exit_code else "SUCCEEDED")
-    assert answer["failed_steps"] == ({"preprocess": "container exited with code 1"} if exit_code else {})
+    assert list(answer["failed_steps"]) == (["preprocess"] if exit_code else [])
     assert "Run r-1 of medical_diagnosis version" in result.stderr
     table = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "--wait"])
     assert table.exit_code == exit_code and f"Run r-1 of medical_diagnosis {answer['state']} in " in table.stdout
-    assert ("  preprocess failed: container exited with code 1" in table.stdout) == bool(exit_code)
+    assert ("  preprocess failed: container exited with code 1; pod preprocess-pod-1" in table.stdout) == bool(exit_code)
 
 
 # -- the served model on a cluster --------------------------------------------------------------

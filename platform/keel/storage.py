@@ -257,6 +257,9 @@ def download_parts(uri: str, dest: Path, settings: KeelSettings) -> Path:
         raise DataError(f"{uri}: holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} besides Parquet "
                         "part files; a directory is read as Parquet parts only (give a CSV or JSONL file by its "
                         "own path).")
+    if not names and parse(uri).scheme == "s3" and exists(uri, settings):
+        raise DataError(f"{uri}: an object without a file extension; Keel reads .csv, .parquet or .jsonl files, or a "
+                        "prefix of Parquet parts.")
     if not data:
         raise DataError(f"{uri}: no Parquet part files there ({'only ' + ', '.join(names[:3]) if names else 'empty'}).")
     for name in data:

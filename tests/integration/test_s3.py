@@ -67,6 +67,9 @@ def test_an_s3_prefix_of_parquet_parts_is_read_as_one_table(s3_env: dict[str, st
     assert len(read) == 60 and sorted(read["size"]) == sorted(frame["size"])
     with pytest.raises(DataError, match=r"s3://.*/lake/nothing: no Parquet part files there \(empty\)"):
         storage.read_table(f"s3://{s3_env['bucket']}/lake/nothing", settings, "interactions")
+    storage.write_bytes(f"{prefix}-export", b"a,b\n1,2\n", settings)  # a file someone saved without a suffix
+    with pytest.raises(DataError, match=r"lake/table-export: an object without a file extension"):
+        ingest(f"{prefix}-export", output, settings)
 
 
 def test_missing_s3_object_is_named(s3_env: dict[str, str]) -> None:

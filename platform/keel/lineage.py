@@ -55,8 +55,8 @@ def compare_versions(name: str, first: str, second: str, settings: KeelSettings)
     differ = [{"param": param, "first": left["params"].get(param), "second": right["params"].get(param)}
               for param in sorted(left["params"].keys() | right["params"].keys())
               if left["params"].get(param) != right["params"].get(param)]
-    same = len(left["params"].keys() & right["params"].keys()) - sum(
-        1 for row in differ if row["first"] is not None and row["second"] is not None)
+    same = sum(1 for param in left["params"].keys() & right["params"].keys()
+               if left["params"][param] == right["params"][param])
     return {"name": name, "first": _without_params(left), "second": _without_params(right), "metrics": metrics,
             "params_differ": differ, "params_same": same}
 

@@ -28,6 +28,7 @@ CRON_FIELD = re.compile(r"^[\d*/,\-?LW#A-Za-z]+$")
 # Run states after which nothing more happens. kfp.Client.wait_for_run_completion (2.x) leaves CANCELED out of its
 # own list and would wait on a canceled run until its timeout.
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")
+MAX_FAILED_POLLS = 6  # in a row, a minute at the default poll: an API restart, not an outage
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,19 @@ def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 10,
     A run still going after ``timeout_s`` is a ClusterError that says it goes on: the wait ends, the run
     does not (cancel it in the UI or with ``kfp run terminate`` if that is what the job wants).
     """
-    started, reported = clock(), set()
+    started, reported, failed_polls = clock(), set(), 0
     while True:
-        run = client.get_run(run_id)
+        try:
+            run = client.get_run(run_id)
+            failed_polls = 0
+        except Exception as e:  # noqa: BLE001 - kfp_server_api, urllib3 and socket errors alike
+            failed_polls += 1
+            if failed_polls >= MAX_FAILED_POLLS or not _transient(e):
+                raise ClusterError(f"run {run_id}: cannot read its state from Kubeflow Pipelines ({_described(e)}); "
+                                   "the run goes on on the cluster, and `keel submit` stopped waiting for it.") from e
+            progress(f"  (Kubeflow Pipelines did not answer: {_described(e)}; asking again)")
+            time.sleep(poll_s)
+            continue
         state = str(run.state or "PENDING").upper()
         for task in _tasks(run):
             step_state = str(task.state or "").upper()
@@ -226,6 +237,21 @@ def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 10,
             raise ClusterError(f"run {run_id} is still {state} after {timeout_s:.0f} s (--timeout); it goes on on "
                                f"the cluster, and `keel submit` stopped waiting for it.")
         time.sleep(poll_s)
+
+
+def _transient(error: Exception) -> bool:
+    """A blip worth asking again after: the API's 5xx or 429, or no connection; not a 4xx (a wrong run id or
+    credentials), which asking again does not mend."""
+    status = getattr(error, "status", None)
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    return isinstance(error, OSError) or type(error).__module__.startswith("urllib3")
+
+
+def _described(error: Exception) -> str:
+    status = getattr(error, "status", None)
+    return f"HTTP {status} {getattr(error, 'reason', '')}".strip() if isinstance(status, int) \
+        else f"{type(error).__name__}: {error}"
 
 
 def _tasks(run: Any) -> list[Any]:

@@ -214,7 +214,10 @@ class RunningKfp(RecordingKfp):
         self.runs = list(runs)
 
     def get_run(self, run_id: str) -> Any:
-        return self.runs.pop(0) if len(self.runs) > 1 else self.runs[0]
+        answer = self.runs.pop(0) if len(self.runs) > 1 else self.runs[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
 FAILED_RUN = (run_as_kfp_returns_it("RUNNING", {"ingest": ("SUCCEEDED", ""), "validate": ("RUNNING", "")}),
@@ -244,6 +247,25 @@ def test_a_canceled_run_ends_the_wait_and_a_long_one_times_out_saying_it_goes_on
                             progress=print, clock=lambda: float(next(ticks)))
 
 
+def test_the_wait_rides_out_an_api_blip_but_not_an_outage_or_a_wrong_run() -> None:
+    from kfp_server_api import ApiException
+
+    lines: list[str] = []
+    blip = RunningKfp(ApiException(status=503, reason="Service Unavailable"), ConnectionResetError("reset"),
+                      *FAILED_RUN)
+    assert submit.wait_for_run(blip, "r-1", timeout_s=60, poll_s=0, progress=lines.append).state == "FAILED"
+    assert lines[:2] == ["  (Kubeflow Pipelines did not answer: HTTP 503 Service Unavailable; asking again)",
+                         "  (Kubeflow Pipelines did not answer: ConnectionResetError: reset; asking again)"]
+    down = RunningKfp(*[ApiException(status=502, reason="Bad Gateway")] * (submit.MAX_FAILED_POLLS + 1), *FAILED_RUN)
+    with pytest.raises(ClusterError, match=r"run r-1: cannot read its state .*HTTP 502 Bad Gateway.*goes on"):
+        submit.wait_for_run(down, "r-1", timeout_s=60, poll_s=0, progress=lines.append)
+    wrong = RunningKfp(ApiException(status=404, reason="Not Found"), *FAILED_RUN)
+    with pytest.raises(ClusterError, match=r"HTTP 404 Not Found"):
+        submit.wait_for_run(wrong, "r-1", timeout_s=60, poll_s=0, progress=lines.append)
+    retried = [line for line in lines if "did not answer" in line]
+    assert len(retried) == 2 + submit.MAX_FAILED_POLLS - 1  # the outage gave up at the limit; the 404 at once
+
+
 @pytest.mark.parametrize("runs, exit_code", [(FAILED_RUN, 3), ((run_as_kfp_returns_it("SUCCEEDED", {}),), 0)])
 def test_keel_submit_wait_exits_by_how_the_run_ended(runs: tuple[Any, ...], exit_code: int,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,7 +280,8 @@ def test_keel_submit_wait_exits_by_how_the_run_ended(runs: tuple[Any, ...], exit
     assert "Run r-1 of medical_diagnosis version" in result.stderr
     table = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "--wait"])
     assert table.exit_code == exit_code and f"Run r-1 of medical_diagnosis {answer['state']} in " in table.stdout
-    assert ("  preprocess failed: container exited with code 1; pod preprocess-pod-1" in table.stdout) == bool(exit_code)
+    failed_line = "  preprocess failed: container exited with code 1; pod preprocess-pod-1"
+    assert (failed_line in table.stdout) == bool(exit_code)
 
 
 # -- the served model on a cluster --------------------------------------------------------------

@@ -190,16 +190,24 @@ def list_schedules(client: Any, experiment: str) -> list[dict[str, str]]:
             for run in recurring_runs(client, existing_experiment_id(client, experiment))]
 
 
-def unschedule(client: Any, experiment: str, name: str) -> list[str]:
-    """Delete the experiment's recurring runs named ``name``; returns their ids."""
+# What `keel schedule --delete|--pause|--resume` does to a recurring run, by kfp.Client method
+SCHEDULE_ACTIONS = {"delete": "delete_recurring_run", "pause": "disable_recurring_run",
+                    "resume": "enable_recurring_run"}
+
+
+def change_schedules(client: Any, experiment: str, name: str, action: str) -> list[str]:
+    """Delete, pause or resume the experiment's recurring runs named ``name``; returns their ids. A paused
+    run keeps its schedule and version and starts nothing until resumed (a nightly retraining held through
+    an incident, say)."""
     experiment_id = existing_experiment_id(client, experiment)
-    doomed = [str(run.recurring_run_id) for run in recurring_runs(client, experiment_id) if run.display_name == name]
-    if not doomed:
+    named = [str(run.recurring_run_id) for run in recurring_runs(client, experiment_id) if run.display_name == name]
+    if not named:
         raise ClusterError(f"no recurring run named {name!r} in experiment {experiment!r} "
                            f"(`keel schedule list --experiment {experiment}` shows them).")
-    for recurring_run_id in doomed:
-        client.delete_recurring_run(recurring_run_id)
-    return doomed
+    for recurring_run_id in named:
+        getattr(client, SCHEDULE_ACTIONS[action])(recurring_run_id)
+    return named
+
 
 def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 10,
                  progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),

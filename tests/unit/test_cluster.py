@@ -125,6 +125,17 @@ class RecordingKfp:
         return V2beta1ListRecurringRunsResponse(recurring_runs=mine[start:start + 2], total_size=len(mine),
                                                 next_page_token=str(start + 2) if start + 2 < len(mine) else "")
 
+    def disable_recurring_run(self, recurring_run_id: str) -> dict[str, Any]:
+        return self._set_status(recurring_run_id, "DISABLED")
+
+    def enable_recurring_run(self, recurring_run_id: str) -> dict[str, Any]:
+        return self._set_status(recurring_run_id, "ENABLED")
+
+    def _set_status(self, recurring_run_id: str, status: str) -> dict[str, Any]:
+        (run,) = [run for run in self.recurring if run.recurring_run_id == recurring_run_id]
+        run.status = status
+        return {}
+
     def delete_recurring_run(self, recurring_run_id: str) -> dict[str, Any]:
         self.calls.append(("delete_recurring_run", {"id": recurring_run_id}))
         self.recurring = [run for run in self.recurring if run.recurring_run_id != recurring_run_id]
@@ -168,10 +179,10 @@ def test_scheduling_again_replaces_the_run_of_that_name_and_leaves_the_others() 
     (nightly,) = [r for r in rows if r["name"] == "medical-diagnosis"]
     assert nightly["id"] == second.run_id and nightly["cron"] == "0 0 4 * * *"
     assert nightly["description"].endswith("-beef00, cron 0 4 * * *")
-    assert submit.unschedule(kfp, "keel", "weekly") and {r["name"] for r in submit.list_schedules(kfp, "keel")} == {
-        "medical-diagnosis", "monthly", "yearly"}
+    assert submit.change_schedules(kfp, "keel", "weekly", "delete") and {
+        r["name"] for r in submit.list_schedules(kfp, "keel")} == {"medical-diagnosis", "monthly", "yearly"}
     with pytest.raises(ClusterError, match="no recurring run named 'weekly' in experiment 'keel'"):
-        submit.unschedule(kfp, "keel", "weekly")
+        submit.change_schedules(kfp, "keel", "weekly", "pause")
     with pytest.raises(ClusterError, match=r"no experiment 'nightly' on Kubeflow Pipelines \(--experiment\)"):
         submit.list_schedules(kfp, "nightly")
 
@@ -187,6 +198,13 @@ def test_keel_schedule_list_delete_and_a_missing_cron(monkeypatch: pytest.Monkey
     assert again.exit_code == 0 and f"it replaces {nightly.recurring_run_id} of the same name" in again.stdout
     listed = json.loads(runner.invoke(app, ["schedule", "list", *host, "-o", "json"]).stdout)
     assert [(r["name"], r["cron"]) for r in listed] == [("medical-diagnosis", "0 0 5 * * *")]
+    paused = runner.invoke(app, ["schedule", "medical_diagnosis", "--pause", *host])
+    assert paused.exit_code == 0 and f"Paused recurring run {listed[0]['id']} (medical-diagnosis)" in paused.stdout
+    assert json.loads(runner.invoke(app, ["schedule", "list", *host, "-o", "json"]).stdout)[0]["status"] == "DISABLED"
+    assert runner.invoke(app, ["schedule", "medical_diagnosis", "--resume", *host]).exit_code == 0
+    assert json.loads(runner.invoke(app, ["schedule", "list", *host, "-o", "json"]).stdout)[0]["status"] == "ENABLED"
+    both = runner.invoke(app, ["schedule", "medical_diagnosis", "--pause", "--delete", *host])
+    assert both.exit_code == 1 and "--delete and --pause: choose one" in str(both.exception)
     deleted = runner.invoke(app, ["schedule", "medical_diagnosis", "--delete", *host])
     assert deleted.exit_code == 0 and f"Deleted recurring run {listed[0]['id']} (medical-diagnosis)" in deleted.stdout
     assert kfp.recurring == []

@@ -96,6 +96,8 @@ def schedule_command(
                                                 "pipeline's, e.g. medical-diagnosis); scheduling a name again "
                                                 "replaces its run."),
     delete: bool = typer.Option(False, "--delete", help="Delete the recurring run of that name instead."),
+    pause: bool = typer.Option(False, "--pause", help="Pause it: it keeps its schedule and starts nothing."),
+    resume: bool = typer.Option(False, "--resume", help="Resume a paused one."),
     host: str = HOST_OPTION,
     experiment: str = EXPERIMENT_OPTION,
     param: list[str] = PARAM_OPTION,
@@ -104,7 +106,7 @@ def schedule_command(
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Schedule PIPELINE on Kubeflow Pipelines (one run at a time, no catch-up), replacing the recurring run of
-    the same name; `keel schedule list` shows the experiment's, `--delete` removes one."""
+    the same name; `keel schedule list` shows the experiment's; `--pause`, `--resume` and `--delete` act on one."""
     from keel import submit
 
     if pipeline == "list":
@@ -115,19 +117,23 @@ def schedule_command(
         print_table(["NAME", "CRON", "STATUS", "ID", "DESCRIPTION"],
                     [[r["name"], r["cron"], r["status"], r["id"], r["description"]] for r in rows])
         return
-    if delete:
+    actions = [action for action, chosen in (("delete", delete), ("pause", pause), ("resume", resume)) if chosen]
+    if len(actions) > 1:
+        raise ConfigError(f"--{' and --'.join(actions)}: choose one.")
+    if actions:
         import pipelines
 
         schedule_name = name or pipelines.build(pipeline).name
-        deleted = submit.unschedule(_kfp_client(host), experiment, schedule_name)
+        changed = submit.change_schedules(_kfp_client(host), experiment, schedule_name, actions[0])
         if output is OutputFormat.json:
-            print_json({"name": schedule_name, "deleted": deleted})
+            print_json({"name": schedule_name, "action": actions[0], "recurring_runs": changed})
             return
-        typer.echo(f"Deleted recurring run {', '.join(deleted)} ({schedule_name}) from experiment {experiment}.")
+        done = {"delete": "Deleted", "pause": "Paused", "resume": "Resumed"}[actions[0]]
+        typer.echo(f"{done} recurring run {', '.join(changed)} ({schedule_name}) in experiment {experiment}.")
         return
     if not cron:
-        raise ConfigError("keel schedule needs --cron '<crontab>' to schedule a pipeline (or --delete to remove "
-                          "its recurring run; `keel schedule list` shows them).")
+        raise ConfigError("keel schedule needs --cron '<crontab>' to schedule a pipeline (or --pause, --resume or "
+                          "--delete for its recurring run; `keel schedule list` shows them).")
     submit.kfp_cron(cron)  # a bad expression fails before anything is compiled or uploaded
     _submit(pipeline, host, experiment, param, config, cron, service_account, output, schedule_name=name)
 

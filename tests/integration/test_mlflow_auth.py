@@ -28,7 +28,7 @@ PASSWORD = "keel-admin-password-3c9d"
 def chart_init_script() -> str:
     rendered = render.documents(render.helm_template(render.CHART / "ci" / "prod-values.yaml"))
     (mlflow,) = [d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "keel-mlflow"]
-    (init,) = mlflow["spec"]["template"]["spec"]["initContainers"]
+    (init,) = [c for c in mlflow["spec"]["template"]["spec"]["initContainers"] if c["name"] == "auth-config"]
     assert init["command"] == ["/bin/sh", "-ec"]
     return init["args"][0]
 

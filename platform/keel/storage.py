@@ -231,9 +231,6 @@ def download_directory(uri: str, dest: Path, settings: KeelSettings) -> Path:
     return dest
 
 
-PART_SUFFIXES = (".parquet", ".pq")
-
-
 def is_directory(uri: str) -> bool:
     """Whether ``uri`` names a directory or ``s3://`` prefix of part files rather than one file: a local
     directory, or an S3 key that ends in ``/`` or has no file extension (Spark's and Ray Data's outputs)."""
@@ -243,33 +240,9 @@ def is_directory(uri: str) -> bool:
     return loc.scheme == "s3" and (uri.endswith("/") or "." not in filename(uri))
 
 
-def download_parts(uri: str, dest: Path, settings: KeelSettings) -> Path:
-    """The Parquet part files under a directory or ``s3://`` prefix, copied under ``dest`` with their
-    relative paths (Hive partitions such as ``day=2026-12-01/`` included). Names that start with ``_`` or
-    ``.`` (``_SUCCESS``, ``.crc`` checksums) are a writer's markers, not data. A DataError names any other
-    file, or says there are no parts."""
-    from keel.errors import DataError
-
-    names, fetch = _part_listing(uri, settings)
-    data = [name for name in names if not any(part.startswith(("_", ".")) for part in name.split("/"))]
-    others = [name for name in data if not name.lower().endswith(PART_SUFFIXES)]
-    if others:
-        raise DataError(f"{uri}: holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} besides Parquet "
-                        "part files; a directory is read as Parquet parts only (give a CSV or JSONL file by its "
-                        "own path).")
-    if not names and parse(uri).scheme == "s3" and exists(uri, settings):
-        raise DataError(f"{uri}: an object without a file extension; Keel reads .csv, .parquet or .jsonl files, or a "
-                        "prefix of Parquet parts.")
-    if not data:
-        raise DataError(f"{uri}: no Parquet part files there ({'only ' + ', '.join(names[:3]) if names else 'empty'}).")
-    for name in data:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        fetch(name, dest / name)
-    return dest
-
-
-def _part_listing(uri: str, settings: KeelSettings) -> tuple[list[str], Any]:
-    """Every file under a directory or prefix (relative names, sorted), and how to copy one to a local path."""
+def list_files(uri: str, settings: KeelSettings) -> tuple[list[str], Any]:
+    """Every file under a directory or prefix (relative names, sorted), and how to copy one to a local path:
+    a listing first, so a caller can refuse what it holds before copying anything."""
     loc = parse(uri)
     if loc.scheme == "file":
         root = Path(loc.path)
@@ -292,21 +265,6 @@ def _part_listing(uri: str, settings: KeelSettings) -> tuple[list[str], Any]:
             raise _s3_error(f"s3://{loc.bucket}/{prefix}{name}", "download the object", e) from e
 
     return names, fetch
-
-
-def read_parts(uri: str, directory: Path) -> pd.DataFrame:
-    """Local Parquet parts as one table, Hive partition keys as columns; a DataError naming ``uri`` when the
-    parts disagree on a column's type or cannot be read."""
-    import pyarrow as pa
-    import pyarrow.dataset
-
-    from keel.errors import DataError
-
-    try:
-        return pyarrow.dataset.dataset(directory, format="parquet", partitioning="hive").to_table().to_pandas()
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(f"{uri}: its Parquet part files cannot be read as one table ({type(e).__name__}: {e}); "
-                        "every part needs the same columns, each with one type.") from e
 
 
 def write_bytes(uri: str, data: bytes, settings: KeelSettings) -> None:
@@ -489,23 +447,6 @@ def read_parquet(uri: str, settings: KeelSettings) -> pd.DataFrame:
         return pq.read_table(path, filesystem=filesystem).to_pandas()
     except (OSError, ValueError) as e:
         raise StorageError(f"{uri}: cannot read Parquet ({e}).") from e
-
-
-def read_table(uri: str, settings: KeelSettings, what: str) -> pd.DataFrame:
-    """A user's Parquet or CSV file (by suffix), or a directory or prefix of Parquet parts, as a DataFrame; a
-    DataError naming it and ``what`` otherwise."""
-    import pandas
-
-    from keel.errors import DataError
-
-    with tempfile.TemporaryDirectory(prefix="keel-table-") as scratch:
-        if is_directory(uri):
-            return read_parts(uri, download_parts(uri, Path(scratch) / "parts", settings))
-        local = download(uri, Path(scratch) / filename(uri), settings)
-        try:
-            return pandas.read_parquet(local) if local.suffix in (".parquet", ".pq") else pandas.read_csv(local)
-        except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-            raise DataError(f"{uri}: cannot read {what} ({e}).") from e
 
 
 def run_uri(settings: KeelSettings, run_id: str) -> str:

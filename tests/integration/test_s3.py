@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from keel import storage
+from keel.data import tables
 from keel.data.ingest import ingest
 from keel.errors import DataError, StorageError
 from keel.settings import load_settings
@@ -50,7 +51,7 @@ def test_ingest_reads_an_s3_source(s3_env: dict[str, str], tmp_path: Path) -> No
 
 def test_an_s3_prefix_of_parquet_parts_is_read_as_one_table(s3_env: dict[str, str], tmp_path: Path) -> None:
     """As Spark or Ray Data leave a table on S3: parts under Hive partitions, a _SUCCESS marker beside them.
-    Training ingests it, and the recommender's and intents' readers (storage.read_table) read it the same."""
+    Training ingests it, and the recommender's and intents' readers (tables.read_table) read it the same."""
     from tests.unit.data.test_ingest import _parts
 
     settings = load_settings()
@@ -63,10 +64,10 @@ def test_an_s3_prefix_of_parquet_parts_is_read_as_one_table(s3_env: dict[str, st
     manifest = ingest(prefix + "/", output, settings)
     assert manifest["rows"] == 60
     assert manifest["sha256"] == ingest(str(local), storage.stage_uri(settings, "r2", "ingest"), settings)["sha256"]
-    read = storage.read_table(prefix, settings, "interactions")  # no trailing slash: a key without an extension
+    read = tables.read_table(prefix, settings, "interactions")  # no trailing slash: a key without an extension
     assert len(read) == 60 and sorted(read["size"]) == sorted(frame["size"])
     with pytest.raises(DataError, match=r"s3://.*/lake/nothing: no Parquet part files there \(empty\)"):
-        storage.read_table(f"s3://{s3_env['bucket']}/lake/nothing", settings, "interactions")
+        tables.read_table(f"s3://{s3_env['bucket']}/lake/nothing", settings, "interactions")
     storage.write_bytes(f"{prefix}-export", b"a,b\n1,2\n", settings)  # a file someone saved without a suffix
     with pytest.raises(DataError, match=r"lake/table-export: an object without a file extension"):
         ingest(f"{prefix}-export", output, settings)

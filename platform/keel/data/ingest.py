@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from keel import storage
+from keel.data import tables
 from keel.data.builtin import is_builtin, write_builtin_csv
 from keel.errors import DataError
 from keel.settings import KeelSettings
@@ -115,7 +116,7 @@ def _read_parquet(uri: str, path: Path) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     if path.is_dir():
-        return storage.read_parts(uri, path)
+        return tables.read_parts(uri, path)
     try:
         _reject_duplicate_columns(uri, pq.ParquetFile(path).schema_arrow.names)
         table = pq.read_table(path)
@@ -201,7 +202,7 @@ def read_source(source: str, scratch: Path, settings: KeelSettings) -> tuple[pd.
     if is_builtin(source):
         local, file_format = write_builtin_csv(source, scratch / "source.csv"), "csv"
     elif storage.is_directory(source):  # Parquet parts, as Spark or Ray Data write a table
-        local, file_format = storage.download_parts(source, scratch / "parts", settings), "parquet"
+        local, file_format = tables.download_parts(source, scratch / "parts", settings), "parquet"
     else:
         storage.parse(source)  # unknown schemes fail before any download
         file_format = detect_format(source)

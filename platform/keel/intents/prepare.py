@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from keel import storage
+from keel.data import tables
 from keel.errors import DataError
 from keel.intents.config import UtterancesConfig
 from keel.intents.data import generate_utterances
@@ -41,7 +42,7 @@ def read_utterances(source: str, config: UtterancesConfig, settings: KeelSetting
         return frame.assign(split=np.where(frame["family"] == "held_out", "test", "train")).drop(columns="family")
     if source.startswith("builtin://"):
         raise DataError(f"{source}: no such bundled dataset; this pipeline knows {BUILTIN_SOURCE}.")
-    return check_utterances(storage.read_table(source, settings, "utterances"), source, config)
+    return check_utterances(tables.read_table(source, settings, "utterances"), source, config)
 
 
 def check_utterances(frame: pd.DataFrame, origin: str, config: UtterancesConfig) -> pd.DataFrame:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from keel import storage
+from keel.data import tables
 from keel.errors import DataError
 from keel.recommend.config import InteractionColumns, InteractionsConfig, SplitConfig
 from keel.settings import KeelSettings
@@ -146,7 +147,7 @@ def read_interactions(source: str, config: InteractionsConfig, settings: KeelSet
         return generate_interactions(config)
     if source.startswith("builtin://"):
         raise DataError(f"{source}: no such bundled dataset; this pipeline knows {BUILTIN_SOURCE}.")
-    frame = storage.read_table(source, settings, "interactions")
+    frame = tables.read_table(source, settings, "interactions")
     return check_interactions(frame, source, config.columns)
 
 

@@ -67,6 +67,9 @@ class KeelSettings(BaseSettings):
     pushgateway_url: str = Field(
         default="", description="Prometheus Pushgateway (host:port or URL) for pipeline stage metrics. Empty: off.")
     kfp_host: str = Field(default="", description="Kubeflow Pipelines API endpoint (cluster mode).")
+    kfp_namespace: str = Field(default="", description="Profile namespace on a multi-user Kubeflow, where runs, "
+                                                        "experiments and step pods live (--namespace). Empty: "
+                                                        "standalone KFP, or the notebook's own namespace.")
     kfp_token: SecretStr = Field(default=SecretStr(""),
                                  description="Bearer token for the KFP API (e.g. a ServiceAccount token in CI).")
     serve_token: SecretStr = Field(default=SecretStr(""),

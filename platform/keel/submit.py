@@ -92,12 +92,18 @@ def check_reachable(host: str, timeout_s: float = 10) -> None:
                            "kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80.") from e
 
 
-def client_for(host: str, token: str = "") -> Any:
-    """A kfp.Client for ``host``; ``token`` (KEEL_KFP_TOKEN) for a KFP behind authentication."""
+def client_for(host: str, token: str = "", namespace: str = "") -> Any:
+    """A kfp.Client for ``host``; ``token`` (KEEL_KFP_TOKEN) for a KFP behind authentication.
+
+    ``namespace`` (KEEL_KFP_NAMESPACE) is the profile namespace of a multi-user Kubeflow: its experiments,
+    runs and recurring runs live there, and so do the steps' pods. Empty leaves it to kfp, which uses the
+    namespace of the pod it runs in (a Kubeflow notebook) on a multi-user KFP, and none on a standalone one.
+    """
     import kfp
 
     check_reachable(host)
-    return kfp.Client(host=host, existing_token=token or None)
+    # kfp.Client takes namespace="kubeflow" (its default) to mean "not given", so only a chosen one is passed
+    return kfp.Client(host=host, existing_token=token or None, **({"namespace": namespace} if namespace else {}))
 
 
 def compile_pipeline(built: Any, target: Path) -> Path:
@@ -218,6 +224,7 @@ def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 10,
     does not (cancel it in the UI or with ``kfp run terminate`` if that is what the job wants).
     """
     started, reported, failed_polls = clock(), set(), 0
+    namespace = str(getattr(client, "get_user_namespace", lambda: "")() or "")
     while True:
         try:
             run = client.get_run(run_id)
@@ -238,7 +245,7 @@ def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 10,
                 progress(f"  {task.display_name}: {step_state.lower()}")
         elapsed = clock() - started
         if state in FINISHED_STATES:
-            failed = {str(task.display_name): _failure(task) for task in _tasks(run)
+            failed = {str(task.display_name): _failure(task, namespace) for task in _tasks(run)
                       if str(task.state or "").upper() == "FAILED"}
             return Outcome(state, elapsed, failed, _message(run.error))
         if elapsed > timeout_s:
@@ -268,9 +275,11 @@ def _tasks(run: Any) -> list[Any]:
     return [task for task in details or [] if task.display_name and task.display_name != "root"]
 
 
-def _failure(task: Any) -> str:
-    """A failed step's error, and the pod whose log says more (KFP runs the step's code in container ``main``)."""
-    pod = f"pod {task.pod_name}: kubectl logs {task.pod_name} -c main" if getattr(task, "pod_name", None) else ""
+def _failure(task: Any, namespace: str) -> str:
+    """A failed step's error, and the pod whose log says more (KFP runs the step's code in container ``main``,
+    in the run's profile namespace on a multi-user KFP; a standalone KFP's own namespace, unknown here, else)."""
+    where = f"-n {namespace} " if namespace else ""
+    pod = f"pod {task.pod_name}: kubectl {where}logs {task.pod_name} -c main" if getattr(task, "pod_name", None) else ""
     return "; ".join(part for part in (_message(task.error), pod) if part)
 
 

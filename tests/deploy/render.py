@@ -85,27 +85,38 @@ def json_patch(old: Any, new: Any, path: list[str | int] | None = None) -> list[
     return [] if old == new else [{"op": "replace", "path": _pointer(path), "value": new}]
 
 
-def _key(document: dict[str, Any]) -> tuple[str, str]:
-    return document["kind"], document["metadata"]["name"]
+def identity(document: dict[str, Any]) -> tuple[str, str, str]:
+    """An object's identity: the same name can be in two namespaces (the config's copy where steps run)."""
+    return document["kind"], document["metadata"].get("namespace", ""), document["metadata"]["name"]
 
 
 def overlay(name: str) -> dict[str, str]:
-    """The overlay's files: kustomization.yaml (base + patches) and one JSON-patch file per changed object."""
-    base_objects = {_key(d): d for d in documents(helm_template(None, (), "--skip-tests"))}
-    target = {_key(d): d for d in documents(helm_template(CHART / "ci" / f"{name}-values.yaml", (), "--skip-tests"))}
-    if set(target) != set(base_objects):
-        raise ValueError(f"{name}: the values add or remove objects ({set(target) ^ set(base_objects)}); "
-                         "overlays only patch the base's objects")
+    """The overlay's files: kustomization.yaml (base + patches), one JSON-patch file per changed object, and
+    ``added.yaml`` with the objects the values add (another namespace's copy of the config, say)."""
+    base_objects = {identity(d): d for d in documents(helm_template(None, (), "--skip-tests"))}
+    values = CHART / "ci" / f"{name}-values.yaml"
+    target = {identity(d): d for d in documents(helm_template(values, (), "--skip-tests"))}
+    if set(base_objects) - set(target):
+        raise ValueError(f"{name}: the values remove objects ({set(base_objects) - set(target)}); overlays only "
+                         "patch the base's objects and add new ones")
     files: dict[str, str] = {}
     patches = []
-    for kind, object_name in sorted(target):
-        operations = json_patch(base_objects[(kind, object_name)], target[(kind, object_name)])
+    for kind, namespace, object_name in sorted(set(base_objects)):
+        key = (kind, namespace, object_name)
+        operations = json_patch(base_objects[key], target[key])
         if operations:
-            path = f"patches/{kind.lower()}-{object_name}.yaml"
+            elsewhere = f"{namespace}-" if namespace not in ("", NAMESPACE) else ""  # the release's go unprefixed
+            path = f"patches/{kind.lower()}-{elsewhere}{object_name}.yaml"
             files[path] = GENERATED.format(name=name) + yaml.safe_dump(operations, sort_keys=False, width=120)
-            patches.append({"path": path, "target": {"kind": kind, "name": object_name}})
+            patches.append({"path": path, "target": {"kind": kind, "name": object_name}
+                            | ({"namespace": namespace} if namespace else {})})
+    resources = ["../../base"]
+    added = [target[key] for key in sorted(set(target) - set(base_objects))]
+    if added:
+        files["added.yaml"] = GENERATED.format(name=name) + yaml.safe_dump_all(added, sort_keys=False, width=120)
+        resources.append("added.yaml")
     kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                     "resources": ["../../base"], "patches": patches}
+                     "resources": resources, "patches": patches}
     files["kustomization.yaml"] = GENERATED.format(name=name) + yaml.safe_dump(kustomization, sort_keys=False)
     return files
 

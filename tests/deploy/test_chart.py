@@ -233,14 +233,23 @@ def by_kind(path: Path, kind: str) -> list[dict[str, Any]]:
     return [d for d in documents(path) if d["kind"] == kind]
 
 
+def in_release(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects in the release's own namespace, not their copies where pipeline steps run."""
+    return [d for d in objects if d["metadata"].get("namespace") == render.NAMESPACE]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rbac_is_least_privilege(rendered: dict[str, Path], shape: str) -> None:
     assert not by_kind(rendered[shape], "ClusterRole") and not by_kind(rendered[shape], "ClusterRoleBinding")
-    (role,) = by_kind(rendered[shape], "Role")
+    (role,) = in_release(by_kind(rendered[shape], "Role"))
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
         if set(rule["verbs"]) & {"patch", "update", "create", "delete"}:
             assert rule["resources"] == ["rayservices"] and rule["resourceNames"] == ["keel-serve"], rule
+    for elsewhere in by_kind(rendered[shape], "Role"):  # where steps run: read the config, nothing more
+        if elsewhere["metadata"]["namespace"] != render.NAMESPACE:
+            assert elsewhere["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                           "resourceNames": ["keel-config"], "verbs": ["get"]}]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -277,7 +286,7 @@ def test_the_served_config_is_the_one_keel_serve_sends(rendered: dict[str, Path]
 def test_the_config_map_speaks_keel_settings(rendered: dict[str, Path], shape: str) -> None:
     from keel.settings import KeelSettings
 
-    (config,) = [c for c in by_kind(rendered[shape], "ConfigMap") if c["metadata"]["name"] == "keel-config"]
+    (config,) = [c for c in in_release(by_kind(rendered[shape], "ConfigMap")) if c["metadata"]["name"] == "keel-config"]
     keel_keys = {k[len("KEEL_"):].lower() for k in config["data"] if k.startswith("KEEL_")}
     assert keel_keys <= set(KeelSettings.model_fields), keel_keys - set(KeelSettings.model_fields)
     settings = KeelSettings(**{k: config["data"][f"KEEL_{k.upper()}"] for k in keel_keys})
@@ -305,9 +314,42 @@ def test_the_prod_shape_trains_on_gpus(rendered: dict[str, Path]) -> None:
         assert gpu["containers"][0]["image"].endswith("-cuda")
         assert gpu["tolerations"][0]["key"] == "nvidia.com/gpu" and groups["gpu"]["maxReplicas"] == 4
         assert cluster["spec"]["enableInTreeAutoscaling"] is True
-        (config,) = [c for c in by_kind(rendered[shape], "ConfigMap") if c["metadata"]["name"] == "keel-config"]
+        (config,) = [c for c in in_release(by_kind(rendered[shape], "ConfigMap"))
+                     if c["metadata"]["name"] == "keel-config"]
         # gpus x maxReplicas over the groups: a run asking for more fails at once rather than waiting for nodes
         assert config["data"]["KEEL_RAY_MAX_GPUS"] == "4" and config["data"]["KEEL_RAY_AUTOSCALING"] == "true"
+
+
+@pytest.mark.parametrize("shape", ["default", "prod-values", "overlays/prod"])
+def test_every_namespace_steps_run_in_gets_the_runner_and_the_config(rendered: dict[str, Path], shape: str) -> None:
+    """A step's pod reads a ConfigMap and runs as a ServiceAccount of its own namespace: standalone KFP's
+    `kubeflow` by default, and a multi-user profile namespace in prod. Each gets both, the config identical to
+    the release's; the release's RoleBinding lets each runner reach the RayService; the network lets it in."""
+    step_namespaces = {"default": ["kubeflow"]}.get(shape, ["kubeflow", "kubeflow-user-example-com"])
+    objects = documents(rendered[shape])
+    configs = {c["metadata"]["namespace"]: c["data"] for c in by_kind(rendered[shape], "ConfigMap")
+               if c["metadata"]["name"] == "keel-config"}
+    assert sorted(configs) == sorted([render.NAMESPACE, *step_namespaces])
+    assert all(data == configs[render.NAMESPACE] for data in configs.values())
+    assert configs["kubeflow"]["KEEL_KUBE_NAMESPACE"] == render.NAMESPACE  # the deploy step patches it there
+    for namespace in step_namespaces:
+        assert {(d["kind"], d["metadata"]["name"]) for d in objects if d["metadata"].get("namespace") == namespace} \
+            == {("ConfigMap", "keel-config"), ("ServiceAccount", "keel-pipeline-runner"),
+                ("Role", "keel-pipeline-runner"), ("RoleBinding", "keel-pipeline-runner")}
+    (binding,) = in_release(by_kind(rendered[shape], "RoleBinding"))
+    assert {(s["namespace"], s["name"]) for s in binding["subjects"]} \
+        == {(namespace, "keel-pipeline-runner") for namespace in [render.NAMESPACE, *step_namespaces]}
+    for policy in by_kind(rendered[shape], "NetworkPolicy"):
+        if policy["metadata"]["name"] in ("keel-mlflow", "keel-minio"):
+            selector = policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchExpressions"][0]
+            assert set(selector["values"]) >= {render.NAMESPACE, *step_namespaces}, policy["metadata"]["name"]
+
+
+def test_a_release_whose_steps_run_in_its_own_namespace_adds_nothing_elsewhere() -> None:
+    """Keel installed into the profile namespace itself (or `namespaces` naming only the release's): no
+    copies, one runner, one config."""
+    text = render.helm_template(None, (), "--set", f"pipelineRunner.namespaces={{{render.NAMESPACE}}}")
+    assert {d["metadata"].get("namespace") for d in render.documents(text)} == {render.NAMESPACE}
 
 
 @pytest.mark.parametrize("autoscaling, max_gpus", [("true", "6"), ("false", "2")])
@@ -318,7 +360,7 @@ def test_the_config_map_gives_the_gpus_the_cluster_can_grow_to(autoscaling: str,
     text = render.helm_template(render.CHART / "ci" / "prod-values.yaml", (), "--set",
                                 f"ray.training.autoscaling={autoscaling},{group}replicas=1,{group}maxReplicas=3,"
                                 f"{group}gpus=2")
-    (config,) = [d for d in render.documents(text) if d["metadata"]["name"] == "keel-config"]
+    (config,) = [d for d in in_release(render.documents(text)) if d["metadata"]["name"] == "keel-config"]
     assert config["data"]["KEEL_RAY_MAX_GPUS"] == max_gpus and config["data"]["KEEL_RAY_AUTOSCALING"] == autoscaling
 
 
@@ -338,9 +380,9 @@ def test_manifests_are_rendered_from_the_current_chart() -> None:
 
 @pytest.mark.parametrize("name", render.OVERLAYS)
 def test_an_overlay_applies_what_helm_installs_with_its_values(rendered: dict[str, Path], name: str) -> None:
-    helm = {(d["kind"], d["metadata"]["name"]): d
+    helm = {render.identity(d): d
             for d in render.documents(render.helm_template(render.CHART / "ci" / f"{name}-values.yaml", (), "--skip-tests"))}
-    kustomized = {(d["kind"], d["metadata"]["name"]): d for d in documents(rendered[f"overlays/{name}"])}
+    kustomized = {render.identity(d): d for d in documents(rendered[f"overlays/{name}"])}
     assert kustomized == helm
 
 
@@ -506,7 +548,8 @@ def test_pipeline_steps_read_exactly_what_the_chart_provides(rendered: dict[str,
 
     chart_keys = set()
     for shape in SHAPES:  # prod turns MLflow auth on, which adds the user name
-        (config,) = [c for c in by_kind(rendered[shape], "ConfigMap") if c["metadata"]["name"] == cluster.CONFIG_MAP]
+        (config,) = [c for c in in_release(by_kind(rendered[shape], "ConfigMap"))
+                     if c["metadata"]["name"] == cluster.CONFIG_MAP]
         chart_keys |= set(config["data"])
     assert chart_keys == set(cluster.CONFIG_MAP_KEYS)
     values = yaml.safe_load((render.CHART / "values.yaml").read_text())["credentials"]
@@ -514,8 +557,9 @@ def test_pipeline_steps_read_exactly_what_the_chart_provides(rendered: dict[str,
     assert set(cluster.S3_CREDENTIALS) == {values["s3AccessKeyKey"], values["s3SecretKeyKey"]}
     assert set(cluster.RAY_TOKEN) == {values["rayAuthTokenKey"]}
     assert set(cluster.MLFLOW_PASSWORD) == {values["mlflowAdminPasswordKey"]}
-    (role,) = by_kind(rendered["default"], "Role")
-    (account,) = [a for a in by_kind(rendered["default"], "ServiceAccount") if "pipeline-runner" in a["metadata"]["name"]]
+    (role,) = in_release(by_kind(rendered["default"], "Role"))
+    (account,) = [a for a in in_release(by_kind(rendered["default"], "ServiceAccount"))
+                  if "pipeline-runner" in a["metadata"]["name"]]
     from keel.submit import DEFAULT_SERVICE_ACCOUNT
 
     assert account["metadata"]["name"] == DEFAULT_SERVICE_ACCOUNT and role["metadata"]["name"] == DEFAULT_SERVICE_ACCOUNT

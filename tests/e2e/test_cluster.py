@@ -2,7 +2,8 @@
 
 Set KEEL_E2E_KUBECONFIG to a kubeconfig (kind or any cluster) and KEEL_E2E_KFP_HOST
 to the KFP API (a port-forward works). The test installs the chart with the dev
-values into a fresh namespace, creates the credentials Secret, waits for the
+values into a fresh namespace (its runner ServiceAccount and config also into the namespace KFP runs steps
+in, KEEL_E2E_STEP_NAMESPACE, `kubeflow` by default), creates the credentials Secret in both, waits for the
 pods, runs `helm test`, submits medical_diagnosis with serving, and waits for
 the run to succeed and the RayService to serve the new champion. It removes the
 namespace afterwards.
@@ -36,21 +37,33 @@ def kube(*command: str, timeout: int = 600) -> str:
     return result.stdout
 
 
+STEP_NAMESPACE = os.environ.get("KEEL_E2E_STEP_NAMESPACE", "kubeflow")  # where KFP runs steps: standalone KFP's
+
+
 @pytest.fixture(scope="module")
 def release() -> Iterator[str]:
+    """The chart in a fresh namespace, named after it so that its objects in the shared step namespace (the
+    config's copy, the runner ServiceAccount, the credentials Secret) clash with no other install's."""
     namespace = f"keel-e2e-{uuid.uuid4().hex[:6]}"
     kubectl, helm = render.tool("kubectl"), render.tool("helm")
     kube(kubectl, "create", "namespace", namespace)
     credentials = {key: secrets.token_urlsafe(24) for key in
                    ("s3-access-key", "s3-secret-key", "postgres-password", "serve-token", "ray-auth-token")}
-    kube(kubectl, "-n", namespace, "create", "secret", "generic", "keel-credentials",
-         *(f"--from-literal={k}={v}" for k, v in credentials.items()))
+    secret = f"{namespace}-credentials"
+    for where in (namespace, STEP_NAMESPACE):
+        kube(kubectl, "-n", where, "create", "secret", "generic", secret,
+             *(f"--from-literal={k}={v}" for k, v in credentials.items()))
     try:
-        kube(helm, "install", "keel", str(render.CHART), "-n", namespace, "-f", str(render.CHART / "ci" / "dev-values.yaml"),
-             "--set", f"pipelineRunner.clientNamespaces={{kubeflow,{namespace}}}", "--wait", "--timeout", "15m",
-             timeout=1000)
+        kube(helm, "install", "keel", str(render.CHART), "-n", namespace,
+             "-f", str(render.CHART / "ci" / "dev-values.yaml"), "--set", f"fullnameOverride={namespace}",
+             "--set", f"credentials.existingSecret={secret}",
+             "--set", f"pipelineRunner.namespaces={{{STEP_NAMESPACE}}}",
+             "--wait", "--timeout", "15m", timeout=1000)
         yield namespace
     finally:
+        subprocess.run([helm, "uninstall", "keel", "-n", namespace, "--wait"], capture_output=True, timeout=600,
+                       env={**os.environ, "KUBECONFIG": KUBECONFIG}, check=False)  # its step-namespace objects too
+        kube(kubectl, "-n", STEP_NAMESPACE, "delete", "secret", secret, "--ignore-not-found")
         kube(kubectl, "delete", "namespace", namespace, "--wait=false")
 
 
@@ -67,13 +80,15 @@ def test_a_submitted_pipeline_trains_on_the_ray_cluster_and_rolls_the_served_mod
     from keel import submit
 
     client = submit.client_for(KFP_HOST)
-    result = submit.submit(client, "medical_diagnosis", KFP_HOST, f"e2e-{release}", {"serve": True},
-                           commit=os.environ.get("KEEL_GIT_COMMIT", "e2e"))
+    params = {"serve": True, "config_map": f"{release}-config", "credentials_secret": f"{release}-credentials"}
+    result = submit.submit(client, "medical_diagnosis", KFP_HOST, f"e2e-{release}", params,
+                           commit=os.environ.get("KEEL_GIT_COMMIT", "e2e"),
+                           service_account=f"{release}-pipeline-runner")
     finished = submit.wait_for_run(client, result.run_id, timeout_s=3600, progress=print)
     assert finished.succeeded, finished
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
-        status = kube(render.tool("kubectl"), "-n", release, "get", "rayservice", "keel-serve",
+        status = kube(render.tool("kubectl"), "-n", release, "get", "rayservice", f"{release}-serve",
                       "-o", "jsonpath={.spec.serveConfigV2}")
         if "models:/medical-diagnosis/" in status:
             return

@@ -12,6 +12,7 @@ import shlex
 import socket
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
@@ -189,7 +190,7 @@ def test_scheduling_again_replaces_the_run_of_that_name_and_leaves_the_others() 
 
 def test_keel_schedule_list_delete_and_a_missing_cron(monkeypatch: pytest.MonkeyPatch) -> None:
     kfp = RecordingKfp()
-    monkeypatch.setattr(submit, "client_for", lambda host, token: kfp)
+    monkeypatch.setattr(submit, "client_for", lambda host, token, namespace: kfp)
     runner, host = CliRunner(), ["--host", "http://kfp"]
     created = runner.invoke(app, ["schedule", "medical_diagnosis", "--cron", "0 3 * * *", *host])
     (nightly,) = kfp.recurring
@@ -288,7 +289,7 @@ def test_the_wait_rides_out_an_api_blip_but_not_an_outage_or_a_wrong_run() -> No
 def test_keel_submit_wait_exits_by_how_the_run_ended(runs: tuple[Any, ...], exit_code: int,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     kfp = RunningKfp(*runs)
-    monkeypatch.setattr(submit, "client_for", lambda host, token: kfp)
+    monkeypatch.setattr(submit, "client_for", lambda host, token, namespace: kfp)
     monkeypatch.setattr(submit.time, "sleep", lambda seconds: None)
     result = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "--wait", "-o", "json"])
     assert result.exit_code == exit_code, result.output
@@ -300,6 +301,83 @@ def test_keel_submit_wait_exits_by_how_the_run_ended(runs: tuple[Any, ...], exit
     assert table.exit_code == exit_code and f"Run r-1 of medical_diagnosis {answer['state']} in " in table.stdout
     failed_line = "  preprocess failed: container exited with code 1; pod preprocess-pod-1"
     assert (failed_line in table.stdout) == bool(exit_code)
+
+
+class KfpApiRecorder:
+    """A Kubeflow Pipelines v2beta1 API in a thread, as far as finding and creating an experiment goes:
+    enough for a real kfp.Client to talk to, recording each request's path and body."""
+
+    def __init__(self, multi_user: bool) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str, dict[str, Any]]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: dict[str, Any]) -> None:
+                payload = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                recorder.requests.append(("GET", self.path, {}))
+                self._answer({"multi_user": multi_user} if "healthz" in self.path else {"experiments": []})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                recorder.requests.append(("POST", self.path, body))
+                self._answer({**body, "experiment_id": "e-1"})
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("multi_user, namespace", [(True, "kubeflow-user-example-com"), (False, "")])
+def test_a_chosen_namespace_is_where_kfp_finds_and_creates_the_experiment(multi_user: bool, namespace: str,
+                                                                          monkeypatch, tmp_path) -> None:
+    """A real kfp.Client from client_for: on a multi-user KFP the profile namespace goes with the lookup and
+    the creation of the experiment (and a failed step's pod is looked for there); on a standalone one the
+    namespace is left empty."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/kfp/context.json of the developer's
+    api = KfpApiRecorder(multi_user)
+    try:
+        client = submit.client_for(api.host, namespace=namespace)
+        assert client.create_experiment("keel").experiment_id == "e-1"
+    finally:
+        api.server.shutdown()
+    lookup = next(path for method, path, _ in api.requests if method == "GET" and "/experiments" in path)
+    (created,) = [body for method, _, body in api.requests if method == "POST"]
+    assert parse_qs(urlparse(lookup).query).get("namespace", [""]) == [namespace]
+    assert created.get("namespace", "") == namespace and created["display_name"] == "keel"
+    failed = RunningKfp(*FAILED_RUN)
+    failed.get_user_namespace = client.get_user_namespace  # type: ignore[method-assign]
+    outcome = submit.wait_for_run(failed, "r-1", timeout_s=60, poll_s=0, progress=print)
+    where = f"-n {namespace} " if namespace else ""
+    assert outcome.failed_steps["preprocess"].endswith(f"kubectl {where}logs preprocess-pod-1 -c main")
+
+
+def test_keel_submit_and_schedule_take_the_namespace_from_the_flag_or_the_environment(monkeypatch) -> None:
+    asked: list[str] = []
+
+    def client_for(host: str, token: str, namespace: str) -> RunningKfp:
+        asked.append(namespace)
+        return RunningKfp(run_as_kfp_returns_it("SUCCEEDED", {}))
+
+    monkeypatch.setattr(submit, "client_for", client_for)
+    monkeypatch.setenv("KEEL_KFP_NAMESPACE", "team-a")
+    runner, host = CliRunner(), ["--host", "http://kfp"]
+    assert runner.invoke(app, ["submit", "medical_diagnosis", *host]).exit_code == 0
+    assert runner.invoke(app, ["submit", "medical_diagnosis", *host, "--namespace", "team-b"]).exit_code == 0
+    assert runner.invoke(app, ["schedule", "list", *host, "-n", "team-c"]).exit_code == 1  # no experiment there
+    assert asked == ["team-a", "team-b", "team-c"]
 
 
 # -- the served model on a cluster --------------------------------------------------------------

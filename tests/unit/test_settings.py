@@ -90,7 +90,8 @@ def test_a_misnamed_variable_is_named_with_the_setting_it_nearly_is(keel_home: P
         "KEEL_S3_ENDPIONT is not a Keel setting, so it is ignored; did you mean KEEL_S3_ENDPOINT?"]
     for name in ("KEEL_MLFLOW_URI", "KEEL_S3_ENDPIONT"):
         monkeypatch.delenv(name)
-    for tool_variable in ("KEEL_E2E_KFP_HOST", "KEEL_BENCH_REPEATS", "KEEL_CRDS_DIR", "KEEL_VERSION"):
+    for tool_variable in ("KEEL_E2E_KFP_HOST", "KEEL_E2E_STEP_NAMESPACE", "KEEL_BENCH_REPEATS", "KEEL_CRDS_DIR",
+                          "KEEL_VERSION"):
         monkeypatch.setenv(tool_variable, "1")  # the test and bench tools' own: not near a setting
     with warnings.catch_warnings():
         warnings.simplefilter("error")

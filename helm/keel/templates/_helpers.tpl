@@ -31,10 +31,11 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version }}
 {{- end }}
 {{- end }}
 
-{{/* Object metadata: name, namespace, labels. (dict "ctx" $ "component" "x" "name" "suffix") */}}
+{{/* Object metadata: name, namespace, labels. (dict "ctx" $ "component" "x" "name" "suffix" "namespace" "ns");
+the namespace defaults to the release's. */}}
 {{- define "keel.metadata" -}}
 name: {{ include "keel.fullname" .ctx }}-{{ .name | default .component }}
-namespace: {{ .ctx.Release.Namespace }}
+namespace: {{ .namespace | default .ctx.Release.Namespace }}
 labels:
   {{- include "keel.labels" . | nindent 2 }}
 {{- end }}
@@ -161,6 +162,12 @@ autoscaler). Keel fails a run that asks for more at once instead of letting it w
 
 {{- define "keel.serveName" -}}
 {{- printf "%s-serve" (include "keel.fullname" .) }}
+{{- end }}
+
+{{/* The namespaces besides the release's that Kubeflow Pipelines runs steps in (a JSON list): a step's pod reads
+the config and runs as the runner ServiceAccount of its own namespace, so each needs both. */}}
+{{- define "keel.stepNamespaces" -}}
+{{- toJson (without (uniq .Values.pipelineRunner.namespaces) .Release.Namespace) }}
 {{- end }}
 
 {{- define "keel.runnerServiceAccount" -}}

@@ -14,6 +14,9 @@ from keel.settings import load_settings
 
 HOST_OPTION = typer.Option("", "--host", help="Kubeflow Pipelines API endpoint; default KEEL_KFP_HOST.")
 EXPERIMENT_OPTION = typer.Option("keel", "--experiment", help="KFP experiment to run in.")
+NAMESPACE_OPTION = typer.Option("", "--namespace", "-n", help="Profile namespace on a multi-user Kubeflow, where the "
+                                                             "experiment and the steps' pods are; default "
+                                                             "KEEL_KFP_NAMESPACE.")
 PARAM_OPTION = typer.Option([], "--param", "-p", help="Pipeline parameter NAME=VALUE; repeatable.")
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML merged over the pipeline's config.")
 ACCOUNT_OPTION = typer.Option("keel-pipeline-runner", "--service-account",
@@ -24,18 +27,19 @@ ACCOUNT_OPTION = typer.Option("keel-pipeline-runner", "--service-account",
 RUN_FAILED_EXIT_CODE = 3
 
 
-def _kfp_client(host: str) -> Any:
+def _kfp_client(host: str, namespace: str) -> Any:
     from keel import submit
 
     settings = load_settings()
     host = host or settings.kfp_host
     if not host:
         raise ConfigError("no Kubeflow Pipelines host: pass --host or set KEEL_KFP_HOST.")
-    return submit.client_for(host, settings.kfp_token.get_secret_value())
+    return submit.client_for(host, settings.kfp_token.get_secret_value(), namespace or settings.kfp_namespace)
 
 
-def _submit(pipeline: str, host: str, experiment: str, param: list[str], config: Path | None, cron: str,
-            service_account: str, output: OutputFormat, wait_s: float | None = None, schedule_name: str = "") -> None:
+def _submit(pipeline: str, host: str, namespace: str, experiment: str, param: list[str], config: Path | None,
+            cron: str, service_account: str, output: OutputFormat, wait_s: float | None = None,
+            schedule_name: str = "") -> None:
     import pipelines
     from keel import submit, tracking
     from keel.cli.run import parse_params, pipeline_parameters, require_parameters
@@ -45,7 +49,7 @@ def _submit(pipeline: str, host: str, experiment: str, param: list[str], config:
     built = pipelines.build(pipeline, config)
     params = parse_params(param, pipeline_parameters(built, ("config",)))
     require_parameters(built, params, pipeline)  # a recurring run would fail on the server, every time
-    client = _kfp_client(host)
+    client = _kfp_client(host, namespace)
     result = submit.submit(client, pipeline, host, experiment, params, tracking.git_commit(settings),
                            config=config, cron=cron, service_account=service_account, schedule_name=schedule_name)
     what = f"Recurring run ({cron})" if cron else "Run"
@@ -75,6 +79,7 @@ def _submit(pipeline: str, host: str, experiment: str, param: list[str], config:
 def submit_command(
     pipeline: str = typer.Argument(..., help="Pipeline name, e.g. medical_diagnosis."),
     host: str = HOST_OPTION,
+    namespace: str = NAMESPACE_OPTION,
     experiment: str = EXPERIMENT_OPTION,
     param: list[str] = PARAM_OPTION,
     config: Path | None = CONFIG_OPTION,
@@ -86,7 +91,8 @@ def submit_command(
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Compile PIPELINE, upload it as version <keel version>-<commit>, and start a run on Kubeflow Pipelines."""
-    _submit(pipeline, host, experiment, param, config, "", service_account, output, timeout if wait else None)
+    _submit(pipeline, host, namespace, experiment, param, config, "", service_account, output,
+            timeout if wait else None)
 
 
 def schedule_command(
@@ -99,6 +105,7 @@ def schedule_command(
     pause: bool = typer.Option(False, "--pause", help="Pause it: it keeps its schedule and starts nothing."),
     resume: bool = typer.Option(False, "--resume", help="Resume a paused one."),
     host: str = HOST_OPTION,
+    namespace: str = NAMESPACE_OPTION,
     experiment: str = EXPERIMENT_OPTION,
     param: list[str] = PARAM_OPTION,
     config: Path | None = CONFIG_OPTION,
@@ -110,7 +117,7 @@ def schedule_command(
     from keel import submit
 
     if pipeline == "list":
-        rows = submit.list_schedules(_kfp_client(host), experiment)
+        rows = submit.list_schedules(_kfp_client(host, namespace), experiment)
         if output is OutputFormat.json:
             print_json(rows)
             return
@@ -124,7 +131,7 @@ def schedule_command(
         import pipelines
 
         schedule_name = name or pipelines.build(pipeline).name
-        changed = submit.change_schedules(_kfp_client(host), experiment, schedule_name, actions[0])
+        changed = submit.change_schedules(_kfp_client(host, namespace), experiment, schedule_name, actions[0])
         if output is OutputFormat.json:
             print_json({"name": schedule_name, "action": actions[0], "recurring_runs": changed})
             return
@@ -135,7 +142,7 @@ def schedule_command(
         raise ConfigError("keel schedule needs --cron '<crontab>' to schedule a pipeline (or --pause, --resume or "
                           "--delete for its recurring run; `keel schedule list` shows them).")
     submit.kfp_cron(cron)  # a bad expression fails before anything is compiled or uploaded
-    _submit(pipeline, host, experiment, param, config, cron, service_account, output, schedule_name=name)
+    _submit(pipeline, host, namespace, experiment, param, config, cron, service_account, output, schedule_name=name)
 
 
 def status_command(output: OutputFormat = OUTPUT_OPTION) -> None:

@@ -339,10 +339,14 @@ def test_every_namespace_steps_run_in_gets_the_runner_and_the_config(rendered: d
     (binding,) = in_release(by_kind(rendered[shape], "RoleBinding"))
     assert {(s["namespace"], s["name"]) for s in binding["subjects"]} \
         == {(namespace, "keel-pipeline-runner") for namespace in [render.NAMESPACE, *step_namespaces]}
+    reachable = {}  # policy -> the namespaces one of its rules lets in
     for policy in by_kind(rendered[shape], "NetworkPolicy"):
-        if policy["metadata"]["name"] in ("keel-mlflow", "keel-minio"):
-            selector = policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchExpressions"][0]
-            assert set(selector["values"]) >= {render.NAMESPACE, *step_namespaces}, policy["metadata"]["name"]
+        for rule in policy["spec"].get("ingress", []):
+            for source in rule.get("from", []):
+                for expression in source.get("namespaceSelector", {}).get("matchExpressions", []):
+                    reachable.setdefault(policy["metadata"]["name"], set()).update(expression["values"])
+    for name in ("keel-mlflow", "keel-minio", "keel-ray-train"):
+        assert reachable[name] >= {render.NAMESPACE, *step_namespaces}, name
 
 
 def test_a_release_whose_steps_run_in_its_own_namespace_adds_nothing_elsewhere() -> None:

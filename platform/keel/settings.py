@@ -67,6 +67,9 @@ class KeelSettings(BaseSettings):
     pushgateway_url: str = Field(
         default="", description="Prometheus Pushgateway (host:port or URL) for pipeline stage metrics. Empty: off.")
     kfp_host: str = Field(default="", description="Kubeflow Pipelines API endpoint (cluster mode).")
+    image: str = Field(default="", description="Runtime image the pipeline steps run (keel submit, schedule, "
+                                               "pipelines compile; --image), built with `make image IMAGE=...`. "
+                                               "Empty: ghcr.io/keel-mlops/keel-runtime:<version>.")
     kfp_namespace: str = Field(default="", description="Profile namespace on a multi-user Kubeflow, where runs, "
                                                         "experiments and step pods live (--namespace). Empty: "
                                                         "standalone KFP, or the notebook's own namespace.")

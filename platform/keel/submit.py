@@ -21,6 +21,7 @@ from typing import Any
 
 from keel import __version__
 from keel.errors import ClusterError, ConfigError
+from keel.images import image_fingerprint, use_runtime_image
 
 HEALTHZ = "/apis/v2beta1/healthz"
 DEFAULT_SERVICE_ACCOUNT = "keel-pipeline-runner"
@@ -58,10 +59,12 @@ class Outcome:
         return self.state == "SUCCEEDED"
 
 
-def version_name(commit: str) -> str:
-    """``<keel version>-<12-char commit>``: unique per commit, readable in the KFP UI."""
+def version_name(commit: str, image: str = "") -> str:
+    """``<keel version>-<12-char commit>``: unique per commit, readable in the KFP UI; steps on another image
+    than Keel's own (``--image``) add its fingerprint, so the same commit built for two registries is two
+    versions."""
     short = re.sub(r"[^0-9a-zA-Z]", "", commit)[:12] or "unknown"
-    return f"{__version__}-{short}"
+    return "-".join(filter(None, (__version__, short, image_fingerprint(image))))
 
 
 def kfp_cron(expression: str) -> str:
@@ -106,11 +109,12 @@ def client_for(host: str, token: str = "", namespace: str = "") -> Any:
     return kfp.Client(host=host, existing_token=token or None, **({"namespace": namespace} if namespace else {}))
 
 
-def compile_pipeline(built: Any, target: Path) -> Path:
+def compile_pipeline(built: Any, target: Path, image: str = "") -> Path:
+    """KFP IR YAML at ``target``, its steps on ``image`` (empty: Keel's own runtime image)."""
     from kfp import compiler
 
     compiler.Compiler().compile(built, str(target))
-    return target
+    return use_runtime_image(target, image)
 
 
 def upload_version(client: Any, package: Path, pipeline_name: str, version: str) -> tuple[str, str]:
@@ -128,15 +132,15 @@ def upload_version(client: Any, package: Path, pipeline_name: str, version: str)
 
 def submit(client: Any, pipeline: str, host: str, experiment: str, params: dict[str, Any], commit: str,
            config: Path | None = None, cron: str = "", service_account: str = DEFAULT_SERVICE_ACCOUNT,
-           schedule_name: str = "") -> Submission:
+           schedule_name: str = "", image: str = "") -> Submission:
     """Compile, upload the version, then start a run, or, with ``cron``, schedule it (see :func:`schedule`)."""
     import pipelines
 
     built = pipelines.build(pipeline, config)
     pipeline_name = built.name
-    version = version_name(commit)
+    version = version_name(commit, image)
     with tempfile.TemporaryDirectory(prefix="keel-submit-") as scratch:
-        package = compile_pipeline(built, Path(scratch) / f"{pipeline}.yaml")
+        package = compile_pipeline(built, Path(scratch) / f"{pipeline}.yaml", image)
         pipeline_id, version_id = upload_version(client, package, pipeline_name, version)
     experiment_id = client.create_experiment(experiment).experiment_id
     if cron:

@@ -349,6 +349,16 @@ def test_every_namespace_steps_run_in_gets_the_runner_and_the_config(rendered: d
         assert reachable[name] >= {render.NAMESPACE, *step_namespaces}, name
 
 
+def test_steps_pull_the_runtime_image_with_the_charts_pull_secrets() -> None:
+    """KFP step pods run as the runner ServiceAccount, so its pull secrets are what lets them pull an image
+    from a private registry (`keel submit --image`), in every namespace they run in."""
+    text = render.helm_template(None, (), "--set", "imagePullSecrets={regcred}")
+    runners = [d for d in render.documents(text) if d["kind"] == "ServiceAccount"
+               and d["metadata"]["name"] == "keel-pipeline-runner"]
+    assert sorted(r["metadata"]["namespace"] for r in runners) == ["keel", "kubeflow"]
+    assert all(r["imagePullSecrets"] == [{"name": "regcred"}] for r in runners)
+
+
 def test_a_release_whose_steps_run_in_its_own_namespace_adds_nothing_elsewhere() -> None:
     """Keel installed into the profile namespace itself (or `namespaces` naming only the release's): no
     copies, one runner, one config."""

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 import pipelines
+from keel.cli import app
 from keel.cli.compile import compile_all
 from keel.images import RUNTIME_IMAGE
 
@@ -20,6 +22,40 @@ def test_compiled_yaml_is_current(name: str, fresh: dict[str, Path]) -> None:
     committed = pipelines.COMPILED_DIR / f"{name}.yaml"
     assert committed.exists(), f"{committed} is missing: run `make pipelines` and commit it"
     assert committed.read_text() == fresh[name].read_text(), f"{committed} is stale: run `make pipelines`"
+
+
+PRIVATE_IMAGE = "registry.example.com:5000/ml/keel-runtime:0.1.0"
+
+
+def test_steps_can_run_an_image_from_another_registry_and_nothing_else_changes(tmp_path: Path) -> None:
+    """`keel pipelines compile --image` (and submit's): every step on the platform team's own build of the
+    image; the YAML otherwise what `make pipelines` compiles, header included."""
+    from kfp.components import load_component_from_file
+
+    result = CliRunner().invoke(app, ["pipelines", "compile", "--image", PRIVATE_IMAGE, "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for name in pipelines.PIPELINES:
+        moved = (tmp_path / f"{name}.yaml").read_text()
+        committed = (pipelines.COMPILED_DIR / f"{name}.yaml").read_text()
+        assert moved.replace(PRIVATE_IMAGE, RUNTIME_IMAGE) == committed
+        spec = next(yaml.safe_load_all(moved))
+        assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {PRIVATE_IMAGE}
+        load_component_from_file(str(tmp_path / f"{name}.yaml"))  # still KFP IR
+
+
+@pytest.mark.parametrize("image", ["Keel:latest", "registry.example.com/keel-runtime", "localhost:5000/keel-runtime",
+                                   "registry.example.com/keel runtime:1", "keel-runtime@sha256:abc"])
+def test_an_image_kfp_cannot_pull_by_a_fixed_name_is_refused_naming_it(image: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["pipelines", "compile", "--image", image, "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1 and f"--image {image!r}: expected REGISTRY/PATH:TAG" in str(result.exception)
+    assert not list(tmp_path.iterdir())  # nothing compiled
+
+
+def test_the_golden_files_stay_on_keels_own_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_IMAGE", PRIVATE_IMAGE)
+    result = CliRunner().invoke(app, ["pipelines", "compile"])
+    assert result.exit_code == 1 and "--image: give --output-dir too" in str(result.exception)
+    assert "registry.example.com" not in (pipelines.COMPILED_DIR / "medical_diagnosis.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", sorted(pipelines.PIPELINES))

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from keel import __version__, cluster, jobs, submit
+from keel import __version__, cluster, images, jobs, submit
 from keel.cli import app
 from keel.errors import ClusterError, ConfigError
 from keel.settings import KeelSettings
@@ -156,6 +156,27 @@ def test_submit_uploads_a_version_once_and_runs_it_as_the_pipeline_runner() -> N
     assert len(runs) == 2 and runs[0]["version_id"] == again.version_id == first.version_id == "v-1"
     assert runs[0]["params"] == {"gpus": 1} and runs[0]["service_account"] == "keel-pipeline-runner"
     assert first.url == "http://kfp/#/runs/details/r-1" and first.version_name.endswith("-abcdef123456")
+
+
+def test_submit_with_another_image_uploads_steps_on_it_as_a_version_of_its_own(monkeypatch) -> None:
+    """The same commit on Keel's image and on a platform team's build (by digest here) are two versions, so a
+    resubmission never reuses one that pulls the other image; KEEL_IMAGE is the default for --image."""
+    kfp = RecordingKfp()
+    monkeypatch.setattr(submit, "client_for", lambda host, token, namespace: kfp)
+    monkeypatch.setenv("KEEL_GIT_COMMIT", "abcdef1234567890")
+    private = "registry.example.com/ml/keel-runtime@sha256:" + "0" * 64
+    monkeypatch.setenv("KEEL_IMAGE", private)
+    on_private = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "-o", "json"])
+    on_own = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "-o", "json",
+                                      "--image", images.RUNTIME_IMAGE])
+    assert on_private.exit_code == 0 and on_own.exit_code == 0, on_private.output + on_own.output
+    uploaded = [c[1] for c in kfp.calls if c[0] == "upload_pipeline"][0]["spec"]
+    assert {e["container"]["image"] for e in uploaded["deploymentSpec"]["executors"].values()} == {private}
+    names = [json.loads(r.stdout)["version_name"] for r in (on_private, on_own)]
+    assert names[1] == f"{__version__}-abcdef123456" and names[0].startswith(f"{names[1]}-") and len(set(names)) == 2
+    assert [c[1]["name"] for c in kfp.calls if c[0] == "upload_pipeline_version"] == names
+    wrong = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "--image", "keel:latest "])
+    assert wrong.exit_code == 1 and "--image 'keel:latest '" in str(wrong.exception)
 
 
 def test_schedule_creates_one_recurring_run_without_catch_up() -> None:

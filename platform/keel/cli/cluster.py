@@ -19,6 +19,8 @@ NAMESPACE_OPTION = typer.Option("", "--namespace", "-n", help="Profile namespace
                                                              "KEEL_KFP_NAMESPACE.")
 PARAM_OPTION = typer.Option([], "--param", "-p", help="Pipeline parameter NAME=VALUE; repeatable.")
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML merged over the pipeline's config.")
+IMAGE_OPTION = typer.Option("", "--image", help="Image the steps run, from `make image IMAGE=...` "
+                                                 "(REGISTRY/PATH:TAG); default KEEL_IMAGE, else Keel's own.")
 ACCOUNT_OPTION = typer.Option("keel-pipeline-runner", "--service-account",
                               help="ServiceAccount the steps run as (the chart creates it).")
 
@@ -38,20 +40,25 @@ def _kfp_client(host: str, namespace: str) -> Any:
 
 
 def _submit(pipeline: str, host: str, namespace: str, experiment: str, param: list[str], config: Path | None,
-            cron: str, service_account: str, output: OutputFormat, wait_s: float | None = None,
+            cron: str, service_account: str, image: str, output: OutputFormat, wait_s: float | None = None,
             schedule_name: str = "") -> None:
     import pipelines
     from keel import submit, tracking
     from keel.cli.run import parse_params, pipeline_parameters, require_parameters
+    from keel.images import check_image
 
     settings = load_settings()
     host = host or settings.kfp_host
+    image = image or settings.image
+    if image:
+        check_image(image)  # before anything is compiled or uploaded
     built = pipelines.build(pipeline, config)
     params = parse_params(param, pipeline_parameters(built, ("config",)))
     require_parameters(built, params, pipeline)  # a recurring run would fail on the server, every time
     client = _kfp_client(host, namespace)
     result = submit.submit(client, pipeline, host, experiment, params, tracking.git_commit(settings),
-                           config=config, cron=cron, service_account=service_account, schedule_name=schedule_name)
+                           config=config, cron=cron, service_account=service_account, schedule_name=schedule_name,
+                           image=image)
     what = f"Recurring run ({cron})" if cron else "Run"
     started = f"{what} {result.run_id} of {pipeline} version {result.version_name} started: {result.url}"
     if result.replaced:
@@ -84,6 +91,7 @@ def submit_command(
     param: list[str] = PARAM_OPTION,
     config: Path | None = CONFIG_OPTION,
     service_account: str = ACCOUNT_OPTION,
+    image: str = IMAGE_OPTION,
     wait: bool = typer.Option(False, "--wait", help="Wait for the run to finish, reporting each step as it ends; "
                                                      f"exit {RUN_FAILED_EXIT_CODE} unless it succeeded."),
     timeout: float = typer.Option(6 * 3600, "--timeout", min=1, help="Seconds --wait waits before giving up "
@@ -91,7 +99,7 @@ def submit_command(
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Compile PIPELINE, upload it as version <keel version>-<commit>, and start a run on Kubeflow Pipelines."""
-    _submit(pipeline, host, namespace, experiment, param, config, "", service_account, output,
+    _submit(pipeline, host, namespace, experiment, param, config, "", service_account, image, output,
             timeout if wait else None)
 
 
@@ -110,6 +118,7 @@ def schedule_command(
     param: list[str] = PARAM_OPTION,
     config: Path | None = CONFIG_OPTION,
     service_account: str = ACCOUNT_OPTION,
+    image: str = IMAGE_OPTION,
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Schedule PIPELINE on Kubeflow Pipelines (one run at a time, no catch-up), replacing the recurring run of
@@ -142,7 +151,8 @@ def schedule_command(
         raise ConfigError("keel schedule needs --cron '<crontab>' to schedule a pipeline (or --pause, --resume or "
                           "--delete for its recurring run; `keel schedule list` shows them).")
     submit.kfp_cron(cron)  # a bad expression fails before anything is compiled or uploaded
-    _submit(pipeline, host, namespace, experiment, param, config, cron, service_account, output, schedule_name=name)
+    _submit(pipeline, host, namespace, experiment, param, config, cron, service_account, image, output,
+            schedule_name=name)
 
 
 def status_command(output: OutputFormat = OUTPUT_OPTION) -> None:

@@ -246,10 +246,18 @@ def test_rbac_is_least_privilege(rendered: dict[str, Path], shape: str) -> None:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
         if set(rule["verbs"]) & {"patch", "update", "create", "delete"}:
             assert rule["resources"] == ["rayservices"] and rule["resourceNames"] == ["keel-serve"], rule
-    for elsewhere in by_kind(rendered[shape], "Role"):  # where steps run: read the config, nothing more
+    for elsewhere in by_kind(rendered[shape], "Role"):  # where steps run: what KFP and Argo need there, no more
         if elsewhere["metadata"]["namespace"] != render.NAMESPACE:
-            assert elsewhere["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
-                                           "resourceNames": ["keel-config"], "verbs": ["get"]}]
+            assert elsewhere["rules"] == STEP_RULES
+
+
+# What a KFP v2 step's pod does as its ServiceAccount besides reading Keel's config: KFP's launcher reads its
+# ConfigMap and the artifact store's Secret; Argo's executor (3.4+) reports outputs as workflowtaskresults.
+STEP_RULES = [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["keel-config", "kfp-launcher"],
+               "verbs": ["get"]},
+              {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["mlpipeline-minio-artifact"],
+               "verbs": ["get"]},
+              {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]}]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -361,9 +369,24 @@ def test_steps_pull_the_runtime_image_with_the_charts_pull_secrets() -> None:
 
 def test_a_release_whose_steps_run_in_its_own_namespace_adds_nothing_elsewhere() -> None:
     """Keel installed into the profile namespace itself (or `namespaces` naming only the release's): no
-    copies, one runner, one config."""
+    copies, one runner, one config; its one Role gives the steps what KFP and Argo need, beside Keel's own."""
     text = render.helm_template(None, (), "--set", f"pipelineRunner.namespaces={{{render.NAMESPACE}}}")
     assert {d["metadata"].get("namespace") for d in render.documents(text)} == {render.NAMESPACE}
+    (role,) = [d for d in render.documents(text) if d["kind"] == "Role"]
+    assert role["rules"][:3] == STEP_RULES and role["rules"][-2]["resourceNames"] == ["keel-serve"]
+
+
+def test_another_kfp_release_gets_what_it_asks_for_in_the_step_namespaces(tmp_path: Path) -> None:
+    """pipelineRunner.extraRules and artifactSecrets (an artifact store that kfp-launcher names) reach every
+    step namespace's Role, and the release's stays as it was."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"pipelineRunner": {
+        "artifactSecrets": ["team-s3"], "extraRules": [{"apiGroups": [""], "resources": ["pods"],
+                                                         "verbs": ["get", "watch", "patch"]}]}}))
+    roles = {d["metadata"]["namespace"]: d["rules"] for d in render.documents(render.helm_template(values))
+             if d["kind"] == "Role"}
+    assert roles["kubeflow"][1]["resourceNames"] == ["team-s3"] and roles["kubeflow"][-1]["resources"] == ["pods"]
+    assert not any("secrets" in r["resources"] or "pods" in r["resources"] for r in roles[render.NAMESPACE])
 
 
 @pytest.mark.parametrize("autoscaling, max_gpus", [("true", "6"), ("false", "2")])

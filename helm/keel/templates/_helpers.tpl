@@ -170,6 +170,30 @@ the config and runs as the runner ServiceAccount of its own namespace, so each n
 {{- toJson (without (uniq .Values.pipelineRunner.namespaces) .Release.Namespace) }}
 {{- end }}
 
+{{/* What a KFP v2 step's own machinery does as the pod's ServiceAccount, in the namespace the pod runs in,
+besides reading Keel's config: KFP's driver and launcher read the kfp-launcher ConfigMap (optional, but a
+refusal fails the step) and the artifact store's Secret (mlpipeline-minio-artifact unless kfp-launcher names
+others: pipelineRunner.artifactSecrets), and Argo's executor reports outputs as workflowtaskresults (Argo 3.4+,
+so KFP 2.1+). pipelineRunner.extraRules adds what another KFP or Argo release asks for. */}}
+{{- define "keel.stepRules" -}}
+- apiGroups: [""]
+  resources: [configmaps]
+  resourceNames: [{{ include "keel.fullname" . }}-config, kfp-launcher]
+  verbs: [get]
+{{- with .Values.pipelineRunner.artifactSecrets }}
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: {{ toJson . }}
+  verbs: [get]
+{{- end }}
+- apiGroups: [argoproj.io]
+  resources: [workflowtaskresults]
+  verbs: [create, patch]
+{{- with .Values.pipelineRunner.extraRules }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "keel.runnerServiceAccount" -}}
 {{- default (printf "%s-pipeline-runner" (include "keel.fullname" .)) .Values.pipelineRunner.name }}
 {{- end }}

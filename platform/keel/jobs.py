@@ -5,9 +5,12 @@ When ``KEEL_RAY_ADDRESS`` is an http(s) URL (a KubeRay head's dashboard, as
 the chart sets it), :func:`run_stage` submits the stage as a Ray job through
 the Job Submission API, streams the job's logs into the component's log, and
 raises with the job's own error when it fails. The job's entrypoint is
-``python -m keel.jobs STAGE ARGS_JSON`` in the same image, which calls the
-same stage function with Ray connected to the cluster it runs on. Otherwise
-the stage runs in this process on a local Ray (or a ``ray://`` address).
+``python -m keel.jobs STAGE ARGS_JSON``, which calls the same stage function
+with Ray connected to the cluster it runs on. The job carries the step's own
+``keel`` package (``py_modules``): the Ray cluster's image is the chart's,
+upgraded on its own schedule, and a run must train with the code of its
+pipeline version. Otherwise the stage runs in this process on a local Ray
+(or a ``ray://`` address).
 
 Credentials never travel in the job: the Ray pods read them from the same
 Secret. Only non-secret ``KEEL_*`` settings are forwarded, so the job sees the
@@ -22,6 +25,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from keel.errors import KeelError, TrainingError
@@ -70,6 +74,15 @@ def forwarded_environment(settings: KeelSettings) -> dict[str, str]:
     values = settings.model_dump()
     return {f"KEEL_{name.upper()}": str(value) for name, value in values.items()
             if name not in NOT_FORWARDED and not isinstance(value, SecretStr) and value not in ("", None)}
+
+
+def shipped_code() -> list[str]:
+    """The ``keel`` package this process runs, for the job's ``py_modules``: Ray uploads it once per content
+    hash and puts it ahead of the image's own copy on every process of the job, Ray Train's workers too.
+    Its dependencies still come from the image, which ``requirements.lock`` pins for both."""
+    import keel
+
+    return [str(Path(keel.__file__).parent)]
 
 
 def entrypoint(stage: str, arguments: dict[str, Any]) -> str:
@@ -121,7 +134,8 @@ def _submit(client: Any, stage: str, arguments: dict[str, Any], settings: KeelSe
     while True:
         try:
             return str(client.submit_job(entrypoint=entrypoint(stage, arguments),
-                                         runtime_env={"env_vars": forwarded_environment(settings)},
+                                         runtime_env={"env_vars": forwarded_environment(settings),
+                                                      "py_modules": shipped_code()},
                                          metadata={"keel.stage": stage}))
         except RuntimeError as e:
             if AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
@@ -168,7 +182,10 @@ def _result(logs: str, job_id: str) -> Any:
 
 def main(argv: list[str]) -> int:
     """The job's entrypoint: run the stage against the Ray cluster the job runs on."""
+    import keel
+
     stage, arguments = argv[0], json.loads(argv[1])
+    print(f"keel {keel.__version__} from {Path(keel.__file__).parent}", file=sys.stderr, flush=True)
     settings = load_settings(ray_address="auto")
     try:
         result = _stage_function(stage)(settings=settings, **arguments)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+import keel
 from keel import jobs, storage
 from keel.data.ingest import ingest
 from keel.data.preprocess import preprocess
@@ -104,6 +105,11 @@ def test_training_runs_as_a_ray_job_and_publishes_the_model(ray_head: str, split
     (job,) = [j for j in JobSubmissionClient(ray_head, headers=ray_auth_headers()).list_jobs() if j.metadata.get("keel.stage") == "train"]
     assert str(job.status.value) == "SUCCEEDED" and "python -m keel.jobs train" in job.entrypoint
     assert "very-secret" not in json.dumps(job.runtime_env or {})
+    # the step's own code, not the copy installed where the job runs: uploaded, and imported from Ray's copy
+    (shipped,) = job.runtime_env["py_modules"]
+    assert shipped.startswith("gcs://")
+    imported_from = next(line for line in streamed.splitlines() if line.startswith(f"keel {keel.__version__} from "))
+    assert "runtime_resources" in imported_from and str(Path(keel.__file__).parent) not in imported_from
 
 
 def test_a_failed_job_raises_its_own_error_and_publishes_nothing(ray_head: str, splits: tuple[KeelSettings, str],

@@ -10,6 +10,7 @@ dropping requests), which is all the pipeline runner's Role may change.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 from keel.errors import ClusterError
 from keel.serve.challenger import CANARY_APP, SHADOW_APP
 from keel.settings import KeelSettings
+from keel.submit import DEFAULT_SERVICE_ACCOUNT as DEFAULT_RUNNER
 
 CONFIG_MAP = "keel-config"
 CREDENTIALS_SECRET = "keel-credentials"
@@ -61,11 +63,27 @@ def _load_kube_config() -> None:
                                f"({e}). Set KUBECONFIG or run inside the cluster.") from e
 
 
+# Kubernetes names the caller in a refusal: User "system:serviceaccount:NAMESPACE:NAME" cannot patch ...
+REFUSED_ACCOUNT = re.compile(r'system:serviceaccount:([^:"\\\s]+):([^"\\\s]+)')
+
+
 def _api_error(action: str, error: Any) -> ClusterError:
     status = getattr(error, "status", None)
-    hint = {403: " The pipeline runner's Role allows only what the chart grants (see helm/keel/templates/rbac.yaml).",
+    hint = {403: _refusal_hint(str(getattr(error, "body", "") or "")),
             404: " Is the chart installed in this namespace (KEEL_KUBE_NAMESPACE)?"}.get(status or 0, "")
     return ClusterError(f"{action}: Kubernetes answered {status} {getattr(error, 'reason', error)}.{hint}")
+
+
+def _refusal_hint(body: str) -> str:
+    """Which account was refused, and the usual reason: a run started without Keel's runner account (the
+    Kubeflow UI's run form leaves "Service Account" empty, so KFP's default account runs the steps)."""
+    refused = REFUSED_ACCOUNT.search(body)
+    if refused is None or refused.group(2) == DEFAULT_RUNNER:
+        return (" The pipeline runner's Role allows only what the chart grants (helm/keel/templates/rbac.yaml); "
+                "is this namespace among the chart's pipelineRunner.namespaces?")
+    return (f" This step runs as ServiceAccount {refused.group(2)} (namespace {refused.group(1)}), which the chart "
+            f"grants nothing; start the run as {DEFAULT_RUNNER} (`keel submit` does; in the Kubeflow UI, fill in "
+            "the run's Service Account).")
 
 
 def _require(settings: KeelSettings, *fields: str) -> None:

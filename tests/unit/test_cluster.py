@@ -445,6 +445,31 @@ def test_without_a_cluster_the_rollout_and_status_say_what_is_missing(tmp_path, 
         cluster.roll_served_model(KeelSettings(home=tmp_path, kube_namespace="keel"), "models:/m/2")
 
 
+@pytest.mark.parametrize("account, says", [
+    ("pipeline-runner", "runs as ServiceAccount pipeline-runner (namespace kubeflow), which the chart grants nothing; "
+                        "start the run as keel-pipeline-runner"),
+    ("keel-pipeline-runner", "is this namespace among the chart's pipelineRunner.namespaces?")])
+def test_a_refused_rollout_names_the_account_the_step_ran_as(account: str, says: str, monkeypatch) -> None:
+    """A run started from the Kubeflow UI without a Service Account runs as KFP's default account, which may
+    not patch the RayService: the deploy step's error says so, and what to do."""
+    from kubernetes.client.exceptions import ApiException
+
+    refusal = ApiException(status=403, reason="Forbidden")
+    refusal.body = json.dumps({"kind": "Status", "message": f'rayservices.ray.io "keel-serve" is forbidden: User '
+                               f'"system:serviceaccount:kubeflow:{account}" cannot get resource "rayservices"'})
+
+    class Refusing:
+        def get_namespaced_custom_object(self, *args: Any) -> Any:
+            raise refusal
+
+    monkeypatch.setattr(cluster, "_load_kube_config", lambda: None)
+    monkeypatch.setattr("kubernetes.client.CustomObjectsApi", Refusing)
+    settings = KeelSettings(ray_service="keel-serve", kube_namespace="keel")
+    with pytest.raises(ClusterError, match="Kubernetes answered 403 Forbidden") as refused:
+        cluster.roll_served_model(settings, "models:/m/2")
+    assert says in str(refused.value)
+
+
 def test_status_summarizes_kuberay_and_workload_objects() -> None:
     rows = cluster.summarize(
         [{"metadata": {"name": "keel-train"}, "status": {"state": "ready", "availableWorkerReplicas": 2,

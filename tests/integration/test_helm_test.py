@@ -38,6 +38,7 @@ def run_check(pod: dict[str, Any], secret_dir: Path, endpoints: dict[str, str]) 
 def test_every_step_namespace_is_checked_as_the_runner_the_steps_run_as(check_pods: dict[str, Any]) -> None:
     assert sorted(check_pods) == ["keel", "kubeflow"]
     assert check_pods["kubeflow"]["spec"]["serviceAccountName"] == "keel-pipeline-runner"
+    assert check_pods["kubeflow"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"  # ends
     (container,) = check_pods["kubeflow"]["spec"]["containers"]
     assert container["envFrom"] == [{"configMapRef": {"name": "keel-config"}}]  # the copy in that namespace
 

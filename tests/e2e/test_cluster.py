@@ -5,8 +5,9 @@ to the KFP API (a port-forward works). The test installs the chart with the dev
 values into a fresh namespace (its runner ServiceAccount and config also into the namespace KFP runs steps
 in, KEEL_E2E_STEP_NAMESPACE, `kubeflow` by default), creates the credentials Secret in both, waits for the
 pods, runs `helm test`, submits medical_diagnosis with serving, and waits for
-the run to succeed and the RayService to serve the new champion. It removes the
-namespace afterwards.
+the run to succeed and the RayService to serve the new champion (steps on
+KEEL_IMAGE when set: a build the cluster can pull). It removes the namespace
+afterwards.
 """
 
 from __future__ import annotations
@@ -78,12 +79,13 @@ def test_a_submitted_pipeline_trains_on_the_ray_cluster_and_rolls_the_served_mod
     import kfp
 
     from keel import submit
+    from keel.settings import load_settings
 
     client = submit.client_for(KFP_HOST)
     params = {"serve": True, "config_map": f"{release}-config", "credentials_secret": f"{release}-credentials"}
     result = submit.submit(client, "medical_diagnosis", KFP_HOST, f"e2e-{release}", params,
                            commit=os.environ.get("KEEL_GIT_COMMIT", "e2e"),
-                           service_account=f"{release}-pipeline-runner")
+                           service_account=f"{release}-pipeline-runner", image=load_settings().image)
     finished = submit.wait_for_run(client, result.run_id, timeout_s=3600, progress=print)
     assert finished.succeeded, finished
     deadline = time.monotonic() + 900

@@ -11,6 +11,7 @@ import typer
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.errors import ConfigError
 from keel.settings import load_settings
+from keel.submit import DEFAULT_SERVICE_ACCOUNT
 
 HOST_OPTION = typer.Option("", "--host", help="Kubeflow Pipelines API endpoint; default KEEL_KFP_HOST.")
 EXPERIMENT_OPTION = typer.Option("keel", "--experiment", help="KFP experiment to run in.")
@@ -21,7 +22,7 @@ PARAM_OPTION = typer.Option([], "--param", "-p", help="Pipeline parameter NAME=V
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML merged over the pipeline's config.")
 IMAGE_OPTION = typer.Option("", "--image", help="Image the steps run, from `make image IMAGE=...` "
                                                  "(REGISTRY/PATH:TAG); default KEEL_IMAGE, else Keel's own.")
-ACCOUNT_OPTION = typer.Option("keel-pipeline-runner", "--service-account",
+ACCOUNT_OPTION = typer.Option(DEFAULT_SERVICE_ACCOUNT, "--service-account",
                               help="ServiceAccount the steps run as (the chart creates it).")
 
 

@@ -28,12 +28,10 @@ CUDA ?=
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-# --no-compile: pip would byte-compile every installed module (torch, ray, mlflow, ...), most of which nothing
-# imports; Python compiles those that are, on first import. Half the install time on a clean machine.
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-compile -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP) ## Create .venv with the pinned dependencies
@@ -41,7 +39,7 @@ venv: $(STAMP) ## Create .venv with the pinned dependencies
 $(TOOLS_STAMP): tests/deploy/install_k8s_tools.py
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --upgrade pip
-	$(TOOLS)/bin/pip install --quiet --no-compile $(TOOL_PACKAGES)
+	$(TOOLS)/bin/pip install --quiet $(TOOL_PACKAGES)
 	$(TOOLS)/bin/python tests/deploy/install_k8s_tools.py $(TOOLS)/bin
 	touch $(TOOLS_STAMP)
 
@@ -62,8 +60,7 @@ system-deps: ## Install the Debian packages the tests start (Prometheus, promtoo
 # start once); the tests marked `exclusive` then run alone. Both phases always run.
 TEST_WORKERS ?= 2
 
-test: ## Run the whole test suite (type check and chart checks included)
-	@$(MAKE) --no-print-directory -j3 $(TOOLS_STAMP) system-deps typecheck  # tools and Debian packages beside venv + mypy
+test: $(STAMP) $(TOOLS_STAMP) system-deps typecheck ## Run the whole test suite (type check and chart checks included)
 	@export PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH"; status=0; \
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --phase=shared $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/pytest --phase=exclusive $(PYTEST_ARGS) || status=$$?; \

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from keel.serve.control import HeadPorts
+from tests.processes import command_line, descends_from, process_parents
 
 
 # moto accepts any key; a distinctive one lets tests look for it in logs, where it must never appear.
@@ -38,29 +39,9 @@ def ray_actor_pids(class_name: str) -> list[int]:
     the Ray of a test running beside it. Read from /proc rather than Ray's state API, which needs the
     dashboard the tests run without.
     """
-    marker = f"ray::{class_name}".encode()
-    parents: dict[int, int] = {}
-    titled = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # the parent pid is the 2nd field after the ")" closing the command name
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if (entry / "cmdline").read_bytes().startswith(marker):
-                    titled.append(int(entry.name))
-            except (OSError, IndexError, ValueError):  # the process ended while we looked
-                continue
-    return [pid for pid in titled if _descends_from(pid, os.getpid(), parents)]
-
-
-def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
-    seen = set()
-    while pid in parents and pid not in seen:
-        seen.add(pid)
-        pid = parents[pid]
-        if pid == ancestor:
-            return True
-    return False
+    parents = process_parents()
+    return [pid for pid in parents
+            if command_line(pid).startswith(f"ray::{class_name}") and descends_from(pid, os.getpid(), parents)]
 
 
 def wait_for_port(port: int, timeout_s: float = 30) -> None:

@@ -21,7 +21,7 @@ from keel.intents.config import IntentEvaluateConfig
 from keel.intents.data import generate_utterances
 from keel.intents.evaluate import bag_of_words_baseline, gate
 from keel.settings import load_settings
-from tests.unit.test_cli import keel
+from tests.processes import keel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "customer-service-intents"

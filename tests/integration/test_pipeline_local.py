@@ -12,7 +12,7 @@ import pytest
 from keel.data.builtin import write_builtin_csv
 from keel.settings import load_settings
 from tests.conftest import artifact_files
-from tests.unit.test_cli import keel
+from tests.processes import keel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

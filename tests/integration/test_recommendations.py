@@ -18,7 +18,7 @@ import pytest
 from keel.settings import load_settings
 from tests.conftest import artifact_files
 from tests.integration.conftest import free_port
-from tests.unit.test_cli import keel
+from tests.processes import keel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "ecommerce-recommendations"

@@ -19,7 +19,7 @@ from keel.errors import DataError, StorageError
 from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import S3_SECRET
-from tests.unit.test_cli import keel
+from tests.processes import keel
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import free_port, private_head_ports, wait_for_port
 from tests.stages import run_stages, small_config, write_small_source
-from tests.unit.test_cli import keel
+from tests.processes import keel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from keel.serve.deployment import LoadedModel
 from keel.settings import KeelSettings
 from tests.conftest import small_frame
 from tests.stages import TEXT_IDS, packaged_recommender, run_stages, small_config, write_small_source
-from tests.unit.test_cli import keel
+from tests.processes import keel
 
 MODEL_URI = "models:/small-model@champion"
 

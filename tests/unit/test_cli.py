@@ -1,18 +1,11 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from keel.cli.run import parse_params, print_summary
 from keel.errors import ConfigError
-
-
-def keel(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "keel", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+from tests.processes import keel
 
 
 def test_params_are_typed_name_value_pairs() -> None:

@@ -175,7 +175,7 @@ def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings
 def test_a_promotion_whose_server_cannot_be_reached_says_the_champion_moved_and_how_to_undo(
         settings: KeelSettings, tmp_path: Path) -> None:
     from tests.integration.conftest import free_port
-    from tests.unit.test_cli import keel
+    from tests.processes import keel
 
     _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
     _register(run_stages(settings, "run-b", tmp_path / "small.csv", epochs=0), settings, "run-b")
@@ -226,7 +226,7 @@ def test_a_person_rejects_a_version_awaiting_approval_with_a_reason_and_may_stil
     from keel.cli.models import list_models
     from keel.registry import reject_by_hand
     from tests.integration.conftest import free_port
-    from tests.unit.test_cli import keel
+    from tests.processes import keel
 
     _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
     _register(run_stages(settings, "run-b", tmp_path / "small.csv"), settings, "run-b", approval="manual")

@@ -22,7 +22,8 @@ from keel.intents.model import IntentSpec, classifier_shape, pretrained_classifi
 from keel.intents.prepare import tokenizer_of
 from keel.settings import KeelSettings
 from keel.train.loop import TrainState, evaluate_epoch, fit_epochs, restore
-from keel.train.trainer import build_trainer, cluster_scaling, final_state, fit_or_fail, ray_session
+from keel.train.trainer import (build_trainer, cluster_scaling, final_state, fit_or_fail, materialized_splits,
+                                ray_session)
 
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "label"]
 EVAL_BATCH = 256
@@ -108,16 +109,9 @@ def train_intents_stage(settings: KeelSettings, splits_uri: str, config: dict[st
 
 def _fit(config: IntentTrainConfig, spec: IntentSpec, splits: dict[str, str], checkpoint_uri: str, run_name: str,
          settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
-    import ray.data
-
     parameters = (pretrained_dir() / "model.safetensors").stat().st_size // 4  # float32 weights: 22.7M
     scaling = cluster_scaling(config.scaling, parameters, settings)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
-    datasets = {}
-    for split in ("train", "val"):
-        filesystem, path = storage.pyarrow_filesystem(splits[split], settings)
-        # Materialized before the workers claim the CPUs: a lazy read would wait for a CPU that never frees.
-        datasets[split] = ray.data.read_parquet(path, filesystem=filesystem, columns=TOKEN_COLUMNS).materialize()
+    datasets = materialized_splits(splits, ("train", "val"), settings, columns=TOKEN_COLUMNS)
     loop_config = {**config.model_dump(exclude={"max_failures", "scaling"}), "spec": spec.model_dump(),
                    "threads_per_worker": scaling["cpus_per_worker"]}
     trainer = build_trainer(train_loop_per_worker, loop_config, datasets, scaling, config.max_failures,

@@ -24,7 +24,8 @@ from keel.recommend.model import (FactorizationSpec, MatrixFactorization, SeenPa
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec
 from keel.train.loop import keep_best, report, restore, unwrap
-from keel.train.trainer import build_trainer, cluster_scaling, final_state, fit_or_fail, ray_session
+from keel.train.trainer import (build_trainer, cluster_scaling, final_state, fit_or_fail, materialized_splits,
+                                ray_session)
 
 VALIDATION_K = 10
 
@@ -177,20 +178,15 @@ def one_worker_unless_asked(scaling: ScalingSpec) -> ScalingSpec:
 
 def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str, str], checkpoint_uri: str,
          run_name: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
-    import ray.data
-    from ray.train import DataConfig
+    from keel.train.ingest import OneWorkerReadsWhole
 
     params = (spec.users + 2 * spec.items) * spec.embedding_dim
     scaling = cluster_scaling(one_worker_unless_asked(config.scaling), params, settings)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same model
-    # Materialized before the workers claim the CPUs: a lazy read would wait for a CPU that never frees.
-    datasets = {}
-    for split in ("train", "val"):
-        filesystem, path = storage.pyarrow_filesystem(splits[split], settings)
-        datasets[split] = ray.data.read_parquet(path, filesystem=filesystem, columns=["user_id", "item_id"]).materialize()
+    datasets = materialized_splits(splits, ("train", "val"), settings, columns=["user_id", "item_id"])
     datasets["seen"] = datasets["train"]  # the whole training set on every worker, for masking
     loop_config = {**config.model_dump(exclude={"max_failures", "scaling"}), "spec": spec.model_dump(),
                    "threads_per_worker": scaling["cpus_per_worker"]}
     trainer = build_trainer(train_loop_per_worker, loop_config, datasets, scaling, config.max_failures,
-                            checkpoint_uri, run_name, settings, dataset_config=DataConfig(datasets_to_split=["train"]))
+                            checkpoint_uri, run_name, settings,
+                            dataset_config=OneWorkerReadsWhole(datasets_to_split=["train"]))
     return fit_or_fail(trainer, config.max_failures), scaling

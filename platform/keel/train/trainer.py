@@ -35,6 +35,8 @@ REPORT_POLL_INTERVAL_S = "0.05"
 # CPU machine: gradient all-reduce costs more than the compute it spreads.
 DATA_PARALLEL_MIN_PARAMS = 5_000_000
 HISTORY_FILE = "history.json"
+# Splits up to this size are read by the driver, not by Ray Data tasks (materialized_splits)
+DRIVER_READ_MAX_BYTES = 256 * 2**20
 
 
 def node_shape(nodes: list[dict[str, Any]]) -> tuple[int, int]:
@@ -189,17 +191,39 @@ def ray_session(settings: KeelSettings) -> Iterator[float]:
             ray.shutdown()
 
 
-def _datasets(splits: dict[str, str], settings: KeelSettings) -> dict[str, Any]:
-    """Ray Datasets read from the split URIs, materialized before workers claim the CPUs."""
+def materialized_splits(splits: dict[str, str], names: tuple[str, ...], settings: KeelSettings,
+                        columns: list[str] | None = None) -> dict[str, Any]:
+    """Ray Datasets of the named splits, in the object store before the workers claim the CPUs: a lazy read
+    would wait for a CPU that never frees.
+
+    A split under :data:`DRIVER_READ_MAX_BYTES` of Parquet is read here and put in as it is. Ray Data's
+    read of it would start a listing task and a read task, each in a new Ray worker process that spends
+    seconds importing for a few kilobytes; a larger split is read by Ray Data's tasks, across the cluster.
+    """
+    import pyarrow.parquet as pq
     import ray.data
 
     # One worker then sees rows in the same order every run: same seed, same model.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     datasets = {}
-    for name in ("train", "val"):
+    for name in names:
         filesystem, path = storage.pyarrow_filesystem(splits[name], settings)
-        datasets[name] = ray.data.read_parquet(path, filesystem=filesystem).materialize()
+        if parquet_bytes(filesystem, path) <= DRIVER_READ_MAX_BYTES:
+            datasets[name] = ray.data.from_arrow(pq.read_table(path, filesystem=filesystem, columns=columns))
+        else:
+            datasets[name] = ray.data.read_parquet(path, filesystem=filesystem, columns=columns).materialize()
     return datasets
+
+
+def parquet_bytes(filesystem: Any, path: str) -> int:
+    """Size of a Parquet file, or of every file under a directory of parts."""
+    from pyarrow import fs
+
+    info = filesystem.get_file_info(path)
+    if info.type != fs.FileType.Directory:
+        return int(info.size or 0)
+    return sum(int(entry.size or 0) for entry in filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+               if entry.type == fs.FileType.File)
 
 
 def run_config(run_name: str, checkpoint_uri: str, max_failures: int, settings: KeelSettings) -> Any:
@@ -225,6 +249,9 @@ def build_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from keel.train.ingest import OneWorkerReadsWhole
+
+    trainer_options.setdefault("dataset_config", OneWorkerReadsWhole())
     scaling_config = ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
                                    resources_per_worker={"CPU": scaling["cpus_per_worker"]})
     return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config,
@@ -319,6 +346,7 @@ def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits
         "feature_names": transform.feature_names, "threads_per_worker": scaling["cpus_per_worker"],
         "mlflow_run_id": mlflow_run_id, "mlflow_tracking_uri": settings.mlflow_tracking_uri,
     }
-    trainer = build_trainer(train_loop_per_worker, loop_config, _datasets(splits, settings), scaling,
-                            config.max_failures, checkpoint_uri, run_name, settings)
+    datasets = materialized_splits(splits, ("train", "val"), settings)
+    trainer = build_trainer(train_loop_per_worker, loop_config, datasets, scaling, config.max_failures,
+                            checkpoint_uri, run_name, settings)
     return fit_or_fail(trainer, config.max_failures), scaling

@@ -20,7 +20,7 @@ from keel.registry import flatten_params, register
 from keel.settings import KeelSettings
 from tests.conftest import small_frame
 from tests.stages import run_stages, small_config, write_small_source
-from tests.unit.test_cli import keel
+from tests.processes import keel
 
 MODEL = "models:/small-model@champion"
 EVALUATE = {"slices": [{"column": "colour"}, {"column": "size", "bins": [0, 10, 100]}], "min_slice_rows": 5,

@@ -28,7 +28,7 @@ from keel.recommend.train import bpr_epoch, seen_pairs
 from keel.lineage import version_lineage
 from keel.settings import KeelSettings
 from tests.unit.monitor.test_performance import checks, labeled_table
-from tests.unit.test_cli import keel
+from tests.processes import keel
 
 MODEL = "models:/shop@champion"
 STRICT = PerformanceConfig(tolerance=0.005)  # the pipeline's own gate tolerance on NDCG@10

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 from keel.settings import load_settings
 from tests.conftest import artifact_files
 from tests.integration.conftest import free_port
-from tests.processes import keel
+from tests.processes import end_tree, finish, keel, process_tree, start_keel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "ecommerce-recommendations"
@@ -110,16 +107,18 @@ def test_two_runs_at_once_get_their_own_paths_and_versions_and_a_failed_gate_kee
     # Small and short: these runs only have to register, never to be good
     (workdir / "strict.yaml").write_text("interactions: {users: 400, items: 200}\ntrain: {max_epochs: 1}\n"
                                          "evaluate: {min_lift_over_popular: 1000}\n")
-    env = {**os.environ, "KEEL_HOME": str(workdir / ".keel")}
-    runs = [subprocess.Popen([sys.executable, "-m", "keel", "run", "ecommerce_recommendations", "--config",
-                              "strict.yaml", "--run-name", name, "--output", "json"], cwd=workdir, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name in ("concurrent-a", "concurrent-b")]
+    env = {"KEEL_HOME": str(workdir / ".keel")}
+    runs = [start_keel("run", "ecommerce_recommendations", "--config", "strict.yaml", "--run-name", name, "--output",
+                       "json", cwd=workdir, env=env) for name in ("concurrent-a", "concurrent-b")]
     reports = []
-    for run in runs:
-        stdout, stderr = run.communicate(timeout=600)
-        assert run.returncode == 0, stderr[-3000:]
-        reports.append(json.loads(stdout))
+    try:
+        for run in runs:
+            result = finish(run, timeout_s=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+            reports.append(json.loads(result.stdout))
+    finally:
+        for run in (run for run in runs if run.poll() is None):  # the other, when one failed: not left running
+            end_tree(process_tree(run.pid))
     assert sorted(r["run_id"] for r in reports) == ["concurrent-a", "concurrent-b"]
     assert sorted(r["model_uri"] for r in reports) == [f"models:/{MODEL}/2", f"models:/{MODEL}/3"]
     files = artifact_files(load_settings(home=workdir / ".keel"))

@@ -368,6 +368,23 @@ def test_steps_pull_the_runtime_image_with_the_charts_pull_secrets() -> None:
     assert all(r["imagePullSecrets"] == [{"name": "regcred"}] for r in runners)
 
 
+@pytest.mark.parametrize("settings", [(), ("--set", "pipelineRunner.create=false")], ids=["runner", "no-runner"])
+def test_every_pod_can_pull_with_the_charts_pull_secrets(settings: tuple[str, ...]) -> None:
+    """Every pod, `helm test`'s included, names the pull secrets itself or runs as a ServiceAccount that does:
+    a private registry would otherwise leave it in ImagePullBackOff."""
+    docs = render.documents(render.helm_template(None, (), "--set", "imagePullSecrets={regcred}", *settings))
+    accounts = {(d["metadata"].get("namespace", render.NAMESPACE), d["metadata"]["name"]): d for d in docs
+                if d["kind"] == "ServiceAccount"}
+    unable = []
+    for document in docs:
+        namespace = document["metadata"].get("namespace", render.NAMESPACE)
+        for where, spec in pod_specs(document):
+            account = accounts.get((namespace, spec.get("serviceAccountName", "default")), {})
+            if [{"name": "regcred"}] not in (spec.get("imagePullSecrets"), account.get("imagePullSecrets")):
+                unable.append(f"{where} in {namespace}")
+    assert not unable
+
+
 def test_a_release_whose_steps_run_in_its_own_namespace_adds_nothing_elsewhere() -> None:
     """Keel installed into the profile namespace itself (or `namespaces` naming only the release's): no
     copies, one runner, one config; its one Role gives the steps what KFP and Argo need, beside Keel's own."""

@@ -198,6 +198,30 @@ so KFP 2.1+). pipelineRunner.extraRules adds what another KFP or Argo release as
 {{- default (printf "%s-pipeline-runner" (include "keel.fullname" .)) .Values.pipelineRunner.name }}
 {{- end }}
 
+{{/* The runner ServiceAccount in one namespace: (dict "ctx" $ "namespace" "<namespace>"). Pipeline steps run as
+it, so it carries the pull secrets (KFP's step pods name no imagePullSecrets of their own). */}}
+{{- define "keel.runnerServiceAccountObject" -}}
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {{ include "keel.runnerServiceAccount" .ctx }}
+  namespace: {{ .namespace }}
+  labels:
+    {{- include "keel.labels" (dict "ctx" .ctx "component" "pipeline-runner") | nindent 4 }}
+automountServiceAccountToken: true
+{{- include "keel.imagePullSecrets" (dict "ctx" .ctx "indent" 0) }}
+{{- end }}
+
+{{/* A pod spec's (or ServiceAccount's) imagePullSecrets, starting on a new line at "indent" spaces; nothing when
+none are set. (dict "ctx" $ "indent" 6) */}}
+{{- define "keel.imagePullSecrets" -}}
+{{- with .ctx.Values.imagePullSecrets }}
+{{- $secrets := list }}
+{{- range . }}{{ $secrets = append $secrets (dict "name" .) }}{{ end }}
+{{- toYaml (dict "imagePullSecrets" $secrets) | nindent $.indent }}
+{{- end }}
+{{- end }}
+
 {{/* One env var from the credentials Secret: (dict "ctx" $ "env" "NAME" "key" "secret-key") */}}
 {{- define "keel.secretEnv" -}}
 - name: {{ .env }}

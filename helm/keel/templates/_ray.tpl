@@ -17,12 +17,7 @@ metadata:
 spec:
   serviceAccountName: {{ include "keel.fullname" $ctx }}-workload
   automountServiceAccountToken: false
-  {{- with $ctx.Values.imagePullSecrets }}
-  imagePullSecrets:
-    {{- range . }}
-    - name: {{ . }}
-    {{- end }}
-  {{- end }}
+  {{- include "keel.imagePullSecrets" (dict "ctx" $ctx "indent" 2) }}
   securityContext:
     {{- include "keel.podSecurityContext" $ctx | nindent 4 }}
   {{- with .nodeSelector }}

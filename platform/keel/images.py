@@ -33,6 +33,13 @@ def check_image(image: str) -> str:
     return image
 
 
+def chosen_image(flag: str, configured: str) -> str:
+    """The image steps run: ``--image``, else ``KEEL_IMAGE`` (``configured``), checked before anything is compiled
+    or uploaded; empty for Keel's own."""
+    image = flag or configured
+    return check_image(image) if image else ""
+
+
 def image_fingerprint(image: str) -> str:
     """A short stand-in for a non-default image in a pipeline version's name: two builds of one commit for
     two registries are two versions, so a resubmission never reuses one that pulls the other image."""

@@ -46,13 +46,11 @@ def _submit(pipeline: str, host: str, namespace: str, experiment: str, param: li
     import pipelines
     from keel import submit, tracking
     from keel.cli.run import parse_params, pipeline_parameters, require_parameters
-    from keel.images import check_image
+    from keel.images import chosen_image
 
     settings = load_settings()
     host = host or settings.kfp_host
-    image = image or settings.image
-    if image:
-        check_image(image)  # before anything is compiled or uploaded
+    image = chosen_image(image, settings.image)
     built = pipelines.build(pipeline, config)
     params = parse_params(param, pipeline_parameters(built, ("config",)))
     require_parameters(built, params, pipeline)  # a recurring run would fail on the server, every time

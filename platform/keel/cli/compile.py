@@ -30,14 +30,12 @@ def compile_command(
 ) -> None:
     """Compile every pipeline into KFP IR YAML (what Kubeflow Pipelines uploads)."""
     import pipelines
-    from keel.images import check_image
+    from keel.images import chosen_image
     from keel.settings import load_settings
 
-    image = image or load_settings().image
-    if image:
-        check_image(image)
-        if output_dir is None:
-            raise ConfigError("--image: give --output-dir too; pipelines/compiled/ holds the pipelines on Keel's own "
-                              "image, and a test checks it against the code.")
+    image = chosen_image(image, load_settings().image)
+    if image and output_dir is None:
+        raise ConfigError("--image: give --output-dir too; pipelines/compiled/ holds the pipelines on Keel's own "
+                          "image, and a test checks it against the code.")
     for path in compile_all(output_dir or pipelines.COMPILED_DIR, image):
         typer.echo(f"wrote {path}")

@@ -57,12 +57,13 @@ system-deps: ## Install the Debian packages the tests start (Prometheus, promtoo
 
 # Most tests wait on child processes (pipeline steps, Ray, servers), so they share
 # the cores in TEST_WORKERS pytest-xdist workers (whole files, so module fixtures
-# start once); the tests marked `exclusive` then run alone. Both phases always run.
+# start once; integration files first, see tests/conftest.py); the tests marked
+# `exclusive` then run alone. Both phases always run.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) $(TOOLS_STAMP) system-deps typecheck ## Run the whole test suite (type check and chart checks included)
 	@export PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH"; status=0; \
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --phase=shared $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --phase=shared $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/pytest --phase=exclusive $(PYTEST_ARGS) || status=$$?; \
 	exit $$status
 

@@ -24,6 +24,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Integration tests first. `make test` has pytest-xdist hand out whole files in this order
+    # (--no-loadscope-reorder), so the many quick files come last and even out the two workers' ends. Its
+    # default order, by number of tests per file, left the minutes-long files of a few tests to the end,
+    # where one worker ran them while the other had nothing left.
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
     phase = config.getoption("--phase")
     if phase == "all":
         return

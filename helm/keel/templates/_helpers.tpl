@@ -76,12 +76,16 @@ checkov.io/skip{{ add1 $i }}: {{ $skip | quote }}
 {{- end }}
 {{- end }}
 
-{{/* Credentials as files (mount of the credentials Secret): (dict "ctx" $ "keys" (list ...)) */}}
+{{/* Credentials as files (mount of the credentials Secret): (dict "ctx" $ "keys" (list ...)); "optional" true
+starts the pod without the Secret, for a check that names what is missing. */}}
 {{- define "keel.secretFilesVolume" -}}
 - name: credentials
   secret:
     secretName: {{ .ctx.Values.credentials.existingSecret }}
     defaultMode: 0440
+    {{- if .optional }}
+    optional: true
+    {{- end }}
     items:
       {{- range .keys }}
       - key: {{ . }}

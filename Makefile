@@ -61,7 +61,11 @@ system-deps: ## Install the Debian packages the tests start (Prometheus, promtoo
 # `exclusive` then run alone. Both phases always run.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) $(TOOLS_STAMP) system-deps typecheck ## Run the whole test suite (type check and chart checks included)
+# The venv (then mypy), the tools venv and the Debian packages install side by side: each pip is one process
+# on one core. (pip still byte-compiles: PYTHONDONTWRITEBYTECODE, set on some machines, would leave every
+# test process compiling torch and Ray from source.)
+test: ## Run the whole test suite (type check and chart checks included)
+	@$(MAKE) --no-print-directory -j3 $(TOOLS_STAMP) system-deps typecheck
 	@export PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH"; status=0; \
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --phase=shared $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/pytest --phase=exclusive $(PYTEST_ARGS) || status=$$?; \

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -24,14 +24,16 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from keel.errors import ConfigError, RegistryError
-from keel.intents.model import IntentModel
-from keel.predictor import Predictor
-from keel.recommend.recommender import Recommender
 from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryConfig, CanaryMetrics, CanaryRouter, ForwardedRequest,
                                answer_in_process)
 from keel.serve.challenger import CANARY_APP
 from keel.serve.shadow import SHADOW_APP, SHADOW_DEPLOYMENT, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror
 from keel.settings import KeelSettings
+
+if TYPE_CHECKING:  # a replica loads one of them (keel.serve.app); `keel serve status` and the CLI need none (torch)
+    from keel.intents.model import IntentModel
+    from keel.predictor import Predictor
+    from keel.recommend.recommender import Recommender
 
 APP_NAME = "keel"
 TEXT_COLUMN = "text"  # what a text classifier's copies carry

@@ -23,6 +23,7 @@ from keel.data.transform import FeatureTransform
 from keel.errors import TuningError
 from keel.settings import KeelSettings
 from keel.train.config import TrainConfig
+from keel.train.scaling import check_gpu_workers
 
 TRIALS_FILE = "trials.json"
 TRIAL_TAG = "keel.tune.trial"
@@ -131,8 +132,6 @@ def trial_gpus(train_config: TrainConfig, cluster_gpus: int, autoscaling: bool, 
     ``gpus``) on an autoscaling cluster, as many as it asked for: trials that request them bring the
     scaled-to-zero GPU group up, as the train step's workers do. GPUs the cluster can never have fail here,
     before the trials run: the train step after them would fail on them anyway."""
-    from keel.train.trainer import check_gpu_workers  # imports torch, which a skipped search never needs
-
     scaling = train_config.scaling
     if scaling.use_gpu is True:
         asked = scaling.num_workers if isinstance(scaling.num_workers, int) else 1

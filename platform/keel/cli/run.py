@@ -150,7 +150,7 @@ def run_pipeline(
     """Run PIPELINE end to end on this machine (kfp.local, local Ray, MLflow on SQLite by default)."""
     import pipelines
     from keel.local import new_run_id, run_local
-    from keel.train.trainer import check_gpus_before_run
+    from keel.train.scaling import check_gpus_before_run
 
     settings = load_settings()
     # kfp.local honours retry policies: locally a failed step is reported at once (the cluster YAML keeps them)

@@ -22,8 +22,8 @@ from keel.intents.model import IntentSpec, classifier_shape, pretrained_classifi
 from keel.intents.prepare import tokenizer_of
 from keel.settings import KeelSettings
 from keel.train.loop import TrainState, evaluate_epoch, fit_epochs, restore
-from keel.train.trainer import (build_trainer, cluster_scaling, final_state, fit_or_fail, materialized_splits,
-                                ray_session)
+from keel.train.scaling import cluster_scaling
+from keel.train.trainer import build_trainer, final_state, fit_or_fail, materialized_splits, ray_session
 
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "label"]
 EVAL_BATCH = 256

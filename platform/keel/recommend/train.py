@@ -24,8 +24,8 @@ from keel.recommend.model import (FactorizationSpec, MatrixFactorization, SeenPa
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec
 from keel.train.loop import keep_best, report, restore, unwrap
-from keel.train.trainer import (build_trainer, cluster_scaling, final_state, fit_or_fail, materialized_splits,
-                                ray_session)
+from keel.train.scaling import cluster_scaling
+from keel.train.trainer import build_trainer, final_state, fit_or_fail, materialized_splits, ray_session
 
 VALIDATION_K = 10
 

@@ -8,7 +8,7 @@ from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec, TrainConfig
 from keel.train.loop import evaluate_epoch, train_epoch
 from keel.train.model import MLPClassifier, MLPSpec, load_model, parameter_count, save_model
-from keel.train.trainer import DATA_PARALLEL_MIN_PARAMS, check_gpus_before_run, node_shape, resolve_scaling
+from keel.train.scaling import DATA_PARALLEL_MIN_PARAMS, check_gpus_before_run, node_shape, resolve_scaling
 
 
 @pytest.mark.parametrize("params, cpus, gpus, expected", [

@@ -28,6 +28,7 @@ from keel.data.ingest import DATA_FILE
 from keel.errors import RegistryError
 from keel.evaluate import EVALUATION_FILE, HEADLINE_METRICS
 from keel.predictor import Predictor
+from keel.runs import registered_as
 from keel.settings import KeelSettings
 
 CHAMPION, CHALLENGER, AWAITING_APPROVAL = tracking.CHAMPION, tracking.CHALLENGER, tracking.AWAITING_APPROVAL
@@ -210,11 +211,6 @@ def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, A
     if promoted:
         set_alias(client, config.model_name, CHAMPION, version)
     return {"promoted": promoted, "awaiting_approval": awaiting, "previous_champion": current, "reason": reason}
-
-
-def registered_as(decision: dict[str, Any]) -> str:
-    """What the summary line adds to a new version: champion, awaiting approval, or nothing."""
-    return ", champion" if decision["promoted"] else ", awaiting approval" if decision.get("awaiting_approval") else ""
 
 
 @dataclass

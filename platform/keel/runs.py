@@ -85,6 +85,11 @@ def _push_metrics(run: StageRun) -> None:
         print(f"keel: warning: could not push metrics to {run.settings.pushgateway_url}: {e}", file=sys.stderr)
 
 
+def registered_as(decision: dict[str, Any]) -> str:
+    """What the summary line adds to a new version: champion, awaiting approval, or nothing."""
+    return ", champion" if decision["promoted"] else ", awaiting approval" if decision.get("awaiting_approval") else ""
+
+
 def find_stage_error(log_text: str) -> dict[str, str] | None:
     """The first stage error recorded in a run's log, if any."""
     for line in log_text.splitlines():

@@ -63,7 +63,7 @@ def pipeline_parameters(built: Any, excluded: tuple[str, ...]) -> dict[str, str]
 
 def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
     """One summary line per stage: its own compute seconds and what it produced."""
-    from keel.registry import registered_as
+    from keel.runs import registered_as  # keel.registry would load torch and MLflow for one word
     from keel.tune import describe_values
 
     facts = {

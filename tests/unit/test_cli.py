@@ -64,3 +64,16 @@ def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: 
                    "model_uri": "models:/recs/4", "champion": promoted, "model_name": "recs",
                    "promotion": "gate failed", "tracking_uri": "sqlite:///x.db", "artifacts": "a", "log": "l"})
     assert f'Load it: mlflow.pyfunc.load_model("{loadable}")' in capsys.readouterr().out
+
+
+def test_commands_that_train_or_load_no_model_start_without_torch() -> None:
+    """torch is 1.2-1.5 s of every process that imports it: `keel serve status` (and stop, promote's roll),
+    `keel run` up to its first step and its summary, and a skipped search load none of it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, keel.cli, keel.cli.run, keel.serve.control, keel.train.scaling, keel.tune, keel.runs; "
+             "print(sorted(m for m in ('torch', 'keel.registry', 'keel.predictor') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == "[]"

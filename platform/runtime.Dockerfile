@@ -21,13 +21,13 @@ COPY platform/keel platform/keel
 COPY components components
 COPY pipelines pipelines
 # torch first, from the index of the chosen variant; then Keel with every
-# dependency pinned by requirements.lock, and the PostgreSQL driver the MLflow
-# server needs for its backend store.
+# dependency pinned by requirements.lock, with the `postgres` extra: the
+# PostgreSQL driver (psycopg 3) the MLflow server opens its backend store with.
 RUN python -m venv /opt/keel \
     && /opt/keel/bin/pip install --no-cache-dir "torch==2.13.0" \
        --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-    && /opt/keel/bin/pip install --no-cache-dir -c requirements.lock . "psycopg2-binary==2.9.10" \
-    && /opt/keel/bin/python -c "import keel, ray, mlflow, torch; print(keel.__version__, ray.__version__, torch.__version__)"
+    && /opt/keel/bin/pip install --no-cache-dir -c requirements.lock ".[postgres]" \
+    && /opt/keel/bin/python -c "import keel, ray, mlflow, torch, psycopg; print(keel.__version__, ray.__version__, torch.__version__)"
 
 FROM ${PYTHON_IMAGE}
 ARG KEEL_VERSION=0.1.0

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -462,6 +463,21 @@ def test_the_image_is_non_root_pinned_and_has_a_cuda_variant() -> None:
     assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim-\w+$", text, re.M)
 
 
+def test_the_image_has_the_driver_sqlalchemy_opens_the_charts_backend_store_with() -> None:
+    """The chart's MLflow opens postgresql://, for which SQLAlchemy 2.1 imports psycopg 3, not psycopg2: an image
+    with only the latter runs a server that crash-loops on its first connection."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from sqlalchemy.engine import make_url
+
+    driver = make_url("postgresql://keel@keel-postgresql/mlflow").get_dialect().driver
+    extras = tomllib.loads((render.REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert driver in {Requirement(r).name for r in extras["postgres"]}
+    assert re.search(r'-c requirements\.lock "\.\[postgres\]"', DOCKERFILE.read_text())
+    assert re.search(rf"^{driver}==", (render.REPO / "requirements.lock").read_text(), re.M)
+
+
 # -- the code that talks to what the chart installs --------------------------------------------
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -637,15 +653,17 @@ def test_mlflow_migrates_its_store_before_the_server_starts(rendered: dict[str, 
     pod = deployments[0]["spec"]["template"]["spec"]
     upgrade, server = pod["initContainers"][0], pod["containers"][0]
     (backend,) = [arg.split("=", 1)[1] for arg in server["command"] if arg.startswith("--backend-store-uri=")]
-    assert upgrade["name"] == "upgrade-database" and upgrade["command"] == ["mlflow", "db", "upgrade", backend]
+    auth = ["--auth"] if "--app-name=basic-auth" in server["command"] else []
+    assert upgrade["name"] == "upgrade-database"
+    assert upgrade["command"] == ["python", "-m", "keel.tracking_store", backend, *auth]
     password = {e["name"]: e for e in server["env"]}["PGPASSWORD"]
     assert {e["name"]: e for e in upgrade["env"]}["PGPASSWORD"] == password and upgrade["image"] == server["image"]
     if shape != "default":
         return
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for _ in range(2):  # creates the tables on an empty store, then finds nothing to do
-        result = subprocess.run([str(render.REPO / ".venv" / "bin" / upgrade["command"][0]), *upgrade["command"][1:3],
-                                 store], capture_output=True, text=True, timeout=300, check=False)
+        result = subprocess.run([sys.executable, *upgrade["command"][1:3], store], capture_output=True, text=True,
+                                timeout=300, check=False)
         assert result.returncode == 0, result.stderr[-2000:]
     from mlflow.store.db.utils import _get_latest_schema_revision, _get_schema_version, create_sqlalchemy_engine
 

@@ -20,13 +20,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
 
 from tests.deploy import render
 from tests.integration.conftest import S3_SECRET, free_port, wait_for_port
+from tests.processes import process_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,7 +77,8 @@ def postgres_port() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def mlflow_pod(postgres_port: int, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The chart's MLflow pod spec, for a fresh database `mlflow` and a fresh bucket."""
+    """The chart's MLflow pod spec, for a fresh database `mlflow` and a fresh bucket, with the smallest memory
+    limit the chart ships (its dev values)."""
     from minio import Minio
 
     bucket = f"keel-mlflow-{os.getpid()}"
@@ -84,10 +86,11 @@ def mlflow_pod(postgres_port: int, s3_endpoint: str, tmp_path_factory: pytest.Te
     subprocess.run([postgres_binary("createdb"), "-h", "127.0.0.1", "-p", str(postgres_port), "-U", "keel",
                     "mlflow"], check=True, env={**os.environ, "PGPASSWORD": POSTGRES_PASSWORD}, timeout=60)
     port = free_port()
+    tightest = yaml.safe_load((render.CHART / "ci" / "dev-values.yaml").read_text())["mlflow"]["resources"]
     values = {"postgresql": {"enabled": False, "external": {"host": "127.0.0.1", "port": postgres_port}},
               "minio": {"enabled": False, "externalEndpoint": s3_endpoint, "bucket": bucket},
               "mlflow": {"replicas": REPLICAS, "port": port, "allowedHosts": [f"127.0.0.1:{port}"],
-                         "auth": {"enabled": True}}}
+                         "auth": {"enabled": True}, "resources": tightest}}
     values_file = tmp_path_factory.mktemp("values") / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     rendered = render.documents(render.helm_template(values_file, (), "--show-only", "templates/mlflow.yaml"))
@@ -142,21 +145,26 @@ def test_replicas_starting_together_migrate_a_fresh_store_one_at_a_time(replica_
         engine.dispose()
 
 
+class Server(NamedTuple):
+    url: str
+    pid: int
+
+
 @pytest.fixture(scope="module")
-def mlflow_server(replica_migrations, mlflow_pod: dict[str, Any], tmp_path_factory) -> Iterator[str]:
+def mlflow_server(replica_migrations, mlflow_pod: dict[str, Any], tmp_path_factory) -> Iterator[Server]:
     """One replica: the auth-config init container's script, then the server, on the migrated store."""
     directory = tmp_path_factory.mktemp("mlflow-pod")
     script, env = command_here(container(mlflow_pod, "auth-config"))
     subprocess.run([script[0], script[1], script[2].replace("/auth/", f"{directory}/")], env=env, check=True,
                    timeout=60)
     command, env = command_here(container(mlflow_pod, "mlflow"))
-    command = ["--host=127.0.0.1" if arg == "--host=0.0.0.0" else arg for arg in command] + ["--workers", "2"]
+    command = ["--host=127.0.0.1" if arg == "--host=0.0.0.0" else arg for arg in command]
     env["MLFLOW_AUTH_CONFIG_PATH"] = env["MLFLOW_AUTH_CONFIG_PATH"].replace("/auth/", f"{directory}/")
     log = (directory / "server.log").open("w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(mlflow_pod["port"], timeout_s=120)
-        yield f"http://127.0.0.1:{mlflow_pod['port']}"
+        yield Server(f"http://127.0.0.1:{mlflow_pod['port']}", server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -179,14 +187,14 @@ def get(url: str, user: str = "", password: str = "") -> int:
             time.sleep(0.5)
 
 
-def test_mlflow_refuses_requests_without_valid_credentials(mlflow_server: str) -> None:
-    search = f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=5"
+def test_mlflow_refuses_requests_without_valid_credentials(mlflow_server: Server) -> None:
+    search = f"{mlflow_server.url}/api/2.0/mlflow/experiments/search?max_results=5"
     assert get(search) == 401
     assert get(search, "admin", "wrong-password") == 401
     assert get(search, "admin", ADMIN_PASSWORD) == 200
 
 
-def test_keel_tracks_and_registers_through_the_chart_server(mlflow_server: str, mlflow_pod: dict[str, Any],
+def test_keel_tracks_and_registers_through_the_chart_server(mlflow_server: Server, mlflow_pod: dict[str, Any],
                                                             s3_endpoint: str, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A run, its artifact (proxied to the bucket: the client holds no S3 key) and a champion, in PostgreSQL."""
@@ -197,7 +205,7 @@ def test_keel_tracks_and_registers_through_the_chart_server(mlflow_server: str, 
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # the ConfigMap's key
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)  # from the credentials Secret
-    client = tracking.mlflow_client(KeelSettings(home=tmp_path, mlflow_tracking_uri=mlflow_server))
+    client = tracking.mlflow_client(KeelSettings(home=tmp_path, mlflow_tracking_uri=mlflow_server.url))
     experiment_id = client.create_experiment("keel-chart-check")
     run = client.create_run(experiment_id)
     client.log_metric(run.info.run_id, "accuracy", 0.93)
@@ -215,3 +223,29 @@ def test_keel_tracks_and_registers_through_the_chart_server(mlflow_server: str, 
     stored = Minio(s3_endpoint.split("//")[1], access_key=env["AWS_ACCESS_KEY_ID"], secret_key=S3_SECRET,
                    secure=False).list_objects(bucket, prefix="mlflow/", recursive=True)
     assert [o.object_name for o in stored if o.object_name.endswith("model/model.json")]
+
+
+QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def private_memory_bytes(root: int) -> int:
+    """Resident anonymous memory of a process tree: what the pod's cgroup is charged and cannot reclaim (the
+    libraries' file pages it can), so what its memory limit has to hold."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # ended while we looked
+            continue
+        total += sum(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon:"))
+    return total
+
+
+def test_a_replica_fits_the_smallest_memory_limit_the_chart_ships(mlflow_server: Server, mlflow_pod) -> None:
+    """MLflow's defaults (4 workers, and a job runner of 7 more processes for GenAI scorers) held 2.2 GiB: the
+    pod was OOM-killed under the default 2Gi limit and dev's 1Gi alike."""
+    assert get(f"{mlflow_server.url}/health") == 200
+    limit = container(mlflow_pod, "mlflow")["resources"]["limits"]["memory"]
+    limit_bytes = int(limit[:-2]) * QUANTITY_UNITS[limit[-2:]]
+    used = private_memory_bytes(mlflow_server.pid)
+    assert used < limit_bytes, f"the MLflow replica holds {used / 2**20:.0f} MiB, over its limit of {limit}"

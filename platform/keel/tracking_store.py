@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 # pg_advisory_lock takes a bigint; hashtext() turns this name into one, the same in every pod.
 MIGRATION_LOCK = "keel.mlflow-store-migration"
 CONNECT_TIMEOUT_S = 300.0  # the chart's PostgreSQL may still be starting when the MLflow pods do
+# Answers from a running server that waiting will not change (PostgreSQL listens on TCP only once it is initialized).
+FINAL_REFUSALS = ("password authentication failed", "no password supplied", "does not exist")
 
 
 class TrackingStoreError(KeelError):
@@ -94,10 +96,12 @@ def connect(engine: Engine, timeout_s: float) -> Iterator[Connection]:
             break
         except sqlalchemy.exc.OperationalError as e:
             reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
-            if time.monotonic() >= deadline:
+            refused = any(answer in reason for answer in FINAL_REFUSALS)
+            if refused or time.monotonic() >= deadline:
+                waited = "" if refused else f" within {timeout_s:.0f} s"
                 raise TrackingStoreError(
-                    f"cannot reach MLflow's backend store {engine.url.render_as_string()} within {timeout_s:.0f} s: "
-                    f"{reason}. Check the PostgreSQL host and port (postgresql.external.*) and PGPASSWORD.") from e
+                    f"cannot reach MLflow's backend store {engine.url.render_as_string()}{waited}: {reason}. Check the "
+                    "PostgreSQL host, port and database (postgresql.*) and PGPASSWORD (the credentials Secret).") from e
             print(f"waiting for PostgreSQL at {engine.url.host}:{engine.url.port}: {reason}", flush=True)
             time.sleep(2)
     with connection:

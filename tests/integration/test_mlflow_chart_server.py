@@ -112,6 +112,16 @@ def command_here(spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     return [executables.get(command[0], command[0]), *command[1:]], {**os.environ, **env}
 
 
+def test_a_wrong_password_fails_at_once_naming_the_store(mlflow_pod: dict[str, Any]) -> None:
+    """A running PostgreSQL that refuses the login will not change its mind: no five minutes of retries."""
+    command, env = command_here(container(mlflow_pod, "upgrade-database"))
+    result = subprocess.run(command, env={**env, "PGPASSWORD": "not-the-password"}, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 1 and "waiting for PostgreSQL" not in result.stdout
+    assert "cannot reach MLflow's backend store postgresql://keel@127.0.0.1:" in result.stderr
+    assert 'password authentication failed for user "keel"' in result.stderr and "PGPASSWORD" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def replica_migrations(mlflow_pod: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, str]]:
     """Every replica's upgrade-database init container started at the same moment on the empty store."""

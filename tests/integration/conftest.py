@@ -10,11 +10,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from keel.serve.control import HeadPorts
 from tests.processes import command_line, descends_from, process_parents
+
+if TYPE_CHECKING:
+    from minio import Minio
 
 
 # moto accepts any key; a distinctive one lets tests look for it in logs, where it must never appear.
@@ -70,17 +74,22 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
+def s3_client(endpoint: str) -> Minio:
+    """A client of the test S3 server, with the key the tests hand out."""
+    from minio import Minio
+
+    return Minio(endpoint.split("//")[1], access_key="testing", secret_key=S3_SECRET, secure=False)
+
+
 @pytest.fixture
 def s3_env(s3_endpoint: str, keel_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """KEEL_* settings for an artifact root in a fresh bucket on the S3 server."""
-    from minio import Minio
-
     bucket = f"keel-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     env = {"KEEL_S3_ENDPOINT": s3_endpoint, "KEEL_S3_ACCESS_KEY": "testing", "KEEL_S3_SECRET_KEY": S3_SECRET,
            "KEEL_ARTIFACT_ROOT": f"s3://{bucket}/keel"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    Minio(s3_endpoint.split("//")[1], access_key="testing", secret_key=S3_SECRET, secure=False).make_bucket(bucket)
+    s3_client(s3_endpoint).make_bucket(bucket)
     return {**env, "bucket": bucket}
 
 

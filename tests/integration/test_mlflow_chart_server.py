@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.deploy import render
-from tests.integration.conftest import S3_SECRET, free_port, wait_for_port
+from tests.integration.conftest import S3_SECRET, free_port, s3_client, wait_for_port
 from tests.processes import process_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -79,10 +79,8 @@ def postgres_port() -> Iterator[int]:
 def mlflow_pod(postgres_port: int, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The chart's MLflow pod spec, for a fresh database `mlflow` and a fresh bucket, with the smallest memory
     limit the chart ships (its dev values)."""
-    from minio import Minio
-
     bucket = f"keel-mlflow-{os.getpid()}"
-    Minio(s3_endpoint.split("//")[1], access_key="testing", secret_key=S3_SECRET, secure=False).make_bucket(bucket)
+    s3_client(s3_endpoint).make_bucket(bucket)
     subprocess.run([postgres_binary("createdb"), "-h", "127.0.0.1", "-p", str(postgres_port), "-U", "keel",
                     "mlflow"], check=True, env={**os.environ, "PGPASSWORD": POSTGRES_PASSWORD}, timeout=60)
     port = free_port()
@@ -208,8 +206,6 @@ def test_keel_tracks_and_registers_through_the_chart_server(mlflow_server: Serve
                                                             s3_endpoint: str, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A run, its artifact (proxied to the bucket: the client holds no S3 key) and a champion, in PostgreSQL."""
-    from minio import Minio
-
     from keel import tracking
     from keel.settings import KeelSettings
 
@@ -227,11 +223,9 @@ def test_keel_tracks_and_registers_through_the_chart_server(mlflow_server: Serve
 
     assert client.get_model_version_by_alias("chart-check", tracking.CHAMPION).run_id == run.info.run_id
     assert client.get_run(run.info.run_id).data.metrics == {"accuracy": 0.93}
-    env = command_here(container(mlflow_pod, "mlflow"))[1]
     bucket = next(a for a in container(mlflow_pod, "mlflow")["command"] if a.startswith("--artifacts-destination="))
     bucket = bucket.split("s3://", 1)[1].split("/", 1)[0]
-    stored = Minio(s3_endpoint.split("//")[1], access_key=env["AWS_ACCESS_KEY_ID"], secret_key=S3_SECRET,
-                   secure=False).list_objects(bucket, prefix="mlflow/", recursive=True)
+    stored = s3_client(s3_endpoint).list_objects(bucket, prefix="mlflow/", recursive=True)
     assert [o.object_name for o in stored if o.object_name.endswith("model/model.json")]
 
 

@@ -10,6 +10,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from keel.config import PipelineConfigBase
 from keel.errors import ConfigError
 
 PIPELINES = {
@@ -26,17 +27,20 @@ COMPILED_DIR = Path(__file__).parent / "compiled"
 RETRIES = 2
 
 
-def configure_step(task: Any, config_map: Any, credentials: Any, retries: int) -> Any:
+def configure_step(task: Any, config_map: Any, credentials: Any, retries: int, config: PipelineConfigBase) -> Any:
     """Outputs are keyed by run, so caching could only skip work that must run; retries absorb flakes.
 
     On a cluster each step reads its endpoints from the chart's ConfigMap and its
-    credentials from the Secret (kfp.local ignores both: locally the defaults apply).
+    credentials from the Secret, and its pod requests the CPU and memory that
+    ``config`` gives the step (kfp.local ignores all three: locally the defaults apply).
     """
     from keel.cluster import attach_cluster_config
+    from keel.resources import apply_resources
 
     task.set_caching_options(False)
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0)
+    apply_resources(task, config.step_resources(task.component_spec.name))
     return attach_cluster_config(task, config_map, credentials)
 
 

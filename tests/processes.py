@@ -8,11 +8,16 @@ hung. :func:`keel` ends the whole tree and fails the test with every process's P
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -106,3 +111,97 @@ def keel(*args: str, cwd: Path, env: dict[str, str] | None = None,
          timeout_s: float = KEEL_TIMEOUT_S) -> subprocess.CompletedProcess:
     """``python -m keel ARGS`` to its end, bounded as :func:`finish` bounds it."""
     return finish(start_keel(*args, cwd=cwd, env=env), timeout_s)
+
+
+STEP_FUNCTION = re.compile(r"--function_to_execute\s+(\w+)")
+
+
+def private_memory_kib(pid: int) -> int:
+    """Anonymous and shared (shm: Ray's object store) memory, proportional to the processes sharing it: what a
+    pod's memory cgroup holds for this process beyond reclaimable file pages. 0 once it ended."""
+    try:
+        rollup = (Path("/proc") / str(pid) / "smaps_rollup").read_text()
+    except OSError:
+        return 0
+    fields = dict(line.split()[:2] for line in rollup.splitlines()[1:] if line.strip())
+    return int(fields.get("Pss_Anon:", 0)) + int(fields.get("Pss_Shmem:", 0))
+
+
+class StepMemory:
+    """The peak private memory of each kfp.local step under ``root``, its whole process tree (a local Ray
+    included), sampled every ``interval_s`` while the run goes on: a peak shorter than that can be missed, so
+    this is a lower bound on what the step's pod would need."""
+
+    def __init__(self, root: int, interval_s: float = 0.5) -> None:
+        self.root, self.interval_s = root, interval_s
+        self.peak_mib: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def __enter__(self) -> StepMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        parents = process_parents()
+        tree = [pid for pid in parents if descends_from(pid, self.root, parents)]
+        steps = {pid: match.group(1) for pid in tree if (match := STEP_FUNCTION.search(command_line(pid)))}
+        for pid, function in steps.items():
+            if parents.get(pid) in steps:  # the step's Python under kfp's `sh -ec` launcher: counted with it
+                continue
+            total = sum(private_memory_kib(p) for p in [pid, *(q for q in tree if descends_from(q, pid, parents))])
+            name = function.replace("_", "-")  # the step's name in the Kubeflow UI
+            self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), total / 1024)
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """A successful `keel run`, its JSON report, and each step's peak private memory (MiB)."""
+
+    pipeline: str
+    workdir: Path
+    config: str | None  # the --config file in workdir
+    report: dict
+    step_memory: dict[str, float]
+
+
+def run_measuring_steps(pipeline: str, workdir: Path, config_text: str | None = None,
+                        env: dict[str, str] | None = None) -> MeasuredRun:
+    """`keel run PIPELINE` in ``workdir`` (its own KEEL_HOME), with ``config_text`` as its --config, sampling
+    each step's memory; fails the test unless the run succeeded."""
+    arguments = ["run", pipeline, "--output", "json"]
+    config = None
+    if config_text is not None:
+        config = "reduced.yaml"
+        (workdir / config).write_text(config_text)
+        arguments += ["--config", config]
+    process = start_keel(*arguments, cwd=workdir, env={"KEEL_HOME": str(workdir / ".keel"), **(env or {})})
+    with StepMemory(process.pid) as memory:
+        result = finish(process)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return MeasuredRun(pipeline, workdir, config, json.loads(result.stdout), memory.peak_mib)
+
+
+def steps_over_their_memory_limit(run: MeasuredRun) -> dict[str, str]:
+    """Each measured step whose peak is above the memory limit its pod gets on a cluster (the pipeline's
+    config, with the run's --config merged over it), as "PEAK MiB > LIMIT"."""
+    import pipelines
+    from keel.config import load_pipeline_config
+    from keel.resources import memory_bytes
+
+    module = importlib.import_module(pipelines.PIPELINES[run.pipeline])
+    resolved = load_pipeline_config(module.CONFIG_FILE, run.workdir / run.config if run.config else None)
+    over = {}
+    for step, peak in run.step_memory.items():
+        limit = resolved.step_resources(step).limits.memory
+        if limit is not None and peak * 2**20 > memory_bytes(limit):
+            over[step] = f"{peak:.0f} MiB > {limit}"
+    return over

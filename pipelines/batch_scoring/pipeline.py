@@ -23,7 +23,8 @@ CONFIG_FILE = Path(__file__).parent / "config.yaml"
 
 def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     """The pipeline with its config baked in as the ``config`` parameter's default (see medical_diagnosis)."""
-    default_config = load_pipeline_config(CONFIG_FILE, config_override).to_json()
+    pipeline_config = load_pipeline_config(CONFIG_FILE, config_override)
+    default_config = pipeline_config.to_json()
 
     @dsl.pipeline(name=NAME, description="Score every row of a table with a registered model (default: the "
                                          "medical-diagnosis champion) into Parquet under the run's artifacts.")
@@ -33,7 +34,7 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
         scored = configure_step(
             batch_predict(model_uri=model_uri, source=source, config=config, run_name=run_name,
                           job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
-            config_map, credentials_secret, retries)
+            config_map, credentials_secret, retries, pipeline_config)
         return scored.output
 
     return batch_scoring

@@ -27,7 +27,8 @@ CONFIG_FILE = Path(__file__).parent / "config.yaml"
 
 def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     """The pipeline with its config baked in as the ``config`` parameter's default (see medical_diagnosis)."""
-    default_config = load_pipeline_config(CONFIG_FILE, config_override).to_json()
+    pipeline_config = load_pipeline_config(CONFIG_FILE, config_override)
+    default_config = pipeline_config.to_json()
 
     @dsl.pipeline(name=NAME, description="Fine-tune all-MiniLM-L6-v2 on customer-service intents (personal data "
                                          "replaced first), compress it, gate it on held-out macro-F1 against the "
@@ -38,7 +39,7 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
         run = {"config": config, "run_name": run_name, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
 
         def step(task: Any) -> Any:
-            return configure_step(task, config_map, credentials_secret, retries)
+            return configure_step(task, config_map, credentials_secret, retries, pipeline_config)
 
         prepared = step(utterances(source=source, **run))
         trained = step(intent_train(splits_uri=prepared.output, **run))

@@ -38,7 +38,8 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     ``retries=0`` is for kfp.local, which honours retry policies: a bad input
     there should fail at once, not after minutes of backoff.
     """
-    default_config = load_pipeline_config(CONFIG_FILE, config_override).to_json()
+    pipeline_config = load_pipeline_config(CONFIG_FILE, config_override)
+    default_config = pipeline_config.to_json()
 
     @dsl.pipeline(name=NAME, description="Tune, train, compress, evaluate (gated) and register a breast-cancer diagnosis classifier.")
     def medical_diagnosis(source: str = DEFAULT_SOURCE, run_name: str = "", serve: bool = False,
@@ -47,7 +48,7 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
         run = {"config": config, "run_name": run_name, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
 
         def step(task: Any) -> Any:
-            return configure_step(task, config_map, credentials_secret, retries)
+            return configure_step(task, config_map, credentials_secret, retries, pipeline_config)
 
         ingested = step(ingest(source=source, **run))
         validated = step(validate(dataset_uri=ingested.output, **run))

@@ -24,7 +24,8 @@ CONFIG_FILE = Path(__file__).parent / "config.yaml"
 
 def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     """The pipeline with its config baked in as the ``config`` parameter's default (see medical_diagnosis)."""
-    default_config = load_pipeline_config(CONFIG_FILE, config_override).to_json()
+    pipeline_config = load_pipeline_config(CONFIG_FILE, config_override)
+    default_config = pipeline_config.to_json()
 
     @dsl.pipeline(name=NAME, description="Check a registered model (default: the medical-diagnosis champion) on "
                                          "labeled rows against the evaluation it was registered on.")
@@ -34,7 +35,7 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
         checked = configure_step(
             check_performance(model_uri=model_uri, source=source, config=config, run_name=run_name,
                               job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
-            config_map, credentials_secret, retries)
+            config_map, credentials_secret, retries, pipeline_config)
         return checked.outputs["degraded"]
 
     return model_performance

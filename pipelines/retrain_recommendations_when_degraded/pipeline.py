@@ -10,6 +10,7 @@ pass that pipeline's gate against the champion to replace it.
 from pathlib import Path
 from typing import Any
 
+from keel.config import load_pipeline_config
 from keel.recommend.data import BUILTIN_SOURCE
 from pipelines import RETRIES
 from pipelines.ecommerce_recommendations import pipeline as ecommerce_recommendations
@@ -23,7 +24,8 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     """``config_override`` merges over the training config (ecommerce_recommendations'); the check's own config
     is the ``check_config`` parameter, model_performance's by default."""
     return build_retraining(
-        ecommerce_recommendations.build(config_override, retries), NAME,
+        ecommerce_recommendations.build(config_override, retries),
+        load_pipeline_config(ecommerce_recommendations.CONFIG_FILE, config_override), NAME,
         "Check the ecommerce-recommendations champion on the interactions that came in since; when it is "
         "degraded, run the ecommerce_recommendations pipeline to train, gate and register a successor.",
         DEFAULT_MODEL, BUILTIN_SOURCE, retries)

@@ -17,7 +17,7 @@ from kfp import dsl
 
 from components.check_performance.component import check_performance
 from keel.cluster import CONFIG_MAP, CREDENTIALS_SECRET
-from keel.config import load_pipeline_config
+from keel.config import PipelineConfigBase, load_pipeline_config
 from pipelines import RETRIES, configure_step
 from pipelines.medical_diagnosis import pipeline as medical_diagnosis
 from pipelines.model_performance import pipeline as model_performance
@@ -30,6 +30,7 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     """``config_override`` merges over the training config (medical_diagnosis's); the check's own config
     (tolerance, fewest rows) is the ``check_config`` parameter, model_performance's by default."""
     training = medical_diagnosis.build(config_override, retries)
+    training_config = load_pipeline_config(medical_diagnosis.CONFIG_FILE, config_override)
 
     @dsl.pipeline(name=NAME, description="Check the medical-diagnosis champion on labeled rows; when it is "
                                          "degraded, run the medical_diagnosis pipeline to train, gate and register "
@@ -41,7 +42,7 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
                               check_config: str = default_check_config(),
                               config: str = training.component_spec.inputs["config"].default) -> str:
         with when_degraded(model_uri, labels_source, check_config, run_name, retrain, config_map,
-                           credentials_secret, retries) as checked:
+                           credentials_secret, retries, training_config) as checked:
             training(source=source, run_name=run_name, serve=serve, serve_port=serve_port, gpus=gpus,
                      config_map=config_map, credentials_secret=credentials_secret, config=config)
         return checked.outputs["performance_uri"]
@@ -49,8 +50,8 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
     return retrain_when_degraded
 
 
-def build_retraining(training: Any, name: str, description: str, default_model: str, default_source: str,
-                     retries: int) -> Any:
+def build_retraining(training: Any, training_config: PipelineConfigBase, name: str, description: str,
+                     default_model: str, default_source: str, retries: int) -> Any:
     """A retraining DAG around a training pipeline whose parameters are the usual ones (``source``,
     ``run_name``, ``serve``, ``serve_port``, the cluster's config map and secret, ``config``): the
     recommender's and the text classifier's. medical_diagnosis also takes ``gpus``, so it has its own."""
@@ -62,7 +63,7 @@ def build_retraining(training: Any, name: str, description: str, default_model: 
                    check_config: str = default_check_config(),
                    config: str = training.component_spec.inputs["config"].default) -> str:
         with when_degraded(model_uri, labels_source, check_config, run_name, retrain, config_map,
-                           credentials_secret, retries) as checked:
+                           credentials_secret, retries, training_config) as checked:
             training(source=source, run_name=run_name, serve=serve, serve_port=serve_port, config_map=config_map,
                      credentials_secret=credentials_secret, config=config)
         return checked.outputs["performance_uri"]
@@ -77,13 +78,15 @@ def default_check_config() -> str:
 
 @contextmanager
 def when_degraded(model_uri: Any, labels_source: Any, check_config: Any, run_name: Any, retrain: Any,
-                  config_map: Any, credentials_secret: Any, retries: int) -> Iterator[Any]:
+                  config_map: Any, credentials_secret: Any, retries: int,
+                  training_config: PipelineConfigBase) -> Iterator[Any]:
     """The check at the root, then the block under ``retrain`` and the check's ``degraded`` output: what every
-    retraining DAG shares (yields the check's task; the arguments are the pipeline's parameters)."""
+    retraining DAG shares (yields the check's task; the arguments are the pipeline's parameters; the check's
+    pod gets its resources from the training config, the one a user's ``--config`` merges over)."""
     checked = configure_step(
         check_performance(model_uri=model_uri, source=labels_source, config=check_config, run_name=run_name,
                           job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
-        config_map, credentials_secret, retries)
+        config_map, credentials_secret, retries, training_config)
     # retrain=false only checks. The outer condition on a parameter also lets kfp.local resolve the inner
     # one: 2.17 reads a condition on a named task output in the root DAG as a missing pipeline input.
     with dsl.If(retrain == True, name="retraining-allowed"):  # noqa: E712 - KFP compares with ==

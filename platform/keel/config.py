@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from keel.data.contract import DataContract
 from keel.data.preprocess import PreprocessConfig
 from keel.errors import ConfigError, validation_problems
+from keel.resources import DEFAULT_STEP_RESOURCES, StepResources, resources_for, unknown_steps
 from keel.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -188,10 +189,32 @@ class PipelineConfigBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     pipeline: str
+    resources: dict[str, StepResources] = Field(
+        default={}, description="per step (its name in the Kubeflow UI): requests and limits over Keel's defaults "
+                                "(keel.resources); fixed when the pipeline is compiled")
+
+    @model_validator(mode="after")
+    def _resources_fit_known_steps(self) -> PipelineConfigBase:
+        unknown = unknown_steps(self.resources)
+        if unknown:
+            raise ValueError(f"resources: no step named {', '.join(map(repr, unknown))}; steps are "
+                             f"{sorted(DEFAULT_STEP_RESOURCES)}")
+        for name in self.resources:
+            try:
+                resources_for(name, self.resources)
+            except ValidationError as e:
+                raise ValueError(f"resources.{name}: with Keel's defaults for the rest, "
+                                 f"{e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return self
+
+    def step_resources(self, step: str) -> StepResources:
+        """What the step's pod requests and may use: Keel's defaults with this config's ``resources`` merged."""
+        return resources_for(step, self.resources)
 
     def to_json(self) -> str:
-        """Canonical JSON: sorted keys, unset optional fields left out."""
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
+        """Canonical JSON: sorted keys, unset optional fields left out; ``resources`` too, which the compiled
+        pipeline's pods already carry and no step reads."""
+        return json.dumps(self.model_dump(mode="json", exclude_none=True, exclude={"resources"}), sort_keys=True)
 
 
 class PipelineConfig(PipelineConfigBase):

@@ -21,7 +21,7 @@ from keel.intents.config import IntentEvaluateConfig
 from keel.intents.data import generate_utterances
 from keel.intents.evaluate import bag_of_words_baseline, gate
 from keel.settings import load_settings
-from tests.processes import keel
+from tests.processes import MeasuredRun, keel, run_measuring_steps, steps_over_their_memory_limit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "customer-service-intents"
@@ -37,13 +37,19 @@ CARD = re.compile(r"\b\d{4} \d{4} \d{4} \d{4}\b")
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    workdir = tmp_path_factory.mktemp("intents")
-    (workdir / "reduced.yaml").write_text(REDUCED)
-    result = keel("run", "customer_service_intents", "--config", "reduced.yaml", "--output", "json", cwd=workdir,
-                  env={"KEEL_HOME": str(workdir / ".keel")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, json.loads(result.stdout)
+def measured_run(tmp_path_factory: pytest.TempPathFactory) -> MeasuredRun:
+    return run_measuring_steps("customer_service_intents", tmp_path_factory.mktemp("intents"), REDUCED)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(measured_run: MeasuredRun) -> tuple[Path, dict]:
+    return measured_run.workdir, measured_run.report
+
+
+def test_each_step_stays_within_the_memory_limit_its_pod_gets(measured_run: MeasuredRun) -> None:
+    measured = measured_run.step_memory
+    assert set(measured) == {"utterances", "intent-train", "intent-evaluate", "intent-register"}, measured
+    assert steps_over_their_memory_limit(measured_run) == {}, measured
 
 
 def raw_cards() -> set[bytes]:

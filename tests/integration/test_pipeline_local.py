@@ -12,19 +12,28 @@ import pytest
 from keel.data.builtin import write_builtin_csv
 from keel.settings import load_settings
 from tests.conftest import artifact_files
-from tests.processes import keel
+from tests.processes import MeasuredRun, keel, run_measuring_steps, steps_over_their_memory_limit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One successful demo run in a fresh working directory, shared by the tests below."""
-    workdir = tmp_path_factory.mktemp("demo")
-    result = keel("run", "medical_diagnosis", "--output", "json", cwd=workdir,
-                  env={"KEEL_HOME": str(workdir / ".keel"), "KEEL_GIT_COMMIT": "abc123"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, json.loads(result.stdout)
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> MeasuredRun:
+    """One successful demo run in a fresh working directory, and each step's peak memory."""
+    return run_measuring_steps("medical_diagnosis", tmp_path_factory.mktemp("demo"),
+                               env={"KEEL_GIT_COMMIT": "abc123"})
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run: MeasuredRun) -> tuple[Path, dict]:
+    """The demo run's working directory and report, shared by the tests below."""
+    return demo_run.workdir, demo_run.report
+
+
+def test_each_step_stays_within_the_memory_limit_its_pod_gets(demo_run: MeasuredRun) -> None:
+    """Its own local Ray included: on a cluster without the chart's Ray, a step runs Ray in its pod."""
+    assert set(demo_run.step_memory) == {stage["stage"] for stage in demo_run.report["stages"]}, demo_run.step_memory
+    assert steps_over_their_memory_limit(demo_run) == {}, demo_run.step_memory
 
 
 def test_demo_trains_a_good_model_and_registers_a_champion(demo: tuple[Path, dict]) -> None:

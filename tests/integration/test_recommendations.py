@@ -15,7 +15,8 @@ import pytest
 from keel.settings import load_settings
 from tests.conftest import artifact_files
 from tests.integration.conftest import free_port
-from tests.processes import end_tree, finish, keel, process_tree, start_keel
+from tests.processes import (MeasuredRun, end_tree, finish, keel, process_tree, run_measuring_steps, start_keel,
+                             steps_over_their_memory_limit)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "ecommerce-recommendations"
@@ -26,13 +27,19 @@ REDUCED = ("interactions: {users: 1500, items: 600}\n"
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    workdir = tmp_path_factory.mktemp("recommend")
-    (workdir / "reduced.yaml").write_text(REDUCED)
-    result = keel("run", "ecommerce_recommendations", "--config", "reduced.yaml", "--output", "json", cwd=workdir,
-                  env={"KEEL_HOME": str(workdir / ".keel")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, json.loads(result.stdout)
+def measured_run(tmp_path_factory: pytest.TempPathFactory) -> MeasuredRun:
+    return run_measuring_steps("ecommerce_recommendations", tmp_path_factory.mktemp("recommend"), REDUCED)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(measured_run: MeasuredRun) -> tuple[Path, dict]:
+    return measured_run.workdir, measured_run.report
+
+
+def test_each_step_stays_within_the_memory_limit_its_pod_gets(measured_run: MeasuredRun) -> None:
+    measured = measured_run.step_memory
+    assert set(measured) == {"interactions", "recommender-train", "recommender-evaluate", "recommender-register"}, measured
+    assert steps_over_their_memory_limit(measured_run) == {}, measured
 
 
 def test_the_recommender_beats_the_popular_list_and_becomes_champion(pipeline_run: tuple[Path, dict]) -> None:

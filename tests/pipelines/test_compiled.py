@@ -141,3 +141,49 @@ def test_retraining_runs_the_whole_training_pipeline_only_after_a_degraded_check
     assert only_task(components[inner]["dag"]) == (component, None)
     standalone = next(yaml.safe_load_all((pipelines.COMPILED_DIR / f"{training}.yaml").read_text()))
     assert set(components[component]["dag"]["tasks"]) == set(standalone["root"]["dag"]["tasks"])
+
+
+def _executor_resources(spec: dict) -> dict[str, dict]:
+    """Each step's resources in compiled IR, by the step's name (``comp-deploy-2`` is ``deploy``, again)."""
+    executors = spec["deploymentSpec"]["executors"]
+    return {component["executorLabel"]: executors[component["executorLabel"]]["container"].get("resources", {})
+            for component in spec["components"].values() if "executorLabel" in component}
+
+
+def _step_name(executor_label: str) -> str:
+    import re
+
+    return re.sub(r"-\d+$", "", executor_label.removeprefix("exec-"))
+
+
+@pytest.mark.parametrize("name", sorted(pipelines.PIPELINES))
+def test_every_step_requests_and_limits_cpu_and_memory(name: str) -> None:
+    """A pod without requests is refused in a namespace with a cpu or memory ResourceQuota, and evicted first."""
+    from keel.resources import DEFAULT_STEP_RESOURCES
+
+    spec = next(yaml.safe_load_all((pipelines.COMPILED_DIR / f"{name}.yaml").read_text()))
+    for label, resources in _executor_resources(spec).items():
+        expected = DEFAULT_STEP_RESOURCES[_step_name(label)]
+        assert resources.get("resourceCpuRequest") == expected.requests.cpu, label
+        assert resources.get("resourceCpuLimit") == expected.limits.cpu, label
+        assert resources.get("resourceMemoryRequest") == expected.requests.memory, label
+        assert resources.get("resourceMemoryLimit") == expected.limits.memory, label
+
+
+def test_a_config_override_resizes_the_steps_it_names_in_the_submitted_pipeline(tmp_path: Path) -> None:
+    """`keel submit --config` compiles with the override: the named steps' pods change, no other."""
+    from keel.submit import compile_pipeline
+
+    override = tmp_path / "bigger.yaml"
+    override.write_text(yaml.safe_dump({"resources": {"train": {"limits": {"memory": "32Gi", "cpu": "8"}},
+                                                      "check-performance": {"requests": {"memory": "2Gi"}}}}))
+    compiled = compile_pipeline(pipelines.build("retrain_when_degraded", override), tmp_path / "out.yaml")
+    resized = _executor_resources(next(yaml.safe_load_all(compiled.read_text())))
+    default = _executor_resources(next(yaml.safe_load_all(
+        (pipelines.COMPILED_DIR / "retrain_when_degraded.yaml").read_text())))
+    assert resized.keys() == default.keys()
+    changed = {label for label in resized if resized[label] != default[label]}
+    assert changed == {"exec-train", "exec-check-performance"}
+    assert resized["exec-train"]["resourceMemoryLimit"] == "32Gi" and resized["exec-train"]["resourceCpuLimit"] == "8"
+    assert resized["exec-train"]["resourceMemoryRequest"] == default["exec-train"]["resourceMemoryRequest"]
+    assert resized["exec-check-performance"]["resourceMemoryRequest"] == "2Gi"

@@ -117,22 +117,32 @@ STEP_FUNCTION = re.compile(r"--function_to_execute\s+(\w+)")
 
 
 def private_memory_kib(pid: int) -> int:
-    """Anonymous and shared (shm: Ray's object store) memory, proportional to the processes sharing it: what a
-    pod's memory cgroup holds for this process beyond reclaimable file pages. 0 once it ended."""
+    """Resident anonymous and shared (shm: Ray's object store) memory of a process, from the kernel's counters
+    (cheap to read, unlike smaps, which walks page tables and slows the process it reads): what a pod's memory
+    cgroup holds for it beyond reclaimable file pages. Shared pages count once per process mapping them, so a
+    sum over processes errs high. 0 once the process ended."""
     try:
-        rollup = (Path("/proc") / str(pid) / "smaps_rollup").read_text()
+        status = (Path("/proc") / str(pid) / "status").read_text()
     except OSError:
         return 0
-    fields = dict(line.split()[:2] for line in rollup.splitlines()[1:] if line.strip())
-    return int(fields.get("Pss_Anon:", 0)) + int(fields.get("Pss_Shmem:", 0))
+    fields = dict(line.split()[:2] for line in status.splitlines() if line.startswith(("RssAnon:", "RssShmem:")))
+    return sum(int(value) for value in fields.values())
+
+
+def subtree(root: int, children: dict[int, list[int]]) -> list[int]:
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
 
 
 class StepMemory:
     """The peak private memory of each kfp.local step under ``root``, its whole process tree (a local Ray
-    included), sampled every ``interval_s`` while the run goes on: a peak shorter than that can be missed, so
-    this is a lower bound on what the step's pod would need."""
+    included), sampled every ``interval_s`` while the run goes on: a peak shorter than that can be missed."""
 
-    def __init__(self, root: int, interval_s: float = 0.5) -> None:
+    def __init__(self, root: int, interval_s: float = 1.0) -> None:
         self.root, self.interval_s = root, interval_s
         self.peak_mib: dict[str, float] = {}
         self._stop = threading.Event()
@@ -151,13 +161,15 @@ class StepMemory:
             self.sample()
 
     def sample(self) -> None:
-        parents = process_parents()
-        tree = [pid for pid in parents if descends_from(pid, self.root, parents)]
+        children: dict[int, list[int]] = {}
+        for pid, parent in process_parents().items():
+            children.setdefault(parent, []).append(pid)
+        tree = subtree(self.root, children)
         steps = {pid: match.group(1) for pid in tree if (match := STEP_FUNCTION.search(command_line(pid)))}
         for pid, function in steps.items():
-            if parents.get(pid) in steps:  # the step's Python under kfp's `sh -ec` launcher: counted with it
+            if any(pid in children.get(step, []) for step in steps):  # the step's Python under kfp's `sh -ec`
                 continue
-            total = sum(private_memory_kib(p) for p in [pid, *(q for q in tree if descends_from(q, pid, parents))])
+            total = sum(private_memory_kib(p) for p in subtree(pid, children))
             name = function.replace("_", "-")  # the step's name in the Kubeflow UI
             self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), total / 1024)
 

@@ -6,14 +6,16 @@ ResourceQuota on cpu or memory (Kubernetes then requires every pod to declare
 them). So every step declares both. The defaults below come from the peak
 private memory (PSS of anonymous and shared memory, summed over the step's
 process tree) measured in local runs of every pipeline on the demo data; the
-integration tests measure it again in their local runs and fail when a step
-outgrows its limit.
+integration tests measure it again in their local runs (resident anonymous and
+shared memory, from the kernel's counters) and fail when a step outgrows its
+limit.
 
 A pipeline config's ``resources`` section overrides them per step, by the
 step's name in the Kubeflow UI; they are fixed when the pipeline is compiled
 (``keel submit --config``, ``keel schedule --config``), not by a run's
 ``config`` parameter, because KFP sets a pod's resources from the compiled
-pipeline.
+pipeline. ``limits: {nvidia.com/gpu: N}`` puts GPUs on the step's own pod,
+for a cluster without a Ray cluster, where train and tune run Ray in the pod.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # The forms KFP accepts (kfp.dsl.PipelineTask's own checks), so a bad value fails on load, named, not in compile.
 CPU_PATTERN = r"^([0-9]*[.])?[0-9]+m?$"
 MEMORY_PATTERN = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
+GPU_RESOURCE = "nvidia.com/gpu"
 MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
@@ -42,12 +45,15 @@ def memory_bytes(quantity: str) -> int:
 
 
 class ResourceAmounts(BaseModel):
-    """CPU and memory, written as in a Kubernetes pod spec."""
+    """CPU, memory and NVIDIA GPUs, written as in a Kubernetes pod spec."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     cpu: str | None = Field(default=None, description='cores: "2", "0.5" or "500m"')
     memory: str | None = Field(default=None, description='bytes: "512Mi", "4Gi", "1G"')
+    gpu: int | None = Field(default=None, ge=0, alias="nvidia.com/gpu",  # GPU_RESOURCE: mypy wants a literal
+                            description="GPUs on the step's own pod (limits only), for training on a local Ray "
+                                        "in the pod where there is no Ray cluster")
 
     @field_validator("cpu")
     @classmethod
@@ -76,6 +82,9 @@ class StepResources(BaseModel):
     @model_validator(mode="after")
     def _requests_within_limits(self) -> StepResources:
         """Kubernetes refuses a pod whose request exceeds its limit, at run time; this says so on load."""
+        if self.requests.gpu is not None:
+            raise ValueError(f"requests.{GPU_RESOURCE}: GPUs go under limits only (Kubernetes requests as many "
+                             "as the limit, and KFP sets only the limit)")
         for name, amount in (("cpu", cpu_cores), ("memory", memory_bytes)):
             request, limit = getattr(self.requests, name), getattr(self.limits, name)
             if request is not None and limit is not None and amount(request) > amount(limit):
@@ -152,4 +161,6 @@ def apply_resources(task: Any, resources: StepResources) -> Any:
         value = getattr(getattr(resources, part), name)
         if value is not None:
             setter(value)
+    if resources.limits.gpu:  # 0 leaves the pod without GPUs, as if unset
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(resources.limits.gpu)
     return task

@@ -175,7 +175,8 @@ def test_a_config_override_resizes_the_steps_it_names_in_the_submitted_pipeline(
     from keel.submit import compile_pipeline
 
     override = tmp_path / "bigger.yaml"
-    override.write_text(yaml.safe_dump({"resources": {"train": {"limits": {"memory": "32Gi", "cpu": "8"}},
+    override.write_text(yaml.safe_dump({"resources": {"train": {"limits": {"memory": "32Gi", "cpu": "8",
+                                                                           "nvidia.com/gpu": 1}},
                                                       "check-performance": {"requests": {"memory": "2Gi"}}}}))
     compiled = compile_pipeline(pipelines.build("retrain_when_degraded", override), tmp_path / "out.yaml")
     resized = _executor_resources(next(yaml.safe_load_all(compiled.read_text())))
@@ -187,3 +188,6 @@ def test_a_config_override_resizes_the_steps_it_names_in_the_submitted_pipeline(
     assert resized["exec-train"]["resourceMemoryLimit"] == "32Gi" and resized["exec-train"]["resourceCpuLimit"] == "8"
     assert resized["exec-train"]["resourceMemoryRequest"] == default["exec-train"]["resourceMemoryRequest"]
     assert resized["exec-check-performance"]["resourceMemoryRequest"] == "2Gi"
+    assert resized["exec-train"]["accelerator"] == {"count": "1", "resourceCount": "1",  # old and new KFP's fields
+                                                    "type": "nvidia.com/gpu", "resourceType": "nvidia.com/gpu"}
+    assert not any("accelerator" in resources for resources in default.values())

@@ -68,6 +68,8 @@ def test_resources_stay_out_of_the_runs_config_parameter(tmp_path: Path) -> None
     ({"train": {"limits": {"memory": "1Gi"}}},  # below the default request of 2Gi
      "resources.train: with Keel's defaults for the rest, requests.memory 2Gi is above limits.memory 1Gi"),
     ({"deploy": {"requests": {"cpu": "1500m"}}}, "requests.cpu 1500m is above limits.cpu 1"),
+    ({"train": {"requests": {"nvidia.com/gpu": 1}}}, "requests.nvidia.com/gpu: GPUs go under limits only"),
+    ({"train": {"limits": {"nvidia.com/gpu": -1}}}, "resources.train.limits.nvidia.com/gpu"),
 ])
 def test_a_bad_override_fails_on_load_naming_the_field(tmp_path: Path, resources: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from keel import storage
@@ -29,6 +30,18 @@ PERFORMANCE = "keel.performance"  # version tag: the latest check on labeled row
 GATE_TAG = "keel.gate"  # run tag: the evaluate step's gate, passed or failed
 PROMOTED_TAG = "keel.promoted"  # run tag: whether the register step moved champion
 PROMOTION_REASON_TAG = "keel.promotion_reason"  # run tag: why the register step did or did not
+
+
+def every_page(search: Callable[..., Any], **arguments: Any) -> Iterator[Any]:
+    """Every result of an MLflow ``search_*`` call: each returns one page (``search_registered_models``, 100
+    models by default) and a token for the next."""
+    token = None
+    while True:
+        page = search(page_token=token, **arguments)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def mlflow_client(settings: KeelSettings) -> MlflowClient:

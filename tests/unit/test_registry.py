@@ -286,3 +286,19 @@ def test_failure_after_registration_withdraws_the_version(staged_run: dict, sett
 def test_flatten_params() -> None:
     assert flatten_params({"train": {"lr": 0.1, "sizes": [1, 2], "scaling": {"gpu": "auto"}}}) == {
         "train.lr": "0.1", "train.sizes": "[1, 2]", "train.scaling.gpu": "auto"}
+
+
+def test_models_list_shows_every_version_of_every_model_past_the_registrys_first_page(
+        settings: KeelSettings) -> None:
+    """The registry answers a page at a time (100 models by default): a list that read only the first page
+    would silently leave models out once a team has more."""
+    from keel.cli.models import list_models
+
+    client = tracking.mlflow_client(settings)
+    for name, versions in (("model-a", 3), ("model-b", 1), ("model-c", 2)):
+        client.create_registered_model(name)
+        for _ in range(versions):
+            client.create_model_version(name, source=f"{settings.artifact_root}/{name}")
+    listed = [(row["name"], row["version"]) for row in list_models(page_size=2)]
+    assert listed == [("model-a", 3), ("model-a", 2), ("model-a", 1), ("model-b", 1), ("model-c", 2),
+                      ("model-c", 1)]

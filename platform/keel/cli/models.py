@@ -18,17 +18,19 @@ KEY_METRICS = {"test_accuracy": "test_accuracy", "test_f1_macro": "test_f1_macro
                "test_ndcg@k": "test_ndcg_at_", "test_recall@k": "test_recall_at_"}
 
 
-def list_models() -> list[dict[str, Any]]:
-    """Every registered model version with its aliases and test metrics, newest first."""
+def list_models(page_size: int = 100) -> list[dict[str, Any]]:
+    """Every registered model version with its aliases and test metrics, newest first (all of them: the
+    registry answers a page of ``page_size`` at a time)."""
     from keel import tracking
 
     client = tracking.mlflow_client(load_settings())
     rows = []
-    for model in client.search_registered_models():
+    for model in tracking.every_page(client.search_registered_models, max_results=page_size):
         aliases: dict[str, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
             aliases.setdefault(str(version), []).append(alias)
-        for version in client.search_model_versions(f"name='{model.name}'"):
+        for version in tracking.every_page(client.search_model_versions, filter_string=f"name='{model.name}'",
+                                           max_results=page_size):
             metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
             rows.append({"name": model.name, "version": int(version.version),
                          "aliases": sorted(aliases.get(str(version.version), [])),

@@ -191,3 +191,41 @@ def test_a_config_override_resizes_the_steps_it_names_in_the_submitted_pipeline(
     assert resized["exec-train"]["accelerator"] == {"count": "1", "resourceCount": "1",  # old and new KFP's fields
                                                     "type": "nvidia.com/gpu", "resourceType": "nvidia.com/gpu"}
     assert not any("accelerator" in resources for resources in default.values())
+
+
+def test_compile_with_a_config_writes_the_named_pipelines_for_the_kubeflow_ui(tmp_path: Path) -> None:
+    """What a platform team uploads by hand: the named pipeline only, with its steps resized."""
+    override = tmp_path / "bigger.yaml"
+    override.write_text("resources: {train: {limits: {memory: 16Gi}}}\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["pipelines", "compile", "medical_diagnosis", "--config", str(override),
+                                      "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == ["medical_diagnosis.yaml"]
+    resized = _executor_resources(next(yaml.safe_load_all((out / "medical_diagnosis.yaml").read_text())))
+    default = _executor_resources(next(yaml.safe_load_all(
+        (pipelines.COMPILED_DIR / "medical_diagnosis.yaml").read_text())))
+    assert resized["exec-train"]["resourceMemoryLimit"] == "16Gi"
+    assert {label for label in resized if resized[label] != default[label]} == {"exec-train"}
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--config", "bigger.yaml", "--output-dir", "out"], "--config: name the pipelines it is for"),
+    (["medical_diagnosis", "--config", "bigger.yaml"], "--config: give --output-dir too"),
+    (["medical_diagnosis", "--config", "bigger.yaml", "--output-dir", "out"],
+     "resources.tune: with Keel's defaults for the rest, requests.cpu 8 is above limits.cpu 4"),
+    # medical_diagnosis, compiled first, takes a tune section; model_performance has none: neither is written
+    (["medical_diagnosis", "model_performance", "--config", "tuned.yaml", "--output-dir", "out"],
+     "model_performance/config.yaml): invalid pipeline config: tune: Extra inputs are not permitted"),
+    (["medical_diagnosis", "medical_diagnosiss", "--output-dir", "out"], "unknown pipeline 'medical_diagnosiss'"),
+])
+def test_compile_refuses_what_it_cannot_write_and_writes_nothing(arguments: list[str], message: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bigger.yaml").write_text("resources: {tune: {requests: {cpu: '8'}}}\n")
+    (tmp_path / "tuned.yaml").write_text("tune: {num_samples: 3}\n")
+    before = {p: p.read_text() for p in pipelines.COMPILED_DIR.iterdir()}
+    result = CliRunner().invoke(app, ["pipelines", "compile", *arguments])
+    assert result.exit_code == 1 and message in str(result.exception), result.output
+    assert not (tmp_path / "out").exists()
+    assert {p: p.read_text() for p in pipelines.COMPILED_DIR.iterdir()} == before

@@ -49,10 +49,23 @@ def descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
     return False
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process under it, parents first."""
-    parents = process_parents()
-    return [root] + sorted(pid for pid in parents if descends_from(pid, root, parents))
+def process_children() -> dict[int, list[int]]:
+    """The child pids of every process on the machine (that has any)."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in process_parents().items():
+        children.setdefault(parent, []).append(pid)
+    return children
+
+
+def process_tree(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """``root`` and every process under it, parents first (``children``: one reading of /proc for many trees)."""
+    children = process_children() if children is None else children
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
 
 
 def command_line(pid: int) -> str:
@@ -129,15 +142,6 @@ def private_memory_kib(pid: int) -> int:
     return sum(int(value) for value in fields.values())
 
 
-def subtree(root: int, children: dict[int, list[int]]) -> list[int]:
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack.extend(children.get(pid, []))
-    return found
-
-
 class StepMemory:
     """The peak private memory of each kfp.local step under ``root``, its whole process tree (a local Ray
     included), sampled every ``interval_s`` while the run goes on: a peak shorter than that can be missed."""
@@ -161,15 +165,13 @@ class StepMemory:
             self.sample()
 
     def sample(self) -> None:
-        children: dict[int, list[int]] = {}
-        for pid, parent in process_parents().items():
-            children.setdefault(parent, []).append(pid)
-        tree = subtree(self.root, children)
+        children = process_children()
+        tree = process_tree(self.root, children)
         steps = {pid: match.group(1) for pid in tree if (match := STEP_FUNCTION.search(command_line(pid)))}
         for pid, function in steps.items():
             if any(pid in children.get(step, []) for step in steps):  # the step's Python under kfp's `sh -ec`
                 continue
-            total = sum(private_memory_kib(p) for p in subtree(pid, children))
+            total = sum(private_memory_kib(p) for p in process_tree(pid, children))
             name = function.replace("_", "-")  # the step's name in the Kubeflow UI
             self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), total / 1024)
 

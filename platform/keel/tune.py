@@ -112,7 +112,8 @@ def _arrays(splits: dict[str, str], feature_names: list[str], classes: int, sett
     arrays: dict[str, Any] = {"num_classes": classes}
     for name in ("train", "val"):
         frame = storage.read_parquet(splits[name], settings)
-        arrays[f"{name}_x"] = frame[feature_names].to_numpy(dtype=np.float32, copy=True)
+        # row-major, as each step gathers rows (pandas gives a Parquet table's columns over column-major)
+        arrays[f"{name}_x"] = np.ascontiguousarray(frame[feature_names].to_numpy(dtype=np.float32))
         arrays[f"{name}_y"] = frame[LABEL].to_numpy(dtype=np.int64, copy=True)
     return arrays
 

@@ -87,6 +87,7 @@ def test_the_fine_tuned_model_and_the_baseline_are_scored_on_held_out_phrasings(
     test = pd.read_parquet(artifacts / "ingest" / "test.parquet")
     train = pd.read_parquet(artifacts / "ingest" / "train.parquet")
     assert not set(test["text"]) & set(train["text"])
+    assert trained["samples_seen"] == trained["epochs"] * (len(train) // 2)  # the first worker's half of the rows
     assert test["input_ids"].map(len).eq(40).all()  # tokenized in preprocessing
     evaluation = json.loads((artifacts / "evaluate" / "evaluation.json").read_text())
     assert {v["name"] for v in evaluation["variants"]} == {"fine_tuned", "int8", "distilled", "distilled_int8"}

@@ -99,6 +99,19 @@ def test_trials_report_their_best_epoch_so_far_which_ranks_them(monkeypatch: pyt
     assert all(ranking_metric(metric) in reports[0] for metric in ("val_loss", "val_accuracy"))
 
 
+def test_trials_get_row_major_features_as_each_step_gathers_rows(settings, tmp_path: Path) -> None:
+    """pandas gives a Parquet table's float columns over column-major; each trial's steps gather rows."""
+    import pandas as pd
+
+    from keel.tune import _arrays
+
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0], "label": [0, 1]}).to_parquet(path, index=False)
+    arrays = _arrays({"train": str(path), "val": str(path)}, ["a", "b"], 2, settings)
+    assert arrays["train_x"].flags["C_CONTIGUOUS"] and arrays["train_x"].tolist() == [[1.0, 3.0], [2.0, 4.0]]
+    assert arrays["val_y"].tolist() == [0, 1]
+
+
 def test_zero_samples_skips_the_search(settings, tmp_path: Path) -> None:
     manifest = tune("unused", TrainConfig(), TuneConfig(), storage.stage_uri(settings, "r", "tune"), settings)
     assert manifest["best_config"] == {} and manifest["skipped"]

@@ -23,7 +23,8 @@ from keel.intents.prepare import tokenizer_of
 from keel.settings import KeelSettings
 from keel.train.loop import TrainState, evaluate_epoch, fit_epochs, restore
 from keel.train.scaling import cluster_scaling
-from keel.train.trainer import build_trainer, final_state, fit_or_fail, materialized_splits, ray_session
+from keel.train.ingest import read_splits, worker_batches
+from keel.train.trainer import build_trainer, final_state, fit_or_fail, ray_session
 
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "label"]
 EVAL_BATCH = 256
@@ -36,11 +37,8 @@ def tokens_of(frame: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack([ids, mask], axis=1)), torch.from_numpy(np.array(frame["label"], dtype=np.int64))
 
 
-def _shard(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    import ray.train
-
-    batches = [tokens_of(b) for b in ray.train.get_dataset_shard(name).iter_batches(batch_size=4096,
-                                                                                     batch_format="numpy")]
+def _shard(config: dict[str, Any], name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = [tokens_of(b) for b in worker_batches(config, name, batch_size=4096, batch_format="numpy")]
     tokens = torch.cat([t for t, _ in batches]) if batches else torch.empty((0, 2, 1), dtype=torch.int64)
     labels = torch.cat([y for _, y in batches]) if batches else torch.empty(0, dtype=torch.int64)
     return tokens.to(device), labels.to(device)
@@ -63,8 +61,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["threads_per_worker"])
     device = ray.train.torch.get_device()
-    train_x, train_y = _shard("train", device)
-    val_x, val_y = _shard("val", device)
+    train_x, train_y = _shard(config, "train", device)
+    val_x, val_y = _shard(config, "val", device)
     model = ray.train.torch.prepare_model(pretrained_classifier(IntentSpec.model_validate(config["spec"])))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"])
     state: TrainState = restore(model, optimizer)
@@ -111,9 +109,9 @@ def _fit(config: IntentTrainConfig, spec: IntentSpec, splits: dict[str, str], ch
          settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
     parameters = (pretrained_dir() / "model.safetensors").stat().st_size // 4  # float32 weights: 22.7M
     scaling = cluster_scaling(config.scaling, parameters, settings)
-    datasets = materialized_splits(splits, ("train", "val"), settings, columns=TOKEN_COLUMNS)
+    inputs = read_splits(splits, ("train", "val"), settings, columns=TOKEN_COLUMNS)
     loop_config = {**config.model_dump(exclude={"max_failures", "scaling"}), "spec": spec.model_dump(),
                    "threads_per_worker": scaling["cpus_per_worker"]}
-    trainer = build_trainer(train_loop_per_worker, loop_config, datasets, scaling, config.max_failures,
+    trainer = build_trainer(train_loop_per_worker, loop_config, inputs, scaling, config.max_failures,
                             checkpoint_uri, run_name, settings)
     return fit_or_fail(trainer, config.max_failures), scaling

@@ -25,7 +25,8 @@ from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec
 from keel.train.loop import keep_best, report, restore, unwrap
 from keel.train.scaling import cluster_scaling
-from keel.train.trainer import build_trainer, final_state, fit_or_fail, materialized_splits, ray_session
+from keel.train.ingest import OneWorkerReadsWhole, read_splits, worker_batches
+from keel.train.trainer import build_trainer, final_state, fit_or_fail, ray_session
 
 VALIDATION_K = 10
 
@@ -92,11 +93,8 @@ def validation_sample(val: pd.DataFrame, users: int, seed: int) -> pd.DataFrame:
     return val[val["user_id"].isin(kept)]
 
 
-def _frame(name: str) -> pd.DataFrame:
-    import ray.train
-
-    shard = ray.train.get_dataset_shard(name)
-    batches = list(shard.iter_batches(batch_size=1 << 20, batch_format="pandas"))
+def _frame(config: dict[str, Any], name: str) -> pd.DataFrame:
+    batches = list(worker_batches(config, name, batch_size=1 << 20))
     return pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=["user_id", "item_id"])
 
 
@@ -108,8 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["threads_per_worker"])
     spec = FactorizationSpec.model_validate(config["spec"])
-    shard, everything = _frame("train"), _frame("seen")
-    val = validation_sample(_frame("val"), config["validation_users"], config["seed"])
+    shard, everything = _frame(config, "train"), _frame(config, "seen")
+    val = validation_sample(_frame(config, "val"), config["validation_users"], config["seed"])
     users = torch.tensor(shard["user_id"].to_numpy())
     items = torch.tensor(shard["item_id"].to_numpy())
     seen = seen_pairs(everything, spec)
@@ -178,15 +176,13 @@ def one_worker_unless_asked(scaling: ScalingSpec) -> ScalingSpec:
 
 def _fit(config: RecommendTrainConfig, spec: FactorizationSpec, splits: dict[str, str], checkpoint_uri: str,
          run_name: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
-    from keel.train.ingest import OneWorkerReadsWhole
-
     params = (spec.users + 2 * spec.items) * spec.embedding_dim
     scaling = cluster_scaling(one_worker_unless_asked(config.scaling), params, settings)
-    datasets = materialized_splits(splits, ("train", "val"), settings, columns=["user_id", "item_id"])
-    datasets["seen"] = datasets["train"]  # the whole training set on every worker, for masking
+    inputs = read_splits(splits, ("train", "val"), settings, columns=["user_id", "item_id"])
+    inputs = inputs.with_whole_copy("seen", of="train")  # the whole training set on every worker, for masking
     loop_config = {**config.model_dump(exclude={"max_failures", "scaling"}), "spec": spec.model_dump(),
                    "threads_per_worker": scaling["cpus_per_worker"]}
-    trainer = build_trainer(train_loop_per_worker, loop_config, datasets, scaling, config.max_failures,
+    trainer = build_trainer(train_loop_per_worker, loop_config, inputs, scaling, config.max_failures,
                             checkpoint_uri, run_name, settings,
                             dataset_config=OneWorkerReadsWhole(datasets_to_split=["train"]))
     return fit_or_fail(trainer, config.max_failures), scaling

@@ -92,14 +92,15 @@ def global_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def load_shard(name: str, feature_names: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read this worker's shard of a Ray Dataset into memory once, for the whole run."""
-    import ray.train
+def load_shard(config: dict[str, Any], name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read this worker's rows of a split into memory once, for the whole run."""
+    from keel.train.ingest import worker_batches
 
-    shard = ray.train.get_dataset_shard(name)
+    feature_names = config["feature_names"]
     features, labels = [], []
-    for batch in shard.iter_batches(batch_size=65536, batch_format="pandas"):
-        features.append(batch[feature_names].to_numpy(dtype=np.float32))
+    for batch in worker_batches(config, name, batch_size=65536):
+        # Row-major: every step gathers rows, and pandas hands an Arrow batch's columns over column-major
+        features.append(np.ascontiguousarray(batch[feature_names].to_numpy(dtype=np.float32)))
         labels.append(batch[LABEL].to_numpy(dtype=np.int64))
     if not labels:
         return torch.empty((0, len(feature_names)), device=device), torch.empty(0, dtype=torch.int64, device=device)
@@ -188,8 +189,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["threads_per_worker"])
     device = ray.train.torch.get_device()
-    train_x, train_y = load_shard("train", config["feature_names"], device)
-    val_x, val_y = load_shard("val", config["feature_names"], device)
+    train_x, train_y = load_shard(config, "train", device)
+    val_x, val_y = load_shard(config, "val", device)
     model = ray.train.torch.prepare_model(MLPClassifier(MLPSpec.model_validate(config["spec"])))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"])
     state: TrainState = restore(model, optimizer)

@@ -23,6 +23,7 @@ from keel.data.transform import FeatureTransform
 from keel.errors import TrainingError
 from keel.settings import KeelSettings
 from keel.train.config import TrainConfig
+from keel.train.ingest import OneWorkerReadsWhole, SplitInputs, read_splits
 from keel.train.loop import TrainState, read_checkpoint, train_loop_per_worker
 from keel.train.model import MLPClassifier, MLPSpec, parameter_count, save_model
 from keel.train.scaling import cluster_scaling
@@ -33,8 +34,6 @@ from keel.train.scaling import cluster_scaling
 REPORT_POLL_INTERVAL_S = "0.05"
 
 HISTORY_FILE = "history.json"
-# Splits up to this size are read by the driver, not by Ray Data tasks (materialized_splits)
-DRIVER_READ_MAX_BYTES = 256 * 2**20
 
 
 @contextmanager
@@ -95,41 +94,6 @@ def ray_session(settings: KeelSettings) -> Iterator[float]:
             ray.shutdown()
 
 
-def materialized_splits(splits: dict[str, str], names: tuple[str, ...], settings: KeelSettings,
-                        columns: list[str] | None = None) -> dict[str, Any]:
-    """Ray Datasets of the named splits, in the object store before the workers claim the CPUs: a lazy read
-    would wait for a CPU that never frees.
-
-    A split under :data:`DRIVER_READ_MAX_BYTES` of Parquet is read here and put in as it is. Ray Data's
-    read of it would start a listing task and a read task, each in a new Ray worker process that spends
-    seconds importing for a few kilobytes; a larger split is read by Ray Data's tasks, across the cluster.
-    """
-    import pyarrow.parquet as pq
-    import ray.data
-
-    # One worker then sees rows in the same order every run: same seed, same model.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    datasets = {}
-    for name in names:
-        filesystem, path = storage.pyarrow_filesystem(splits[name], settings)
-        if parquet_bytes(filesystem, path) <= DRIVER_READ_MAX_BYTES:
-            datasets[name] = ray.data.from_arrow(pq.read_table(path, filesystem=filesystem, columns=columns))
-        else:
-            datasets[name] = ray.data.read_parquet(path, filesystem=filesystem, columns=columns).materialize()
-    return datasets
-
-
-def parquet_bytes(filesystem: Any, path: str) -> int:
-    """Size of a Parquet file, or of every file under a directory of parts."""
-    from pyarrow import fs
-
-    info = filesystem.get_file_info(path)
-    if info.type != fs.FileType.Directory:
-        return int(info.size or 0)
-    return sum(int(entry.size or 0) for entry in filesystem.get_file_info(fs.FileSelector(path, recursive=True))
-               if entry.type == fs.FileType.File)
-
-
 def run_config(run_name: str, checkpoint_uri: str, max_failures: int, settings: KeelSettings) -> Any:
     """Ray Train's ``RunConfig`` for every Keel trainer: checkpoints under the run, bounded recovery."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -146,21 +110,21 @@ def run_config(run_name: str, checkpoint_uri: str, max_failures: int, settings: 
                      checkpoint_config=checkpoint_config, failure_config=failure_config)
 
 
-def build_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], datasets: dict[str, Any],
+def build_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], inputs: SplitInputs,
                   scaling: dict[str, Any], max_failures: int, checkpoint_uri: str, run_name: str,
                   settings: KeelSettings, **trainer_options: Any) -> Any:
-    """A ``TorchTrainer`` running ``loop`` on each worker, with its Ray config objects in one place."""
+    """A ``TorchTrainer`` running ``loop`` on each worker, with its Ray config objects in one place; the
+    loop reads the splits with :func:`keel.train.ingest.worker_batches`."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from keel.train.ingest import OneWorkerReadsWhole
 
     trainer_options.setdefault("dataset_config", OneWorkerReadsWhole())
     scaling_config = ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
                                    resources_per_worker={"CPU": scaling["cpus_per_worker"]})
-    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config,
-                        run_config=run_config(run_name, checkpoint_uri, max_failures, settings), datasets=datasets,
-                        **trainer_options)
+    return TorchTrainer(loop, train_loop_config={**loop_config, **inputs.loop_config()},
+                        scaling_config=scaling_config,
+                        run_config=run_config(run_name, checkpoint_uri, max_failures, settings),
+                        datasets=inputs.datasets or None, **trainer_options)
 
 
 def fit_or_fail(trainer: Any, max_failures: int) -> Any:
@@ -250,7 +214,7 @@ def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits
         "feature_names": transform.feature_names, "threads_per_worker": scaling["cpus_per_worker"],
         "mlflow_run_id": mlflow_run_id, "mlflow_tracking_uri": settings.mlflow_tracking_uri,
     }
-    datasets = materialized_splits(splits, ("train", "val"), settings)
-    trainer = build_trainer(train_loop_per_worker, loop_config, datasets, scaling, config.max_failures,
+    inputs = read_splits(splits, ("train", "val"), settings)
+    trainer = build_trainer(train_loop_per_worker, loop_config, inputs, scaling, config.max_failures,
                             checkpoint_uri, run_name, settings)
     return fit_or_fail(trainer, config.max_failures), scaling

@@ -295,10 +295,20 @@ def test_models_list_shows_every_version_of_every_model_past_the_registrys_first
     from keel.cli.models import list_models
 
     client = tracking.mlflow_client(settings)
+    accuracy = {}
     for name, versions in (("model-a", 3), ("model-b", 1), ("model-c", 2)):
         client.create_registered_model(name)
-        for _ in range(versions):
-            client.create_model_version(name, source=f"{settings.artifact_root}/{name}")
-    listed = [(row["name"], row["version"]) for row in list_models(page_size=2)]
-    assert listed == [("model-a", 3), ("model-a", 2), ("model-a", 1), ("model-b", 1), ("model-c", 2),
-                      ("model-c", 1)]
+        experiment = client.create_experiment(f"trained-{name}")  # runs in three experiments
+        for number in range(1, versions + 1):
+            run = client.create_run(experiment).info.run_id
+            accuracy[(name, number)] = 0.5 + number / 10 + len(name) / 100
+            client.log_metric(run, "test_accuracy", accuracy[(name, number)])
+            client.log_metric(run, "train_loss", 0.1)  # not a key metric: left out
+            client.create_model_version(name, source=f"{settings.artifact_root}/{name}", run_id=run)
+    with pytest.MonkeyPatch.context() as patch:  # a page of runs a query, not a round trip for each version
+        patch.setattr(type(client), "get_run", lambda *_: pytest.fail("get_run per version"))
+        rows = list_models(page_size=2)
+    assert [(row["name"], row["version"]) for row in rows] == [
+        ("model-a", 3), ("model-a", 2), ("model-a", 1), ("model-b", 1), ("model-c", 2), ("model-c", 1)]
+    assert {(row["name"], row["version"]): row["metrics"] for row in rows} == {
+        key: {"test_accuracy": value} for key, value in accuracy.items()}

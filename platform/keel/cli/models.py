@@ -31,15 +31,38 @@ def list_models(page_size: int = 100) -> list[dict[str, Any]]:
             aliases.setdefault(str(version), []).append(alias)
         for version in tracking.every_page(client.search_model_versions, filter_string=f"name='{model.name}'",
                                            max_results=page_size):
-            metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
             rows.append({"name": model.name, "version": int(version.version),
                          "aliases": sorted(aliases.get(str(version.version), [])),
                          "awaiting_approval": version.tags.get(tracking.AWAITING_APPROVAL) == "true",
                          "rejected": version.tags.get(tracking.REJECTED),  # the reason, when a person rejected it
                          "performance": version.tags.get(tracking.PERFORMANCE),  # the latest check on labels
-                         "metrics": {k: v for k, v in metrics.items() if k.startswith(tuple(KEY_METRICS.values()))},
                          "run_id": version.run_id, "created": version.creation_timestamp})
+    metrics = metrics_of_runs(client, sorted({row["run_id"] for row in rows if row["run_id"]}), page_size)
+    for row in rows:
+        row["metrics"] = {name: value for name, value in metrics.get(row["run_id"], {}).items()
+                          if name.startswith(tuple(KEY_METRICS.values()))}
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
+
+
+def metrics_of_runs(client: Any, run_ids: list[str], page_size: int) -> dict[str, dict[str, float]]:
+    """Each run's latest metrics, fetched ``page_size`` runs a query: a ``get_run`` per version took a round
+    trip each to a remote tracking server. A run that is gone (deleted for good) has none."""
+    from mlflow.entities import ViewType
+
+    from keel import tracking
+
+    if not run_ids:
+        return {}
+    experiments = [experiment.experiment_id for experiment in tracking.every_page(
+        client.search_experiments, view_type=ViewType.ALL, max_results=page_size)]
+    found: dict[str, dict[str, float]] = {}
+    for start in range(0, len(run_ids), page_size):
+        quoted = ", ".join(f"'{run_id}'" for run_id in run_ids[start:start + page_size])
+        for run in tracking.every_page(client.search_runs, experiment_ids=experiments,
+                                       filter_string=f"attributes.run_id IN ({quoted})",
+                                       run_view_type=ViewType.ALL, max_results=page_size):
+            found[run.info.run_id] = dict(run.data.metrics)
+    return found
 
 
 @app.command("list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import free_port, private_head_ports, wait_for_port
 from tests.stages import run_stages, small_config, write_small_source
-from tests.processes import keel
+from tests.processes import command_line, keel, process_parents
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,6 +109,8 @@ def test_serve_status_and_stop_through_the_rest_api(ray_head: dict[str, str], tm
     records = small_frame(2).drop(columns=["outcome"]).to_dict(orient="records")
     response = httpx.post(f"{url}/v1/models/small-model:predict", json={"records": records}, timeout=30)
     assert response.status_code == 200 and response.headers["x-model-version"] == "1"
+    # the replicas at the priority of what started the head, not Ray's nice 15 (settings.LOCAL_RAY_SYSTEM_CONFIG)
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in _head_processes("ray::ServeReplica")} == {os.nice(0)}
     status = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=ray_head).stdout)
     application = status["applications"]["keel"]
     assert application["status"] == "RUNNING"
@@ -208,6 +211,21 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     listed = json.loads(keel("models", "list", "--output", "json", cwd=tmp_path, env=env).stdout)
     assert [m["rejected"] for m in listed if m["version"] == 3] == ["disagrees on live rows"]
     keel("serve", "stop", cwd=tmp_path, env=env)
+
+
+def _head_processes(title: str) -> list[int]:
+    """PIDs of the processes titled ``title...`` that the raylet of the head `keel serve` started forked (each
+    worker in a process group of its own, its parent in the head's)."""
+    group = json.loads((load_settings().home / "serve" / "ray-head.json").read_text())["process_group"]
+    parents = process_parents()
+    found = []
+    for pid, parent in parents.items():
+        try:
+            if command_line(pid).startswith(title) and os.getpgid(parent) == group:
+                found.append(pid)
+        except ProcessLookupError:
+            continue  # ended while we looked
+    return found
 
 
 def _run_serving(config: str, port: int, tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json
-from keel.settings import load_settings
+from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, load_settings
 
 if TYPE_CHECKING:
     from keel.serve.canary import CanaryConfig
@@ -177,7 +177,8 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
 
     if haproxy:
         os.environ.update(HAPROXY_ENVIRONMENT)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:
         url = deploy(model_uri, config, shadow_uri, canary_uri=canary_uri)  # type: ignore[arg-type]
         _announce(url, model_uri, output, shadow_uri, canary_uri)

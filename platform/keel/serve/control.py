@@ -29,7 +29,7 @@ from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
 from keel.serve.canary import canary_application
 from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_challengers_serving
 from keel.serve.shadow import shadow_application, with_shadow
-from keel.settings import KeelSettings
+from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, KeelSettings
 
 if TYPE_CHECKING:
     from keel.config import RegisterConfig
@@ -163,7 +163,8 @@ def start_local_head(settings: KeelSettings, ports: HeadPorts = HeadPorts(), hap
     process = subprocess.Popen([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
                                 f"--dashboard-port={ports.dashboard}",
                                 f"--ray-client-server-port={ports.client_server}",
-                                f"--dashboard-agent-listen-port={ports.dashboard_agent}", "--disable-usage-stats"],
+                                f"--dashboard-agent-listen-port={ports.dashboard_agent}", "--disable-usage-stats",
+                                f"--system-config={json.dumps(LOCAL_RAY_SYSTEM_CONFIG)}"],
                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:

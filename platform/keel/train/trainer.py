@@ -21,7 +21,7 @@ from keel import storage
 from keel.data.preprocess import LABEL, TRANSFORM_FILE
 from keel.data.transform import FeatureTransform
 from keel.errors import TrainingError
-from keel.settings import KeelSettings
+from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, KeelSettings
 from keel.train.config import TrainConfig
 from keel.train.ingest import OneWorkerReadsWhole, SplitInputs, read_splits
 from keel.train.loop import TrainState, read_checkpoint, train_loop_per_worker
@@ -86,7 +86,7 @@ def ray_session(settings: KeelSettings) -> Iterator[float]:
             # address="local": a private instance, even when `keel serve --detach` left a head running
             with _own_address_for_its_processes():
                 ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                         logging_level=logging.WARNING, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:
         yield time.perf_counter() - started
     finally:

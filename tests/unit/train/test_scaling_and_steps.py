@@ -156,3 +156,20 @@ def test_gpus_that_can_never_be_had_fail_before_the_first_step(tmp_path: Path) -
         check_gpus_before_run(3, cluster)
     check_gpus_before_run(3, cluster.model_copy(update={"ray_max_gpus": None}))  # unknown: the autoscaler's call
     check_gpus_before_run(999, cluster.model_copy(update={"ray_autoscaling": False}))  # known once connected
+
+
+def test_the_private_rays_workers_run_at_the_steps_own_priority(settings: KeelSettings) -> None:
+    """Ray starts its workers at nice 15, where any busy process on the machine takes their CPU: beside two
+    busy loops, a training run that takes 18 s alone took 198 s (31 s at the step's priority)."""
+    import os
+
+    import ray
+
+    from keel.train.trainer import ray_session
+
+    @ray.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    with ray_session(settings):
+        assert ray.get(niceness.remote()) == os.nice(0)

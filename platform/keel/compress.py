@@ -28,7 +28,7 @@ from torch import nn
 
 from keel import storage, tracking
 from keel.config import CompressConfig
-from keel.data.preprocess import LABEL, TRANSFORM_FILE
+from keel.data.preprocess import LABEL, TRANSFORM_FILE, feature_matrix
 from keel.errors import CompressionError
 from keel.predictor import Predictor
 from keel.settings import KeelSettings
@@ -344,7 +344,7 @@ def _log_to_mlflow(settings: KeelSettings, run_id: str, reports: list[VariantRep
 
 def _split(uri: str, feature_names: list[str], settings: KeelSettings) -> Split:
     frame = storage.read_parquet(uri, settings)
-    return Split(torch.from_numpy(frame[feature_names].to_numpy(dtype=np.float32, copy=True)),
+    return Split(torch.from_numpy(feature_matrix(frame, feature_names)),
                  torch.from_numpy(frame[LABEL].to_numpy(dtype=np.int64, copy=True)))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from keel import storage, tracking
 from keel.config import SearchDimension, TuneConfig
-from keel.data.preprocess import LABEL, TRANSFORM_FILE
+from keel.data.preprocess import LABEL, TRANSFORM_FILE, feature_matrix
 from keel.data.transform import FeatureTransform
 from keel.errors import TuningError
 from keel.settings import KeelSettings
@@ -112,8 +112,7 @@ def _arrays(splits: dict[str, str], feature_names: list[str], classes: int, sett
     arrays: dict[str, Any] = {"num_classes": classes}
     for name in ("train", "val"):
         frame = storage.read_parquet(splits[name], settings)
-        # row-major, as each step gathers rows (pandas gives a Parquet table's columns over column-major)
-        arrays[f"{name}_x"] = np.ascontiguousarray(frame[feature_names].to_numpy(dtype=np.float32))
+        arrays[f"{name}_x"] = feature_matrix(frame, feature_names)
         arrays[f"{name}_y"] = frame[LABEL].to_numpy(dtype=np.int64, copy=True)
     return arrays
 

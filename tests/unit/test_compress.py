@@ -108,6 +108,19 @@ def test_structured_pruning_keeps_the_strongest_units_exactly() -> None:
     assert torch.equal(student.layers[-1].weight, teacher.layers[-1].weight[:, [1, 3]])
 
 
+def test_fine_tuning_and_distillation_get_row_major_features(settings: KeelSettings, tmp_path: Path) -> None:
+    """pandas gives a Parquet table's float columns over column-major; every fine-tuning step gathers rows."""
+    import pandas as pd
+
+    from keel.compress import _split
+
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0], "label": [0, 1]}).to_parquet(path, index=False)
+    split = _split(str(path), ["a", "b"], settings)
+    assert split.features.is_contiguous() and split.features.tolist() == [[1.0, 3.0], [2.0, 4.0]]
+    assert split.labels.tolist() == [0, 1]
+
+
 def test_compress_stage_publishes_every_variant_and_the_choice(settings: KeelSettings, tmp_path: Path) -> None:
     uris = run_stages(settings, "run-c", write_small_source(tmp_path, rows=300))
     output = storage.stage_uri(settings, "run-c", "compress")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from keel.data.preprocess import LABEL
+from keel.data.preprocess import LABEL, feature_matrix
 from keel.train.model import MLPClassifier, MLPSpec
 
 STATE_FILE = "state.pt"
@@ -99,8 +99,7 @@ def load_shard(config: dict[str, Any], name: str, device: torch.device) -> tuple
     feature_names = config["feature_names"]
     features, labels = [], []
     for batch in worker_batches(config, name, batch_size=65536):
-        # Row-major: every step gathers rows, and pandas hands an Arrow batch's columns over column-major
-        features.append(np.ascontiguousarray(batch[feature_names].to_numpy(dtype=np.float32)))
+        features.append(feature_matrix(batch, feature_names))
         labels.append(batch[LABEL].to_numpy(dtype=np.int64))
     if not labels:
         return torch.empty((0, len(feature_names)), device=device), torch.empty(0, dtype=torch.int64, device=device)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from keel import storage
@@ -23,10 +23,12 @@ from keel.data.transform import FeatureTransform
 from keel.errors import TrainingError
 from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, KeelSettings
 from keel.train.config import TrainConfig
-from keel.train.ingest import OneWorkerReadsWhole, SplitInputs, read_splits
 from keel.train.loop import TrainState, read_checkpoint, train_loop_per_worker
 from keel.train.model import MLPClassifier, MLPSpec, parameter_count, save_model
 from keel.train.scaling import cluster_scaling
+
+if TYPE_CHECKING:  # ray.train at import would tax every importer of ray_session
+    from keel.train.ingest import SplitInputs
 
 # Ray Train V2 hands a worker's report to the controller through a one-slot
 # queue that the controller drains at this interval. Its default (2 s) would
@@ -118,6 +120,8 @@ def build_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from keel.train.ingest import OneWorkerReadsWhole
+
     trainer_options.setdefault("dataset_config", OneWorkerReadsWhole())
     scaling_config = ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
                                    resources_per_worker={"CPU": scaling["cpus_per_worker"]})
@@ -208,6 +212,8 @@ def train_stage(settings: KeelSettings, splits_uri: str, config: dict[str, Any],
 def _fit(config: TrainConfig, spec: MLPSpec, transform: FeatureTransform, splits: dict[str, str],
          checkpoint_uri: str, run_name: str, mlflow_run_id: str, settings: KeelSettings) -> tuple[Any, dict[str, Any]]:
     """Size the workers to the cluster, build the trainer and run it; Ray must be initialized."""
+    from keel.train.ingest import read_splits
+
     scaling = cluster_scaling(config.scaling, parameter_count(MLPClassifier(spec)), settings)
     loop_config = {
         **config.model_dump(exclude={"scaling", "max_failures"}), "spec": spec.model_dump(),

@@ -173,3 +173,15 @@ def test_the_private_rays_workers_run_at_the_steps_own_priority(settings: KeelSe
 
     with ray_session(settings):
         assert ray.get(niceness.remote()) == os.nice(0)
+
+
+def test_importing_the_ray_session_leaves_ray_train_unloaded() -> None:
+    """tune, batch scoring and the job runner take ray_session from keel.train.trainer; ray.train is a second of
+    imports that only a training run needs."""
+    import subprocess
+    import sys
+
+    probe = "import sys, keel.train.trainer; print('ray.train' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == "False"

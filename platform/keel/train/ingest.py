@@ -55,16 +55,14 @@ def read_splits(splits: dict[str, str], names: tuple[str, ...], settings: KeelSe
 
     # One worker then sees rows in the same order every run: same seed, same model.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    inputs = SplitInputs()
+    datasets, tables = {}, {}
     for name in names:
         filesystem, path = storage.pyarrow_filesystem(splits[name], settings)
         if parquet_bytes(filesystem, path) <= DRIVER_READ_MAX_BYTES:
-            table = pq.read_table(path, filesystem=filesystem, columns=columns)
-            inputs = replace(inputs, tables={**inputs.tables, name: ray.put(table)})
+            tables[name] = ray.put(pq.read_table(path, filesystem=filesystem, columns=columns))
         else:
-            dataset = ray.data.read_parquet(path, filesystem=filesystem, columns=columns).materialize()
-            inputs = replace(inputs, datasets={**inputs.datasets, name: dataset})
-    return inputs
+            datasets[name] = ray.data.read_parquet(path, filesystem=filesystem, columns=columns).materialize()
+    return SplitInputs(datasets=datasets, tables=tables)
 
 
 def parquet_bytes(filesystem: Any, path: str) -> int:

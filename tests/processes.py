@@ -49,6 +49,18 @@ def descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
     return False
 
 
+def ray_actor_pids(class_name: str) -> list[int]:
+    """PIDs of this test process's Ray actor processes of a class (Ray titles them ``ray::<class>...``).
+
+    Only descendants of this process (its local Ray's workers), so that a test killing them never hits
+    the Ray of a test running beside it. Read from /proc rather than Ray's state API, which needs the
+    dashboard the tests run without.
+    """
+    parents = process_parents()
+    return [pid for pid in parents
+            if command_line(pid).startswith(f"ray::{class_name}") and descends_from(pid, os.getpid(), parents)]
+
+
 def process_children() -> dict[int, list[int]]:
     """The child pids of every process on the machine (that has any)."""
     children: dict[int, list[int]] = {}

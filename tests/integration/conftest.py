@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 from keel.serve.control import HeadPorts
-from tests.processes import command_line, descends_from, process_parents
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -34,18 +33,6 @@ def free_port() -> int:
 def private_head_ports() -> HeadPorts:
     """Free ports instead of Ray's fixed defaults, so a test's `ray start --head` can run beside another's."""
     return HeadPorts(dashboard=free_port(), client_server=free_port(), dashboard_agent=free_port())
-
-
-def ray_actor_pids(class_name: str) -> list[int]:
-    """PIDs of this test process's Ray actor processes of a class (Ray titles them ``ray::<class>...``).
-
-    Only descendants of this process (its local Ray's workers), so that a test killing them never hits
-    the Ray of a test running beside it. Read from /proc rather than Ray's state API, which needs the
-    dashboard the tests run without.
-    """
-    parents = process_parents()
-    return [pid for pid in parents
-            if command_line(pid).startswith(f"ray::{class_name}") and descends_from(pid, os.getpid(), parents)]
 
 
 def wait_for_port(port: int, timeout_s: float = 30) -> None:

@@ -20,7 +20,8 @@ import pytest
 from keel.serve.deployment import APP_NAME, ServeConfig, deploy
 from keel.settings import load_settings
 from tests.conftest import small_frame
-from tests.integration.conftest import free_port, ray_actor_pids
+from tests.integration.conftest import free_port
+from tests.processes import ray_actor_pids
 from tests.stages import register_small_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]

@@ -32,7 +32,7 @@ from keel.train.config import TrainConfig
 from keel.train.loop import STATE_FILE
 from keel.train.trainer import train
 from tests.conftest import small_frame
-from tests.integration.conftest import ray_actor_pids
+from tests.processes import ray_actor_pids
 from tests.stages import small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -127,6 +127,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(workspace: tuple[KeelS
         when(lambda: latest_checkpoint_epoch(checkpoints) >= 3 and bool(ray_train_workers()))
         killed["pid"] = ray_train_workers()[0]
         killed["completed_epochs"] = latest_checkpoint_epoch(checkpoints)  # on disk when the worker dies
+        # a one-machine Ray is never drained: Ray Train's preemption watcher is not started (its controller is)
+        killed["actors"] = {name: len(ray_actor_pids(name)) for name in ("TrainController", "PreemptionWatcher")}
         os.kill(killed["pid"], signal.SIGKILL)
 
     killer = threading.Thread(target=kill_a_worker_mid_run, daemon=True)
@@ -138,6 +140,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(workspace: tuple[KeelS
           f"{manifest['resumed_from_epochs']}, accuracy {accuracy(output, splits, settings):.4f} vs "
           f"{uninterrupted:.4f} uninterrupted")
     assert manifest["epochs"] == EPOCHS
+    assert killed["actors"] == {"TrainController": 1, "PreemptionWatcher": 0}
     (resumed_at,) = manifest["resumed_from_epochs"]
     # At most one completed epoch is redone: the newest checkpoint may be on disk but not yet committed
     # by Ray Train's controller when the worker dies (then Ray resumes from the one before it).

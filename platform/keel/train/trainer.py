@@ -21,7 +21,7 @@ from keel import storage
 from keel.data.preprocess import LABEL, TRANSFORM_FILE
 from keel.data.transform import FeatureTransform
 from keel.errors import TrainingError
-from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, KeelSettings
+from keel.settings import STEP_RAY_SYSTEM_CONFIG, KeelSettings
 from keel.train.config import TrainConfig
 from keel.train.loop import TrainState, read_checkpoint, train_loop_per_worker
 from keel.train.model import MLPClassifier, MLPSpec, parameter_count, save_model
@@ -39,15 +39,18 @@ HISTORY_FILE = "history.json"
 
 
 @contextmanager
-def _own_address_for_its_processes() -> Iterator[None]:
-    """Start the private Ray on a GCS port chosen here, with RAY_ADDRESS naming it in the environment its
-    processes inherit; the driver's own environment is restored once it has started.
+def _environment_of_its_processes() -> Iterator[None]:
+    """Start the private Ray with the environment its processes should inherit; the driver's own environment
+    is restored once it has started.
 
-    Inside a cluster, Ray's state API finds "the" cluster through RAY_ADDRESS, or else the last ``ray start``
-    on the machine. Ray Train's placement-group cleaner asks it, from inside the cluster, whether the
-    training controller is alive. With ``keel serve --detach``'s head up, the answer came from that other
-    cluster, which has no such actor: the cleaner removed the run's placement group as its workers started,
-    and training failed after its retries.
+    - A GCS port chosen here, with RAY_ADDRESS naming it. Inside a cluster, Ray's state API finds "the" cluster
+      through RAY_ADDRESS, or else the last ``ray start`` on the machine. Ray Train's placement-group cleaner
+      asks it, from inside the cluster, whether the training controller is alive. With ``keel serve
+      --detach``'s head up, the answer came from that other cluster, which has no such actor: the cleaner
+      removed the run's placement group as its workers started, and training failed after its retries.
+    - No preemption watcher in Ray Train's controller (unless the driver's environment asks for one): it waits
+      for a node to be drained, which a one-machine Ray never is, and it is one more Ray process (2 CPU-seconds)
+      in every training run.
     """
     import os
     import socket
@@ -57,7 +60,8 @@ def _own_address_for_its_processes() -> Iterator[None]:
     with socket.socket() as probe:
         probe.bind(("", 0))
         port = probe.getsockname()[1]
-    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
+    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     before = {name: os.environ.get(name) for name in pinned}
     os.environ.update(pinned)
     try:
@@ -86,9 +90,9 @@ def ray_session(settings: KeelSettings) -> Iterator[float]:
             ray.init(address=settings.ray_address, log_to_driver=False)
         else:
             # address="local": a private instance, even when `keel serve --detach` left a head running
-            with _own_address_for_its_processes():
+            with _environment_of_its_processes():
                 ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+                         logging_level=logging.WARNING, _system_config=STEP_RAY_SYSTEM_CONFIG)
     try:
         yield time.perf_counter() - started
     finally:

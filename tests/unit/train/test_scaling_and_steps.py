@@ -158,20 +158,27 @@ def test_gpus_that_can_never_be_had_fail_before_the_first_step(tmp_path: Path) -
     check_gpus_before_run(999, cluster.model_copy(update={"ray_autoscaling": False}))  # known once connected
 
 
-def test_the_private_rays_workers_run_at_the_steps_own_priority(settings: KeelSettings) -> None:
+def test_the_private_rays_workers_run_at_the_steps_own_priority_and_none_idle(settings: KeelSettings) -> None:
     """Ray starts its workers at nice 15, where any busy process on the machine takes their CPU: beside two
-    busy loops, a training run that takes 18 s alone took 198 s (31 s at the step's priority)."""
+    busy loops, a training run that takes 18 s alone took 198 s (31 s at the step's priority). And it
+    starts idle workers for the first driver, within a second, that Ray Train's actors never use."""
     import os
+    import time
 
     import ray
 
     from keel.train.trainer import ray_session
+    from tests.processes import ray_actor_pids
 
     @ray.remote
     def niceness() -> int:
         return os.nice(0)
 
     with ray_session(settings):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert ray_actor_pids("IDLE") == []
+            time.sleep(0.2)
         assert ray.get(niceness.remote()) == os.nice(0)
 
 

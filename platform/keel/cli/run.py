@@ -10,10 +10,9 @@ import typer
 
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.errors import ConfigError
-from keel.evaluate import HEADLINE_METRICS
+from keel.settings import KeelSettings, load_settings
 
 RANKING_METRICS = ("recall_at_", "ndcg_at_", "ndcg_lift")
-from keel.settings import KeelSettings, load_settings
 
 
 def _typed(name: str, value: str, kind: str) -> Any:
@@ -86,6 +85,7 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
 
 
 def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
+    from keel.evaluate import HEADLINE_METRICS
     from keel.runs import stage_manifests
 
     manifests = stage_manifests(settings, run.run_id)

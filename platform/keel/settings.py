@@ -26,9 +26,9 @@ from keel.errors import ConfigError
 # training run of 18 s took 198 s at nice 15 and 31 s at the caller's priority. (A cluster's Ray is the
 # chart's to configure.)
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
-# A step's private Ray, on top: no idle workers started for the first driver. Ray Train's actors carry their
-# own runtime env and never take one, and starting them cost a second of CPU in every step that trains, tunes
-# or scores.
+# A step's private Ray, on top: no idle workers started for the first driver. In a training run neither of the
+# two it started ever ran a task (Ray Train's actors started workers of their own), and they cost a CPU-second
+# in every step that trains, tunes or scores.
 STEP_RAY_SYSTEM_CONFIG = {**LOCAL_RAY_SYSTEM_CONFIG, "prestart_worker_first_driver": False}
 
 

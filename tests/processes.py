@@ -154,18 +154,16 @@ def private_memory_kib(pid: int) -> int:
     return sum(int(value) for value in fields.values())
 
 
-class StepMemory:
-    """The peak private memory of each kfp.local step under ``root``, its whole process tree (a local Ray
-    included), sampled every ``interval_s`` while the run goes on: a peak shorter than that can be missed.
-    The shortest step (validate, under a second) was missed at 1 s."""
+class Sampling:
+    """Calls :meth:`sample` every ``interval_s`` on a thread while the ``with`` block runs: what it sees of
+    processes that live shorter than that can be missed."""
 
-    def __init__(self, root: int, interval_s: float = 0.2) -> None:
-        self.root, self.interval_s = root, interval_s
-        self.peak_mib: dict[str, float] = {}
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
-    def __enter__(self) -> StepMemory:
+    def __enter__(self) -> Sampling:
         self._thread.start()
         return self
 
@@ -176,6 +174,33 @@ class StepMemory:
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.sample()
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+
+class ActorProcesses(Sampling):
+    """Every process that ran a Ray actor of ``class_name`` for this test process while the block ran.
+    An actor process costs seconds to start (it imports Ray, torch, pandas), so it is never missed."""
+
+    def __init__(self, class_name: str, interval_s: float = 0.1) -> None:
+        super().__init__(interval_s)
+        self.class_name = class_name
+        self.pids: set[int] = set()
+
+    def sample(self) -> None:
+        self.pids.update(ray_actor_pids(self.class_name))
+
+
+class StepMemory(Sampling):
+    """The peak private memory of each kfp.local step under ``root``, its whole process tree (a local Ray
+    included), sampled every ``interval_s`` while the run goes on. The shortest step (validate, under a
+    second) was missed at 1 s."""
+
+    def __init__(self, root: int, interval_s: float = 0.2) -> None:
+        super().__init__(interval_s)
+        self.root = root
+        self.peak_mib: dict[str, float] = {}
 
     def sample(self) -> None:
         children = process_children()

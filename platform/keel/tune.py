@@ -177,7 +177,11 @@ def trial_progress(config: TuneConfig) -> Any:
 def build_tuner(config: TuneConfig, base: TrainConfig, data: dict[str, Any], storage_path: str, run_name: str,
                 cpus: int, gpus: int, search: str = "tpe_asha") -> Any:
     """A ``Tuner`` over :func:`run_trial`: TPE + ASHA (``tpe_asha``) or random search, no early stopping
-    (``random``, the benchmark's baseline)."""
+    (``random``, the benchmark's baseline).
+
+    Trials reuse the actors of ended ones (all ask for the same resources): a fresh actor imports Ray Tune and
+    torch, about 4 CPU-seconds, more than a demo trial's training. The demo's 12 trials took 44 s without
+    reuse and 20 s with it on 2 cores."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -201,7 +205,7 @@ def build_tuner(config: TuneConfig, base: TrainConfig, data: dict[str, Any], sto
         trainable, param_space=ray_search_space(config.search_space),
         tune_config=tune.TuneConfig(metric=ranking_metric(config.metric), mode=mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=config.num_samples,
-                                    max_concurrent_trials=concurrent),
+                                    max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=storage_path, verbose=0,
                                   callbacks=[trial_progress(config)]))
 

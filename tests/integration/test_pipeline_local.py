@@ -121,6 +121,7 @@ def test_tuned_config_trained_compressed_variant_registered_and_gate_logged(demo
     assert spec["hidden_sizes"] == tuned["best_config"]["hidden_sizes"]  # the search's best fed training
     assert compressed["chosen"] in compressed["variants"] and len(compressed["variants"]) == 5
     assert compressed["variants"]["int8"]["size_bytes"] * 3.5 < compressed["variants"]["baseline"]["size_bytes"]
+    mlflow.set_tracking_uri(report["tracking_uri"])  # for load_model below, whichever test ran first
     client = mlflow.MlflowClient(report["tracking_uri"])
     version = client.get_model_version("medical-diagnosis", "1")
     run = client.get_run(version.run_id)

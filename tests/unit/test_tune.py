@@ -17,6 +17,7 @@ from keel.errors import ConfigError, TrainingError
 from keel.train.config import TrainConfig
 from keel.tune import (decode_trial, ranking_metric, ray_search_space, run_trial, trial_gpus, trial_resources, tune,
                        tuned_train_config)
+from tests.processes import ActorProcesses
 from tests.stages import run_stages, small_config, write_small_source
 
 SPACE = {"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
@@ -123,9 +124,12 @@ def test_search_logs_nested_trials_and_publishes_the_best(settings, tmp_path: Pa
                                                           capfd: pytest.CaptureFixture[str]) -> None:
     uris = run_stages(settings, "run-t", write_small_source(tmp_path))
     parent = tracking.pipeline_run(settings, "run-t", "small")
-    config = TuneConfig.model_validate({"num_samples": 4, "max_epochs": 6, "grace_period": 2, "search_space": SPACE})
-    manifest = tune(uris["preprocess"], TrainConfig(patience=100), config,
-                    storage.stage_uri(settings, "run-t", "tune"), settings, "tune-run-t", parent)
+    config = TuneConfig.model_validate({"num_samples": 4, "max_epochs": 6, "grace_period": 2, "search_space": SPACE,
+                                        "max_concurrent_trials": 2})
+    with ActorProcesses("ImplicitFunc") as trial_processes:
+        manifest = tune(uris["preprocess"], TrainConfig(patience=100), config,
+                        storage.stage_uri(settings, "run-t", "tune"), settings, "tune-run-t", parent)
+    assert 1 <= len(trial_processes.pids) <= 2  # 4 trials, 2 at a time: later trials reuse the ended ones' actors
     trials = json.loads((Path(storage.stage_uri(settings, "run-t", "tune")) / "trials.json").read_text())
     assert manifest["trials"] == len(trials) == 4
     assert manifest["best_config"] == min(trials, key=lambda t: t["val_loss"])["config"]

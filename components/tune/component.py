@@ -1,4 +1,4 @@
-"""KFP component for :func:`keel.tune.tune` (on the Ray cluster through :func:`keel.jobs.run_stage`)."""
+"""KFP component for :func:`keel.tune.tune_step`: a search runs as a Ray job where there is a Ray cluster."""
 
 from kfp import dsl
 
@@ -11,12 +11,8 @@ def tune(splits_uri: str, config: str, run_name: str, job_id: str, gpus: int = 0
     from keel.runs import open_stage
 
     with open_stage("tune", run_name, job_id, config) as run:
-        from keel import jobs, tracking
-        from keel.train.config import with_gpus
+        from keel.tune import tune_step
 
-        jobs.run_stage("tune", {"splits_uri": splits_uri, "train_config": with_gpus(run.config.train, gpus).model_dump(),
-                                "config": run.config.tune.model_dump(), "output_uri": run.output_uri,
-                                "run_name": f"tune-{run.run_id}",
-                                "mlflow_run_id": tracking.pipeline_run(run.settings, run.run_id, run.config.pipeline)},
-                       run.settings)
+        tune_step(splits_uri, run.config.train, run.config.tune, gpus, run.output_uri, run.run_id,
+                  run.config.pipeline, run.settings)
     return run.output_uri

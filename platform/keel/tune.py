@@ -281,6 +281,25 @@ def tune(splits_uri: str, train_config: TrainConfig, config: TuneConfig, output_
     return out.manifest
 
 
+def tune_step(splits_uri: str, train_config: TrainConfig, config: TuneConfig, gpus: int, output_uri: str,
+              pipeline_run_id: str, pipeline: str, settings: KeelSettings) -> dict[str, Any]:
+    """The pipeline's tune step: the search under the pipeline's MLflow run, as a Ray job where
+    ``KEEL_RAY_ADDRESS`` names a cluster, else in the step.
+
+    A skipped search publishes its manifest here and now: opening the MLflow store to find the run cost the
+    step 2-3 CPU-seconds, and on a cluster a Ray job was submitted only to learn that nothing was searched.
+    """
+    if config.num_samples == 0:
+        return tune(splits_uri, train_config, config, output_uri, settings)
+    from keel import jobs
+    from keel.train.config import with_gpus
+
+    return dict(jobs.run_stage("tune", {
+        "splits_uri": splits_uri, "train_config": with_gpus(train_config, gpus).model_dump(),
+        "config": config.model_dump(), "output_uri": output_uri, "run_name": f"tune-{pipeline_run_id}",
+        "mlflow_run_id": tracking.pipeline_run(settings, pipeline_run_id, pipeline)}, settings))
+
+
 def tune_stage(settings: KeelSettings, splits_uri: str, train_config: dict[str, Any], config: dict[str, Any],
                output_uri: str, run_name: str = "tune", mlflow_run_id: str = "") -> dict[str, Any]:
     """:func:`tune` with its configs as plain data: what a Ray job receives (:mod:`keel.jobs`)."""

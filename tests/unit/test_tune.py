@@ -14,9 +14,10 @@ import pytest
 from keel import storage, tracking
 from keel.config import SearchDimension, TuneConfig
 from keel.errors import ConfigError, TrainingError
+from keel.settings import load_settings
 from keel.train.config import TrainConfig
 from keel.tune import (decode_trial, ranking_metric, ray_search_space, run_trial, trial_gpus, trial_resources, tune,
-                       tuned_train_config)
+                       tune_step, tuned_train_config)
 from tests.processes import ActorProcesses
 from tests.stages import run_stages, small_config, write_small_source
 
@@ -116,6 +117,16 @@ def test_trials_get_row_major_features_as_each_step_gathers_rows(settings, tmp_p
 def test_zero_samples_skips_the_search(settings, tmp_path: Path) -> None:
     manifest = tune("unused", TrainConfig(), TuneConfig(), storage.stage_uri(settings, "r", "tune"), settings)
     assert manifest["best_config"] == {} and manifest["skipped"]
+
+
+def test_a_skipped_search_asks_neither_the_ray_cluster_nor_mlflow(keel_home: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_RAY_ADDRESS", "http://127.0.0.1:9")  # nothing listens there: a Ray job would fail
+    settings = load_settings()
+    output = storage.stage_uri(settings, "r", "tune")
+    manifest = tune_step("unused", TrainConfig(), TuneConfig(), 0, output, "r", "small", settings)
+    assert manifest["skipped"] and storage.read_manifest(output, settings)["best_config"] == {}
+    assert not (settings.home / "mlflow.db").exists()  # no pipeline run was looked up (or created)
 
 
 @pytest.mark.integration

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,31 @@ def ray_actor_pids(class_name: str) -> list[int]:
     the Ray of a test running beside it. Read from /proc rather than Ray's state API, which needs the
     dashboard the tests run without.
     """
+    return processes_titled(f"ray::{class_name}", lambda pid, parents: descends_from(pid, os.getpid(), parents))
+
+
+def processes_titled(prefix: str, belongs: Callable[[int, dict[int, int]], bool]) -> list[int]:
+    """PIDs of the processes whose command line (a Ray worker's title) starts with ``prefix`` and that
+    ``belongs(pid, parents)`` accepts; one that ends while we look is left out."""
     parents = process_parents()
-    return [pid for pid in parents
-            if command_line(pid).startswith(f"ray::{class_name}") and descends_from(pid, os.getpid(), parents)]
+    found = []
+    for pid in parents:
+        try:
+            if command_line(pid).startswith(prefix) and belongs(pid, parents):
+                found.append(pid)
+        except ProcessLookupError:
+            continue
+    return found
+
+
+def modules_loaded_by(statement: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh Python has loaded after running ``statement`` (an import, say): what a
+    process pays at start-up, which this test process, with everything already imported, cannot show."""
+    probe = f"import sys\n{statement}\nprint(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", "import json\n" + probe], capture_output=True, text=True,
+                            timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    return list(json.loads(loaded.stdout.strip().splitlines()[-1]))
 
 
 def process_children() -> dict[int, list[int]]:

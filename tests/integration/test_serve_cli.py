@@ -21,7 +21,7 @@ from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import free_port, private_head_ports, wait_for_port
 from tests.stages import run_stages, small_config, write_small_source
-from tests.processes import command_line, keel, process_parents
+from tests.processes import keel, processes_titled
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -217,15 +217,7 @@ def _head_processes(title: str) -> list[int]:
     """PIDs of the processes titled ``title...`` that the raylet of the head `keel serve` started forked (each
     worker in a process group of its own, its parent in the head's)."""
     group = json.loads((load_settings().home / "serve" / "ray-head.json").read_text())["process_group"]
-    parents = process_parents()
-    found = []
-    for pid, parent in parents.items():
-        try:
-            if command_line(pid).startswith(title) and os.getpgid(parent) == group:
-                found.append(pid)
-        except ProcessLookupError:
-            continue  # ended while we looked
-    return found
+    return processes_titled(title, lambda pid, parents: os.getpgid(parents[pid]) == group)
 
 
 def _run_serving(config: str, port: int, tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:

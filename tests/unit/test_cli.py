@@ -5,7 +5,7 @@ import pytest
 
 from keel.cli.run import parse_params, print_summary
 from keel.errors import ConfigError
-from tests.processes import keel
+from tests.processes import keel, modules_loaded_by
 
 
 def test_params_are_typed_name_value_pairs() -> None:
@@ -69,23 +69,11 @@ def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: 
 def test_the_command_line_itself_starts_without_pandas_or_the_evaluation_code() -> None:
     """Every `keel` command pays for what keel.cli imports: keel.evaluate (pandas, scikit-learn) was 0.35 s
     of each, and is only needed to summarize a finished run."""
-    import subprocess
-    import sys
-
-    probe = "import sys, keel.cli; print(sorted(m for m in ('pandas', 'sklearn', 'keel.evaluate') if m in sys.modules))"
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert loaded.returncode == 0, loaded.stderr[-2000:]
-    assert loaded.stdout.strip() == "[]"
+    assert modules_loaded_by("import keel.cli", ("pandas", "sklearn", "keel.evaluate")) == []
 
 
 def test_commands_that_train_or_load_no_model_start_without_torch() -> None:
     """torch is 1.2-1.5 s of every process that imports it: `keel serve status` (and stop, promote's roll),
     `keel run` up to its first step and its summary, and a skipped search load none of it."""
-    import subprocess
-    import sys
-
-    probe = ("import sys, keel.cli, keel.cli.run, keel.serve.control, keel.train.scaling, keel.tune, keel.runs; "
-             "print(sorted(m for m in ('torch', 'keel.registry', 'keel.predictor') if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert loaded.returncode == 0, loaded.stderr[-2000:]
-    assert loaded.stdout.strip() == "[]"
+    assert modules_loaded_by("import keel.cli, keel.cli.run, keel.serve.control, keel.train.scaling, keel.tune, "
+                             "keel.runs", ("torch", "keel.registry", "keel.predictor")) == []

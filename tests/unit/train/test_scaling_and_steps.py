@@ -9,6 +9,7 @@ from keel.train.config import ScalingSpec, TrainConfig
 from keel.train.loop import evaluate_epoch, train_epoch
 from keel.train.model import MLPClassifier, MLPSpec, load_model, parameter_count, save_model
 from keel.train.scaling import DATA_PARALLEL_MIN_PARAMS, check_gpus_before_run, node_shape, resolve_scaling
+from tests.processes import modules_loaded_by, ray_actor_pids
 
 
 @pytest.mark.parametrize("params, cpus, gpus, expected", [
@@ -168,7 +169,6 @@ def test_the_private_rays_workers_run_at_the_steps_own_priority_and_none_idle(se
     import ray
 
     from keel.train.trainer import ray_session
-    from tests.processes import ray_actor_pids
 
     @ray.remote
     def niceness() -> int:
@@ -185,10 +185,4 @@ def test_the_private_rays_workers_run_at_the_steps_own_priority_and_none_idle(se
 def test_importing_the_ray_session_leaves_ray_train_unloaded() -> None:
     """tune, batch scoring and the job runner take ray_session from keel.train.trainer; ray.train is a second of
     imports that only a training run needs."""
-    import subprocess
-    import sys
-
-    probe = "import sys, keel.train.trainer; print('ray.train' in sys.modules)"
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert loaded.returncode == 0, loaded.stderr[-2000:]
-    assert loaded.stdout.strip() == "False"
+    assert modules_loaded_by("import keel.train.trainer", ("ray.train",)) == []

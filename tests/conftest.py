@@ -24,7 +24,7 @@ def _map_the_frames_below_to_their_modules() -> None:
     a module, so each inspect.stack() scanned all of sys.modules once or twice per such frame: 157 ms a call
     in a worker that has imported torch, Ray and MLflow, against 1.5 ms outside xdist. kfp calls
     inspect.stack() in every task setter (set_cpu_request, set_memory_limit, ...), so compiling one pipeline
-    cost seconds of CPU there, and the in-process compile tests ran 4-7 times slower in CI than alone. Naming
+    cost seconds of CPU there, and the in-process compile tests ran 4-10 times slower in CI than alone. Naming
     each frame's module (from its globals) makes every lookup one dict hit."""
     frame = sys._getframe(1)
     while frame is not None:

@@ -31,12 +31,13 @@ Concepts and where they live:
   :class:`IntentsPipelineConfig`; :class:`IntentModel` answers text.
 - Scoring: :class:`Predictor` (feature transform + network), which evaluation,
   the MLflow pyfunc and serving share.
-- Serving (``keel.serve``): ``keel.serve.deployment`` (Ray Serve deployments,
-  ``ServeConfig``), ``keel.serve.app`` (the HTTP API), ``keel.serve.control``
-  (deploy, roll and stop through Serve's REST API), ``keel.serve.shadow`` (a
-  challenger scoring copies of the champion's rows), ``keel.serve.canary`` (a
-  challenger answering a share of its requests) and ``keel.serve.challenger``
-  (what the two share).
+- Serving (``keel.serve``): ``keel.serve.config`` (``ServeConfig``, the
+  shadow's and canary's settings, the Serve config document),
+  ``keel.serve.deployment`` (Ray Serve deployments), ``keel.serve.app`` (the
+  HTTP API), ``keel.serve.control`` (deploy, roll and stop through Serve's REST
+  API), ``keel.serve.shadow`` (a challenger scoring copies of the champion's
+  rows), ``keel.serve.canary`` (a challenger answering a share of its requests)
+  and ``keel.serve.challenger`` (what the two share).
 - Errors: :class:`KeelError` and its subclasses; messages say what to fix.
 
 Names resolve lazily so that ``import keel`` stays cheap: a component that

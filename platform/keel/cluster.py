@@ -138,7 +138,7 @@ def roll_if_serving(settings: KeelSettings, model_uri: str, model_name: str) -> 
 
 
 def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str | None:
-    from keel.serve.deployment import same_registered_version
+    from keel.tracking import same_registered_version
 
     same_version = partial(same_registered_version, settings=settings)
     return _patch_serve_config(settings, f"rolling RayService {settings.ray_service} to {model_uri}", only_model,
@@ -159,7 +159,7 @@ def withdrawn_rayservice_patch(current: dict[str, Any], model_uri: str,
 def withdraw_challengers(settings: KeelSettings, model_uri: str, model_name: str) -> str | None:
     """Remove the RayService's shadow or canary serving ``model_uri``'s version, if the RayService serves
     ``model_name``; its URL when one was removed, else None."""
-    from keel.serve.deployment import same_registered_version
+    from keel.tracking import same_registered_version
 
     same_version = partial(same_registered_version, settings=settings)
     return _patch_serve_config(settings, f"withdrawing {model_uri} from RayService {settings.ray_service}",

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from keel import storage
+from keel.errors import RegistryError
 from keel.settings import KeelSettings, export_s3_environment
 
 if TYPE_CHECKING:
@@ -113,6 +114,33 @@ def registered_name(model_uri: str | None) -> str | None:
     if not model_uri or not model_uri.startswith("models:/"):
         return None
     return model_uri[len("models:/"):].split("@", 1)[0].split("/", 1)[0] or None
+
+
+def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
+    """``models:/name@alias`` or ``models:/name/N`` to (name, version)."""
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"{model_uri}: expected a registry URI such as models:/medical-diagnosis@champion.")
+    reference = model_uri[len("models:/"):]
+    client = mlflow_client(settings)
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = reference.partition("/")
+        return name, str(client.get_model_version(name, version).version)
+    except MlflowException as e:
+        raise RegistryError(f"{model_uri}: not in the registry at {settings.mlflow_tracking_uri} "
+                            f"({e.message}). `keel models list` shows what is.") from e
+
+
+def same_registered_version(first_uri: str, second_uri: str, settings: KeelSettings) -> bool:
+    """Whether two registry URIs (an alias, a number) name one model version; False if either names none."""
+    try:
+        return resolve_version(first_uri, settings) == resolve_version(second_uri, settings)
+    except RegistryError:
+        return False
 
 
 def champion_version(client: MlflowClient, model_name: str) -> str | None:

@@ -279,7 +279,7 @@ def test_every_keel_pod_is_behind_a_network_policy(rendered: dict[str, Path], sh
 def test_the_served_config_is_the_one_keel_serve_sends(rendered: dict[str, Path], shape: str) -> None:
     """serveConfigV2 validates as keel's ServeConfig and equals the document `keel serve` PUTs to Ray."""
     from keel.serve.control import serve_config_document
-    from keel.serve.deployment import ServeConfig
+    from keel.serve.config import ServeConfig
 
     (service,) = by_kind(rendered[shape], "RayService")
     document = yaml.safe_load(service["spec"]["serveConfigV2"])
@@ -531,7 +531,7 @@ def test_a_shadow_is_served_as_keel_serve_shadow_deploys_it_and_graduates_on_pro
     step's patch, promoting the shadow's version, removes it and the champion's copying."""
     from keel.cluster import rayservice_patch
     from keel.serve.control import serve_config_document
-    from keel.serve.deployment import ServeConfig
+    from keel.serve.config import ServeConfig
 
     service, document = rayservice_with_challenger(
         crd_schemas, "ray.serving.shadow.modelUri=models:/medical-diagnosis/3", "ray.serving.shadow.mirror.sample=0.25")
@@ -557,7 +557,7 @@ def test_a_canary_is_served_as_keel_serve_canary_deploys_it_and_graduates_on_pro
     the champion routing its weight; promoting the canary's version removes both."""
     from keel.cluster import rayservice_patch, summarize, withdrawn_rayservice_patch
     from keel.serve.control import serve_config_document
-    from keel.serve.deployment import ServeConfig
+    from keel.serve.config import ServeConfig
 
     service, document = rayservice_with_challenger(
         crd_schemas, "ray.serving.canary.modelUri=models:/medical-diagnosis/4", "ray.serving.canary.routing.weight=0.25")
@@ -597,8 +597,7 @@ def test_the_deploy_step_adds_a_version_awaiting_approval_beside_the_champion(
     from ray.serve.schema import ServeDeploySchema
 
     from keel.cluster import applications_patch
-    from keel.serve.canary import CanaryConfig, with_canary
-    from keel.serve.shadow import with_shadow
+    from keel.serve.config import CanaryConfig, with_canary, with_shadow
 
     uri = "models:/medical-diagnosis/8"
     beside = {"shadow": lambda apps: with_shadow(apps, "keel", uri),

@@ -249,7 +249,8 @@ def shadow_of(loaded: Any) -> Any:
     """A shadow mirror whose shadow is ``loaded`` scoring its copies in-process (Ray carries them when served)."""
     from prometheus_client import CollectorRegistry
 
-    from keel.serve.shadow import ShadowConfig, ShadowMetrics, ShadowMirror
+    from keel.serve.config import ShadowConfig
+    from keel.serve.shadow import ShadowMetrics, ShadowMirror
 
     async def score(frame: pd.DataFrame) -> tuple[str, list[str]]:
         return loaded.version, loaded.answers(frame)

@@ -190,7 +190,8 @@ def served(pipeline_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> 
     import ray
     from ray import serve
 
-    from keel.serve.deployment import ServeConfig, deploy
+    from keel.serve.config import ServeConfig
+    from keel.serve.deployment import deploy
 
     workdir, _ = pipeline_run
     monkeypatch.setenv("KEEL_HOME", str(workdir / ".keel"))

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from keel.serve.deployment import APP_NAME, ServeConfig, deploy
+from keel.serve.config import APP_NAME, ServeConfig
+from keel.serve.deployment import deploy
 from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import free_port

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keel.serve.deployment import ServeConfig, deploy
+from keel.serve.config import ServeConfig
+from keel.serve.deployment import deploy
 from keel.settings import load_settings
 from tests.conftest import small_frame
 from tests.integration.conftest import free_port

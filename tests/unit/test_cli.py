@@ -77,3 +77,12 @@ def test_commands_that_train_or_load_no_model_start_without_torch() -> None:
     `keel run` up to its first step and its summary, and a skipped search load none of it."""
     assert modules_loaded_by("import keel.cli, keel.cli.run, keel.serve.control, keel.train.scaling, keel.tune, "
                              "keel.runs", ("torch", "keel.registry", "keel.predictor")) == []
+
+
+def test_serve_status_and_stop_start_without_ray_serve_or_the_replicas_code() -> None:
+    """`keel serve status|stop` (and the roll after `keel models promote`) only read and write the Serve config
+    over REST: Ray Serve, FastAPI and pandas, which a replica needs, made each such command 1.9 s instead of
+    0.3 s."""
+    assert modules_loaded_by("import keel.cli.serve, keel.serve.control", (
+        "ray", "fastapi", "pandas", "prometheus_client", "keel.serve.deployment", "keel.serve.canary",
+        "keel.serve.shadow")) == []

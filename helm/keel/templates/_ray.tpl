@@ -47,7 +47,7 @@ spec:
         {{- end }}
         {{- if .serving }}
         {{- include "keel.secretEnv" (dict "ctx" $ctx "env" "KEEL_SERVE_TOKEN" "key" $ctx.Values.credentials.serveTokenKey) | nindent 8 }}
-        # Ray Serve's HAProxy ingress (keel.serve.deployment.HAPROXY_ENVIRONMENT)
+        # Ray Serve's HAProxy ingress (keel.serve.config.HAPROXY_ENVIRONMENT)
         - name: RAY_SERVE_ENABLE_HA_PROXY
           value: "1"
         - name: RAY_SERVE_THROUGHPUT_OPTIMIZED

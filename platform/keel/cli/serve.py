@@ -11,8 +11,7 @@ from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json
 from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, load_settings
 
 if TYPE_CHECKING:
-    from keel.serve.canary import CanaryConfig
-    from keel.serve.shadow import ShadowConfig
+    from keel.serve.config import CanaryConfig, ShadowConfig
 
 DEFAULT_MODEL = "models:/medical-diagnosis@champion"
 ACTIONS = ("status", "stop")
@@ -64,7 +63,8 @@ def serve_command(
 ) -> None:
     """Serve a registered model with Ray Serve (local Ray, or the cluster at KEEL_RAY_DASHBOARD_URL)."""
     from keel.serve import control
-    from keel.serve.deployment import ServeConfig, resolve_version
+    from keel.serve.config import ServeConfig
+    from keel.tracking import resolve_version
 
     settings = load_settings()
     dashboard = control.dashboard_url(settings)
@@ -99,8 +99,7 @@ def _challenger_configs(shadow: str | None, shadow_sample: float, canary: str | 
     from pydantic import ValidationError
 
     from keel.errors import ConfigError
-    from keel.serve.canary import CanaryConfig
-    from keel.serve.shadow import ShadowConfig
+    from keel.serve.config import CanaryConfig, ShadowConfig
 
     try:
         return (ShadowConfig(sample=shadow_sample) if shadow else None,
@@ -147,7 +146,7 @@ def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | 
 def _print_status(dashboard: str) -> None:
     from keel.serve import control
     from keel.serve.challenger import CANARY_APP, SHADOW_APP
-    from keel.serve.deployment import APP_NAME
+    from keel.serve.config import APP_NAME
 
     applications = control.status_rest(dashboard).get("applications", {})
     if not applications:
@@ -173,7 +172,8 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
     import ray
     from ray import serve
 
-    from keel.serve.deployment import HAPROXY_ENVIRONMENT, deploy
+    from keel.serve.config import HAPROXY_ENVIRONMENT
+    from keel.serve.deployment import deploy
 
     if haproxy:
         os.environ.update(HAPROXY_ENVIRONMENT)

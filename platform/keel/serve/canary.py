@@ -26,11 +26,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import ConfigError
-from keel.serve.challenger import (CANARY_APP, SERVER_BUILDER, ApplicationLink, challenger_application, described,
-                                   with_challenger)
+from keel.serve.challenger import CANARY_APP, ApplicationLink, described
+from keel.serve.config import CanaryConfig
 
 ROUTING_KEY_HEADER = "x-routing-key"
 OUTCOMES = ("answered", "rejected", "fell_back", "unavailable")
@@ -54,15 +53,6 @@ class CanaryAnswer:
 
 
 CanaryCall = Callable[[ForwardedRequest], Awaitable[CanaryAnswer]]
-
-
-class CanaryConfig(BaseModel):
-    """Which share of the champion's scoring requests the canary answers."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    weight: float = Field(default=0.1, gt=0, lt=1, description="share of scoring requests the canary answers")
-    timeout_s: float = Field(default=2.0, gt=0, description="after this, the champion answers instead")
 
 
 class CanaryMetrics:
@@ -154,22 +144,6 @@ def check_canary_fits(champion_kind: str, champion_columns: list[str], canary_ki
                                                   f"they carry {extra}, which it refuses" if extra else "") if part)
         raise ConfigError(f"{canary_uri} would answer 422 to every request {champion_uri} takes: {differences}. "
                           "A canary needs the champion's input columns; shadow it instead (`--shadow`).")
-
-
-def canary_application(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The Serve config of the canary: a Keel model server with no route, reached only by the champion."""
-    return challenger_application(CANARY_APP, SERVER_BUILDER, model_uri, config)
-
-
-def with_canary(applications: list[dict[str, Any]], champion_app: str, canary_uri: str,
-                routing: CanaryConfig) -> list[dict[str, Any]]:
-    """The applications with ``canary_uri`` answering ``routing.weight`` of ``champion_app``'s requests; a
-    canary already there keeps its serving settings and gets the new model and weight."""
-    applications = with_challenger(applications, champion_app, canary_application(canary_uri, {}), {})
-    for application in applications:
-        if application.get("name") == champion_app:
-            application["args"]["config"]["canary"] = routing.model_dump()
-    return applications
 
 
 async def answer_in_process(app: Callable[..., Awaitable[None]], request: ForwardedRequest) -> CanaryAnswer:

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keel.errors import KeelError
-from keel.serve.deployment import APP_NAME, HAPROXY_ENVIRONMENT, ServeConfig
-from keel.serve.canary import canary_application
 from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_challengers_serving
-from keel.serve.shadow import shadow_application, with_shadow
+from keel.serve.config import (APP_NAME, HAPROXY_ENVIRONMENT, CanaryConfig, ServeConfig, canary_application,
+                               keel_environment, shadow_application, with_canary, with_shadow)
 from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, KeelSettings
 
 if TYPE_CHECKING:
@@ -157,8 +156,6 @@ def start_local_head(settings: KeelSettings, ports: HeadPorts = HeadPorts(), hap
     The head starts in a process group of its own, recorded in KEEL_HOME, so that
     :func:`stop_local_head` can end this head and nothing else of Ray's on the machine.
     """
-    from keel.serve.deployment import keel_environment
-
     environment = {**os.environ, **keel_environment(settings), **(HAPROXY_ENVIRONMENT if haproxy else {})}
     process = subprocess.Popen([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
                                 f"--dashboard-port={ports.dashboard}",
@@ -282,8 +279,6 @@ def deploy_awaiting_approval(model_uri: str, registry: RegisterConfig, settings:
     model now (the chart's RayService, or this machine's Ray head) as that champion's shadow or canary
     (``registry.preview``), replacing any challenger of that kind. Returns the champion's URL, or None when
     nothing serves that model (a preview needs a champion whose traffic it shares)."""
-    from keel.serve.canary import CanaryConfig, with_canary
-
     def beside_champion(applications: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if registry.preview == "canary":
             return with_canary(applications, APP_NAME, model_uri, CanaryConfig(weight=registry.canary_weight))
@@ -364,7 +359,7 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     model changes; every other Serve setting (port, replicas, token) is kept, and other applications stay.
     A shadow or canary serving ``model_uri``'s version has graduated and is removed; any other one stays.
     Returns the serving URL, or None when nothing serves ``model_name`` (nothing is started then)."""
-    from keel.serve.deployment import same_registered_version
+    from keel.tracking import same_registered_version
 
     if settings.ray_service:
         from keel.cluster import roll_if_serving as roll_rayservice
@@ -389,7 +384,7 @@ def withdraw_challengers(model_name: str, model_uri: str, settings: KeelSettings
     person rejected): in the chart's RayService on a cluster, else on the Ray head ``keel serve --detach``
     started or KEEL_RAY_DASHBOARD_URL names. The champion keeps serving. Returns the serving URL when a
     challenger was withdrawn, None when none served that version."""
-    from keel.serve.deployment import same_registered_version
+    from keel.tracking import same_registered_version
 
     if settings.ray_service:
         from keel.cluster import withdraw_challengers as withdraw_from_rayservice

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from keel.errors import ConfigError, RegistryError
-from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryConfig, CanaryMetrics, CanaryRouter, ForwardedRequest,
-                               answer_in_process)
-from keel.serve.challenger import CANARY_APP
-from keel.serve.shadow import SHADOW_APP, SHADOW_DEPLOYMENT, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror
+from keel.errors import ConfigError
+from keel.serve.canary import CanaryAnswer, CanaryCall, CanaryMetrics, CanaryRouter, ForwardedRequest, answer_in_process
+from keel.serve.challenger import CANARY_APP, SHADOW_APP
+from keel.serve.config import APP_NAME, CanaryConfig, ServeConfig, ShadowConfig, keel_environment
+from keel.serve.shadow import SHADOW_DEPLOYMENT, ShadowCall, ShadowMetrics, ShadowMirror
+from keel.tracking import resolve_version
 from keel.settings import KeelSettings
 
 if TYPE_CHECKING:  # a replica loads one of them (keel.serve.app); `keel serve status` and the CLI need none (torch)
@@ -35,41 +35,8 @@ if TYPE_CHECKING:  # a replica loads one of them (keel.serve.app); `keel serve s
     from keel.predictor import Predictor
     from keel.recommend.recommender import Recommender
 
-APP_NAME = "keel"
 TEXT_COLUMN = "text"  # what a text classifier's copies carry
 USER_COLUMN, K_COLUMN = "user_id", "k"  # what a recommender's copies carry: one request's users and k
-# Ray Serve's throughput-optimized ingress: HAProxy in front of the replicas
-# (Ray >= 2.55). It must be in the environment before Ray starts.
-HAPROXY_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-
-
-class ServeConfig(BaseModel):
-    """Replicas, batching and back-pressure for one served model."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    port: int = Field(default=8000, ge=1, le=65535)
-    host: str = "127.0.0.1"
-    replicas: int = Field(default=1, ge=1)
-    min_replicas: int | None = Field(default=None, ge=0, description="with max_replicas: autoscale")
-    max_replicas: int | None = Field(default=None, ge=1)
-    max_batch_size: int = Field(default=32, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    max_queued_requests: int = Field(default=256, ge=1, description="beyond this, 503 with Retry-After")
-    retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After on a 503 from back-pressure")
-    cpus_per_replica: float = Field(default=1.0, gt=0)
-    require_token: bool = Field(default=False, description="401 without 'Authorization: Bearer $KEEL_SERVE_TOKEN'")
-    shadow: ShadowConfig | None = Field(default=None, description="copy scored rows to the keel-shadow app")
-    canary: CanaryConfig | None = Field(default=None, description="route a share of requests to keel-canary")
-
-    def copying_to_shadow(self) -> ServeConfig:
-        """This config with the champion copying its rows to a shadow (ShadowConfig's defaults unless set)."""
-        return self.model_copy(update={"shadow": self.shadow or ShadowConfig()})
-
-    def routing_to_canary(self) -> ServeConfig:
-        """This config with the champion routing requests to a canary (CanaryConfig's defaults unless set)."""
-        return self.model_copy(update={"canary": self.canary or CanaryConfig()})
 
 
 @dataclass(frozen=True)
@@ -110,35 +77,6 @@ class LoadedModel:
         assert self.recommender is not None
         recommendations = self.recommender.recommend(frame[USER_COLUMN].tolist(), int(frame[K_COLUMN].iloc[0]))
         return [tuple(r["items"]) for r in recommendations]
-
-
-def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
-    """``models:/name@alias`` or ``models:/name/N`` to (name, version)."""
-    from mlflow.exceptions import MlflowException
-
-    from keel import tracking
-
-    if not model_uri.startswith("models:/"):
-        raise RegistryError(f"{model_uri}: expected a registry URI such as models:/medical-diagnosis@champion.")
-    reference = model_uri[len("models:/"):]
-    client = tracking.mlflow_client(settings)
-    try:
-        if "@" in reference:
-            name, alias = reference.split("@", 1)
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        name, _, version = reference.partition("/")
-        return name, str(client.get_model_version(name, version).version)
-    except MlflowException as e:
-        raise RegistryError(f"{model_uri}: not in the registry at {settings.mlflow_tracking_uri} "
-                            f"({e.message}). `keel models list` shows what is.") from e
-
-
-def same_registered_version(first_uri: str, second_uri: str, settings: KeelSettings) -> bool:
-    """Whether two registry URIs (an alias, a number) name one model version; False if either names none."""
-    try:
-        return resolve_version(first_uri, settings) == resolve_version(second_uri, settings)
-    except RegistryError:
-        return False
 
 
 def load_registered(model_uri: str, settings: KeelSettings) -> LoadedModel:
@@ -293,18 +231,6 @@ def serving_token(settings: KeelSettings, require_token: bool) -> str:
         raise ConfigError("require_token is on but KEEL_SERVE_TOKEN is empty: set it (the chart reads it "
                           "from the credentials Secret) or turn require_token off.")
     return token if require_token else ""
-
-
-def keel_environment(settings: KeelSettings) -> dict[str, str]:
-    """What a replica needs to reach the same registry and S3 endpoint, paths made absolute.
-
-    Replicas run in Ray worker processes with their own working directory, so a
-    relative default such as ``./.keel`` would point somewhere else there.
-    """
-    environment = {k: v for k, v in os.environ.items() if k.startswith(("KEEL_", "MLFLOW_", "AWS_"))}
-    environment.update(KEEL_HOME=str(settings.home), KEEL_ARTIFACT_ROOT=settings.artifact_root,
-                       KEEL_MLFLOW_TRACKING_URI=settings.mlflow_tracking_uri)
-    return environment
 
 
 def _deployment_options(name: str, config: ServeConfig) -> dict[str, Any]:

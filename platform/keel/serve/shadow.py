@@ -26,25 +26,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import ConfigError
-from keel.serve.challenger import SHADOW_APP, ApplicationLink, challenger_application, described, with_challenger
+from keel.serve.challenger import SHADOW_APP, ApplicationLink, described
+from keel.serve.config import ShadowConfig
 
 SHADOW_DEPLOYMENT = "shadow"
-SHADOW_BUILDER = "keel.serve.deployment:shadow_application_builder"
 # (the shadow's version, its answer per row: a predicted class, or a recommender's ranked items as a tuple)
 ShadowCall = Callable[[pd.DataFrame], Awaitable[tuple[str, list[Any]]]]
-
-
-class ShadowConfig(BaseModel):
-    """How the champion copies the rows it scores to the shadow application."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    sample: float = Field(default=1.0, gt=0, le=1, description="share of forward passes copied to the shadow")
-    max_in_flight: int = Field(default=32, ge=1, description="copies awaiting the shadow per replica; more skip")
-    timeout_s: float = Field(default=2.0, gt=0, description="a copy not answered by then counts as failed")
 
 
 class ShadowMetrics:
@@ -143,15 +132,3 @@ def check_shadow_fits(champion_kind: str, champion_columns: list[str], shadow_ki
     if missing:
         raise ConfigError(f"{shadow_uri} reads column(s) {missing} that requests to {champion_uri} do not carry: "
                           "its copies would all fail. Shadow a challenger trained on the champion's columns.")
-
-
-def shadow_application(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The Serve config of the shadow application: no route, so only the champion's replicas reach it."""
-    return challenger_application(SHADOW_APP, SHADOW_BUILDER, model_uri, config)
-
-
-def with_shadow(applications: list[dict[str, Any]], champion_app: str, shadow_uri: str) -> list[dict[str, Any]]:
-    """The applications with ``shadow_uri`` as the shadow of ``champion_app``: a shadow already there keeps
-    its settings and gets the new model; the champion starts copying (ShadowConfig's defaults) if it was not."""
-    return with_challenger(applications, champion_app, shadow_application(shadow_uri, {}),
-                           ShadowConfig().model_dump())

@@ -16,9 +16,9 @@ from keel.data.contract import DataContract
 from keel.data.transform import FeatureTransform
 from keel.predictor import Predictor
 from keel.serve.app import build_app
-from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryConfig, CanaryMetrics, CanaryRouter, ForwardedRequest,
-                               answer_in_process)
+from keel.serve.canary import CanaryAnswer, CanaryCall, CanaryMetrics, CanaryRouter, ForwardedRequest, answer_in_process
 from keel.serve.challenger import CANARY_APP
+from keel.serve.config import CanaryConfig
 from keel.serve.schema import record_model
 from keel.settings import KeelSettings
 from tests.conftest import SMALL_CONTRACT, small_frame

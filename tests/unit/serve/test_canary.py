@@ -12,9 +12,10 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from keel.errors import ConfigError
-from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryConfig, CanaryMetrics, CanaryRouter, ForwardedRequest,
-                               check_canary_fits, with_canary)
+from keel.serve.canary import (CanaryAnswer, CanaryCall, CanaryMetrics, CanaryRouter, ForwardedRequest,
+                               check_canary_fits)
 from keel.serve.challenger import CANARY_APP, SHADOW_APP, SERVER_BUILDER, without_challengers_serving
+from keel.serve.config import CanaryConfig, with_canary
 
 REQUEST = ForwardedRequest("POST", "/v1/models/m:predict", [("content-type", "application/json")], b"{}")
 
@@ -165,7 +166,7 @@ def test_the_serve_config_with_a_canary_is_one_ray_accepts() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     from keel.serve.control import serve_config_document
-    from keel.serve.deployment import ServeConfig
+    from keel.serve.config import ServeConfig
 
     document = serve_config_document("models:/m@champion", ServeConfig(canary=CanaryConfig(weight=0.25)),
                                      canary_uri="models:/m/5", canary_config=ServeConfig(replicas=2))

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from keel.errors import ConfigError
-from keel.serve.challenger import without_challengers_serving
-from keel.serve.shadow import (SHADOW_APP, ShadowCall, ShadowConfig, ShadowMetrics, ShadowMirror, check_shadow_fits,
-                               with_shadow)
+from keel.serve.challenger import SHADOW_APP, without_challengers_serving
+from keel.serve.config import ShadowConfig, with_shadow
+from keel.serve.shadow import ShadowCall, ShadowMetrics, ShadowMirror, check_shadow_fits
 
 FRAME = pd.DataFrame({"size": [1.0, 2.0, 3.0]})
 CHAMPION = np.asarray(["no", "yes", "no"], dtype=object)
@@ -233,7 +233,7 @@ def test_the_serve_config_with_a_shadow_is_one_ray_accepts() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     from keel.serve.control import serve_config_document
-    from keel.serve.deployment import ServeConfig
+    from keel.serve.config import ServeConfig
 
     document = serve_config_document("models:/m@champion", ServeConfig(replicas=2), "models:/m/5",
                                      ServeConfig(replicas=1, cpus_per_replica=0.5))

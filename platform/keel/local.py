@@ -70,6 +70,9 @@ def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: K
     # kfp.local warns that our image is not a stock Python image; with use_venv=False the
     # steps run in this interpreter, which has the runtime image's packages installed.
     warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+    # and, for every step, that its CPU and memory requests and limits do not apply here: they are its pod's on a
+    # cluster (the config's `resources`); on this machine the steps share what it has, one at a time.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
     log_path = settings.home / "logs" / f"{run_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(settings.home / "kfp"),

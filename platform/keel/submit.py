@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +106,11 @@ def client_for(host: str, token: str = "", namespace: str = "") -> Any:
     import kfp
 
     check_reachable(host)
-    # kfp.Client takes namespace="kubeflow" (its default) to mean "not given", so only a chosen one is passed
-    return kfp.Client(host=host, existing_token=token or None, **({"namespace": namespace} if namespace else {}))
+    with warnings.catch_warnings():  # kfp.Client's notice on every `keel submit`: that it needs KFP v2, as Keel does
+        warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline v2",
+                                category=FutureWarning)
+        # kfp.Client takes namespace="kubeflow" (its default) to mean "not given", so only a chosen one is passed
+        return kfp.Client(host=host, existing_token=token or None, **({"namespace": namespace} if namespace else {}))
 
 
 def compile_pipeline(built: Any, target: Path, image: str = "") -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import socket
+import warnings
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -370,7 +371,10 @@ def test_a_chosen_namespace_is_where_kfp_finds_and_creates_the_experiment(multi_
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/kfp/context.json of the developer's
     api = KfpApiRecorder(multi_user)
     try:
-        client = submit.client_for(api.host, namespace=namespace)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            client = submit.client_for(api.host, namespace=namespace)
+        assert [str(w.message) for w in warned] == []  # nothing on stderr for a `keel submit` to a KFP v2
         assert client.create_experiment("keel").experiment_id == "e-1"
     finally:
         api.server.shutdown()

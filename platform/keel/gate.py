@@ -25,9 +25,13 @@ class GateDecision:
         return asdict(self)
 
     @property
+    def verdict(self) -> str:
+        """A stage's line in a run's summary: the checks follow it there, a line each (the register step's)."""
+        return "gate passed" if self.passed else "gate failed"
+
+    @property
     def summary(self) -> str:
-        verdict = "passed" if self.passed else "failed"
-        return f"gate {verdict}: " + "; ".join(self.failures or self.reasons)
+        return f"{self.verdict}: " + "; ".join(self.failures or self.reasons)
 
 
 def _worse_by(candidate: float, incumbent: float, greater_is_better: bool) -> float:

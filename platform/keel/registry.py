@@ -195,13 +195,14 @@ def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, A
     under ``approval: gate``: under ``manual`` a passing version is tagged as awaiting a person's approval."""
     set_alias(client, config.model_name, CHALLENGER, version)
     evaluated_against, current = gate["champion_version"], tracking.champion_version(client, config.model_name)
+    checks: list[str] = []
     if evaluated_against != current:
         promoted = False
         reason = (f"not promoted: the champion changed to v{current} after this model was evaluated against "
                   f"v{evaluated_against}; run the pipeline again to compare with it")
     else:
-        promoted = bool(gate["passed"])
-        reason = ("gate passed: " if promoted else "gate failed: ") + "; ".join(gate["failures"] or gate["reasons"])
+        promoted, checks = bool(gate["passed"]), list(gate["failures"] or gate["reasons"])
+        reason = ("gate passed: " if promoted else "gate failed: ") + "; ".join(checks)
     awaiting = promoted and config.approval == "manual"
     if awaiting:
         promoted = False
@@ -210,7 +211,9 @@ def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, A
         client.set_model_version_tag(config.model_name, version, AWAITING_APPROVAL, "true")
     if promoted:
         set_alias(client, config.model_name, CHAMPION, version)
-    return {"promoted": promoted, "awaiting_approval": awaiting, "previous_champion": current, "reason": reason}
+    # checks: the gate's lines the reason quotes, for a summary that shows one per line
+    return {"promoted": promoted, "awaiting_approval": awaiting, "previous_champion": current, "reason": reason,
+            "checks": checks}
 
 
 @dataclass

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.cli.run import parse_params, print_summary
+from keel.cli.run import parse_params, print_summary, stage_rows
 from keel.errors import ConfigError
 from tests.processes import keel, modules_loaded_by
 
@@ -64,6 +64,23 @@ def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: 
                    "model_uri": "models:/recs/4", "champion": promoted, "model_name": "recs",
                    "promotion": "gate failed", "tracking_uri": "sqlite:///x.db", "artifacts": "a", "log": "l"})
     assert f'Load it: mlflow.pyfunc.load_model("{loadable}")' in capsys.readouterr().out
+
+
+def test_the_summary_gives_the_gate_verdict_in_the_table_and_its_checks_a_line_each_below(
+        capsys: pytest.CaptureFixture) -> None:
+    """A gate's reasons ran to 600 characters, in the evaluate row and again after Promotion:."""
+    checks = ["f1_macro 0.9100 vs champion v1 0.9713 (worse by +0.0613, tolerance 0.01)",
+              "slice mean_radius [15, 100): f1_macro 0.8000 vs champion v1 0.9201 (worse by +0.1201, slice tolerance 0.05)"]
+    evaluation = {"duration_s": 5.0, "accuracy": 0.9, "rows": 114, "gate": "gate failed: " + "; ".join(checks),
+                  "gate_passed": False}
+    rows = stage_rows({"evaluate": evaluation})
+    print_summary({"run_id": "r", "succeeded": True, "wall_s": 1.0, "_rows": rows, "test_metrics": {},
+                   "model_uri": "models:/m/2", "champion": False, "model_name": "m",
+                   "promotion": "gate failed: " + "; ".join(checks), "promotion_checks": checks,
+                   "tracking_uri": "sqlite:///x.db", "artifacts": "a", "log": "l"})
+    out = capsys.readouterr().out
+    assert rows == [["evaluate", "5.00", "accuracy 0.9000 on 114 test rows; gate failed"]]
+    assert f"Promotion: gate failed\n  {checks[0]}\n  {checks[1]}\nMLflow tracking URI" in out
 
 
 def test_the_command_line_itself_starts_without_pandas_or_the_evaluation_code() -> None:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from keel import storage, tracking
 from keel.cli import app
+from keel.cli.run import promotion_lines
 from keel.config import PipelineConfig
 from keel.evaluate import EVALUATION_FILE
 from keel.data.ingest import DATA_FILE
@@ -212,6 +213,10 @@ def test_under_manual_approval_a_passing_version_waits_for_a_person(settings: Ke
     assert registered["reason"].startswith("awaiting approval (approval: manual): gate passed")
     assert f"keel models promote {MODEL} 2 --reason" in registered["reason"]
     assert registered["summary"] == "version 2, awaiting approval"
+    # `keel run`'s summary: the verdict, each check the gate made on a line, then what a person does
+    assert registered["checks"] and promotion_lines(registered["reason"], registered["checks"]) == [
+        "awaiting approval (approval: manual): gate passed", *(f"  {check}" for check in registered["checks"]),
+        f"  `keel models promote {MODEL} 2 --reason ...` makes it champion"]
     assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}
     waiting = {row["version"]: row["awaiting_approval"] for row in list_models()}
     assert waiting == {1: False, 2: True}

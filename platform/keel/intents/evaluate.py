@@ -196,7 +196,7 @@ def evaluate_intents(model_uri: str, splits_uri: str, output_uri: str, settings:
             gate=decision.summary,
             summary=(f"fine-tuned macro-F1 {fine_tuned.f1_macro:.4f} vs bag-of-words {baseline['f1_macro']:.4f}; "
                      f"registering {chosen_name} (macro-F1 {chosen.f1_macro:.4f}, "
-                     f"{report['speedup'][chosen_name]['batch1']:.2f}x faster at batch 1); {decision.summary}"))
+                     f"{report['speedup'][chosen_name]['batch1']:.2f}x faster at batch 1); {decision.verdict}"))
     return report
 
 

@@ -76,7 +76,7 @@ def evaluate_recommender(model_uri: str, splits_uri: str, output_uri: str, setti
             {name: report[name] for name in (f"recall_at_{k}", f"ndcg_at_{k}", "ndcg_lift_over_popular")},
             evaluation=out.uri_of(EVALUATION_FILE), gate_passed=decision.passed, gate=decision.summary,
             summary=(f"NDCG@{k} {metrics[f'ndcg_at_{k}']:.4f} vs popular {baseline[f'ndcg_at_{k}']:.4f} "
-                     f"({report['ndcg_lift_over_popular']:.2f}x); {decision.summary}"))
+                     f"({report['ndcg_lift_over_popular']:.2f}x); {decision.verdict}"))
     return report
 
 

@@ -115,6 +115,8 @@ def test_serve_status_and_stop_through_the_rest_api(ray_head: dict[str, str], tm
     application = status["applications"]["keel"]
     assert application["status"] == "RUNNING"
     assert application["deployed_app_config"]["args"]["model_uri"] == "models:/small-model@champion"
+    shown = keel("serve", "status", cwd=tmp_path, env=ray_head).stdout
+    assert "keel: RUNNING  models:/small-model@champion\n  model: HEALTHY, replicas: 1 RUNNING (target 1)\n" in shown
     stopped = keel("serve", "stop", cwd=tmp_path, env=ray_head)
     assert stopped.returncode == 0, stopped.stderr
     assert json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=ray_head).stdout)[

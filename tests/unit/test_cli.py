@@ -103,3 +103,14 @@ def test_serve_status_and_stop_start_without_ray_serve_or_the_replicas_code() ->
     assert modules_loaded_by("import keel.cli.serve, keel.serve.control", (
         "ray", "fastapi", "pandas", "prometheus_client", "keel.serve.deployment", "keel.serve.canary",
         "keel.serve.shadow")) == []
+
+
+def test_serve_status_counts_a_deployments_replicas_by_state_as_serves_rest_api_lists_them() -> None:
+    """Serve's REST status lists replicas one by one (the Python API's replica_states is not in it): the text
+    status printed `{}` for every deployment."""
+    from keel.cli.serve import replicas_line
+
+    rolling = {"status": "UPDATING", "target_num_replicas": 2, "recent_dead_replicas": [{"replica_id": "a"}],
+               "replicas": [{"replica_id": "b", "state": "RUNNING"}, {"replica_id": "c", "state": "STARTING"}]}
+    assert replicas_line(rolling) == "replicas: 1 RUNNING, 1 STARTING (target 2); 1 died recently"
+    assert replicas_line({"target_num_replicas": 1, "replicas": []}) == "replicas: none yet (target 1)"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -160,7 +161,16 @@ def _print_status(dashboard: str) -> None:
                 }.get(name, "")
         typer.echo(f"{name}: {application.get('status')}  {model}{role}")
         for deployment, state in application.get("deployments", {}).items():
-            typer.echo(f"  {deployment}: {state.get('status')} {state.get('replica_states', {})}")
+            typer.echo(f"  {deployment}: {state.get('status')}, {replicas_line(state)}")
+
+
+def replicas_line(deployment: dict[str, Any]) -> str:
+    """A deployment's replicas by state, from Serve's REST status (a list of replicas, each with its state)."""
+    states = Counter(str(replica.get("state")) for replica in deployment.get("replicas", []))
+    counted = ", ".join(f"{count} {state}" for state, count in sorted(states.items())) or "none yet"
+    dead = len(deployment.get("recent_dead_replicas", []))
+    return (f"replicas: {counted} (target {deployment.get('target_num_replicas', '?')})"
+            + (f"; {dead} died recently" if dead else ""))
 
 
 def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: OutputFormat,

@@ -120,7 +120,8 @@ def show_command(
     typer.echo(f"Config: {len(lineage['params'])} params on the run (`--output json` lists them).")
 
 
-@app.command("compare")
+@app.command("compare", short_help="Two versions side by side (default: champion and challenger): where each came from, "
+                                       "the gate's word, metrics and config; what to read before promoting or rejecting.")
 def compare_command(
     name: str = typer.Argument(..., help="The registered model, e.g. medical-diagnosis."),
     first: str = typer.Argument("champion", help="A version number or alias; the baseline."),

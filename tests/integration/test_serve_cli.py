@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import ray
 
 from keel import storage
 from keel.registry import register
@@ -50,7 +51,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 def test_stopping_the_local_head_leaves_other_ray_instances_alone(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`keel serve stop` ends the head Keel started, not every Ray process (as `ray stop` would): a
-    `keel run` training on this machine keeps its private Ray."""
+    `keel run` training on this machine keeps its private Ray. The head runs Serve's HAProxy ingress with
+    replicas that drain for 2 s, not Ray's 30 (keel.serve.config.LOCAL_DRAIN_ENVIRONMENT)."""
     monkeypatch.setenv("KEEL_HOME", str(tmp_path / ".keel"))
     settings = load_settings()
     other = subprocess.Popen([sys.executable, "-c", "import ray, sys; ray.init(address='local', include_dashboard=False,"
@@ -61,8 +63,13 @@ def test_stopping_the_local_head_leaves_other_ray_instances_alone(tmp_path: Path
         assert other.stdout is not None and other.stdin is not None
         assert other.stdout.readline().strip() == "up"
         ports = private_head_ports()
-        control.start_local_head(settings, ports, haproxy=False)
+        control.start_local_head(settings, ports)
         wait_for_port(ports.dashboard, timeout_s=60)
+        group = json.loads((settings.home / "serve" / "ray-head.json").read_text())["process_group"]
+        (raylet,) = processes_titled(str(Path(ray.__file__).parent / "core/src/ray/raylet/raylet"),
+                                     lambda pid, parents: os.getpgid(pid) == group)
+        environment = Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")  # what its workers inherit
+        assert {b"RAY_SERVE_ENABLE_HA_PROXY=1", b"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2"} <= set(environment)
         assert control.stop_local_head(settings) is True
         with pytest.raises(TimeoutError):
             wait_for_port(ports.dashboard, timeout_s=1)

@@ -182,11 +182,11 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
     import ray
     from ray import serve
 
-    from keel.serve.config import HAPROXY_ENVIRONMENT
+    from keel.serve.config import local_haproxy_environment
     from keel.serve.deployment import deploy
 
     if haproxy:
-        os.environ.update(HAPROXY_ENVIRONMENT)
+        os.environ.update(local_haproxy_environment())
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:

@@ -23,6 +23,11 @@ SHADOW_BUILDER = "keel.serve.deployment:shadow_application_builder"
 # Ray Serve's throughput-optimized ingress: HAProxy in front of the replicas
 # (Ray >= 2.55). It must be in the environment before Ray starts.
 HAPROXY_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Ray on this machine: a stopping replica stays reachable for 2 s, not Ray's 30. Ray holds it that long for load
+# balancers outside Ray (a cloud one) to deregister it; here Serve's own HAProxy is the only one, and it retries
+# a replica that has stopped accepting on another. `keel serve stop` took 35 s, and a roll kept the old replicas'
+# CPUs for 30 s.
+LOCAL_DRAIN_ENVIRONMENT = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 class ShadowConfig(BaseModel):
@@ -99,6 +104,12 @@ def with_canary(applications: list[dict[str, Any]], champion_app: str, canary_ur
         if application.get("name") == champion_app:
             application["args"]["config"]["canary"] = routing.model_dump()
     return applications
+
+
+def local_haproxy_environment() -> dict[str, str]:
+    """What a Ray started on this machine needs for the HAProxy ingress; a drain period set by hand stays."""
+    drain = {name: os.environ.get(name, value) for name, value in LOCAL_DRAIN_ENVIRONMENT.items()}
+    return {**HAPROXY_ENVIRONMENT, **drain}
 
 
 def keel_environment(settings: KeelSettings) -> dict[str, str]:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from keel.errors import KeelError
 from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_challengers_serving
-from keel.serve.config import (APP_NAME, HAPROXY_ENVIRONMENT, CanaryConfig, ServeConfig, canary_application,
-                               keel_environment, shadow_application, with_canary, with_shadow)
+from keel.serve.config import (APP_NAME, CanaryConfig, ServeConfig, canary_application, keel_environment,
+                               local_haproxy_environment, shadow_application, with_canary, with_shadow)
 from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, KeelSettings
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def start_local_head(settings: KeelSettings, ports: HeadPorts = HeadPorts(), hap
     The head starts in a process group of its own, recorded in KEEL_HOME, so that
     :func:`stop_local_head` can end this head and nothing else of Ray's on the machine.
     """
-    environment = {**os.environ, **keel_environment(settings), **(HAPROXY_ENVIRONMENT if haproxy else {})}
+    environment = {**os.environ, **keel_environment(settings), **(local_haproxy_environment() if haproxy else {})}
     process = subprocess.Popen([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
                                 f"--dashboard-port={ports.dashboard}",
                                 f"--ray-client-server-port={ports.client_server}",

@@ -68,9 +68,9 @@ def test_stopping_the_local_head_leaves_other_ray_instances_alone(tmp_path: Path
         group = json.loads((settings.home / "serve" / "ray-head.json").read_text())["process_group"]
         (raylet,) = processes_titled(str(Path(ray.__file__).parent / "core/src/ray/raylet/raylet"),
                                      lambda pid, parents: os.getpgid(pid) == group)
-        environment = Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")  # what its workers inherit
-        assert {b"RAY_SERVE_ENABLE_HA_PROXY=1", b"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2"} <= set(environment)
+        environment = set(Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0"))  # what its workers inherit
         assert control.stop_local_head(settings) is True
+        assert {b"RAY_SERVE_ENABLE_HA_PROXY=1", b"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2"} <= environment
         with pytest.raises(TimeoutError):
             wait_for_port(ports.dashboard, timeout_s=1)
         assert control.stop_local_head(settings) is False  # nothing recorded any more

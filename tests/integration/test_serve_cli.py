@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -108,11 +109,15 @@ def test_trainings_private_ray_resolves_its_own_address_not_the_serving_head(ray
 
 def test_serve_status_and_stop_through_the_rest_api(ray_head: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
-    started = keel("serve", "models:/small-model@champion", "--port", str(port), "--output", "json",
-                   cwd=tmp_path, env=ray_head)
+    started = keel("serve", "models:/small-model@champion", "--port", str(port), cwd=tmp_path, env=ray_head)
     assert started.returncode == 0, started.stderr[-3000:]
-    url = json.loads(started.stdout)["url"]
-    assert url == f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    assert f"Serving models:/small-model@champion at {url} " in started.stdout
+    # the request it prints to try is one the model answers
+    curl = shlex.split(started.stdout.split("Try it:\n", 1)[1])
+    assert curl[:5] == ["curl", "-s", "-X", "POST", f"{url}/v1/models/small-model:predict"] and curl[7] == "-d"
+    tried = httpx.post(curl[4], content=curl[8], headers={"content-type": "application/json"}, timeout=30)
+    assert tried.status_code == 200 and len(tried.json()["predictions"]) == 1, tried.text
     records = small_frame(2).drop(columns=["outcome"]).to_dict(orient="records")
     response = httpx.post(f"{url}/v1/models/small-model:predict", json={"records": records}, timeout=30)
     assert response.status_code == 200 and response.headers["x-model-version"] == "1"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -18,25 +21,22 @@ DEFAULT_MODEL = "models:/medical-diagnosis@champion"
 ACTIONS = ("status", "stop")
 
 
-def sample_request(url: str, model_uri: str) -> str:
-    """A ready-to-paste curl call with a typical row: training means and most frequent categories."""
+def sample_request(model_uri: str) -> tuple[str, str]:
+    """A ready-to-send request for ``model_uri``: its route and a JSON body with a typical row (training means
+    and most frequent categories), a customer message, or a recommender's first two users."""
     from keel.serve.deployment import load_registered
 
     loaded = load_registered(model_uri, load_settings())
     if loaded.intents is not None:  # a text classifier: one customer message
-        body = json.dumps({"texts": ["Hi, where is my order ORD-1234567? My email is jane@example.com"]})
-        return (f"curl -s -X POST {url}/v1/models/{loaded.name}:classify -H 'content-type: application/json' "
-                f"-d '{body}'")
+        texts = ["Hi, where is my order ORD-1234567? My email is jane@example.com"]
+        return f"/v1/models/{loaded.name}:classify", json.dumps({"texts": texts})
     predictor = loaded.predictor
     if predictor is None:  # a recommender: top 10 for its first two users, in the user's own ids
         users = loaded.recommender.user_ids[:2].tolist() if loaded.recommender is not None else []
-        body = json.dumps({"user_ids": users, "k": 10})
-        return (f"curl -s -X POST {url}/v1/models/{loaded.name}:recommend -H 'content-type: application/json' "
-                f"-d '{body}'")
+        return f"/v1/models/{loaded.name}:recommend", json.dumps({"user_ids": users, "k": 10})
     row: dict[str, object] = {c: round(s.mean, 4) for c, s in predictor.transform.numeric.items()}
     row.update({c: s.mode for c, s in predictor.transform.categorical.items()})
-    body = json.dumps({"records": [row]})
-    return f"curl -s -X POST {url}/v1/models/{loaded.name}:predict -H 'content-type: application/json' -d '{body}'"
+    return f"/v1/models/{loaded.name}:predict", json.dumps({"records": [row]})
 
 
 def serve_command(
@@ -87,9 +87,13 @@ def serve_command(
                          max_replicas=max_replicas, require_token=require_token, shadow=shadow_config,
                          canary=canary_config)
     if detach or settings.serve_dashboard_url:
-        url = control.deploy_detached(target, config, settings, haproxy=haproxy, shadow_uri=shadow,
-                                      canary_uri=canary)
-        _announce(url, target, output, shadow, canary)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # The sample request loads the model in this process (3-4 s): meanwhile Ray starts and the
+            # replicas load theirs, which the deploy only waits on.
+            sample = pool.submit(sample_request, target) if output is OutputFormat.table else None
+            url = control.deploy_detached(target, config, settings, haproxy=haproxy, shadow_uri=shadow,
+                                          canary_uri=canary)
+            _announce(url, target, output, shadow, canary, sample.result if sample else partial(sample_request, target))
         return
     _serve_in_foreground(target, config, haproxy, output, shadow, canary)
 
@@ -128,8 +132,8 @@ def _check_challengers(model_uri: str, shadow_uri: str | None, canary_uri: str |
                           model_uri, canary_uri)
 
 
-def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | None = None,
-              canary_uri: str | None = None) -> None:
+def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | None,
+              canary_uri: str | None, sample: Callable[[], tuple[str, str]]) -> None:
     if output is OutputFormat.json:
         print_json({"url": url, "model_uri": model_uri, "metrics": f"{url}/metrics", "openapi": f"{url}/docs",
                     "shadow_model_uri": shadow_uri, "canary_model_uri": canary_uri})
@@ -141,7 +145,8 @@ def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | 
     if canary_uri:
         typer.echo(f"Canary: {canary_uri} answers a share of the requests (x-model-version says which); "
                    "keel_canary_requests_total counts them by outcome")
-    typer.echo(f"Try it:\n  {sample_request(url, model_uri)}")
+    route, body = sample()
+    typer.echo(f"Try it:\n  curl -s -X POST {url}{route} -H 'content-type: application/json' -d '{body}'")
 
 
 def _print_status(dashboard: str) -> None:
@@ -191,7 +196,7 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
              _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:
         url = deploy(model_uri, config, shadow_uri, canary_uri=canary_uri)  # type: ignore[arg-type]
-        _announce(url, model_uri, output, shadow_uri, canary_uri)
+        _announce(url, model_uri, output, shadow_uri, canary_uri, partial(sample_request, model_uri))
         typer.echo("Press Ctrl-C to stop.")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

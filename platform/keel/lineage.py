@@ -37,9 +37,19 @@ def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str
                      for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
         "test_metrics": {k: v for k, v in sorted((run.data.metrics if run else {}).items()) if k.startswith("test_")},
         "gate": tags.get(tracking.GATE_TAG), "promotion_reason": tags.get(tracking.PROMOTION_REASON_TAG),
+        "promotion_checks": _json_list(tags.get(tracking.PROMOTION_CHECKS_TAG)),
         "decisions": {key: found.tags[key] for key in DECISION_TAGS if found.tags.get(key)},
         "params": dict(sorted((run.data.params if run else {}).items())),
     }
+
+
+def _json_list(text: str | None) -> list[str]:
+    """A tag holding a JSON list; empty when absent (a version registered before Keel kept it) or cut short."""
+    try:
+        value = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [str(item) for item in value] if isinstance(value, list) else []
 
 
 def compare_versions(name: str, first: str, second: str, settings: KeelSettings) -> dict[str, Any]:

@@ -237,7 +237,8 @@ class Registration:
         decision = promote(self.client, config, self.version, gate)
         mlflow.set_tags({tracking.PROMOTED_TAG: str(decision["promoted"]).lower(),
                          tracking.GATE_TAG: "passed" if gate["passed"] else "failed",
-                         tracking.PROMOTION_REASON_TAG: decision["reason"][:5000]})
+                         tracking.PROMOTION_REASON_TAG: decision["reason"][:5000],
+                         tracking.PROMOTION_CHECKS_TAG: json.dumps(decision["checks"])[:5000]})
         self.out.manifest.update(model_name=config.model_name, version=self.version,
                                  model_uri=f"models:/{config.model_name}/{self.version}", mlflow_run_id=self.run_id,
                                  tracking_uri=self.tracking_uri, **decision,

@@ -31,6 +31,7 @@ PERFORMANCE = "keel.performance"  # version tag: the latest check on labeled row
 GATE_TAG = "keel.gate"  # run tag: the evaluate step's gate, passed or failed
 PROMOTED_TAG = "keel.promoted"  # run tag: whether the register step moved champion
 PROMOTION_REASON_TAG = "keel.promotion_reason"  # run tag: why the register step did or did not
+PROMOTION_CHECKS_TAG = "keel.promotion_checks"  # run tag: the gate checks that reason quotes, as a JSON list
 
 
 def every_page(search: Callable[..., Any], **arguments: Any) -> Iterator[Any]:

@@ -157,7 +157,8 @@ def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings
     # The champion's lineage says where it came from and what was decided about it, by the gate and by hand.
     lineage = version_lineage(MODEL, CHAMPION, settings)
     assert (lineage["version"], lineage["aliases"], lineage["pipeline_run"]) == ("2", [CHALLENGER, CHAMPION], "run-b")
-    assert lineage["git_commit"] == "test-commit" and lineage["promotion_reason"].startswith("gate failed: ")
+    assert lineage["git_commit"] == "test-commit" and lineage["promotion_checks"]
+    assert lineage["promotion_reason"] == "gate failed: " + "; ".join(lineage["promotion_checks"])
     assert lineage["decisions"]["keel.promoted_by_hand"] == "overriding the gate for the demo"
     client = tracking.mlflow_client(settings)
     assert lineage["test_metrics"] == {k: v for k, v in client.get_run(lineage["run_id"]).data.metrics.items()
@@ -193,6 +194,9 @@ def test_a_promotion_whose_server_cannot_be_reached_says_the_champion_moved_and_
     shown = keel("models", "show", MODEL, cwd=tmp_path).stdout.splitlines()  # the champion, v1 again
     assert shown[0].startswith(f"models:/{MODEL}/1 (champion), READY, registered ")
     assert shown[1].split() == ["pipeline", "run:", "run-a", "(small)"] and "  promoted by hand:      back" in shown
+    promotion = next(i for i, line in enumerate(shown) if line.startswith("  promotion:"))  # a check a line
+    assert shown[promotion].split() == ["promotion:", "gate", "passed"]
+    assert shown[promotion + 1].startswith(" " * 25 + "no champion yet: f1_macro ")  # under the reason
 
 
 def test_gate_pass_promotes_an_equal_challenger(settings: KeelSettings, tmp_path: Path) -> None:

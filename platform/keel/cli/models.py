@@ -110,14 +110,24 @@ def show_command(
              ("MLflow run", lineage["run_id"] or "-"), ("logged model", lineage["logged_model_id"] or "-"),
              ("git commit", lineage["git_commit"] or "-"),
              *(("trained on", f"{d['source']} (digest {d['digest']})") for d in lineage["datasets"]),
-             ("promotion", lineage["promotion_reason"] or f"gate {lineage['gate'] or '-'}"),
+             *_promotion_facts(lineage),
              *(("on labels" if key == PERFORMANCE else key.removeprefix("keel.").replace("_", " "), value)
                for key, value in lineage["decisions"].items())]
     for label, value in facts:
-        typer.echo(f"  {label + ':':<22} {value}")
+        typer.echo(f"  {label + ':' if label else '':<22} {value}")  # no label: the line above goes on
     if lineage["test_metrics"]:
         print_table(["test metric", "value"], [[k, f"{v:.4f}"] for k, v in lineage["test_metrics"].items()])
     typer.echo(f"Config: {len(lineage['params'])} params on the run (`--output json` lists them).")
+
+
+def _promotion_facts(lineage: dict[str, Any]) -> list[tuple[str, str]]:
+    """The register step's reason, then each gate check it quotes on a line of its own."""
+    from keel.cli.run import promotion_lines
+
+    if not lineage["promotion_reason"]:
+        return [("promotion", f"gate {lineage['gate'] or '-'}")]
+    head, *checks = promotion_lines(lineage["promotion_reason"], lineage["promotion_checks"])
+    return [("promotion", head), *(("", check.strip()) for check in checks)]
 
 
 @app.command("compare", short_help="Two versions side by side (default: champion and challenger): where each came from, "

@@ -219,8 +219,8 @@ def test_under_manual_approval_a_passing_version_waits_for_a_person(settings: Ke
     assert registered["summary"] == "version 2, awaiting approval"
     # `keel run`'s summary: the verdict, each check the gate made on a line, then what a person does
     assert registered["checks"] and promotion_lines(registered["reason"], registered["checks"]) == [
-        "awaiting approval (approval: manual): gate passed", *(f"  {check}" for check in registered["checks"]),
-        f"  `keel models promote {MODEL} 2 --reason ...` makes it champion"]
+        "awaiting approval (approval: manual): gate passed", *registered["checks"],
+        f"`keel models promote {MODEL} 2 --reason ...` makes it champion"]
     assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}
     waiting = {row["version"]: row["awaiting_approval"] for row in list_models()}
     assert waiting == {1: False, 2: True}

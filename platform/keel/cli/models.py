@@ -127,7 +127,7 @@ def _promotion_facts(lineage: dict[str, Any]) -> list[tuple[str, str]]:
     if not lineage["promotion_reason"]:
         return [("promotion", f"gate {lineage['gate'] or '-'}")]
     head, *checks = promotion_lines(lineage["promotion_reason"], lineage["promotion_checks"])
-    return [("promotion", head), *(("", check.strip()) for check in checks)]
+    return [("promotion", head), *(("", check) for check in checks)]
 
 
 @app.command("compare", short_help="Two versions side by side (default: champion and challenger): where each came from, "

@@ -75,7 +75,9 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
         "compress": lambda m: f"registering {m['chosen']}",
         "train": lambda m: (f"{m['epochs']} epochs{' (early stop)' if m['stopped_early'] else ''}, "
                             f"{m['scaling']['num_workers']} worker(s), Ray start {m['ray_startup_s']:.1f} s"),
-        "evaluate": lambda m: f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows; {gate_verdict(m)}",
+        # the verdict alone: the checks follow the table, a line each (print_summary)
+        "evaluate": lambda m: (f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows; "
+                               f"gate {'passed' if m['gate_passed'] else 'failed'}"),
         "register": lambda m: f"version {m['version']}{registered_as(m)}",
         "predict": lambda m: f"{m['rows']} rows scored by {m['model_uri']}",
     }
@@ -84,20 +86,14 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
             for stage, m in manifests.items() if stage in facts]
 
 
-def gate_verdict(evaluation: dict[str, Any]) -> str:
-    """The gate's verdict alone: its checks, a line each, follow the table (a run's summary says them once)."""
-    if "gate_passed" not in evaluation:
-        return str(evaluation["gate"])
-    return "gate passed" if evaluation["gate_passed"] else "gate failed"
-
-
 def promotion_lines(reason: str, checks: list[str]) -> list[str]:
-    """The register step's reason with each gate check it quotes on a line of its own."""
+    """The register step's reason split where it quotes the gate's checks: the verdict, each check, and what
+    follows them (what a person does next, under manual approval)."""
     quoted = "; ".join(checks)
     head, found, tail = reason.partition(f": {quoted}") if checks else (reason, "", "")
     if not found:
         return [reason]
-    return [head, *(f"  {check}" for check in checks), *([f"  {tail.removeprefix('. ')}"] if tail else [])]
+    return [head, *checks, *([tail.removeprefix(". ")] if tail else [])]
 
 
 def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
@@ -132,7 +128,8 @@ def print_summary(report: dict[str, Any]) -> None:
         alias = ("champion" if report["champion"] else "challenger, awaiting approval" if report.get("awaiting_approval")
                  else "challenger; the champion stays")
         typer.echo(f"Registered model: {report['model_uri']} ({alias})")
-        typer.echo("Promotion: " + "\n".join(promotion_lines(report["promotion"], report.get("promotion_checks", []))))
+        head, *checks = promotion_lines(report["promotion"], report.get("promotion_checks", []))
+        typer.echo("\n  ".join([f"Promotion: {head}", *checks]))
         typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")
         # a challenger is loaded by its version: the champion alias may name another model, or none yet
         loadable = f"models:/{report['model_name']}@champion" if report["champion"] else report["model_uri"]

@@ -32,15 +32,22 @@ def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str
         "logged_model_id": tracking.version_logged_model_id(found, run), "run_id": found.run_id,
         "pipeline": tags.get(tracking.PIPELINE_TAG), "pipeline_run": tags.get(tracking.PIPELINE_RUN_TAG),
         "git_commit": tags.get(tracking.GIT_COMMIT_TAG),
-        "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest,
-                      "source": json.loads(d.dataset.source or "{}").get("uri", d.dataset.source)}
-                     for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
+        "datasets": [_dataset(d) for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
         "test_metrics": {k: v for k, v in sorted((run.data.metrics if run else {}).items()) if k.startswith("test_")},
         "gate": tags.get(tracking.GATE_TAG), "promotion_reason": tags.get(tracking.PROMOTION_REASON_TAG),
         "promotion_checks": _json_list(tags.get(tracking.PROMOTION_CHECKS_TAG)),
         "decisions": {key: found.tags[key] for key in DECISION_TAGS if found.tags.get(key)},
         "params": dict(sorted((run.data.params if run else {}).items())),
     }
+
+
+def _dataset(linked: Any) -> dict[str, Any]:
+    """A run's dataset input, with the run's own copy as its source where the register step tagged it
+    (MLflow's own source is the first copy of these bytes any run logged)."""
+    own = {tag.key: tag.value for tag in linked.tags or []}.get(tracking.DATASET_URI_TAG)
+    dataset = linked.dataset
+    return {"name": dataset.name, "digest": dataset.digest,
+            "source": own or json.loads(dataset.source or "{}").get("uri", dataset.source)}
 
 
 def _json_list(text: str | None) -> list[str]:

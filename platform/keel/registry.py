@@ -60,9 +60,9 @@ def _log_dataset(dataset_uri: str, target: str, settings: KeelSettings) -> None:
     frame = storage.read_parquet(storage.join(dataset_uri, DATA_FILE), settings)
     # The source MLflow records is the ingested copy: exactly the bytes trained on, at a URI
     # MLflow can resolve. Where they came from is the ``dataset.source`` param.
-    dataset = table_dataset(frame, storage.join(dataset_uri, DATA_FILE), storage.filename(manifest["source"]),
-                            manifest["sha256"][:16], target)
-    log_training_input(dataset)
+    copy_uri = storage.join(dataset_uri, DATA_FILE)
+    log_training_input(table_dataset(frame, copy_uri, storage.filename(manifest["source"]), manifest["sha256"][:16],
+                                     target), copy_uri)
     mlflow.log_params({"dataset.source": manifest["source"], "dataset.sha256": manifest["sha256"],
                        "dataset.rows": manifest["rows"]})
 
@@ -72,7 +72,7 @@ def log_training_split(train: pd.DataFrame, splits: dict[str, Any], target: str 
     named after the source it came from, with that source and the row count as ``dataset.*`` params.
     ``splits`` is the manifest of the step that published the splits."""
     log_training_input(table_dataset(train, splits["splits"]["train"], storage.filename(splits["source"]),
-                                     target=target))
+                                     target=target), splits["splits"]["train"])
     mlflow.log_params({"dataset.source": splits["source"], "dataset.rows": splits["rows"]})
 
 
@@ -112,15 +112,17 @@ def _column_spec(column: pd.Series) -> ColSpec:
     return ColSpec(inferred.type, column.name, required=len(present) == len(column))
 
 
-def log_training_input(dataset: Any, attempts: int = 3) -> None:
-    """MLflow creates a dataset row get-or-create style, not atomically: two runs logging the
-    same data at once can collide on its unique key. The loser retries and links the winner's row."""
+def log_training_input(dataset: Any, uri: str, attempts: int = 3) -> None:
+    """Link ``dataset`` to the active run, tagged with ``uri``, the run's own copy (see
+    :data:`tracking.DATASET_URI_TAG`). MLflow creates a dataset row get-or-create style, not atomically: two
+    runs logging the same data at once can collide on its unique key. The loser retries and links the winner's
+    row."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import IntegrityError
 
     for attempt in range(attempts):
         try:
-            mlflow.log_input(dataset, context="training")
+            mlflow.log_input(dataset, context="training", tags={tracking.DATASET_URI_TAG: uri})
             return
         except (IntegrityError, MlflowException) as e:  # MLflow sometimes wraps the IntegrityError
             if "UNIQUE constraint failed" not in str(e) or attempt == attempts - 1:

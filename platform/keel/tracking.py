@@ -32,6 +32,10 @@ GATE_TAG = "keel.gate"  # run tag: the evaluate step's gate, passed or failed
 PROMOTED_TAG = "keel.promoted"  # run tag: whether the register step moved champion
 PROMOTION_REASON_TAG = "keel.promotion_reason"  # run tag: why the register step did or did not
 PROMOTION_CHECKS_TAG = "keel.promotion_checks"  # run tag: the gate checks that reason quotes, as a JSON list
+# dataset input tag: the run's own copy of its data. MLflow keeps one dataset per name and digest in an
+# experiment, with the source of the first run that logged it, so a later run on the same bytes shows that
+# earlier run's copy (which may be deleted) as its source.
+DATASET_URI_TAG = "keel.dataset_uri"
 
 
 def every_page(search: Callable[..., Any], **arguments: Any) -> Iterator[Any]:

@@ -1,7 +1,8 @@
 """A Serve replica SIGKILLed under load, against one added on purpose: how long until the app is whole again.
 
 Two replicas of a registered model on a local Ray, 20 paced requests per
-second. Baseline: the app scaled from two replicas to three, timed until the
+second, behind Serve's HAProxy ingress as `keel serve` sets it up on one
+machine. Baseline: the app scaled from two replicas to three, timed until the
 third is RUNNING (starting a replica: process, model load, health check).
 Then, back at two, one replica is SIGKILLed 5 s into the load and timed until
 two replicas in live processes are RUNNING again. Their ratio is what noticing
@@ -38,6 +39,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from keel.serve.config import local_haproxy_environment
     from keel.serve.deployment import deploy
     from keel.settings import load_settings
     from tests.integration.conftest import free_port
@@ -47,6 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="keel-bench-recovery-") as scratch:
         os.environ["KEEL_HOME"] = str(Path(scratch) / ".keel")
         register_small_model(load_settings(), "v1", epochs=10)
+        os.environ.update(local_haproxy_environment())  # Ray's processes inherit it from ray.init
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             config, model = CONFIG.model_copy(update={"port": free_port()}), f"models:/{NAME}/1"
@@ -64,7 +67,7 @@ def main() -> None:
             ray.shutdown()
 
     lost = len(load.failures) / max(load.sent, 1)
-    report = {"benchmark": "recovery", "replicas": 2, "requests_per_s": 20,
+    report = {"benchmark": "recovery", "ingress": "haproxy", "replicas": 2, "requests_per_s": 20,
               "scale_up_s": round(scale_up_s, 2), "recovery_s": round(recovery_s, 2),
               "recovery_to_scale_up_ratio": round(recovery_s / scale_up_s, 3),
               "requests_sent": load.sent, "requests_lost": len(load.failures), "lost_fraction": round(lost, 4),

@@ -2,7 +2,9 @@
 
 Load: 20 requests per second from a paced client for a bounded time (each
 request times out after 10 s). Every non-200 answer or transport error counts
-as failed. Real Ray Serve, real MLflow registry, real SIGKILL.
+as failed. Real Ray Serve behind its HAProxy ingress, set up as `keel serve`
+sets it up on one machine (the default; `--python-proxy` is the other), real
+MLflow registry, real SIGKILL.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from keel.serve.config import APP_NAME, ServeConfig
+from keel.serve.config import APP_NAME, ServeConfig, local_haproxy_environment
 from keel.serve.deployment import deploy
 from keel.settings import load_settings
 from tests.conftest import small_frame
@@ -77,10 +79,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = load_settings()
     for run_id in ("v1", "v2"):  # two registered versions to roll between
         register_small_model(settings, run_id, epochs=10 if run_id == "v1" else 20)
+    for variable, value in local_haproxy_environment().items():  # what Ray's processes inherit from ray.init
+        patch.setenv(variable, value)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = CONFIG.model_copy(update={"port": free_port()})
     try:
-        yield deploy(f"models:/{NAME}/1", config)
+        url = deploy(f"models:/{NAME}/1", config)
+        assert ray_actor_pids("HAProxyManager"), "Serve started without its HAProxy ingress"
+        yield url
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -123,7 +129,7 @@ def test_a_killed_replica_costs_at_most_1_percent_of_requests_and_is_replaced(se
     """How fast it is back (the 15 s goal) is measured by tests/benchmarks/bench_recovery.py, not asserted."""
     assert running_replicas() == 2
     victim, recovered_s, load = kill_a_replica_under_load(served)
-    print(f"replica kill: {len(load.failures)}/{load.sent} failed, back in {recovered_s:.1f} s")
+    print(f"replica kill: {len(load.failures)}/{load.sent} failed, back in {recovered_s:.1f} s: {load.failures}")
     assert victim not in replica_pids() and running_replicas() == 2
     assert load.sent >= 0.9 * 20 * RATE_PER_S
     assert len(load.failures) <= 0.01 * load.sent, load.failures

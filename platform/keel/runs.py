@@ -58,29 +58,39 @@ def open_stage(stage: str, run_name: str, job_id: str, config: str) -> Iterator[
     headline says what to fix, and a traceback would bury it.
     """
     clock = storage.STAGE_STARTED_AT.set(time.time())
+    run: StageRun | None = None
     try:
         settings = load_settings()
         run = StageRun(stage, resolve_run_id(run_name, job_id),
                        parse_pipeline_config(config, "the pipeline's config parameter"), settings)
         yield run
-        _push_metrics(run)
+        _push_metrics(run, failed=False)
     except KeelError as e:
         print(ERROR_MARKER + json.dumps({"stage": stage, "error": e.headline}), flush=True)
         print(f"keel: {stage} failed: {e.headline}", file=sys.stderr, flush=True)
+        if run is not None:
+            _push_metrics(run, failed=True)
         raise SystemExit(1) from None
+    except Exception:
+        if run is not None:  # a crash is a failed attempt too; its traceback follows
+            _push_metrics(run, failed=True)
+        raise
     finally:
         storage.STAGE_STARTED_AT.reset(clock)
 
 
-def _push_metrics(run: StageRun) -> None:
-    """Best effort: monitoring being down must not fail a pipeline step."""
+def _push_metrics(run: StageRun, failed: bool) -> None:
+    """Best effort: monitoring being down must not fail a pipeline step, nor hide why one failed."""
     if not run.settings.pushgateway_url:
         return
-    from keel.monitor.push import push_stage_metrics
+    from keel.monitor.push import push_stage_failure, push_stage_metrics
 
     try:
-        push_stage_metrics(run.settings.pushgateway_url, run.config.pipeline, run.stage,
-                           storage.read_manifest(run.output_uri, run.settings))
+        if failed:
+            push_stage_failure(run.settings.pushgateway_url, run.config.pipeline, run.stage)
+        else:
+            push_stage_metrics(run.settings.pushgateway_url, run.config.pipeline, run.stage,
+                               storage.read_manifest(run.output_uri, run.settings))
     except (OSError, KeelError) as e:
         print(f"keel: warning: could not push metrics to {run.settings.pushgateway_url}: {e}", file=sys.stderr)
 

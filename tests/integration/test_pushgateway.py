@@ -29,6 +29,46 @@ def test_stages_push_duration_and_rows(pushgateway: str, keel_home: Path, tmp_pa
     assert 'keel_stage_duration_seconds{instance="",job="keel_pipeline",pipeline="small",stage="ingest"}' in text
 
 
+def test_a_failed_step_says_so_and_keeps_the_figures_of_its_last_success(pushgateway: str, keel_home: Path,
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_PUSHGATEWAY_URL", pushgateway)
+    config = small_config().to_json()
+    group = 'instance="",job="keel_pipeline",pipeline="small",stage="ingest"'
+
+    def pushed() -> dict[str, float]:
+        text = httpx.get(f"http://{pushgateway}/metrics", timeout=10).text
+        return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if "{" + group + "}" in line}
+
+    ingest.python_func(source=str(write_small_source(tmp_path, rows=150)), config=config, run_name="ok", job_id="j")
+    succeeded = pushed()
+    assert succeeded["keel_stage_failed"] == 0 and succeeded["keel_stage_rows"] == 150
+    with pytest.raises(SystemExit):  # what a KFP step's process does on bad input: exit 1
+        ingest.python_func(source=str(tmp_path / "missing.csv"), config=config, run_name="bad", job_id="j")
+    failed = pushed()
+    assert failed["keel_stage_failed"] == 1
+    assert failed["keel_stage_rows"] == 150  # the last success's figures and time stay
+    assert failed["keel_stage_last_success_timestamp_seconds"] == succeeded["keel_stage_last_success_timestamp_seconds"]
+    ingest.python_func(source=str(write_small_source(tmp_path, rows=120)), config=config, run_name="again",
+                       job_id="j")
+    again = pushed()
+    assert again["keel_stage_failed"] == 0 and again["keel_stage_rows"] == 120
+    assert again["keel_stage_last_success_timestamp_seconds"] > succeeded["keel_stage_last_success_timestamp_seconds"]
+
+
+def test_a_crashed_step_is_pushed_as_failed_and_still_raises(pushgateway: str, keel_home: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from keel.runs import open_stage
+
+    monkeypatch.setenv("KEEL_PUSHGATEWAY_URL", pushgateway)
+    with pytest.raises(ZeroDivisionError):  # a bug, not bad input: its traceback goes on to the step's log
+        with open_stage("train", "crash", "j", small_config().to_json()):
+            _ = 1 / 0
+    text = httpx.get(f"http://{pushgateway}/metrics", timeout=10).text
+    assert 'keel_stage_failed{instance="",job="keel_pipeline",pipeline="small",stage="train"} 1' in text
+
+
 def test_an_unreachable_gateway_does_not_fail_the_step(keel_home: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:

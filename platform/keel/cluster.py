@@ -256,7 +256,7 @@ def summarize(ray_clusters: list[dict[str, Any]], ray_services: list[dict[str, A
 
 
 def cluster_status(settings: KeelSettings) -> list[dict[str, str]]:
-    """Keel's Ray clusters, Ray services, MLflow, MinIO and PostgreSQL in ``KEEL_KUBE_NAMESPACE``."""
+    """Keel's Ray clusters, Ray services, MLflow, MinIO, PostgreSQL and Pushgateway in ``KEEL_KUBE_NAMESPACE``."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError

@@ -314,6 +314,60 @@ def test_monitoring_objects_need_the_operator_and_ship_the_tested_rules(rendered
     assert rule["spec"]["groups"] == alerts["groups"]
 
 
+def ingress_from(policy: dict[str, Any], namespace: str) -> set[int]:
+    """The ports a NetworkPolicy lets pods of ``namespace`` (by name) reach."""
+    ports: set[int] = set()
+    for rule in policy["spec"].get("ingress", []):
+        names = {name for source in rule.get("from", [])
+                 for expression in source.get("namespaceSelector", {}).get("matchExpressions", [])
+                 for name in expression["values"]}
+        if namespace in names or "from" not in rule:  # no `from`: every namespace
+            ports |= {port["port"] for port in rule["ports"]}
+    return ports
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_steps_push_to_the_charts_pushgateway_or_the_one_named(rendered: dict[str, Path], shape: str) -> None:
+    (config,) = [c for c in in_release(by_kind(rendered[shape], "ConfigMap")) if c["metadata"]["name"] == "keel-config"]
+    services = {s["metadata"]["name"]: s for s in by_kind(rendered[shape], "Service")}
+    if shape == "external-values":
+        assert config["data"]["KEEL_PUSHGATEWAY_URL"] == "pushgateway.monitoring.svc.cluster.local:9091"
+        assert "keel-pushgateway" not in services
+        return
+    assert config["data"]["KEEL_PUSHGATEWAY_URL"] == f"keel-pushgateway.{render.NAMESPACE}.svc.cluster.local:9091"
+    assert [p["port"] for p in services["keel-pushgateway"]["spec"]["ports"]] == [9091]
+    (deployment,) = [d for d in by_kind(rendered[shape], "Deployment") if d["metadata"]["name"] == "keel-pushgateway"]
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = pod["containers"][0]["volumeMounts"]
+    assert f"--persistence.file={mount['mountPath']}/pushgateway.db" in pod["containers"][0]["args"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "keel-pushgateway"  # outlives the pod
+    policies = {p["metadata"]["name"]: p for p in by_kind(rendered[shape], "NetworkPolicy")}
+    for namespace in (render.NAMESPACE, "kubeflow"):  # where steps run, and so push from
+        assert 9091 in ingress_from(policies["keel-pushgateway"], namespace)
+
+
+@pytest.mark.parametrize("shape", ["default", "default+monitoring", "prod-values"])
+def test_prometheus_reaches_every_metrics_port_past_the_network_policies(rendered: dict[str, Path],
+                                                                          shape: str) -> None:
+    policies = {p["metadata"]["name"]: p for p in by_kind(rendered[shape], "NetworkPolicy")}
+    scraped = {"keel-ray-train": {8080}, "keel-ray-serve": {8080, 8000}, "keel-minio": {9000},
+               "keel-pushgateway": {9091}}
+    for name, ports in scraped.items():
+        assert ingress_from(policies[name], "monitoring") >= ports, name
+        assert not ingress_from(policies[name], "elsewhere") - {8000}, name  # the serving API is open by default
+    assert 9001 not in ingress_from(policies["keel-minio"], "monitoring")  # MinIO's console is not a metric
+
+
+def test_the_pushgateway_is_scraped_with_the_labels_each_push_carries(rendered: dict[str, Path]) -> None:
+    monitors = [d for d in documents(rendered["default+monitoring"]) if d["kind"] == "ServiceMonitor"]
+    (gateway,) = [m for m in monitors if m["metadata"]["name"] == "keel-pushgateway"]
+    (endpoint,) = gateway["spec"]["endpoints"]
+    assert endpoint["honorLabels"] is True and endpoint["port"] == "http"
+    (deployment,) = [d for d in by_kind(rendered["default"], "Deployment")
+                     if d["metadata"]["name"] == "keel-pushgateway"]
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"  # no operator
+
+
 def test_the_prod_shape_trains_on_gpus(rendered: dict[str, Path]) -> None:
     for shape in ("prod-values", "overlays/prod"):
         (cluster,) = by_kind(rendered[shape], "RayCluster")

@@ -10,6 +10,7 @@ import pytest
 from components.check_performance.component import check_performance
 from components.ingest.component import ingest
 from components.preprocess.component import preprocess
+from keel.errors import ConfigError
 from tests.conftest import small_frame
 from tests.stages import register_small_model, small_config, write_small_source
 
@@ -67,6 +68,39 @@ def test_a_crashed_step_is_pushed_as_failed_and_still_raises(pushgateway: str, k
             _ = 1 / 0
     text = httpx.get(f"http://{pushgateway}/metrics", timeout=10).text
     assert 'keel_stage_failed{instance="",job="keel_pipeline",pipeline="small",stage="train"} 1' in text
+
+
+def test_the_charts_pushgateway_keeps_a_failure_across_a_restart(keel_home: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Pushgateway started with the chart's own arguments (Debian's build of it): a step's failure pushed once
+    must outlive a restart of the pod, or KeelPipelineStepFailed would clear by itself."""
+    from keel.runs import open_stage
+    from tests.deploy import render
+    from tests.integration.conftest import free_port, start_service
+
+    (deployment,) = [d for d in render.documents(render.helm_template()) if d["kind"] == "Deployment"
+                     and d["metadata"]["name"] == "keel-pushgateway"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (mount,) = container["volumeMounts"]
+    args = [arg.replace(mount["mountPath"], str(tmp_path)) for arg in container["args"]]
+    port = free_port()
+    command = ["prometheus-pushgateway", *args, f"--web.listen-address=127.0.0.1:{port}"]
+    monkeypatch.setenv("KEEL_PUSHGATEWAY_URL", f"127.0.0.1:{port}")
+    series = 'keel_stage_failed{instance="",job="keel_pipeline",pipeline="small",stage="train"} 1'
+    gateway = start_service(command, port, tmp_path)
+    try:
+        with pytest.raises(SystemExit), open_stage("train", "bad", "j", small_config().to_json()):
+            raise ConfigError("bad input")
+        assert series in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        gateway.terminate()  # what Kubernetes sends a pod it stops
+        gateway.wait(timeout=10)
+    gateway = start_service(command, port, tmp_path)
+    try:
+        assert series in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=10)
 
 
 def test_an_unreachable_gateway_does_not_fail_the_step(keel_home: Path, tmp_path: Path,

@@ -139,6 +139,35 @@ seccompProfile:
 {{- end }}
 {{- end }}
 
+{{/* An ingress rule letting the namespaces Prometheus scrapes from reach a pod's metrics ports: (dict "ctx" $
+"ports" (list ...)); nothing when either list is empty. */}}
+{{- define "keel.metricsIngress" -}}
+{{- if and .ports .ctx.Values.networkPolicy.metricsNamespaces }}
+# Prometheus, scraping metrics.
+- from:
+    - namespaceSelector:
+        matchExpressions:
+          - key: kubernetes.io/metadata.name
+            operator: In
+            values: {{ toJson .ctx.Values.networkPolicy.metricsNamespaces }}
+  ports:
+    {{- range .ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* host:port steps push to (what prometheus_client's push_to_gateway takes): config.pushgatewayUrl, else the
+chart's own Pushgateway, else empty (nothing pushed). */}}
+{{- define "keel.pushgatewayUrl" -}}
+{{- if .Values.config.pushgatewayUrl }}
+{{- .Values.config.pushgatewayUrl }}
+{{- else if .Values.pushgateway.enabled }}
+{{- printf "%s-pushgateway.%s.svc.cluster.local:9091" (include "keel.fullname" .) .Release.Namespace }}
+{{- end }}
+{{- end }}
+
 {{- define "keel.postgresHost" -}}
 {{- if .Values.postgresql.enabled }}
 {{- printf "%s-postgresql.%s.svc.cluster.local" (include "keel.fullname" .) .Release.Namespace }}

@@ -16,9 +16,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, pushadd_to_gateway
 
-JOB = "keel_pipeline"
-
 from keel.evaluate import HEADLINE_METRICS
+
+JOB = "keel_pipeline"
 
 
 def stage_registry(pipeline: str, stage: str, manifest: dict[str, Any]) -> CollectorRegistry:

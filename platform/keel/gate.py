@@ -26,12 +26,16 @@ class GateDecision:
 
     @property
     def verdict(self) -> str:
-        """A stage's line in a run's summary: the checks follow it there, a line each (the register step's)."""
-        return "gate passed" if self.passed else "gate failed"
+        return gate_verdict(self.passed)
 
     @property
     def summary(self) -> str:
         return f"{self.verdict}: " + "; ".join(self.failures or self.reasons)
+
+
+def gate_verdict(passed: bool) -> str:
+    """A stage's line in a run's summary: the checks follow it there, a line each (the register step's)."""
+    return "gate passed" if passed else "gate failed"
 
 
 def _worse_by(candidate: float, incumbent: float, greater_is_better: bool) -> float:

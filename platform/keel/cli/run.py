@@ -62,6 +62,7 @@ def pipeline_parameters(built: Any, excluded: tuple[str, ...]) -> dict[str, str]
 
 def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
     """One summary line per stage: its own compute seconds and what it produced."""
+    from keel.gate import gate_verdict
     from keel.runs import registered_as  # keel.registry would load torch and MLflow for one word
     from keel.tune import describe_values
 
@@ -77,7 +78,7 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
                             f"{m['scaling']['num_workers']} worker(s), Ray start {m['ray_startup_s']:.1f} s"),
         # the verdict alone: the checks follow the table, a line each (print_summary)
         "evaluate": lambda m: (f"accuracy {m['accuracy']:.4f} on {m['rows']} test rows; "
-                               f"gate {'passed' if m['gate_passed'] else 'failed'}"),
+                               f"{gate_verdict(m['gate_passed'])}"),
         "register": lambda m: f"version {m['version']}{registered_as(m)}",
         "predict": lambda m: f"{m['rows']} rows scored by {m['model_uri']}",
     }

@@ -89,7 +89,10 @@ def _refusal_hint(body: str) -> str:
 def _require(settings: KeelSettings, *fields: str) -> None:
     missing = [f"KEEL_{f.upper()}" for f in fields if not getattr(settings, f)]
     if missing:
-        raise ClusterError(f"{', '.join(missing)} not set: the chart's ConfigMap sets them for pipeline steps.")
+        raise ClusterError(f"{', '.join(missing)} not set. Pipeline steps and Ray pods read them from the chart's "
+                           "ConfigMap keel-config; from your own machine, export them as it holds them "
+                           "(KEEL_KUBE_NAMESPACE is the release's namespace, e.g. `helm install keel helm/keel -n keel`"
+                           " gives keel).")
 
 
 def rolled_serve_config(serve_config_v2: str, model_uri: str,

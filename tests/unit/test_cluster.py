@@ -447,6 +447,9 @@ def test_without_a_cluster_the_rollout_and_status_say_what_is_missing(tmp_path, 
         cluster.cluster_status(settings)
     with pytest.raises(ClusterError, match="KEEL_RAY_SERVICE"):
         cluster.roll_served_model(KeelSettings(home=tmp_path, kube_namespace="keel"), "models:/m/2")
+    result = CliRunner().invoke(app, ["status"], env={"KEEL_HOME": str(tmp_path), "KEEL_KUBE_NAMESPACE": ""})
+    assert result.exit_code == 1 and isinstance(result.exception, ClusterError)
+    assert "KEEL_KUBE_NAMESPACE not set" in str(result.exception) and "keel-config" in str(result.exception)
 
 
 @pytest.mark.parametrize("account, says", [

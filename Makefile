@@ -22,8 +22,9 @@ NAMESPACE ?= keel
 IMAGE ?= $(shell $(PYTHON) -c "import re;print(re.search(r'IMAGE_REPOSITORY = \"(.+)\"', open('platform/keel/images.py').read())[1])")
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' platform/keel/__init__.py)
 CUDA ?=
+UI_PORT ?= 5000
 
-.PHONY: help venv system-deps tools demo test test-unit typecheck bench pipelines manifests image e2e-cluster clean
+.PHONY: help venv system-deps tools demo ui test test-unit typecheck bench pipelines manifests image e2e-cluster clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -55,6 +56,10 @@ tools: $(TOOLS_STAMP) ## Install helm, kubectl, checkov, kubernetes-validate and
 demo: $(STAMP) ## Run medical_diagnosis end to end, then serve the champion (stop: .venv/bin/keel serve stop)
 	$(BIN)/keel run medical_diagnosis
 	$(BIN)/keel serve --detach
+
+ui: $(STAMP) ## Open MLflow's UI on the local runs and registry (.keel/mlflow.db): http://127.0.0.1:5000 (UI_PORT=...)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) --backend-store-uri \
+		"$$($(BIN)/python -c 'from keel.settings import load_settings; print(load_settings().mlflow_tracking_uri)')"
 
 system-deps: ## Install the Debian packages the tests start (Prometheus, promtool, Pushgateway, PostgreSQL)
 	@if command -v promtool >/dev/null && command -v prometheus-pushgateway >/dev/null \

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import subprocess
 from pathlib import Path
 
+import httpx
 import mlflow
 import pandas as pd
 import pytest
 
+from keel.cli.run import mlflow_ui_command
 from keel.data.builtin import write_builtin_csv
 from keel.settings import load_settings
 from tests.conftest import artifact_files
+from tests.integration.conftest import free_port, wait_for_port
 from tests.processes import MeasuredRun, keel, run_measuring_steps, steps_over_their_memory_limit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -142,6 +149,24 @@ def test_tuned_config_trained_compressed_variant_registered_and_gate_logged(demo
     predicted = mlflow.pyfunc.load_model("models:/medical-diagnosis/1").predict(
         pd.read_parquet(run_dir / "preprocess" / "test_raw.parquet").drop(columns=["diagnosis"]))
     assert len(predicted) == 114
+
+
+def test_the_printed_mlflow_ui_command_shows_the_runs_compression_plot(demo: tuple[Path, dict]) -> None:
+    """The summary's "Browse it:" line opens MLflow's UI on the run's store, where the variants' plot is."""
+    _, report = demo
+    command = shlex.split(mlflow_ui_command(report["tracking_uri"]) or "")
+    assert command[1:] == ["ui", "--backend-store-uri", report["tracking_uri"]] and Path(command[0]).exists()
+    run_id = mlflow.MlflowClient(report["tracking_uri"]).get_model_version("medical-diagnosis", "1").run_id
+    port = free_port()
+    with subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True) as ui:
+        try:
+            wait_for_port(port, timeout_s=60)
+            plot = httpx.get(f"http://127.0.0.1:{port}/get-artifact", timeout=30,
+                             params={"path": "compression/accuracy_vs_latency.png", "run_uuid": run_id})
+        finally:
+            os.killpg(ui.pid, signal.SIGTERM)
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG"), plot.text[:300]
 
 
 def test_bad_source_fails_cleanly_and_registers_nothing(demo: tuple[Path, dict]) -> None:

@@ -66,6 +66,22 @@ def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: 
     assert f'Load it: mlflow.pyfunc.load_model("{loadable}")' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("tracking_uri, browse", [
+    ("sqlite:////home/me/my keel/mlflow.db", "ui --backend-store-uri 'sqlite:////home/me/my keel/mlflow.db'"),
+    ("http://mlflow.keel:5000", None)])
+def test_the_summary_says_how_to_browse_a_local_store_in_mlflows_ui(tracking_uri: str, browse: str | None,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A tracking server has its own UI; a local SQLite store is seen through `mlflow ui` on it."""
+    print_summary({"run_id": "r", "succeeded": True, "wall_s": 1.0, "_rows": [], "test_metrics": {},
+                   "model_uri": "models:/m/1", "champion": True, "model_name": "m", "promotion": "gate passed",
+                   "tracking_uri": tracking_uri, "artifacts": "a", "log": "l"})
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Browse it: ")]
+    if browse is None:
+        assert shown == []
+    else:
+        assert len(shown) == 1 and f"/mlflow {browse}  (then http://127.0.0.1:5000)" in shown[0]
+
+
 def test_the_summary_gives_the_gate_verdict_in_the_table_and_its_checks_a_line_each_below(
         capsys: pytest.CaptureFixture) -> None:
     """A gate's reasons ran to 600 characters, in the evaluate row and again after Promotion:."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,17 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
     }
 
 
+def mlflow_ui_command(tracking_uri: str) -> str | None:
+    """The command that opens MLflow's UI on a local store; None for a tracking server, which has its own UI.
+
+    Spelled with this interpreter's ``mlflow`` script, so it runs without activating the virtualenv.
+    """
+    if tracking_uri.startswith(("http://", "https://", "databricks")):
+        return None
+    script = Path(sys.executable).parent / "mlflow"
+    return shlex.join([str(script) if script.exists() else "mlflow", "ui", "--backend-store-uri", tracking_uri])
+
+
 def print_summary(report: dict[str, Any]) -> None:
     state = "succeeded" if report["succeeded"] else "FAILED"
     typer.echo(f"\nRun {report['run_id']} {state} in {report['wall_s']:.1f} s\n")
@@ -132,6 +144,9 @@ def print_summary(report: dict[str, Any]) -> None:
         head, *checks = promotion_lines(report["promotion"], report.get("promotion_checks", []))
         typer.echo("\n  ".join([f"Promotion: {head}", *checks]))
         typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")
+        browse = mlflow_ui_command(report["tracking_uri"])
+        if browse:
+            typer.echo(f"Browse it: {browse}  (then http://127.0.0.1:5000)")
         # a challenger is loaded by its version: the champion alias may name another model, or none yet
         loadable = f"models:/{report['model_name']}@champion" if report["champion"] else report["model_uri"]
         typer.echo(f"Load it: mlflow.pyfunc.load_model(\"{loadable}\")")

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from keel.intents.model import IntentModel
-from keel.serve.app import MAX_BODY_BYTES, base_app, name_checker
+from keel.serve.app import MAX_BODY_BYTES, SCORING_ERRORS, base_app, name_checker
 from keel.serve.metrics import ServingMetrics
 from keel.serve.schema import MAX_RECORDS
 
@@ -54,8 +54,7 @@ def build_intents_app(model: IntentModel, model_name: str, model_version: str,
     metrics.serves("/v1/models/{name}:classify")
     check_name = name_checker(model_name)
 
-    @app.post("/v1/models/{name}:classify", response_model=ClassifyResponse, tags=["keel"],
-              responses={400: {}, 404: {}, 413: {}, 422: {}})
+    @app.post("/v1/models/{name}:classify", response_model=ClassifyResponse, tags=["keel"], responses=SCORING_ERRORS)
     async def classify(name: str, body: ClassifyRequest, request: Request) -> dict[str, Any]:
         check_name(name)
         metrics.observe_batch(len(body.texts))

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.recommend.recommender import MAX_K, Recommender
-from keel.serve.app import MAX_BODY_BYTES, base_app, name_checker
+from keel.serve.app import MAX_BODY_BYTES, SCORING_ERRORS, base_app, name_checker
 from keel.serve.metrics import ServingMetrics
 from keel.serve.schema import MAX_RECORDS
 
@@ -63,8 +63,7 @@ def build_recommend_app(recommender: Recommender, model_name: str, model_version
     request_type = RecommendRequest[users]  # type: ignore[valid-type]
     response_type = RecommendResponse[users, items]  # type: ignore[valid-type]
 
-    @app.post("/v1/models/{name}:recommend", response_model=response_type, tags=["keel"],
-              responses={400: {}, 404: {}, 413: {}, 422: {}})
+    @app.post("/v1/models/{name}:recommend", response_model=response_type, tags=["keel"], responses=SCORING_ERRORS)
     async def recommend(name: str, body: request_type, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
         check_name(name)
         metrics.observe_batch(len(body.user_ids))

@@ -30,6 +30,8 @@ Divert = Callable[[Request], Awaitable[Response | None]]
 MAX_BODY_BYTES = 1 << 20
 # Probes and Prometheus reach these without a token: they reveal no predictions.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
+# What a scoring route may answer besides 200, documented in its OpenAPI schema (schemathesis holds it to it).
+SCORING_ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 404: {}, 413: {}, 415: {}, 422: {}}
 V2_NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 
 
@@ -59,6 +61,17 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
         return 400, "request body is not valid JSON"
     problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors[:10]]
     return 422, "; ".join(problems)
+
+
+def _unparsed_body(request: Request) -> str | None:
+    """How a body FastAPI left unparsed was sent: it reads JSON only under ``application/json`` or
+    ``application/*+json`` (FastAPI's strict content types, on by default). curl's ``-d`` without ``-H``
+    sends a form type; ``requests.post(url, data=...)`` sends none."""
+    content_type = request.headers.get("content-type", "")
+    maintype, _, subtype = content_type.split(";", 1)[0].strip().lower().partition("/")
+    if maintype == "application" and (subtype == "json" or subtype.endswith("+json")):
+        return None
+    return f"as {content_type!r}" if content_type else "without a content type"
 
 
 def direct_scorer(predictor: Predictor, metrics: ServingMetrics) -> Scorer:
@@ -139,6 +152,10 @@ def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        unparsed = _unparsed_body(request)
+        if unparsed is not None:
+            return _error(request, 415, f"the body was sent {unparsed}; send JSON, with the header "
+                                        "'content-type: application/json'")
         return _error(request, *_describe_validation(list(exc.errors())))
 
     @app.exception_handler(RequestError)
@@ -207,8 +224,7 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
         metrics.observe_inputs(frame)
         return probabilities
 
-    @app.post(f"/v1/models/{{name}}:predict", response_model=PredictResponse, tags=["keel"],
-              responses={400: {}, 404: {}, 413: {}, 422: {}})
+    @app.post(f"/v1/models/{{name}}:predict", response_model=PredictResponse, tags=["keel"], responses=SCORING_ERRORS)
     async def predict(name: str, body: request_model, request: Request) -> PredictResponse:  # type: ignore[valid-type]
         check_name(name)
         frame = pd.DataFrame([r.model_dump() for r in body.records], columns=columns)  # type: ignore[attr-defined]
@@ -228,7 +244,7 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
                 "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                             {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes)]}]}
 
-    @app.post("/v2/models/{name}/infer", tags=["v2"], responses={400: {}, 404: {}, 413: {}, 422: {}})
+    @app.post("/v2/models/{name}/infer", tags=["v2"], responses=SCORING_ERRORS)
     async def infer(name: str, body: V2InferRequest) -> dict[str, Any]:
         check_name(name)
         probabilities = await predict_frame(_v2_frame(body, columns))

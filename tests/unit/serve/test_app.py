@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,6 +147,28 @@ def test_malformed_predict_requests_get_4xx_naming_the_field(client: TestClient,
     else:
         response = client.post(f"/v1/models/{NAME}:predict", json=payload)
     assert response.status_code == status and message in response.json()["detail"], response.text
+    assert_still_serving(client)
+
+
+@pytest.mark.parametrize("content_type, status", [
+    ("application/x-www-form-urlencoded", 415), ("text/plain; charset=utf-8", 415),
+    ("application/json; charset=utf-8", 200), ("application/vnd.api+json", 200), (None, 415)])
+def test_a_json_body_sent_under_another_content_type_is_415_naming_the_header(client: TestClient,
+                                                                               content_type: str | None,
+                                                                               status: int) -> None:
+    """`curl -d` without `-H` sends a form type, and `requests.post(url, data=...)` none: FastAPI then leaves
+    the JSON unparsed, and the body read as "not a valid dictionary" (422) sent people looking for a fault in
+    JSON that had none."""
+    body = json.dumps({"records": records(1)})
+    for path, key in ((f"/v1/models/{NAME}:predict", "detail"), (f"/v2/models/{NAME}/infer", "error")):
+        payload = body if key == "detail" else json.dumps({"inputs": _v2_inputs(1)})
+        headers = {} if content_type is None else {"content-type": content_type}
+        response = client.post(path, content=payload, headers=headers)
+        assert response.status_code == status, response.text
+        if status == 415:
+            sent = f"as {content_type!r}" if content_type else "without a content type"
+            assert response.json()[key] == (f"the body was sent {sent}; send JSON, with the header "
+                                             "'content-type: application/json'")
     assert_still_serving(client)
 
 

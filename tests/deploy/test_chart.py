@@ -302,6 +302,40 @@ def test_the_config_map_speaks_keel_settings(rendered: dict[str, Path], shape: s
     assert settings.artifact_root.startswith("s3://") and settings.mlflow_tracking_uri.startswith("http")
 
 
+def credential_keys_read(node: Any, secret: str = "keel-credentials") -> set[str]:
+    """Every key of the credentials Secret that ``node`` reads: env secretKeyRefs and secret volumes' items."""
+    if isinstance(node, list):
+        return set().union(*(credential_keys_read(item, secret) for item in node))
+    if not isinstance(node, dict):
+        return set()
+    keys = set()
+    if secret in (node.get("secretName"), node.get("name")) and "items" in node:
+        keys |= {item["key"] for item in node["items"]}
+    if node.get("secretKeyRef", {}).get("name") == secret:
+        keys.add(node["secretKeyRef"]["key"])
+    return keys.union(*(credential_keys_read(value, secret) for value in node.values()))
+
+
+def install_notes(values: Path | None, namespace: str) -> str:
+    """What `helm install` prints after installing (no cluster here: the credentials Secret is not found)."""
+    command = [render.tool("helm"), "install", "--dry-run=client", render.RELEASE, str(render.CHART), "-n", namespace]
+    return render.run(*command, *(["--values", str(values)] if values else [])).split("NOTES:", 1)[1]
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.stem if v else "default")
+def test_the_install_notes_create_every_credential_the_release_reads(values: Path | None) -> None:
+    """With mlflow.auth on, the notes' `kubectl create secret` left out MLflow's two keys: its pods would wait
+    on a key the Secret lacks (CreateContainerConfigError) and the steps get 401s."""
+    from keel.cluster import S3_CREDENTIALS
+
+    notes = install_notes(values, "ml")
+    created = set(re.findall(r"--from-literal=([\w-]+)=", notes))
+    read = credential_keys_read(render.documents(render.helm_template(values))) | set(S3_CREDENTIALS)
+    assert "ray-auth-token" in read and read <= created, read - created
+    assert "kubectl -n ml create secret generic keel-credentials" in notes
+    assert "\n  KEEL_KUBE_NAMESPACE=ml keel status " in notes and "helm test keel -n ml" in notes
+
+
 def test_monitoring_objects_need_the_operator_and_ship_the_tested_rules(rendered: dict[str, Path]) -> None:
     monitoring_kinds = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
     assert not {d["kind"] for d in documents(rendered["default"])} & monitoring_kinds

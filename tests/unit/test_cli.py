@@ -128,5 +128,6 @@ def test_serve_status_counts_a_deployments_replicas_by_state_as_serves_rest_api_
 
     rolling = {"status": "UPDATING", "target_num_replicas": 2, "recent_dead_replicas": [{"replica_id": "a"}],
                "replicas": [{"replica_id": "b", "state": "RUNNING"}, {"replica_id": "c", "state": "STARTING"}]}
-    assert replicas_line(rolling) == "replicas: 1 RUNNING, 1 STARTING (target 2); 1 died recently"
+    assert replicas_line(rolling) == ("replicas: 1 RUNNING, 1 STARTING (target 2); 1 stopped recently (a roll, a "
+                                      "scale-down or a crash; Ray's dashboard has their logs)")
     assert replicas_line({"target_num_replicas": 1, "replicas": []}) == "replicas: none yet (target 1)"

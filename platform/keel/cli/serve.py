@@ -170,12 +170,16 @@ def _print_status(dashboard: str) -> None:
 
 
 def replicas_line(deployment: dict[str, Any]) -> str:
-    """A deployment's replicas by state, from Serve's REST status (a list of replicas, each with its state)."""
+    """A deployment's replicas by state, from Serve's REST status (a list of replicas, each with its state).
+
+    ``recent_dead_replicas`` holds every replica stopped lately, kept for its logs: a roll to a new version or
+    a scale-down stops them as surely as a crash does, so they are counted as stopped, not as deaths."""
     states = Counter(str(replica.get("state")) for replica in deployment.get("replicas", []))
     counted = ", ".join(f"{count} {state}" for state, count in sorted(states.items())) or "none yet"
-    dead = len(deployment.get("recent_dead_replicas", []))
+    stopped = len(deployment.get("recent_dead_replicas", []))
     return (f"replicas: {counted} (target {deployment.get('target_num_replicas', '?')})"
-            + (f"; {dead} died recently" if dead else ""))
+            + (f"; {stopped} stopped recently (a roll, a scale-down or a crash; Ray's dashboard has their logs)"
+               if stopped else ""))
 
 
 def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: OutputFormat,

@@ -104,14 +104,21 @@ def experiment_id(client: MlflowClient, settings: KeelSettings) -> str:
 
 
 def git_commit(settings: KeelSettings) -> str:
-    """The commit to tag runs with: KEEL_GIT_COMMIT, else git's HEAD, else 'unknown'."""
+    """The commit to tag runs with: KEEL_GIT_COMMIT (an image's build sets it), else the HEAD of the working
+    directory's repository, else that of the checkout Keel's code runs from (``keel run`` started outside it),
+    else 'unknown'."""
     if settings.git_commit:
         return settings.git_commit
+    return _git_head(Path.cwd()) or _git_head(Path(__file__).parent) or "unknown"
+
+
+def _git_head(directory: Path) -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+        result = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
+        return None
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else None
 
 
 def registered_name(model_uri: str | None) -> str | None:

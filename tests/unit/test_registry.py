@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -296,6 +297,24 @@ def test_failure_after_registration_withdraws_the_version(staged_run: dict, sett
     experiment = client.get_run(client.get_model_version(MODEL, "1").run_id).info.experiment_id
     links = [json.loads(model.tags[MLFLOW_MODEL_VERSIONS]) for model in client.search_logged_models([experiment])]
     assert sorted(links, key=len) == [[], [{"name": MODEL, "version": "1"}]]  # none to the deleted version
+
+
+def test_runs_started_outside_a_repository_are_tagged_with_the_commit_of_keels_own_checkout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`keel run` from a directory that is no repository tagged 'unknown', though the pipeline code it ran
+    comes from a checkout; the working directory's repository still comes first, KEEL_GIT_COMMIT before both."""
+    def head(directory: Path) -> str:
+        return subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    checkout = head(Path(tracking.__file__).parent)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.git_commit(KeelSettings(home=tmp_path)) == checkout
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false",
+                    "commit", "-q", "--allow-empty", "-m", "user's project"], cwd=tmp_path, check=True)
+    assert tracking.git_commit(KeelSettings(home=tmp_path)) == head(tmp_path) != checkout
+    assert tracking.git_commit(KeelSettings(home=tmp_path, git_commit="abc123")) == "abc123"
 
 
 def test_flatten_params() -> None:

@@ -23,6 +23,7 @@ IMAGE ?= $(shell $(PYTHON) -c "import re;print(re.search(r'IMAGE_REPOSITORY = \"
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' platform/keel/__init__.py)
 CUDA ?=
 UI_PORT ?= 5000
+DOCKER ?= docker
 
 .PHONY: help venv system-deps tools demo ui test test-unit typecheck bench pipelines manifests image e2e-cluster clean
 
@@ -100,7 +101,8 @@ manifests: $(TOOLS_STAMP) ## Render manifests/base and the dev/prod overlays fro
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m tests.deploy.render write
 
 image: ## Build the runtime image (needs a Docker engine); CUDA=1 for the GPU variant
-	docker build -f platform/runtime.Dockerfile --build-arg KEEL_VERSION=$(VERSION) \
+	$(DOCKER) build -f platform/runtime.Dockerfile --build-arg KEEL_VERSION=$(VERSION) \
+		--build-arg KEEL_GIT_COMMIT=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 		$(if $(CUDA),--build-arg TORCH_VARIANT=cu128 -t $(IMAGE):$(VERSION)-cuda,-t $(IMAGE):$(VERSION)) .
 
 e2e-cluster: $(STAMP) $(TOOLS_STAMP) ## Install the chart on the cluster of KEEL_E2E_KUBECONFIG and run a pipeline there (opt-in)

@@ -31,7 +31,11 @@ RUN python -m venv /opt/keel \
 
 FROM ${PYTHON_IMAGE}
 ARG KEEL_VERSION=0.1.0
+# The commit the image is built from (`make image` passes it): every MLflow run a step starts is tagged with it,
+# so `keel models show` names the code a cluster-trained version came from.
+ARG KEEL_GIT_COMMIT=unknown
 LABEL org.opencontainers.image.title="keel-runtime" \
+      org.opencontainers.image.revision="${KEEL_GIT_COMMIT}" \
       org.opencontainers.image.description="Keel components, MLflow server and Ray pods" \
       org.opencontainers.image.source="https://github.com/keel-mlops/keel" \
       org.opencontainers.image.version="${KEEL_VERSION}" \
@@ -49,6 +53,7 @@ ENV PATH=/opt/keel/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     KEEL_HOME=/tmp/keel \
+    KEEL_GIT_COMMIT=${KEEL_GIT_COMMIT} \
     HF_HUB_OFFLINE=1
 USER 10001:10001
 WORKDIR /tmp

@@ -551,6 +551,24 @@ def test_the_image_is_non_root_pinned_and_has_a_cuda_variant() -> None:
     assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim-\w+$", text, re.M)
 
 
+def test_the_image_carries_the_commit_it_is_built_from_into_every_steps_runs() -> None:
+    """Steps run in the image, where no repository is: their MLflow runs were tagged commit 'unknown'. The build
+    argument `make image` passes becomes KEEL_GIT_COMMIT in the image, which tracking.git_commit reads first."""
+    from keel.settings import KeelSettings
+    from keel.tracking import git_commit
+
+    build = subprocess.run(["make", "--no-print-directory", "image", "DOCKER=echo"], cwd=render.REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=render.REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert f"--build-arg KEEL_GIT_COMMIT={head} " in build
+    final_stage = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    assert "\nARG KEEL_GIT_COMMIT=unknown\n" in final_stage  # an ARG is scoped to the stage that declares it
+    assert re.search(r"^\s+KEEL_GIT_COMMIT=\$\{KEEL_GIT_COMMIT\} \\$", final_stage, re.M)
+    assert 'org.opencontainers.image.revision="${KEEL_GIT_COMMIT}"' in final_stage
+    assert git_commit(KeelSettings(git_commit=head)) == head
+
+
 def test_the_image_has_the_driver_sqlalchemy_opens_the_charts_backend_store_with() -> None:
     """The chart's MLflow opens postgresql://, for which SQLAlchemy 2.1 imports psycopg 3, not psycopg2: an image
     with only the latter runs a server that crash-loops on its first connection."""

@@ -66,6 +66,10 @@ class EvaluationError(KeelError):
     """The evaluation config does not fit the model or the test data."""
 
 
+class TrackingError(KeelError):
+    """The MLflow tracking server does not answer."""
+
+
 class ClusterError(KeelError):
     """The Kubernetes API, Kubeflow Pipelines or a Ray head could not be reached, or refused a request."""
 

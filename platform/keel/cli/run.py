@@ -156,17 +156,24 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def _mark_mlflow_run_failed(settings: KeelSettings, run_id: str) -> None:
-    """A failed pipeline leaves its MLflow run FAILED, not RUNNING forever."""
-    from keel import tracking
+    """A failed pipeline leaves its MLflow run FAILED, not RUNNING forever; best effort, since the reason the
+    run failed (MLflow gone, say) must still be reported."""
+    from mlflow.exceptions import MlflowException
 
-    client = tracking.mlflow_client(settings)
-    experiment = client.get_experiment_by_name(settings.experiment_name)
-    if experiment is None:
-        return
-    for found in client.search_runs([experiment.experiment_id],
-                                    filter_string=f"tags.`{tracking.PIPELINE_RUN_TAG}` = '{run_id}'"):
-        if found.info.status == "RUNNING":
-            client.set_terminated(found.info.run_id, "FAILED")
+    from keel import tracking
+    from keel.errors import KeelError
+
+    try:
+        client = tracking.mlflow_client(settings)
+        experiment = client.get_experiment_by_name(settings.experiment_name)
+        if experiment is None:
+            return
+        for found in client.search_runs([experiment.experiment_id],
+                                        filter_string=f"tags.`{tracking.PIPELINE_RUN_TAG}` = '{run_id}'"):
+            if found.info.status == "RUNNING":
+                client.set_terminated(found.info.run_id, "FAILED")
+    except (KeelError, MlflowException, OSError) as e:
+        typer.echo(f"keel: warning: could not mark the MLflow run of {run_id} FAILED: {e}", err=True)
 
 
 def run_pipeline(
@@ -180,6 +187,7 @@ def run_pipeline(
     """Run PIPELINE end to end on this machine (kfp.local, local Ray, MLflow on SQLite by default)."""
     import pipelines
     from keel.local import new_run_id, run_local
+    from keel.tracking import check_tracking_server
     from keel.train.scaling import check_gpus_before_run
 
     settings = load_settings()
@@ -188,6 +196,7 @@ def run_pipeline(
     arguments = parse_params(param, pipeline_parameters(built, ("config", "run_name")))
     require_parameters(built, arguments, pipeline)
     check_gpus_before_run(int(arguments.get("gpus", 0)), settings)  # not 18 s into tune
+    check_tracking_server(settings.mlflow_tracking_uri)  # not minutes into the first step that logs
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:
         _mark_mlflow_run_failed(settings, run.run_id)

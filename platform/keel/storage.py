@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -37,6 +38,7 @@ MANIFEST = "manifest.json"
 # so the libraries a stage has to load count as the stage's own time.
 STAGE_STARTED_AT: ContextVar[float | None] = ContextVar("keel_stage_started_at", default=None)
 HTTP_TIMEOUT_S = 60
+ENDPOINT_CHECK_TIMEOUT_S = 5.0  # for an endpoint to answer at all
 SCHEMES = ("file", "s3", "http", "https")
 
 
@@ -113,6 +115,36 @@ def pyarrow_filesystem(uri: str, settings: KeelSettings) -> tuple[pyarrow.fs.Fil
     raise StorageError(f"{uri}: only local and s3:// locations can be used as a filesystem.")
 
 
+def no_answer(url: str, timeout_s: float) -> str | None:
+    """Why ``url`` got no HTTP answer at all (refused, no such host, a timeout), or None when it answered.
+
+    Any HTTP answer counts, an error status included, and so does a TLS handshake this check cannot vouch for
+    (the client that talks to the server may trust other certificates): what the server says is its client's to
+    judge. Clients retry a refused connection with backoff, for seconds (MinIO's) or minutes (MLflow's), and
+    then fail deep inside a step; this check fails first, by name.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the user's own endpoint
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        return None if isinstance(e.reason, ssl.SSLError) else str(e.reason)
+    except (OSError, ValueError) as e:  # a timeout, a reset, a malformed URL
+        return str(e)
+
+
+def check_s3_endpoint(settings: KeelSettings, timeout_s: float = ENDPOINT_CHECK_TIMEOUT_S) -> None:
+    """An s3:// artifact root on an endpoint that does not answer fails here, naming it (no endpoint: AWS's)."""
+    if not settings.artifact_root.startswith("s3://") or not settings.s3_endpoint:
+        return
+    reason = no_answer(settings.s3_endpoint, timeout_s)
+    if reason is not None:
+        raise StorageError(f"cannot reach the S3 endpoint {settings.s3_endpoint} of the artifact root "
+                           f"{settings.artifact_root} ({reason}). Start it, or point KEEL_S3_ENDPOINT at one that "
+                           "answers (unset KEEL_ARTIFACT_ROOT, artifacts stay under KEEL_HOME).")
+
+
 def _s3_error(uri: str, action: str, e: Exception) -> StorageError:
     return StorageError(f"{uri}: cannot {action} ({type(e).__name__}: {e}). Check the URI, "
                         "KEEL_S3_ENDPOINT and the S3 credentials.")
@@ -168,6 +200,8 @@ def exists(uri: str, settings: KeelSettings) -> bool:
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
                 return False
+            raise _s3_error(uri, "check the object", e) from e
+        except Exception as e:  # an endpoint that does not answer: urllib3's MaxRetryError, a timeout
             raise _s3_error(uri, "check the object", e) from e
     raise StorageError(f"{uri}: existence checks need a local or s3:// URI.")
 

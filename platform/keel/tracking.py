@@ -8,11 +8,8 @@ logs to the same run rather than starting another.
 from __future__ import annotations
 
 import functools
-import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -40,7 +37,6 @@ PROMOTION_CHECKS_TAG = "keel.promotion_checks"  # run tag: the gate checks that 
 # experiment, with the source of the first run that logged it, so a later run on the same bytes shows that
 # earlier run's copy (which may be deleted) as its source.
 DATASET_URI_TAG = "keel.dataset_uri"
-SERVER_CHECK_TIMEOUT_S = 5.0
 
 
 def every_page(search: Callable[..., Any], **arguments: Any) -> Iterator[Any]:
@@ -68,13 +64,13 @@ def mlflow_client(settings: KeelSettings) -> MlflowClient:
     return MlflowClient(settings.mlflow_tracking_uri)
 
 
-def check_tracking_server(tracking_uri: str, timeout_s: float = SERVER_CHECK_TIMEOUT_S) -> None:
+def check_tracking_server(tracking_uri: str, timeout_s: float = storage.ENDPOINT_CHECK_TIMEOUT_S) -> None:
     """Fail in seconds, naming the server, where MLflow's client retries a refused connection for minutes (7
     retries with backoff a call: a `keel run` against a stopped server took 8 minutes to end in a traceback).
 
-    Only a server that does not answer at all fails here: any HTTP answer, or a TLS handshake that MLflow's own
-    certificate settings may yet accept, is left for MLflow to judge. A pipeline step that fails here is retried
-    by its KFP retry policy, as any failed step is. A server that answered is not asked again by this process.
+    Only a server that does not answer at all fails here (:func:`keel.storage.no_answer`). A pipeline step that
+    fails here is retried by its KFP retry policy, as any failed step is. A server that answered is not asked
+    again by this process.
     """
     if tracking_uri.startswith(("http://", "https://")):
         _server_answers(tracking_uri, timeout_s)
@@ -83,22 +79,11 @@ def check_tracking_server(tracking_uri: str, timeout_s: float = SERVER_CHECK_TIM
 @functools.cache
 def _server_answers(tracking_uri: str, timeout_s: float) -> None:
     """Returns once the server answers (cached); raises, uncached, when it does not."""
-    try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s):  # noqa: S310
-            return
-    except urllib.error.HTTPError:
-        return  # it answered
-    except urllib.error.URLError as e:
-        if not isinstance(e.reason, ssl.SSLError):
-            raise _unreachable(tracking_uri, e.reason) from e
-    except (OSError, ValueError) as e:  # a timeout, a reset, a malformed URI
-        raise _unreachable(tracking_uri, e) from e
-
-
-def _unreachable(tracking_uri: str, reason: object) -> TrackingError:
-    return TrackingError(f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}). Start it, or point "
-                         "KEEL_MLFLOW_TRACKING_URI at one that answers (unset, Keel keeps runs and the registry in "
-                         "SQLite under KEEL_HOME).")
+    reason = storage.no_answer(tracking_uri.rstrip("/") + "/health", timeout_s)
+    if reason is not None:
+        raise TrackingError(f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}). Start it, or "
+                            "point KEEL_MLFLOW_TRACKING_URI at one that answers (unset, Keel keeps runs and the "
+                            "registry in SQLite under KEEL_HOME).")
 
 
 def _initialize_sqlite_once(tracking_uri: str) -> MlflowClient:

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
-from keel.errors import ConfigError
+from keel.errors import ConfigError, KeelError
 from keel.settings import KeelSettings, load_settings
 
 RANKING_METRICS = ("recall_at_", "ndcg_at_", "ndcg_lift")
@@ -102,7 +102,7 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
     from keel.evaluate import HEADLINE_METRICS
     from keel.runs import stage_manifests
 
-    manifests = stage_manifests(settings, run.run_id)
+    manifests = stage_manifests(settings, run.run_id) if run.succeeded else _readable_manifests(settings, run.run_id)
     evaluation = manifests.get("evaluate", {})
     registered = manifests.get("register", {})
     return {
@@ -129,6 +129,17 @@ def mlflow_ui_command(tracking_uri: str) -> str | None:
         return None
     script = Path(sys.executable).parent / "mlflow"
     return shlex.join([str(script) if script.exists() else "mlflow", "ui", "--backend-store-uri", tracking_uri])
+
+
+def _readable_manifests(settings: KeelSettings, run_id: str) -> dict[str, dict[str, Any]]:
+    """A failed run's manifests, or none when its artifact store cannot be read: the store a step could not
+    reach is likely unreachable here too, and the step's own error, reported below the table, says why."""
+    from keel.runs import stage_manifests
+
+    try:
+        return stage_manifests(settings, run_id)
+    except KeelError:
+        return {}
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -187,6 +198,7 @@ def run_pipeline(
     """Run PIPELINE end to end on this machine (kfp.local, local Ray, MLflow on SQLite by default)."""
     import pipelines
     from keel.local import new_run_id, run_local
+    from keel.storage import check_s3_endpoint
     from keel.tracking import check_tracking_server
     from keel.train.scaling import check_gpus_before_run
 
@@ -197,6 +209,7 @@ def run_pipeline(
     require_parameters(built, arguments, pipeline)
     check_gpus_before_run(int(arguments.get("gpus", 0)), settings)  # not 18 s into tune
     check_tracking_server(settings.mlflow_tracking_uri)  # not minutes into the first step that logs
+    check_s3_endpoint(settings)  # nor as a step's failure and urllib3's retry warnings
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:
         _mark_mlflow_run_failed(settings, run.run_id)

@@ -15,7 +15,7 @@ from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json
 from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, load_settings
 
 if TYPE_CHECKING:
-    from keel.serve.config import CanaryConfig, ShadowConfig
+    from keel.serve.config import CanaryConfig, ServeConfig, ShadowConfig
 
 DEFAULT_MODEL = "models:/medical-diagnosis@champion"
 ACTIONS = ("status", "stop")
@@ -182,7 +182,7 @@ def replicas_line(deployment: dict[str, Any]) -> str:
                if stopped else ""))
 
 
-def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: OutputFormat,
+def _serve_in_foreground(model_uri: str, config: ServeConfig, haproxy: bool, output: OutputFormat,
                          shadow_uri: str | None, canary_uri: str | None) -> None:
     import logging
     import os
@@ -192,14 +192,19 @@ def _serve_in_foreground(model_uri: str, config: object, haproxy: bool, output: 
     from ray import serve
 
     from keel.serve.config import local_haproxy_environment
+    from keel.serve.control import ServeError, port_in_use
     from keel.serve.deployment import deploy
 
+    host, port = config.host, config.port
+    if port_in_use(host, port):  # this process starts a Ray of its own: the port must be free
+        raise ServeError(f"port {port} on {host} is taken, so Serve cannot listen there: stop what listens there "
+                         "(a detached Keel server? `keel serve stop`), or serve on another port (--port).")
     if haproxy:
         os.environ.update(local_haproxy_environment())
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:
-        url = deploy(model_uri, config, shadow_uri, canary_uri=canary_uri)  # type: ignore[arg-type]
+        url = deploy(model_uri, config, shadow_uri, canary_uri=canary_uri)
         _announce(url, model_uri, output, shadow_uri, canary_uri, partial(sample_request, model_uri))
         typer.echo("Press Ctrl-C to stop.")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -247,12 +248,37 @@ def deploy_detached(model_uri: str, config: ServeConfig, settings: KeelSettings,
     """
     dashboard = settings.serve_dashboard_url
     if not dashboard:
+        refuse_a_port_held_elsewhere(config, settings)
         dashboard = start_local_head(settings, haproxy=haproxy)
     document = deploy_rest(dashboard, model_uri, config, shadow_uri, canary_uri)
     wait_until_running(dashboard, args=document["applications"][0]["args"])  # this config, not the one before
     for challenger in document["applications"][1:]:
         wait_until_running(dashboard, app=challenger["name"], args=challenger["args"])
     return f"http://{config.host}:{config.port}"
+
+
+def refuse_a_port_held_elsewhere(config: ServeConfig, settings: KeelSettings) -> None:
+    """Serving on a port another program listens on failed deep in Ray: its REST API answered HTTP 500 with a
+    traceback. The port this machine's own Serve holds is no obstacle: the deploy rolls what it serves there."""
+    if not port_in_use(config.host, config.port):
+        return
+    status = _serving_status(dashboard_url(settings), settings)
+    if status.get("proxies") and (status.get("http_options") or {}).get("port") == config.port:
+        return
+    raise ServeError(f"port {config.port} on {config.host} is taken by another program, so Serve cannot listen "
+                     "there: stop that program, or serve on another port (--port).")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port``. A port left in TIME_WAIT by a server just stopped is free, as
+    it is to the next server: both bind with SO_REUSEADDR, as servers do."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:

@@ -1,0 +1,66 @@
+"""`keel serve` on this machine and a port another program holds: refused by name before Ray starts.
+
+Before, Serve's proxy failed to bind and Serve's REST API answered HTTP 500 with a Python traceback, which
+`keel serve` printed as its error.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keel.serve import control
+from keel.serve.config import ServeConfig
+from keel.settings import KeelSettings
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port another program listens on."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+def test_a_port_another_program_listens_on_is_refused_naming_it(held_port: int, tmp_path: Path) -> None:
+    settings = KeelSettings(home=tmp_path)  # no Ray head of Keel's on this machine
+    with pytest.raises(control.ServeError, match=f"^port {held_port} on 127.0.0.1 is taken by another program, so "
+                                                 r"Serve cannot listen there: stop that program, or serve on another "
+                                                 r"port \(--port\)\.$"):
+        control.refuse_a_port_held_elsewhere(ServeConfig(port=held_port), settings)
+
+
+def test_the_port_this_machines_serve_holds_is_rolled_not_refused(held_port: int, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve's REST status names its proxies and their port: that is the server a second deploy rolls."""
+    def serving(port: int) -> dict[str, Any]:
+        return {"proxies": {"node": {"status": "HEALTHY"}}, "http_options": {"host": "127.0.0.1", "port": port}}
+
+    settings = KeelSettings(home=tmp_path)
+    monkeypatch.setattr(control, "_serving_status", lambda dashboard, s: serving(held_port))
+    control.refuse_a_port_held_elsewhere(ServeConfig(port=held_port), settings)
+    monkeypatch.setattr(control, "_serving_status", lambda dashboard, s: serving(held_port + 1))
+    with pytest.raises(control.ServeError, match="taken by another program"):
+        control.refuse_a_port_held_elsewhere(ServeConfig(port=held_port), settings)
+
+
+def test_a_port_left_in_time_wait_by_a_server_just_stopped_is_free() -> None:
+    """The server side that closes first keeps the port in TIME_WAIT for a minute: `keel serve stop` then
+    `keel serve` again must not read that as a program holding it."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do (asyncio's, HAProxy)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    assert control.port_in_use("127.0.0.1", port)
+    accepted.close()  # the server closes first: its side of the connection waits in TIME_WAIT
+    server.close()
+    client.close()
+    assert not control.port_in_use("127.0.0.1", port)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from minio import Minio
 
 MANIFEST = "manifest.json"
+WRITTEN = "written"  # manifest key: the top-level entries the output wrote
 # When a component runs a stage, its clock starts as the component body starts,
 # so the libraries a stage has to load count as the stage's own time.
 STAGE_STARTED_AT: ContextVar[float | None] = ContextVar("keel_stage_started_at", default=None)
@@ -213,7 +214,7 @@ def list_children(uri: str, settings: KeelSettings) -> list[str]:
         root = Path(loc.path)
         return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
     if loc.scheme == "s3":
-        prefix = loc.key.rstrip("/") + "/"
+        prefix = loc.key.rstrip("/") + "/" if loc.key.strip("/") else ""  # "": the bucket's top level
         try:
             objects = minio_client(settings).list_objects(loc.bucket, prefix=prefix)
             names = {o.object_name[len(prefix):].strip("/") for o in objects}
@@ -221,6 +222,15 @@ def list_children(uri: str, settings: KeelSettings) -> list[str]:
         except Exception as e:
             raise _s3_error(uri, "list the prefix", e) from e
     raise StorageError(f"{uri}: listing needs a local or s3:// URI.")
+
+
+def holds_anything(uri: str, settings: KeelSettings) -> bool:
+    """Whether ``uri`` names a file, a non-empty directory, or an S3 prefix with objects under it."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        path = Path(loc.path)
+        return path.is_dir() and any(path.iterdir()) or (path.exists() and not path.is_dir())
+    return bool(list_children(uri, settings))
 
 
 def download(uri: str, dest: Path, settings: KeelSettings) -> Path:
@@ -420,16 +430,26 @@ def staged_output(uri: str, stage: str, settings: KeelSettings) -> Iterator[Stag
     output = StagedOutput(dir=staging, uri=uri, manifest={"stage": stage})
     try:
         yield output
-        _finish_manifest(output, started)
+        _finish_manifest(output, started, [p.name for p in staging.iterdir()])
         publish_directory(staging, uri, settings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _finish_manifest(output: StagedOutput, started: float) -> Path:
+def _finish_manifest(output: StagedOutput, started: float, written: list[str]) -> Path:
+    """``written``: the output's top-level entries, so a later command asked to replace it can tell them from
+    files someone else put beside them (see :func:`foreign_entries`)."""
     output.manifest["started_at"] = started
     output.manifest["duration_s"] = round(time.time() - started, 4)
+    output.manifest[WRITTEN] = sorted(set(written) - {MANIFEST})
     return output.write_json(MANIFEST, output.manifest)
+
+
+def foreign_entries(uri: str, settings: KeelSettings) -> list[str]:
+    """What the output directory at ``uri`` holds that its manifest does not say it wrote (everything, for an
+    output from before manifests listed their entries)."""
+    written = set(read_manifest(uri, settings).get(WRITTEN, [])) | {MANIFEST}
+    return sorted(set(list_children(uri, settings)) - written)
 
 
 @contextmanager
@@ -452,7 +472,7 @@ def staged_for_other_writers(uri: str, stage: str, settings: KeelSettings) -> It
     _remove_s3_output(loc, settings)
     try:
         yield output
-        manifest = _finish_manifest(output, started)
+        manifest = _finish_manifest(output, started, list_children(uri, settings))
         write_bytes(join(uri, MANIFEST), manifest.read_bytes(), settings)
     except BaseException:
         try:

@@ -5,6 +5,7 @@ In a cluster the same code talks to MinIO; nothing here is moto-specific.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -15,10 +16,10 @@ import pytest
 from keel import storage
 from keel.data import tables
 from keel.data.ingest import ingest
-from keel.errors import DataError, StorageError
+from keel.errors import ConfigError, DataError, StorageError
 from keel.settings import load_settings
 from tests.conftest import small_frame
-from tests.integration.conftest import S3_SECRET
+from tests.integration.conftest import S3_SECRET, s3_client
 from tests.processes import keel
 
 pytestmark = pytest.mark.integration
@@ -35,6 +36,27 @@ def test_staged_output_roundtrip_on_s3(s3_env: dict[str, str]) -> None:
         o.write_json("half.json", {})
         raise RuntimeError("died")
     assert storage.list_children(storage.join(settings.artifact_root, "runs", "r1"), settings) == ["stage"]
+
+
+def test_a_destination_prefix_is_replaced_only_when_it_holds_nothing_but_an_earlier_output(
+        s3_env: dict[str, str]) -> None:
+    """`keel predict ... s3://bucket/data` emptied the prefix first: every object under it was deleted."""
+    from keel.cli.output import refuse_to_replace
+
+    settings, client, bucket = load_settings(), s3_client(s3_env["KEEL_S3_ENDPOINT"]), s3_env["bucket"]
+    client.put_object(bucket, "data/customers.csv", io.BytesIO(b"id\n1\n"), 5)
+    for destination in (f"s3://{bucket}/data", f"s3://{bucket}"):
+        with pytest.raises(ConfigError, match="holds files that are not an earlier Keel output"):
+            refuse_to_replace(destination, True, settings)
+    output = f"s3://{bucket}/scores"
+    with storage.staged_output(output, "predict", settings) as out:
+        out.write_json("predictions/part-0.json", {})
+    assert storage.read_manifest(output, settings)[storage.WRITTEN] == ["predictions"]
+    refuse_to_replace(output, True, settings)
+    client.put_object(bucket, "scores/mine.txt", io.BytesIO(b"x"), 1)
+    with pytest.raises(ConfigError, match="holds mine.txt, which its earlier output did not write"):
+        refuse_to_replace(output, True, settings)
+    assert storage.read_bytes(f"s3://{bucket}/data/customers.csv", settings) == b"id\n1\n"
 
 
 def test_ingest_reads_an_s3_source(s3_env: dict[str, str], tmp_path: Path) -> None:

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,35 @@ def test_parts_written_elsewhere_are_removed_on_failure_without_hiding_why_it_fa
         assert out.target("predictions") == "s3://bucket/scored/predictions"  # the workers write to S3 itself
         raise DataError("the row with id=7: not a number")
     assert removals == ["s3://bucket/scored"] * 2  # before the writers, and after they failed (only logged)
+
+
+def test_a_user_named_destination_is_replaced_only_when_it_holds_nothing_but_an_earlier_output(
+        tmp_path: Path, settings: KeelSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`keel predict M rows.csv .` deleted the current directory's files, and `... out` those of an existing
+    `out/`: an output is published by replacing its destination whole."""
+    from keel.cli.output import refuse_to_replace
+    from keel.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.csv").write_text("a\n1\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    for destination, says in ((".", "is the current directory or holds it"), ("..", "is the current directory"),
+                              ("rows.csv", "holds files that are not an earlier Keel output"),
+                              ("mine", "holds files that are not an earlier Keel output")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(destination)}: {says}"):
+            refuse_to_replace(destination, True, settings)
+    (tmp_path / "empty").mkdir()
+    refuse_to_replace("empty", False, settings)
+    refuse_to_replace("new", False, settings)
+    with storage.staged_output(str(tmp_path / "out"), "predict", settings) as out:
+        out.write_json("predictions/part-0.json", {})
+        out.write_json("summary.json", {})
+    assert storage.read_manifest(str(tmp_path / "out"), settings)[storage.WRITTEN] == ["predictions", "summary.json"]
+    with pytest.raises(ConfigError, match="holds an earlier output; pass --force"):
+        refuse_to_replace("out", False, settings)
+    refuse_to_replace("out", True, settings)
+    (tmp_path / "out" / "mine.txt").write_text("x")
+    with pytest.raises(ConfigError, match="^out: holds mine.txt, which its earlier output did not write"):
+        refuse_to_replace("out", True, settings)
+    assert (tmp_path / "rows.csv").read_text() == "a\n1\n" and (tmp_path / "mine" / "notes.txt").exists()

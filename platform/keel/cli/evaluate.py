@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from keel.cli.output import OUTPUT_OPTION, OutputFormat, options_as, print_json, print_table, refuse_earlier_output
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, options_as, print_json, print_table, refuse_to_replace
 from keel.settings import load_settings
 
 DEGRADED_EXIT_CODE = 3  # not 1, which every error exits with: CI can tell "worse" from "could not check"
@@ -34,14 +34,15 @@ def evaluate_command(
                                             help="A text classifier: the file's text column, when not `text`."),
     fail_if_degraded: bool = typer.Option(False, "--fail-if-degraded",
                                           help=f"Exit {DEGRADED_EXIT_CODE} when the verdict is degraded."),
-    force: bool = typer.Option(False, "--force", help="Replace an earlier output at DESTINATION."),
+    force: bool = typer.Option(False, "--force",
+                               help="Replace an earlier output at DESTINATION (never files it did not write)."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Score SOURCE's labeled rows and judge them by the rules the version was promoted on."""
     from keel.monitor.performance import PerformanceConfig, check_performance
 
     settings = load_settings()
-    refuse_earlier_output(destination, force, settings)
+    refuse_to_replace(destination, force, settings)
     config = options_as(PerformanceConfig, "keel evaluate", tolerance=tolerance, min_rows=min_rows,
                         label_column=label_column, input_column=input_column)
     manifest = check_performance(model_uri, source, destination, settings, config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
@@ -35,12 +36,33 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
         typer.echo("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=False)).rstrip())
 
 
-def refuse_earlier_output(destination: str, force: bool, settings: KeelSettings) -> None:
-    """A command that publishes to a directory the user names replaces an earlier output only when told to."""
+def refuse_to_replace(destination: str, force: bool, settings: KeelSettings) -> None:
+    """An output is published whole, replacing what is at its destination. A command the user points at a
+    directory replaces an earlier output there only when told to, and never what else is there: a destination
+    of the user's own, the current directory say, was deleted with everything in it."""
     from keel import storage
 
-    if storage.exists(storage.join(destination, storage.MANIFEST), settings) and not force:
-        raise ConfigError(f"{destination}: holds an earlier output; pass --force to replace it.")
+    if _holds_the_working_directory(destination):
+        raise ConfigError(f"{destination}: is the current directory or holds it; name a directory for the output "
+                          "alone (an output replaces its destination whole).")
+    if storage.exists(storage.join(destination, storage.MANIFEST), settings):
+        if not force:
+            raise ConfigError(f"{destination}: holds an earlier output; pass --force to replace it.")
+        foreign = storage.foreign_entries(destination, settings)
+        if foreign:
+            raise ConfigError(f"{destination}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                              "which its earlier output did not write; --force replaces the destination whole, so "
+                              "move them out first or name another directory.")
+    elif storage.holds_anything(destination, settings):
+        raise ConfigError(f"{destination}: holds files that are not an earlier Keel output (no {storage.MANIFEST}); "
+                          "an output replaces its destination whole, so name a new or empty directory.")
+
+
+def _holds_the_working_directory(destination: str) -> bool:
+    if "://" in destination:
+        return False
+    target, here = Path(destination).expanduser().resolve(), Path.cwd().resolve()
+    return target == here or target in here.parents
 
 
 def options_as(model: type[OptionsT], command: str, **values: Any) -> OptionsT:

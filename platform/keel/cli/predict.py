@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from keel.cli.output import OUTPUT_OPTION, OutputFormat, options_as, print_json, refuse_earlier_output
+from keel.cli.output import OUTPUT_OPTION, OutputFormat, options_as, print_json, refuse_to_replace
 from keel.errors import ConfigError
 from keel.settings import load_settings
 
@@ -27,14 +27,15 @@ def predict_command(
                                                      "local Ray) instead of reading it whole here."),
     workers: int | None = typer.Option(None, "--workers", help="With --ray: the most scoring actors (default: one "
                                                                "per CPU of the cluster)."),
-    force: bool = typer.Option(False, "--force", help="Replace an earlier output at DESTINATION."),
+    force: bool = typer.Option(False, "--force",
+                               help="Replace an earlier output at DESTINATION (never files it did not write)."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Score every row of SOURCE; nothing appears at DESTINATION unless every row scored."""
     from keel.batch import PredictConfig, score_table
 
     settings = load_settings()
-    refuse_earlier_output(destination, force, settings)
+    refuse_to_replace(destination, force, settings)
     if workers is not None and not on_ray:
         raise ConfigError("--workers sizes the --ray engine's actor pool; add --ray, or leave --workers out.")
     predict = options_as(PredictConfig, "keel predict", keep=keep, k=k, batch_rows=batch_rows,

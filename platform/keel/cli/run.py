@@ -149,7 +149,8 @@ def print_summary(report: dict[str, Any]) -> None:
     if report["test_metrics"]:
         typer.echo("\nTest metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in report["test_metrics"].items()))
     if report["model_uri"]:
-        alias = ("champion" if report["champion"] else "challenger, awaiting approval" if report.get("awaiting_approval")
+        alias = ("champion" if report["champion"]
+                 else "challenger, awaiting approval" if report.get("awaiting_approval")
                  else "challenger; the champion stays")
         typer.echo(f"Registered model: {report['model_uri']} ({alias})")
         head, *checks = promotion_lines(report["promotion"], report.get("promotion_checks", []))
@@ -172,7 +173,6 @@ def _mark_mlflow_run_failed(settings: KeelSettings, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     from keel import tracking
-    from keel.errors import KeelError
 
     try:
         client = tracking.mlflow_client(settings)

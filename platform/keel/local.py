@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from keel.runs import find_stage_error
-from keel.settings import KeelSettings
+from keel.settings import KeelSettings, make_directory
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,7 @@ def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: K
     # and, for every step, that its CPU and memory requests and limits do not apply here: they are its pod's on a
     # cluster (the config's `resources`); on this machine the steps share what it has, one at a time.
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
-    log_path = settings.home / "logs" / f"{run_id}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = make_directory(settings.home / "logs") / f"{run_id}.log"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(settings.home / "kfp"),
                raise_on_error=True)
     started = time.perf_counter()

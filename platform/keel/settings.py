@@ -169,6 +169,16 @@ def misnamed_variables(environ: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
+def make_directory(path: Path) -> Path:
+    """``path`` created if need be; a ConfigError naming it and the setting to change when it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot create this directory ({e.strerror or e}). Point KEEL_HOME (where Keel "
+                          "keeps runs, logs and the local MLflow store) at a directory you can write.") from e
+    return path
+
+
 def load_settings(**overrides: object) -> KeelSettings:
     """Read ``KEEL_*`` from the environment, turning bad values into a ConfigError."""
     for variable, setting in misnamed_variables(os.environ).items():

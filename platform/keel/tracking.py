@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel import storage
 from keel.errors import RegistryError, TrackingError
-from keel.settings import KeelSettings, export_s3_environment
+from keel.settings import KeelSettings, export_s3_environment, make_directory
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -98,7 +98,7 @@ def _initialize_sqlite_once(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     database = Path(tracking_uri[len("sqlite:///"):])
-    database.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(database.parent)
     with open(database.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

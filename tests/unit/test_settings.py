@@ -96,3 +96,18 @@ def test_a_misnamed_variable_is_named_with_the_setting_it_nearly_is(keel_home: P
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_settings()
+
+
+def test_a_keel_home_that_cannot_be_created_is_named_with_the_setting_to_change(tmp_path: Path) -> None:
+    """It ended in a FileNotFoundError traceback from `keel run` (the logs) or any registry command (SQLite)."""
+    from typer.testing import CliRunner
+
+    from keel.cli import app
+
+    (tmp_path / "a-file").write_text("")
+    home = tmp_path / "a-file" / "keel"
+    for command in (["run", "medical_diagnosis"], ["models", "list"]):
+        result = CliRunner().invoke(app, command, env={"KEEL_HOME": str(home), "KEEL_MLFLOW_TRACKING_URI": ""})
+        assert result.exit_code == 1 and isinstance(result.exception, ConfigError), result.output
+        assert str(result.exception).startswith(f"{home}") and "cannot create this directory (Not a directory)" in \
+            str(result.exception) and "Point KEEL_HOME" in str(result.exception)

@@ -87,5 +87,20 @@ def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: K
     wall_s = time.perf_counter() - started
     if failure is None:
         return LocalRun(run_id, True, wall_s, log_path, output=output)
-    error = find_stage_error(log_path.read_text()) or {"stage": "?", "error": failure}
+    log_text = log_path.read_text()
+    error = find_stage_error(log_text) or crash_report(failure, log_text, log_path)
     return LocalRun(run_id, False, wall_s, log_path, error=error)
+
+
+FAILED_TASK = re.compile(r"(?:Inner task failed|Task): '([^']+)'|Task '([^']+)' finished with status FAILURE")
+EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
+
+
+def crash_report(failure: str, log_text: str, log_path: Path) -> dict[str, str]:
+    """A step that ended without a Keel error (a crash, a bug): the step kfp.local names and the last exception
+    in the log, where its traceback is, instead of kfp.local's "? failed: Pipeline ... FAILURE"."""
+    task = FAILED_TASK.search(failure)
+    raised = EXCEPTION_LINE.findall(log_text)
+    what = f"it raised {raised[-1].strip()}" if raised else "it crashed"
+    return {"stage": next((name for name in task.groups() if name), "?") if task else "?",
+            "error": f"{what}; the traceback is in {log_path}"}

@@ -20,6 +20,27 @@ def test_params_are_typed_name_value_pairs() -> None:
         parse_params(["serve_port=eighty"], accepted)
 
 
+@pytest.mark.parametrize("pair, message", [("serve_port=99999", "expected 1 to 65535"),
+                                           ("serve_port=0", "expected 1 to 65535"), ("gpus=-1", "expected 0 or more")])
+def test_parameters_out_of_their_range_are_refused_before_anything_runs(pair: str, message: str) -> None:
+    """A serve_port of 99999 trained, registered, and failed the deploy step with a pydantic traceback."""
+    with pytest.raises(ConfigError, match=f"^--param {pair}: {message}.$"):
+        parse_params([pair], {"serve_port": "Integer", "gpus": "Integer"})
+
+
+def test_a_step_that_crashes_is_named_with_its_exception_and_where_the_traceback_is(tmp_path: Path) -> None:
+    """Without a Keel error in the log the summary said "? failed: Pipeline ... finished with status FAILURE"."""
+    from keel.local import crash_report
+
+    log = "    Traceback (most recent call last):\n      ...\n    ZeroDivisionError: division by zero\n"
+    failure = ("Pipeline 'medical-diagnosis' finished with status FAILURE. Inner task failed: 'deploy' inside "
+               "'condition-2' inside 'condition-1'.")
+    assert crash_report(failure, log, tmp_path / "run.log") == {
+        "stage": "deploy", "error": f"it raised ZeroDivisionError: division by zero; the traceback is in "
+                                    f"{tmp_path / 'run.log'}"}
+    assert crash_report("out of memory", "", tmp_path / "run.log")["stage"] == "?"
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "nope"], "unknown pipeline 'nope'"),
     (["run", "medical_diagnosis", "--param", "learning_rate=1"], "--param learning_rate"),

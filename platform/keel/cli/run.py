@@ -14,6 +14,9 @@ from keel.errors import ConfigError, KeelError
 from keel.settings import KeelSettings, load_settings
 
 RANKING_METRICS = ("recall_at_", "ndcg_at_", "ndcg_lift")
+# What KFP's types cannot say about the pipelines' parameters, checked before anything runs: a serve_port of
+# 99999 trained, registered and then failed the deploy step, minutes in.
+PARAMETER_RANGES = {"serve_port": (1, 65535), "gpus": (0, None)}
 
 
 def _typed(name: str, value: str, kind: str) -> Any:
@@ -43,8 +46,16 @@ def parse_params(pairs: list[str], accepted: dict[str, str]) -> dict[str, Any]:
         if name not in accepted:
             raise ConfigError(f"--param {name}: the pipeline has no such parameter; it takes {sorted(accepted)}. "
                               "Stage settings go in a --config file.")
-        arguments[name] = _typed(name, value, accepted[name])
+        arguments[name] = _in_range(name, _typed(name, value, accepted[name]))
     return arguments
+
+
+def _in_range(name: str, value: Any) -> Any:
+    low, high = PARAMETER_RANGES.get(name, (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        expected = f"{low} to {high}" if high is not None else f"{low} or more"
+        raise ConfigError(f"--param {name}={value}: expected {expected}.")
+    return value
 
 
 def require_parameters(built: Any, arguments: dict[str, Any], pipeline: str) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keel.errors import KeelError
+from keel.errors import ConfigError, KeelError
 from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_challengers_serving
 from keel.serve.config import (APP_NAME, CanaryConfig, ServeConfig, canary_application, keel_environment,
                                local_haproxy_environment, shadow_application, with_canary, with_shadow)
@@ -296,6 +296,8 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     rolled = roll_if_serving(registered_name(model_uri) or "", model_uri, settings)
     if rolled is not None:
         return rolled
+    if not 1 <= port <= 65535:  # the Kubeflow UI's run form takes any integer
+        raise ConfigError(f"serve_port {port}: expected a port, 1 to 65535.")
     host = "0.0.0.0" if settings.serve_dashboard_url else "127.0.0.1"  # a remote Ray head vs this machine
     return deploy_detached(model_uri, ServeConfig(port=port, host=host), settings)
 

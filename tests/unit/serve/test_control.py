@@ -64,3 +64,12 @@ def test_a_port_left_in_time_wait_by_a_server_just_stopped_is_free() -> None:
     server.close()
     client.close()
     assert not control.port_in_use("127.0.0.1", port)
+
+
+def test_a_pipeline_run_form_port_out_of_range_fails_the_deploy_step_by_name(tmp_path: Path) -> None:
+    """The Kubeflow UI's run form takes any integer for serve_port: the deploy step said so in a pydantic
+    traceback."""
+    from keel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^serve_port 99999: expected a port, 1 to 65535\.$"):
+        control.deploy_champion("models:/medical-diagnosis/1", 99999, KeelSettings(home=tmp_path))

@@ -2,7 +2,9 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from keel.cli import app
 from keel.cli.run import parse_params, print_summary, stage_rows
 from keel.errors import ConfigError
 from tests.processes import keel, modules_loaded_by
@@ -56,6 +58,18 @@ def test_user_errors_print_one_line_and_exit_1(args: list[str], message: str, ke
     assert result.returncode == 1
     assert message in result.stderr and result.stderr.startswith("keel: error:")
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_run_name_an_earlier_run_has_is_refused(keel_home: Path, tmp_path: Path) -> None:
+    """The second run would have logged into the first one's MLflow run and replaced the outputs its version's
+    lineage points at."""
+    (keel_home / "artifacts" / "runs" / "nightly" / "ingest").mkdir(parents=True)
+    (keel_home / "artifacts" / "runs" / "nightly" / "ingest" / "manifest.json").write_text("{}")
+    result = CliRunner().invoke(app, ["run", "medical_diagnosis", "--run-name", "nightly"])
+    assert result.exit_code == 1 and isinstance(result.exception, ConfigError)
+    assert str(result.exception) == (f"--run-name nightly: an earlier run has that name (its outputs are at "
+                                     f"{keel_home / 'artifacts' / 'runs' / 'nightly'}); choose another, or leave "
+                                     "--run-name out for a fresh one.")
 
 
 def test_bad_config_file_names_the_field(keel_home: Path, tmp_path: Path) -> None:

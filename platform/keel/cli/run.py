@@ -142,6 +142,18 @@ def mlflow_ui_command(tracking_uri: str) -> str | None:
     return shlex.join([str(script) if script.exists() else "mlflow", "ui", "--backend-store-uri", tracking_uri])
 
 
+def refuse_a_taken_run_name(run_name: str, settings: KeelSettings) -> None:
+    """A run finds its MLflow run and its outputs by name (so a retried step rejoins its own run): a second
+    run under a taken name would log into the first one's MLflow run and replace its outputs, which its
+    registered version's lineage points at."""
+    from keel import storage
+
+    earlier = storage.run_uri(settings, run_name)
+    if storage.holds_anything(earlier, settings):
+        raise ConfigError(f"--run-name {run_name}: an earlier run has that name (its outputs are at {earlier}); "
+                          "choose another, or leave --run-name out for a fresh one.")
+
+
 def _readable_manifests(settings: KeelSettings, run_id: str) -> dict[str, dict[str, Any]]:
     """A failed run's manifests, or none when its artifact store cannot be read: the store a step could not
     reach is likely unreachable here too, and the step's own error, reported below the table, says why."""
@@ -221,6 +233,8 @@ def run_pipeline(
     check_gpus_before_run(int(arguments.get("gpus", 0)), settings)  # not 18 s into tune
     check_tracking_server(settings.mlflow_tracking_uri)  # not minutes into the first step that logs
     check_s3_endpoint(settings)  # nor as a step's failure and urllib3's retry warnings
+    if run_name:
+        refuse_a_taken_run_name(run_name, settings)
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:
         _mark_mlflow_run_failed(settings, run.run_id)

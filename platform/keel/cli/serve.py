@@ -69,6 +69,12 @@ def serve_command(
 
     settings = load_settings()
     dashboard = control.dashboard_url(settings)
+    if target in ACTIONS and control.no_local_head(settings):  # as `kubectl get` with nothing there: no error
+        if output is OutputFormat.json and target == "status":
+            print_json({"applications": {}})
+        else:
+            typer.echo("No model is being served here (no Ray head of `keel serve --detach` runs).")
+        return
     if target == "status":
         print_json(control.status_rest(dashboard)) if output is OutputFormat.json else _print_status(dashboard)
         return

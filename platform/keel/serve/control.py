@@ -360,6 +360,15 @@ def dashboard_url(settings: KeelSettings) -> str:
     return settings.serve_dashboard_url or f"http://127.0.0.1:{HeadPorts().dashboard}"
 
 
+def no_local_head(settings: KeelSettings) -> bool:
+    """Nothing to ask on this machine: no Ray head named, and nothing listens on the port of the one
+    ``keel serve --detach`` starts. A stale record of a head that died is cleared."""
+    if settings.serve_dashboard_url or port_in_use("127.0.0.1", HeadPorts().dashboard):
+        return False
+    stop_local_head(settings)
+    return True
+
+
 def _serving_status(dashboard: str, settings: KeelSettings) -> dict[str, Any]:
     """Serve's applications on ``dashboard``; none when no local head answers (a head the user named must)."""
     try:

@@ -6,6 +6,7 @@ Before, Serve's proxy failed to bind and Serve's REST API answered HTTP 500 with
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,3 +74,28 @@ def test_a_pipeline_run_form_port_out_of_range_fails_the_deploy_step_by_name(tmp
 
     with pytest.raises(ConfigError, match=r"^serve_port 99999: expected a port, 1 to 65535\.$"):
         control.deploy_champion("models:/medical-diagnosis/1", 99999, KeelSettings(home=tmp_path))
+
+
+def test_status_and_stop_with_nothing_served_here_say_so_and_clear_a_dead_heads_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ended in "cannot reach the Ray dashboard ... Is Ray running?" and exit 1, as if stopping nothing
+    were a fault; a record of a head that died stayed behind."""
+    from typer.testing import CliRunner
+
+    from keel.cli import app
+
+    monkeypatch.setattr(control, "port_in_use", lambda host, port: False)  # nothing on the dashboard's port
+    record = tmp_path / "serve" / "ray-head.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"process_group": 999999999, "dashboard_port": 8265}')
+    env = {"KEEL_HOME": str(tmp_path), "KEEL_RAY_DASHBOARD_URL": "", "KEEL_RAY_ADDRESS": ""}
+    for args in (["serve", "stop"], ["serve", "status"]):
+        result = CliRunner().invoke(app, args, env=env)
+        assert result.exit_code == 0 and result.output == (
+            "No model is being served here (no Ray head of `keel serve --detach` runs).\n"), result.output
+    status = CliRunner().invoke(app, ["serve", "status", "--output", "json"], env=env)
+    assert status.exit_code == 0 and json.loads(status.output) == {"applications": {}}
+    assert not record.exists()
+    monkeypatch.setattr(control, "port_in_use", lambda host, port: True)  # a head answers there: ask it
+    assert not control.no_local_head(KeelSettings(home=tmp_path))
+    assert control.no_local_head(KeelSettings(home=tmp_path, ray_dashboard_url="http://ray:8265")) is False

@@ -92,7 +92,7 @@ def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: K
     return LocalRun(run_id, False, wall_s, log_path, error=error)
 
 
-FAILED_TASK = re.compile(r"(?:Inner task failed|Task): '([^']+)'|Task '([^']+)' finished with status FAILURE")
+FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'|Task '([^']+)' finished with status FAILURE")
 EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
 
 

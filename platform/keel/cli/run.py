@@ -11,12 +11,13 @@ import typer
 
 from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json, print_table
 from keel.errors import ConfigError, KeelError
+from keel.serve.config import PORTS
 from keel.settings import KeelSettings, load_settings
 
 RANKING_METRICS = ("recall_at_", "ndcg_at_", "ndcg_lift")
 # What KFP's types cannot say about the pipelines' parameters, checked before anything runs: a serve_port of
 # 99999 trained, registered and then failed the deploy step, minutes in.
-PARAMETER_RANGES = {"serve_port": (1, 65535), "gpus": (0, None)}
+PARAMETER_RANGES = {"serve_port": PORTS, "gpus": (0, None)}
 
 
 def _typed(name: str, value: str, kind: str) -> Any:

@@ -70,6 +70,8 @@ def serve_command(
     settings = load_settings()
     dashboard = control.dashboard_url(settings)
     if target in ACTIONS and control.no_local_head(settings):  # as `kubectl get` with nothing there: no error
+        if target == "stop":
+            control.stop_local_head(settings)  # the record of a head that died
         if output is OutputFormat.json and target == "status":
             print_json({"applications": {}})
         else:

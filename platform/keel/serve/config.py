@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, challenger_application, with_challenger
 from keel.settings import KeelSettings
 
+PORTS = (1, 65535)  # what a TCP port may be: ServeConfig, `--param serve_port` and the deploy step hold to it
+
 APP_NAME = "keel"
 SHADOW_BUILDER = "keel.serve.deployment:shadow_application_builder"
 # Ray Serve's throughput-optimized ingress: HAProxy in front of the replicas
@@ -54,7 +56,7 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=PORTS[0], le=PORTS[1])
     host: str = "127.0.0.1"
     replicas: int = Field(default=1, ge=1)
     min_replicas: int | None = Field(default=None, ge=0, description="with max_replicas: autoscale")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel.errors import ConfigError, KeelError
 from keel.serve.challenger import CANARY_APP, SERVER_BUILDER, SHADOW_APP, without_challengers_serving
-from keel.serve.config import (APP_NAME, CanaryConfig, ServeConfig, canary_application, keel_environment,
+from keel.serve.config import (APP_NAME, PORTS, CanaryConfig, ServeConfig, canary_application, keel_environment,
                                local_haproxy_environment, shadow_application, with_canary, with_shadow)
 from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, KeelSettings
 
@@ -296,8 +296,8 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     rolled = roll_if_serving(registered_name(model_uri) or "", model_uri, settings)
     if rolled is not None:
         return rolled
-    if not 1 <= port <= 65535:  # the Kubeflow UI's run form takes any integer
-        raise ConfigError(f"serve_port {port}: expected a port, 1 to 65535.")
+    if not PORTS[0] <= port <= PORTS[1]:  # the Kubeflow UI's run form takes any integer
+        raise ConfigError(f"serve_port {port}: expected a port, {PORTS[0]} to {PORTS[1]}.")
     host = "0.0.0.0" if settings.serve_dashboard_url else "127.0.0.1"  # a remote Ray head vs this machine
     return deploy_detached(model_uri, ServeConfig(port=port, host=host), settings)
 
@@ -362,11 +362,8 @@ def dashboard_url(settings: KeelSettings) -> str:
 
 def no_local_head(settings: KeelSettings) -> bool:
     """Nothing to ask on this machine: no Ray head named, and nothing listens on the port of the one
-    ``keel serve --detach`` starts. A stale record of a head that died is cleared."""
-    if settings.serve_dashboard_url or port_in_use("127.0.0.1", HeadPorts().dashboard):
-        return False
-    stop_local_head(settings)
-    return True
+    ``keel serve --detach`` starts."""
+    return not settings.serve_dashboard_url and not port_in_use("127.0.0.1", HeadPorts().dashboard)
 
 
 def _serving_status(dashboard: str, settings: KeelSettings) -> dict[str, Any]:

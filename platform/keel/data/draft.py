@@ -24,7 +24,10 @@ from keel.errors import DataError
 MAX_CATEGORIES = 50  # more distinct texts than this is free text or an identifier, not a category
 MAX_CLASSES = 50
 RANGE_HEADROOM = 0.1  # of the observed span, on each side
-IDENTIFIER_NAME = re.compile(r"(^|[^a-z])(id|uuid|key)$", re.IGNORECASE)
+# `id`, `patient_id`, `order-key`, and camelCase `PassengerId`, `customerID`, `userKey`
+IDENTIFIER_NAME = re.compile(r"(^|[^A-Za-z])(?i:id|uuid|key)$|[a-z0-9](Id|ID|Uuid|UUID|Key)$")
+# Labels whose second value is the positive one by convention, as scikit-learn's pos_label=1 takes it
+CONVENTIONAL_BINARY_LABELS = (("0", "1"), ("false", "true"), ("n", "y"), ("no", "yes"), ("negative", "positive"))
 
 
 @dataclass
@@ -50,8 +53,13 @@ class DraftedContract:
         return "\n".join(lines) + "\n" + body
 
     @property
-    def rarest_class(self) -> str:
-        """Usually the class a classifier is for (the disease, the churner, the fraud)."""
+    def positive_class(self) -> str:
+        """The class a classifier is for: the 1 of 0/1 labels (true, yes), whatever its share, as the file's
+        author meant it; for other labels the rarest (the disease, the churner, the fraud)."""
+        by_text = {str(label).lower(): label for label in self.class_counts}
+        for negative, positive in CONVENTIONAL_BINARY_LABELS:
+            if sorted(by_text) == [negative, positive]:
+                return str(by_text[positive])
         return min(self.class_counts, key=lambda label: (self.class_counts[label], label))
 
 
@@ -107,11 +115,16 @@ def _feature_spec(name: str, values: pd.Series) -> tuple[ColumnSpec | None, str]
     numbers = pd.to_numeric(present, errors="coerce")
     if numbers.notna().all():
         integral = bool((numbers == numbers.round()).all())
-        if integral and numbers.is_unique and len(numbers) > MAX_CATEGORIES and IDENTIFIER_NAME.search(name):
-            return None, f"an identifier ({len(numbers)} distinct integers)"
+        if integral and numbers.is_unique and len(numbers) > MAX_CATEGORIES:
+            if IDENTIFIER_NAME.search(name):
+                return None, f"an identifier ({len(numbers)} distinct integers)"
+            if numbers.max() - numbers.min() + 1 == len(numbers):  # a saved index such as pandas' `Unnamed: 0`
+                return None, f"row numbers ({numbers.min():.0f} to {numbers.max():.0f}, one per row)"
         low, high = _with_headroom(float(numbers.min()), float(numbers.max()), integral)
         return ColumnSpec(dtype="int" if integral else "float", nullable=nullable, min=low, max=high), ""
     text = present.astype(str)
+    if _all_dates(text):
+        return None, "a date-time (derive features such as the month or an age from it first)"
     distinct = text.unique()
     strays = text[numbers.isna()].value_counts()
     markers = ", ".join(f"{value!r} ({count} row(s))" for value, count in strays.head(3).items())
@@ -124,6 +137,16 @@ def _feature_spec(name: str, values: pd.Series) -> tuple[ColumnSpec | None, str]
     if numbers_but_markers:
         return spec, f"numbers but for {markers}: typed as a category; make those cells empty to type it a number"
     return spec, ""
+
+
+def _all_dates(text: pd.Series) -> bool:
+    """Dates as a CSV or JSON holds them (ISO 8601 text): typed a category, they would refuse every later date."""
+    distinct = pd.Series(text.unique())
+    try:  # a few values first: free text with a million distinct values is rarely worth parsing whole
+        return all(pd.to_datetime(values, errors="coerce", format="ISO8601").notna().all()
+                   for values in (distinct.head(20), distinct))
+    except (ValueError, TypeError, OverflowError):  # time zones mixed with naive times, and the like
+        return False
 
 
 def _with_headroom(low: float, high: float, integral: bool) -> tuple[float, float]:
@@ -151,7 +174,7 @@ def _round_out(value: float, up: bool) -> float:
 
 def config_snippet(contract_path: str, drafted: DraftedContract, model_name: str) -> dict[str, Any]:
     """The config that runs the tabular pipeline on the drafted contract: its own contract (replacing the
-    bundled one), the rarest label as the positive class, no slices until the user picks a column, and its own
+    bundled one), its positive class, no slices until the user picks a column, and its own
     registered model name."""
-    return {"contract": contract_path, "evaluate": {"slices": [], "positive_class": drafted.rarest_class},
+    return {"contract": contract_path, "evaluate": {"slices": [], "positive_class": drafted.positive_class},
             "registry": {"model_name": model_name}}

@@ -43,6 +43,37 @@ def test_a_draft_types_each_column_as_the_data_shows_and_passes_its_own_table() 
     assert quality_report(other, drafted.contract)["passed"]
 
 
+def test_identifiers_row_numbers_and_dates_written_as_text_are_no_features(tmp_path: Path) -> None:
+    """As Kaggle's Titanic and a DataFrame saved with its index have them: kept, an identifier is a feature that
+    refuses every later row (its range ends at the last id seen), and a date typed a category every later date."""
+    rows = 120
+    table = heart_table(rows).drop(columns=["patient_id"]).assign(
+        PassengerId=range(1, rows + 1), customerID=[7 * i + 3 for i in range(rows)],
+        admitted=pd.date_range("2024-01-01", periods=rows, freq="h").astype(str),
+        visit_day=[f"2024-05-0{1 + i % 3}" for i in range(rows)],
+        income=[1000 + i * i for i in range(rows)])  # all distinct, no id in its name: a feature
+    table.insert(0, "Unnamed: 0", range(rows))
+    table.to_csv(tmp_path / "table.csv", index=False)
+    drafted = draft_contract(pd.read_csv(tmp_path / "table.csv"), "target", "heart", "table.csv")
+    assert drafted.left_out["PassengerId"] == drafted.left_out["customerID"] == "an identifier (120 distinct integers)"
+    assert drafted.left_out["Unnamed: 0"] == "row numbers (0 to 119, one per row)"
+    assert drafted.left_out["admitted"].startswith("a date-time") and drafted.left_out["visit_day"].startswith(
+        "a date-time")
+    assert drafted.contract.columns["income"].dtype == "int" and "sex" in drafted.contract.columns
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ([1] * 70 + [0] * 30, "1"),  # the majority, but the 1 of 0/1 labels
+    (["No"] * 20 + ["Yes"] * 80, "Yes"),
+    ([True] * 60 + [False] * 40, "True"),
+    (["benign"] * 60 + ["malignant"] * 40, "malignant"),  # no convention: the rarest
+    (["a"] * 50 + ["b"] * 30 + ["c"] * 20, "c"),
+])
+def test_the_positive_class_is_the_1_of_conventional_labels_else_the_rarest(labels: list, expected: str) -> None:
+    table = pd.DataFrame({"x": range(len(labels)), "label": labels})
+    assert draft_contract(table, "label", "any", "any.csv").positive_class == expected
+
+
 def test_the_yaml_reads_back_as_the_same_contract_and_heads_with_what_to_review() -> None:
     drafted = draft_contract(heart_table(), "target", "heart", "heart.csv")
     text = drafted.to_yaml("heart.csv", 120)
@@ -59,7 +90,7 @@ def test_the_printed_config_runs_the_tabular_pipeline_on_the_drafted_contract(tm
     (tmp_path / "keel.yaml").write_text(yaml.safe_dump(config_snippet("contract.yaml", drafted, "heart")))
     config = load_pipeline_config(MEDICAL_CONFIG, tmp_path / "keel.yaml")
     assert config.contract == drafted.contract and config.registry.model_name == "heart"
-    assert config.evaluate.positive_class == drafted.rarest_class and config.evaluate.slices == []
+    assert config.evaluate.positive_class == drafted.positive_class and config.evaluate.slices == []
 
 
 def test_an_inline_contract_mapping_still_merges_over_the_bundled_one(tmp_path: Path) -> None:

@@ -185,7 +185,18 @@ def champion_probabilities(registry: RegisterConfig, raw_test: pd.DataFrame, cla
                                                          if c not in model.metadata.get_input_schema().input_names()]))
         return version, predicted[[f"{PROBABILITY_PREFIX}{c}" for c in classes]].to_numpy(dtype=float), "rescored"
     except (MlflowException, KeyError, ValueError, OSError) as e:
-        return version, None, f"champion v{version} could not score this test split ({e}); recorded metrics used"
+        return (version, None,
+                f"champion v{version} could not score this test split ({why_it_could_not_score(e)}); "
+                "recorded metrics used")
+
+
+def why_it_could_not_score(error: Exception) -> str:
+    """One line for a gate reason: MLflow's schema error quotes the whole input table before what is wrong."""
+    message = str(error)
+    if message.startswith("Failed to enforce schema") and "Error: " in message:
+        message = message.rsplit("Error: ", 1)[1]
+    line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def recorded_champion(registry: RegisterConfig, version: str, settings: KeelSettings) -> dict[str, Any] | None:
@@ -211,7 +222,7 @@ def rescored_champion(registry: RegisterConfig, settings: KeelSettings,
         return version, rescore(python_model), "rescored"
     except (MlflowException, AttributeError, IndexError, KeyError, ValueError, OSError) as e:
         return (version, recorded_champion(registry, version, settings),
-                f"champion v{version} could not score this split ({e}); recorded metrics used")
+                f"champion v{version} could not score this split ({why_it_could_not_score(e)}); recorded metrics used")
 
 
 def gate_with_rescored_champion(metrics: dict[str, float], default_metric: str, registry: RegisterConfig | None,

@@ -43,6 +43,14 @@ def _worse_by(candidate: float, incumbent: float, greater_is_better: bool) -> fl
     return incumbent - candidate if greater_is_better else candidate - incumbent
 
 
+def _gap_words(gap: float) -> str:
+    """``worse by +0.0613``, ``better by 0.0284``: a reason that reads "worse by -0.0284" makes a reader
+    double-check a promotion that was an improvement."""
+    if round(gap, 4) == 0:
+        return "as good"
+    return f"worse by {gap:+.4f}" if gap > 0 else f"better by {-gap:.4f}"
+
+
 def _check(decision: GateDecision, ok: bool, message: str) -> None:
     decision.reasons.append(("ok: " if ok else "FAIL: ") + message)
     if not ok:
@@ -68,7 +76,7 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, champion
         gap = _worse_by(value, incumbent, greater_is_better)
         _check(decision, math.isnan(incumbent) or gap <= config.tolerance + 1e-12,
                f"{metric} {value:.4f} vs {baseline} {incumbent:.4f} "
-               f"(worse by {gap:+.4f}, tolerance {config.tolerance})")
+               f"({_gap_words(gap)}, tolerance {config.tolerance})")
         _check_slices(decision, challenger, champion, metric, greater_is_better, config, baseline)
     _check_fairness(decision, challenger, config)
     decision.passed = not decision.failures
@@ -92,7 +100,7 @@ def _check_slices(decision: GateDecision, challenger: dict[str, Any], champion: 
         gap = _worse_by(mine[metric], other[metric], greater_is_better)
         _check(decision, gap <= config.slice_tolerance + 1e-12,
                f"slice {mine['column']} {mine['slice']}: {metric} {mine[metric]:.4f} vs {baseline} "
-               f"{other[metric]:.4f} (worse by {gap:+.4f}, slice tolerance {config.slice_tolerance})")
+               f"{other[metric]:.4f} ({_gap_words(gap)}, slice tolerance {config.slice_tolerance})")
 
 
 def _check_fairness(decision: GateDecision, challenger: dict[str, Any], config: GateConfig) -> None:

@@ -3,6 +3,7 @@ import pytest
 from kfp.dsl import ClassificationMetrics, Metrics
 
 from keel.evaluate import classification_metrics, emit_kfp_metrics
+from tests.conftest import SMALL_CONTRACT
 
 
 def test_binary_metrics_match_a_hand_count() -> None:
@@ -102,3 +103,23 @@ def test_evaluate_stage_writes_plots_report_and_gate(settings, tmp_path) -> None
     for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration_curve.png"):
         assert (Path(uris["evaluate"]) / name).stat().st_size > 1000
     assert "Promotion gate: PASSED" in (Path(uris["evaluate"]) / "report.html").read_text()
+
+
+def test_a_champion_that_cannot_score_the_new_columns_is_gated_on_its_recorded_metric_in_one_line(
+        settings, tmp_path) -> None:
+    """A champion trained with a column the new contract leaves out (an identifier, say): MLflow's schema error
+    quotes the whole test table, which read as the gate's reason in `keel run`'s summary and in MLflow."""
+    import json
+    from pathlib import Path
+
+    from tests.stages import register_small_model, run_stages, small_config, write_small_source
+
+    register_small_model(settings, "run-v1", epochs=5)
+    contract = {**SMALL_CONTRACT, "columns": {k: v for k, v in SMALL_CONTRACT["columns"].items() if k != "weight"}}
+    source = write_small_source(tmp_path)
+    uris = run_stages(settings, "run-v2", source, epochs=5, config=small_config(contract=contract))
+    gate = json.loads((Path(uris["evaluate"]) / "evaluation.json").read_text())["gate"]
+    note = next(reason for reason in gate["reasons"] if "could not score" in reason)
+    assert note == ("champion v1 could not score this test split (Model is missing inputs ['weight'].); "
+                    "recorded metrics used"), note
+    assert gate["champion_version"] == "1" and any("vs champion v1" in reason for reason in gate["reasons"])

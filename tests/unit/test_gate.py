@@ -28,11 +28,13 @@ def test_no_champion_passes_on_fairness_alone() -> None:
     assert any("no champion yet" in r for r in decision.reasons)
 
 
-@pytest.mark.parametrize("challenger, passed", [(0.905, True), (0.89, True), (0.8899, False)])
-def test_overall_metric_within_tolerance(challenger: float, passed: bool) -> None:
+@pytest.mark.parametrize("challenger, passed, gap", [(0.905, True, "better by 0.0050"), (0.9, True, "as good"),
+                                                    (0.89, True, "worse by +0.0100"),
+                                                    (0.8899, False, "worse by +0.0101")])
+def test_overall_metric_within_tolerance(challenger: float, passed: bool, gap: str) -> None:
     decision = decide(report(challenger), report(0.9), "3", "f1_macro", True, GATE)
     assert decision.passed is passed
-    assert "vs champion v3 0.9000" in decision.reasons[0]
+    assert f"vs champion v3 0.9000 ({gap}, tolerance 0.01)" in decision.reasons[0]
 
 
 def test_lower_is_better_metrics_flip_the_comparison() -> None:

@@ -7,7 +7,7 @@ scored on the same rows, so the gate compares like with like.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import base64
 import html
@@ -244,8 +244,10 @@ def gate_with_rescored_champion(metrics: dict[str, float], default_metric: str, 
 
 
 def gate_decision(report: dict[str, Any], raw_test: pd.DataFrame, labels: np.ndarray, classes: list[str],
-                  config: EvaluateConfig, registry: RegisterConfig, settings: KeelSettings) -> tuple[GateDecision, dict[str, Any] | None]:
-    """Score the champion on the same rows and apply the gate; returns the decision and the champion's report."""
+                  config: EvaluateConfig, registry: RegisterConfig, settings: KeelSettings,
+                  input_columns: Sequence[str]) -> tuple[GateDecision, dict[str, Any] | None]:
+    """Score the champion on the same rows and apply the gate (``input_columns``: what the challenger reads);
+    returns the decision and the champion's report."""
     if registry.promotion_metric not in HEADLINE_METRICS:
         raise EvaluationError(f"registry.promotion_metric {registry.promotion_metric!r} is not one of "
                               f"{list(HEADLINE_METRICS)}.")
@@ -258,7 +260,26 @@ def gate_decision(report: dict[str, Any], raw_test: pd.DataFrame, labels: np.nda
     decision = decide(report, champion, version, registry.promotion_metric, registry.greater_is_better, config.gate)
     if note not in ("rescored", "no champion"):
         decision.reasons.append(note)
+    if version is not None:
+        _check_input_columns(decision, registry.model_name, version, list(input_columns), config.gate)
     return decision, champion
+
+
+def _check_input_columns(decision: GateDecision, model_name: str, version: str, input_columns: list[str],
+                         gate: GateConfig) -> None:
+    """A model that reads other columns than the champion changes the served API: the request schema forbids
+    an unknown field and requires every column, so each caller's requests would be refused (422) the moment
+    it is promoted. Unless the config allows it, a person promotes it once the callers are ready."""
+    changes = tracking.column_changes(tracking.input_columns(f"models:/{model_name}/{version}"), input_columns)
+    if not changes:
+        return
+    if gate.allow_input_changes:
+        decision.reasons.append(f"ok: input columns differ from champion v{version}'s ({changes}); "
+                                "evaluate.gate.allow_input_changes lets it through")
+        return
+    require(decision, False, f"input columns differ from champion v{version}'s ({changes}): every caller of the "
+                             "served model must change its requests first; promote it by hand once they have "
+                             "(keel models promote), or set evaluate.gate.allow_input_changes")
 
 
 def evaluate(model_uri: str, splits_uri: str, output_uri: str, settings: KeelSettings,
@@ -282,7 +303,8 @@ def evaluate(model_uri: str, splits_uri: str, output_uri: str, settings: KeelSet
         report = full_report(raw_test, labels, predictor.predict_proba(raw_test), predictor.classes, config)
         champion = None
         if registry is not None:
-            decision, champion = gate_decision(report, raw_test, labels, predictor.classes, config, registry, settings)
+            decision, champion = gate_decision(report, raw_test, labels, predictor.classes, config, registry, settings,
+                                               predictor.transform.input_columns)
         else:
             decision = decide(report, None, None, "f1_macro", True, config.gate)
         report["gate"] = decision.to_dict()

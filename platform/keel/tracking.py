@@ -252,3 +252,25 @@ def version_logged_model_id(model_version: Any, run: Any) -> str | None:
     outputs = getattr(run, "outputs", None)
     logged = [output.model_id for output in getattr(outputs, "model_outputs", None) or []]
     return logged[0] if len(logged) == 1 else None
+
+
+def input_columns(model_uri: str) -> list[str] | None:
+    """The columns a logged or registered model reads, from its MLflow signature; None when it has none or it
+    cannot be read. Call after :func:`mlflow_client`, which points MLflow at the tracking server."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        signature = mlflow.models.get_model_info(model_uri).signature
+    except (MlflowException, OSError):
+        return None
+    return None if signature is None or signature.inputs is None else list(signature.inputs.input_names())
+
+
+def column_changes(before: list[str] | None, after: list[str] | None) -> str:
+    """``adds X; drops Y`` between two models' input columns; empty when they read the same or either is unknown."""
+    if before is None or after is None:
+        return ""
+    added, dropped = [c for c in after if c not in before], [c for c in before if c not in after]
+    return "; ".join(filter(None, (f"adds {', '.join(added)}" if added else "",
+                                   f"drops {', '.join(dropped)}" if dropped else "")))

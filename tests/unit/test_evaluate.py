@@ -105,10 +105,11 @@ def test_evaluate_stage_writes_plots_report_and_gate(settings, tmp_path) -> None
     assert "Promotion gate: PASSED" in (Path(uris["evaluate"]) / "report.html").read_text()
 
 
-def test_a_champion_that_cannot_score_the_new_columns_is_gated_on_its_recorded_metric_in_one_line(
+def test_a_challenger_reading_other_columns_than_the_champion_waits_for_a_person(
         settings, tmp_path) -> None:
-    """A champion trained with a column the new contract leaves out (an identifier, say): MLflow's schema error
-    quotes the whole test table, which read as the gate's reason in `keel run`'s summary and in MLflow."""
+    """A champion trained with a column the new contract leaves out (an identifier, say). It cannot score the
+    new split, and says so in one line: MLflow's schema error quotes the whole test table, which read as the
+    gate's reason in `keel run`'s summary and in MLflow."""
     import json
     from pathlib import Path
 
@@ -123,3 +124,16 @@ def test_a_champion_that_cannot_score_the_new_columns_is_gated_on_its_recorded_m
     assert note == ("champion v1 could not score this test split (Model is missing inputs ['weight'].); "
                     "recorded metrics used"), note
     assert gate["champion_version"] == "1" and any("vs champion v1" in reason for reason in gate["reasons"])
+    # Served, v1's request schema requires weight and v2's refuses it: promoted by the gate, every caller's
+    # requests would be refused at once, so the gate leaves it to a person unless the config allows it.
+    changed = ("input columns differ from champion v1's (drops weight): every caller of the served model must "
+               "change its requests first")
+    assert not gate["passed"] and any(failure.startswith(changed) for failure in gate["failures"]), gate
+    allowed = small_config(contract=contract, evaluate={"gate": {"allow_input_changes": True, "tolerance": 1}})
+    gate = json.loads((Path(run_stages(settings, "run-v3", source, epochs=5, config=allowed)["evaluate"])
+                       / "evaluation.json").read_text())["gate"]
+    assert gate["passed"] and "ok: input columns differ from champion v1's (drops weight); " \
+        "evaluate.gate.allow_input_changes lets it through" in gate["reasons"], gate
+    same = json.loads((Path(run_stages(settings, "run-v4", source, epochs=5)["evaluate"])
+                       / "evaluation.json").read_text())["gate"]
+    assert not any("input columns" in reason for reason in same["reasons"]), same

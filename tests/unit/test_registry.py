@@ -118,6 +118,31 @@ def test_gate_failure_registers_a_challenger_and_leaves_the_champion(settings: K
     assert run.data.tags["keel.promoted"] == "false" and run.data.tags["keel.gate"] == "failed"
 
 
+def test_versions_that_read_other_columns_say_so_where_a_person_compares_shows_and_promotes_them(
+        settings: KeelSettings, tmp_path: Path) -> None:
+    """v2 leaves `weight` out: served, it refuses the field v1 requires, so the gate held it back; the person
+    deciding sees what changes for callers before and when promoting it."""
+    from tests.conftest import SMALL_CONTRACT
+
+    _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
+    contract = {**SMALL_CONTRACT, "columns": {k: v for k, v in SMALL_CONTRACT["columns"].items() if k != "weight"}}
+    narrower = small_config(contract=contract)
+    held = _register(run_stages(settings, "run-b", tmp_path / "small.csv", config=narrower), settings, "run-b",
+                     config=narrower)
+    assert not held["promoted"] and "input columns differ from champion v1's (drops weight)" in held["reason"]
+    assert version_lineage(MODEL, "2", settings)["inputs"] == ["size", "colour"]
+    assert compare_versions(MODEL, CHAMPION, CHALLENGER, settings)["inputs_change"] == "drops weight"
+    compared = CliRunner().invoke(app, ["models", "compare", MODEL])
+    assert compared.exit_code == 0, compared.output
+    assert "Input columns: v2 (challenger) drops weight against v1 (champion); callers" in compared.stdout
+    shown = CliRunner().invoke(app, ["models", "show", MODEL, "1"])
+    assert re.search(r"reads:\s+size, weight, colour\n", shown.stdout), shown.stdout
+    promoted = CliRunner().invoke(app, ["models", "promote", MODEL, "2", "--reason", "callers updated", "--no-roll"])
+    assert promoted.exit_code == 0, promoted.output
+    assert "Input columns: v2 drops weight against v1; callers of the served model must send its fields." \
+        in promoted.stdout and _aliases(settings)[CHAMPION] == "2"
+
+
 def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings: KeelSettings,
                                                                         tmp_path: Path) -> None:
     _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
@@ -150,7 +175,7 @@ def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings
 
     moved = promote_by_hand(MODEL, "2", "overriding the gate for the demo", settings)
     assert moved == {"model_name": MODEL, "version": "2", "previous_champion": "1", "changed": True,
-                     "reason": "overriding the gate for the demo"}
+                     "reason": "overriding the gate for the demo", "inputs_change": ""}
     assert _aliases(settings) == {CHAMPION: "2", CHALLENGER: "2"}
     tags = tracking.mlflow_client(settings).get_model_version(MODEL, "2").tags
     assert tags["keel.promoted_by_hand"] == "overriding the gate for the demo"

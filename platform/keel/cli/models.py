@@ -109,6 +109,7 @@ def show_command(
     facts = [("pipeline run", f"{lineage['pipeline_run'] or '-'} ({lineage['pipeline'] or 'no pipeline tag'})"),
              ("MLflow run", lineage["run_id"] or "-"), ("logged model", lineage["logged_model_id"] or "-"),
              ("git commit", lineage["git_commit"] or "-"),
+             ("reads", ", ".join(lineage["inputs"]) if lineage["inputs"] is not None else "- (no signature)"),
              *(("trained on", f"{d['source']} (digest {d['digest']})") for d in lineage["datasets"]),
              *_promotion_facts(lineage),
              *(("on labels" if key == PERFORMANCE else key.removeprefix("keel.").replace("_", " "), value)
@@ -162,6 +163,9 @@ def compare_command(
         print_table(["param", *heads], [[row["param"], _shown(row["first"]), _shown(row["second"])]
                                         for row in compared["params_differ"]])
     typer.echo(f"{len(compared['params_differ'])} config params differ, {compared['params_same']} are the same.")
+    if compared["inputs_change"]:
+        typer.echo(f"Input columns: {heads[1]} {compared['inputs_change']} against {heads[0]}; callers of the served "
+                   "model send other fields to one than to the other.")
 
 
 def _shown(value: Any) -> str:
@@ -199,6 +203,9 @@ def promote_command(
     previous = f"v{result['previous_champion']}" if result["previous_champion"] else "none"
     typer.echo(f"{name}: champion {previous} -> v{result['version']} ({result['reason']})"
                if result["changed"] else f"{name}: v{result['version']} was already champion")
+    if result["inputs_change"]:
+        typer.echo(f"Input columns: v{result['version']} {result['inputs_change']} against v"
+                   f"{result['previous_champion']}; callers of the served model must send its fields.")
     if result["served_at"]:
         typer.echo(f"Serving {model_uri} at {result['served_at']}")
     else:

@@ -166,3 +166,21 @@ def test_serve_status_counts_a_deployments_replicas_by_state_as_serves_rest_api_
     assert replicas_line(rolling) == ("replicas: 1 RUNNING, 1 STARTING (target 2); 1 stopped recently (a roll, a "
                                       "scale-down or a crash; Ray's dashboard has their logs)")
     assert replicas_line({"target_num_replicas": 1, "replicas": []}) == "replicas: none yet (target 1)"
+
+
+def test_the_served_models_sample_request_is_a_row_the_api_accepts_with_values_a_real_row_has() -> None:
+    """`keel serve`'s "Try it" line: an integer column sends a whole median (a class of 2, not a mean of 2.06),
+    a bool column true or false, and the row passes the served request schema."""
+    from keel.cli.serve import typical_row
+    from keel.data.draft import draft_contract
+    from keel.data.transform import FeatureTransform
+    from keel.serve.schema import record_model
+    from tests.conftest import heart_table
+
+    table = heart_table().assign(pclass=[1] * 40 + [2] * 50 + [3] * 30)  # mean 1.92
+    transform = FeatureTransform.fit(table, draft_contract(table, "target", "heart", "heart.csv").contract)
+    row = typical_row(transform)
+    assert row["pclass"] == 2 and isinstance(row["pclass"], int) and row["age"] == table["age"].median()
+    assert row["smoker"] is bool(table["smoker"].median() >= 0.5)
+    assert row["chol"] == round(float(table["chol"].median()), 4) and row["sex"] == table["sex"].mode()[0]
+    assert record_model(transform).model_validate(row).model_dump() == row

@@ -15,6 +15,7 @@ from keel.cli.output import OUTPUT_OPTION, OutputFormat, print_json
 from keel.settings import LOCAL_RAY_SYSTEM_CONFIG, load_settings
 
 if TYPE_CHECKING:
+    from keel.data.transform import FeatureTransform
     from keel.serve.config import CanaryConfig, ServeConfig, ShadowConfig
 
 DEFAULT_MODEL = "models:/medical-diagnosis@champion"
@@ -22,7 +23,7 @@ ACTIONS = ("status", "stop")
 
 
 def sample_request(model_uri: str) -> tuple[str, str]:
-    """A ready-to-send request for ``model_uri``: its route and a JSON body with a typical row (training means
+    """A ready-to-send request for ``model_uri``: its route and a JSON body with a typical row (training medians
     and most frequent categories), a customer message, or a recommender's first two users."""
     from keel.serve.deployment import load_registered
 
@@ -34,9 +35,20 @@ def sample_request(model_uri: str) -> tuple[str, str]:
     if predictor is None:  # a recommender: top 10 for its first two users, in the user's own ids
         users = loaded.recommender.user_ids[:2].tolist() if loaded.recommender is not None else []
         return f"/v1/models/{loaded.name}:recommend", json.dumps({"user_ids": users, "k": 10})
-    row: dict[str, object] = {c: round(s.mean, 4) for c, s in predictor.transform.numeric.items()}
-    row.update({c: s.mode for c, s in predictor.transform.categorical.items()})
-    return f"/v1/models/{loaded.name}:predict", json.dumps({"records": [row]})
+    return f"/v1/models/{loaded.name}:predict", json.dumps({"records": [typical_row(predictor.transform)]})
+
+
+def typical_row(transform: FeatureTransform) -> dict[str, object]:
+    """Medians and most frequent categories: values a real row has (a class of 2, not a mean of 2.0581), and a
+    column the contract types bool as true or false."""
+    row: dict[str, object] = {}
+    for name, stats in transform.numeric.items():
+        if transform.boolean is not None and name in transform.boolean:
+            row[name] = stats.median >= 0.5
+        else:
+            row[name] = int(stats.median) if stats.median.is_integer() else round(stats.median, 4)
+    row.update({name: stats.mode for name, stats in transform.categorical.items()})
+    return row
 
 
 def serve_command(

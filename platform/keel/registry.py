@@ -19,8 +19,10 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
+from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 
 from keel import __version__, storage, tracking
 from keel.config import RegisterConfig
@@ -129,12 +131,24 @@ def log_training_input(dataset: Any, uri: str, attempts: int = 3) -> None:
                 raise
 
 
+def accepting_input_schema(columns: list[str]) -> Schema:
+    """Every input column required, of MLflow's ``any`` type: the model's own transform checks and converts the
+    values (a DataError names the column), as `keel predict` and serving do.
+
+    Types inferred from a few example rows refused frames the model scores: MLflow will not cast int64 to a
+    ``double`` column (a CSV whose column has no gap this time) nor float64 to ``long`` (one with a gap), nor
+    take pandas' nullable Int64 and boolean. ``mlflow.pyfunc.load_model(...).predict`` failed on the very table
+    the model was trained on."""
+    return Schema([ColSpec(AnyType(), name, required=True) for name in columns])
+
+
 def _log_model(model_dir: Path, raw_test: pd.DataFrame, target: str) -> str:
     predictor = Predictor.load(model_dir)
     held_out = raw_test.drop(columns=[target])
     predictor.write_prediction_reference(model_dir, held_out)  # packaged with the model
     example = held_out.head(INPUT_EXAMPLE_ROWS)
-    signature = mlflow.models.infer_signature(example, predictor.predict(example))
+    signature = ModelSignature(inputs=accepting_input_schema(list(example.columns)),
+                               outputs=mlflow.models.infer_signature(example, predictor.predict(example)).outputs)
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts={KeelPyfunc.MODEL_ARTIFACT: str(model_dir)},
         signature=signature, input_example=example,

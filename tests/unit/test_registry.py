@@ -371,3 +371,36 @@ def test_models_list_shows_every_version_of_every_model_past_the_registrys_first
         ("model-a", 3), ("model-a", 2), ("model-a", 1), ("model-b", 1), ("model-c", 2), ("model-c", 1)]
     assert {(row["name"], row["version"]): row["metrics"] for row in rows} == {
         key: {"test_accuracy": value} for key, value in accuracy.items()}
+
+
+def test_the_registered_model_scores_tables_as_pandas_reads_them_parquet_dtypes_and_gaps_alike(
+        settings: KeelSettings, tmp_path: Path) -> None:
+    """Parquet written from pandas keeps nullable Int64, boolean and category dtypes. Ingest reads them as a CSV
+    would (a nullable boolean failed the register step), and the pyfunc, as its run summary says to load it,
+    scores the table whether an integer column has a gap (float64) or not (int64)."""
+    from tests.conftest import SMALL_CONTRACT, small_frame
+
+    frame = small_frame(200).assign(visits=lambda f: pd.array([i % 4 if i % 9 else None for i in range(len(f))],
+                                                              dtype="Int64"),
+                                    vip=lambda f: pd.array([i % 3 == 0 if i % 7 else None for i in range(len(f))],
+                                                           dtype="boolean"),
+                                    colour=lambda f: f["colour"].astype("category"),
+                                    outcome=lambda f: f["outcome"].astype("category"))
+    frame.to_parquet(tmp_path / "typed.parquet")
+    contract = {**SMALL_CONTRACT, "columns": {**SMALL_CONTRACT["columns"],
+                                              "visits": {"dtype": "int", "nullable": True, "min": 0, "max": 5},
+                                              "vip": {"dtype": "bool", "nullable": True}},
+                "thresholds": {"min_rows": 10, "max_missing_fraction": 0.2}}
+    config = small_config(contract=contract)
+    registered = _register(run_stages(settings, "typed", tmp_path / "typed.parquet", config=config), settings,
+                           "typed", config=config)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{registered['version']}")
+    features = model.metadata.get_input_schema().input_names()
+    assert sorted(features) == ["colour", "size", "vip", "visits", "weight"]
+    as_saved = pd.read_parquet(tmp_path / "typed.parquet")[features]
+    no_gaps = as_saved.dropna().astype({"visits": "int64", "vip": "bool", "colour": "str"})
+    for table in (as_saved, no_gaps, as_saved.astype({"visits": "float64"})):
+        predicted = model.predict(table)
+        assert len(predicted) == len(table) and set(predicted["prediction"]) <= {"no", "yes"}
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['vip'\]"):
+        model.predict(as_saved.drop(columns=["vip"]))

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from keel import storage
@@ -160,8 +161,25 @@ def read_table(uri: str, path: Path, file_format: str) -> pd.DataFrame:
     if unnamed:
         raise DataError(f"{uri}: column(s) without a name at position(s) "
                         f"{[list(frame.columns).index(c) for c in unnamed]}; name every column in the header.")
+    frame = _numpy_dtypes(frame)
     _reject_unusable_cells(uri, frame)
     return _mixed_as_text(frame)
+
+
+def _numpy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    """Parquet written from pandas or Arrow brings back its extension dtypes: ``category``, nullable ``Int64``,
+    ``boolean``, ``string`` with ``pd.NA``. Each becomes the plain dtype a CSV of the same values gets (an integer
+    column with a gap is float64, a boolean one with a gap holds None), the dtypes every later step, and MLflow's
+    schema inference, know. A categorical's unordered values had no max; a nullable boolean failed the model's
+    input example at the register step."""
+    for name in frame.columns:
+        dtype = frame[name].dtype
+        if not pd.api.types.is_extension_array_dtype(dtype) or isinstance(dtype, pd.DatetimeTZDtype) or (
+                isinstance(dtype, pd.StringDtype) and dtype.na_value is np.nan):  # pandas' own default text dtype
+            continue
+        values = frame[name].to_numpy(dtype=object, na_value=None)
+        frame[name] = pd.Series(values, index=frame.index, name=name).infer_objects()
+    return frame
 
 
 def _mixed_as_text(frame: pd.DataFrame) -> pd.DataFrame:

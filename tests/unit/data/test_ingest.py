@@ -124,3 +124,17 @@ def test_a_directory_that_is_not_parquet_parts_is_refused_by_name_and_leaves_not
                                         r"each with one type"):
         ingest(str(disagreeing), output, settings)
     assert not storage.exists(output, settings) and artifact_files(settings) == []
+
+
+def test_parquet_from_pandas_keeps_no_extension_dtypes_past_ingest(tmp_path: Path, settings: KeelSettings) -> None:
+    """category, nullable Int64 and boolean, and pd.NA strings come out as the same values read from a CSV do."""
+    frame = pd.DataFrame({"visits": pd.array([1, None, 3], dtype="Int64"), "count": pd.array([1, 2, 3], dtype="Int64"),
+                          "vip": pd.array([True, None, False], dtype="boolean"),
+                          "note": pd.array(["a", None, "c"], dtype="string[pyarrow]"),
+                          "colour": pd.Series(["red", "blue", "red"], dtype="category")})
+    frame.to_parquet(tmp_path / "typed.parquet")
+    ingest(str(tmp_path / "typed.parquet"), storage.stage_uri(settings, "r1", "ingest"), settings)
+    stored = pd.read_parquet(Path(storage.stage_uri(settings, "r1", "ingest")) / DATA_FILE)
+    assert {name: str(dtype) for name, dtype in stored.dtypes.items()} == {
+        "visits": "float64", "count": "int64", "vip": "object", "note": "str", "colour": "str"}
+    assert stored["vip"].tolist() == [True, None, False] and stored["visits"].isna().tolist() == [False, True, False]

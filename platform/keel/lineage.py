@@ -18,8 +18,8 @@ from keel.settings import KeelSettings
 
 def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str, Any]:
     """Where one version came from and what was decided about it, in one place: its pipeline run and commit,
-    the data it was trained on, the columns it reads (None without a signature), its test metrics, the gate's decision, a person's decisions, the latest check
-    on labels, and the config it was trained with."""
+    the data it was trained on, the columns it reads (None without a signature), its test metrics, the gate's
+    decision, a person's decisions, the latest check on labels, and the config it was trained with."""
     client = tracking.mlflow_client(settings)
     found = registered_version(client, name, version, settings)
     aliases = sorted(alias for alias, v in (client.get_registered_model(name).aliases or {}).items()

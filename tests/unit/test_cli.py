@@ -91,14 +91,20 @@ def test_compile_writes_yaml(tmp_path: Path, keel_home: Path) -> None:
     assert (tmp_path / "out" / "medical_diagnosis.yaml").read_text().startswith("# PIPELINE DEFINITION")
 
 
-@pytest.mark.parametrize("promoted, loadable", [(True, "models:/recs@champion"), (False, "models:/recs/4")])
-def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: bool, loadable: str,
+@pytest.mark.parametrize("promoted, previous, loadable, alias", [
+    (True, "3", "models:/recs@champion", "champion"), (False, "3", "models:/recs/4", "challenger; the champion stays"),
+    (False, None, "models:/recs/4", "challenger; no champion yet")])
+def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: bool, previous: str | None,
+                                                                      loadable: str, alias: str,
                                                                       capsys: pytest.CaptureFixture) -> None:
     """A challenger is loaded by its version: the champion alias names another model, or none at all."""
     print_summary({"run_id": "r", "succeeded": True, "wall_s": 1.0, "_rows": [], "test_metrics": {},
                    "model_uri": "models:/recs/4", "champion": promoted, "model_name": "recs",
-                   "promotion": "gate failed", "tracking_uri": "sqlite:///x.db", "artifacts": "a", "log": "l"})
-    assert f'Load it: mlflow.pyfunc.load_model("{loadable}")' in capsys.readouterr().out
+                   "previous_champion": previous, "promotion": "gate failed", "tracking_uri": "sqlite:///x.db",
+                   "artifacts": "a", "log": "l"})
+    shown = capsys.readouterr().out
+    assert f'Load it: mlflow.pyfunc.load_model("{loadable}")' in shown
+    assert f"Registered model: models:/recs/4 ({alias})\n" in shown
 
 
 @pytest.mark.parametrize("tracking_uri, browse", [

@@ -124,6 +124,7 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
         "test_metrics": {k: v for k, v in evaluation.items() if k in HEADLINE_METRICS or k.startswith(RANKING_METRICS)},
         "model_uri": registered.get("model_uri"), "champion": registered.get("promoted"),
         "awaiting_approval": bool(registered.get("awaiting_approval")),
+        "previous_champion": registered.get("previous_champion"),
         "model_name": registered.get("model_name"), "promotion": registered.get("reason"),
         "promotion_checks": registered.get("checks", []),
         "predictions": manifests.get("predict", {}).get("predictions"),
@@ -175,7 +176,8 @@ def print_summary(report: dict[str, Any]) -> None:
     if report["model_uri"]:
         alias = ("champion" if report["champion"]
                  else "challenger, awaiting approval" if report.get("awaiting_approval")
-                 else "challenger; the champion stays")
+                 else "challenger; the champion stays" if report.get("previous_champion")
+                 else "challenger; no champion yet")
         typer.echo(f"Registered model: {report['model_uri']} ({alias})")
         head, *checks = promotion_lines(report["promotion"], report.get("promotion_checks", []))
         typer.echo("\n  ".join([f"Promotion: {head}", *checks]))

@@ -93,14 +93,16 @@ def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: K
 
 
 FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'|Task '([^']+)' finished with status FAILURE")
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
 
 
 def crash_report(failure: str, log_text: str, log_path: Path) -> dict[str, str]:
     """A step that ended without a Keel error (a crash, a bug): the step kfp.local names and the last exception
     in the log, where its traceback is, instead of kfp.local's "? failed: Pipeline ... FAILURE"."""
-    task = FAILED_TASK.search(failure)
+    # kfp.local's failure names a task inside a condition; a top-level one only in its (coloured) log line
+    named = FAILED_TASK.findall(failure) or FAILED_TASK.findall(ANSI_COLOUR.sub("", log_text))
     raised = EXCEPTION_LINE.findall(log_text)
     what = f"it raised {raised[-1].strip()}" if raised else "it crashed"
-    return {"stage": next((name for name in task.groups() if name), "?") if task else "?",
+    return {"stage": next((name for name in named[-1] if name), "?") if named else "?",
             "error": f"{what}; the traceback is in {log_path}"}

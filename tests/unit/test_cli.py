@@ -41,6 +41,12 @@ def test_a_step_that_crashes_is_named_with_its_exception_and_where_the_traceback
         "stage": "deploy", "error": f"it raised ZeroDivisionError: division by zero; the traceback is in "
                                     f"{tmp_path / 'run.log'}"}
     assert crash_report("out of memory", "", tmp_path / "run.log")["stage"] == "?"
+    # a step outside any condition: kfp.local's failure names only the pipeline, its log the task, coloured
+    log = ("09:18:43.479 - ERROR - Task \x1b[96m'register'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m\n"
+           "    mlflow.exceptions.MlflowException: Input example does not match the model signature.\n")
+    assert crash_report("Pipeline 'medical-diagnosis' finished with status FAILURE.", log, tmp_path / "run.log") == {
+        "stage": "register", "error": "it raised mlflow.exceptions.MlflowException: Input example does not match "
+                                      f"the model signature.; the traceback is in {tmp_path / 'run.log'}"}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -41,7 +41,7 @@ def build(config_override: Path | None = None, retries: int = RETRIES) -> Any:
                               config_map: str = CONFIG_MAP, credentials_secret: str = CREDENTIALS_SECRET,
                               check_config: str = default_check_config(),
                               config: str = training.component_spec.inputs["config"].default) -> str:
-        with when_degraded(model_uri, labels_source, check_config, run_name, retrain, config_map,
+        with when_degraded(model_uri, labels_source, check_config, config, run_name, retrain, config_map,
                            credentials_secret, retries, training_config) as checked:
             training(source=source, run_name=run_name, serve=serve, serve_port=serve_port, gpus=gpus,
                      config_map=config_map, credentials_secret=credentials_secret, config=config)
@@ -62,7 +62,7 @@ def build_retraining(training: Any, training_config: PipelineConfigBase, name: s
                    config_map: str = CONFIG_MAP, credentials_secret: str = CREDENTIALS_SECRET,
                    check_config: str = default_check_config(),
                    config: str = training.component_spec.inputs["config"].default) -> str:
-        with when_degraded(model_uri, labels_source, check_config, run_name, retrain, config_map,
+        with when_degraded(model_uri, labels_source, check_config, config, run_name, retrain, config_map,
                            credentials_secret, retries, training_config) as checked:
             training(source=source, run_name=run_name, serve=serve, serve_port=serve_port, config_map=config_map,
                      credentials_secret=credentials_secret, config=config)
@@ -77,15 +77,16 @@ def default_check_config() -> str:
 
 
 @contextmanager
-def when_degraded(model_uri: Any, labels_source: Any, check_config: Any, run_name: Any, retrain: Any,
+def when_degraded(model_uri: Any, labels_source: Any, check_config: Any, config: Any, run_name: Any, retrain: Any,
                   config_map: Any, credentials_secret: Any, retries: int,
                   training_config: PipelineConfigBase) -> Iterator[Any]:
     """The check at the root, then the block under ``retrain`` and the check's ``degraded`` output: what every
-    retraining DAG shares (yields the check's task; the arguments are the pipeline's parameters; the check's
-    pod gets its resources from the training config, the one a user's ``--config`` merges over)."""
+    retraining DAG shares (yields the check's task; the arguments are the pipeline's parameters, ``config`` the
+    training config, which the check holds to the checked model's name; the check's pod gets its resources from
+    ``training_config``, the one a user's ``--config`` merges over)."""
     checked = configure_step(
         check_performance(model_uri=model_uri, source=labels_source, config=check_config, run_name=run_name,
-                          job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+                          job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, training_config=config),
         config_map, credentials_secret, retries, training_config)
     # retrain=false only checks. The outer condition on a parameter also lets kfp.local resolve the inner
     # one: 2.17 reads a condition on a named task output in the root DAG as a missing pipeline input.

@@ -133,6 +133,8 @@ def test_retraining_runs_the_whole_training_pipeline_only_after_a_degraded_check
 
     root = spec["root"]["dag"]["tasks"]
     assert set(root) == {"check-performance", "condition-1"}
+    # the check holds the training config (the run's `config`, as edited in the Kubeflow form) to the checked model
+    assert root["check-performance"]["inputs"]["parameters"]["training_config"] == {"componentInputParameter": "config"}
     assert root["condition-1"]["triggerPolicy"]["condition"] == \
         "inputs.parameter_values['pipelinechannel--retrain'] == true"
     inner, condition = only_task(components["comp-condition-1"]["dag"])

@@ -111,6 +111,7 @@ def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: 
     shown = capsys.readouterr().out
     assert f'Load it: mlflow.pyfunc.load_model("{loadable}")' in shown
     assert f"Registered model: models:/recs/4 ({alias})\n" in shown
+    assert "seconds" not in shown  # no stage finished: no empty table
 
 
 @pytest.mark.parametrize("tracking_uri, browse", [

@@ -170,7 +170,8 @@ def _readable_manifests(settings: KeelSettings, run_id: str) -> dict[str, dict[s
 def print_summary(report: dict[str, Any]) -> None:
     state = "succeeded" if report["succeeded"] else "FAILED"
     typer.echo(f"\nRun {report['run_id']} {state} in {report['wall_s']:.1f} s\n")
-    print_table(["stage", "seconds", "result"], report["_rows"])
+    if report["_rows"]:  # none when the first step failed: its error follows the summary
+        print_table(["stage", "seconds", "result"], report["_rows"])
     if report["test_metrics"]:
         typer.echo("\nTest metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in report["test_metrics"].items()))
     if report["model_uri"]:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keel import storage, tracking
 from keel.batch.scorers import TEXT_COLUMN, TEXTS_PER_FORWARD
-from keel.config import EvaluateConfig, GateConfig, PipelineConfigBase
+from keel.config import EvaluateConfig, GateConfig, PipelineConfigBase, parse_pipeline_config
 from keel.errors import ConfigError, DataError, RegistryError, validation_problems
 from keel.evaluate import HEADLINE_METRICS, REPORT_HTML, full_report, report_html, write_plots
 from keel.gate import decide
@@ -143,11 +143,28 @@ def check_performance(model_uri: str, source: str, output_uri: str, settings: Ke
 
 
 def check_with_config(model_uri: str, source: str, output_uri: str, config: Any,
-                      settings: KeelSettings) -> dict[str, Any]:
-    """The model_performance pipeline's step: :func:`check_performance` with the config's ``performance``."""
+                      settings: KeelSettings, training_config: str = "") -> dict[str, Any]:
+    """The model_performance pipeline's step: :func:`check_performance` with the config's ``performance``.
+    In a retraining pipeline, ``training_config`` is the JSON config a degraded verdict trains with."""
     if not isinstance(config, PerformanceCheckConfig):
         raise ConfigError(f"the performance check reads a model_performance config, not {config.pipeline!r}'s.")
+    if training_config:
+        refuse_to_retrain_another_model(model_uri, training_config)
     return check_performance(model_uri, source, output_uri, settings, config.performance)
+
+
+def refuse_to_retrain_another_model(model_uri: str, training_config: str) -> None:
+    """Checking one model and retraining another: with `--config` left out, a check of one's own model
+    retrained the bundled table's model (its contract refused the user's table at the validate step, after the
+    check, and told them to fix data that was right); with `model_uri` left out, the bundled model was checked."""
+    checked = tracking.registered_name(model_uri)
+    registry = getattr(parse_pipeline_config(training_config, "the config parameter"), "registry", None)
+    retrained = registry.model_name if registry is not None else None
+    if checked and retrained and checked != retrained:
+        raise ConfigError(f"model_uri {model_uri} is model {checked!r}, but a degraded verdict would train and "
+                          f"register {retrained!r} (the training config's registry.model_name). Pass the config "
+                          f"{checked!r} was trained with (keel run --config FILE; the config parameter on "
+                          f"Kubeflow), or a model_uri of {retrained!r}.")
 
 
 def judged_report(loaded: LoadedModel, registration: Registration, frame: pd.DataFrame, source: str,

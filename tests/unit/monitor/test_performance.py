@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from keel import storage, tracking
 from keel.config import PipelineConfig
 from keel.cli.evaluate import DEGRADED_EXIT_CODE
-from keel.errors import ConfigError, DataError
+from keel.errors import ConfigError, DataError, KeelError
 from keel.monitor.performance import PerformanceConfig, check_performance, evaluate_config_from_params
 from keel.monitor.verdict import EVALUATED_VERSION_TAG, PERFORMANCE_FILE, PERFORMANCE_TAG
 from keel.registry import flatten_params, register
@@ -242,3 +242,28 @@ def test_a_text_table_it_cannot_judge_is_refused_by_name(registered_intents: flo
         check_performance("models:/intents-model@champion", source, str(tmp_path / "out"), settings,
                           PerformanceConfig(label_column="category" if "category" in message else None))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_uri, refused", [
+    ("models:/small-model@champion", False), ("models:/small-model/3", False),
+    ("models:/heart@champion", True),  # `--config` left out: a degraded heart would retrain small-model
+    ("runs:/abc/model", False),  # not a registered model: nothing to hold it to
+])
+def test_a_retraining_refuses_to_check_one_model_and_retrain_another_before_reading_anything(
+        model_uri: str, refused: bool, settings: KeelSettings, tmp_path: Path) -> None:
+    from keel.config import load_pipeline_config
+    from keel.monitor.performance import check_with_config
+    from pipelines.model_performance import pipeline as model_performance
+
+    check = load_pipeline_config(model_performance.CONFIG_FILE)
+    training = small_config().to_json()
+    missing = str(tmp_path / "not-there.csv")
+    if refused:
+        with pytest.raises(ConfigError, match=r"model_uri models:/heart@champion is model 'heart', but a degraded "
+                                              r"verdict would train and register 'small-model' .* Pass the config "
+                                              r"'heart' was trained with"):
+            check_with_config(model_uri, missing, str(tmp_path / "out"), check, settings, training)
+    else:  # held to the same name, it goes on to load the model (none is registered here)
+        with pytest.raises(KeelError) as raised:
+            check_with_config(model_uri, missing, str(tmp_path / "out"), check, settings, training)
+        assert "degraded verdict" not in str(raised.value), raised.value

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable
@@ -77,6 +78,21 @@ def kfp_cron(expression: str) -> str:
         raise ConfigError(f"--cron {expression!r}: expected a crontab expression of 5 fields "
                           "(minute hour day month weekday), e.g. '0 3 * * *' for 03:00 daily.")
     return " ".join(fields)
+
+
+def refuse_sources_on_this_machine(params: dict[str, Any]) -> None:
+    """A ``source``/``*_source`` parameter that is a file here (a relative path, or one that exists on this
+    machine): the steps run in the cluster's pods, which would fail to find it after pulling the image, and
+    retry twice."""
+    for name, value in params.items():
+        if not (name == "source" or name.endswith("_source")) or not isinstance(value, str):
+            continue
+        scheme = urllib.parse.urlparse(value).scheme
+        path = value.removeprefix("file://") if scheme == "file" else value if not scheme else ""
+        if path and (not path.startswith("/") or Path(path).exists()):
+            raise ConfigError(f"--param {name}={value}: a file on this machine, which the steps on the cluster "
+                              "cannot read. Copy it to the object store (mc cp, aws s3 cp) and pass its s3:// URI, "
+                              "or an http(s):// one.")
 
 
 def check_reachable(host: str, timeout_s: float = 10) -> None:

@@ -63,6 +63,25 @@ def test_keel_submit_to_an_unreachable_host_exits_1_with_the_reason() -> None:
     assert host in str(result.exception)
 
 
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "--cron", "0 3 * * *"]])
+def test_a_source_on_this_machine_is_refused_before_kfp_is_asked(command: list[str], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps run in the cluster's pods: a local file would fail each of them after its image pull."""
+    host = f"http://127.0.0.1:{closed_port()}"  # asked, it would fail naming the host
+    (tmp_path / "titanic.csv").write_text("a,b\n1,2\n")
+    monkeypatch.chdir(tmp_path)
+    for source in ("titanic.csv", str(tmp_path / "titanic.csv"), f"file://{tmp_path / 'titanic.csv'}"):
+        result = CliRunner().invoke(app, [command[0], "medical_diagnosis", *command[1:], "--host", host,
+                                          "--param", f"source={source}"])
+        assert result.exit_code == 1 and isinstance(result.exception, ConfigError), result.output
+        assert str(result.exception).startswith(f"--param source={source}: a file on this machine")
+    for source in ("s3://lake/titanic.csv", "https://example.org/t.csv", "builtin://breast_cancer",
+                   "/mnt/on-the-cluster/t.csv"):
+        result = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", host, "--param",
+                                          f"source={source}"])
+        assert isinstance(result.exception, ClusterError) and host in str(result.exception)  # on to KFP
+
+
 def test_keel_schedule_refuses_a_bad_cron_before_anything_else() -> None:
     result = CliRunner().invoke(app, ["schedule", "medical_diagnosis", "--cron", "nightly", "--host", "http://x"])
     assert result.exit_code == 1 and "crontab" in str(result.exception)

@@ -54,6 +54,7 @@ def _submit(pipeline: str, host: str, namespace: str, experiment: str, param: li
     built = pipelines.build(pipeline, config)
     params = parse_params(param, pipeline_parameters(built, ("config",)))
     require_parameters(built, params, pipeline)  # a recurring run would fail on the server, every time
+    submit.refuse_sources_on_this_machine(params)
     client = _kfp_client(host, namespace)
     result = submit.submit(client, pipeline, host, experiment, params, tracking.git_commit(settings),
                            config=config, cron=cron, service_account=service_account, schedule_name=schedule_name,

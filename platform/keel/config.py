@@ -169,10 +169,10 @@ class GateConfig(BaseModel):
         default=None, ge=0, le=1, description="bound over each slice column; null: reported, not bounded")
     max_equalized_odds_difference: float | None = Field(
         default=None, ge=0, le=1, description="bound over each slice column; null: reported, not bounded")
-    allow_input_changes: bool = Field(
-        default=False, description="let the gate promote a model that reads other columns than the champion; "
-                                   "false: such a model waits for `keel models promote`, since every caller of "
-                                   "the served model must change its requests first")
+    allow_schema_changes: bool = Field(
+        default=False, description="let the gate promote a model that reads other columns or predicts other "
+                                   "classes than the champion; false: such a model waits for `keel models "
+                                   "promote`, since every caller of the served model must change first")
 
 
 class EvaluateConfig(BaseModel):

@@ -246,8 +246,8 @@ def gate_with_rescored_champion(metrics: dict[str, float], default_metric: str, 
 def gate_decision(report: dict[str, Any], raw_test: pd.DataFrame, labels: np.ndarray, classes: list[str],
                   config: EvaluateConfig, registry: RegisterConfig, settings: KeelSettings,
                   input_columns: Sequence[str]) -> tuple[GateDecision, dict[str, Any] | None]:
-    """Score the champion on the same rows and apply the gate (``input_columns``: what the challenger reads);
-    returns the decision and the champion's report."""
+    """Score the champion on the same rows and apply the gate (``input_columns``: what the challenger reads;
+    ``classes``: what it predicts); returns the decision and the champion's report."""
     if registry.promotion_metric not in HEADLINE_METRICS:
         raise EvaluationError(f"registry.promotion_metric {registry.promotion_metric!r} is not one of "
                               f"{list(HEADLINE_METRICS)}.")
@@ -261,25 +261,32 @@ def gate_decision(report: dict[str, Any], raw_test: pd.DataFrame, labels: np.nda
     if note not in ("rescored", "no champion"):
         decision.reasons.append(note)
     if version is not None:
-        _check_input_columns(decision, registry.model_name, version, list(input_columns), config.gate)
+        _check_served_schema(decision, registry.model_name, version, list(input_columns), classes, config.gate)
     return decision, champion
 
 
-def _check_input_columns(decision: GateDecision, model_name: str, version: str, input_columns: list[str],
-                         gate: GateConfig) -> None:
-    """A model that reads other columns than the champion changes the served API: the request schema forbids
-    an unknown field and requires every column, so each caller's requests would be refused (422) the moment
-    it is promoted. Unless the config allows it, a person promotes it once the callers are ready."""
-    changes = tracking.column_changes(tracking.input_columns(f"models:/{model_name}/{version}"), input_columns)
+def _check_served_schema(decision: GateDecision, model_name: str, version: str, input_columns: list[str],
+                         classes: list[str], gate: GateConfig) -> None:
+    """A model that reads other columns or predicts other classes than the champion changes the served API:
+    the request schema requires every column it reads and refuses any other, and callers read its labels and
+    ``probability_<class>`` fields. Promoted, each caller would break at once; unless the config allows it, a
+    person promotes it once they are ready."""
+    from keel.predictor import PROBABILITY_PREFIX
+
+    champion_inputs, champion_outputs = tracking.signature_columns(f"models:/{model_name}/{version}")
+    champion_classes = None if champion_outputs is None else [
+        name.removeprefix(PROBABILITY_PREFIX) for name in champion_outputs if name.startswith(PROBABILITY_PREFIX)]
+    changes = [f"{what} differ from champion v{version}'s ({change})" for what, change in (
+        ("input columns", tracking.column_changes(champion_inputs, input_columns)),
+        ("classes", tracking.column_changes(champion_classes or None, classes))) if change]
     if not changes:
         return
-    if gate.allow_input_changes:
-        decision.reasons.append(f"ok: input columns differ from champion v{version}'s ({changes}); "
-                                "evaluate.gate.allow_input_changes lets it through")
+    if gate.allow_schema_changes:
+        decision.reasons.append(f"ok: {'; '.join(changes)}; evaluate.gate.allow_schema_changes lets it through")
         return
-    require(decision, False, f"input columns differ from champion v{version}'s ({changes}): every caller of the "
-                             "served model must change its requests first; promote it by hand once they have "
-                             "(keel models promote), or set evaluate.gate.allow_input_changes")
+    require(decision, False, f"{'; '.join(changes)}: every caller of the served model must change first; promote "
+                             "it by hand once they have (keel models promote), or set "
+                             "evaluate.gate.allow_schema_changes")
 
 
 def evaluate(model_uri: str, splits_uri: str, output_uri: str, settings: KeelSettings,

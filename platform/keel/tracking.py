@@ -257,18 +257,28 @@ def version_logged_model_id(model_version: Any, run: Any) -> str | None:
 def input_columns(model_uri: str) -> list[str] | None:
     """The columns a logged or registered model reads, from its MLflow signature; None when it has none or it
     cannot be read. Call after :func:`mlflow_client`, which points MLflow at the tracking server."""
+    return signature_columns(model_uri)[0]
+
+
+def signature_columns(model_uri: str) -> tuple[list[str] | None, list[str] | None]:
+    """The input and output column names of a model's MLflow signature (each None where it has none)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         signature = mlflow.models.get_model_info(model_uri).signature
     except (MlflowException, OSError):
-        return None
-    return None if signature is None or signature.inputs is None else list(signature.inputs.input_names())
+        return None, None
+    if signature is None:
+        return None, None
+    inputs = None if signature.inputs is None else list(signature.inputs.input_names())
+    outputs = None if signature.outputs is None else list(signature.outputs.input_names())
+    return inputs, outputs
 
 
 def column_changes(before: list[str] | None, after: list[str] | None) -> str:
-    """``adds X; drops Y`` between two models' input columns; empty when they read the same or either is unknown."""
+    """``adds X; drops Y`` between two models' columns (or classes); empty when they are the same or either is
+    unknown."""
     if before is None or after is None:
         return ""
     added, dropped = [c for c in after if c not in before], [c for c in before if c not in after]

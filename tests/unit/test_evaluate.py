@@ -3,7 +3,7 @@ import pytest
 from kfp.dsl import ClassificationMetrics, Metrics
 
 from keel.evaluate import classification_metrics, emit_kfp_metrics
-from tests.conftest import SMALL_CONTRACT
+from tests.conftest import SMALL_CONTRACT, small_frame
 
 
 def test_binary_metrics_match_a_hand_count() -> None:
@@ -127,13 +127,22 @@ def test_a_challenger_reading_other_columns_than_the_champion_waits_for_a_person
     # Served, v1's request schema requires weight and v2's refuses it: promoted by the gate, every caller's
     # requests would be refused at once, so the gate leaves it to a person unless the config allows it.
     changed = ("input columns differ from champion v1's (drops weight): every caller of the served model must "
-               "change its requests first")
+               "change first")
     assert not gate["passed"] and any(failure.startswith(changed) for failure in gate["failures"]), gate
-    allowed = small_config(contract=contract, evaluate={"gate": {"allow_input_changes": True, "tolerance": 1}})
+    allowed = small_config(contract=contract, evaluate={"gate": {"allow_schema_changes": True, "tolerance": 1}})
     gate = json.loads((Path(run_stages(settings, "run-v3", source, epochs=5, config=allowed)["evaluate"])
                        / "evaluation.json").read_text())["gate"]
     assert gate["passed"] and "ok: input columns differ from champion v1's (drops weight); " \
-        "evaluate.gate.allow_input_changes lets it through" in gate["reasons"], gate
+        "evaluate.gate.allow_schema_changes lets it through" in gate["reasons"], gate
     same = json.loads((Path(run_stages(settings, "run-v4", source, epochs=5)["evaluate"])
                        / "evaluation.json").read_text())["gate"]
-    assert not any("input columns" in reason for reason in same["reasons"]), same
+    assert not any("input columns" in reason or "classes" in reason for reason in same["reasons"]), same
+    # labels renamed: callers reading `probability_yes` would find `probability_y`
+    renamed = tmp_path / "renamed.csv"
+    small_frame(200).assign(outcome=lambda f: f["outcome"].str[0]).to_csv(renamed, index=False)
+    relabeled = {**SMALL_CONTRACT, "columns": {**SMALL_CONTRACT["columns"],
+                                               "outcome": {"dtype": "category", "allowed": ["y", "n"]}}}
+    gate = json.loads((Path(run_stages(settings, "run-v5", renamed, epochs=5, config=small_config(
+        contract=relabeled, evaluate={"positive_class": "y"}))["evaluate"]) / "evaluation.json").read_text())["gate"]
+    assert any(failure.startswith("classes differ from champion v1's (adds n, y; drops no, yes): every caller")
+               for failure in gate["failures"]), gate

@@ -178,9 +178,10 @@ CASES: list[Case] = [
     Case("no_target.jsonl", lambda: _jsonl(_without("label")), ("column 'label': missing from the data",)),
     Case("null_target.jsonl", lambda: _jsonl(_with(label={2: None})), ("column 'label'", "missing value")),
     Case("unknown_label.jsonl", lambda: _jsonl(_with(label={2: "dunno"})), ("column 'label'", "outside", "dunno")),
-    Case("nested_object.jsonl", lambda: _jsonl(_with(city={4: {"name": "Oslo"}})), ("column 'city'", "lists or mappings")),
+    Case("nested_object.jsonl", lambda: _jsonl(_with(city={4: {"name": "Oslo"}})),
+         ("column 'city'", "lists or mappings", "first at data row 5")),
     Case("out_of_range.jsonl", lambda: _jsonl(_with(age={9: 999})), ("column 'age'", "outside")),
-    Case("giant_field.jsonl", lambda: _jsonl(_with(city={0: "y" * GIANT})), ("column 'city'", "characters")),
+    Case("giant_field.jsonl", lambda: _jsonl(_with(city={0: "y" * GIANT})), ("column 'city' data row 1", "characters")),
     Case("single_class.jsonl", lambda: _jsonl(_single_class()), ("column 'label'", "min_class_fraction")),
 ]
 

@@ -94,7 +94,7 @@ def test_a_users_file_missing_a_column_or_with_empty_text_is_refused_by_name() -
     config = UtterancesConfig()
     with pytest.raises(DataError, match=r"tickets.csv: missing column\(s\) \['intent'\]"):
         check_utterances(pd.DataFrame({"text": ["hi"]}), "tickets.csv", config)
-    with pytest.raises(DataError, match=r"tickets.csv: column 'text': 1 empty value\(s\), first at row 1"):
+    with pytest.raises(DataError, match=r"tickets.csv: column 'text': 1 empty value\(s\), first at data row 2"):
         check_utterances(pd.DataFrame({"text": ["hi", " "], "intent": ["a", "b"]}), "tickets.csv", config)
     with pytest.raises(DataError, match=r"column 'split': unknown value\(s\) \['validation'\]"):
         check_utterances(pd.DataFrame({"text": ["hi"], "intent": ["a"], "split": ["validation"]}), "t.csv", config)
@@ -126,7 +126,7 @@ def test_a_help_desk_export_is_read_under_its_own_column_names() -> None:
                                         r".*utterances.columns \(text: <your column>\)"):
         check_utterances(export, "bitext.csv", UtterancesConfig())
     columns = UtteranceColumns(text="instruction", user_id="customer")
-    with pytest.raises(DataError, match=r"bitext.csv: column 'instruction': 1 empty value\(s\), first at row 1"):
+    with pytest.raises(DataError, match=r"bitext.csv: column 'instruction': 1 empty value\(s\), first at data row 2"):
         check_utterances(export, "bitext.csv", UtterancesConfig(columns=columns))
     checked = check_utterances(export.iloc[:1], "bitext.csv", UtterancesConfig(columns=columns))
     assert list(checked.columns) == ["user_id", "text", "intent", "split"]

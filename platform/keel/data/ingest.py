@@ -203,10 +203,10 @@ def _reject_unusable_cells(uri: str, frame: pd.DataFrame) -> None:
         nested = column.map(lambda v: isinstance(v, (list, dict, tuple)) or hasattr(v, "__array__"))
         if nested.any():
             raise DataError(f"{uri}: column {str(name)!r} holds lists or mappings ({int(nested.sum())} row(s), first "
-                            f"at row {int(nested.to_numpy().argmax())}); flatten them into scalar columns.")
+                            f"at data row {int(nested.to_numpy().argmax()) + 1}); flatten them into scalar columns.")
         lengths = column.map(lambda v: len(v) if isinstance(v, str) else 0)
         if lengths.max() > MAX_FIELD_CHARS:
-            raise DataError(f"{uri}: column {str(name)!r} row {int(lengths.to_numpy().argmax())} holds "
+            raise DataError(f"{uri}: column {str(name)!r} data row {int(lengths.to_numpy().argmax()) + 1} holds "
                             f"{int(lengths.max())} characters, over the {MAX_FIELD_CHARS} limit; the export is broken.")
 
 

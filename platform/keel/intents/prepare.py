@@ -54,7 +54,7 @@ def check_utterances(frame: pd.DataFrame, origin: str, config: UtterancesConfig)
         empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if empty.any():
             raise DataError(f"{origin}: column {getattr(names, column)!r}: {int(empty.sum())} empty value(s), "
-                            f"first at row {int(np.flatnonzero(empty)[0])}.")
+                            f"first at data row {int(np.flatnonzero(empty)[0]) + 1}.")
     frame = frame.astype({"text": "str", "intent": "str"})
     if "split" in frame.columns:
         unknown = sorted(set(frame["split"].astype(str)) - {"train", "test"})

@@ -116,6 +116,24 @@ def test_a_file_too_small_to_hold_out_validation_rows_is_refused_and_nothing_wri
     assert not artifact_files(settings)
 
 
+def test_an_intent_with_too_few_utterances_is_refused_by_name_and_nothing_written(settings: KeelSettings,
+                                                                                 tmp_path: Path) -> None:
+    """One example of an intent teaches the model nothing, and lands in training or testing by chance."""
+    from keel import storage
+    from keel.intents.prepare import prepare_utterances
+
+    source = tmp_path / "tickets.csv"
+    pd.DataFrame({"text": [f"message {i}" for i in range(61)],
+                  "intent": ["refund", "delivery"] * 30 + ["discount"]}).to_csv(source, index=False)
+    output = storage.stage_uri(settings, "rare", "ingest")
+    with pytest.raises(DataError, match=r"tickets.csv: intent\(s\) with fewer than 5 utterances: 'discount' \(1\)\. "
+                                        r"Add utterances, .* utterances.min_per_intent sets the floor"):
+        prepare_utterances(str(source), UtterancesConfig(), output, settings)
+    assert not artifact_files(settings)
+    assert "discount" in prepare_utterances(str(source), UtterancesConfig(min_per_intent=1), output,
+                                            settings)["labels"]
+
+
 def test_a_help_desk_export_is_read_under_its_own_column_names() -> None:
     """Bitext's help-desk set names the message `instruction` and has a `category` beside the intent: the config
     names the column, and errors then name the file's column, not Keel's."""
@@ -214,3 +232,19 @@ def test_a_model_saved_with_berts_unused_pooler_still_loads(one_layer_model: tup
     texts = ["I want a refund for <ORDER_ID>", "cancel it please"]
     assert torch.allclose(IntentModel.load(tmp_path / "older").probabilities(texts),
                           IntentModel(model, spec, tokenizer).probabilities(texts), atol=1e-5)
+
+
+@pytest.mark.parametrize("f1, passed, says", [
+    (0.95, True, "macro-F1 0.9500 is 0.1500 over the bag-of-words baseline's 0.8000 (at least 0.1 over it needed)"),
+    (0.75, False, "macro-F1 0.7500 is 0.0500 under the bag-of-words baseline's 0.8000 (at least 0.1 over it needed)"),
+])
+def test_the_gate_wants_a_margin_over_the_baseline_and_says_which_side_of_it_the_model_is(
+        f1: float, passed: bool, says: str, settings: KeelSettings) -> None:
+    from keel.compress import VariantReport
+    from keel.intents.config import IntentEvaluateConfig
+    from keel.intents.evaluate import gate
+
+    chosen = VariantReport(name="fine_tuned", accuracy=f1, f1_macro=f1, accuracy_drop=0.0, parameters=1,
+                           nonzero_parameters=1, size_bytes=1, latency_p50_ms_batch1=1.0, latency_p50_ms_batch32=1.0)
+    decision, _ = gate(chosen, {"f1_macro": 0.8}, IntentEvaluateConfig(), None, pd.DataFrame(), settings)
+    assert decision.passed is passed and f"{'ok' if passed else 'FAIL'}: {says}" in decision.reasons

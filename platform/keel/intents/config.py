@@ -34,6 +34,7 @@ class UtterancesConfig(BaseModel):
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="of the training phrasings' rows")
     test_fraction: float = Field(default=0.2, gt=0, lt=0.5,
                                  description="a file source without a 'split' column: rows held out for testing")
+    min_per_intent: int = Field(default=5, ge=1, description="a file source: fewest utterances of any intent")
     max_length: int = Field(default=40, ge=8, le=256, description="tokens per utterance after tokenization")
     seed: int = 42
 

@@ -142,8 +142,8 @@ def gate(chosen: VariantReport, baseline: dict[str, float], config: IntentEvalua
         {"f1_macro": chosen.f1_macro, "accuracy": chosen.accuracy}, "f1_macro", registry, settings,
         lambda python_model: rescore(python_model.intents, test), config.tolerance,
         (gain >= config.min_gain_over_baseline - 1e-12,
-         f"macro-F1 {chosen.f1_macro:.4f} is {gain:+.4f} over the bag-of-words baseline's "
-         f"{baseline['f1_macro']:.4f} (min {config.min_gain_over_baseline:+})"))
+         f"macro-F1 {chosen.f1_macro:.4f} is {abs(gain):.4f} {'over' if gain >= 0 else 'under'} the bag-of-words "
+         f"baseline's {baseline['f1_macro']:.4f} (at least {config.min_gain_over_baseline} over it needed)"))
 
 
 def evaluate_intents(model_uri: str, splits_uri: str, output_uri: str, settings: KeelSettings,

@@ -114,6 +114,13 @@ def prepare_utterances(source: str, config: UtterancesConfig, output_uri: str, s
     labels = sorted(frame["intent"].unique())
     if len(labels) < 2:
         raise DataError(f"{source}: column 'intent' has {len(labels)} distinct value(s); a classifier needs two.")
+    counts = frame["intent"].value_counts()
+    rare = counts[counts < config.min_per_intent]
+    if not rare.empty:  # one example teaches nothing, and its test score is one row's luck
+        raise DataError(f"{source}: intent(s) with fewer than {config.min_per_intent} utterances: "
+                        + ", ".join(f"{intent!r} ({n})" for intent, n in sorted(rare.items())[:10])
+                        + ". Add utterances, merge them into another intent or drop their rows; "
+                          "utterances.min_per_intent sets the floor.")
     for name in ("train", "test"):
         if splits[name].empty:
             raise DataError(f"{source}: no {name} rows; set column 'split' or utterances.test_fraction.")

@@ -146,7 +146,7 @@ class CompressConfig(BaseModel):
 class SliceSpec(BaseModel):
     """Rows grouped by a raw column: numeric ``bins`` edges make bands, no bins means one slice per value."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)  # a column named 2024
 
     column: str = Field(min_length=1)
     bins: list[float] | None = Field(default=None, min_length=2)
@@ -178,7 +178,8 @@ class GateConfig(BaseModel):
 class EvaluateConfig(BaseModel):
     """Slices, fairness and the promotion gate."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # `positive_class: 1` for 0/1 labels, as YAML reads an unquoted 1
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
     slices: list[SliceSpec] = []
     positive_class: str | None = Field(default=None, description="for fairness measures; default the second class")

@@ -81,6 +81,8 @@ def validation_problems(error: ValidationError, model: type[BaseModel] | None = 
     problems = []
     for err in error.errors():
         message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        if err["type"] == "string_type" and isinstance(err.get("input"), bool):
+            message += " (YAML reads yes, no, true, false, on and off unquoted as booleans: quote it, 'yes')"
         if err["type"] == "extra_forbidden" and model is not None:
             message += _did_you_mean(str(err["loc"][-1]), _fields_at(model, tuple(err["loc"][:-1])))
         path = ".".join(str(p) for p in err["loc"])

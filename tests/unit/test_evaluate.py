@@ -146,3 +146,20 @@ def test_a_challenger_reading_other_columns_than_the_champion_waits_for_a_person
         contract=relabeled, evaluate={"positive_class": "y"}))["evaluate"]) / "evaluation.json").read_text())["gate"]
     assert any(failure.startswith("classes differ from champion v1's (adds n, y; drops no, yes): every caller")
                for failure in gate["failures"]), gate
+
+
+def test_a_positive_class_written_unquoted_in_yaml_is_read_as_the_label_it_names(tmp_path) -> None:
+    """`positive_class: 1` for 0/1 labels is the class "1"; `positive_class: yes` is YAML's boolean true, and the
+    error says to quote it."""
+    import yaml
+
+    from keel.errors import ConfigError
+    from tests.stages import small_config
+
+    numeric = {**SMALL_CONTRACT, "columns": {**SMALL_CONTRACT["columns"],
+                                             "outcome": {"dtype": "int", "allowed": [0, 1]}}}
+    config = small_config(contract=numeric, evaluate=yaml.safe_load("positive_class: 1"))
+    assert config.evaluate.positive_class == "1"
+    with pytest.raises(ConfigError, match=r"evaluate.positive_class: Input should be a valid string \(YAML reads "
+                                          r"yes, no, .* unquoted as booleans: quote it, 'yes'\)"):
+        small_config(evaluate=yaml.safe_load("positive_class: yes"))

@@ -315,13 +315,16 @@ def section_from_params(params: dict[str, str], name: str, model: type[Section],
 
 
 def _param_value(text: str) -> Any:
-    """A param as :func:`keel.registry.flatten_params` wrote it: JSON for lists, ``str()`` for the rest."""
+    """A param as :func:`keel.registry.flatten_params` wrote it: JSON for lists, ``str()`` for the rest. A
+    number stays text, which pydantic reads as a number where the field is one and as text where it is text
+    (``evaluate.positive_class`` '1' of 0/1 labels was read as the integer 1, and refused)."""
     if text in ("None", "True", "False"):
         return {"None": None, "True": True, "False": False}[text]
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    return value if isinstance(value, (list, dict)) else text
 
 
 def _registered_report(client: MlflowClient, run_id: str) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ from keel.monitor.performance import PerformanceConfig, check_performance, evalu
 from keel.monitor.verdict import EVALUATED_VERSION_TAG, PERFORMANCE_FILE, PERFORMANCE_TAG
 from keel.registry import flatten_params, register
 from keel.settings import KeelSettings
-from tests.conftest import small_frame
+from tests.conftest import SMALL_CONTRACT, small_frame
 from tests.stages import run_stages, small_config, write_small_source
 from tests.processes import keel
 
@@ -57,6 +57,11 @@ def test_the_config_a_version_was_trained_with_comes_back_from_its_run_params() 
     assert evaluate_config_from_params(params, "v1") == config.evaluate
     assert evaluate_config_from_params({"train.dropout": "0.1"}, "v1") == PipelineConfig.model_fields[
         "evaluate"].default  # a run without evaluate params: the defaults
+    # 0/1 labels: the param '1' is the class named "1", not the number (`keel evaluate` refused every such model)
+    numeric = small_config(contract={**SMALL_CONTRACT, "columns": {
+        **SMALL_CONTRACT["columns"], "outcome": {"dtype": "int", "allowed": [0, 1]}}},
+        evaluate={**EVALUATE, "positive_class": "1"})
+    assert evaluate_config_from_params(flatten_params(training_params(numeric)), "v1") == numeric.evaluate
 
 
 def test_rows_like_its_test_split_pass_with_its_own_slices_and_the_check_is_recorded(

@@ -22,13 +22,14 @@ def record_model(transform: FeatureTransform) -> type[BaseModel]:
 
     Strict numbers: ``true`` or ``"1.5"`` for a numeric column is a client's mistake, and a 422 says where,
     rather than a score of 1.0 or a guess; a column the contract types bool takes true/false as well as 0/1."""
-    fields: dict[str, Any] = {}
-    for name in transform.numeric:
-        kind = StrictBool | FiniteNumber | None if transform.may_be_boolean(name) else FiniteNumber | None
-        fields[name] = (kind, Field(...))
-    for name in transform.categorical:
-        fields[name] = (str | None, Field(...))
-    return create_model("Record", __config__=ConfigDict(extra="forbid"), **fields)
+    kinds: dict[str, Any] = {name: StrictBool | FiniteNumber | None if transform.may_be_boolean(name)
+                             else FiniteNumber | None for name in transform.numeric}
+    kinds.update({name: str | None for name in transform.categorical})
+    # Each column is the alias of a field of a plain name: a column may be named as pydantic forbids a field
+    # (`_flag`, `model_dump`, `model_config`), which failed the server at start-up after a run registered it.
+    fields = {f"column_{i}": (kind, Field(..., alias=name)) for i, (name, kind) in enumerate(kinds.items())}
+    return create_model("Record", __config__=ConfigDict(extra="forbid", serialize_by_alias=True),
+                        **fields)  # type: ignore[call-overload]
 
 
 def predict_request_model(transform: FeatureTransform) -> type[BaseModel]:

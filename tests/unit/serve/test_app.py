@@ -271,12 +271,34 @@ def test_a_column_the_contract_types_bool_takes_true_and_false_and_no_other_colu
     contract = make_contract(columns={**SMALL_CONTRACT["columns"], "smoker": {"dtype": "bool"}})
     transform = FeatureTransform.fit(frame, contract)
     row = {"size": 10.0, "weight": 3.0, "colour": "red", "smoker": True}
-    assert transform.boolean == ["smoker"] and record_model(transform).model_validate(row).smoker is True
-    assert record_model(transform).model_validate({**row, "smoker": 0}).smoker == 0
+    assert transform.boolean == ["smoker"]
+    assert record_model(transform).model_validate(row).model_dump()["smoker"] is True
+    assert record_model(transform).model_validate({**row, "smoker": 0}).model_dump()["smoker"] == 0
     with pytest.raises(ValidationError, match="size"):
         record_model(transform).model_validate({**row, "size": True})
     before = transform.model_copy(update={"boolean": None})
-    assert record_model(before).model_validate({**row, "size": True}).size is True
+    assert record_model(before).model_validate({**row, "size": True}).model_dump()["size"] is True
+
+
+def test_columns_named_as_pydantic_forbids_a_field_are_served(tmp_path: Path) -> None:
+    """`_size` (a leading underscore), `model_dump` (pydantic's namespace) and `colour (paint)`: the pipeline
+    trained and registered such a model, and the server failed at start-up building its request schema."""
+    from tests.stages import small_config
+
+    names = {"size": "_size", "weight": "model_dump", "colour": "colour (paint)"}
+    contract = {**SMALL_CONTRACT, "columns": {names.get(k, k): v for k, v in SMALL_CONTRACT["columns"].items()}}
+    source = tmp_path / "renamed.csv"
+    small_frame(200).rename(columns=names).to_csv(source, index=False)
+    settings = KeelSettings(home=tmp_path / ".keel")
+    uris = run_stages(settings, "renamed", source, config=small_config(contract=contract))
+    client = TestClient(build_app(Predictor.load(Path(uris["train"])), NAME, VERSION))
+    row = {"_size": 12.0, "model_dump": 2.5, "colour (paint)": "red"}
+    answered = client.post(f"/v1/models/{NAME}:predict", json={"records": [row, {**row, "_size": 5.0}]})
+    assert answered.status_code == 200 and len(answered.json()["predictions"]) == 2, answered.text
+    missing = client.post(f"/v1/models/{NAME}:predict", json={"records": [{"_size": 1.0, "colour (paint)": "red"}]})
+    assert missing.status_code == 422 and "records.0.model_dump: Field required" in missing.json()["detail"]
+    spec = client.get("/openapi.json").json()["components"]["schemas"]["Record"]
+    assert set(spec["properties"]) == set(row) and set(spec["required"]) == set(row)
 
 
 def test_a_shadow_copy_is_answered_as_the_served_model_answers(predictor: Predictor, tmp_path: Path) -> None:

@@ -197,3 +197,17 @@ def test_the_served_models_sample_request_is_a_row_the_api_accepts_with_values_a
     assert row["smoker"] is bool(table["smoker"].median() >= 0.5)
     assert row["chol"] == round(float(table["chol"].median()), 4) and row["sex"] == table["sex"].mode()[0]
     assert record_model(transform).model_validate(row).model_dump() == row
+
+
+def test_the_printed_request_survives_the_shell_whatever_the_column_names(capsys: pytest.CaptureFixture) -> None:
+    """A column named `patient's age` closed the single quotes around the body; `Fare £` was escaped as \\u00a3."""
+    import shlex
+
+    from keel.cli.output import OutputFormat
+    from keel.cli.serve import _announce
+
+    body = json.dumps({"records": [{"patient's age": 41, "Fare £": 7.25}]}, ensure_ascii=False)
+    _announce("http://127.0.0.1:8000", "models:/m@champion", OutputFormat.table, None, None,
+              lambda: ("/v1/models/m:predict", body))
+    curl = shlex.split(capsys.readouterr().out.split("Try it:\n", 1)[1])
+    assert curl[7] == "-d" and json.loads(curl[8]) == json.loads(body) and "Fare £" in curl[8]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,8 @@ def sample_request(model_uri: str) -> tuple[str, str]:
     if predictor is None:  # a recommender: top 10 for its first two users, in the user's own ids
         users = loaded.recommender.user_ids[:2].tolist() if loaded.recommender is not None else []
         return f"/v1/models/{loaded.name}:recommend", json.dumps({"user_ids": users, "k": 10})
-    return f"/v1/models/{loaded.name}:predict", json.dumps({"records": [typical_row(predictor.transform)]})
+    row = typical_row(predictor.transform)
+    return f"/v1/models/{loaded.name}:predict", json.dumps({"records": [row]}, ensure_ascii=False)
 
 
 def typical_row(transform: FeatureTransform) -> dict[str, object]:
@@ -166,7 +168,7 @@ def _announce(url: str, model_uri: str, output: OutputFormat, shadow_uri: str | 
         typer.echo(f"Canary: {canary_uri} answers a share of the requests (x-model-version says which); "
                    "keel_canary_requests_total counts them by outcome")
     route, body = sample()
-    typer.echo(f"Try it:\n  curl -s -X POST {url}{route} -H 'content-type: application/json' -d '{body}'")
+    typer.echo(f"Try it:\n  curl -s -X POST {url}{route} -H 'content-type: application/json' -d {shlex.quote(body)}")
 
 
 def _print_status(dashboard: str) -> None:

@@ -36,14 +36,12 @@ class DataError(KeelError):
 class DataContractError(DataError):
     """Data violates its contract beyond the contract's thresholds."""
 
-    def __init__(self, uri: str, violations: list[str]) -> None:
+    def __init__(self, uri: str, violations: list[str],
+                 advice: str = "Fix the data, or relax the contract's thresholds if the data is right.") -> None:
         self.uri = uri
         self.violations = violations
         listed = "\n".join(f"  - {v}" for v in violations)
-        super().__init__(
-            f"{uri}: {len(violations)} data contract violation(s):\n{listed}\n"
-            "Fix the data, or relax the contract's thresholds if the data is right."
-        )
+        super().__init__(f"{uri}: {len(violations)} data contract violation(s):\n{listed}\n{advice}")
 
 
 class TrainingError(KeelError):

@@ -164,6 +164,17 @@ def render_html(report: dict[str, Any], source: str) -> str:
     )
 
 
+def _another_table_advice(frame: pd.DataFrame, contract: DataContract, source: str) -> list[str]:
+    """What to do when the table holds under half of the contract's columns: it is not the table the contract
+    was written for (a user's own table on the bundled pipeline, without its own contract), and no fix to the
+    data or the thresholds would do."""
+    if sum(name in frame.columns for name in contract.columns) * 2 >= len(contract.columns):
+        return []
+    return [f"It holds too few of the columns of contract {contract.name!r} to be the table it describes. For "
+            f"another table, draft a contract from it (keel contract draft {source} --target COLUMN) and train "
+            "with the config it prints."]
+
+
 def validate(dataset_uri: str, contract: DataContract, output_uri: str, settings: KeelSettings) -> dict[str, Any]:
     """Check the ingested table at ``dataset_uri``; publish the quality report if it passes.
 
@@ -175,7 +186,8 @@ def validate(dataset_uri: str, contract: DataContract, output_uri: str, settings
         frame = storage.read_parquet(storage.join(dataset_uri, DATA_FILE), settings)
         report = quality_report(frame, contract)
         if not report["passed"]:
-            raise DataContractError(manifest.get("source", dataset_uri), report["violations"])
+            source = manifest.get("source", dataset_uri)
+            raise DataContractError(source, report["violations"], *_another_table_advice(frame, contract, source))
         out.write_json(REPORT_JSON, report)
         out.path(REPORT_HTML).write_text(render_html(report, manifest.get("source", dataset_uri)))
         out.manifest.update(rows=report["rows"], passed=True, report=out.uri_of(REPORT_JSON),

@@ -98,9 +98,22 @@ def test_validate_stage_fails_naming_the_source_and_publishes_nothing(
     dataset = storage.stage_uri(settings, "r1", "ingest")
     ingest(str(source), dataset, settings)
     before = artifact_files(settings)
-    with pytest.raises(DataContractError, match=r"(?s)bad.csv: 1 data contract violation.*column 'size': 1 value"):
+    with pytest.raises(DataContractError, match=r"(?s)bad.csv: 1 data contract violation.*column 'size': 1 value.*"
+                                                r"\nFix the data, or relax the contract's thresholds"):
         validate(dataset, make_contract(), storage.stage_uri(settings, "r1", "validate"), settings)
     assert artifact_files(settings) == before
+
+
+def test_another_table_than_the_contracts_is_told_to_draft_its_own(
+        write_table: Callable[..., Path], settings: KeelSettings, make_contract: Callable[..., DataContract]) -> None:
+    """A user's own table on the bundled pipeline: no fix to the data or the thresholds would help."""
+    source = write_table(pd.DataFrame({"fare": [7.25, 71.3] * 20, "outcome": ["yes", "no"] * 20}), "titanic.csv")
+    dataset = storage.stage_uri(settings, "r1", "ingest")
+    ingest(str(source), dataset, settings)
+    with pytest.raises(DataContractError, match=r"(?s)missing from the data.*\nIt holds too few of the columns of "
+                                                r"contract 'small' .* \(keel contract draft .*titanic.csv --target "
+                                                r"COLUMN\) and train with the config it prints\.$"):
+        validate(dataset, make_contract(), storage.stage_uri(settings, "r1", "validate"), settings)
 
 
 def test_validate_stage_publishes_json_and_html(

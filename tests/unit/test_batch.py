@@ -66,6 +66,8 @@ def test_a_bad_value_in_the_last_batch_leaves_nothing_and_names_its_row(register
 
 @pytest.mark.parametrize("change, keep, message", [
     (lambda f: f.drop(columns=["weight"]), None, r"the model reads column\(s\) \['weight'\], which the file does not"),
+    (lambda f: f.rename(columns={"weight": "Weight "}), None,
+     r"the model reads column\(s\) \['weight'\], .*\. Near names in the file: 'Weight ' for 'weight'\.$"),
     (lambda f: f, ["customer", "id"], r"predict.keep\) names column\(s\) \['id'\] that the file does not have"),
     (lambda f: f.assign(prediction="x"), None, r"column\(s\) \['prediction'\] would be overwritten"),
     (lambda f: f.head(0), None, "zero data rows"),

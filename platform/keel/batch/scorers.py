@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from keel.data.columns import name_key
 from keel.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -98,8 +99,10 @@ def kept_columns(source: str, header: list[str], needed: list[str], keep: list[s
     and no kept column would be overwritten by a prediction."""
     missing = [c for c in needed if c not in header]
     if missing:
+        near = {name_key(c): c for c in header}
+        similar = ", ".join(f"{near[name_key(c)]!r} for {c!r}" for c in missing if name_key(c) in near)
         raise DataError(f"{source}: the model reads column(s) {missing}, which the file does not have; "
-                        f"it has {header}.")
+                        f"it has {header}." + (f" Near names in the file: {similar}." if similar else ""))
     kept = header if keep is None else keep
     unknown = [c for c in kept if c not in header]
     if unknown:

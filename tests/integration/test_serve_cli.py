@@ -70,6 +70,13 @@ def test_stopping_the_local_head_leaves_other_ray_instances_alone(tmp_path: Path
         (raylet,) = processes_titled(str(Path(ray.__file__).parent / "core/src/ray/raylet/raylet"),
                                      lambda pid, parents: os.getpgid(pid) == group)
         environment = set(Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0"))  # what its workers inherit
+        # serving again (a roll) deploys on this head: a second `ray start --head` started another Ray beside it,
+        # recorded in its place, and `keel serve stop` then left this one running
+        raylet_path = str(Path(ray.__file__).parent / "core/src/ray/raylet/raylet")
+        every_raylet = processes_titled(raylet_path, lambda pid, parents: True)
+        assert control.start_local_head(settings, ports) == f"http://127.0.0.1:{ports.dashboard}"
+        assert json.loads((settings.home / "serve" / "ray-head.json").read_text())["process_group"] == group
+        assert processes_titled(raylet_path, lambda pid, parents: True) == every_raylet
         assert control.stop_local_head(settings) is True
         assert {b"RAY_SERVE_ENABLE_HA_PROXY=1", b"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2"} <= environment
         with pytest.raises(TimeoutError):

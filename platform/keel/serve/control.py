@@ -155,8 +155,15 @@ def start_local_head(settings: KeelSettings, ports: HeadPorts = HeadPorts(), hap
     """``ray start --head`` on this machine, dashboard on 127.0.0.1; returns the dashboard URL.
 
     The head starts in a process group of its own, recorded in KEEL_HOME, so that
-    :func:`stop_local_head` can end this head and nothing else of Ray's on the machine.
+    :func:`stop_local_head` can end this head and nothing else of Ray's on the machine. A head recorded there
+    and still alive is the one to deploy on: `ray start --head` would start a second Ray instance beside it,
+    whose record replaced the first's, so that `keel serve stop` left the first one running.
     """
+    record = _head_record(settings)
+    if record.is_file():
+        recorded = json.loads(record.read_text())
+        if recorded.get("dashboard_port") == ports.dashboard and _is_ray_group(int(recorded["process_group"])):
+            return f"http://127.0.0.1:{ports.dashboard}"
     environment = {**os.environ, **keel_environment(settings), **(local_haproxy_environment() if haproxy else {})}
     process = subprocess.Popen([_ray_command(), "start", "--head", "--port=0", "--dashboard-host=127.0.0.1",
                                 f"--dashboard-port={ports.dashboard}",

@@ -32,6 +32,7 @@ class LocalRun:
     log_path: Path
     error: dict[str, str] | None = None
     output: Any = None
+    interrupted: bool = False  # by Ctrl-C (SIGINT), which also ended the step running then
 
 
 PROGRESS = re.compile(r"Executing task|finished with status")
@@ -77,23 +78,30 @@ def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: K
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(settings.home / "kfp"),
                raise_on_error=True)
     started = time.perf_counter()
-    output, failure = None, None
+    output, failure, interrupted = None, None, False
     with log_path.open("w") as log:
         with contextlib.redirect_stdout(_LogStream(log, sys.stderr, stream)):  # type: ignore[type-var]
             try:
                 output = pipeline(**arguments, run_name=run_id).output
             except RuntimeError as e:  # kfp.local's "Task ... finished with status FAILURE"
                 failure = str(e)
+            except KeyboardInterrupt:  # the step's process, in the same process group, got the SIGINT too
+                interrupted = True
     wall_s = time.perf_counter() - started
+    log_text = log_path.read_text() if failure is not None or interrupted else ""
+    if interrupted:
+        started_tasks = STARTED_TASK.findall(ANSI_COLOUR.sub("", log_text))
+        return LocalRun(run_id, False, wall_s, log_path, interrupted=True,
+                        error={"stage": started_tasks[-1] if started_tasks else "?", "error": "interrupted (Ctrl-C)"})
     if failure is None:
         return LocalRun(run_id, True, wall_s, log_path, output=output)
-    log_text = log_path.read_text()
     error = find_stage_error(log_text) or crash_report(failure, log_text, log_path)
     return LocalRun(run_id, False, wall_s, log_path, error=error)
 
 
 FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'|Task '([^']+)' finished with status FAILURE")
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+STARTED_TASK = re.compile(r"Executing task '([^']+)'")
 EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
 
 

@@ -211,3 +211,32 @@ def test_the_printed_request_survives_the_shell_whatever_the_column_names(capsys
               lambda: ("/v1/models/m:predict", body))
     curl = shlex.split(capsys.readouterr().out.split("Try it:\n", 1)[1])
     assert curl[7] == "-d" and json.loads(curl[8]) == json.loads(body) and "Fare £" in curl[8]
+
+
+def test_ctrl_c_ends_the_run_naming_the_step_it_stopped_marks_its_mlflow_run_killed_and_exits_130(
+        keel_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kfp.local raises KeyboardInterrupt out of the step's wait (the step, in the same process group, got the
+    SIGINT too). Before, `keel run` exited 130 without a word and left its MLflow run RUNNING."""
+    import mlflow
+
+    from keel import local, tracking
+    from keel.settings import load_settings
+
+    settings = load_settings()
+
+    def interrupted_pipeline(**arguments):
+        tracking.pipeline_run(settings, arguments["run_name"], "medical_diagnosis")  # as the tune step opens it
+        print("10:08:41 - INFO - Executing task \x1b[96m'train'\x1b[0m", flush=True)
+        raise KeyboardInterrupt
+
+    run = local.run_local(interrupted_pipeline, {}, "ctrl-c", settings)
+    assert run.interrupted and not run.succeeded and run.error == {"stage": "train", "error": "interrupted (Ctrl-C)"}
+
+    monkeypatch.setattr(local, "run_local", lambda *arguments, **options: run)
+    result = CliRunner().invoke(app, ["run", "medical_diagnosis", "--run-name", "ctrl-c-cli"])
+    assert result.exit_code == 130, result.output
+    assert "Run ctrl-c INTERRUPTED in" in result.stdout
+    assert "keel: interrupted during train after" in result.stderr
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name(settings.experiment_name).experiment_id])
+    assert killed.info.status == "KILLED"

@@ -118,7 +118,8 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
     evaluation = manifests.get("evaluate", {})
     registered = manifests.get("register", {})
     return {
-        "run_id": run.run_id, "succeeded": run.succeeded, "wall_s": round(run.wall_s, 2),
+        "run_id": run.run_id, "succeeded": run.succeeded, "interrupted": run.interrupted,
+        "wall_s": round(run.wall_s, 2),
         "error": run.error, "log": str(run.log_path),
         "stages": [{"stage": stage, "duration_s": m["duration_s"]} for stage, m in manifests.items()],
         "test_metrics": {k: v for k, v in evaluation.items() if k in HEADLINE_METRICS or k.startswith(RANKING_METRICS)},
@@ -168,7 +169,7 @@ def _readable_manifests(settings: KeelSettings, run_id: str) -> dict[str, dict[s
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    state = "succeeded" if report["succeeded"] else "FAILED"
+    state = "succeeded" if report["succeeded"] else "INTERRUPTED" if report.get("interrupted") else "FAILED"
     typer.echo(f"\nRun {report['run_id']} {state} in {report['wall_s']:.1f} s\n")
     if report["_rows"]:  # none when the first step failed: its error follows the summary
         print_table(["stage", "seconds", "result"], report["_rows"])
@@ -194,9 +195,9 @@ def print_summary(report: dict[str, Any]) -> None:
     typer.echo(f"Artifacts: {report['artifacts']}\nLog: {report['log']}")
 
 
-def _mark_mlflow_run_failed(settings: KeelSettings, run_id: str) -> None:
-    """A failed pipeline leaves its MLflow run FAILED, not RUNNING forever; best effort, since the reason the
-    run failed (MLflow gone, say) must still be reported."""
+def _mark_mlflow_run_failed(settings: KeelSettings, run_id: str, status: str = "FAILED") -> None:
+    """A failed pipeline leaves its MLflow run FAILED (KILLED when interrupted), not RUNNING forever; best effort,
+    since the reason the run failed (MLflow gone, say) must still be reported."""
     from mlflow.exceptions import MlflowException
 
     from keel import tracking
@@ -209,9 +210,9 @@ def _mark_mlflow_run_failed(settings: KeelSettings, run_id: str) -> None:
         for found in client.search_runs([experiment.experiment_id],
                                         filter_string=f"tags.`{tracking.PIPELINE_RUN_TAG}` = '{run_id}'"):
             if found.info.status == "RUNNING":
-                client.set_terminated(found.info.run_id, "FAILED")
+                client.set_terminated(found.info.run_id, status)
     except (KeelError, MlflowException, OSError) as e:
-        typer.echo(f"keel: warning: could not mark the MLflow run of {run_id} FAILED: {e}", err=True)
+        typer.echo(f"keel: warning: could not mark the MLflow run of {run_id} {status}: {e}", err=True)
 
 
 def run_pipeline(
@@ -241,12 +242,17 @@ def run_pipeline(
         refuse_a_taken_run_name(run_name, settings)
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:
-        _mark_mlflow_run_failed(settings, run.run_id)
+        _mark_mlflow_run_failed(settings, run.run_id, "KILLED" if run.interrupted else "FAILED")
     report = summary(run, settings)
     if output is OutputFormat.json:
         print_json({k: v for k, v in report.items() if not k.startswith("_")})
     else:
         print_summary(report)
+    if run.interrupted:
+        assert run.error is not None
+        typer.echo(f"keel: interrupted during {run.error['stage']} after {run.wall_s:.0f} s: the steps before it "
+                   "kept their outputs (Artifacts, above) and the run's MLflow run is marked KILLED.", err=True)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
     if not run.succeeded:
         assert run.error is not None
         typer.echo(f"keel: error: {run.error['stage']} failed: {run.error['error']}", err=True)

@@ -26,6 +26,33 @@ PIPELINES = {
 COMPILED_DIR = Path(__file__).parent / "compiled"
 RETRIES = 2
 
+# Each parameter's description, compiled into the IR where KFP keeps a docstring's (inputDefinitions), for whoever
+# starts a run from the compiled YAML: the Kubeflow UI's run form, a CI job, a person reading it.
+PARAMETERS = {
+    "run_name": "names the run's outputs and its MLflow run; empty: the KFP run's id",
+    "serve": "end with a deploy step that serves the model, when this run made it the new champion",
+    "serve_port": "HTTP port the served model answers on (1-65535)",
+    "gpus": "GPU workers for tuning and training; 0 trains on CPUs",
+    "config_map": "the ConfigMap of Keel's settings that the Helm chart created",
+    "credentials_secret": "the Secret of credentials that the Helm chart created",
+    "config": "the pipeline's config as JSON (keel pipelines compile --config FILE bakes yours in)",
+    "model_uri": "a registered model: models:/NAME@champion, or models:/NAME/N for one version",
+    "labels_source": "labeled rows to check the model on: its input columns and its label column (s3://, http(s)://)",
+    "check_config": "the labels check's config as JSON: tolerance, fewest rows, the file's column names",
+    "retrain": "false: only check the model on the labels, never retrain it",
+}
+TABLE = "CSV, Parquet or JSONL: s3://bucket/key, http(s)://, or a prefix of Parquet parts"
+SOURCES = {
+    "medical_diagnosis": f"the table to train on ({TABLE}, or builtin://breast_cancer)",
+    "batch_scoring": f"the table to score ({TABLE})",
+    "customer_service_intents": "the utterances to train on, with text and intent columns (s3://, http(s)://), or "
+                                "builtin://customer_service_utterances",
+    "ecommerce_recommendations": "the interactions to train on, with user_id, item_id and timestamp columns "
+                                 "(s3://, http(s)://), or builtin://ecommerce_interactions",
+    "model_performance": f"labeled rows to check the model on: its input columns and its label column ({TABLE})",
+}
+RETRAINING_SOURCE = "what a retraining trains on: the table your data team keeps current, with the new labels in it"
+
 
 def configure_step(task: Any, config_map: Any, credentials: Any, retries: int, config: PipelineConfigBase) -> Any:
     """Outputs are keyed by run, so caching could only skip work that must run; retries absorb flakes.
@@ -51,4 +78,13 @@ def build(name: str, config_override: Path | None = None, **options: Any) -> Any
     """
     if name not in PIPELINES:
         raise ConfigError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}.")
-    return importlib.import_module(PIPELINES[name]).build(config_override, **options)
+    return describe_parameters(importlib.import_module(PIPELINES[name]).build(config_override, **options), name)
+
+
+def describe_parameters(built: Any, name: str) -> Any:
+    """Each parameter's description in the pipeline's IR: bare names (``config_map``, ``source``) left a person
+    starting a run from the compiled YAML guessing what to enter."""
+    descriptions = {**PARAMETERS, "source": SOURCES.get(name, RETRAINING_SOURCE)}
+    for parameter, spec in built.pipeline_spec.root.input_definitions.parameters.items():
+        spec.description = descriptions[parameter]
+    return built

@@ -77,6 +77,9 @@ def test_compiled_yaml_is_valid_kfp_ir(name: str) -> None:
     for task_name, task in steps:
         assert task.get("retryPolicy", {}).get("maxRetryCount", 0) >= 1, f"{task_name} has no retry policy"
         assert task["cachingOptions"] == {}, f"{task_name} caches outputs keyed by another run"
+    # whoever starts a run from the compiled YAML reads what each parameter is
+    undescribed = [p for p, d in spec["root"]["inputDefinitions"]["parameters"].items() if not d.get("description")]
+    assert not undescribed, f"{name}: no description for {undescribed}"
 
 
 @pytest.mark.parametrize("name", sorted(pipelines.PIPELINES))

@@ -95,8 +95,11 @@ def _target_spec(values: pd.Series, origin: str) -> ColumnSpec:
         raise DataError(f"{origin}: column {values.name!r} holds one class only ({classes[0]!r}); a classifier "
                         "needs rows of at least two.")
     if len(classes) > MAX_CLASSES:
+        numeric = pd.api.types.is_numeric_dtype(values)
         raise DataError(f"{origin}: column {values.name!r} has {len(classes)} distinct values; the tabular pipeline "
-                        f"classifies into at most {MAX_CLASSES} classes.")
+                        f"classifies into at most {MAX_CLASSES} classes."
+                        + (" A quantity to predict is regression, which it does not train: bin the column into "
+                           "classes first (pandas.cut)." if numeric else ""))
     if pd.api.types.is_integer_dtype(values):
         return ColumnSpec(dtype="int", allowed=sorted(int(v) for v in classes))
     return ColumnSpec(dtype="category", allowed=[str(v) for v in classes])

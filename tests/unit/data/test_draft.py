@@ -102,7 +102,9 @@ def test_an_inline_contract_mapping_still_merges_over_the_bundled_one(tmp_path: 
 @pytest.mark.parametrize("table, target, message", [
     (heart_table(), "outcome", r"heart.csv: no column 'outcome' to predict; the file has \['patient_id', 'age'"),
     (heart_table().assign(target=[None, *range(119)]), "target", "column 'target': 1 row.* no label"),
-    (heart_table().assign(target=range(120)), "target", "120 distinct values; .* at most 50 classes"),
+    (heart_table().assign(target=range(120)), "target", "120 distinct values; .* at most 50 classes. A quantity "
+                                                          r"to predict is regression, .* \(pandas.cut\)"),
+    (heart_table().assign(target=[f"t{i}" for i in range(120)]), "target", "at most 50 classes.$"),
 ])
 def test_a_table_that_cannot_be_drafted_says_why(table: pd.DataFrame, target: str, message: str) -> None:
     with pytest.raises(DataError, match=message):

@@ -271,14 +271,10 @@ def _check_served_schema(decision: GateDecision, model_name: str, version: str, 
     the request schema requires every column it reads and refuses any other, and callers read its labels and
     ``probability_<class>`` fields. Promoted, each caller would break at once; unless the config allows it, a
     person promotes it once they are ready."""
-    from keel.predictor import PROBABILITY_PREFIX
-
-    champion_inputs, champion_outputs = tracking.signature_columns(f"models:/{model_name}/{version}")
-    champion_classes = None if champion_outputs is None else [
-        name.removeprefix(PROBABILITY_PREFIX) for name in champion_outputs if name.startswith(PROBABILITY_PREFIX)]
+    champion_inputs, champion_classes = tracking.served_schema(f"models:/{model_name}/{version}")
     changes = [f"{what} differ from champion v{version}'s ({change})" for what, change in (
         ("input columns", tracking.column_changes(champion_inputs, input_columns)),
-        ("classes", tracking.column_changes(champion_classes or None, classes))) if change]
+        ("classes", tracking.column_changes(champion_classes, classes))) if change]
     if not changes:
         return
     if gate.allow_schema_changes:

@@ -18,7 +18,8 @@ from keel.settings import KeelSettings
 
 def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str, Any]:
     """Where one version came from and what was decided about it, in one place: its pipeline run and commit,
-    the data it was trained on, the columns it reads (None without a signature), its test metrics, the gate's
+    the data it was trained on, the columns it reads and classes it predicts (None where its signature does
+    not say), its test metrics, the gate's
     decision, a person's decisions, the latest check on labels, and the config it was trained with."""
     client = tracking.mlflow_client(settings)
     found = registered_version(client, name, version, settings)
@@ -32,7 +33,7 @@ def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str
         "logged_model_id": tracking.version_logged_model_id(found, run), "run_id": found.run_id,
         "pipeline": tags.get(tracking.PIPELINE_TAG), "pipeline_run": tags.get(tracking.PIPELINE_RUN_TAG),
         "git_commit": tags.get(tracking.GIT_COMMIT_TAG),
-        "inputs": tracking.input_columns(f"models:/{name}/{found.version}"),
+        **dict(zip(("inputs", "classes"), tracking.served_schema(f"models:/{name}/{found.version}"))),
         "datasets": [_dataset(d) for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
         "test_metrics": {k: v for k, v in sorted((run.data.metrics if run else {}).items()) if k.startswith("test_")},
         "gate": tags.get(tracking.GATE_TAG), "promotion_reason": tags.get(tracking.PROMOTION_REASON_TAG),
@@ -62,7 +63,8 @@ def _json_list(text: str | None) -> list[str]:
 
 def compare_versions(name: str, first: str, second: str, settings: KeelSettings) -> dict[str, Any]:
     """Two versions' lineage side by side: every test metric of either with the change from ``first`` to
-    ``second``, how the input columns change from one to the other (what callers must send), and the config
+    ``second``, how the input columns and classes change from one to the other (what callers send and read),
+    and the config
     params that differ (a param one run lacks shows as None)."""
     left, right = (version_lineage(name, version, settings) for version in (first, second))
     if left["version"] == right["version"]:
@@ -78,6 +80,7 @@ def compare_versions(name: str, first: str, second: str, settings: KeelSettings)
                if left["params"][param] == right["params"][param])
     return {"name": name, "first": _without_params(left), "second": _without_params(right), "metrics": metrics,
             "inputs_change": tracking.column_changes(left["inputs"], right["inputs"]),
+            "classes_change": tracking.column_changes(left["classes"], right["classes"]),
             "params_differ": differ, "params_same": same}
 
 

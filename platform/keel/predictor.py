@@ -14,12 +14,12 @@ import torch
 from keel.data.preprocess import TRANSFORM_FILE
 from keel.data.transform import FeatureTransform, ReferenceBins
 from keel.monitor.drift import read_prediction_reference, write_prediction_reference
+from keel.tracking import PROBABILITY_PREFIX
 from torch import nn
 
 from keel.train.model import load_model
 
 PREDICTION_COLUMN = "prediction"
-PROBABILITY_PREFIX = "probability_"
 
 
 class Predictor:

@@ -342,8 +342,9 @@ def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings
     """Point ``champion`` at ``version`` without a gate: a rollback, or a person overriding the gate's verdict.
 
     The version gets tags saying who moved it, when, from which champion and why, so the registry keeps
-    the audit trail a pipeline's promotion leaves in its run. ``inputs_change`` says how the columns it reads
-    differ from the previous champion's: the served API changes with them."""
+    the audit trail a pipeline's promotion leaves in its run. ``inputs_change`` and ``classes_change`` say how the
+    columns it reads and the classes it predicts differ from the previous champion's: the served API changes with
+    them."""
     client = tracking.mlflow_client(settings)
     target = _version_for_a_person(client, name, version, reason, "a promotion by hand", settings)
     if target.status != "READY":
@@ -352,11 +353,12 @@ def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings
     set_alias(client, name, CHAMPION, str(target.version))
     _record_decision(client, target, {PROMOTED_BY_HAND: reason.strip()[:5000], PROMOTED_BY: _user(),
                                       PROMOTED_AT: _now(), PREVIOUS_CHAMPION: previous or "none"})
-    inputs_change = tracking.column_changes(
-        tracking.input_columns(f"models:/{name}/{previous}") if previous else None,
-        tracking.input_columns(f"models:/{name}/{target.version}"))
+    before = tracking.served_schema(f"models:/{name}/{previous}") if previous else (None, None)
+    after = tracking.served_schema(f"models:/{name}/{target.version}")
     return {"model_name": name, "version": str(target.version), "previous_champion": previous,
-            "changed": previous != str(target.version), "reason": reason.strip(), "inputs_change": inputs_change}
+            "changed": previous != str(target.version), "reason": reason.strip(),
+            "inputs_change": tracking.column_changes(before[0], after[0]),
+            "classes_change": tracking.column_changes(before[1], after[1])}
 
 
 def reject_by_hand(name: str, version: str, reason: str, settings: KeelSettings) -> dict[str, Any]:

@@ -38,6 +38,8 @@ PROMOTION_CHECKS_TAG = "keel.promotion_checks"  # run tag: the gate checks that 
 # earlier run's copy (which may be deleted) as its source.
 DATASET_URI_TAG = "keel.dataset_uri"
 
+PROBABILITY_PREFIX = "probability_"  # a tabular model's output column for each class (keel.predictor writes them)
+
 
 def every_page(search: Callable[..., Any], **arguments: Any) -> Iterator[Any]:
     """Every result of an MLflow ``search_*`` call: each returns one page (``search_registered_models``, 100
@@ -254,14 +256,18 @@ def version_logged_model_id(model_version: Any, run: Any) -> str | None:
     return logged[0] if len(logged) == 1 else None
 
 
-def input_columns(model_uri: str) -> list[str] | None:
-    """The columns a logged or registered model reads, from its MLflow signature; None when it has none or it
-    cannot be read. Call after :func:`mlflow_client`, which points MLflow at the tracking server."""
-    return signature_columns(model_uri)[0]
+def served_schema(model_uri: str) -> tuple[list[str] | None, list[str] | None]:
+    """The columns a registered model reads and the classes it predicts (its ``probability_<class>`` outputs), from
+    its MLflow signature: what callers of the served model send and read. None where unknown (no signature, or a
+    model that predicts no classes)."""
+    inputs, outputs = signature_columns(model_uri)
+    classes = [name.removeprefix(PROBABILITY_PREFIX) for name in outputs or [] if name.startswith(PROBABILITY_PREFIX)]
+    return inputs, classes or None
 
 
 def signature_columns(model_uri: str) -> tuple[list[str] | None, list[str] | None]:
-    """The input and output column names of a model's MLflow signature (each None where it has none)."""
+    """The input and output column names of a model's MLflow signature (each None where it has none). Call after
+    :func:`mlflow_client`, which points MLflow at the tracking server."""
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -191,7 +191,8 @@ def test_pipeline_ends_serving_its_new_champion(ray_head: dict[str, str], tmp_pa
     assert promoted.returncode == 0, promoted.stderr[-3000:]
     assert json.loads(promoted.stdout) | {"served_at": "?"} == {
         "model_name": "medical-diagnosis", "version": "2", "previous_champion": "1", "changed": True,
-        "reason": "accepted by hand", "inputs_change": "", "served_at": "?"}
+        "reason": "accepted by hand", "inputs_change": "", "classes_change": "",
+        "served_at": "?"}
     response = httpx.post(f"http://127.0.0.1:{port}/v1/models/medical-diagnosis:predict",
                           json={"records": [row]}, timeout=30)
     assert response.status_code == 422 and response.headers["x-model-version"] == "2"

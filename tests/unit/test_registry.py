@@ -122,7 +122,7 @@ def test_versions_that_read_other_columns_say_so_where_a_person_compares_shows_a
         settings: KeelSettings, tmp_path: Path) -> None:
     """v2 leaves `weight` out: served, it refuses the field v1 requires, so the gate held it back; the person
     deciding sees what changes for callers before and when promoting it."""
-    from tests.conftest import SMALL_CONTRACT
+    from tests.conftest import SMALL_CONTRACT, small_frame
 
     _register(run_stages(settings, "run-a", write_small_source(tmp_path)), settings, "run-a")
     contract = {**SMALL_CONTRACT, "columns": {k: v for k, v in SMALL_CONTRACT["columns"].items() if k != "weight"}}
@@ -140,7 +140,19 @@ def test_versions_that_read_other_columns_say_so_where_a_person_compares_shows_a
     promoted = CliRunner().invoke(app, ["models", "promote", MODEL, "2", "--reason", "callers updated", "--no-roll"])
     assert promoted.exit_code == 0, promoted.output
     assert "Input columns: v2 drops weight against v1; callers of the served model must send its fields." \
-        in promoted.stdout and _aliases(settings)[CHAMPION] == "2"
+        in promoted.stdout and _aliases(settings)[CHAMPION] == "2" and "Classes:" not in promoted.stdout
+    # labels renamed: callers reading `probability_yes` would find `probability_y`
+    relabeled = small_config(contract={**contract, "columns": {**contract["columns"], "outcome": {
+        "dtype": "category", "allowed": ["y", "n"]}}}, evaluate={"positive_class": "y"})
+    small_frame(200).assign(outcome=lambda f: f["outcome"].str[0]).to_csv(tmp_path / "relabeled.csv", index=False)
+    renamed = _register(run_stages(settings, "run-c", tmp_path / "relabeled.csv", config=relabeled), settings,
+                        "run-c", config=relabeled)
+    assert not renamed["promoted"]
+    assert "classes differ from champion v2's (adds n, y; drops no, yes)" in renamed["reason"]
+    assert version_lineage(MODEL, "3", settings)["classes"] == ["n", "y"]
+    assert compare_versions(MODEL, "2", "3", settings)["classes_change"] == "adds n, y; drops no, yes"
+    shown = CliRunner().invoke(app, ["models", "promote", MODEL, "3", "--reason", "labels renamed", "--no-roll"])
+    assert "Classes: v3 adds n, y; drops no, yes against v2; callers" in shown.stdout, shown.output
 
 
 def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings: KeelSettings,
@@ -175,7 +187,8 @@ def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings
 
     moved = promote_by_hand(MODEL, "2", "overriding the gate for the demo", settings)
     assert moved == {"model_name": MODEL, "version": "2", "previous_champion": "1", "changed": True,
-                     "reason": "overriding the gate for the demo", "inputs_change": ""}
+                     "reason": "overriding the gate for the demo", "inputs_change": "",
+                     "classes_change": ""}
     assert _aliases(settings) == {CHAMPION: "2", CHALLENGER: "2"}
     tags = tracking.mlflow_client(settings).get_model_version(MODEL, "2").tags
     assert tags["keel.promoted_by_hand"] == "overriding the gate for the demo"

@@ -110,6 +110,7 @@ def show_command(
              ("MLflow run", lineage["run_id"] or "-"), ("logged model", lineage["logged_model_id"] or "-"),
              ("git commit", lineage["git_commit"] or "-"),
              ("reads", ", ".join(lineage["inputs"]) if lineage["inputs"] is not None else "- (no signature)"),
+             *((("predicts", ", ".join(lineage["classes"])),) if lineage["classes"] else ()),
              *(("trained on", f"{d['source']} (digest {d['digest']})") for d in lineage["datasets"]),
              *_promotion_facts(lineage),
              *(("on labels" if key == PERFORMANCE else key.removeprefix("keel.").replace("_", " "), value)
@@ -166,6 +167,9 @@ def compare_command(
     if compared["inputs_change"]:
         typer.echo(f"Input columns: {heads[1]} {compared['inputs_change']} against {heads[0]}; callers of the served "
                    "model send other fields to one than to the other.")
+    if compared["classes_change"]:
+        typer.echo(f"Classes: {heads[1]} {compared['classes_change']} against {heads[0]}; callers read other labels "
+                   "and probability_<class> fields from one than from the other.")
 
 
 def _shown(value: Any) -> str:
@@ -206,6 +210,9 @@ def promote_command(
     if result["inputs_change"]:
         typer.echo(f"Input columns: v{result['version']} {result['inputs_change']} against v"
                    f"{result['previous_champion']}; callers of the served model must send its fields.")
+    if result["classes_change"]:
+        typer.echo(f"Classes: v{result['version']} {result['classes_change']} against v{result['previous_champion']}; "
+                   "callers of the served model read its labels and probability_<class> fields.")
     if result["served_at"]:
         typer.echo(f"Serving {model_uri} at {result['served_at']}")
     else:

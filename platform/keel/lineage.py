@@ -19,8 +19,8 @@ from keel.settings import KeelSettings
 def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str, Any]:
     """Where one version came from and what was decided about it, in one place: its pipeline run and commit,
     the data it was trained on, the columns it reads and classes it predicts (None where its signature does
-    not say), its test metrics, the gate's
-    decision, a person's decisions, the latest check on labels, and the config it was trained with."""
+    not say), its test metrics, the gate's decision, a person's decisions, the latest check on labels, and the
+    config it was trained with."""
     client = tracking.mlflow_client(settings)
     found = registered_version(client, name, version, settings)
     aliases = sorted(alias for alias, v in (client.get_registered_model(name).aliases or {}).items()
@@ -64,8 +64,7 @@ def _json_list(text: str | None) -> list[str]:
 def compare_versions(name: str, first: str, second: str, settings: KeelSettings) -> dict[str, Any]:
     """Two versions' lineage side by side: every test metric of either with the change from ``first`` to
     ``second``, how the input columns and classes change from one to the other (what callers send and read),
-    and the config
-    params that differ (a param one run lacks shows as None)."""
+    and the config params that differ (a param one run lacks shows as None)."""
     left, right = (version_lineage(name, version, settings) for version in (first, second))
     if left["version"] == right["version"]:
         raise RegistryError(f"{first} and {second} are both models:/{name}/{left['version']}: nothing to compare. "

@@ -259,15 +259,8 @@ def version_logged_model_id(model_version: Any, run: Any) -> str | None:
 def served_schema(model_uri: str) -> tuple[list[str] | None, list[str] | None]:
     """The columns a registered model reads and the classes it predicts (its ``probability_<class>`` outputs), from
     its MLflow signature: what callers of the served model send and read. None where unknown (no signature, or a
-    model that predicts no classes)."""
-    inputs, outputs = signature_columns(model_uri)
-    classes = [name.removeprefix(PROBABILITY_PREFIX) for name in outputs or [] if name.startswith(PROBABILITY_PREFIX)]
-    return inputs, classes or None
-
-
-def signature_columns(model_uri: str) -> tuple[list[str] | None, list[str] | None]:
-    """The input and output column names of a model's MLflow signature (each None where it has none). Call after
-    :func:`mlflow_client`, which points MLflow at the tracking server."""
+    model that predicts no classes). Call after :func:`mlflow_client`, which points MLflow at the tracking
+    server."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -278,8 +271,9 @@ def signature_columns(model_uri: str) -> tuple[list[str] | None, list[str] | Non
     if signature is None:
         return None, None
     inputs = None if signature.inputs is None else list(signature.inputs.input_names())
-    outputs = None if signature.outputs is None else list(signature.outputs.input_names())
-    return inputs, outputs
+    outputs = [] if signature.outputs is None else signature.outputs.input_names()
+    classes = [name.removeprefix(PROBABILITY_PREFIX) for name in outputs if name.startswith(PROBABILITY_PREFIX)]
+    return inputs, classes or None
 
 
 def column_changes(before: list[str] | None, after: list[str] | None) -> str:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from keel import storage, tracking
 from keel.cli import app
-from keel.cli.run import _mark_mlflow_run_failed
+from keel.cli.run import _mark_mlflow_run_ended
 from keel.errors import StorageError, TrackingError
 from keel.settings import KeelSettings
 from tests.integration.conftest import free_port
@@ -80,7 +80,7 @@ def test_a_failed_run_is_still_reported_when_mlflow_is_gone_by_the_end(tmp_path:
                                                                        capsys: pytest.CaptureFixture) -> None:
     """Marking the failed run FAILED is best effort: the CLI's own traceback hid why the run failed."""
     settings = KeelSettings(home=tmp_path, mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
-    _mark_mlflow_run_failed(settings, "medical-diagnosis-20261207-000000-abcdef")
+    _mark_mlflow_run_ended(settings, "medical-diagnosis-20261207-000000-abcdef")
     err = capsys.readouterr().err
     assert err.startswith("keel: warning: could not mark the MLflow run of medical-diagnosis-20261207-000000-abcdef "
                           "FAILED: cannot reach the MLflow tracking server")

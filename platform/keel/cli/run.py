@@ -195,7 +195,7 @@ def print_summary(report: dict[str, Any]) -> None:
     typer.echo(f"Artifacts: {report['artifacts']}\nLog: {report['log']}")
 
 
-def _mark_mlflow_run_failed(settings: KeelSettings, run_id: str, status: str = "FAILED") -> None:
+def _mark_mlflow_run_ended(settings: KeelSettings, run_id: str, status: str = "FAILED") -> None:
     """A failed pipeline leaves its MLflow run FAILED (KILLED when interrupted), not RUNNING forever; best effort,
     since the reason the run failed (MLflow gone, say) must still be reported."""
     from mlflow.exceptions import MlflowException
@@ -242,7 +242,7 @@ def run_pipeline(
         refuse_a_taken_run_name(run_name, settings)
     run = run_local(built, arguments, run_name or new_run_id(pipeline), settings, stream=verbose)
     if not run.succeeded:
-        _mark_mlflow_run_failed(settings, run.run_id, "KILLED" if run.interrupted else "FAILED")
+        _mark_mlflow_run_ended(settings, run.run_id, "KILLED" if run.interrupted else "FAILED")
     report = summary(run, settings)
     if output is OutputFormat.json:
         print_json({k: v for k, v in report.items() if not k.startswith("_")})

@@ -185,11 +185,11 @@ def validate(dataset_uri: str, contract: DataContract, output_uri: str, settings
         manifest = storage.read_manifest(dataset_uri, settings)
         frame = storage.read_parquet(storage.join(dataset_uri, DATA_FILE), settings)
         report = quality_report(frame, contract)
+        source = manifest.get("source", dataset_uri)
         if not report["passed"]:
-            source = manifest.get("source", dataset_uri)
             raise DataContractError(source, report["violations"], *_another_table_advice(frame, contract, source))
         out.write_json(REPORT_JSON, report)
-        out.path(REPORT_HTML).write_text(render_html(report, manifest.get("source", dataset_uri)))
+        out.path(REPORT_HTML).write_text(render_html(report, source))
         out.manifest.update(rows=report["rows"], passed=True, report=out.uri_of(REPORT_JSON),
                             html=out.uri_of(REPORT_HTML))
     return report

@@ -8,8 +8,10 @@ finds a complete output; one that does not, finds nothing it could misread.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import os
 import shutil
 import ssl
 import tempfile
@@ -419,11 +421,10 @@ def staged_output(uri: str, stage: str, settings: KeelSettings) -> Iterator[Stag
     """
     loc = parse(uri)
     if loc.scheme == "file":  # stage beside the target so the final rename is atomic
-        parent = Path(loc.path).parent
-        parent.mkdir(parents=True, exist_ok=True)
-        for stale in parent.glob(f".{stage}-*"):  # an earlier attempt of this step, killed mid-write
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=parent))
+        target = Path(loc.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(target, stage)
+        staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target, stage)}{os.getpid()}-", dir=target.parent))
     else:
         staging = Path(tempfile.mkdtemp(prefix=f"keel-{stage}-"))
     started = STAGE_STARTED_AT.get() or time.time()
@@ -434,6 +435,32 @@ def staged_output(uri: str, stage: str, settings: KeelSettings) -> Iterator[Stag
         publish_directory(staging, uri, settings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging_prefix(target: Path, stage: str) -> str:
+    return f".{target.name}.{stage}-"
+
+
+def _remove_abandoned_staging(target: Path, stage: str) -> None:
+    """Remove what an earlier attempt at ``target`` left when it was killed mid-write (a step's retry). The
+    staging directory names its writer's process: one still alive is writing beside us, e.g. a second `keel
+    predict` into the same folder, and its files are its own. Our own process id is no writer: a retry in a
+    fresh container can be given the id its killed attempt had."""
+    prefix = _staging_prefix(target, stage)
+    for staging in target.parent.glob(f"{glob.escape(prefix)}*"):
+        writer = staging.name[len(prefix):].split("-", 1)[0]
+        if not writer.isdigit() or int(writer) == os.getpid() or not _process_alive(int(writer)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _finish_manifest(output: StagedOutput, started: float, written: list[str]) -> Path:

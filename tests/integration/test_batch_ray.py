@@ -75,7 +75,7 @@ def test_a_bad_value_in_one_part_leaves_nothing_and_names_the_row_by_its_kept_id
     with pytest.raises(DataError, match=r"table, the row with customer='c-150': column 'size': 1 value\(s\) are not "
                                         r"numbers"):
         score_table(MODEL_URI, str(source), str(tmp_path / "out"), settings, config)
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".predict-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.predict-*"))
 
     # parts that disagree on a column's type, and a table without a column the model reads: refused by name
     # before any actor starts

@@ -61,7 +61,7 @@ def test_a_bad_value_in_the_last_batch_leaves_nothing_and_names_its_row(register
     with pytest.raises(DataError, match=r"bad.csv, data row 200 \(of rows 193-250 in this batch\): column 'size': "
                                         r"2 value\(s\) are not numbers"):
         score_table(MODEL_URI, str(tmp_path / "bad.csv"), str(tmp_path / "out"), settings, PredictConfig(batch_rows=64))
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".predict-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.predict-*"))
 
 
 @pytest.mark.parametrize("change, keep, message", [

@@ -81,13 +81,46 @@ def test_a_stage_killed_mid_write_publishes_nothing_and_its_retry_cleans_up(tmp_
     stage.send_signal(signal.SIGKILL)
     stage.wait(timeout=10)
     assert ready.exists() and not target.exists()  # killed mid-write: nothing at the stage's path
-    assert [p.name.startswith(".train-") for p in (tmp_path / "run").iterdir()] == [True]
+    assert [p.name.startswith(f".train.train-{stage.pid}-") for p in (tmp_path / "run").iterdir()] == [True]
     with pytest.raises(StorageError):
         storage.read_manifest(str(target), settings)
     with storage.staged_output(str(target), "train", settings) as out:  # the step's retry
         out.write_json("weights.json", {"half": False})
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train"]
     assert storage.read_json(storage.join(str(target), "weights.json"), settings) == {"half": False}
+
+
+def test_writers_into_one_folder_leave_each_other_alone(tmp_path: Path, settings: KeelSettings) -> None:
+    """Two `keel predict` runs writing beside each other: the second's clean-up of abandoned attempts must not
+    take the first's files while it still writes them."""
+    with storage.staged_output(str(tmp_path / "a"), "predict", settings) as first:
+        first.write_json("scores.json", {"by": "a"})
+        with storage.staged_output(str(tmp_path / "b"), "predict", settings) as second:
+            second.write_json("scores.json", {"by": "b"})
+        first.write_json("rows.json", {"n": 1})
+    for name in ("a", "b"):
+        assert storage.read_json(storage.join(str(tmp_path / name), "scores.json"), settings) == {"by": name}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_an_attempt_still_writing_in_another_process_is_left_alone(tmp_path: Path, settings: KeelSettings) -> None:
+    import subprocess
+    import sys
+
+    target = tmp_path / "scored"
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = tmp_path / f".scored.predict-{writer.pid}-x1"
+        alive.mkdir()
+        with storage.staged_output(str(target), "predict", settings) as out:
+            out.write_json("scores.json", {})
+        assert alive.is_dir()
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
+    with storage.staged_output(str(target), "predict", settings) as out:  # its writer is gone now
+        out.write_json("scores.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored"]
 
 
 def test_republishing_replaces_an_earlier_attempt(tmp_path: Path, settings: KeelSettings) -> None:

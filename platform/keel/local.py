@@ -9,9 +9,13 @@ traceback from a subprocess.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
+import signal
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,7 +36,13 @@ class LocalRun:
     log_path: Path
     error: dict[str, str] | None = None
     output: Any = None
-    interrupted: bool = False  # by Ctrl-C (SIGINT), which also ended the step running then
+    interrupted: bool = False  # by Ctrl-C (SIGINT), which also ended the step running then, or SIGTERM or SIGHUP
+    interrupted_by: int = signal.SIGINT
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a command a signal ended: 130 after Ctrl-C, 143 after SIGTERM."""
+        return 128 + self.interrupted_by if self.interrupted else 0 if self.succeeded else 1
 
 
 PROGRESS = re.compile(r"Executing task|finished with status")
@@ -78,25 +88,123 @@ def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: K
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(settings.home / "kfp"),
                raise_on_error=True)
     started = time.perf_counter()
-    output, failure, interrupted = None, None, False
-    with log_path.open("w") as log:
+    output, failure, interrupted_by = None, None, 0
+    with log_path.open("w") as log, StepStopper() as stopper:
         with contextlib.redirect_stdout(_LogStream(log, sys.stderr, stream)):  # type: ignore[type-var]
             try:
                 output = pipeline(**arguments, run_name=run_id).output
             except RuntimeError as e:  # kfp.local's "Task ... finished with status FAILURE"
                 failure = str(e)
-            except KeyboardInterrupt:  # the step's process, in the same process group, got the SIGINT too
-                interrupted = True
+            except KeyboardInterrupt:  # Ctrl-C, or the stopper's SIGTERM or SIGHUP
+                interrupted_by = stopper.signal_number or signal.SIGINT
+                stopper.end_steps()
     wall_s = time.perf_counter() - started
-    log_text = log_path.read_text() if failure is not None or interrupted else ""
-    if interrupted:
+    log_text = log_path.read_text() if failure is not None or interrupted_by else ""
+    if interrupted_by:
         started_tasks = STARTED_TASK.findall(ANSI_COLOUR.sub("", log_text))
-        return LocalRun(run_id, False, wall_s, log_path, interrupted=True,
-                        error={"stage": started_tasks[-1] if started_tasks else "?", "error": "interrupted (Ctrl-C)"})
+        how = "interrupted (Ctrl-C)" if interrupted_by == signal.SIGINT else \
+            f"terminated ({signal.Signals(interrupted_by).name})"
+        return LocalRun(run_id, False, wall_s, log_path, interrupted=True, interrupted_by=interrupted_by,
+                        error={"stage": started_tasks[-1] if started_tasks else "?", "error": how})
     if failure is None:
         return LocalRun(run_id, True, wall_s, log_path, output=output)
     error = find_stage_error(log_text) or crash_report(failure, log_text, log_path)
     return LocalRun(run_id, False, wall_s, log_path, error=error)
+
+
+class StepStopper:
+    """Ends the step that runs when this run is stopped, by Ctrl-C or by a signal to this process alone.
+
+    Ctrl-C signals the terminal's whole process group, the step's process with it; SIGTERM or SIGHUP (``kill
+    PID``, a closed terminal) reaches this process alone, and used to leave the step running on as an orphan,
+    writing its outputs and MLflow run. Either way the step is sent SIGINT, as Ctrl-C sends it. A step need
+    not end on it: Ray Train's driver answers SIGINT by asking its controller to abort, and training went on to
+    its last epoch. So a step still running after ``grace_s`` is sent SIGTERM, then SIGKILL; the Ray processes
+    it started share its fate.
+    """
+
+    def __init__(self, grace_s: float = 10.0) -> None:
+        self.grace_s, self.signal_number = grace_s, 0
+        self._before: set[int] = set()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StepStopper:
+        self._before = set(_children(_process_table()))  # not the steps': e.g. a Ray head a test started
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {number: signal.signal(number, self._stop) for number in (signal.SIGTERM,
+                                                                                      signal.SIGHUP)}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _stop(self, signal_number: int, _frame: Any) -> None:
+        self.signal_number = signal_number
+        self._signal_steps(signal.SIGINT)
+        raise KeyboardInterrupt  # exactly this class: subprocess.Popen would wait for the step on any other
+
+    def end_steps(self) -> None:
+        """After an interruption: wait for the steps to end, then make them."""
+        for escalation, wait_s in ((signal.SIGTERM, self.grace_s), (signal.SIGKILL, 5.0), (None, 5.0)):
+            deadline = time.monotonic() + wait_s
+            while self.steps() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not self.steps() or escalation is None:
+                return
+            print(f"keel: the running step went on {wait_s:.0f} s after it was told to stop; sending it "
+                  f"{signal.Signals(escalation).name}", file=sys.stderr, flush=True)
+            self._signal_steps(escalation)
+
+    def steps(self) -> list[int]:
+        """The processes of the steps this run started, each with everything it started (kfp.local runs a step
+        as ``sh -c`` and the step's Python under it, which starts Ray's), as Ctrl-C reaches them all."""
+        table = _process_table()
+        started = [pid for pid in _children(table) if pid not in self._before]
+        return started + _descendants(started, table)
+
+    def _signal_steps(self, signal_number: int) -> None:
+        for process in self.steps():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process, signal_number)
+
+
+def _process_table() -> dict[int, int]:
+    """Each live process's parent (an ended one is left out, and reaped when it is ours): from /proc on Linux,
+    else from ``ps``."""
+    table, me = {}, os.getpid()
+    if not Path("/proc").is_dir():
+        listed = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "stat="], capture_output=True,
+                                text=True, check=False)
+        rows = [line.split()[:3] for line in listed.stdout.splitlines()]
+    else:
+        rows = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                rows.append([stat.parent.name, *stat.read_text().rsplit(")", 1)[1].split()[1::-1]])
+            except (OSError, IndexError):  # a process that ended meanwhile
+                continue
+    for pid, ppid, state in rows:
+        if state.startswith("Z"):  # ended; kfp.local's Popen, left behind on the interruption, never reaps it
+            if int(ppid) == me:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(int(pid), os.WNOHANG)
+            continue
+        table[int(pid)] = int(ppid)
+    return table
+
+
+def _children(table: dict[int, int]) -> list[int]:
+    return [pid for pid, parent in table.items() if parent == os.getpid()]
+
+
+def _descendants(roots: list[int], table: dict[int, int]) -> list[int]:
+    found: list[int] = []
+    frontier = set(roots)
+    while frontier:
+        frontier = {pid for pid, parent in table.items() if parent in frontier}
+        found.extend(frontier)
+    return found
 
 
 FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'|Task '([^']+)' finished with status FAILURE")

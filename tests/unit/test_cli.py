@@ -240,3 +240,77 @@ def test_ctrl_c_ends_the_run_naming_the_step_it_stopped_marks_its_mlflow_run_kil
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     (killed,) = client.search_runs([client.get_experiment_by_name(settings.experiment_name).experiment_id])
     assert killed.info.status == "KILLED"
+
+
+def test_sigterm_to_keel_run_alone_stops_its_running_step_too(keel_home: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kill PID` reaches `keel run` alone, not the step it runs in a subprocess: the step ran on as an orphan.
+    Now the step is sent SIGINT, as Ctrl-C would, and the run ends interrupted with 143."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from keel import local
+    from keel.settings import load_settings
+
+    settings, ended = load_settings(), tmp_path / "step-ended"
+    step_code = (f"import pathlib, time\ntry:\n    time.sleep(120)\n"
+                 f"except KeyboardInterrupt:\n    pathlib.Path({str(ended)!r}).write_text('SIGINT')\n")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def pipeline_whose_step_is_running(**arguments):
+        print("10:08:41 - INFO - Executing task \x1b[96m'tune'\x1b[0m", flush=True)
+        script = tmp_path / "step.py"
+        script.write_text(step_code)
+        with subprocess.Popen(["sh", "-c", f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}; true"]) as step:
+            time.sleep(1)  # the step is in its sleep
+            os.kill(os.getpid(), signal.SIGTERM)
+            step.wait(timeout=60)
+
+    run = local.run_local(pipeline_whose_step_is_running, {}, "sigterm", settings)
+    assert run.interrupted and run.error == {"stage": "tune", "error": "terminated (SIGTERM)"}
+    assert run.exit_code == 143
+    deadline = time.monotonic() + 30
+    while not ended.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ended.read_text() == "SIGINT"  # the step was told to stop, and stopped as on Ctrl-C
+    assert signal.getsignal(signal.SIGTERM) == before
+
+    monkeypatch.setattr(local, "run_local", lambda *arguments, **options: run)
+    result = CliRunner().invoke(app, ["run", "medical_diagnosis", "--run-name", "sigterm-cli"])
+    assert result.exit_code == 143, result.output
+    assert "keel: terminated during tune after" in result.stderr
+
+
+def test_a_step_that_runs_on_after_it_was_told_to_stop_is_ended(tmp_path: Path) -> None:
+    """Ray Train's driver answers SIGINT by asking its controller to abort; the train step trained on to its last
+    epoch and published, long after `keel run` had said it was interrupted."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from keel import local
+
+    ended = tmp_path / "step-ended"
+    step_code = ("import pathlib, signal, sys, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                 f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(ended)!r}).write_text('SIGTERM'), "
+                 "sys.exit(0)))\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    script = tmp_path / "step.py"
+    script.write_text(step_code)
+    with local.StepStopper(grace_s=1) as stopper:  # kfp.local runs a step's Python under `sh -c`
+        step = subprocess.Popen(["sh", "-c", f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}; true"],
+                                stdout=subprocess.PIPE, text=True)
+        assert step.stdout is not None and step.stdout.readline() == "ready\n"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(30)
+        stopper.end_steps()
+        assert not stopper.steps()
+    assert stopper.signal_number == signal.SIGHUP
+    assert ended.read_text() == "SIGTERM"

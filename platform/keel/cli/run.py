@@ -250,9 +250,10 @@ def run_pipeline(
         print_summary(report)
     if run.interrupted:
         assert run.error is not None
-        typer.echo(f"keel: interrupted during {run.error['stage']} after {run.wall_s:.0f} s: the steps before it "
+        how = run.error["error"].split(" ", 1)[0]
+        typer.echo(f"keel: {how} during {run.error['stage']} after {run.wall_s:.0f} s: the steps before it "
                    "kept their outputs (Artifacts, above) and the run's MLflow run is marked KILLED.", err=True)
-        sys.exit(130)  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
+        sys.exit(run.exit_code)  # 128 + the signal, as a shell reports a command a signal ended
     if not run.succeeded:
         assert run.error is not None
         typer.echo(f"keel: error: {run.error['stage']} failed: {run.error['error']}", err=True)

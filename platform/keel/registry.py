@@ -34,13 +34,13 @@ from keel.runs import registered_as
 from keel.settings import KeelSettings
 
 CHAMPION, CHALLENGER, AWAITING_APPROVAL = tracking.CHAMPION, tracking.CHALLENGER, tracking.AWAITING_APPROVAL
-REJECTED = tracking.REJECTED
+REJECTED, DEPLOY_FAILED = tracking.REJECTED, tracking.DEPLOY_FAILED
 # Version tags a person's decision leaves (promote_by_hand, reject_by_hand): who, when, and from which champion
 PROMOTED_BY_HAND, PROMOTED_BY, PROMOTED_AT = "keel.promoted_by_hand", "keel.promoted_by", "keel.promoted_at"
 PREVIOUS_CHAMPION, REJECTED_BY, REJECTED_AT = "keel.previous_champion", "keel.rejected_by", "keel.rejected_at"
 # ... and what `keel models show` lists of them (keel.lineage), with the check on labels (keel evaluate)
 DECISION_TAGS = (PROMOTED_BY_HAND, PROMOTED_BY, PROMOTED_AT, PREVIOUS_CHAMPION, REJECTED, REJECTED_BY, REJECTED_AT,
-                 AWAITING_APPROVAL, tracking.PERFORMANCE)
+                 AWAITING_APPROVAL, DEPLOY_FAILED, tracking.PERFORMANCE)
 INPUT_EXAMPLE_ROWS = 5
 SCHEMA_SAMPLE_ROWS = 1000
 
@@ -227,6 +227,7 @@ def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, A
         client.set_model_version_tag(config.model_name, version, AWAITING_APPROVAL, "true")
     if promoted:
         set_alias(client, config.model_name, CHAMPION, version)
+        client.set_model_version_tag(config.model_name, version, PREVIOUS_CHAMPION, current or "none")
     # checks: the gate's lines the reason quotes, for a summary that shows one per line
     return {"promoted": promoted, "awaiting_approval": awaiting, "previous_champion": current, "reason": reason,
             "checks": checks}
@@ -359,6 +360,26 @@ def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings
             "changed": previous != str(target.version), "reason": reason.strip(),
             "inputs_change": tracking.column_changes(before[0], after[0]),
             "classes_change": tracking.column_changes(before[1], after[1])}
+
+
+def champion_back_after_failed_deploy(name: str, version: str, why: str, settings: KeelSettings) -> str | None:
+    """Point ``champion`` back at the version it replaced, when the deploy step could not serve ``version``.
+
+    The champion is the version that serves: left on a version the deploy step failed to serve, it named a
+    model nobody was answering with, and the next `keel serve models:/NAME@champion` would start what had just
+    failed. ``version`` stays challenger, tagged ``keel.deploy_failed`` with ``why``. Returns the version champion
+    is back at; None when there was none before it (nothing served the model: nothing to go back to) or when
+    champion has moved on from ``version`` meanwhile (a person's or another run's promotion stands).
+    """
+    client = tracking.mlflow_client(settings)
+    if tracking.champion_version(client, name) != version:
+        return None
+    client.set_model_version_tag(name, version, DEPLOY_FAILED, why.strip()[:5000])
+    previous = client.get_model_version(name, version).tags.get(PREVIOUS_CHAMPION, "none")
+    if previous == "none":
+        return None
+    set_alias(client, name, CHAMPION, previous)
+    return previous
 
 
 def reject_by_hand(name: str, version: str, reason: str, settings: KeelSettings) -> dict[str, Any]:

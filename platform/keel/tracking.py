@@ -27,6 +27,7 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 CHAMPION = "champion"  # registry alias of the version serving traffic
 CHALLENGER = "challenger"  # registry alias of the newest registered version
 AWAITING_APPROVAL = "keel.awaiting_approval"  # version tag: passed the gate, waits for a person (approval: manual)
+DEPLOY_FAILED = "keel.deploy_failed"  # version tag: promoted, but the deploy step could not serve it (why)
 REJECTED = "keel.rejected"  # version tag: a person turned it down (`keel models reject`), with the reason
 PERFORMANCE = "keel.performance"  # version tag: the latest check on labeled rows (`keel evaluate`), one line
 GATE_TAG = "keel.gate"  # run tag: the evaluate step's gate, passed or failed

@@ -329,3 +329,40 @@ def _copies_compared(port: int, rows: int, served_version: str | None = None) ->
             break
         time.sleep(1)
     return counted
+
+
+def test_a_champion_whose_replicas_fail_to_start_leaves_the_one_before_serving_and_champion(
+        ray_head: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deploy step rolls the served model to a new champion whose model cannot load. Serve kept the old
+    replicas answering, but targeted the failed config, and the registry named the new version champion."""
+    from keel import tracking
+    from keel.registry import promote
+
+    port = free_port()
+    served = keel("serve", "models:/small-model/1", "--port", str(port), cwd=tmp_path, env=ray_head)
+    assert served.returncode == 0, served.stderr[-3000:]
+    monkeypatch.setenv("KEEL_RAY_DASHBOARD_URL", ray_head["KEEL_RAY_DASHBOARD_URL"])
+    settings = load_settings()
+    client = tracking.mlflow_client(settings)
+    unloadable = tmp_path / "unloadable"
+    unloadable.mkdir()
+    (unloadable / "MLmodel").write_text("flavors: {}\n")  # no python_function flavour: pyfunc cannot load it
+    version = str(client.create_model_version("small-model", source=str(unloadable)).version)
+    promote(client, small_config().registry, version,
+            {"champion_version": "1", "passed": True, "failures": [], "reasons": ["f1_macro better"]})
+
+    failed_to_load = (r"^the model server failed to start: mlflow.exceptions.MlflowException: Model does not have "
+                      r"the \"python_function\" flavor \(`keel serve status` shows Serve's whole message\)\. ")
+    with pytest.raises(control.ServeError, match=failed_to_load + rf"Champion is back at v1, which serves as before; "
+                                                                  rf"v{version} stays challenger"):
+        control.deploy_champion(f"models:/small-model/{version}", port, settings)
+    assert tracking.champion_version(client, "small-model") == "1"
+    application = json.loads(keel("serve", "status", "--output", "json", cwd=tmp_path, env=ray_head).stdout)[
+        "applications"]["keel"]
+    assert application["status"] == "RUNNING"
+    assert application["deployed_app_config"]["args"]["model_uri"] == "models:/small-model/1"
+    records = small_frame(2).drop(columns=["outcome"]).to_dict(orient="records")
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/models/small-model:predict", json={"records": records},
+                          timeout=30)
+    assert response.status_code == 200 and response.headers["x-model-version"] == "1"
+    assert keel("serve", "stop", cwd=tmp_path, env=ray_head).returncode == 0

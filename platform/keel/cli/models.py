@@ -35,6 +35,7 @@ def list_models(page_size: int = 100) -> list[dict[str, Any]]:
                          "aliases": sorted(aliases.get(str(version.version), [])),
                          "awaiting_approval": version.tags.get(tracking.AWAITING_APPROVAL) == "true",
                          "rejected": version.tags.get(tracking.REJECTED),  # the reason, when a person rejected it
+                         "deploy_failed": version.tags.get(tracking.DEPLOY_FAILED),  # why the deploy step failed
                          "performance": version.tags.get(tracking.PERFORMANCE),  # the latest check on labels
                          "run_id": version.run_id, "created": version.creation_timestamp})
     metrics = metrics_of_runs(client, sorted({row["run_id"] for row in rows if row["run_id"]}), page_size)
@@ -76,11 +77,15 @@ def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
         typer.echo("No registered models yet: run `keel run medical_diagnosis` first.")
         return
     print_table(["name", "version", "aliases", *KEY_METRICS, "on labels"],
-                [[r["name"], r["version"], ",".join(r["aliases"] + (["awaiting approval"] if r["awaiting_approval"]
-                                                                    else []) + (["rejected"] if r["rejected"] else []))
-                  or "-",
+                [[r["name"], r["version"], ",".join(r["aliases"] + _states(r)) or "-",
                   *(shown_key_metric(r["metrics"], k) for k in KEY_METRICS.values()),
                   r["performance"].split(":")[0] if r["performance"] else "-"] for r in rows])
+
+
+def _states(row: dict[str, Any]) -> list[str]:
+    """What the registry's tags say of a version, beside its aliases."""
+    return [state for state, tagged in (("awaiting approval", row["awaiting_approval"]), ("rejected", row["rejected"]),
+                                        ("deploy failed", row["deploy_failed"])) if tagged]
 
 
 def shown_key_metric(metrics: dict[str, float], key: str) -> str:

@@ -8,9 +8,11 @@ with ``ray start`` so the model keeps serving after the command exits.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -134,12 +136,24 @@ def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: st
         if state == "RUNNING" and model_uri in (None, served_model_uri(application)) and args in (None, deployed):
             return application
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise ServeError(f"{server} failed to start: {_serve_messages(application, state)[-2000:]}")
+            raise ServeError(f"{server} failed to start: {_why_it_failed(_serve_messages(application, state))}")
         time.sleep(1)
     # Serve says why, e.g. a replica that waits for CPUs the Ray cluster does not have
     why = _serve_messages(application, "")
     raise ServeError(f"{server} was not RUNNING after {timeout_s:.0f} s{': ' + why[-1500:] if why else ''}; "
                      "see `keel serve status`.")
+
+
+RAISED = re.compile(r"^\s*((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception)\b:.*)$", re.MULTILINE)
+
+
+def _why_it_failed(messages: str) -> str:
+    """Serve's message for a replica whose constructor raised is the whole traceback, cut by the message's own
+    limit; the exception it ends on says why, and the rest is Ray's and Keel's frames."""
+    raised = RAISED.findall(messages)
+    if not raised:
+        return messages[-2000:]
+    return f"{raised[-1].strip()[:1500]} (`keel serve status` shows Serve's whole message)"
 
 
 def _serve_messages(application: dict[str, Any], default: str) -> str:
@@ -292,8 +306,34 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     """The pipeline's deploy step: roll the chart's RayService on a cluster, else serve on this machine's Ray.
 
     Where the model is served already only the model changes: replicas, batching, token auth and a shadow or
-    canary (unless it serves this version) stay as the chart or ``keel serve`` set them.
+    canary (unless it serves this version) stay as the chart or ``keel serve`` set them. A deploy that fails
+    leaves the champion that served before as champion (:func:`keel.registry.champion_back_after_failed_deploy`);
+    a version no longer champion (a retry of this step after that, or another promotion since) is not deployed.
     """
+    from keel.errors import ClusterError
+    from keel.registry import champion_back_after_failed_deploy
+    from keel.tracking import champion_version, mlflow_client, resolve_version
+
+    if not PORTS[0] <= port <= PORTS[1]:  # the Kubeflow UI's run form takes any integer
+        raise ConfigError(f"serve_port {port}: expected a port, {PORTS[0]} to {PORTS[1]}.")
+    name, version = resolve_version(model_uri, settings)
+    champion = champion_version(mlflow_client(settings), name)
+    if champion != version:
+        raise ServeError(f"{model_uri} is not champion now ({f'v{champion} is' if champion else 'none is'}), so "
+                         "this step does not serve it: a failed deploy of it moved champion back, or a later "
+                         "promotion replaced it. `keel models show` says which.")
+    try:
+        return _serve_champion(model_uri, port, settings)
+    except (ServeError, ClusterError, ConfigError) as e:
+        back = champion_back_after_failed_deploy(name, version, str(e), settings)
+        if back is None:
+            raise
+        raise type(e)(f"{str(e).rstrip('.')}. Champion is back at v{back}, which serves as before; v{version} "
+                      f"stays challenger, tagged keel.deploy_failed. `keel models promote {name} {version} "
+                      "--reason ...` tries it again.") from e
+
+
+def _serve_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     from keel.tracking import registered_name
 
     if settings.ray_service:
@@ -303,8 +343,6 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
     rolled = roll_if_serving(registered_name(model_uri) or "", model_uri, settings)
     if rolled is not None:
         return rolled
-    if not PORTS[0] <= port <= PORTS[1]:  # the Kubeflow UI's run form takes any integer
-        raise ConfigError(f"serve_port {port}: expected a port, {PORTS[0]} to {PORTS[1]}.")
     host = "0.0.0.0" if settings.serve_dashboard_url else "127.0.0.1"  # a remote Ray head vs this machine
     return deploy_detached(model_uri, ServeConfig(port=port, host=host), settings)
 
@@ -410,14 +448,31 @@ def roll_if_serving(model_name: str, model_uri: str, settings: KeelSettings) -> 
     if served is None:
         return None
     dashboard, details, configs = served
+    before = copy.deepcopy(configs)
     champion = next(c for c in configs if c.get("name") == APP_NAME)
     if champion["args"]["model_uri"] != model_uri:
         champion["args"]["model_uri"] = model_uri
         kept = without_challengers_serving(configs, APP_NAME, model_uri, partial(same_registered_version,
                                                                                  settings=settings))
         _replace_applications(dashboard, details, kept)
-        wait_until_running(dashboard, model_uri=model_uri)
+        try:
+            wait_until_running(dashboard, model_uri=model_uri)
+        except ServeError as failed:
+            _serve_again(dashboard, details, before, failed)
+            raise
     return _serving_url(details)
+
+
+def _serve_again(dashboard: str, details: dict[str, Any], configs: list[dict[str, Any]], failed: ServeError) -> None:
+    """Put back the applications a roll replaced when its model failed to start. Serve keeps the old replicas
+    answering meanwhile, but its target stays the failed config, which every restart of the head or a replica
+    would try again."""
+    _replace_applications(dashboard, details, configs)
+    champion = next(c for c in configs if c.get("name") == APP_NAME)
+    try:
+        wait_until_running(dashboard, args=champion["args"])
+    except ServeError as again:
+        raise ServeError(f"{failed} Serving {champion['args']['model_uri']} again failed too: {again}") from failed
 
 
 def withdraw_challengers(model_name: str, model_uri: str, settings: KeelSettings) -> str | None:

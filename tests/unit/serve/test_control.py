@@ -7,13 +7,16 @@ Before, Serve's proxy failed to bind and Serve's REST API answered HTTP 500 with
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from keel.cli import app
 from keel.serve import control
 from keel.serve.config import ServeConfig
 from keel.settings import KeelSettings
@@ -99,3 +102,61 @@ def test_status_and_stop_with_nothing_served_here_say_so_and_clear_a_dead_heads_
     monkeypatch.setattr(control, "port_in_use", lambda host, port: True)  # a head answers there: ask it
     assert not control.no_local_head(KeelSettings(home=tmp_path))
     assert control.no_local_head(KeelSettings(home=tmp_path, ray_dashboard_url="http://ray:8265")) is False
+
+
+def _two_champions_in_turn(settings: KeelSettings, name: str = "diagnosis") -> object:
+    """v1 promoted by the gate with no champion before it, then v2 over v1, as the register step moves them."""
+    from keel import tracking
+    from keel.config import RegisterConfig
+    from keel.registry import promote
+
+    client = tracking.mlflow_client(settings)
+    client.create_registered_model(name)
+    for version, before in (("1", None), ("2", "1")):
+        client.create_model_version(name, source=f"{settings.artifact_root}/{name}/{version}")
+        promote(client, RegisterConfig(model_name=name), version,
+                {"champion_version": before, "passed": True, "failures": [], "reasons": ["f1_macro better"]})
+    return client
+
+
+def test_a_champion_the_deploy_step_cannot_serve_hands_champion_back_and_a_retry_serves_nothing(
+        settings: KeelSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, a failed deploy left the new version champion while the old one served: the registry named a
+    model nobody answered with, and KFP's retry of the step would have served it behind the run's back."""
+    from keel import tracking
+
+    client: Any = _two_champions_in_turn(settings)
+    attempts: list[str] = []
+
+    def failing_roll(model_uri: str, port: int, _: KeelSettings) -> str:
+        attempts.append(model_uri)
+        raise control.ServeError("the model server failed to start: ModelLoadError")
+
+    monkeypatch.setattr(control, "_serve_champion", failing_roll)
+    with pytest.raises(control.ServeError, match=r"ModelLoadError\. Champion is back at v1, which serves as before; "
+                                                 r"v2 stays challenger, tagged keel.deploy_failed\."):
+        control.deploy_champion("models:/diagnosis/2", 8000, settings)
+    assert tracking.champion_version(client, "diagnosis") == "1"
+    assert str(client.get_model_version_by_alias("diagnosis", "challenger").version) == "2"
+    assert "ModelLoadError" in client.get_model_version("diagnosis", "2").tags["keel.deploy_failed"]
+    listed = CliRunner().invoke(app, ["models", "list"])
+    assert re.search(r"^diagnosis +2 +challenger,deploy failed ", listed.stdout, re.MULTILINE), listed.stdout
+    with pytest.raises(control.ServeError, match=r"models:/diagnosis/2 is not champion now \(v1 is\)"):
+        control.deploy_champion("models:/diagnosis/2", 8000, settings)  # the step's retry
+    assert attempts == ["models:/diagnosis/2"]
+
+
+def test_a_first_champion_the_deploy_step_cannot_serve_stays_champion(settings: KeelSettings,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing served the model before it, so there is no champion that serves to go back to."""
+    from keel import tracking
+
+    client: Any = _two_champions_in_turn(settings)
+    client.set_registered_model_alias("diagnosis", "champion", "1")  # as if v2 was never promoted
+    def port_taken(*_: object) -> str:
+        raise control.ServeError("port 8000 on 127.0.0.1 is taken by another program")
+
+    monkeypatch.setattr(control, "_serve_champion", port_taken)
+    with pytest.raises(control.ServeError, match=r"^port 8000 on 127.0.0.1 is taken by another program$"):
+        control.deploy_champion("models:/diagnosis/1", 8000, settings)
+    assert tracking.champion_version(client, "diagnosis") == "1"

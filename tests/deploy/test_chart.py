@@ -385,11 +385,30 @@ def test_prometheus_reaches_every_metrics_port_past_the_network_policies(rendere
                                                                           shape: str) -> None:
     policies = {p["metadata"]["name"]: p for p in by_kind(rendered[shape], "NetworkPolicy")}
     scraped = {"keel-ray-train": {8080}, "keel-ray-serve": {8080, 8000}, "keel-minio": {9000},
-               "keel-pushgateway": {9091}}
+               "keel-pushgateway": {9091}, "keel-mlflow": {9102}}
     for name, ports in scraped.items():
         assert ingress_from(policies[name], "monitoring") >= ports, name
         assert not ingress_from(policies[name], "elsewhere") - {8000}, name  # the serving API is open by default
     assert 9001 not in ingress_from(policies["keel-minio"], "monitoring")  # MinIO's console is not a metric
+
+
+def test_the_mlflow_servers_metrics_container_serves_what_its_workers_count(rendered: dict[str, Path]) -> None:
+    """The server's workers write to a volume the metrics container reads; Prometheus scrapes the container's
+    port, by annotation or by the operator's PodMonitor, and never MLflow's API port (behind basic auth)."""
+    (deployment,) = [d for d in by_kind(rendered["default"], "Deployment") if d["metadata"]["name"] == "keel-mlflow"]
+    pod = deployment["spec"]["template"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    (written,) = [a.split("=", 1)[1] for a in containers["mlflow"]["command"] if a.startswith("--expose-prometheus=")]
+    mounts = {c: {m["name"]: m for m in containers[c]["volumeMounts"] if m["mountPath"] == written}
+              for c in ("mlflow", "metrics")}
+    assert mounts["mlflow"].keys() == mounts["metrics"].keys() == {"metrics"}
+    assert not mounts["mlflow"]["metrics"].get("readOnly") and mounts["metrics"]["metrics"]["readOnly"]
+    assert containers["metrics"]["command"][:4] == ["python", "-m", "keel.monitor.mlflow_metrics", written]
+    assert [p["containerPort"] for p in containers["metrics"]["ports"]] == [9102]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9102"  # no operator
+    (monitor,) = [d for d in documents(rendered["default+monitoring"])
+                  if d["kind"] == "PodMonitor" and d["metadata"]["name"] == "keel-mlflow"]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
 def test_the_pushgateway_is_scraped_with_the_labels_each_push_carries(rendered: dict[str, Path]) -> None:

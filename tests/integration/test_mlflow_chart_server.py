@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 POSTGRES_PASSWORD = "keel-test-postgres-password-41f7"
 ADMIN_PASSWORD = "keel-admin-password-3c9d"
 REPLICAS = 3
+METRICS_VOLUME = "/var/run/mlflow-metrics"  # the emptyDir the server and its metrics container share
 SECRET_VALUES = {  # by the env variable the chart fills from the credentials Secret
     "PGPASSWORD": POSTGRES_PASSWORD, "ADMIN_PASSWORD": ADMIN_PASSWORD, "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": S3_SECRET, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-flask-key"}
@@ -156,6 +157,7 @@ def test_replicas_starting_together_migrate_a_fresh_store_one_at_a_time(replica_
 class Server(NamedTuple):
     url: str
     pid: int
+    metrics_directory: Path  # where its workers count requests (--expose-prometheus)
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +169,13 @@ def mlflow_server(replica_migrations, mlflow_pod: dict[str, Any], tmp_path_facto
                    timeout=60)
     command, env = command_here(container(mlflow_pod, "mlflow"))
     command = ["--host=127.0.0.1" if arg == "--host=0.0.0.0" else arg for arg in command]
+    command = [arg.replace(METRICS_VOLUME, f"{directory}/metrics") for arg in command]  # the pod's shared emptyDir
     env["MLFLOW_AUTH_CONFIG_PATH"] = env["MLFLOW_AUTH_CONFIG_PATH"].replace("/auth/", f"{directory}/")
     log = (directory / "server.log").open("w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(mlflow_pod["port"], timeout_s=120)
-        yield Server(f"http://127.0.0.1:{mlflow_pod['port']}", server.pid)
+        yield Server(f"http://127.0.0.1:{mlflow_pod['port']}", server.pid, directory / "metrics")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -253,3 +256,53 @@ def test_a_replica_fits_the_smallest_memory_limit_the_chart_ships(mlflow_server:
     limit_bytes = int(limit[:-2]) * QUANTITY_UNITS[limit[-2:]]
     used = private_memory_bytes(mlflow_server.pid)
     assert used < limit_bytes, f"the MLflow replica holds {used / 2**20:.0f} MiB, over its limit of {limit}"
+
+
+def test_prometheus_scrapes_the_servers_requests_from_the_pods_metrics_container(mlflow_server: Server,
+                                                                                 mlflow_pod: dict[str, Any],
+                                                                                 tmp_path: Path) -> None:
+    """The MLflow server exported no metrics. Its workers now count requests into the pod's shared volume, and
+    the metrics container serves their sum on a port of its own, without MLflow's credentials: a real
+    Prometheus (Debian package) scrapes it and PromQL sees the requests of both workers."""
+    import httpx
+
+    from tests.integration.conftest import start_service
+
+    spec = container(mlflow_pod, "metrics")
+    assert {"name": "metrics", "mountPath": METRICS_VOLUME, "readOnly": True} in spec["volumeMounts"]
+    command, env = command_here(spec)
+    metrics_port = free_port()
+    command = [arg.replace(METRICS_VOLUME, str(mlflow_server.metrics_directory)) for arg in command
+               if not arg.startswith("--port=")] + [f"--port={metrics_port}", "--host=127.0.0.1"]
+    exporter = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: mlflow, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n")
+    port = free_port()
+    try:
+        wait_for_port(metrics_port)
+        search = f"{mlflow_server.url}/api/2.0/mlflow/experiments/search?max_results=5"
+        for _ in range(2 * 10):  # enough for both workers to answer some
+            assert get(search, "admin", ADMIN_PASSWORD) == 200
+        prometheus = start_service(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                    f"--web.listen-address=127.0.0.1:{port}"], port, tmp_path)
+        try:
+            def query(promql: str) -> float:
+                result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": promql},
+                                   timeout=10).json()
+                values = result["data"]["result"]
+                return float(values[0]["value"][1]) if values else 0.0
+
+            answered = 'sum(mlflow_http_request_total{method="GET", status="200"})'
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and query(answered) < 20:
+                time.sleep(1)
+            assert query(answered) >= 20
+            assert query('sum(mlflow_http_request_duration_seconds_count{status="200"})') >= 20
+        finally:
+            prometheus.terminate()
+            prometheus.wait(timeout=10)
+    finally:
+        exporter.terminate()
+        assert exporter.wait(timeout=10) == 0  # SIGTERM, the pod's shutdown, ends it cleanly

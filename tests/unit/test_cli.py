@@ -314,3 +314,38 @@ def test_a_step_that_runs_on_after_it_was_told_to_stop_is_ended(tmp_path: Path) 
         assert not stopper.steps()
     assert stopper.signal_number == signal.SIGHUP
     assert ended.read_text() == "SIGTERM"
+
+
+def test_a_draft_named_as_a_model_of_another_table_says_so_and_takes_a_name_of_its_own(settings,
+                                                                                      tmp_path: Path) -> None:
+    """The model name defaults to the file's: another table under a registered model's name trained versions the
+    gate then held back as changes to the served API, with nothing said at the draft."""
+    import numpy as np
+
+    from tests.conftest import small_frame
+    from tests.stages import register_small_model
+
+    register_small_model(settings, "run-a")  # small-model v1: reads size, weight, colour; predicts no, yes
+    same, other = tmp_path / "same" / "small-model.csv", tmp_path / "other" / "small-model.csv"
+    for path in (same, other):
+        path.parent.mkdir()
+    small_frame(80).to_csv(same, index=False)
+    small_frame(80).drop(columns=["colour"]).assign(height=np.linspace(1.5, 2.0, 80)).to_csv(other, index=False)
+
+    def draft(source: Path, *options: str) -> str:
+        result = CliRunner().invoke(app, ["contract", "draft", str(source), "--target", "outcome", "--output",
+                                          str(source.with_suffix(".yaml")), "--force", *options])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    assert "note:" not in draft(same) and "model_name: small-model" in draft(same)
+    drafted = draft(other)
+    assert ("  note: models:/small-model is registered already; against its champion v1, a model of this table\n"
+            "    columns: adds height; drops colour\n"
+            "  the gate would hold such a version back as a change to the served API: pass --model-name to train a "
+            "model of its own.\n") in drafted
+    renamed = draft(other, "--model-name", "heights")
+    assert "note:" not in renamed and "model_name: heights" in renamed
+    refused = CliRunner().invoke(app, ["contract", "draft", str(other), "--target", "outcome", "--model-name", "-x"])
+    assert isinstance(refused.exception, ConfigError)
+    assert "--model-name '-x': expected letters" in str(refused.exception)

@@ -170,28 +170,21 @@ class StepStopper:
 
 
 def _process_table() -> dict[int, int]:
-    """Each live process's parent (an ended one is left out, and reaped when it is ours): from /proc on Linux,
-    else from ``ps``."""
-    table, me = {}, os.getpid()
-    if not Path("/proc").is_dir():
-        listed = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "stat="], capture_output=True,
-                                text=True, check=False)
-        rows = [line.split()[:3] for line in listed.stdout.splitlines()]
-    else:
+    """Each live process's parent, an ended one (a zombie kfp.local's Popen never waits for after the
+    interruption) left out: from /proc on Linux, else from ``ps``."""
+    if Path("/proc").is_dir():
         rows = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 rows.append([stat.parent.name, *stat.read_text().rsplit(")", 1)[1].split()[1::-1]])
             except (OSError, IndexError):  # a process that ended meanwhile
                 continue
-    for pid, ppid, state in rows:
-        if state.startswith("Z"):  # ended; kfp.local's Popen, left behind on the interruption, never reaps it
-            if int(ppid) == me:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(int(pid), os.WNOHANG)
-            continue
-        table[int(pid)] = int(ppid)
-    return table
+    else:
+        with subprocess.Popen(["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "stat="], stdout=subprocess.PIPE,
+                              text=True) as ps:
+            listed, _ = ps.communicate()
+        rows = [row for row in (line.split()[:3] for line in listed.splitlines()) if row[0] != str(ps.pid)]
+    return {int(pid): int(ppid) for pid, ppid, state in rows if not state.startswith("Z")}
 
 
 def _children(table: dict[int, int]) -> list[int]:

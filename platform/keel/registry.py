@@ -362,21 +362,23 @@ def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings
             "classes_change": tracking.column_changes(before[1], after[1])}
 
 
-def champion_back_after_failed_deploy(name: str, version: str, why: str, settings: KeelSettings) -> str | None:
+def champion_back_after_failed_deploy(name: str, version: str, why: str, settings: KeelSettings,
+                                      move_back: bool = True) -> str | None:
     """Point ``champion`` back at the version it replaced, when the deploy step could not serve ``version``.
 
     The champion is the version that serves: left on a version the deploy step failed to serve, it named a
     model nobody was answering with, and the next `keel serve models:/NAME@champion` would start what had just
     failed. ``version`` stays challenger, tagged ``keel.deploy_failed`` with ``why``. Returns the version champion
-    is back at; None when there was none before it (nothing served the model: nothing to go back to) or when
-    champion has moved on from ``version`` meanwhile (a person's or another run's promotion stands).
+    is back at; None when there was none before it, or when nothing served the model (``move_back`` false: the
+    champion before it serves no more than it does), or when champion has moved on from ``version`` meanwhile (a
+    person's or another run's promotion stands). The tag is set in the first two cases too.
     """
     client = tracking.mlflow_client(settings)
     if tracking.champion_version(client, name) != version:
         return None
     client.set_model_version_tag(name, version, DEPLOY_FAILED, why.strip()[:5000])
     previous = client.get_model_version(name, version).tags.get(PREVIOUS_CHAMPION, "none")
-    if previous == "none":
+    if previous == "none" or not move_back:
         return None
     set_alias(client, name, CHAMPION, previous)
     return previous

@@ -307,8 +307,9 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
 
     Where the model is served already only the model changes: replicas, batching, token auth and a shadow or
     canary (unless it serves this version) stay as the chart or ``keel serve`` set them. A deploy that fails
-    leaves the champion that served before as champion (:func:`keel.registry.champion_back_after_failed_deploy`);
-    a version no longer champion (a retry of this step after that, or another promotion since) is not deployed.
+    where the model was served leaves the champion that serves as champion
+    (:func:`keel.registry.champion_back_after_failed_deploy`); a version no longer champion (a retry of this step
+    after that, or another promotion since) is not deployed.
     """
     from keel.errors import ClusterError
     from keel.registry import champion_back_after_failed_deploy
@@ -322,10 +323,12 @@ def deploy_champion(model_uri: str, port: int, settings: KeelSettings) -> str:
         raise ServeError(f"{model_uri} is not champion now ({f'v{champion} is' if champion else 'none is'}), so "
                          "this step does not serve it: a failed deploy of it moved champion back, or a later "
                          "promotion replaced it. `keel models show` says which.")
+    # the chart's RayService serves a model from the start; here, a head may serve none yet
+    served_before = bool(settings.ray_service) or _served_here(name, settings) is not None
     try:
         return _serve_champion(model_uri, port, settings)
     except (ServeError, ClusterError, ConfigError) as e:
-        back = champion_back_after_failed_deploy(name, version, str(e), settings)
+        back = champion_back_after_failed_deploy(name, version, str(e), settings, move_back=served_before)
         if back is None:
             raise
         raise type(e)(f"{str(e).rstrip('.')}. Champion is back at v{back}, which serves as before; v{version} "

@@ -133,6 +133,7 @@ def test_a_champion_the_deploy_step_cannot_serve_hands_champion_back_and_a_retry
         raise control.ServeError("the model server failed to start: ModelLoadError")
 
     monkeypatch.setattr(control, "_serve_champion", failing_roll)
+    monkeypatch.setattr(control, "_served_here", lambda name, _: ("dashboard", {}, [{"name": "keel"}]))  # v1 serves
     with pytest.raises(control.ServeError, match=r"ModelLoadError\. Champion is back at v1, which serves as before; "
                                                  r"v2 stays challenger, tagged keel.deploy_failed\."):
         control.deploy_champion("models:/diagnosis/2", 8000, settings)
@@ -146,17 +147,23 @@ def test_a_champion_the_deploy_step_cannot_serve_hands_champion_back_and_a_retry
     assert attempts == ["models:/diagnosis/2"]
 
 
-def test_a_first_champion_the_deploy_step_cannot_serve_stays_champion(settings: KeelSettings,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing served the model before it, so there is no champion that serves to go back to."""
+@pytest.mark.parametrize("first", [True, False])
+def test_a_champion_the_deploy_step_cannot_serve_where_nothing_served_its_model_stays_champion(
+        settings: KeelSettings, monkeypatch: pytest.MonkeyPatch, first: bool) -> None:
+    """No champion serves to go back to: the first version, or one over a champion nobody served."""
     from keel import tracking
 
     client: Any = _two_champions_in_turn(settings)
-    client.set_registered_model_alias("diagnosis", "champion", "1")  # as if v2 was never promoted
+    if first:
+        client.set_registered_model_alias("diagnosis", "champion", "1")  # as if v2 was never promoted
+    version = "1" if first else "2"
+
     def port_taken(*_: object) -> str:
         raise control.ServeError("port 8000 on 127.0.0.1 is taken by another program")
 
     monkeypatch.setattr(control, "_serve_champion", port_taken)
+    monkeypatch.setattr(control, "_served_here", lambda name, _: None)
     with pytest.raises(control.ServeError, match=r"^port 8000 on 127.0.0.1 is taken by another program$"):
-        control.deploy_champion("models:/diagnosis/1", 8000, settings)
-    assert tracking.champion_version(client, "diagnosis") == "1"
+        control.deploy_champion(f"models:/diagnosis/{version}", 8000, settings)
+    assert tracking.champion_version(client, "diagnosis") == version
+    assert "is taken" in client.get_model_version("diagnosis", version).tags["keel.deploy_failed"]

@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +117,40 @@ def submit_and_wait(stage: str, arguments: dict[str, Any], settings: KeelSetting
     client = _client(settings.ray_address)
     job_id = _submit(client, stage, arguments, settings)
     print(f"Submitted Ray job {job_id} ({stage}) to {settings.ray_address}", flush=True)
-    logs = asyncio.run(_stream_logs(client, job_id, timeout_s))
-    status = _wait(client, job_id, timeout_s)
+    with _stopped_if_the_step_ends_first(client, job_id):
+        logs = asyncio.run(_stream_logs(client, job_id, timeout_s))
+        status = _wait(client, job_id, timeout_s)
     if status != "SUCCEEDED":
         info = client.get_job_info(job_id)
         raise TrainingError(f"Ray job {job_id} ({stage}) ended {status}: {info.message or ''}\n"
                             f"{logs[-LOG_TAIL_CHARS:]}".rstrip())
     return _result(logs, job_id)
+
+
+@contextmanager
+def _stopped_if_the_step_ends_first(client: Any, job_id: str) -> Iterator[None]:
+    """Stop the Ray job when its step ends before it: Kubeflow terminating the run (SIGTERM to the step's pod), an
+    evicted pod, Ctrl-C here, a lost connection to the head. The job used to run on without its step: it held
+    the cluster's CPUs or GPUs to its end, published into a run that had ended, and a retry of the step trained
+    a second copy beside it."""
+    def terminated(signal_number: int, _frame: Any) -> None:
+        raise SystemExit(128 + signal_number)  # as the shell reports a process a signal ended
+
+    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        yield
+    except BaseException:
+        try:
+            if client.stop_job(job_id):
+                print(f"Stopped Ray job {job_id}: its step ended first.", flush=True)
+        except Exception as e:  # the reason the step ended is the one to report
+            print(f"Could not stop Ray job {job_id} ({e}); `ray job stop {job_id}` does.", file=sys.stderr,
+                  flush=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # A head that has just started (or a KubeRay head pod just rescheduled) answers this 500 until its

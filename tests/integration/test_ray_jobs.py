@@ -158,3 +158,44 @@ def test_batch_scoring_on_ray_runs_as_a_ray_job_on_the_cluster(ray_head: str, sp
     expected = Predictor.load(Path(trained)).predict(rows).set_axis(rows["customer"])
     pd.testing.assert_frame_equal(scored.loc[expected.index], expected, check_dtype=False, atol=1e-6,
                                   check_names=False)
+
+
+def test_a_step_ended_while_its_job_trains_stops_the_job(ray_head: str, splits: tuple[KeelSettings, str],
+                                                         tmp_path: Path) -> None:
+    """Kubeflow terminating a run sends SIGTERM to the step's pod. The job trained on without its step: holding
+    the cluster to its last epoch, publishing into an ended run, and training beside the step's retry."""
+    import signal
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    from keel.serve.control import ray_auth_headers
+
+    local, splits_uri = splits
+    arguments = train_arguments(local, splits_uri, "terminated")
+    arguments["config"] = TrainConfig(hidden_sizes=[8], max_epochs=100_000, batch_size=32,
+                                      patience=100_000).model_dump()
+    script = (f"import json, sys\nfrom keel import jobs\nfrom keel.settings import KeelSettings\n"
+              f"settings = KeelSettings(home={str(local.home)!r}, ray_address={ray_head!r})\n"
+              f"jobs.run_stage('train', json.loads(sys.argv[1]), settings)\n")
+    log = tmp_path / "step.log"
+    with log.open("w") as output:
+        step = subprocess.Popen([sys.executable, "-c", script, json.dumps(arguments)], stdout=output,
+                                stderr=subprocess.STDOUT, text=True)
+    client = JobSubmissionClient(ray_head, headers=ray_auth_headers())
+    deadline, job_id = time.monotonic() + 120, ""
+    while time.monotonic() < deadline and step.poll() is None:
+        submitted = [line.split()[3] for line in log.read_text().splitlines() if line.startswith("Submitted Ray job")]
+        if submitted and str(client.get_job_status(submitted[0]).value) == "RUNNING":
+            job_id = submitted[0]
+            break
+        time.sleep(0.5)
+    assert job_id, log.read_text()[-3000:]
+    time.sleep(5)  # into its epochs
+    step.send_signal(signal.SIGTERM)
+    assert step.wait(timeout=60) == 143, log.read_text()[-3000:]
+    assert f"Stopped Ray job {job_id}: its step ended first." in log.read_text()
+    while str(client.get_job_status(job_id).value) not in jobs.TERMINAL and time.monotonic() < deadline + 60:
+        time.sleep(1)
+    assert str(client.get_job_status(job_id).value) == "STOPPED"
+    assert not storage.exists(arguments["output_uri"], local)

@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -133,13 +131,11 @@ def _stopped_if_the_step_ends_first(client: Any, job_id: str) -> Iterator[None]:
     evicted pod, Ctrl-C here, a lost connection to the head. The job used to run on without its step: it held
     the cluster's CPUs or GPUs to its end, published into a run that had ended, and a retry of the step trained
     a second copy beside it."""
-    def terminated(signal_number: int, _frame: Any) -> None:
-        raise SystemExit(128 + signal_number)  # as the shell reports a process a signal ended
+    from keel.runs import sigterm_raises
 
-    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() \
-        else None
     try:
-        yield
+        with sigterm_raises():
+            yield
     except BaseException:
         try:
             if client.stop_job(job_id):
@@ -148,9 +144,6 @@ def _stopped_if_the_step_ends_first(client: Any, job_id: str) -> Iterator[None]:
             print(f"Could not stop Ray job {job_id} ({e}); `ray job stop {job_id}` does.", file=sys.stderr,
                   flush=True)
         raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 # A head that has just started (or a KubeRay head pod just rescheduled) answers this 500 until its

@@ -140,12 +140,43 @@ def roll_if_serving(settings: KeelSettings, model_uri: str, model_name: str) -> 
     return _roll(settings, model_uri, only_model=model_name)
 
 
+ROLL_TIMEOUT_S = 600.0  # new replicas may wait for a node, then load the model from the artifact store
+
+
+def serve_dashboard(settings: KeelSettings) -> str:
+    """Serve's REST API on the RayService's cluster: KEEL_RAY_DASHBOARD_URL, else the head service KubeRay keeps
+    pointing at the cluster that serves (``<rayservice>-head-svc``)."""
+    return settings.ray_dashboard_url.rstrip("/") or \
+        f"http://{settings.ray_service}-head-svc.{settings.kube_namespace}.svc.cluster.local:8265"
+
+
 def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str | None:
+    """Patch the RayService, then wait until Serve runs ``model_uri`` there. The patch alone was taken for a
+    deploy: a model whose replicas failed to start left the step succeeded and the new version champion. On
+    failure the Serve config from before the patch is put back, and the error says why."""
+    from keel.serve.control import ServeError, wait_until_running
     from keel.tracking import same_registered_version
 
     same_version = partial(same_registered_version, settings=settings)
-    return _patch_serve_config(settings, f"rolling RayService {settings.ray_service} to {model_uri}", only_model,
-                               lambda current: rayservice_patch(current, model_uri, same_version))
+    before: dict[str, str] = {}
+
+    def patch_for(current: dict[str, Any]) -> dict[str, Any]:
+        before["serveConfigV2"] = current["spec"]["serveConfigV2"]
+        return rayservice_patch(current, model_uri, same_version)
+
+    url = _patch_serve_config(settings, f"rolling RayService {settings.ray_service} to {model_uri}", only_model,
+                              patch_for)
+    if url is None:
+        return None
+    try:
+        wait_until_running(serve_dashboard(settings), ROLL_TIMEOUT_S, model_uri=model_uri)
+    except ServeError as failed:
+        previous = served_model_uri({"spec": before})
+        _patch_serve_config(settings, f"serving {previous} again on RayService {settings.ray_service}", None,
+                            lambda _: {"spec": {"serveConfigV2": before["serveConfigV2"]}})
+        raise ServeError(f"{str(failed).rstrip('.')}. RayService {settings.ray_service} serves {previous} again."
+                         ) from failed
+    return url
 
 
 def withdrawn_rayservice_patch(current: dict[str, Any], model_uri: str,

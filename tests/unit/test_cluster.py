@@ -471,6 +471,51 @@ def test_without_a_cluster_the_rollout_and_status_say_what_is_missing(tmp_path, 
     assert "KEEL_KUBE_NAMESPACE not set" in str(result.exception) and "keel-config" in str(result.exception)
 
 
+class RayServices:
+    """The Kubernetes API's view of one RayService, as `kubernetes.client.CustomObjectsApi` answers for it."""
+
+    def __init__(self) -> None:
+        self.service = {"spec": {"serveConfigV2": SERVE_CONFIG}}
+        self.patches: list[dict[str, Any]] = []
+
+    def get_namespaced_custom_object(self, *args: Any) -> Any:
+        return json.loads(json.dumps(self.service))
+
+    def patch_namespaced_custom_object(self, *args: Any) -> Any:
+        self.patches.append(args[-1])
+        self.service["spec"].update(args[-1]["spec"])
+
+
+@pytest.mark.parametrize("starts", [True, False])
+def test_a_rollout_waits_for_serve_to_run_the_model_and_puts_the_one_before_back_when_it_fails(
+        starts: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deploy step on a cluster took the RayService patch for a deploy: a model whose replicas failed to start
+    left the step succeeded, the version champion, and Serve retrying the failed config."""
+    from keel.serve import control
+
+    services, waited = RayServices(), []
+
+    def wait_until_running(dashboard: str, timeout_s: float, model_uri: str) -> dict:
+        waited.append((dashboard, model_uri))
+        if not starts:
+            raise control.ServeError("the model server failed to start: MlflowException: no python_function flavor")
+        return {}
+
+    monkeypatch.setattr(cluster, "_load_kube_config", lambda: None)
+    monkeypatch.setattr("kubernetes.client.CustomObjectsApi", lambda: services)
+    monkeypatch.setattr(control, "wait_until_running", wait_until_running)
+    settings = KeelSettings(ray_service="keel-serve", kube_namespace="keel")
+    if starts:
+        assert cluster.roll_served_model(settings, "models:/m/2").startswith("http://keel-serve-serve-svc.keel.")
+        assert cluster.served_model_uri(services.service) == "models:/m/2" and len(services.patches) == 1
+    else:
+        with pytest.raises(control.ServeError, match=r"no python_function flavor\. RayService keel-serve serves "
+                                                     r"models:/m/1 again\.$"):
+            cluster.roll_served_model(settings, "models:/m/2")
+        assert len(services.patches) == 2 and services.service["spec"]["serveConfigV2"] == SERVE_CONFIG
+    assert waited == [("http://keel-serve-head-svc.keel.svc.cluster.local:8265", "models:/m/2")]
+
+
 @pytest.mark.parametrize("account, says", [
     ("pipeline-runner", "runs as ServiceAccount pipeline-runner (namespace kubeflow), which the chart grants nothing; "
                         "start the run as keel-pipeline-runner"),

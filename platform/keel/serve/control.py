@@ -133,9 +133,10 @@ def wait_until_running(dashboard_url: str, timeout_s: float = 180, model_uri: st
         application = status_rest(dashboard_url).get("applications", {}).get(app, {})
         state = application.get("status")
         deployed = (application.get("deployed_app_config") or {}).get("args")
-        if state == "RUNNING" and model_uri in (None, served_model_uri(application)) and args in (None, deployed):
+        asked_for = model_uri in (None, served_model_uri(application)) and args in (None, deployed)
+        if state == "RUNNING" and asked_for:
             return application
-        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+        if state in ("DEPLOY_FAILED", "UNHEALTHY") and asked_for:  # not the config before (KubeRay applies ours)
             raise ServeError(f"{server} failed to start: {_why_it_failed(_serve_messages(application, state))}")
         time.sleep(1)
     # Serve says why, e.g. a replica that waits for CPUs the Ray cluster does not have

@@ -167,3 +167,21 @@ def test_a_champion_the_deploy_step_cannot_serve_where_nothing_served_its_model_
         control.deploy_champion(f"models:/diagnosis/{version}", 8000, settings)
     assert tracking.champion_version(client, "diagnosis") == version
     assert "is taken" in client.get_model_version("diagnosis", version).tags["keel.deploy_failed"]
+
+
+def test_waiting_for_a_model_is_not_failed_by_the_config_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cluster KubeRay applies the patched config a moment later: until then Serve still reports the one
+    before, which may have failed itself. Only the asked-for model's failure ends the wait."""
+    def application(model: str, state: str) -> dict[str, Any]:
+        return {"applications": {"keel": {"status": state, "message": f"{model} {state}",
+                                          "deployed_app_config": {"args": {"model_uri": model}}}}}
+
+    answers = iter([application("models:/m/1", "DEPLOY_FAILED"), application("models:/m/2", "DEPLOYING"),
+                    application("models:/m/2", "RUNNING")])
+    monkeypatch.setattr(control, "status_rest", lambda dashboard: next(answers))
+    monkeypatch.setattr(control.time, "sleep", lambda seconds: None)
+    assert control.wait_until_running("http://head:8265", model_uri="models:/m/2")["status"] == "RUNNING"
+    failing = iter([application("models:/m/2", "DEPLOYING"), application("models:/m/2", "DEPLOY_FAILED")])
+    monkeypatch.setattr(control, "status_rest", lambda dashboard: next(failing))
+    with pytest.raises(control.ServeError, match="failed to start: models:/m/2 DEPLOY_FAILED"):
+        control.wait_until_running("http://head:8265", model_uri="models:/m/2")

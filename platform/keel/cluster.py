@@ -143,13 +143,6 @@ def roll_if_serving(settings: KeelSettings, model_uri: str, model_name: str) -> 
 ROLL_TIMEOUT_S = 600.0  # new replicas may wait for a node, then load the model from the artifact store
 
 
-def serve_dashboard(settings: KeelSettings) -> str:
-    """Serve's REST API on the RayService's cluster: KEEL_RAY_DASHBOARD_URL, else the head service KubeRay keeps
-    pointing at the cluster that serves (``<rayservice>-head-svc``)."""
-    return settings.ray_dashboard_url.rstrip("/") or \
-        f"http://{settings.ray_service}-head-svc.{settings.kube_namespace}.svc.cluster.local:8265"
-
-
 def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str | None:
     """Patch the RayService, then wait until Serve runs ``model_uri`` there. The patch alone was taken for a
     deploy: a model whose replicas failed to start left the step succeeded and the new version champion. On
@@ -169,7 +162,7 @@ def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str
     if url is None:
         return None
     try:
-        wait_until_running(serve_dashboard(settings), ROLL_TIMEOUT_S, model_uri=model_uri)
+        wait_until_running(settings.serve_dashboard_url, ROLL_TIMEOUT_S, model_uri=model_uri)
     except ServeError as failed:
         previous = served_model_uri({"spec": before})
         _patch_serve_config(settings, f"serving {previous} again on RayService {settings.ray_service}", None,

@@ -130,11 +130,14 @@ class KeelSettings(BaseSettings):
 
     @property
     def serve_dashboard_url(self) -> str:
-        """Where Serve's REST API is: KEEL_RAY_DASHBOARD_URL, else the dashboard of the Ray head at
-        KEEL_RAY_ADDRESS (a KubeRay head service serves ray:// on 10001 and the dashboard on 8265),
-        else empty for a local head."""
+        """Where Serve's REST API is: KEEL_RAY_DASHBOARD_URL, else the head of the chart's RayService
+        (KEEL_RAY_SERVICE: KubeRay's ``<name>-head-svc``), else the dashboard of the Ray head at KEEL_RAY_ADDRESS
+        (a KubeRay head service serves ray:// on 10001 and the dashboard on 8265), else empty for a local head.
+        With the chart's config KEEL_RAY_ADDRESS is the training cluster's head, which serves nothing."""
         if self.ray_dashboard_url:
             return self.ray_dashboard_url.rstrip("/")
+        if self.ray_service and self.kube_namespace:
+            return f"http://{self.ray_service}-head-svc.{self.kube_namespace}.svc.cluster.local:8265"
         if self.ray_address.startswith(("http://", "https://")):  # a Job Submission address is the dashboard
             return self.ray_address.rstrip("/")
         address = urlparse(self.ray_address) if self.ray_address.startswith("ray://") else None

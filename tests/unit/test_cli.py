@@ -349,3 +349,22 @@ def test_a_draft_named_as_a_model_of_another_table_says_so_and_takes_a_name_of_i
     refused = CliRunner().invoke(app, ["contract", "draft", str(other), "--target", "outcome", "--model-name", "-x"])
     assert isinstance(refused.exception, ConfigError)
     assert "--model-name '-x': expected letters" in str(refused.exception)
+
+
+def test_on_a_cluster_serve_status_asks_the_rayservice_and_serving_by_hand_is_refused(
+        keel_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the chart's config, KEEL_RAY_ADDRESS is the training cluster's head: `keel serve status` reported it
+    serving nothing, and `keel serve MODEL` put a model on the training cluster, where no client reaches it."""
+    from keel.serve import control
+
+    for name, value in {"KEEL_RAY_ADDRESS": "http://keel-train-head-svc:8265", "KEEL_RAY_SERVICE": "keel-serve",
+                        "KEEL_KUBE_NAMESPACE": "keel"}.items():
+        monkeypatch.setenv(name, value)
+    asked: list[str] = []
+    monkeypatch.setattr(control, "status_rest", lambda dashboard: asked.append(dashboard) or {"applications": {}})
+    assert CliRunner().invoke(app, ["serve", "status", "--output", "json"]).exit_code == 0
+    assert asked == ["http://keel-serve-head-svc.keel.svc.cluster.local:8265"]
+    refused = CliRunner().invoke(app, ["serve", "models:/medical-diagnosis@champion"])
+    assert isinstance(refused.exception, control.ServeError)
+    assert "RayService keel-serve (KEEL_RAY_SERVICE) serves this cluster's models" in str(refused.exception)
+    assert "keel models promote NAME VERSION" in str(refused.exception)

@@ -49,14 +49,18 @@ def test_settings_are_frozen(keel_home: Path) -> None:
         settings.ray_address = "auto"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("address, dashboard, expected", [
-    ("", "", ""),
-    ("ray://raycluster-head-svc:10001", "", "http://raycluster-head-svc:8265"),
-    ("ray://head:10001", "http://dash:8265/", "http://dash:8265"),
-    ("auto", "", ""),
+@pytest.mark.parametrize("address, dashboard, service, expected", [
+    ("", "", "", ""),
+    ("ray://raycluster-head-svc:10001", "", "", "http://raycluster-head-svc:8265"),
+    ("ray://head:10001", "http://dash:8265/", "", "http://dash:8265"),
+    ("auto", "", "", ""),
+    # the chart's config: KEEL_RAY_ADDRESS is the training cluster, which serves nothing
+    ("http://keel-train-head-svc:8265", "", "keel-serve", "http://keel-serve-head-svc.keel.svc.cluster.local:8265"),
+    ("http://keel-train-head-svc:8265", "http://other:8265", "keel-serve", "http://other:8265"),
 ])
-def test_serve_dashboard_url(keel_home: Path, address: str, dashboard: str, expected: str) -> None:
-    assert load_settings(ray_address=address, ray_dashboard_url=dashboard).serve_dashboard_url == expected
+def test_serve_dashboard_url(keel_home: Path, address: str, dashboard: str, service: str, expected: str) -> None:
+    assert load_settings(ray_address=address, ray_dashboard_url=dashboard, ray_service=service,
+                         kube_namespace="keel").serve_dashboard_url == expected
 
 
 @pytest.mark.parametrize("address, autoscaling, can_grow", [

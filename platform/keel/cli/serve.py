@@ -101,6 +101,12 @@ def serve_command(
             return
         typer.echo("Stopped the model server.")
         return
+    if settings.ray_service and not settings.ray_dashboard_url:
+        raise control.ServeError(
+            f"RayService {settings.ray_service} (KEEL_RAY_SERVICE) serves this cluster's models: a Serve config "
+            "`keel serve` sent its head would differ from the RayService's own, which KubeRay puts back whenever "
+            "the head restarts. `keel models promote NAME VERSION --reason ...` rolls the RayService to a version; "
+            "to serve on a Ray head of your own, set KEEL_RAY_DASHBOARD_URL to its dashboard.")
     resolve_version(target, settings)  # an unknown model fails here, by name, before anything starts
     shadow_config, canary_config = _challenger_configs(shadow, shadow_sample, canary, canary_weight)
     if shadow or canary:

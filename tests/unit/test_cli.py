@@ -368,3 +368,8 @@ def test_on_a_cluster_serve_status_asks_the_rayservice_and_serving_by_hand_is_re
     assert isinstance(refused.exception, control.ServeError)
     assert "RayService keel-serve (KEEL_RAY_SERVICE) serves this cluster's models" in str(refused.exception)
     assert "keel models promote NAME VERSION" in str(refused.exception)
+    deleted: list[str] = []
+    monkeypatch.setattr(control, "stop_rest", deleted.append)
+    stopped = CliRunner().invoke(app, ["serve", "stop"])
+    assert isinstance(stopped.exception, control.ServeError) and deleted == []
+    assert "would delete its Serve applications behind KubeRay's back" in str(stopped.exception)

@@ -95,6 +95,11 @@ def serve_command(
         print_json(control.status_rest(dashboard)) if output is OutputFormat.json else _print_status(dashboard)
         return
     if target == "stop":
+        if settings.ray_service and not settings.ray_dashboard_url:
+            raise control.ServeError(
+                f"RayService {settings.ray_service} (KEEL_RAY_SERVICE) serves this cluster's models: `keel serve "
+                "stop` would delete its Serve applications behind KubeRay's back. The chart owns it: `helm "
+                "upgrade --set ray.serving.enabled=false` stops serving.")
         control.stop_rest(dashboard)
         if not settings.serve_dashboard_url and control.stop_local_head(settings):
             typer.echo("Stopped the model server and the local Ray head it ran on.")

@@ -144,31 +144,37 @@ ROLL_TIMEOUT_S = 600.0  # new replicas may wait for a node, then load the model 
 
 
 def _roll(settings: KeelSettings, model_uri: str, only_model: str | None) -> str | None:
-    """Patch the RayService, then wait until Serve runs ``model_uri`` there. The patch alone was taken for a
-    deploy: a model whose replicas failed to start left the step succeeded and the new version champion. On
-    failure the Serve config from before the patch is put back, and the error says why."""
-    from keel.serve.control import ServeError, wait_until_running
     from keel.tracking import same_registered_version
 
     same_version = partial(same_registered_version, settings=settings)
+    return _patch_until_running(settings, f"rolling RayService {settings.ray_service} to {model_uri}", only_model,
+                                lambda current: rayservice_patch(current, model_uri, same_version), model_uri)
+
+
+def _patch_until_running(settings: KeelSettings, action: str, only_model: str | None,
+                         patch_for: Callable[[dict[str, Any]], dict[str, Any]], model_uri: str,
+                         app: str = APP_NAME) -> str | None:
+    """Patch the RayService, then wait until Serve runs ``model_uri`` as ``app`` there. The patch alone was taken
+    for a deploy: a model whose replicas failed to start left the step succeeded and the new version champion.
+    On failure the Serve config from before the patch is put back, and the error says so."""
+    from keel.serve.control import ServeError, wait_until_running
+
     before: dict[str, str] = {}
 
-    def patch_for(current: dict[str, Any]) -> dict[str, Any]:
+    def remembering(current: dict[str, Any]) -> dict[str, Any]:
         before["serveConfigV2"] = current["spec"]["serveConfigV2"]
-        return rayservice_patch(current, model_uri, same_version)
+        return patch_for(current)
 
-    url = _patch_serve_config(settings, f"rolling RayService {settings.ray_service} to {model_uri}", only_model,
-                              patch_for)
+    url = _patch_serve_config(settings, action, only_model, remembering)
     if url is None:
         return None
     try:
-        wait_until_running(settings.serve_dashboard_url, ROLL_TIMEOUT_S, model_uri=model_uri)
+        wait_until_running(settings.serve_dashboard_url, ROLL_TIMEOUT_S, model_uri=model_uri, app=app)
     except ServeError as failed:
-        previous = served_model_uri({"spec": before})
-        _patch_serve_config(settings, f"serving {previous} again on RayService {settings.ray_service}", None,
+        _patch_serve_config(settings, f"putting RayService {settings.ray_service}'s Serve config back", None,
                             lambda _: {"spec": {"serveConfigV2": before["serveConfigV2"]}})
-        raise ServeError(f"{str(failed).rstrip('.')}. RayService {settings.ray_service} serves {previous} again."
-                         ) from failed
+        raise ServeError(f"{str(failed).rstrip('.')}. RayService {settings.ray_service}'s Serve config is back as it "
+                         f"was, serving {served_model_uri({'spec': before})}.") from failed
     return url
 
 
@@ -202,14 +208,15 @@ def applications_patch(current: dict[str, Any],
 
 
 def preview_served_model(settings: KeelSettings, model_uri: str,
-                         beside_champion: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> str | None:
-    """Serve ``model_uri`` beside the RayService's champion (``beside_champion`` adds it as shadow or canary) if
-    the RayService serves that model; its URL, or None."""
+                         beside_champion: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+                         app: str) -> str | None:
+    """Serve ``model_uri`` as ``app`` beside the RayService's champion (``beside_champion`` adds it as shadow or
+    canary) if the RayService serves that model, once Serve runs it; its URL, or None."""
     from keel.tracking import registered_name
 
-    return _patch_serve_config(settings, f"serving {model_uri} beside the champion of RayService "
-                               f"{settings.ray_service}", registered_name(model_uri) or "",
-                               lambda current: applications_patch(current, beside_champion))
+    return _patch_until_running(settings, f"serving {model_uri} beside the champion of RayService "
+                                f"{settings.ray_service}", registered_name(model_uri) or "",
+                                lambda current: applications_patch(current, beside_champion), model_uri, app)
 
 
 def _patch_serve_config(settings: KeelSettings, action: str, only_model: str | None,

@@ -495,8 +495,8 @@ def test_a_rollout_waits_for_serve_to_run_the_model_and_puts_the_one_before_back
 
     services, waited = RayServices(), []
 
-    def wait_until_running(dashboard: str, timeout_s: float, model_uri: str) -> dict:
-        waited.append((dashboard, model_uri))
+    def wait_until_running(dashboard: str, timeout_s: float, model_uri: str, app: str) -> dict:
+        waited.append((dashboard, model_uri, app))
         if not starts:
             raise control.ServeError("the model server failed to start: MlflowException: no python_function flavor")
         return {}
@@ -509,11 +509,32 @@ def test_a_rollout_waits_for_serve_to_run_the_model_and_puts_the_one_before_back
         assert cluster.roll_served_model(settings, "models:/m/2").startswith("http://keel-serve-serve-svc.keel.")
         assert cluster.served_model_uri(services.service) == "models:/m/2" and len(services.patches) == 1
     else:
-        with pytest.raises(control.ServeError, match=r"no python_function flavor\. RayService keel-serve serves "
-                                                     r"models:/m/1 again\.$"):
+        with pytest.raises(control.ServeError, match=r"no python_function flavor\. RayService keel-serve's Serve "
+                                                     r"config is back as it was, serving models:/m/1\.$"):
             cluster.roll_served_model(settings, "models:/m/2")
         assert len(services.patches) == 2 and services.service["spec"]["serveConfigV2"] == SERVE_CONFIG
-    assert waited == [("http://keel-serve-head-svc.keel.svc.cluster.local:8265", "models:/m/2")]
+    assert waited == [("http://keel-serve-head-svc.keel.svc.cluster.local:8265", "models:/m/2", "keel")]
+
+
+def test_a_challenger_that_fails_to_start_beside_the_champion_leaves_the_rayservice_as_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from keel.serve import control
+
+    services, waited = RayServices(), []
+
+    def wait_until_running(dashboard: str, timeout_s: float, model_uri: str, app: str) -> dict:
+        waited.append((model_uri, app))
+        raise control.ServeError("the canary model server failed to start: MlflowException: no python_function")
+
+    monkeypatch.setattr(cluster, "_load_kube_config", lambda: None)
+    monkeypatch.setattr("kubernetes.client.CustomObjectsApi", lambda: services)
+    monkeypatch.setattr(control, "wait_until_running", wait_until_running)
+    settings = KeelSettings(ray_service="keel-serve", kube_namespace="keel")
+    with pytest.raises(control.ServeError, match=r"Serve config is back as it was, serving models:/m/1\.$"):
+        cluster.preview_served_model(settings, "models:/m/3", lambda applications: [
+            *applications, {"name": "keel-canary", "args": {"model_uri": "models:/m/3"}}], "keel-canary")
+    assert waited == [("models:/m/3", "keel-canary")]
+    assert len(services.patches) == 2 and services.service["spec"]["serveConfigV2"] == SERVE_CONFIG
 
 
 @pytest.mark.parametrize("account, says", [

@@ -361,13 +361,13 @@ def deploy_awaiting_approval(model_uri: str, registry: RegisterConfig, settings:
             return with_canary(applications, APP_NAME, model_uri, CanaryConfig(weight=registry.canary_weight))
         return with_shadow(applications, APP_NAME, model_uri)
 
+    app = CANARY_APP if registry.preview == "canary" else SHADOW_APP
     if settings.ray_service:
         from keel.cluster import preview_served_model
 
-        url = preview_served_model(settings, model_uri, beside_champion)
+        url = preview_served_model(settings, model_uri, beside_champion, app)
     else:
-        url = _preview_on_ray_head(model_uri, settings, beside_champion,
-                                   CANARY_APP if registry.preview == "canary" else SHADOW_APP)
+        url = _preview_on_ray_head(model_uri, settings, beside_champion, app)
     if url is None:
         LOG.warning("%s awaits approval; nothing serves its model, so there is no traffic for its %s",
                     model_uri, registry.preview)
@@ -383,11 +383,16 @@ def _preview_on_ray_head(model_uri: str, settings: KeelSettings,
     if served is None:
         return None
     dashboard, details, configs = served
+    before = copy.deepcopy(configs)
     configs = beside_champion(configs)
     _replace_applications(dashboard, details, configs)
     champion = next(c for c in configs if c.get("name") == APP_NAME)
-    wait_until_running(dashboard, args=champion["args"])  # its replicas restart to copy or route requests
-    wait_until_running(dashboard, model_uri=model_uri, app=app)
+    try:
+        wait_until_running(dashboard, args=champion["args"])  # its replicas restart to copy or route requests
+        wait_until_running(dashboard, model_uri=model_uri, app=app)
+    except ServeError as failed:  # a canary that never started would have its share of requests fall back
+        _serve_again(dashboard, details, before, failed)
+        raise
     return _serving_url(details)
 
 

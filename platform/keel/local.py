@@ -126,6 +126,7 @@ class StepStopper:
     def __init__(self, grace_s: float = 10.0) -> None:
         self.grace_s, self.signal_number = grace_s, 0
         self._before: set[int] = set()
+        self._seen: set[int] = set()
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StepStopper:
@@ -157,11 +158,13 @@ class StepStopper:
             self._signal_steps(escalation)
 
     def steps(self) -> list[int]:
-        """The processes of the steps this run started, each with everything it started (kfp.local runs a step
-        as ``sh -c`` and the step's Python under it, which starts Ray's), as Ctrl-C reaches them all."""
+        """The live processes of the steps this run started, each with everything it started (kfp.local runs a
+        step as ``sh -c`` and the step's Python under it, which starts Ray's), as Ctrl-C reaches them all. One
+        seen before stays counted while it lives: its parent may have ended, leaving it to init."""
         table = _process_table()
         started = [pid for pid in _children(table) if pid not in self._before]
-        return started + _descendants(started, table)
+        self._seen.update(started + _descendants(started, table))
+        return sorted(pid for pid in self._seen if pid in table)
 
     def _signal_steps(self, signal_number: int) -> None:
         for process in self.steps():

@@ -131,7 +131,7 @@ def _stopped_if_the_step_ends_first(client: Any, job_id: str) -> Iterator[None]:
     evicted pod, Ctrl-C here, a lost connection to the head. The job used to run on without its step: it held
     the cluster's CPUs or GPUs to its end, published into a run that had ended, and a retry of the step trained
     a second copy beside it."""
-    from keel.runs import sigterm_raises
+    from keel.signals import sigterm_raises
 
     try:
         with sigterm_raises():

@@ -9,9 +9,7 @@ stage publishes to the same place it would have the first time.
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from keel import storage
 from keel.config import AnyPipelineConfig, parse_pipeline_config
 from keel.errors import KeelError
 from keel.settings import KeelSettings, load_settings
+from keel.signals import sigterm_raises
 
 ERROR_MARKER = "KEEL-STAGE-ERROR "
 STAGE_ORDER = ("check", "ingest", "validate", "preprocess", "tune", "train", "compress", "evaluate", "register",
@@ -80,29 +79,6 @@ def open_stage(stage: str, run_name: str, job_id: str, config: str) -> Iterator[
         raise
     finally:
         storage.STAGE_STARTED_AT.reset(clock)
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM ends the process as an exception does (SystemExit 143), so that clean-up runs.
-
-    Kubeflow terminating a run, and Kubernetes evicting or draining a node, send a step's pod SIGTERM, which
-    ended Python on the spot: a register step stopped so left its new version in the registry (champion,
-    even) under a run that had ended, its MLflow run RUNNING and its staging directory behind, and a train step
-    left its Ray job training. Off the main thread, where handlers cannot be set, nothing changes.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminated(signal_number: int, _frame: Any) -> None:
-        raise SystemExit(128 + signal_number)  # as a shell reports a process a signal ended
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _push_metrics(run: StageRun, failed: bool) -> None:

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from keel import tracking
 from keel.settings import KeelSettings
 from tests.stages import small_config
@@ -42,3 +44,26 @@ def test_sigterm_to_a_step_cleans_up_as_a_failure_does(settings: KeelSettings, t
     client = tracking.mlflow_client(settings)
     (run,) = client.search_runs([tracking.experiment_id(client, settings)])
     assert run.info.status == "FAILED"
+
+
+def test_kill_ends_a_keel_command_as_an_error_ends_it(monkeypatch) -> None:
+    """`kill` ended a `keel predict` on the spot, its staging directory left beside the destination."""
+    import os
+
+    import keel.cli
+
+    cleaned: list[bool] = []
+    before = signal.getsignal(signal.SIGTERM)
+
+    def command() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        finally:
+            cleaned.append(True)  # what staged_output's clean-up does
+
+    monkeypatch.setattr(keel.cli, "app", command)
+    with pytest.raises(SystemExit) as ended:
+        keel.cli.main()
+    assert ended.value.code == 143 and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -14,6 +14,7 @@ import typer
 from keel.cli import compile as compile_commands
 from keel.cli import cluster, contract, evaluate, models, predict, run, serve
 from keel.errors import KeelError
+from keel.signals import sigterm_raises
 
 app = typer.Typer(name="keel", help="Keel: KFP pipelines, Ray training and an MLflow registry.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -36,7 +37,8 @@ def main() -> None:
     # interleave with them on stderr. A user who wants the bars sets the variable.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        app()
+        with sigterm_raises():  # `kill` ends a command as an error does: its outputs are left whole or absent
+            app()
     except KeelError as e:
         print(f"keel: error: {e.headline}", file=sys.stderr)
         sys.exit(1)

@@ -344,6 +344,20 @@ def test_keel_submit_wait_exits_by_how_the_run_ended(runs: tuple[Any, ...], exit
     assert (failed_line in table.stdout) == bool(exit_code)
 
 
+def test_ctrl_c_on_keel_submit_wait_says_the_run_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It printed click's "Aborted!" and exited 1, as if the run had failed, without saying where it went on."""
+    kfp = RunningKfp(*FAILED_RUN)
+    monkeypatch.setattr(submit, "client_for", lambda host, token, namespace: kfp)
+
+    def interrupted(*_: Any, **__: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit, "wait_for_run", interrupted)
+    result = CliRunner().invoke(app, ["submit", "medical_diagnosis", "--host", "http://kfp", "--wait"])
+    assert result.exit_code == 130
+    assert "keel: stopped waiting; run r-1 goes on on the cluster: http://kfp/" in result.stderr
+
+
 class KfpApiRecorder:
     """A Kubeflow Pipelines v2beta1 API in a thread, as far as finding and creating an experiment goes:
     enough for a real kfp.Client to talk to, recording each request's path and body."""

@@ -70,7 +70,11 @@ def _submit(pipeline: str, host: str, namespace: str, experiment: str, param: li
         typer.echo(started)
         return
     typer.echo(started, err=True)  # stdout keeps the one answer a script parses
-    outcome = submit.wait_for_run(client, result.run_id, wait_s)
+    try:
+        outcome = submit.wait_for_run(client, result.run_id, wait_s)
+    except (KeyboardInterrupt, SystemExit) as stopped:  # Ctrl-C, or SIGTERM from a cancelled CI job
+        typer.echo(f"keel: stopped waiting; run {result.run_id} goes on on the cluster: {result.url}", err=True)
+        raise SystemExit(130 if isinstance(stopped, KeyboardInterrupt) else stopped.code) from None
     if output is OutputFormat.json:
         print_json({**asdict(result), **asdict(outcome)})
     else:

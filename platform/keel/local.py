@@ -36,8 +36,11 @@ class LocalRun:
     log_path: Path
     error: dict[str, str] | None = None
     output: Any = None
-    interrupted: bool = False  # by Ctrl-C (SIGINT), which also ended the step running then, or SIGTERM or SIGHUP
-    interrupted_by: int = signal.SIGINT
+    interrupted_by: int = 0  # the signal that stopped the run and its step: Ctrl-C's SIGINT, SIGTERM or SIGHUP
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupted_by != 0
 
     @property
     def exit_code(self) -> int:
@@ -104,7 +107,7 @@ def run_local(pipeline: Any, arguments: dict[str, Any], run_id: str, settings: K
         started_tasks = STARTED_TASK.findall(ANSI_COLOUR.sub("", log_text))
         how = "interrupted (Ctrl-C)" if interrupted_by == signal.SIGINT else \
             f"terminated ({signal.Signals(interrupted_by).name})"
-        return LocalRun(run_id, False, wall_s, log_path, interrupted=True, interrupted_by=interrupted_by,
+        return LocalRun(run_id, False, wall_s, log_path, interrupted_by=interrupted_by,
                         error={"stage": started_tasks[-1] if started_tasks else "?", "error": how})
     if failure is None:
         return LocalRun(run_id, True, wall_s, log_path, output=output)

@@ -27,12 +27,15 @@ if TYPE_CHECKING:
     from keel.recommend.config import RecommendPipelineConfig
 
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a registered model's name, as MLflow's registry takes it
+
+
 class RegisterConfig(BaseModel):
     """Which registered model gets the new version, and how versions are compared."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model_name: str = Field(min_length=1, pattern=MODEL_NAME_PATTERN)
     promotion_metric: str = "f1_macro"
     greater_is_better: bool = True
     approval: Literal["gate", "manual"] = Field(

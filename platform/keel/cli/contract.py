@@ -32,7 +32,9 @@ def draft_command(
 
     if output.exists() and not force:
         raise ConfigError(f"{output}: exists; pass --force to overwrite it or --output to write elsewhere.")
-    if model_name and not MODEL_NAME.fullmatch(model_name):
+    from keel.config import MODEL_NAME_PATTERN
+
+    if model_name and not re.match(MODEL_NAME_PATTERN, model_name):
         raise ConfigError(f"--model-name {model_name!r}: expected letters, digits, '.', '_' or '-', starting with a "
                           "letter or digit, as MLflow's registry names go.")
     settings = load_settings()
@@ -61,9 +63,6 @@ def draft_command(
     typer.echo("  " + snippet.rstrip().replace("\n", "\n  "))
     typer.echo(f"\nand train: keel run medical_diagnosis --param source={source} --config "
                f"{output.parent / 'keel.yaml'}")
-
-
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # RegisterConfig.model_name's pattern
 
 
 def _registered_for_another_table(model_name: str, features: list[str], classes: list[str],

@@ -83,6 +83,8 @@ def serve_command(
 
     settings = load_settings()
     dashboard = control.dashboard_url(settings)
+    # the chart's RayService serves there, and KubeRay owns its Serve config (unless another head is named)
+    served_by_rayservice = bool(settings.ray_service and not settings.ray_dashboard_url)
     if target in ACTIONS and control.no_local_head(settings):  # as `kubectl get` with nothing there: no error
         if target == "stop":
             control.stop_local_head(settings)  # the record of a head that died
@@ -95,7 +97,7 @@ def serve_command(
         print_json(control.status_rest(dashboard)) if output is OutputFormat.json else _print_status(dashboard)
         return
     if target == "stop":
-        if settings.ray_service and not settings.ray_dashboard_url:
+        if served_by_rayservice:
             raise control.ServeError(
                 f"RayService {settings.ray_service} (KEEL_RAY_SERVICE) serves this cluster's models: `keel serve "
                 "stop` would delete its Serve applications behind KubeRay's back. The chart owns it: `helm "
@@ -106,7 +108,7 @@ def serve_command(
             return
         typer.echo("Stopped the model server.")
         return
-    if settings.ray_service and not settings.ray_dashboard_url:
+    if served_by_rayservice:
         raise control.ServeError(
             f"RayService {settings.ray_service} (KEEL_RAY_SERVICE) serves this cluster's models: a Serve config "
             "`keel serve` sent its head would differ from the RayService's own, which KubeRay puts back whenever "

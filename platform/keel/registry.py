@@ -243,6 +243,7 @@ class Registration:
     out: storage.StagedOutput
     scratch: Path
     tracking_uri: str
+    experiment_id: str
     version: str | None = None
     previous_aliases: dict[str, str] = field(default_factory=dict)
 
@@ -258,6 +259,7 @@ class Registration:
                          tracking.PROMOTION_CHECKS_TAG: json.dumps(decision["checks"])[:5000]})
         self.out.manifest.update(model_name=config.model_name, version=self.version,
                                  model_uri=f"models:/{config.model_name}/{self.version}", mlflow_run_id=self.run_id,
+                                 mlflow_experiment_id=self.experiment_id,
                                  tracking_uri=self.tracking_uri, **decision,
                                  summary=f"version {self.version}{registered_as(decision)}")
         return self.out.manifest
@@ -274,8 +276,9 @@ def registration(config: RegisterConfig, pipeline_run_id: str, pipeline: str, ou
     try:
         # Leaving the MLflow block on an exception ends the run as FAILED.
         with storage.staged_output(output_uri, "register", settings) as out, \
-                tempfile.TemporaryDirectory(prefix="keel-register-") as scratch, mlflow.start_run(run_id=run_id):
-            current = Registration(client, run_id, pipeline_run_id, out, Path(scratch), settings.mlflow_tracking_uri)
+                tempfile.TemporaryDirectory(prefix="keel-register-") as scratch, mlflow.start_run(run_id=run_id) as active:
+            current = Registration(client, run_id, pipeline_run_id, out, Path(scratch), settings.mlflow_tracking_uri,
+                                   active.info.experiment_id)
             yield current
     except BaseException:
         if current is not None and current.version is not None:

@@ -49,7 +49,11 @@ class KeelSettings(BaseSettings):
         default="",
         description="MLflow tracking URI. Default: SQLite at <home>/mlflow.db.",
     )
-    experiment_name: str = Field(default="keel", description="MLflow experiment for pipeline runs.")
+    experiment_name: str = Field(
+        default="",
+        description="MLflow experiment for every pipeline run. Empty: each pipeline's own, named after it "
+                    "(medical_diagnosis, ...); a retraining pipeline's runs join the pipeline they retrain.",
+    )
     s3_endpoint: str = Field(
         default="",
         description="S3 API endpoint URL (MinIO, moto, AWS), e.g. http://minio:9000. Empty: AWS default.",

@@ -113,18 +113,30 @@ def _initialize_sqlite_once(tracking_uri: str) -> MlflowClient:
     return client
 
 
-def experiment_id(client: MlflowClient, settings: KeelSettings) -> str:
-    """The pipeline experiment, created with its artifacts under Keel's artifact root."""
+def experiment_name(settings: KeelSettings, pipeline: str) -> str:
+    """KEEL_EXPERIMENT_NAME, else the pipeline's name: MLflow compares runs within an experiment, and runs of
+    different pipelines share no metrics worth comparing."""
+    return settings.experiment_name or pipeline
+
+
+def experiment_id(client: MlflowClient, settings: KeelSettings, pipeline: str) -> str:
+    """The pipeline's experiment, created with its artifacts under Keel's artifact root."""
     from mlflow.exceptions import MlflowException
 
-    existing = client.get_experiment_by_name(settings.experiment_name)
+    name = experiment_name(settings, pipeline)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None and existing.lifecycle_stage == "deleted":  # MLflow keeps its name: no run goes there
+        raise TrackingError(
+            f"MLflow experiment {name} (id {existing.experiment_id}) at {settings.mlflow_tracking_uri} is deleted: "
+            f"restore it (`MLFLOW_TRACKING_URI={settings.mlflow_tracking_uri} mlflow experiments restore "
+            f"--experiment-id {existing.experiment_id}`), or set KEEL_EXPERIMENT_NAME to log this pipeline's runs "
+            "to another experiment.")
     if existing is not None:
         return str(existing.experiment_id)
     try:
-        return str(client.create_experiment(
-            settings.experiment_name, artifact_location=storage.join(settings.artifact_root, "mlflow")))
+        return str(client.create_experiment(name, artifact_location=storage.join(settings.artifact_root, "mlflow")))
     except MlflowException:  # created concurrently by another stage or run
-        again = client.get_experiment_by_name(settings.experiment_name)
+        again = client.get_experiment_by_name(name)
         if again is None:
             raise
         return str(again.experiment_id)
@@ -195,14 +207,23 @@ def champion_version(client: MlflowClient, model_name: str) -> str | None:
 def pipeline_run(settings: KeelSettings, pipeline_run_id: str, pipeline: str) -> str:
     """The MLflow run id for this pipeline run, creating the run on first use."""
     client = mlflow_client(settings)
-    experiment = experiment_id(client, settings)
+    experiment = experiment_id(client, settings, pipeline)
     found = client.search_runs([experiment], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'",
                                max_results=1)
     if found:
         return str(found[0].info.run_id)
-    run = client.create_run(experiment, run_name=f"{pipeline}-{pipeline_run_id}", tags={
+    # named as `keel run` and Kubeflow name the run; its experiment says which pipeline it is
+    run = client.create_run(experiment, run_name=pipeline_run_id, tags={
         PIPELINE_RUN_TAG: pipeline_run_id, PIPELINE_TAG: pipeline, GIT_COMMIT_TAG: git_commit(settings)})
     return str(run.info.run_id)
+
+
+def runs_of_pipeline_run(client: MlflowClient, pipeline_run_id: str) -> list[Any]:
+    """The MLflow runs a pipeline run logged to, in whichever experiment: a retraining pipeline's runs are in
+    the experiment of the pipeline it retrains, and KEEL_EXPERIMENT_NAME may have changed since."""
+    experiments = [experiment.experiment_id for experiment in every_page(client.search_experiments)]
+    return list(every_page(client.search_runs, experiment_ids=experiments,
+                           filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'"))
 
 
 class MetricBuffer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -152,11 +153,15 @@ def test_tuned_config_trained_compressed_variant_registered_and_gate_logged(demo
 
 
 def test_the_printed_mlflow_ui_command_shows_the_runs_compression_plot(demo: tuple[Path, dict]) -> None:
-    """The summary's "Browse it:" line opens MLflow's UI on the run's store, where the variants' plot is."""
+    """The summary's "Browse it:" line opens MLflow's UI on the run's store, where the variants' plot is; its
+    "MLflow run:" link is the registered version's run, in the pipeline's own experiment."""
     _, report = demo
     command = shlex.split(mlflow_ui_command(report["tracking_uri"]) or "")
     assert command[1:] == ["ui", "--backend-store-uri", report["tracking_uri"]] and Path(command[0]).exists()
     run_id = mlflow.MlflowClient(report["tracking_uri"]).get_model_version("medical-diagnosis", "1").run_id
+    experiment_id, linked_run_id = re.fullmatch(r"http://127\.0\.0\.1:5000/#/experiments/(\w+)/runs/(\w+)",
+                                                report["mlflow_run_url"]).groups()
+    assert linked_run_id == run_id
     port = free_port()
     with subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True) as ui:
@@ -164,9 +169,12 @@ def test_the_printed_mlflow_ui_command_shows_the_runs_compression_plot(demo: tup
             wait_for_port(port, timeout_s=60)
             plot = httpx.get(f"http://127.0.0.1:{port}/get-artifact", timeout=30,
                              params={"path": "compression/accuracy_vs_latency.png", "run_uuid": run_id})
+            experiment = httpx.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get", timeout=30,
+                                   params={"experiment_id": experiment_id})
         finally:
             os.killpg(ui.pid, signal.SIGTERM)
     assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG"), plot.text[:300]
+    assert experiment.json()["experiment"]["name"] == "medical_diagnosis", experiment.text[:300]
 
 
 def test_bad_source_fails_cleanly_and_registers_nothing(demo: tuple[Path, dict]) -> None:
@@ -218,7 +226,7 @@ def test_a_failed_training_step_marks_the_mlflow_run_failed_and_registers_nothin
     failed = json.loads(result.stdout)
     assert failed["error"]["stage"] == "train" and failed["model_uri"] is None
     client = mlflow.MlflowClient(report["tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("keel").experiment_id],
+    runs = client.search_runs([client.get_experiment_by_name("medical_diagnosis").experiment_id],
                               f"tags.`keel.pipeline_run_id` = '{failed['run_id']}'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not any(path.startswith(f"runs/{failed['run_id']}/train") for path in

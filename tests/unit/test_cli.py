@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from keel.cli import app
-from keel.cli.run import parse_params, print_summary, stage_rows
+from keel.cli.run import mlflow_run_url, parse_params, print_summary, stage_rows
 from keel.errors import ConfigError
 from tests.processes import keel, modules_loaded_by
 
@@ -114,20 +114,27 @@ def test_the_summary_says_how_to_load_the_version_this_run_registered(promoted: 
     assert "seconds" not in shown  # no stage finished: no empty table
 
 
-@pytest.mark.parametrize("tracking_uri, browse", [
-    ("sqlite:////home/me/my keel/mlflow.db", "ui --backend-store-uri 'sqlite:////home/me/my keel/mlflow.db'"),
-    ("http://mlflow.keel:5000", None)])
+@pytest.mark.parametrize("tracking_uri, browse, run_page", [
+    ("sqlite:////home/me/my keel/mlflow.db", "ui --backend-store-uri 'sqlite:////home/me/my keel/mlflow.db'",
+     "http://127.0.0.1:5000/#/experiments/3/runs/abc"),
+    ("http://mlflow.keel:5000/", None, "http://mlflow.keel:5000/#/experiments/3/runs/abc")])
 def test_the_summary_says_how_to_browse_a_local_store_in_mlflows_ui(tracking_uri: str, browse: str | None,
+                                                                     run_page: str,
                                                                      capsys: pytest.CaptureFixture) -> None:
-    """A tracking server has its own UI; a local SQLite store is seen through `mlflow ui` on it."""
+    """A tracking server has its own UI; a local SQLite store is seen through `mlflow ui` on it. Either way the
+    summary links the run's page, which took finding the experiment and then the run among the others."""
     print_summary({"run_id": "r", "succeeded": True, "wall_s": 1.0, "_rows": [], "test_metrics": {},
                    "model_uri": "models:/m/1", "champion": True, "model_name": "m", "promotion": "gate passed",
-                   "tracking_uri": tracking_uri, "artifacts": "a", "log": "l"})
-    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Browse it: ")]
+                   "tracking_uri": tracking_uri, "artifacts": "a", "log": "l",
+                   "mlflow_run_url": mlflow_run_url(tracking_uri, "3", "abc")})
+    lines = capsys.readouterr().out.splitlines()
+    shown = [line for line in lines if line.startswith("Browse it: ")]
     if browse is None:
         assert shown == []
     else:
         assert len(shown) == 1 and f"/mlflow {browse}  (then http://127.0.0.1:5000)" in shown[0]
+    assert f"MLflow run: {run_page}" in lines
+    assert mlflow_run_url(tracking_uri, None, "abc") is None  # a run that registered nothing links none
 
 
 def test_the_summary_gives_the_gate_verdict_in_the_table_and_its_checks_a_line_each_below(
@@ -238,7 +245,7 @@ def test_ctrl_c_ends_the_run_naming_the_step_it_stopped_marks_its_mlflow_run_kil
     assert "Run ctrl-c INTERRUPTED in" in result.stdout
     assert "keel: interrupted during train after" in result.stderr
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
-    (killed,) = client.search_runs([client.get_experiment_by_name(settings.experiment_name).experiment_id])
+    (killed,) = client.search_runs([client.get_experiment_by_name("medical_diagnosis").experiment_id])
     assert killed.info.status == "KILLED"
 
 

@@ -20,7 +20,7 @@ from keel.cli.run import promotion_lines
 from keel.config import PipelineConfig
 from keel.evaluate import EVALUATION_FILE
 from keel.data.ingest import DATA_FILE
-from keel.errors import RegistryError
+from keel.errors import RegistryError, TrackingError
 from keel.lineage import compare_versions, version_lineage
 from keel.registry import (CHALLENGER, CHAMPION, SCHEMA_SAMPLE_ROWS, dataset_schema, flatten_params,
                            promote_by_hand, register)
@@ -353,6 +353,36 @@ def test_runs_started_outside_a_repository_are_tagged_with_the_commit_of_keels_o
                     "commit", "-q", "--allow-empty", "-m", "user's project"], cwd=tmp_path, check=True)
     assert tracking.git_commit(KeelSettings(home=tmp_path)) == head(tmp_path) != checkout
     assert tracking.git_commit(KeelSettings(home=tmp_path, git_commit="abc123")) == "abc123"
+
+
+def test_each_pipeline_logs_to_its_own_experiment_unless_one_is_named(settings: KeelSettings) -> None:
+    """Every pipeline's runs went to one experiment, `keel`, where MLflow's run table and charts mixed a
+    classifier's metrics with a recommender's."""
+    client = tracking.mlflow_client(settings)
+    classifier = client.get_run(tracking.pipeline_run(settings, "medical-diagnosis-1", "medical_diagnosis"))
+    recommender = client.get_run(tracking.pipeline_run(settings, "ecommerce-recommendations-1",
+                                                       "ecommerce_recommendations"))
+    assert [client.get_experiment(run.info.experiment_id).name for run in (classifier, recommender)] == [
+        "medical_diagnosis", "ecommerce_recommendations"]
+    assert classifier.info.run_name == "medical-diagnosis-1"  # not the pipeline's name twice over
+    assert tracking.pipeline_run(settings, "medical-diagnosis-1", "medical_diagnosis") == classifier.info.run_id
+
+    shared = settings.model_copy(update={"experiment_name": "team-a"})
+    joined = client.get_run(tracking.pipeline_run(shared, "medical-diagnosis-2", "medical_diagnosis"))
+    assert client.get_experiment(joined.info.experiment_id).name == "team-a"
+    assert [run.info.run_id for run in tracking.runs_of_pipeline_run(client, "medical-diagnosis-2")] == [
+        joined.info.run_id]
+
+
+def test_a_deleted_experiment_is_named_with_how_to_restore_it(settings: KeelSettings) -> None:
+    """MLflow keeps a deleted experiment's name, so every step failed with 'The experiment 1 must be in the
+    active state', naming neither the experiment nor a way out."""
+    client = tracking.mlflow_client(settings)
+    client.delete_experiment(tracking.experiment_id(client, settings, "medical_diagnosis"))
+    with pytest.raises(TrackingError, match=r"experiment medical_diagnosis \(id 1\) .* is deleted: restore it "
+                                            r"\(`MLFLOW_TRACKING_URI=sqlite:.* mlflow experiments restore "
+                                            r"--experiment-id 1`\), or set KEEL_EXPERIMENT_NAME"):
+        tracking.pipeline_run(settings, "medical-diagnosis-3", "medical_diagnosis")
 
 
 def test_flatten_params() -> None:

@@ -42,7 +42,7 @@ def test_sigterm_to_a_step_cleans_up_as_a_failure_does(settings: KeelSettings, t
     assert step.wait(timeout=60) == 143  # as a shell reports a process SIGTERM ended
     assert not target.exists() and list(target.parent.iterdir()) == []  # nothing published, no staging left
     client = tracking.mlflow_client(settings)
-    (run,) = client.search_runs([tracking.experiment_id(client, settings)])
+    (run,) = client.search_runs([tracking.experiment_id(client, settings, "small")])
     assert run.info.status == "FAILED"
 
 

@@ -18,6 +18,8 @@ RANKING_METRICS = ("recall_at_", "ndcg_at_", "ndcg_lift")
 # What KFP's types cannot say about the pipelines' parameters, checked before anything runs: a serve_port of
 # 99999 trained, registered and then failed the deploy step, minutes in.
 PARAMETER_RANGES = {"serve_port": PORTS, "gpus": (0, None)}
+# what `mlflow ui` (and `make ui`) serves on by default
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 
 
 def _typed(name: str, value: str, kind: str) -> Any:
@@ -129,9 +131,20 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
         "model_name": registered.get("model_name"), "promotion": registered.get("reason"),
         "promotion_checks": registered.get("checks", []),
         "predictions": manifests.get("predict", {}).get("predictions"),
-        "tracking_uri": settings.mlflow_tracking_uri, "artifacts": f"{settings.artifact_root}/runs/{run.run_id}",
+        "tracking_uri": settings.mlflow_tracking_uri,
+        "mlflow_run_url": mlflow_run_url(settings.mlflow_tracking_uri, registered.get("mlflow_experiment_id"),
+                                         registered.get("mlflow_run_id")),
+        "artifacts": f"{settings.artifact_root}/runs/{run.run_id}",
         "_rows": stage_rows(manifests),
     }
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
+    """The run's page in MLflow's UI: the server's own, or the one ``mlflow ui`` opens on a local store."""
+    if not experiment_id or not run_id or tracking_uri.startswith("databricks"):
+        return None
+    ui = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def mlflow_ui_command(tracking_uri: str) -> str | None:
@@ -186,7 +199,9 @@ def print_summary(report: dict[str, Any]) -> None:
         typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")
         browse = mlflow_ui_command(report["tracking_uri"])
         if browse:
-            typer.echo(f"Browse it: {browse}  (then http://127.0.0.1:5000)")
+            typer.echo(f"Browse it: {browse}  (then {LOCAL_MLFLOW_UI})")
+        if report.get("mlflow_run_url"):
+            typer.echo(f"MLflow run: {report['mlflow_run_url']}")
         # a challenger is loaded by its version: the champion alias may name another model, or none yet
         loadable = f"models:/{report['model_name']}@champion" if report["champion"] else report["model_uri"]
         typer.echo(f"Load it: mlflow.pyfunc.load_model(\"{loadable}\")")
@@ -204,11 +219,7 @@ def _mark_mlflow_run_ended(settings: KeelSettings, run_id: str, status: str = "F
 
     try:
         client = tracking.mlflow_client(settings)
-        experiment = client.get_experiment_by_name(settings.experiment_name)
-        if experiment is None:
-            return
-        for found in client.search_runs([experiment.experiment_id],
-                                        filter_string=f"tags.`{tracking.PIPELINE_RUN_TAG}` = '{run_id}'"):
+        for found in tracking.runs_of_pipeline_run(client, run_id):
             if found.info.status == "RUNNING":
                 client.set_terminated(found.info.run_id, status)
     except (KeelError, MlflowException, OSError) as e:

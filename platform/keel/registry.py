@@ -24,7 +24,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
-from keel import __version__, storage, tracking
+from keel import storage, tracking
 from keel.config import RegisterConfig
 from keel.data.ingest import DATA_FILE
 from keel.errors import RegistryError
@@ -43,6 +43,9 @@ DECISION_TAGS = (PROMOTED_BY_HAND, PROMOTED_BY, PROMOTED_AT, PREVIOUS_CHAMPION, 
                  AWAITING_APPROVAL, DEPLOY_FAILED, tracking.PERFORMANCE)
 INPUT_EXAMPLE_ROWS = 5
 SCHEMA_SAMPLE_ROWS = 1000
+# What every logged model's loader imports beyond the Python standard library, pinned to this environment's
+# versions in its requirements (keel itself travels as the model's code: see model_code_paths).
+MODEL_DISTRIBUTIONS = ("mlflow", "torch", "pandas", "numpy", "pydantic", "pydantic-settings")
 
 
 class KeelPyfunc(PythonModel):
@@ -142,6 +145,22 @@ def accepting_input_schema(columns: list[str]) -> Schema:
     return Schema([ColSpec(AnyType(), name, required=True) for name in columns])
 
 
+def model_code_paths() -> list[str]:
+    """The keel package, copied into each logged model: a model then loads wherever MLflow does (`mlflow models
+    serve`, `build-docker`, KServe's MLServer) with no keel installed. Its requirements named `keel` instead,
+    which is no package of ours on PyPI but somebody else's: those tools installed it, and the model still did not
+    load. Where keel is already imported (its own serving and scoring), that copy wins over the bundled one."""
+    return [str(Path(__file__).parent)]
+
+
+def model_requirements(*distributions: str) -> list[str]:
+    """The model's pip requirements: MODEL_DISTRIBUTIONS and ``distributions`` at the versions this
+    environment has, less a local build label (torch's ``+cpu``), which no public index serves."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+', 1)[0]}" for name in (*MODEL_DISTRIBUTIONS, *distributions)]
+
+
 def _log_model(model_dir: Path, raw_test: pd.DataFrame, target: str) -> str:
     predictor = Predictor.load(model_dir)
     held_out = raw_test.drop(columns=[target])
@@ -151,8 +170,8 @@ def _log_model(model_dir: Path, raw_test: pd.DataFrame, target: str) -> str:
                                outputs=mlflow.models.infer_signature(example, predictor.predict(example)).outputs)
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts={KeelPyfunc.MODEL_ARTIFACT: str(model_dir)},
-        signature=signature, input_example=example,
-        pip_requirements=[f"keel=={__version__}", "torch==2.13.0", "pandas", "numpy", "pydantic"],
+        signature=signature, input_example=example, code_paths=model_code_paths(),
+        pip_requirements=model_requirements(),
     )
     return str(info.model_uri)
 

@@ -21,6 +21,7 @@ from keel.intents.config import IntentEvaluateConfig
 from keel.intents.data import generate_utterances
 from keel.intents.evaluate import bag_of_words_baseline, gate
 from keel.settings import load_settings
+from tests.foreign_load import score_without_keel
 from tests.processes import MeasuredRun, keel, run_measuring_steps, steps_over_their_memory_limit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -183,7 +184,11 @@ def test_the_served_champion_takes_raw_text_and_never_logs_it(pipeline_run: tupl
                                             {"model": MODEL, "version": loaded.version}) > 1.0
     assert "grace.n@example.com" not in caplog.text and "7911" not in caplog.text and "Nguyen" not in caplog.text
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    assert list(pyfunc.predict(pd.DataFrame({"text": [message]})).columns) == ["intent", "probability"]
+    answered = pyfunc.predict(pd.DataFrame({"text": [message]}))
+    assert list(answered.columns) == ["intent", "probability"]
+    elsewhere = score_without_keel(f"models:/{MODEL}@champion", pd.DataFrame({"text": [message]}),
+                                   report["tracking_uri"], workdir / "foreign")  # where keel is not installed
+    pd.testing.assert_frame_equal(elsewhere, answered, check_dtype=False, atol=1e-6)
 
     # `keel predict` on a file of messages: the served answers, row by row, with the ticket id kept
     from keel.batch import PREDICTIONS_FILE, PredictConfig, score_table

@@ -14,6 +14,7 @@ import pytest
 
 from keel.settings import load_settings
 from tests.conftest import artifact_files
+from tests.foreign_load import score_without_keel
 from tests.integration.conftest import free_port
 from tests.processes import (MeasuredRun, end_tree, finish, keel, process_tree, run_measuring_steps, start_keel,
                              steps_over_their_memory_limit)
@@ -79,6 +80,11 @@ def test_the_registered_pyfunc_answers_top_k_and_falls_back_for_strangers(pipeli
     seen = item_ids[train.loc[train["user_id"] == user_ids.tolist().index(3), "item_id"]]
     assert not set(known["items"]) & set(seen) and set(known["items"]) <= set(item_ids)  # nothing seen is offered
     assert stranger["source"] == "popular" and not stranger["known_user"]
+
+    # where keel is not installed (`mlflow models serve`, KServe): the model's own copy of keel's code answers
+    elsewhere = score_without_keel(f"models:/{MODEL}@champion", pd.DataFrame({"user_id": [3, 10**9]}),
+                                   report["tracking_uri"], workdir / "foreign", params={"k": 5})
+    assert elsewhere.to_dict(orient="records") == answers.to_dict(orient="records")
 
 
 def test_the_model_performance_pipeline_checks_the_recommender_on_later_interactions(

@@ -25,6 +25,7 @@ from keel.lineage import compare_versions, version_lineage
 from keel.registry import (CHALLENGER, CHAMPION, SCHEMA_SAMPLE_ROWS, dataset_schema, flatten_params,
                            promote_by_hand, register)
 from keel.settings import KeelSettings
+from tests.foreign_load import model_requirements, score_without_keel
 from tests.stages import run_stages, small_config, write_small_source
 
 MODEL = "small-model"
@@ -103,6 +104,24 @@ def test_pyfunc_scores_raw_columns(staged_run: dict, settings: KeelSettings, tmp
     reference = predictor.prediction_reference
     assert reference is not None and reference.categories == ["no", "yes"]
     assert reference.fractions == pytest.approx([shares.get("no", 0.0), shares.get("yes", 0.0), 0.0])
+
+
+def test_a_registered_model_loads_and_scores_where_keel_is_not_installed(staged_run: dict, settings: KeelSettings,
+                                                                        tmp_path: Path) -> None:
+    """`mlflow models serve` and KServe install a model's requirements, which named `keel==0.1.0`: on PyPI that is
+    somebody else's package (a process killer), and the model, whose loader imports Keel's code, still failed to
+    load. Keel's code now travels in the model; its requirements are the loader's own, pinned."""
+    _register(staged_run, settings)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(tmp_path / "model")))
+    requirements = model_requirements(local / "requirements.txt")
+    assert not [line for line in requirements if line.split("==")[0] == "keel"]
+    assert "mlflow==" + mlflow.__version__ in requirements and all("==" in line for line in requirements)
+    assert not [line for line in requirements if "+" in line]  # torch's +cpu is on no public index
+
+    raw = pd.read_csv(tmp_path / "small.csv").drop(columns=["outcome"]).head(5)
+    scored = score_without_keel(f"models:/{MODEL}/1", raw, settings.mlflow_tracking_uri, tmp_path / "foreign")
+    in_keel = mlflow.pyfunc.load_model(f"models:/{MODEL}/1").predict(raw)
+    pd.testing.assert_frame_equal(scored, in_keel, check_dtype=False, atol=1e-6)
 
 
 def test_gate_failure_registers_a_challenger_and_leaves_the_champion(settings: KeelSettings,

@@ -13,9 +13,8 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from keel import __version__, registry, storage
+from keel import registry, storage
 from keel.config import RegisterConfig
-from keel.intents.evaluate import EVALUATION_FILE, MODEL_DIR
 from keel.intents.model import IntentModel
 from keel.settings import KeelSettings
 
@@ -43,9 +42,8 @@ def _log_model(model_dir: Path) -> str:
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
         artifacts={IntentPyfunc.ARTIFACT: str(model_dir)}, signature=signature,
-        input_example=pd.DataFrame({"text": EXAMPLE}),
-        pip_requirements=[f"keel=={__version__}", "torch==2.13.0", "transformers==5.24.0", "tokenizers==0.23.3",
-                          "pandas", "pydantic"])
+        input_example=pd.DataFrame({"text": EXAMPLE}), code_paths=registry.model_code_paths(),
+        pip_requirements=registry.model_requirements("transformers", "tokenizers"))
     return str(info.model_uri)
 
 
@@ -62,6 +60,9 @@ def register_intents(evaluation_uri: str, config: RegisterConfig, params: dict[s
                      pipeline: str, output_uri: str, settings: KeelSettings) -> dict[str, Any]:
     """Log params, test metrics, the utterances trained on and the chosen variant's pyfunc to the pipeline's MLflow
     run; register it."""
+    # here, not at the top: the model's loader imports this module, and the evaluate stage's imports reach Ray
+    from keel.intents.evaluate import EVALUATION_FILE, MODEL_DIR
+
     with registry.registration(config, pipeline_run_id, pipeline, output_uri, settings) as step:
         evaluation = registry.read_evaluation(evaluation_uri, EVALUATION_FILE, settings)
         mlflow.log_params(registry.flatten_params(params))

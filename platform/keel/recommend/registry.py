@@ -14,7 +14,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from keel import __version__, registry, storage
+from keel import registry, storage
 from keel.config import RegisterConfig
 from keel.recommend.data import ID_FILES
 from keel.recommend.evaluate import EVALUATION_FILE
@@ -49,8 +49,8 @@ def _log_model(package_dir: Path) -> str:
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
         artifacts={RecommenderPyfunc.ARTIFACT: str(package_dir)}, signature=signature,
-        input_example=pd.DataFrame({"user_id": user_ids[:2]}),
-        pip_requirements=[f"keel=={__version__}", "torch==2.13.0", "pandas", "numpy", "pydantic"])
+        input_example=pd.DataFrame({"user_id": user_ids[:2]}), code_paths=registry.model_code_paths(),
+        pip_requirements=registry.model_requirements())
     return str(info.model_uri)
 
 

@@ -30,7 +30,7 @@ from keel.data.ingest import DATA_FILE
 from keel.errors import RegistryError
 from keel.evaluate import EVALUATION_FILE, HEADLINE_METRICS
 from keel.predictor import Predictor
-from keel.runs import registered_as
+from keel.runs import promotion_lines, registered_as
 from keel.settings import KeelSettings
 
 CHAMPION, CHALLENGER, AWAITING_APPROVAL = tracking.CHAMPION, tracking.CHALLENGER, tracking.AWAITING_APPROVAL
@@ -43,6 +43,7 @@ DECISION_TAGS = (PROMOTED_BY_HAND, PROMOTED_BY, PROMOTED_AT, PREVIOUS_CHAMPION, 
                  AWAITING_APPROVAL, DEPLOY_FAILED, tracking.PERFORMANCE)
 INPUT_EXAMPLE_ROWS = 5
 SCHEMA_SAMPLE_ROWS = 1000
+MAX_DESCRIPTION_CHARS = 5000  # MLflow's SQL registry column
 # What every logged model's loader imports beyond the Python standard library, pinned to this environment's
 # versions in its requirements (keel itself travels as the model's code: see model_code_paths).
 MODEL_DISTRIBUTIONS = ("mlflow", "torch", "pandas", "numpy", "pydantic", "pydantic-settings")
@@ -252,6 +253,16 @@ def promote(client: Any, config: RegisterConfig, version: str, gate: dict[str, A
             "checks": checks}
 
 
+def version_description(pipeline: str, pipeline_run_id: str, decision: dict[str, Any]) -> str:
+    """What MLflow's registry page shows of a version (Markdown): the run that made it and the gate's word, a
+    check a line, so that a person approving or comparing versions there need not look for the run first."""
+    head, *rest = promotion_lines(decision["reason"], decision["checks"])
+    checks, after = rest[:len(decision["checks"])], rest[len(decision["checks"]):]
+    lines = [f"Registered by Keel's `{pipeline}` pipeline, run `{pipeline_run_id}`.", "",
+             f"{head}:" if checks else head, *(f"- {check}" for check in checks), *(["", *after] if after else [])]
+    return "\n".join(lines)[:MAX_DESCRIPTION_CHARS]
+
+
 @dataclass
 class Registration:
     """One register step in progress: its MLflow run, private output and scratch, and the version it made."""
@@ -263,6 +274,7 @@ class Registration:
     scratch: Path
     tracking_uri: str
     experiment_id: str
+    pipeline: str
     version: str | None = None
     previous_aliases: dict[str, str] = field(default_factory=dict)
 
@@ -272,6 +284,8 @@ class Registration:
         self.version = str(create_version(self.client, config.model_name, logged_uri, self.run_id,
                                           {tracking.PIPELINE_RUN_TAG: self.pipeline_run_id}).version)
         decision = promote(self.client, config, self.version, gate)
+        self.client.update_model_version(config.model_name, self.version, description=version_description(
+            self.pipeline, self.pipeline_run_id, decision))
         mlflow.set_tags({tracking.PROMOTED_TAG: str(decision["promoted"]).lower(),
                          tracking.GATE_TAG: "passed" if gate["passed"] else "failed",
                          tracking.PROMOTION_REASON_TAG: decision["reason"][:5000],
@@ -297,7 +311,7 @@ def registration(config: RegisterConfig, pipeline_run_id: str, pipeline: str, ou
         with storage.staged_output(output_uri, "register", settings) as out, \
                 tempfile.TemporaryDirectory(prefix="keel-register-") as scratch, mlflow.start_run(run_id=run_id) as active:
             current = Registration(client, run_id, pipeline_run_id, out, Path(scratch), settings.mlflow_tracking_uri,
-                                   active.info.experiment_id)
+                                   active.info.experiment_id, pipeline)
             yield current
     except BaseException:
         if current is not None and current.version is not None:

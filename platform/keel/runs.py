@@ -102,6 +102,16 @@ def registered_as(decision: dict[str, Any]) -> str:
     return ", champion" if decision["promoted"] else ", awaiting approval" if decision.get("awaiting_approval") else ""
 
 
+def promotion_lines(reason: str, checks: list[str]) -> list[str]:
+    """The register step's reason split where it quotes the gate's checks: the verdict, each check, and what
+    follows them (what a person does next, under manual approval)."""
+    quoted = "; ".join(checks)
+    head, found, tail = reason.partition(f": {quoted}") if checks else (reason, "", "")
+    if not found:
+        return [reason]
+    return [head, *checks, *([tail.removeprefix(". ")] if tail else [])]
+
+
 def find_stage_error(log_text: str) -> dict[str, str] | None:
     """The first stage error recorded in a run's log, if any."""
     for line in log_text.splitlines():

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from keel import storage, tracking
 from keel.cli import app
-from keel.cli.run import promotion_lines
 from keel.config import PipelineConfig
 from keel.evaluate import EVALUATION_FILE
 from keel.data.ingest import DATA_FILE
@@ -24,6 +23,7 @@ from keel.errors import RegistryError, TrackingError
 from keel.lineage import compare_versions, version_lineage
 from keel.registry import (CHALLENGER, CHAMPION, SCHEMA_SAMPLE_ROWS, dataset_schema, flatten_params,
                            promote_by_hand, register)
+from keel.runs import promotion_lines
 from keel.settings import KeelSettings
 from tests.foreign_load import model_requirements, score_without_keel
 from tests.stages import run_stages, small_config, write_small_source
@@ -135,6 +135,11 @@ def test_gate_failure_registers_a_challenger_and_leaves_the_champion(settings: K
     assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}
     run = tracking.mlflow_client(settings).get_run(registered["mlflow_run_id"])
     assert run.data.tags["keel.promoted"] == "false" and run.data.tags["keel.gate"] == "failed"
+    # MLflow's registry page says why, a failed check a line, where its description was empty
+    description = tracking.mlflow_client(settings).get_model_version(MODEL, "2").description
+    assert description.splitlines() == ["Registered by Keel's `small` pipeline, run `run-b`.", "", "gate failed:",
+                                        *(f"- {check}" for check in registered["checks"])]
+    assert registered["checks"][0].startswith("f1_macro")
 
 
 def test_versions_that_read_other_columns_say_so_where_a_person_compares_shows_and_promotes_them(
@@ -285,6 +290,11 @@ def test_under_manual_approval_a_passing_version_waits_for_a_person(settings: Ke
     assert registered["checks"] and promotion_lines(registered["reason"], registered["checks"]) == [
         "awaiting approval (approval: manual): gate passed", *registered["checks"],
         f"`keel models promote {MODEL} 2 --reason ...` makes it champion"]
+    # and so does the version's description, for the person who approves it from MLflow's registry page
+    assert tracking.mlflow_client(settings).get_model_version(MODEL, "2").description.splitlines() == [
+        "Registered by Keel's `small` pipeline, run `run-b`.", "", "awaiting approval (approval: manual): gate passed:",
+        *(f"- {check}" for check in registered["checks"]), "", f"`keel models promote {MODEL} 2 --reason ...` makes it "
+        "champion"]
     assert _aliases(settings) == {CHAMPION: "1", CHALLENGER: "2"}
     waiting = {row["version"]: row["awaiting_approval"] for row in list_models()}
     assert waiting == {1: False, 2: True}

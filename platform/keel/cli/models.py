@@ -129,7 +129,7 @@ def show_command(
 
 def _promotion_facts(lineage: dict[str, Any]) -> list[tuple[str, str]]:
     """The register step's reason, then each gate check it quotes on a line of its own."""
-    from keel.cli.run import promotion_lines
+    from keel.runs import promotion_lines
 
     if not lineage["promotion_reason"]:
         return [("promotion", f"gate {lineage['gate'] or '-'}")]

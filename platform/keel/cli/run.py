@@ -102,16 +102,6 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
             for stage, m in manifests.items() if stage in facts]
 
 
-def promotion_lines(reason: str, checks: list[str]) -> list[str]:
-    """The register step's reason split where it quotes the gate's checks: the verdict, each check, and what
-    follows them (what a person does next, under manual approval)."""
-    quoted = "; ".join(checks)
-    head, found, tail = reason.partition(f": {quoted}") if checks else (reason, "", "")
-    if not found:
-        return [reason]
-    return [head, *checks, *([tail.removeprefix(". ")] if tail else [])]
-
-
 def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
     from keel.evaluate import HEADLINE_METRICS
     from keel.runs import stage_manifests
@@ -182,6 +172,8 @@ def _readable_manifests(settings: KeelSettings, run_id: str) -> dict[str, dict[s
 
 
 def print_summary(report: dict[str, Any]) -> None:
+    from keel.runs import promotion_lines
+
     state = "succeeded" if report["succeeded"] else "INTERRUPTED" if report.get("interrupted") else "FAILED"
     typer.echo(f"\nRun {report['run_id']} {state} in {report['wall_s']:.1f} s\n")
     if report["_rows"]:  # none when the first step failed: its error follows the summary

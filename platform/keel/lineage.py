@@ -31,6 +31,8 @@ def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str
         "model_uri": f"models:/{name}/{found.version}", "name": name, "version": str(found.version),
         "aliases": aliases, "status": found.status, "created_ms": found.creation_timestamp,
         "logged_model_id": tracking.version_logged_model_id(found, run), "run_id": found.run_id,
+        "run_url": tracking.mlflow_run_url(settings.mlflow_tracking_uri, run.info.experiment_id if run else None,
+                                           found.run_id),
         "pipeline": tags.get(tracking.PIPELINE_TAG), "pipeline_run": tags.get(tracking.PIPELINE_RUN_TAG),
         "git_commit": tags.get(tracking.GIT_COMMIT_TAG),
         **dict(zip(("inputs", "classes"), tracking.served_schema(f"models:/{name}/{found.version}"))),

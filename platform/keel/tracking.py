@@ -21,6 +21,8 @@ from keel.settings import KeelSettings, export_s3_environment, make_directory
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+# what `mlflow ui` (and `make ui`) serves on by default
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 PIPELINE_RUN_TAG = "keel.pipeline_run_id"
 PIPELINE_TAG = "keel.pipeline"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
@@ -216,6 +218,14 @@ def pipeline_run(settings: KeelSettings, pipeline_run_id: str, pipeline: str) ->
     run = client.create_run(experiment, run_name=pipeline_run_id, tags={
         PIPELINE_RUN_TAG: pipeline_run_id, PIPELINE_TAG: pipeline, GIT_COMMIT_TAG: git_commit(settings)})
     return str(run.info.run_id)
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
+    """The run's page in MLflow's UI: the server's own, or the one ``mlflow ui`` opens on a local store."""
+    if not experiment_id or not run_id or tracking_uri.startswith("databricks"):
+        return None
+    ui = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def runs_of_pipeline_run(client: MlflowClient, pipeline_run_id: str) -> list[Any]:

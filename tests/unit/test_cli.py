@@ -5,8 +5,9 @@ import pytest
 from typer.testing import CliRunner
 
 from keel.cli import app
-from keel.cli.run import mlflow_run_url, parse_params, print_summary, stage_rows
+from keel.cli.run import parse_params, print_summary, stage_rows
 from keel.errors import ConfigError
+from keel.tracking import mlflow_run_url
 from tests.processes import keel, modules_loaded_by
 
 

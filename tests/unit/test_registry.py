@@ -71,6 +71,11 @@ def test_first_version_becomes_champion_with_lineage(staged_run: dict, settings:
     logged = tracking.mlflow_client(settings).get_logged_model(tracking.logged_model_id(version.source))
     assert json.loads(logged.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": MODEL, "version": "1"}]
     assert logged.source_run_id == registered["mlflow_run_id"]
+    # `keel models show` links the run's page in the UI `mlflow ui` opens on this store
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert version_lineage(MODEL, "1", settings)["run_url"] == page
+    shown = CliRunner().invoke(app, ["models", "show", MODEL, "1"])
+    assert re.search(rf"MLflow run:\s+{re.escape(page)}\n", shown.stdout), shown.stdout
 
 
 def test_the_dataset_schema_matches_mlflows_own_inference_past_its_sample() -> None:

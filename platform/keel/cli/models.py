@@ -112,7 +112,8 @@ def show_command(
     typer.echo(f"{lineage['model_uri']}{aliases}, {lineage['status']}, registered "
                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(lineage['created_ms'] / 1000))}")
     facts = [("pipeline run", f"{lineage['pipeline_run'] or '-'} ({lineage['pipeline'] or 'no pipeline tag'})"),
-             ("MLflow run", lineage["run_id"] or "-"), ("logged model", lineage["logged_model_id"] or "-"),
+             ("MLflow run", lineage["run_url"] or lineage["run_id"] or "-"),
+             ("logged model", lineage["logged_model_id"] or "-"),
              ("git commit", lineage["git_commit"] or "-"),
              ("reads", ", ".join(lineage["inputs"]) if lineage["inputs"] is not None else "- (no signature)"),
              *((("predicts", ", ".join(lineage["classes"])),) if lineage["classes"] else ()),

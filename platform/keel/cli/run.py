@@ -18,8 +18,6 @@ RANKING_METRICS = ("recall_at_", "ndcg_at_", "ndcg_lift")
 # What KFP's types cannot say about the pipelines' parameters, checked before anything runs: a serve_port of
 # 99999 trained, registered and then failed the deploy step, minutes in.
 PARAMETER_RANGES = {"serve_port": PORTS, "gpus": (0, None)}
-# what `mlflow ui` (and `make ui`) serves on by default
-LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 
 
 def _typed(name: str, value: str, kind: str) -> Any:
@@ -103,6 +101,7 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[list[Any]]:
 
 
 def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
+    from keel import tracking
     from keel.evaluate import HEADLINE_METRICS
     from keel.runs import stage_manifests
 
@@ -122,19 +121,11 @@ def summary(run: Any, settings: KeelSettings) -> dict[str, Any]:
         "promotion_checks": registered.get("checks", []),
         "predictions": manifests.get("predict", {}).get("predictions"),
         "tracking_uri": settings.mlflow_tracking_uri,
-        "mlflow_run_url": mlflow_run_url(settings.mlflow_tracking_uri, registered.get("mlflow_experiment_id"),
-                                         registered.get("mlflow_run_id")),
+        "mlflow_run_url": tracking.mlflow_run_url(settings.mlflow_tracking_uri,
+                                                  registered.get("mlflow_experiment_id"), registered.get("mlflow_run_id")),
         "artifacts": f"{settings.artifact_root}/runs/{run.run_id}",
         "_rows": stage_rows(manifests),
     }
-
-
-def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
-    """The run's page in MLflow's UI: the server's own, or the one ``mlflow ui`` opens on a local store."""
-    if not experiment_id or not run_id or tracking_uri.startswith("databricks"):
-        return None
-    ui = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
-    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def mlflow_ui_command(tracking_uri: str) -> str | None:
@@ -172,6 +163,7 @@ def _readable_manifests(settings: KeelSettings, run_id: str) -> dict[str, dict[s
 
 
 def print_summary(report: dict[str, Any]) -> None:
+    from keel import tracking
     from keel.runs import promotion_lines
 
     state = "succeeded" if report["succeeded"] else "INTERRUPTED" if report.get("interrupted") else "FAILED"
@@ -191,7 +183,7 @@ def print_summary(report: dict[str, Any]) -> None:
         typer.echo(f"MLflow tracking URI: {report['tracking_uri']}")
         browse = mlflow_ui_command(report["tracking_uri"])
         if browse:
-            typer.echo(f"Browse it: {browse}  (then {LOCAL_MLFLOW_UI})")
+            typer.echo(f"Browse it: {browse}  (then {tracking.LOCAL_MLFLOW_UI})")
         if report.get("mlflow_run_url"):
             typer.echo(f"MLflow run: {report['mlflow_run_url']}")
         # a challenger is loaded by its version: the champion alias may name another model, or none yet

@@ -150,7 +150,7 @@ def model_code_paths() -> list[str]:
     """The keel package, copied into each logged model: a model then loads wherever MLflow does (`mlflow models
     serve`, `build-docker`, KServe's MLServer) with no keel installed. Its requirements named `keel` instead,
     which is no package of ours on PyPI but somebody else's: those tools installed it, and the model still did not
-    load. Where keel is already imported (its own serving and scoring), that copy wins over the bundled one."""
+    load. Where keel is already imported (its own serving and scoring), the installed keel is the one used."""
     return [str(Path(__file__).parent)]
 
 

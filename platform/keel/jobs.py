@@ -161,9 +161,22 @@ def _submit(client: Any, stage: str, arguments: dict[str, Any], settings: KeelSe
                                                       "py_modules": shipped_code()},
                                          metadata={"keel.stage": stage}))
         except RuntimeError as e:
-            if AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
+            if AGENT_NOT_READY not in str(e):
                 raise
+            if time.monotonic() > deadline:
+                raise TrainingError(_no_job_agent(settings.ray_address, stage)) from e
             time.sleep(2.0)
+
+
+def _no_job_agent(address: str, stage: str) -> str:
+    """Ray's own words ("No available agent") name neither the cause nor the fix; a head whose agent died keeps
+    answering them for good, and only its log says why."""
+    return (f"the Ray head at {address} answered '{AGENT_NOT_READY}' to the {stage} job for {AGENT_WAIT_S:.0f} s: "
+            "its dashboard agent, which runs Ray jobs, is not running. Ray says why in the head's "
+            "/tmp/ray/session_latest/logs/dashboard_agent.log (often 'address already in use': another process "
+            "holds its --dashboard-agent-listen-port, default 52365; or it was killed for memory). Restart the "
+            "head: on KubeRay delete the head pod (the operator starts a new one), locally `ray stop` and "
+            "`ray start --head` again.")
 
 
 async def _stream_logs(client: Any, job_id: str, timeout_s: float) -> str:

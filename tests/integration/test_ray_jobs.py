@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from keel import jobs, storage
 from keel.data.ingest import ingest
 from keel.data.preprocess import preprocess
 from keel.errors import TrainingError
-from keel.serve.control import end_process_group
+from keel.serve.control import HeadPorts, end_process_group
 from keel.settings import KeelSettings
 from keel.train.config import TrainConfig
 from tests.integration.conftest import private_head_ports
@@ -69,8 +70,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.fail(f"no Ray head of {HEAD_STARTS} took a job:\n" + "\n".join(failures))
 
 
-def start_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Popen[str], str, str]:
-    ports = private_head_ports()
+def start_head(tmp_path_factory: pytest.TempPathFactory,
+               ports: HeadPorts | None = None) -> tuple[subprocess.Popen[str], str, str]:
+    ports = ports or private_head_ports()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
     # A process group of its own, ended alone afterwards: `ray stop` would end every Ray on the machine.
@@ -242,3 +244,31 @@ def test_a_step_ended_while_its_job_trains_stops_the_job(ray_head: str, splits: 
         time.sleep(1)
     assert str(client.get_job_status(job_id).value) == "STOPPED"
     assert not storage.exists(arguments["output_uri"], local)
+
+
+def test_a_head_whose_job_agent_is_dead_fails_the_step_with_the_cause_and_the_fix(
+        tmp_path_factory: pytest.TempPathFactory, splits: tuple[KeelSettings, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure the fixture above retries past, as a user meets it: ``ray start`` exits 0, the dashboard
+    answers, and every submission gets Ray's "No available agent" for good."""
+    local, splits_uri = splits
+    ports = private_head_ports()
+    with socket.socket() as holder:  # what takes the agent's port first, on a cluster or in CI
+        holder.bind(("0.0.0.0", ports.dashboard_agent))
+        holder.listen()
+        head, url, temp_dir = start_head(tmp_path_factory, ports)
+        try:
+            monkeypatch.setattr(jobs, "AGENT_WAIT_S", 10.0)
+            settings = local.model_copy(update={"ray_address": url})
+            with pytest.raises(TrainingError) as failure:
+                jobs.run_stage("train", train_arguments(settings, splits_uri, "dead-agent"), settings)
+            agent_log = "\n".join(log.read_text(errors="replace")
+                                  for log in Path(temp_dir).glob("session_latest/logs/dashboard_agent.*"))
+        finally:
+            end_process_group(head.pid)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    assert "address already in use" in agent_log  # the cause the message points to is the real one
+    message = str(failure.value)
+    assert f"Ray head at {url} answered '{jobs.AGENT_NOT_READY}' to the train job for 10 s" in message
+    assert "session_latest/logs/dashboard_agent.log" in message and "delete the head pod" in message
+    assert not storage.exists(storage.stage_uri(settings, "dead-agent", "train"), settings)

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from keel.intents.model import IntentModel
-from keel.serve.app import MAX_BODY_BYTES, SCORING_ERRORS, base_app, name_checker
+from keel.serve.app import MAX_BODY_BYTES, SCORING_ERRORS, base_app, served_model
 from keel.serve.metrics import ServingMetrics
 from keel.serve.schema import MAX_RECORDS
 
@@ -52,11 +52,10 @@ def build_intents_app(model: IntentModel, model_name: str, model_version: str,
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
                    "Customer-service intents from a Keel text classifier.")
     metrics.serves("/v1/models/{name}:classify")
-    check_name = name_checker(model_name)
 
-    @app.post("/v1/models/{name}:classify", response_model=ClassifyResponse, tags=["keel"], responses=SCORING_ERRORS)
-    async def classify(name: str, body: ClassifyRequest, request: Request) -> dict[str, Any]:
-        check_name(name)
+    @app.post("/v1/models/{name}:classify", response_model=ClassifyResponse, tags=["keel"], responses=SCORING_ERRORS,
+              dependencies=[served_model(model_name)])
+    async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
         metrics.observe_batch(len(body.texts))
         predictions = model.classify(body.texts)
         intents = [p["intent"] for p in predictions]

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.recommend.recommender import MAX_K, Recommender
-from keel.serve.app import MAX_BODY_BYTES, SCORING_ERRORS, base_app, name_checker
+from keel.serve.app import MAX_BODY_BYTES, SCORING_ERRORS, base_app, served_model
 from keel.serve.metrics import ServingMetrics
 from keel.serve.schema import MAX_RECORDS
 
@@ -57,15 +57,14 @@ def build_recommend_app(recommender: Recommender, model_name: str, model_version
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
                    "Top-k recommendations from a Keel recommender.")
     metrics.serves("/v1/models/{name}:recommend")
-    check_name = name_checker(model_name)
 
     users, items = recommender.user_id_type, recommender.item_id_type
     request_type = RecommendRequest[users]  # type: ignore[valid-type]
     response_type = RecommendResponse[users, items]  # type: ignore[valid-type]
 
-    @app.post("/v1/models/{name}:recommend", response_model=response_type, tags=["keel"], responses=SCORING_ERRORS)
-    async def recommend(name: str, body: request_type, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
-        check_name(name)
+    @app.post("/v1/models/{name}:recommend", response_model=response_type, tags=["keel"], responses=SCORING_ERRORS,
+              dependencies=[served_model(model_name)])
+    async def recommend(body: request_type, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
         metrics.observe_batch(len(body.user_ids))
         recommendations = recommender.recommend(body.user_ids, body.k)
         metrics.observe_sources([r["source"] for r in recommendations])

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -170,11 +170,8 @@ def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token
     async def ready() -> dict[str, bool]:
         return {"ready": True}
 
-    check_name = name_checker(model_name)
-
-    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}})
-    async def model_ready(name: str) -> dict[str, Any]:
-        check_name(name)
+    @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}}, dependencies=[served_model(model_name)])
+    async def model_ready() -> dict[str, Any]:
         return {"name": model_name, "ready": True}
 
     @app.get("/metrics", include_in_schema=False)
@@ -187,12 +184,16 @@ def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token
     return app
 
 
-def name_checker(model_name: str) -> Callable[[str], None]:
-    """A 404 naming the served model when a request names another."""
+def served_model(model_name: str) -> Any:
+    """A route dependency answering 404, naming the served model, when the path names another.
+
+    A dependency runs before the body is validated, so a request to the wrong model hears that, not a 422
+    listing what its body lacks for this one.
+    """
     def check_name(name: str) -> None:
         if name != model_name:
             raise RequestError(404, f"unknown model {name!r}; this server serves {model_name!r}")
-    return check_name
+    return Depends(check_name)
 
 
 def build_app(predictor: Predictor, model_name: str, model_version: str, scorer: Scorer | None = None,
@@ -213,7 +214,7 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
     app = base_app(model_name, model_version, metrics, token, max_body_bytes,
                    "Predictions from a Keel model, in Keel's own format and the Open Inference Protocol.")
     metrics.serves("/v1/models/{name}:predict")
-    check_name = name_checker(model_name)
+    known_name = served_model(model_name)
 
     async def predict_frame(frame: pd.DataFrame) -> np.ndarray:
         try:
@@ -224,9 +225,9 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
         metrics.observe_inputs(frame)
         return probabilities
 
-    @app.post(f"/v1/models/{{name}}:predict", response_model=PredictResponse, tags=["keel"], responses=SCORING_ERRORS)
-    async def predict(name: str, body: request_model, request: Request) -> PredictResponse:  # type: ignore[valid-type]
-        check_name(name)
+    @app.post("/v1/models/{name}:predict", response_model=PredictResponse, tags=["keel"], responses=SCORING_ERRORS,
+              dependencies=[known_name])
+    async def predict(body: request_model, request: Request) -> PredictResponse:  # type: ignore[valid-type]
         frame = pd.DataFrame([r.model_dump() for r in body.records], columns=columns)  # type: ignore[attr-defined]
         probabilities = await predict_frame(frame)
         return PredictResponse(model_name=model_name, model_version=model_version,
@@ -235,18 +236,16 @@ def build_app(predictor: Predictor, model_name: str, model_version: str, scorer:
                                                        probabilities=dict(zip(classes, map(float, p), strict=True)))
                                             for p in probabilities])
 
-    @app.get("/v2/models/{name}", tags=["v2"], responses={404: {}})
-    async def model_metadata(name: str) -> dict[str, Any]:
-        check_name(name)
+    @app.get("/v2/models/{name}", tags=["v2"], responses={404: {}}, dependencies=[known_name])
+    async def model_metadata() -> dict[str, Any]:
         inputs = [{"name": c, "datatype": "FP64", "shape": [-1]} for c in predictor.transform.numeric]
         inputs += [{"name": c, "datatype": "BYTES", "shape": [-1]} for c in predictor.transform.categorical]
         return {"name": model_name, "versions": [model_version], "platform": "keel-pytorch", "inputs": inputs,
                 "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                             {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes)]}]}
 
-    @app.post("/v2/models/{name}/infer", tags=["v2"], responses=SCORING_ERRORS)
-    async def infer(name: str, body: V2InferRequest) -> dict[str, Any]:
-        check_name(name)
+    @app.post("/v2/models/{name}/infer", tags=["v2"], responses=SCORING_ERRORS, dependencies=[known_name])
+    async def infer(body: V2InferRequest) -> dict[str, Any]:
         probabilities = await predict_frame(_v2_frame(body, columns))
         labels = [classes[int(i)] for i in probabilities.argmax(axis=1)]
         return {"model_name": model_name, "model_version": model_version, "id": body.id or uuid.uuid4().hex,

@@ -199,6 +199,16 @@ def test_unknown_model_is_404(client: TestClient) -> None:
                                                      "model_name": NAME, "model_version": VERSION}
 
 
+@pytest.mark.parametrize("path, body", [("/v1/models/other:predict", {"records": [{"text": "not this model's"}]}),
+                                        ("/v2/models/other/infer", {"inputs": "not a list"})])
+def test_a_request_to_another_model_hears_so_before_what_its_body_lacks(client: TestClient, path: str,
+                                                                        body: dict) -> None:
+    """Its body was meant for that other model: this one's missing fields would send the caller the wrong way."""
+    response = client.post(path, json=body)
+    assert response.status_code == 404, response.text
+    assert "unknown model 'other'; this server serves 'small-model'" in response.text
+
+
 def test_oversized_payload_is_413(client: TestClient) -> None:
     response = client.post(f"/v1/models/{NAME}:predict", content=b"{" + b" " * (2 << 20) + b"}",
                            headers={"content-type": "application/json"})

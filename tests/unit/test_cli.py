@@ -5,6 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from keel.cli import app
+from keel.cli.models import model_and_version
 from keel.cli.run import parse_params, print_summary, stage_rows
 from keel.errors import ConfigError
 from keel.tracking import mlflow_run_url
@@ -58,6 +59,9 @@ def test_a_step_that_crashes_is_named_with_its_exception_and_where_the_traceback
     (["run", "retrain_when_degraded"], "retrain_when_degraded needs --param labels_source=... (it has no default)"),
     (["schedule", "retrain_when_degraded", "--cron", "0 6 * * 1", "--host", "http://127.0.0.1:9"],
      "retrain_when_degraded needs --param labels_source=..."),
+    (["models", "show", "models:/medical-diagnosis/1", "2"], "names version '1' already, and the version argument '2'"),
+    (["models", "promote", "medical-diagnosis", "--reason", "r"], "medical-diagnosis: which version?"),
+    (["models", "compare", "medical-diagnosis@champion"], "compare takes the model's name, then its two versions"),
 ])
 def test_user_errors_print_one_line_and_exit_1(args: list[str], message: str, keel_home: Path,
                                                tmp_path: Path) -> None:
@@ -65,6 +69,24 @@ def test_user_errors_print_one_line_and_exit_1(args: list[str], message: str, ke
     assert result.returncode == 1
     assert message in result.stderr and result.stderr.startswith("keel: error:")
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("model, version, expected", [
+    ("medical-diagnosis", None, ("medical-diagnosis", "champion")),
+    ("medical-diagnosis", "3", ("medical-diagnosis", "3")),
+    ("models:/medical-diagnosis/3", None, ("medical-diagnosis", "3")),  # as `keel run` prints a new version
+    ("medical-diagnosis@challenger", None, ("medical-diagnosis", "challenger")),
+    ("models:/medical-diagnosis@champion", "champion", ("medical-diagnosis", "champion")),  # said twice, the same
+])
+def test_keel_models_takes_a_version_apart_from_the_name_or_in_a_reference(model: str, version: str | None,
+                                                                           expected: tuple[str, str]) -> None:
+    assert model_and_version(model, version, default="champion") == expected
+
+
+@pytest.mark.parametrize("model", ["medical-diagnosis/", "models:/", "@champion"])
+def test_a_reference_without_its_name_or_version_is_refused_with_the_forms_that_work(model: str) -> None:
+    with pytest.raises(ConfigError, match="expected a model name .* or a reference to one version"):
+        model_and_version(model, None, default="champion")
 
 
 def test_a_run_name_an_earlier_run_has_is_refused(keel_home: Path, tmp_path: Path) -> None:

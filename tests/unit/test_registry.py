@@ -74,7 +74,8 @@ def test_first_version_becomes_champion_with_lineage(staged_run: dict, settings:
     # `keel models show` links the run's page in the UI `mlflow ui` opens on this store
     page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     assert version_lineage(MODEL, "1", settings)["run_url"] == page
-    shown = CliRunner().invoke(app, ["models", "show", MODEL, "1"])
+    shown = CliRunner().invoke(app, ["models", "show", registered["model_uri"]])  # as the run's summary prints it
+    assert registered["model_uri"] == f"models:/{MODEL}/1" and shown.exit_code == 0, shown.output
     assert re.search(rf"MLflow run:\s+{re.escape(page)}\n", shown.stdout), shown.stdout
 
 

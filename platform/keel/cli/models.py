@@ -94,17 +94,52 @@ def shown_key_metric(metrics: dict[str, float], key: str) -> str:
     return f"{found[0]:.4f}" if found else "-"
 
 
+def model_and_version(model: str, version: str | None, default: str | None = None) -> tuple[str, str]:
+    """The model as a person types it, NAME with VERSION apart, or as Keel prints it, one reference:
+    ``models:/NAME/N`` or ``models:/NAME@ALIAS`` (``keel run``'s summary), or the same without ``models:/``."""
+    from keel.errors import ConfigError
+
+    reference = model.removeprefix("models:/")
+    name, separator, embedded = (reference.partition("@") if "@" in reference else reference.partition("/"))
+    if not name or (separator and not embedded):
+        raise ConfigError(f"{model!r}: expected a model name (medical-diagnosis) or a reference to one version "
+                          "(medical-diagnosis/3, medical-diagnosis@champion, models:/medical-diagnosis/3).")
+    if embedded and version is not None and version != embedded:
+        raise ConfigError(f"{model!r} names version {embedded!r} already, and the version argument {version!r}: "
+                          "give the version once.")
+    chosen = embedded or version or default
+    if chosen is None:
+        raise ConfigError(f"{name}: which version? Give it after the name ({name} 3) or in it ({name}/3).")
+    return name, chosen
+
+
+def model_name_only(model: str) -> str:
+    """``compare`` takes the two versions apart from the name: ``models:/NAME`` is a name too."""
+    from keel.errors import ConfigError
+
+    name = model.removeprefix("models:/")
+    if "/" in name or "@" in name:
+        raise ConfigError(f"{model!r}: compare takes the model's name, then its two versions "
+                          f"(`keel models compare {name.split('@')[0].split('/')[0]} 1 2`).")
+    return name
+
+
+MODEL_HELP = ("The registered model, e.g. medical-diagnosis, or one version of it as `keel run` prints it: "
+              "models:/medical-diagnosis/3, medical-diagnosis@champion.")
+
+
 @app.command("show")
 def show_command(
-    name: str = typer.Argument(..., help="The registered model, e.g. medical-diagnosis."),
-    version: str = typer.Argument("champion", help="A version number, or an alias (champion, challenger)."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    version: str | None = typer.Argument(None, help="A version number, or an alias (champion, challenger). "
+                                                    "Default: champion."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """One version's lineage: pipeline run, commit, data, test metrics, the gate's and people's decisions."""
     from keel.lineage import version_lineage
     from keel.tracking import PERFORMANCE
 
-    lineage = version_lineage(name, version, load_settings())
+    lineage = version_lineage(*model_and_version(model, version, default="champion"), load_settings())
     if output is OutputFormat.json:
         print_json(lineage)
         return
@@ -141,7 +176,7 @@ def _promotion_facts(lineage: dict[str, Any]) -> list[tuple[str, str]]:
 @app.command("compare", short_help="Two versions side by side (default: champion and challenger): where each came from, "
                                        "the gate's word, metrics and config; what to read before promoting or rejecting.")
 def compare_command(
-    name: str = typer.Argument(..., help="The registered model, e.g. medical-diagnosis."),
+    model: str = typer.Argument(..., help="The registered model, e.g. medical-diagnosis."),
     first: str = typer.Argument("champion", help="A version number or alias; the baseline."),
     second: str = typer.Argument("challenger", help="A version number or alias; compared with the first."),
     output: OutputFormat = OUTPUT_OPTION,
@@ -151,7 +186,7 @@ def compare_command(
     rejecting by hand."""
     from keel.lineage import compare_versions
 
-    compared = compare_versions(name, first, second, load_settings())
+    compared = compare_versions(model_name_only(model), first, second, load_settings())
     if output is OutputFormat.json:
         print_json(compared)
         return
@@ -186,8 +221,9 @@ def _shown(value: Any) -> str:
 
 @app.command("promote")
 def promote_command(
-    name: str = typer.Argument(..., help="The registered model, e.g. medical-diagnosis."),
-    version: str = typer.Argument(..., help="The version to make champion (an older one to roll back)."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    version: str | None = typer.Argument(None, help="The version to make champion (an older one to roll back), "
+                                                    "unless the model argument names it."),
     reason: str = typer.Option(..., "--reason", help="Why, kept on the model version with who and when."),
     roll: bool = typer.Option(True, "--roll/--no-roll", help="Also serve it wherever the model is served now."),
     output: OutputFormat = OUTPUT_OPTION,
@@ -197,6 +233,7 @@ def promote_command(
     from keel.registry import promote_by_hand
     from keel.serve.control import ServeError, roll_if_serving
 
+    name, version = model_and_version(model, version)
     settings = load_settings()
     result = promote_by_hand(name, version, reason, settings)
     model_uri = f"models:/{name}/{result['version']}"
@@ -229,8 +266,9 @@ def promote_command(
 
 @app.command("reject")
 def reject_command(
-    name: str = typer.Argument(..., help="Registered model name, e.g. medical-diagnosis."),
-    version: str = typer.Argument(..., help="Version to turn down, e.g. 4 (one awaiting approval, say)."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    version: str | None = typer.Argument(None, help="Version to turn down, e.g. 4 (one awaiting approval, say), "
+                                                    "unless the model argument names it."),
     reason: str = typer.Option(..., "--reason", help="Why; kept on the model version with who and when."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
@@ -239,6 +277,7 @@ def reject_command(
     from keel.registry import reject_by_hand
     from keel.serve.control import ServeError, withdraw_challengers
 
+    name, version = model_and_version(model, version)
     settings = load_settings()
     result = reject_by_hand(name, version, reason, settings)
     try:

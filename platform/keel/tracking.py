@@ -228,11 +228,19 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str | N
     return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def experiment_ids(client: MlflowClient, deleted_too: bool = False, page_size: int = 1000) -> list[str]:
+    """Every experiment's id, for searches across all of them (MLflow's search_runs needs the ids)."""
+    from mlflow.entities import ViewType
+
+    view = ViewType.ALL if deleted_too else ViewType.ACTIVE_ONLY
+    return [experiment.experiment_id
+            for experiment in every_page(client.search_experiments, view_type=view, max_results=page_size)]
+
+
 def runs_of_pipeline_run(client: MlflowClient, pipeline_run_id: str) -> list[Any]:
     """The MLflow runs a pipeline run logged to, in whichever experiment: a retraining pipeline's runs are in
     the experiment of the pipeline it retrains, and KEEL_EXPERIMENT_NAME may have changed since."""
-    experiments = [experiment.experiment_id for experiment in every_page(client.search_experiments)]
-    return list(every_page(client.search_runs, experiment_ids=experiments,
+    return list(every_page(client.search_runs, experiment_ids=experiment_ids(client),
                            filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'"))
 
 

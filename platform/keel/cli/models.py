@@ -54,8 +54,7 @@ def metrics_of_runs(client: Any, run_ids: list[str], page_size: int) -> dict[str
 
     if not run_ids:
         return {}
-    experiments = [experiment.experiment_id for experiment in tracking.every_page(
-        client.search_experiments, view_type=ViewType.ALL, max_results=page_size)]
+    experiments = tracking.experiment_ids(client, deleted_too=True, page_size=page_size)
     found: dict[str, dict[str, float]] = {}
     for start in range(0, len(run_ids), page_size):
         quoted = ", ".join(f"'{run_id}'" for run_id in run_ids[start:start + page_size])

@@ -188,9 +188,10 @@ def served_model(model_name: str) -> Any:
     """A route dependency answering 404, naming the served model, when the path names another.
 
     A dependency runs before the body is validated, so a request to the wrong model hears that, not a 422
-    listing what its body lacks for this one.
+    listing what its body lacks for this one. Async, so FastAPI runs it on the event loop: a plain function
+    dependency would cost every request a hop to its thread pool.
     """
-    def check_name(name: str) -> None:
+    async def check_name(name: str) -> None:
         if name != model_name:
             raise RequestError(404, f"unknown model {name!r}; this server serves {model_name!r}")
     return Depends(check_name)

@@ -69,6 +69,12 @@ def mlflow_client(settings: KeelSettings) -> MlflowClient:
     return MlflowClient(settings.mlflow_tracking_uri)
 
 
+def is_tracking_server(tracking_uri: str) -> bool:
+    """An MLflow server over HTTP, with its own UI; else a store this process opens itself (SQLite, a
+    directory) or Databricks."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
 def check_tracking_server(tracking_uri: str, timeout_s: float = storage.ENDPOINT_CHECK_TIMEOUT_S) -> None:
     """Fail in seconds, naming the server, where MLflow's client retries a refused connection for minutes (7
     retries with backoff a call: a `keel run` against a stopped server took 8 minutes to end in a traceback).
@@ -77,7 +83,7 @@ def check_tracking_server(tracking_uri: str, timeout_s: float = storage.ENDPOINT
     fails here is retried by its KFP retry policy, as any failed step is. A server that answered is not asked
     again by this process.
     """
-    if tracking_uri.startswith(("http://", "https://")):
+    if is_tracking_server(tracking_uri):
         _server_answers(tracking_uri, timeout_s)
 
 
@@ -224,7 +230,7 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str | N
     """The run's page in MLflow's UI: the server's own, or the one ``mlflow ui`` opens on a local store."""
     if not experiment_id or not run_id or tracking_uri.startswith("databricks"):
         return None
-    ui = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+    ui = tracking_uri.rstrip("/") if is_tracking_server(tracking_uri) else LOCAL_MLFLOW_UI
     return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
 
 

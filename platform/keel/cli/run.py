@@ -133,7 +133,9 @@ def mlflow_ui_command(tracking_uri: str) -> str | None:
 
     Spelled with this interpreter's ``mlflow`` script, so it runs without activating the virtualenv.
     """
-    if tracking_uri.startswith(("http://", "https://", "databricks")):
+    from keel.tracking import is_tracking_server
+
+    if is_tracking_server(tracking_uri) or tracking_uri.startswith("databricks"):
         return None
     script = Path(sys.executable).parent / "mlflow"
     return shlex.join([str(script) if script.exists() else "mlflow", "ui", "--backend-store-uri", tracking_uri])

@@ -175,6 +175,11 @@ def registered_name(model_uri: str | None) -> str | None:
     return model_uri[len("models:/"):].split("@", 1)[0].split("/", 1)[0] or None
 
 
+def split_model_reference(reference: str) -> tuple[str, str, str]:
+    """A ``models:/`` URI's path, ``NAME@ALIAS`` or ``NAME/N``, as (name, "@" or "/" or "", alias or number)."""
+    return reference.partition("@") if "@" in reference else reference.partition("/")
+
+
 def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
     """``models:/name@alias`` or ``models:/name/N`` to (name, version)."""
     from mlflow.exceptions import MlflowException
@@ -183,11 +188,10 @@ def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
         raise RegistryError(f"{model_uri}: expected a registry URI such as models:/medical-diagnosis@champion.")
     reference = model_uri[len("models:/"):]
     client = mlflow_client(settings)
+    name, separator, version = split_model_reference(reference)
     try:
-        if "@" in reference:
-            name, alias = reference.split("@", 1)
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        name, _, version = reference.partition("/")
+        if separator == "@":
+            return name, str(client.get_model_version_by_alias(name, version).version)
         return name, str(client.get_model_version(name, version).version)
     except MlflowException as e:
         raise RegistryError(f"{model_uri}: not in the registry at {settings.mlflow_tracking_uri} "

@@ -109,11 +109,16 @@ def why_head_takes_no_jobs(url: str, temp_dir: str, wait_s: float = 90) -> str:
             client.submit_job(entrypoint="true", metadata={"purpose": "the head's job agent is up"})
             return ""
         except RuntimeError as e:
-            bind_errors = [line for log in Path(temp_dir).glob("session_latest/logs/dashboard_agent.*")
-                           for line in log.read_text(errors="replace").splitlines() if "address already in use" in line]
+            bind_errors = agent_bind_errors(temp_dir)
             if jobs.AGENT_NOT_READY not in str(e) or bind_errors or time.monotonic() > deadline:
                 return bind_errors[-1] if bind_errors else str(e)
         time.sleep(2.0)
+
+
+def agent_bind_errors(temp_dir: str) -> list[str]:
+    """The lines where the head's dashboard agent says it could not bind its port."""
+    return [line for log in Path(temp_dir).glob("session_latest/logs/dashboard_agent.*")
+            for line in log.read_text(errors="replace").splitlines() if "address already in use" in line]
 
 
 @pytest.fixture(scope="module")
@@ -262,12 +267,11 @@ def test_a_head_whose_job_agent_is_dead_fails_the_step_with_the_cause_and_the_fi
             settings = local.model_copy(update={"ray_address": url})
             with pytest.raises(TrainingError) as failure:
                 jobs.run_stage("train", train_arguments(settings, splits_uri, "dead-agent"), settings)
-            agent_log = "\n".join(log.read_text(errors="replace")
-                                  for log in Path(temp_dir).glob("session_latest/logs/dashboard_agent.*"))
+            bind_errors = agent_bind_errors(temp_dir)
         finally:
             end_process_group(head.pid)
             shutil.rmtree(temp_dir, ignore_errors=True)
-    assert "address already in use" in agent_log  # the cause the message points to is the real one
+    assert bind_errors  # the cause the message points to is the real one
     message = str(failure.value)
     assert f"Ray head at {url} answered '{jobs.AGENT_NOT_READY}' to the train job for 10 s" in message
     assert "session_latest/logs/dashboard_agent.log" in message and "delete the head pod" in message

@@ -97,9 +97,9 @@ def model_and_version(model: str, version: str | None, default: str | None = Non
     """The model as a person types it, NAME with VERSION apart, or as Keel prints it, one reference:
     ``models:/NAME/N`` or ``models:/NAME@ALIAS`` (``keel run``'s summary), or the same without ``models:/``."""
     from keel.errors import ConfigError
+    from keel.tracking import split_model_reference
 
-    reference = model.removeprefix("models:/")
-    name, separator, embedded = (reference.partition("@") if "@" in reference else reference.partition("/"))
+    name, separator, embedded = split_model_reference(model.removeprefix("models:/"))
     if not name or (separator and not embedded):
         raise ConfigError(f"{model!r}: expected a model name (medical-diagnosis) or a reference to one version "
                           "(medical-diagnosis/3, medical-diagnosis@champion, models:/medical-diagnosis/3).")

@@ -83,8 +83,10 @@ class TuneConfig(BaseModel):
     grace_period: int = Field(default=3, ge=1, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: int = Field(default=3, ge=2)
     metric: Literal["val_loss", "val_accuracy"] = "val_loss"
-    max_concurrent_trials: int | Literal["auto"] = "auto"
-    seed: int = 42
+    max_concurrent_trials: PositiveInt | Literal["auto"] = Field(
+        default="auto", description="auto: one trial per CPU, or per GPU where Ray has GPUs")
+    seed: int = Field(default=42, description="seeds TPE and each trial's training; a search repeats exactly only "
+                                              "with max_concurrent_trials: 1 (concurrent trials report in any order)")
     search_space: dict[str, SearchDimension] = {}
 
     @model_validator(mode="after")

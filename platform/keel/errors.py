@@ -7,6 +7,7 @@ column at fault and says what to change. The CLI prints the headline and exits
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,16 +77,38 @@ def validation_problems(error: ValidationError, model: type[BaseModel] | None = 
     """pydantic's errors as ``dotted.field: message``; a check over a whole model names its own fields, so it
     stands without a path, and a validator's message loses pydantic's "Value error, " prefix. Given the
     ``model`` that was validated, a misspelt field gets the nearest real one (``num_sample`` -> ``num_samples``)."""
-    problems = []
+    problems: list[str] = []
+    union: tuple[tuple[Any, ...], list[str]] | None = None  # a union field's path, and what each member wanted
     for err in error.errors():
         message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
         if err["type"] == "string_type" and isinstance(err.get("input"), bool):
             message += " (YAML reads yes, no, true, false, on and off unquoted as booleans: quote it, 'yes')"
         if err["type"] == "extra_forbidden" and model is not None:
             message += _did_you_mean(str(err["loc"][-1]), _fields_at(model, tuple(err["loc"][:-1])))
-        path = ".".join(str(p) for p in err["loc"])
+        loc = tuple(err["loc"])
+        if loc and _UNION_MEMBER.match(str(loc[-1])):
+            wanted = message.removeprefix("Input should be ").split(",")[0]
+            if union is not None and union[0] == loc[:-1]:
+                union[1].append(wanted)
+                problems[-1] = _union_problem(loc[:-1], err.get("input"), union[1])
+                continue
+            union = (loc[:-1], [wanted])
+        else:
+            union = None
+        path = ".".join(str(p) for p in loc)
         problems.append(f"{path}: {message}" if path else message)
     return "; ".join(problems)
+
+
+# pydantic's tag for the member of a union that an error is about: int, constrained-int, literal['auto'], bool
+_UNION_MEMBER = re.compile(r"^(int|float|str|bool|constrained-\w+|literal\[.*\]|\w+\[.*\])$")
+
+
+def _union_problem(path: tuple[Any, ...], value: Any, wanted: list[str]) -> str:
+    """One line for a value no member of a union field takes (``num_workers: int | "auto"``), where pydantic
+    gives a line per member: ``num_workers.int: Input should be a valid integer; num_workers.literal['auto']:
+    Input should be 'auto'``."""
+    return f"{'.'.join(str(p) for p in path)}: {value!r} should be {' or '.join(wanted)}"
 
 
 def _did_you_mean(name: str, fields: list[str]) -> str:

@@ -41,6 +41,7 @@ SPACE = {"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
      r"search_space.hidden_sizes: value \[8, 0\] is not a valid train.hidden_sizes \(Input should be greater than 0"),
     ({"search_space": {"batch_size": {"type": "uniform", "low": 16, "high": 64}}},
      r"train.batch_size is a whole number, and a range samples fractions; use a choice"),
+    ({"max_concurrent_trials": 0}, r"tune.max_concurrent_trials: 0 should be greater than 0 or 'auto'$"),
 ])
 def test_bad_tune_sections_name_the_field(tune_section: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -156,3 +157,23 @@ def test_search_logs_nested_trials_and_publishes_the_best(settings, tmp_path: Pa
         filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert len(children) == 4 and all(c.data.metrics["best_val_loss"] > 0 for c in children)
     assert tracking.pipeline_run(settings, "run-t", "small") == parent  # children don't shadow the run
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_search_one_trial_at_a_time_repeats_exactly_from_its_seed(settings, tmp_path: Path) -> None:
+    """The README's promise for a reproducible search: with ``max_concurrent_trials: 1`` the seed fixes what TPE
+    proposes, what ASHA stops and every trial's training, so a second search gives the same trials."""
+    uris = run_stages(settings, "run-r", write_small_source(tmp_path))
+    config = TuneConfig.model_validate({"num_samples": 4, "max_epochs": 6, "grace_period": 2, "search_space": SPACE,
+                                        "max_concurrent_trials": 1, "seed": 7})
+
+    def trials(attempt: int) -> list[tuple]:
+        output = storage.stage_uri(settings, f"run-r{attempt}", "tune")
+        tune(uris["preprocess"], TrainConfig(patience=100), config, output, settings, f"tune-run-r{attempt}")
+        return [(t["config"], t["epochs"], round(t["val_loss"], 6))
+                for t in json.loads((Path(output) / "trials.json").read_text())]
+
+    first = trials(1)
+    assert len({json.dumps(config) for config, _, _ in first}) == 4  # four different proposals, not one repeated
+    assert trials(2) == first

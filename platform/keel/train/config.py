@@ -12,8 +12,8 @@ class ScalingSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    num_workers: int | Literal["auto"] = "auto"
-    cpus_per_worker: int | Literal["auto"] = "auto"
+    num_workers: PositiveInt | Literal["auto"] = "auto"
+    cpus_per_worker: PositiveInt | Literal["auto"] = "auto"
     use_gpu: bool | Literal["auto"] = "auto"
 
 

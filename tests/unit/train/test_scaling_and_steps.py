@@ -3,13 +3,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.errors import TrainingError
+from keel.errors import ConfigError, TrainingError
 from keel.settings import KeelSettings
 from keel.train.config import ScalingSpec, TrainConfig
 from keel.train.loop import evaluate_epoch, train_epoch
 from keel.train.model import MLPClassifier, MLPSpec, load_model, parameter_count, save_model
 from keel.train.scaling import DATA_PARALLEL_MIN_PARAMS, check_gpus_before_run, node_shape, resolve_scaling
 from tests.processes import modules_loaded_by, ray_actor_pids
+from tests.stages import small_config
 
 
 @pytest.mark.parametrize("params, cpus, gpus, expected", [
@@ -84,6 +85,20 @@ def test_a_worker_asks_for_no_more_cpus_than_one_node_has() -> None:
 def test_config_rejects_unknown_fields() -> None:
     with pytest.raises(ValueError, match="learning_rat"):
         TrainConfig.model_validate({"learning_rat": 0.1})
+
+
+@pytest.mark.parametrize("scaling, problems", [
+    ({"num_workers": 0}, "train.scaling.num_workers: 0 should be greater than 0 or 'auto'"),
+    ({"cpus_per_worker": 1.5}, "train.scaling.cpus_per_worker: 1.5 should be a valid integer or 'auto'"),
+    ({"num_workers": "many", "use_gpu": "sometimes"}, "train.scaling.num_workers: 'many' should be a valid integer "
+     "or 'auto'; train.scaling.use_gpu: 'sometimes' should be a valid boolean or 'auto'"),
+])
+def test_a_scaling_value_that_is_neither_a_count_nor_auto_gets_one_problem_each(scaling: dict, problems: str) -> None:
+    """A worker count of 0 used to pass here and fail in the train step; a bad value read as one problem per
+    member of the field's union (``num_workers.int: ...; num_workers.literal['auto']: ...``)."""
+    with pytest.raises(ConfigError) as caught:
+        small_config(train={"scaling": scaling})
+    assert str(caught.value).endswith(f"invalid pipeline config: {problems}")
 
 
 def _separable(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

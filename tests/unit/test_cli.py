@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from keel import __version__
 from keel.cli import app
 from keel.cli.models import model_and_version
 from keel.cli.run import parse_params, print_summary, stage_rows
@@ -175,6 +176,18 @@ def test_the_summary_gives_the_gate_verdict_in_the_table_and_its_checks_a_line_e
     out = capsys.readouterr().out
     assert rows == [["evaluate", "5.00", "accuracy 0.9000 on 114 test rows; gate failed"]]
     assert f"Promotion: gate failed\n  {checks[0]}\n  {checks[1]}\nMLflow tracking URI" in out
+
+
+def test_version_names_keel_python_and_each_package_of_the_stack_as_installed() -> None:
+    from importlib import metadata
+    from platform import python_version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[:2] == [f"keel {__version__}", f"Python {python_version()}"]
+    assert f"ray {metadata.version('ray')}" in lines and f"mlflow {metadata.version('mlflow')}" in lines
+    assert len(lines) == 9  # kfp, ray, mlflow, torch, minio, prometheus-client, kubernetes
 
 
 def test_the_command_line_itself_starts_without_pandas_or_the_evaluation_code() -> None:

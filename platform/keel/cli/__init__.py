@@ -18,6 +18,39 @@ from keel.signals import sigterm_raises
 
 app = typer.Typer(name="keel", help="Keel: KFP pipelines, Ray training and an MLflow registry.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+# What a bug report needs: Keel's version and the stack's, read from the installed packages' metadata (importing
+# Ray or torch to ask them would cost seconds).
+STACK_PACKAGES = ("kfp", "ray", "mlflow", "torch", "minio", "prometheus-client", "kubernetes")
+
+
+def version_lines() -> list[str]:
+    """``keel 0.1.0``, the Python running it, then each package of the stack with the version installed."""
+    from importlib import metadata
+
+    from keel import __version__
+
+    def installed(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return [f"keel {__version__}", f"Python {sys.version.split()[0]}",
+            *(f"{package} {installed(package)}" for package in STACK_PACKAGES)]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print("\n".join(version_lines()))
+        raise typer.Exit()
+
+
+@app.callback()
+def keel_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                              help="Print Keel's version and its stack's (for a bug report).")) -> None:
+    """Keel: KFP pipelines, Ray training and an MLflow registry."""
+
+
 app.command(name="run", help="Run a pipeline locally with kfp.local.")(run.run_pipeline)
 app.add_typer(compile_commands.app, name="pipelines")
 app.add_typer(models.app, name="models")

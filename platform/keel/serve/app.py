@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from keel import __version__
 from keel.errors import DataError
 from keel.predictor import Predictor
 from keel.serve.metrics import ServingMetrics
@@ -172,6 +173,20 @@ def base_app(model_name: str, model_version: str, metrics: ServingMetrics, token
 
     @app.get("/v2/models/{name}/ready", tags=["v2"], responses={404: {}}, dependencies=[served_model(model_name)])
     async def model_ready() -> dict[str, Any]:
+        return {"name": model_name, "ready": True}
+
+    @app.get("/v2", tags=["v2"])
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "keel", "version": __version__, "extensions": []}
+
+    # KServe's V1 data plane, whose `:predict` the model routes speak: a client written for it lists the
+    # models and asks whether one is ready before it predicts.
+    @app.get("/v1/models", tags=["v1"])
+    async def list_models() -> dict[str, list[str]]:
+        return {"models": [model_name]}
+
+    @app.get("/v1/models/{name}", tags=["v1"], responses={404: {}}, dependencies=[served_model(model_name)])
+    async def v1_model_ready() -> dict[str, Any]:
         return {"name": model_name, "ready": True}
 
     @app.get("/metrics", include_in_schema=False)

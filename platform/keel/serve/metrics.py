@@ -22,11 +22,14 @@ PREDICTED = "predicted class"
 
 
 def route_of(path: str) -> str:
-    """The route template a path belongs to, so paths never explode the label set."""
-    for verb in (":recommend", ":classify"):
-        if path.startswith("/v1/models/") and path.endswith(verb):
-            return "/v1/models/{name}" + verb
-    for prefix, route in (("/v1/models/", "/v1/models/{name}:predict"), ("/v2/models/", "/v2/models/{name}"),
+    """The route template a path belongs to, so paths never explode the label set. A V1 readiness probe
+    (``GET /v1/models/NAME``) is a route of its own: counted as ``:predict`` it would pass for traffic."""
+    if path.startswith("/v1/models/"):
+        verb = path.rpartition(":")[2] if ":" in path else ""
+        return "/v1/models/{name}" + (f":{verb}" if verb in ("predict", "recommend", "classify") else "")
+    if path in ("/v1/models", "/v2"):  # the V1 model list, the V2 server metadata
+        return path
+    for prefix, route in (("/v2/models/", "/v2/models/{name}"),
                           ("/v2/health/", "/v2/health"), ("/docs", "/docs"), ("/openapi.json", "/openapi.json")):
         if path.startswith(prefix):
             return route + ("/infer" if route.startswith("/v2/models") and path.endswith("/infer") else "")

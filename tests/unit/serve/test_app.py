@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from keel import __version__
 from keel.data.contract import DataContract
 from keel.data.transform import FeatureTransform
 from keel.predictor import Predictor
@@ -253,6 +254,27 @@ def test_malformed_v2_requests_get_an_error_body(client: TestClient, change, mes
     response = client.post(f"/v2/models/{NAME}/infer", json={"inputs": change(_v2_inputs(2))})
     assert 400 <= response.status_code < 500 and message in response.json()["error"], response.text
     assert_still_serving(client)
+
+
+def test_a_kserve_v1_client_lists_the_model_and_hears_it_is_ready(client: TestClient) -> None:
+    assert client.get("/v1/models").json() == {"models": [NAME]}
+    assert client.get(f"/v1/models/{NAME}").json() == {"name": NAME, "ready": True}
+    response = client.get("/v1/models/other")
+    assert response.status_code == 404 and "unknown model 'other'" in response.json()["detail"]
+    assert client.get("/v2").json() == {"name": "keel", "version": __version__, "extensions": []}
+
+
+def test_a_readiness_probe_is_not_counted_as_a_prediction(predictor: Predictor) -> None:
+    """Alerts and dashboards read the scoring route's request rate as traffic: a probe every few seconds
+    counted there would hide a model nobody calls."""
+    client = TestClient(build_app(predictor, NAME, VERSION))
+    for _ in range(3):
+        client.get(f"/v1/models/{NAME}")
+    client.post(f"/v1/models/{NAME}:predict", json={"records": records(1)})
+    text = client.get("/metrics").text
+    for route, count in ((":predict", 1), ("", 3)):
+        series = f'code="200",model="{NAME}",route="/v1/models/{{name}}{route}",version="{VERSION}"'
+        assert f"keel_requests_total{{{series}}} {count:.1f}" in text
 
 
 def test_metrics_count_requests_classes_and_batches(client: TestClient) -> None:

@@ -336,8 +336,7 @@ def _log_to_mlflow(settings: KeelSettings, run_id: str, reports: list[VariantRep
     client = tracking.mlflow_client(settings)
     client.log_table(run_id, pd.DataFrame([asdict(r) for r in reports]), "compression/report.json")
     client.log_figure(run_id, figure, f"compression/{PLOT_FILE}")
-    client.set_tag(run_id, "keel.compression.chosen", chosen)
-    client.set_tag(run_id, "keel.compression.reason", reason[:5000])
+    tracking.tag_compression_choice(client, run_id, chosen, reason)
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------

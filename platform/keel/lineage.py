@@ -19,8 +19,8 @@ from keel.settings import KeelSettings
 def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str, Any]:
     """Where one version came from and what was decided about it, in one place: its pipeline run and commit,
     the data it was trained on, the columns it reads and classes it predicts (None where its signature does
-    not say), its test metrics, the gate's decision, a person's decisions, the latest check on labels, and the
-    config it was trained with."""
+    not say), its test metrics, which compressed variant it is and why, the gate's decision, a person's
+    decisions, the latest check on labels, and the config it was trained with."""
     client = tracking.mlflow_client(settings)
     found = registered_version(client, name, version, settings)
     aliases = sorted(alias for alias, v in (client.get_registered_model(name).aliases or {}).items()
@@ -38,6 +38,8 @@ def version_lineage(name: str, version: str, settings: KeelSettings) -> dict[str
         **dict(zip(("inputs", "classes"), tracking.served_schema(f"models:/{name}/{found.version}"))),
         "datasets": [_dataset(d) for d in (run.inputs.dataset_inputs if run and run.inputs else [])],
         "test_metrics": {k: v for k, v in sorted((run.data.metrics if run else {}).items()) if k.startswith("test_")},
+        "variant": tags.get(tracking.COMPRESSION_CHOSEN_TAG),
+        "variant_reason": tags.get(tracking.COMPRESSION_REASON_TAG),
         "gate": tags.get(tracking.GATE_TAG), "promotion_reason": tags.get(tracking.PROMOTION_REASON_TAG),
         "promotion_checks": _json_list(tags.get(tracking.PROMOTION_CHECKS_TAG)),
         "decisions": {key: found.tags[key] for key in DECISION_TAGS if found.tags.get(key)},

@@ -36,12 +36,20 @@ GATE_TAG = "keel.gate"  # run tag: the evaluate step's gate, passed or failed
 PROMOTED_TAG = "keel.promoted"  # run tag: whether the register step moved champion
 PROMOTION_REASON_TAG = "keel.promotion_reason"  # run tag: why the register step did or did not
 PROMOTION_CHECKS_TAG = "keel.promotion_checks"  # run tag: the gate checks that reason quotes, as a JSON list
+COMPRESSION_CHOSEN_TAG = "keel.compression.chosen"  # run tag: the variant the compress stage registered
+COMPRESSION_REASON_TAG = "keel.compression.reason"  # run tag: why that one, and why each other variant lost
 # dataset input tag: the run's own copy of its data. MLflow keeps one dataset per name and digest in an
 # experiment, with the source of the first run that logged it, so a later run on the same bytes shows that
 # earlier run's copy (which may be deleted) as its source.
 DATASET_URI_TAG = "keel.dataset_uri"
 
 PROBABILITY_PREFIX = "probability_"  # a tabular model's output column for each class (keel.predictor writes them)
+
+
+def tag_compression_choice(client: Any, run_id: str, chosen: str, reason: str) -> None:
+    """The compress stage's pick on the pipeline's run, where `keel models show` finds it for the version."""
+    client.set_tag(run_id, COMPRESSION_CHOSEN_TAG, chosen)
+    client.set_tag(run_id, COMPRESSION_REASON_TAG, reason[:5000])  # MLflow's limit on a tag's value
 
 
 def every_page(search: Callable[..., Any], **arguments: Any) -> Iterator[Any]:

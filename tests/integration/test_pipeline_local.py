@@ -120,7 +120,7 @@ def test_training_checkpointed_every_epoch_and_logged_metrics_from_rank_0(demo: 
 
 
 def test_tuned_config_trained_compressed_variant_registered_and_gate_logged(demo: tuple[Path, dict]) -> None:
-    _, report = demo
+    workdir, report = demo
     run_dir = Path(report["artifacts"])
     tuned, train, compressed = (json.loads((run_dir / s / "manifest.json").read_text())
                                 for s in ("tune", "train", "compress"))
@@ -134,6 +134,9 @@ def test_tuned_config_trained_compressed_variant_registered_and_gate_logged(demo
     version = client.get_model_version("medical-diagnosis", "1")
     run = client.get_run(version.run_id)
     assert run.data.tags["keel.compression.chosen"] == compressed["chosen"]
+    # and `keel models show` says which variant the version is, and why it won
+    shown = keel("models", "show", "medical-diagnosis", "1", cwd=workdir).stdout
+    assert re.search(rf"\n  variant:\s+{compressed['chosen']}: fastest at batch 1 \(", shown), shown
     assert run.data.tags["keel.gate"] == "passed" and run.data.metrics["gate_passed"] == 1.0
     assert any(k.startswith("slice/mean_radius/") for k in run.data.metrics)
     logged = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}

@@ -201,9 +201,13 @@ def test_a_promotion_by_hand_moves_the_champion_and_records_who_and_why(settings
                   "change": pytest.approx(second.metrics["test_f1_macro"] - first.metrics["test_f1_macro"])}
     assert compared["params_differ"] == [{"param": "train.learning_rate", "first": "0.001", "second": "0.01"}]
     assert compared["params_same"] == len(first.params) - 1 and compared["second"]["gate"] == "failed"
+    # run-b's compress stage (not run here) registered its int8 variant; run-a compressed nothing
+    tracking.tag_compression_choice(client, compared["second"]["run_id"], "int8",
+                                    "int8: fastest at batch 1 (0.010 ms p50); baseline: slower (0.020 ms)")
     shown = CliRunner().invoke(app, ["models", "compare", MODEL])
     assert shown.exit_code == 0, shown.output
     assert re.search(r"train\.learning_rate\s+0\.001\s+0\.01", shown.stdout)
+    assert re.search(r"\nvariant\s+-\s+int8\s*\n", shown.stdout), shown.stdout
     assert re.search(rf"test_f1_macro\s+{first.metrics['test_f1_macro']:.4f}\s+{second.metrics['test_f1_macro']:.4f}"
                      rf"\s+{f1['change']:+.4f}", shown.stdout)
     assert f"1 config params differ, {len(first.params) - 1} are the same." in shown.stdout

@@ -152,6 +152,7 @@ def show_command(
              ("reads", ", ".join(lineage["inputs"]) if lineage["inputs"] is not None else "- (no signature)"),
              *((("predicts", ", ".join(lineage["classes"])),) if lineage["classes"] else ()),
              *(("trained on", f"{d['source']} (digest {d['digest']})") for d in lineage["datasets"]),
+             *_variant_facts(lineage),
              *_promotion_facts(lineage),
              *(("on labels" if key == PERFORMANCE else key.removeprefix("keel.").replace("_", " "), value)
                for key, value in lineage["decisions"].items())]
@@ -160,6 +161,15 @@ def show_command(
     if lineage["test_metrics"]:
         print_table(["test metric", "value"], [[k, f"{v:.4f}"] for k, v in lineage["test_metrics"].items()])
     typer.echo(f"Config: {len(lineage['params'])} params on the run (`--output json` lists them).")
+
+
+def _variant_facts(lineage: dict[str, Any]) -> list[tuple[str, str]]:
+    """Which compressed variant the version is, with the compress stage's words for why it won (why each other
+    lost is in the rest of the reason: `--output json`, or the run's tag); none for a run that compressed none."""
+    if not lineage["variant"]:
+        return []
+    won = (lineage["variant_reason"] or "").split("; ")[0]  # "distilled: fastest at batch 1 (...) ..."
+    return [("variant", won if won.startswith(f"{lineage['variant']}: ") else lineage["variant"])]
 
 
 def _promotion_facts(lineage: dict[str, Any]) -> list[tuple[str, str]]:
@@ -195,6 +205,7 @@ def compare_command(
             ["git commit", *((side["git_commit"] or "-")[:12] for side in sides)],
             ["trained on", *(", ".join(f"{d['name']} {d['digest']}" for d in side["datasets"]) or "-"
                              for side in sides)],
+            ["variant", *(side["variant"] or "-" for side in sides)],
             ["gate", *(side["gate"] or "-" for side in sides)]]
     print_table(["", *heads], rows)
     print_table(["test metric", *heads, "change"],

@@ -225,8 +225,7 @@ def _log_to_mlflow(settings: KeelSettings, run_id: str, report: dict[str, Any], 
     client.log_figure(run_id, figure, "compression/f1_vs_latency.png")
     client.log_artifact(run_id, str(html_path), "evaluation")
     client.log_dict(run_id, report, f"evaluation/{EVALUATION_FILE}")
-    client.set_tag(run_id, "keel.compression.chosen", report["chosen"])
-    client.set_tag(run_id, "keel.compression.reason", report["reason"][:5000])
+    tracking.tag_compression_choice(client, run_id, report["chosen"], report["reason"])
 
 
 def emit_kfp_metrics(report: dict[str, Any], metrics: Any) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from keel.data.contract import DataContract
 from keel.data.preprocess import PreprocessConfig
@@ -28,6 +28,19 @@ if TYPE_CHECKING:
 
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a registered model's name, as MLflow's registry takes it
+
+
+def _within_a_score(value: float) -> float:
+    """Drops and tolerances are in the metric's own units, a score between 0 and 1: a 5 meant as five points
+    would let any model through."""
+    if abs(value) > 1:
+        raise ValueError(f"{value:g} is more than a whole score: give a share of a score between 0 and 1 "
+                         "(0.01 is one point)")
+    return value
+
+
+# a drop or tolerance in a score between 0 and 1 (accuracy, F1, NDCG@k)
+ScoreShare = Annotated[float, AfterValidator(_within_a_score)]
 
 
 class RegisterConfig(BaseModel):
@@ -141,7 +154,7 @@ class CompressConfig(BaseModel):
     distill_alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the soft-target loss")
     distill_epochs: int = Field(default=60, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
-    max_accuracy_drop: float = Field(default=0.01, ge=0)
+    max_accuracy_drop: ScoreShare = Field(default=0.01, ge=0)
     latency_budget_ms: float = Field(default=10.0, gt=0)
     policy_batch_size: Literal[1, 32] = 1
     latency_repeats: int = Field(default=200, ge=10)
@@ -168,8 +181,8 @@ class GateConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tolerance: float = Field(default=0.0, description="overall metric may be this much worse than the champion's")
-    slice_tolerance: float = Field(default=0.05, ge=0)
+    tolerance: ScoreShare = Field(default=0.0, description="overall metric may be this much worse than the champion's")
+    slice_tolerance: ScoreShare = Field(default=0.05, ge=0)
     max_demographic_parity_difference: float | None = Field(
         default=None, ge=0, le=1, description="bound over each slice column; null: reported, not bounded")
     max_equalized_odds_difference: float | None = Field(

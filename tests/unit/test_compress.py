@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,17 @@ def test_a_layer_without_units_fails_when_the_config_is_read() -> None:
     with pytest.raises(ConfigError, match=r"train.hidden_sizes.1: Input should be greater than 0; "
                                           r"compress.student_hidden_sizes: List should have at least 1 item"):
         small_config(train={"hidden_sizes": [64, 0]}, compress={"student_hidden_sizes": []})
+
+
+def test_a_drop_or_tolerance_given_in_points_is_refused_as_more_than_a_whole_score() -> None:
+    """``max_accuracy_drop: 5`` meant five points would register any variant, and a gate tolerance of 2 would
+    promote any challenger; 1.0 (any drop at all) and a negative tolerance (beat the champion by a margin) stay."""
+    whole = "is more than a whole score: give a share of a score between 0 and 1 (0.01 is one point)"
+    with pytest.raises(ConfigError, match=rf"compress.max_accuracy_drop: 5 {re.escape(whole)}; "
+                                          rf"evaluate.gate.tolerance: 2 {re.escape(whole)}$"):
+        small_config(compress={"max_accuracy_drop": 5}, evaluate={"gate": {"tolerance": 2}})
+    config = small_config(compress={"max_accuracy_drop": 1.0}, evaluate={"gate": {"tolerance": -0.01}})
+    assert (config.compress.max_accuracy_drop, config.evaluate.gate.tolerance) == (1.0, -0.01)
 
 
 def variant(name: str, accuracy_drop: float, latency: float, size: int = 100) -> VariantReport:

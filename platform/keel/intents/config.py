@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.config import PipelineConfigBase, RegisterConfig
+from keel.config import PipelineConfigBase, RegisterConfig, ScoreShare
 from keel.data.columns import ColumnNames
 from keel.train.config import ScalingSpec
 
@@ -66,7 +66,8 @@ class IntentCompressConfig(BaseModel):
     temperature: float = Field(default=2.0, gt=0)
     distill_weight: float = Field(default=0.5, ge=0, le=1, description="of the soft-target loss; the rest is CE")
     learning_rate: float = Field(default=5e-5, gt=0)
-    max_f1_drop: float = Field(default=0.02, ge=0, description="macro-F1 a variant may lose against the fine-tuned model")
+    max_f1_drop: ScoreShare = Field(default=0.02, ge=0,
+                                    description="macro-F1 a variant may lose against the fine-tuned model")
     latency_repeats: int = Field(default=20, ge=3)
 
 
@@ -75,7 +76,7 @@ class IntentEvaluateConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tolerance: float = Field(default=0.01, ge=0, description="macro-F1 may be this much below the champion's")
+    tolerance: ScoreShare = Field(default=0.01, ge=0, description="macro-F1 may be this much below the champion's")
     min_gain_over_baseline: float = Field(default=0.10, description="macro-F1 points above the bag-of-words baseline")
 
 

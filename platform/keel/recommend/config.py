@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from keel.config import PipelineConfigBase, RegisterConfig
+from keel.config import PipelineConfigBase, RegisterConfig, ScoreShare
 from keel.data.columns import ColumnNames
 from keel.train.config import ScalingSpec
 
@@ -95,7 +95,7 @@ class RecommendEvaluateConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     k: int = Field(default=10, ge=1)
-    tolerance: float = Field(default=0.0, description="NDCG@k may be this much worse than the champion's")
+    tolerance: ScoreShare = Field(default=0.0, description="NDCG@k may be this much worse than the champion's")
     min_lift_over_popular: float = Field(default=1.0, ge=0, description="NDCG@k must be this multiple of the "
                                                                       "most-popular baseline's")
 

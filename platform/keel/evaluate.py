@@ -396,9 +396,11 @@ def report_html(report: dict[str, Any], directory: Path, heading: str = "") -> s
         parts += ["<tr>" + "".join(f"<td>{html.escape(str(s[k]))}</td>" for k in ("column", "slice", "rows"))
                   + "".join(f"<td>{s[m]:.4f}</td>" for m in HEADLINE_METRICS) + "</tr>" for s in report["slices"]]
         parts.append("</table><h3>Fairness</h3><ul>")
-        parts += [f"<li>{html.escape(column)}: demographic parity difference "
+        parts += [f"<li>{html.escape(column)}: " + (
+                  "not measured (fewer than two of its slices have evaluate.min_slice_rows rows)"
+                  if m.get("groups", 2) < 2 else f"demographic parity difference "
                   f"{m['demographic_parity_difference']:.4f}, equalized odds difference "
-                  f"{m['equalized_odds_difference']:.4f}</li>" for column, m in report["fairness"].items()]
+                  f"{m['equalized_odds_difference']:.4f}") + "</li>" for column, m in report["fairness"].items()]
         parts.append("</ul>")
     for name in PLOTS:
         if (directory / name).exists():

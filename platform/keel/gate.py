@@ -107,6 +107,11 @@ def _check_fairness(decision: GateDecision, challenger: dict[str, Any], config: 
     bounds = {"demographic_parity_difference": config.max_demographic_parity_difference,
               "equalized_odds_difference": config.max_equalized_odds_difference}
     for column, measures in challenger.get("fairness", {}).items():
+        groups = measures.get("groups", 2)  # absent from reports written before it was recorded
+        if groups < 2:  # the gaps read 0 then: a bound would pass unmeasured
+            decision.reasons.append(f"fairness over {column} not measured: {groups} of its slices has "
+                                    "evaluate.min_slice_rows rows or more, and a gap needs two")
+            continue
         for name, bound in bounds.items():
             value = measures.get(name)
             if value is None or math.isnan(value):

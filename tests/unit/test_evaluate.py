@@ -53,6 +53,27 @@ def test_fairness_by_hand_count() -> None:
     assert fairness(groups, labels, predicted, 1, min_rows=5)["groups"] == 0
 
 
+def test_fairness_over_a_column_with_one_slice_big_enough_reads_not_measured_in_the_gate_and_report(
+        tmp_path) -> None:
+    """Its gaps are 0 with one slice to compare, which a fairness bound took as "ok"."""
+    import pandas as pd
+
+    from keel.config import EvaluateConfig, GateConfig, SliceSpec
+    from keel.evaluate import full_report, report_html
+    from keel.gate import decide
+
+    raw = pd.DataFrame({"band": ["a"] * 6 + ["b"] * 2})
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    probabilities = np.array([[0.8, 0.2], [0.3, 0.7]] * 4)
+    config = EvaluateConfig(slices=[SliceSpec(column="band")], min_slice_rows=5,
+                            gate=GateConfig(max_equalized_odds_difference=0.1))
+    report = full_report(raw, labels, probabilities, ["n", "p"], config)
+    report["gate"] = decide(report, None, None, "f1_macro", True, config.gate).to_dict()
+    assert report["gate"]["passed"] and not any("equalized_odds" in r for r in report["gate"]["reasons"])
+    assert "fairness over band not measured: 1 of its slices has" in " ".join(report["gate"]["reasons"])
+    assert "<li>band: not measured (fewer than two of its slices" in report_html(report, tmp_path)
+
+
 def test_slices_band_a_numeric_column_and_name_a_missing_one() -> None:
     import pandas as pd
 

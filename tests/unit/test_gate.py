@@ -71,6 +71,19 @@ def test_an_unset_fairness_bound_reports_the_gap_and_never_fails() -> None:
     assert not decide(report(0.9, dp=0.9, eo=0.2), None, None, "f1_macro", True, parity_only).passed
 
 
+def test_fairness_over_a_column_with_one_slice_big_enough_is_reported_unmeasured_not_ok() -> None:
+    """With one slice of min_slice_rows rows there is no gap to measure: its 0.0 passed every bound as "ok"."""
+    one_slice = report(0.9)
+    one_slice["fairness"]["age"]["groups"] = 1
+    decision = decide(one_slice, None, None, "f1_macro", True, GATE)
+    assert decision.passed and not any("ok: " in r and "parity" in r for r in decision.reasons)
+    assert ("fairness over age not measured: 1 of its slices has evaluate.min_slice_rows rows or more, and a gap "
+            "needs two") in decision.reasons
+    one_slice["fairness"]["age"]["groups"] = 2
+    assert "ok: demographic_parity_difference over age 0.0000 (max 0.2)" in decide(
+        one_slice, None, None, "f1_macro", True, GATE).reasons
+
+
 def test_nan_metric_fails() -> None:
     assert not decide(report(float("nan")), None, None, "f1_macro", True, GATE).passed
 

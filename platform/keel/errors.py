@@ -78,7 +78,7 @@ def validation_problems(error: ValidationError, model: type[BaseModel] | None = 
     stands without a path, and a validator's message loses pydantic's "Value error, " prefix. Given the
     ``model`` that was validated, a misspelt field gets the nearest real one (``num_sample`` -> ``num_samples``)."""
     problems: list[str] = []
-    union: tuple[tuple[Any, ...], list[str]] | None = None  # a union field's path, and what each member wanted
+    union: tuple[tuple[Any, ...], Any, list[str]] | None = None  # a union field's path, value, each member's want
     for err in error.errors():
         message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
         if err["type"] == "string_type" and isinstance(err.get("input"), bool):
@@ -88,11 +88,11 @@ def validation_problems(error: ValidationError, model: type[BaseModel] | None = 
         loc = tuple(err["loc"])
         if loc and _UNION_MEMBER.match(str(loc[-1])):
             wanted = message.removeprefix("Input should be ").split(",")[0]
-            if union is not None and union[0] == loc[:-1]:
-                union[1].append(wanted)
-                problems[-1] = _union_problem(loc[:-1], err.get("input"), union[1])
+            if union is not None and union[0] == loc[:-1] and union[1] is err.get("input"):  # the same value
+                union[2].append(wanted)
+                problems[-1] = _union_problem(loc[:-1], err.get("input"), union[2])
                 continue
-            union = (loc[:-1], [wanted])
+            union = (loc[:-1], err.get("input"), [wanted])
         else:
             union = None
         path = ".".join(str(p) for p in loc)

@@ -200,12 +200,15 @@ def build_tuner(config: TuneConfig, base: TrainConfig, data: dict[str, Any], sto
                                        grace_period=min(config.grace_period, config.max_epochs),
                                        reduction_factor=config.reduction_factor)
     else:
-        search_alg, scheduler = BasicVariantGenerator(random_state=config.seed), FIFOScheduler()
+        # Tune ignores max_concurrent_trials for a generator (with a warning): it takes its own cap
+        search_alg = BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrent)
+        scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable, param_space=ray_search_space(config.search_space),
         tune_config=tune.TuneConfig(metric=ranking_metric(config.metric), mode=mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=config.num_samples,
-                                    max_concurrent_trials=concurrent, reuse_actors=True),
+                                    max_concurrent_trials=concurrent if search == "tpe_asha" else None,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=storage_path, verbose=0,
                                   callbacks=[trial_progress(config)]))
 

@@ -11,6 +11,10 @@ varies a lot between seeds (``random_target_at_fraction``: how far into its
 own epochs it got there), so the pair runs for ``KEEL_BENCH_REPEATS`` seeds
 (default 5) and the ratios reported are medians over them.
 
+With two trials at a time, what TPE and ASHA have seen when they decide depends on which trial reported
+first, so a seed's result varies between runs; ``KEEL_BENCH_TUNING_CONCURRENCY=1`` runs the trials one at a
+time, and each search then repeats exactly.
+
 ``KEEL_BENCH_TUNING_DATA=synthetic`` runs the same searches on a larger
 problem instead (12,000 rows of ``make_classification``, 30 features, a
 4,000-row validation split): the demo's 86 validation rows measure a loss
@@ -33,6 +37,8 @@ from typing import Any
 TRIALS = 24
 REPEATS = int(os.environ.get("KEEL_BENCH_REPEATS", "5"))
 DATA = os.environ.get("KEEL_BENCH_TUNING_DATA", "demo")
+# "auto" (the pipeline's: one trial per CPU) or a number; 1 makes each search repeat exactly from its seed
+CONCURRENCY = os.environ.get("KEEL_BENCH_TUNING_CONCURRENCY", "auto")
 
 
 def reports_in_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -119,7 +125,8 @@ def main() -> None:
         data = synthetic_arrays() if DATA == "synthetic" else demo_arrays(settings, config)
         runs = []
         for seed in range(config.tune.seed, config.tune.seed + REPEATS):
-            tune_config = config.tune.model_copy(update={"num_samples": TRIALS, "seed": seed})
+            tune_config = config.tune.model_validate({**config.tune.model_dump(), "num_samples": TRIALS, "seed": seed,
+                                                      "max_concurrent_trials": CONCURRENCY})
             records, seconds = {}, {}
             for method in ("random", "tpe_asha"):
                 started = time.perf_counter()
@@ -128,6 +135,7 @@ def main() -> None:
             runs.append(compare(records, seconds, seed))
             print(f"seed {seed}: {json.dumps(_json_safe(runs[-1]))}", file=sys.stderr, flush=True)
     report = {"benchmark": "tuning", "data": DATA, "validation_rows": len(data["val_y"]), "trials": TRIALS,
+              "max_concurrent_trials": CONCURRENCY,
               "max_epochs_per_trial": config.tune.max_epochs, "repeats": REPEATS, "runs": runs}
     for key in ("epochs_to_target_ratio", "wall_to_target_ratio", "total_epochs_ratio"):
         report[key] = statistics.median(run[key] for run in runs)

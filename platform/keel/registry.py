@@ -454,7 +454,8 @@ def registered_version(client: Any, name: str, version: str, settings: KeelSetti
         ref = f"models:/{name}/{version}" if version.isdecimal() else f"models:/{name}@{version}"
         known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         raise RegistryError(f"{ref}: not in the registry at {settings.mlflow_tracking_uri} "
-                            f"({'versions: ' + ', '.join(map(str, known)) if known else 'no such model'}).") from e
+                            f"({'versions: ' + ', '.join(map(str, known)) if known else 'no such model'})."
+                            + tracking.empty_local_registry_hint(client, settings)) from e
 
 
 def _record_decision(client: Any, target: Any, record: dict[str, str]) -> None:

@@ -113,11 +113,14 @@ def _initialize_sqlite_once(tracking_uri: str) -> MlflowClient:
     the migration, so the first connection is serialized.
     """
     import fcntl
+    import logging
 
     from mlflow import MlflowClient
 
     database = Path(tracking_uri[len("sqlite:///"):])
     make_directory(database.parent)
+    # "Creating initial MLflow database tables...", on stderr, amid a command's own output: Keel makes the store
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     with open(database.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -203,7 +206,26 @@ def resolve_version(model_uri: str, settings: KeelSettings) -> tuple[str, str]:
         return name, str(client.get_model_version(name, version).version)
     except MlflowException as e:
         raise RegistryError(f"{model_uri}: not in the registry at {settings.mlflow_tracking_uri} "
-                            f"({e.message}). `keel models list` shows what is.") from e
+                            f"({e.message}). `keel models list` shows what is."
+                            + empty_local_registry_hint(client, settings)) from e
+
+
+def empty_local_registry_hint(client: MlflowClient, settings: KeelSettings) -> str:
+    """Why a lookup in Keel's own local store found no model at all, where one was expected (empty for a store
+    the user named, or one that holds models)."""
+    hint = local_store_hint(settings)
+    if not hint or client.search_registered_models(max_results=1):
+        return ""
+    return f" No model is registered in {settings.home} at all. {hint}"
+
+
+def local_store_hint(settings: KeelSettings) -> str:
+    """Where Keel's local store is, for a command that found it empty: most often it ran in another directory
+    than `keel run` did, and ``KEEL_HOME`` (default ``.keel``) is relative to that."""
+    if settings.mlflow_tracking_uri != f"sqlite:///{settings.home / 'mlflow.db'}":
+        return ""
+    return ("Keel keeps its local runs and registry in KEEL_HOME, by default .keel in the directory it runs from: "
+            "run this where `keel run` ran, or set KEEL_HOME to that directory's .keel.")
 
 
 def same_registered_version(first_uri: str, second_uri: str, settings: KeelSettings) -> bool:

@@ -63,6 +63,9 @@ def test_a_step_that_crashes_is_named_with_its_exception_and_where_the_traceback
     (["models", "show", "models:/medical-diagnosis/1", "2"], "names version '1' already, and the version argument '2'"),
     (["models", "promote", "medical-diagnosis", "--reason", "r"], "medical-diagnosis: which version?"),
     (["models", "compare", "medical-diagnosis@champion"], "compare takes the model's name, then its two versions"),
+    # run in another directory than `keel run` was, the usual cause of an empty local registry
+    (["models", "show", "medical-diagnosis"], "(no such model). No model is registered in "),
+    (["serve", "models:/medical-diagnosis@champion"], "at all. Keel keeps its local runs and registry in KEEL_HOME"),
 ])
 def test_user_errors_print_one_line_and_exit_1(args: list[str], message: str, keel_home: Path,
                                                tmp_path: Path) -> None:
@@ -113,6 +116,9 @@ def test_models_list_is_empty_json_before_any_run(keel_home: Path, tmp_path: Pat
     result = keel("models", "list", "--output", "json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+    shown = keel("models", "list", cwd=tmp_path)
+    assert shown.stdout.startswith(f"No registered models yet at sqlite:///{keel_home / 'mlflow.db'}: run `keel run")
+    assert "set KEEL_HOME to that directory's .keel" in shown.stdout and not shown.stderr  # nor MLflow's set-up lines
 
 
 def test_compile_writes_yaml(tmp_path: Path, keel_home: Path) -> None:

@@ -68,12 +68,16 @@ def metrics_of_runs(client: Any, run_ids: list[str], page_size: int) -> dict[str
 @app.command("list")
 def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
     """List registered models with versions, aliases and key metrics."""
+    settings = load_settings()
     rows = list_models()
     if output is OutputFormat.json:
         print_json(rows)
         return
     if not rows:
-        typer.echo("No registered models yet: run `keel run medical_diagnosis` first.")
+        from keel import tracking
+
+        typer.echo(f"No registered models yet at {settings.mlflow_tracking_uri}: run `keel run medical_diagnosis` "
+                   f"first. {tracking.local_store_hint(settings)}".rstrip())
         return
     print_table(["name", "version", "aliases", *KEY_METRICS, "on labels"],
                 [[r["name"], r["version"], ",".join(r["aliases"] + _states(r)) or "-",

@@ -48,7 +48,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def keel_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                               help="Print Keel's version and its stack's (for a bug report).")) -> None:
-    """Keel: KFP pipelines, Ray training and an MLflow registry."""
+    """The root's own options, before any command: ``--version``."""
 
 
 app.command(name="run", help="Run a pipeline locally with kfp.local.")(run.run_pipeline)

@@ -288,8 +288,8 @@ class Registration:
             self.pipeline, self.pipeline_run_id, decision))
         mlflow.set_tags({tracking.PROMOTED_TAG: str(decision["promoted"]).lower(),
                          tracking.GATE_TAG: "passed" if gate["passed"] else "failed",
-                         tracking.PROMOTION_REASON_TAG: decision["reason"][:5000],
-                         tracking.PROMOTION_CHECKS_TAG: json.dumps(decision["checks"])[:5000]})
+                         tracking.PROMOTION_REASON_TAG: decision["reason"][:tracking.MAX_TAG_CHARS],
+                         tracking.PROMOTION_CHECKS_TAG: json.dumps(decision["checks"])[:tracking.MAX_TAG_CHARS]})
         self.out.manifest.update(model_name=config.model_name, version=self.version,
                                  model_uri=f"models:/{config.model_name}/{self.version}", mlflow_run_id=self.run_id,
                                  mlflow_experiment_id=self.experiment_id,
@@ -388,7 +388,7 @@ def promote_by_hand(name: str, version: str, reason: str, settings: KeelSettings
         raise RegistryError(f"models:/{name}/{version} is {target.status}, not READY: it cannot serve.")
     previous = tracking.champion_version(client, name)
     set_alias(client, name, CHAMPION, str(target.version))
-    _record_decision(client, target, {PROMOTED_BY_HAND: reason.strip()[:5000], PROMOTED_BY: _user(),
+    _record_decision(client, target, {PROMOTED_BY_HAND: reason.strip()[:tracking.MAX_TAG_CHARS], PROMOTED_BY: _user(),
                                       PROMOTED_AT: _now(), PREVIOUS_CHAMPION: previous or "none"})
     before = tracking.served_schema(f"models:/{name}/{previous}") if previous else (None, None)
     after = tracking.served_schema(f"models:/{name}/{target.version}")
@@ -412,7 +412,7 @@ def champion_back_after_failed_deploy(name: str, version: str, why: str, setting
     client = tracking.mlflow_client(settings)
     if tracking.champion_version(client, name) != version:
         return None
-    client.set_model_version_tag(name, version, DEPLOY_FAILED, why.strip()[:5000])
+    client.set_model_version_tag(name, version, DEPLOY_FAILED, why.strip()[:tracking.MAX_TAG_CHARS])
     previous = client.get_model_version(name, version).tags.get(PREVIOUS_CHAMPION, "none")
     if previous == "none" or not move_back:
         return None
@@ -429,7 +429,8 @@ def reject_by_hand(name: str, version: str, reason: str, settings: KeelSettings)
         raise RegistryError(f"models:/{name}/{target.version} is the champion: to stop serving it, promote "
                             f"another version (`keel models promote {name} N --reason ...`).")
     awaiting = target.tags.get(AWAITING_APPROVAL) == "true"
-    _record_decision(client, target, {REJECTED: reason.strip()[:5000], REJECTED_BY: _user(), REJECTED_AT: _now()})
+    _record_decision(client, target, {REJECTED: reason.strip()[:tracking.MAX_TAG_CHARS], REJECTED_BY: _user(),
+                                      REJECTED_AT: _now()})
     return {"model_name": name, "version": str(target.version), "was_awaiting_approval": awaiting,
             "reason": reason.strip()}
 

@@ -43,13 +43,16 @@ COMPRESSION_REASON_TAG = "keel.compression.reason"  # run tag: why that one, and
 # earlier run's copy (which may be deleted) as its source.
 DATASET_URI_TAG = "keel.dataset_uri"
 
+# Where Keel cuts a reason or a person's words kept in a tag (a run's or a version's): within every limit of
+# MLflow's SQL store (a run tag 8,000 characters, a registered model's 5,000), and longer than any reason it writes.
+MAX_TAG_CHARS = 5000
 PROBABILITY_PREFIX = "probability_"  # a tabular model's output column for each class (keel.predictor writes them)
 
 
 def tag_compression_choice(client: Any, run_id: str, chosen: str, reason: str) -> None:
     """The compress stage's pick on the pipeline's run, where `keel models show` finds it for the version."""
     client.set_tag(run_id, COMPRESSION_CHOSEN_TAG, chosen)
-    client.set_tag(run_id, COMPRESSION_REASON_TAG, reason[:5000])  # MLflow's limit on a tag's value
+    client.set_tag(run_id, COMPRESSION_REASON_TAG, reason[:MAX_TAG_CHARS])
 
 
 def every_page(search: Callable[..., Any], **arguments: Any) -> Iterator[Any]:

@@ -23,7 +23,7 @@ import pandas as pd
 from keel import storage, tracking
 from keel.config import EvaluateConfig, GateConfig, RegisterConfig, SliceSpec
 from keel.errors import EvaluationError
-from keel.gate import GateDecision, decide, require
+from keel.gate import GateDecision, decide, fairness_measured, require
 from keel.settings import KeelSettings
 
 EVALUATION_FILE = "evaluation.json"
@@ -398,7 +398,7 @@ def report_html(report: dict[str, Any], directory: Path, heading: str = "") -> s
         parts.append("</table><h3>Fairness</h3><ul>")
         parts += [f"<li>{html.escape(column)}: " + (
                   "not measured (fewer than two of its slices have evaluate.min_slice_rows rows)"
-                  if m.get("groups", 2) < 2 else f"demographic parity difference "
+                  if not fairness_measured(m) else f"demographic parity difference "
                   f"{m['demographic_parity_difference']:.4f}, equalized odds difference "
                   f"{m['equalized_odds_difference']:.4f}") + "</li>" for column, m in report["fairness"].items()]
         parts.append("</ul>")

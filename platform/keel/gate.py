@@ -103,13 +103,18 @@ def _check_slices(decision: GateDecision, challenger: dict[str, Any], champion: 
                f"{other[metric]:.4f} ({_gap_words(gap)}, slice tolerance {config.slice_tolerance})")
 
 
+def fairness_measured(measures: dict[str, Any]) -> bool:
+    """Whether a slice column's fairness gaps were measured: a gap needs two slices of ``min_slice_rows`` rows.
+    Reports written before the count was recorded have no ``groups`` and count as measured."""
+    return bool(measures.get("groups", 2) >= 2)
+
+
 def _check_fairness(decision: GateDecision, challenger: dict[str, Any], config: GateConfig) -> None:
     bounds = {"demographic_parity_difference": config.max_demographic_parity_difference,
               "equalized_odds_difference": config.max_equalized_odds_difference}
     for column, measures in challenger.get("fairness", {}).items():
-        groups = measures.get("groups", 2)  # absent from reports written before it was recorded
-        if groups < 2:  # the gaps read 0 then: a bound would pass unmeasured
-            decision.reasons.append(f"fairness over {column} not measured: {groups} of its slices has "
+        if not fairness_measured(measures):  # the gaps read 0 then: a bound would pass unmeasured
+            decision.reasons.append(f"fairness over {column} not measured: {measures['groups']} of its slices has "
                                     "evaluate.min_slice_rows rows or more, and a gap needs two")
             continue
         for name, bound in bounds.items():

@@ -123,8 +123,13 @@ class KeelSettings(BaseSettings):
             object.__setattr__(self, "artifact_root", str(Path(self.artifact_root).expanduser().resolve()))
         object.__setattr__(self, "artifact_root", self.artifact_root.rstrip("/"))
         if not self.mlflow_tracking_uri:
-            object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{self.home / 'mlflow.db'}")
+            object.__setattr__(self, "mlflow_tracking_uri", self.local_tracking_uri)
         return self
+
+    @property
+    def local_tracking_uri(self) -> str:
+        """Keel's own MLflow store under ``home``: the tracking URI unless KEEL_MLFLOW_TRACKING_URI names another."""
+        return f"sqlite:///{self.home / 'mlflow.db'}"
 
     @property
     def ray_can_grow(self) -> bool:

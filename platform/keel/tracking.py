@@ -225,7 +225,7 @@ def empty_local_registry_hint(client: MlflowClient, settings: KeelSettings) -> s
 def local_store_hint(settings: KeelSettings) -> str:
     """Where Keel's local store is, for a command that found it empty: most often it ran in another directory
     than `keel run` did, and ``KEEL_HOME`` (default ``.keel``) is relative to that."""
-    if settings.mlflow_tracking_uri != f"sqlite:///{settings.home / 'mlflow.db'}":
+    if settings.mlflow_tracking_uri != settings.local_tracking_uri:
         return ""
     return ("Keel keeps its local runs and registry in KEEL_HOME, by default .keel in the directory it runs from: "
             "run this where `keel run` ran, or set KEEL_HOME to that directory's .keel.")

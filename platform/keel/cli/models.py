@@ -68,7 +68,6 @@ def metrics_of_runs(client: Any, run_ids: list[str], page_size: int) -> dict[str
 @app.command("list")
 def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
     """List registered models with versions, aliases and key metrics."""
-    settings = load_settings()
     rows = list_models()
     if output is OutputFormat.json:
         print_json(rows)
@@ -76,6 +75,7 @@ def list_command(output: OutputFormat = OUTPUT_OPTION) -> None:
     if not rows:
         from keel import tracking
 
+        settings = load_settings()
         typer.echo(f"No registered models yet at {settings.mlflow_tracking_uri}: run `keel run medical_diagnosis` "
                    f"first. {tracking.local_store_hint(settings)}".rstrip())
         return
